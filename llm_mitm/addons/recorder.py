@@ -1,0 +1,108 @@
+"""Makes the exchange record of each LLM flow and fills it as the flow goes on."""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+
+from llm_mitm.addons.shared import Shared
+from llm_mitm.exchange import Body, Exchange
+from llm_mitm.sse import StreamTap, rebuilder_for
+
+_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+class Recorder:
+    """request -> Exchange; SSE responses stream through a tap; response/error close it."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        route = self.shared.matcher.route(request.host, request.port, request.path)
+        if route is None:
+            return
+        content_type = request.headers.get("content-type", "")
+        body = Body.parse(request.get_content(strict=False), content_type)
+        exchange = Exchange(
+            id=flow.id,
+            route=route,
+            method=request.method,
+            url=request.pretty_url,
+            client=_client(flow),
+            request_headers=list(request.headers.items(multi=True)),
+            request=body,
+            started_at=request.timestamp_start,
+            api_key=self._api_key(request.headers),
+            organization=request.headers.get("openai-organization"),
+            project=request.headers.get("openai-project"),
+            upgraded_http=bool(flow.metadata.get("llm_mitm.upgraded_http")),
+        )
+        if exchange.model is None and content_type.startswith("multipart/form-data"):
+            exchange.model = _form_model(request)
+        self.shared.exchanges[flow] = exchange
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None or flow.response is None:
+            return
+        response = flow.response
+        exchange.status_code = response.status_code
+        exchange.response_headers = list(response.headers.items(multi=True))
+        exchange.first_byte_at = response.timestamp_start
+        if response.stream or not _is_event_stream(response):
+            return
+        exchange.tap = StreamTap(
+            rebuilder_for(exchange.route.api, exchange.route.operation),
+            response.headers.get("content-encoding", ""),
+        )
+        response.stream = exchange.tap
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None or flow.response is None:
+            return
+        response = flow.response
+        if exchange.status_code is None:  # answered by an addon: no responseheaders seen
+            exchange.status_code = response.status_code
+            exchange.response_headers = list(response.headers.items(multi=True))
+            exchange.first_byte_at = response.timestamp_start
+        exchange.finished_at = response.timestamp_end or time.time()
+        if exchange.tap is not None:
+            exchange.finish()
+        else:
+            exchange.finish(response.get_content(strict=False), response.headers.get("content-type", ""))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None:
+            return
+        message = flow.error.msg if flow.error else "connection failed"
+        raw = flow.response.raw_content if flow.response is not None and exchange.tap is None else None
+        exchange.finish(raw, error=message)
+
+    def _api_key(self, headers: http.Headers) -> str | None:
+        for name in _KEY_HEADERS:
+            value = headers.get(name)
+            if value:
+                return self.shared.redactor.credential(value).removeprefix("Bearer ")
+        return None
+
+
+def _client(flow: http.HTTPFlow) -> str:
+    peer = flow.client_conn.peername
+    return str(peer[0]) if peer else ""
+
+
+def _is_event_stream(response: http.Response) -> bool:
+    return response.headers.get("content-type", "").lower().startswith("text/event-stream")
+
+
+def _form_model(request: http.Request) -> str | None:
+    try:
+        value = request.multipart_form.get(b"model")
+    except ValueError:
+        return None
+    return value.decode("utf-8", "replace") if value else None

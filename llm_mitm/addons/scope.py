@@ -1,0 +1,61 @@
+"""Intercept only the configured LLM hosts; everything else is a raw tunnel."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx, http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from llm_mitm.addons.shared import Shared
+from llm_mitm.config import Config
+
+logger = logging.getLogger("llm_mitm.scope")
+
+
+class Scope:
+    """Owns mitmproxy's `allow_hosts`, turns on lazy upstream connections, upgrades http.
+
+    `allow_hosts` gets one anchored regex per configured host, so any other CONNECT
+    passes as raw TLS, never seeing our certificate. `connection_strategy=lazy` keeps
+    mitmproxy from connecting upstream for requests that an addon answers itself.
+    """
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self._loaded = False
+        shared.on_config(self._apply)
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        self._loaded = True
+
+    def configure(self, updated: set[str]) -> None:
+        if "allow_hosts" in updated or "connection_strategy" in updated or "llm_config" in updated:
+            self._apply(self.shared.config)
+
+    def _apply(self, config: Config) -> None:
+        if not self._loaded:
+            return
+        allow = self.shared.matcher.allow_hosts
+        updates: dict[str, object] = {}
+        if list(ctx.options.allow_hosts) != allow:
+            updates["allow_hosts"] = allow
+        if ctx.options.connection_strategy != "lazy":
+            updates["connection_strategy"] = "lazy"
+        if not updates:
+            return
+        ctx.options.update(**updates)
+        logger.info("llm-mitm: intercepting %s", ", ".join(sorted({h for p in config.enabled_providers.values() for h in p.hosts})))
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """llm_proxy's trick: a plain-http call to a provider goes upstream over https."""
+        request = flow.request
+        if request.scheme != "http" or isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return
+        provider = self.shared.matcher.match(request.host, request.port)
+        if provider is None or not provider.upgrade_http:
+            return
+        request.scheme = "https"
+        if request.port == 80:
+            request.port = 443
+        flow.metadata["llm_mitm.upgraded_http"] = True

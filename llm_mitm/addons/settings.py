@@ -1,0 +1,96 @@
+"""The `llm_config` option: load config.yaml, refuse bad edits, follow the file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+
+from llm_mitm.addons.shared import Shared
+from llm_mitm.config import ConfigError, default_config, load_config, resolve_config_path
+
+logger = logging.getLogger("llm_mitm.config")
+
+POLL_SECONDS = 1.0
+
+
+class Settings:
+    """Loads the YAML file named by `llm_config` and reloads it when it changes on disk.
+
+    A bad file at start stops mitmdump (OptionsError); a bad edit later is refused with
+    the same one-line message and the last good config stays in force.
+    """
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.path: Path | None = None
+        self._stamp: tuple[float, int] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        loader.add_option(
+            "llm_config",
+            str,
+            "",
+            "llm-mitm config file (YAML). Default: config.yaml in the working directory "
+            "when present, else built-in defaults. Reloaded when the file changes.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "llm_config" not in updated:
+            return
+        path = resolve_config_path(ctx.options.llm_config)
+        try:
+            config = load_config(path) if path else default_config()
+        except ConfigError as exc:
+            if self._watcher is None:
+                # At start-up: one line, and mitmdump's error check stops it.
+                logger.error("llm-mitm: %s", exc)
+                return
+            raise exceptions.OptionsError(str(exc)) from None
+        self.path = path
+        self._stamp = _stamp(path)
+        self.shared.apply(config)
+        logger.info("llm-mitm: config %s", path or "built-in defaults")
+
+    def running(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        """Reload after an edit on disk; True when a new config went into force."""
+        if self.path is None:
+            return False
+        stamp = _stamp(self.path)
+        if stamp == self._stamp or stamp is None:
+            return False
+        self._stamp = stamp
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            logger.error("llm-mitm: config change refused, the previous config stays in force: %s", exc)
+            return False
+        self.shared.apply(config)
+        logger.info("llm-mitm: reloaded %s", self.path)
+        return True
+
+
+def _stamp(path: Path | None) -> tuple[float, int] | None:
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime, stat.st_size

@@ -1,0 +1,44 @@
+"""State the addons of one proxy share: the config in force and each flow's exchange."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from llm_mitm.config import Config, default_config
+from llm_mitm.exchange import Exchange
+from llm_mitm.providers import ProviderMatcher
+from llm_mitm.redact import Redactor
+
+ConfigListener = Callable[[Config], None]
+
+
+class Shared:
+    """Built once in addons/llm.py and handed to every addon."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self._listeners: list[ConfigListener] = []
+        self.exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+        self.apply(config or default_config())
+
+    def apply(self, config: Config) -> None:
+        """Put a validated config in force and tell the addons that derive state from it."""
+        self.config = config
+        self.matcher = ProviderMatcher(config.enabled_providers)
+        self.redactor = Redactor(
+            extra_headers=config.redaction.headers,
+            extra_params=config.redaction.query_params,
+            extra_patterns=config.redaction.patterns,
+            salt=config.redaction.fingerprint_salt,
+        )
+        for listener in self._listeners:
+            listener(config)
+
+    def on_config(self, listener: ConfigListener) -> None:
+        self._listeners.append(listener)
+        listener(self.config)
+
+    def exchange(self, flow: http.HTTPFlow) -> Exchange | None:
+        return self.exchanges.get(flow)

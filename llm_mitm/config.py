@@ -1,0 +1,194 @@
+"""The pydantic model of config.yaml.
+
+Every error names the file, the key path and what is wrong, in one line, because
+mitmdump shows it as the reason it refused to start or refused a reload.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ApiKind = Literal["openai", "azure", "anthropic"]
+
+TRACE_DESTINATION_ENV = "GATEWAY_TRACE_DESTINATION"
+DEFAULT_CONFIG_FILE = "config.yaml"
+
+_HOST_PATTERN = re.compile(
+    r"^(?:\*\.)?(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?::\d{1,5})?$"
+    r"|^\[[0-9a-f:.]+\](?::\d{1,5})?$",
+    re.IGNORECASE,
+)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message is one line, ready to show."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderConfig(_Section):
+    """One API endpoint family: which hosts carry it and which API it speaks."""
+
+    api: ApiKind
+    hosts: list[str] = Field(min_length=1)
+    upgrade_http: bool = False
+    enabled: bool = True
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_patterns(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not _HOST_PATTERN.match(host):
+                raise ValueError(
+                    f"invalid host pattern {host!r}: expected a host name, optionally with "
+                    "a leading '*.' and a ':port' (like '*.openai.azure.com' or 'localhost:8000')"
+                )
+        return [host.lower() for host in hosts]
+
+
+DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
+    "openai": {"api": "openai", "hosts": ["api.openai.com"], "upgrade_http": True},
+    "azure": {
+        "api": "azure",
+        "hosts": ["*.openai.azure.com", "*.cognitiveservices.azure.com"],
+        "upgrade_http": True,
+    },
+    "anthropic": {"api": "anthropic", "hosts": ["api.anthropic.com"], "upgrade_http": True},
+}
+
+
+class TracesConfig(_Section):
+    """Where exchanges are written."""
+
+    destination: str | None = "traces.jsonl"
+    directory: str | None = None
+    bodies: Literal["full", "metadata", "none"] = "full"
+    flush_interval: float = Field(default=0.5, gt=0, le=1.0)
+
+
+class RedactionConfig(_Section):
+    """Additions to the built-in secret detection."""
+
+    headers: list[str] = []
+    query_params: list[str] = []
+    patterns: list[str] = []
+    fingerprint_salt: str = ""
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return patterns
+
+
+class Config(_Section):
+    """The whole config.yaml. Provider entries are merged key by key onto the defaults."""
+
+    providers: dict[str, ProviderConfig] = {}
+    traces: TracesConfig = TracesConfig()
+    redaction: RedactionConfig = RedactionConfig()
+    organization: dict[str, Any] = {}
+    policy: dict[str, Any] = {}
+    pricing: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_default_providers(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        given = data.get("providers") or {}
+        if not isinstance(given, Mapping):
+            return data
+        merged: dict[str, Any] = {name: dict(entry) for name, entry in DEFAULT_PROVIDERS.items()}
+        for name, entry in given.items():
+            if isinstance(entry, Mapping) and name in merged:
+                merged[name].update(entry)
+            else:
+                merged[name] = entry
+        return {**data, "providers": merged}
+
+    @property
+    def enabled_providers(self) -> dict[str, ProviderConfig]:
+        return {name: p for name, p in self.providers.items() if p.enabled}
+
+
+def default_config() -> Config:
+    return Config.model_validate({})
+
+
+def parse_config(data: Any, source: str) -> Config:
+    """Validate already-loaded YAML data; `source` names the file in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: top level: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate one YAML file."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    try:
+        data = YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(f"{source}: invalid YAML at {where}: {exc.problem}") from None
+    except YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    return parse_config(data, source)
+
+
+def resolve_config_path(option_value: str, cwd: Path | None = None) -> Path | None:
+    """The file to load: the option when given, else ./config.yaml when present, else none."""
+    if option_value:
+        return Path(option_value).expanduser()
+    candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
+    return candidate if candidate.is_file() else None
+
+
+def trace_destination(config: Config, environ: Mapping[str, str] = os.environ) -> str | None:
+    """`GATEWAY_TRACE_DESTINATION` (local-gateway's name) wins over the config file."""
+    override = environ.get(TRACE_DESTINATION_ENV)
+    if override is not None:
+        return override or None
+    return config.traces.destination or None
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "top level"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in error and error["type"] not in ("value_error",) and not isinstance(error["input"], (dict, list)):
+        message = f"{message} (got {error['input']!r})"
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {key}: {message}{suffix}"

@@ -1,0 +1,159 @@
+"""The one record per flow that every addon reads and fills.
+
+Made once at request time: the body is parsed here and nowhere else, so policy,
+limits and the trace writer all read the same parsed object.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from llm_mitm.providers import Route
+from llm_mitm.sse import StreamTap
+from llm_mitm.usage import Usage, normalize_usage
+
+_SAMPLE_LIMIT = 4096  # characters of a non-JSON text body kept for the trace
+
+
+@dataclass(slots=True)
+class Body:
+    """A message body as recorded: parsed JSON when it is JSON, else text or nothing."""
+
+    size: int = 0
+    json: Any = None
+    text: str | None = None
+    is_json: bool = False
+
+    @classmethod
+    def parse(cls, content: bytes | None, content_type: str = "") -> Body:
+        if not content:
+            return cls(size=0)
+        size = len(content)
+        if _looks_like_json(content, content_type):
+            try:
+                return cls(size=size, json=orjson.loads(content), is_json=True)
+            except orjson.JSONDecodeError:
+                pass
+        if _is_textual(content_type):
+            text = content[: _SAMPLE_LIMIT * 4].decode("utf-8", "replace")[:_SAMPLE_LIMIT]
+            return cls(size=size, text=text)
+        return cls(size=size)
+
+    @property
+    def value(self) -> Any:
+        return self.json if self.is_json else self.text
+
+
+def _looks_like_json(content: bytes, content_type: str) -> bool:
+    if "json" in content_type.lower():
+        return True
+    return content_type == "" and content[:1] in (b"{", b"[")
+
+
+def _is_textual(content_type: str) -> bool:
+    kind = content_type.lower()
+    return kind == "" or kind.startswith("text/") or "xml" in kind or "urlencoded" in kind
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """Everything known about one LLM call, filled in as the flow goes on."""
+
+    id: str
+    route: Route
+    method: str
+    url: str
+    client: str
+    request_headers: list[tuple[str, str]]
+    request: Body
+    started_at: float = field(default_factory=time.time)
+    model: str | None = None
+    stream: bool = False
+    api_key: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    upgraded_http: bool = False
+    # response side
+    status_code: int | None = None
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    response: Body = field(default_factory=Body)
+    response_model: str | None = None
+    first_byte_at: float | None = None
+    finished_at: float | None = None
+    tap: StreamTap | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    done: bool = False
+    traced: bool = False
+
+    def __post_init__(self) -> None:
+        body = self.request.json if self.request.is_json else None
+        if isinstance(body, dict):
+            model = body.get("model")
+            self.model = model if isinstance(model, str) else None
+            self.stream = body.get("stream") is True
+        if self.route.deployment:
+            self.model = self.route.deployment
+
+    @property
+    def request_json(self) -> dict[str, Any] | None:
+        body = self.request.json
+        return body if self.request.is_json and isinstance(body, dict) else None
+
+    @property
+    def streamed(self) -> bool:
+        return self.tap is not None
+
+    def finish(self, body: bytes | None = None, content_type: str = "", error: str | None = None) -> None:
+        """Close the record: parse a buffered body, or take the rebuilt stream."""
+        if self.done:
+            return
+        self.done = True
+        self.finished_at = self.finished_at or time.time()
+        if error:
+            self.error = error
+        if self.tap is not None:
+            self._take_stream(self.tap)
+        elif body is not None:
+            self.response = Body.parse(body, content_type)
+            payload = self.response.json if self.response.is_json else None
+            if isinstance(payload, dict):
+                self._take_payload(payload)
+        if self.error is None and self.status_code is not None and self.status_code >= 400:
+            self.error = _error_message(self.response.json) or f"HTTP {self.status_code}"
+
+    def _take_payload(self, payload: dict[str, Any]) -> None:
+        if isinstance(payload.get("model"), str):
+            self.response_model = payload["model"]
+        self.usage = normalize_usage(self.route.api, payload.get("usage"))
+
+    def _take_stream(self, tap: StreamTap) -> None:
+        tap.finish()
+        rebuilder = tap.rebuilder
+        rebuilt = rebuilder.result()
+        self.response = Body(size=self.response.size, json=rebuilt, is_json=rebuilt is not None)
+        self.response_model = rebuilder.model
+        self.usage = normalize_usage(self.route.api, rebuilder.usage)
+        if rebuilder.error is not None and self.error is None:
+            self.error = _error_message({"error": rebuilder.error}) or "stream reported an error"
+        if tap.failed and self.error is None:
+            self.error = f"stream not rebuilt: {tap.failed}"
+
+
+def _error_message(payload: Any) -> str | None:
+    """The human message of an OpenAI or Anthropic error body."""
+    if not isinstance(payload, dict):
+        return None
+    error = payload.get("error")
+    if isinstance(error, dict):
+        message = error.get("message")
+        kind = error.get("type") or error.get("code")
+        if isinstance(message, str):
+            return f"{kind}: {message}" if isinstance(kind, str) else message
+    if isinstance(error, str):
+        return error
+    return None

@@ -1,0 +1,151 @@
+"""Host + path -> provider, API operation and deployment. Pure: no I/O, no mitmproxy.
+
+Host patterns are anchored: `api.openai.com` never matches `api.openai.com.evil.net`.
+A pattern without a port matches any port; `*.` matches one or more labels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from llm_mitm.config import ApiKind, ProviderConfig
+
+_LABELS = r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*"
+
+
+def host_regex(pattern: str) -> str:
+    """An anchored regex over `host:port` for one configured host pattern."""
+    host, port = _split_port(pattern.lower())
+    if host.startswith("*."):
+        host_re = _LABELS + re.escape(host[1:])
+    else:
+        host_re = re.escape(host)
+    port_re = re.escape(port) if port else r"\d+"
+    return rf"^{host_re}:{port_re}$"
+
+
+def _split_port(pattern: str) -> tuple[str, str | None]:
+    if pattern.startswith("["):
+        end = pattern.index("]")
+        rest = pattern[end + 1 :]
+        return pattern[: end + 1], rest[1:] if rest.startswith(":") else None
+    host, sep, port = pattern.rpartition(":")
+    return (host, port) if sep else (pattern, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    api: ApiKind
+    upgrade_http: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a request is: who serves it, which operation, and Azure's deployment."""
+
+    provider: str
+    api: ApiKind
+    operation: str
+    deployment: str | None = None
+    api_version: str | None = None
+
+
+class ProviderMatcher:
+    """Finds the configured provider for a destination host and port."""
+
+    def __init__(self, providers: Mapping[str, ProviderConfig]) -> None:
+        self._entries: list[tuple[re.Pattern[str], Provider]] = []
+        self.allow_hosts: list[str] = []
+        for name, config in providers.items():
+            provider = Provider(name=name, api=config.api, upgrade_http=config.upgrade_http)
+            for pattern in config.hosts:
+                regex = host_regex(pattern)
+                self.allow_hosts.append(regex)
+                self._entries.append((re.compile(regex, re.IGNORECASE), provider))
+
+    def match(self, host: str, port: int) -> Provider | None:
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        target = f"{host.lower()}:{port}"
+        for regex, provider in self._entries:
+            if regex.match(target):
+                return provider
+        return None
+
+    def route(self, host: str, port: int, path: str) -> Route | None:
+        provider = self.match(host, port)
+        if provider is None:
+            return None
+        return route_for(provider, path)
+
+
+def route_for(provider: Provider, path: str) -> Route:
+    """Classify a request path (query included) for a provider's API."""
+    path_only, _, query = path.partition("?")
+    segments = [s for s in path_only.split("/") if s]
+    if provider.api == "anthropic":
+        return Route(provider.name, provider.api, _anthropic_operation(_after_version(segments)))
+    if provider.api == "azure":
+        api_version = parse_qs(query).get("api-version", [None])[0]
+        deployment, rest = _azure_parts(segments)
+        return Route(provider.name, provider.api, _openai_operation(rest), deployment, api_version)
+    return Route(provider.name, provider.api, _openai_operation(_after_version(segments)))
+
+
+def _after_version(segments: list[str]) -> list[str]:
+    """Segments after `/v1` (compatible servers mount it under prefixes like /api/v1)."""
+    for index, segment in enumerate(segments):
+        if re.fullmatch(r"v\d+(?:beta\d*)?", segment):
+            return segments[index + 1 :]
+    return segments
+
+
+def _azure_parts(segments: list[str]) -> tuple[str | None, list[str]]:
+    if segments[:1] != ["openai"]:
+        return None, _after_version(segments)
+    rest = segments[1:]
+    if rest[:1] == ["deployments"] and len(rest) >= 2:
+        return rest[1], rest[2:]
+    if rest[:1] == ["v1"]:
+        return None, rest[1:]
+    return None, rest
+
+
+_OPENAI_OPERATIONS = {
+    ("chat", "completions"): "chat.completions",
+    ("completions",): "completions",
+    ("embeddings",): "embeddings",
+    ("responses",): "responses",
+    ("images",): "images",
+    ("audio",): "audio",
+    ("moderations",): "moderations",
+    ("models",): "models",
+}
+
+
+def _openai_operation(segments: list[str]) -> str:
+    if not segments:
+        return "other"
+    if tuple(segments[:2]) in _OPENAI_OPERATIONS:
+        return _OPENAI_OPERATIONS[tuple(segments[:2])]
+    if (segments[0],) in _OPENAI_OPERATIONS:
+        return _OPENAI_OPERATIONS[(segments[0],)]
+    return segments[0] if re.fullmatch(r"[a-z_]+", segments[0]) else "other"
+
+
+def _anthropic_operation(segments: list[str]) -> str:
+    if not segments:
+        return "other"
+    if segments[0] == "messages":
+        if segments[1:2] == ["count_tokens"]:
+            return "messages.count_tokens"
+        if segments[1:2] == ["batches"]:
+            return "messages.batches"
+        return "messages"
+    if segments[0] == "complete":
+        return "completions"
+    return segments[0] if re.fullmatch(r"[a-z_]+", segments[0]) else "other"

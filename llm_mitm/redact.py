@@ -1,0 +1,163 @@
+"""Secret detection and fingerprints for everything we write down.
+
+A secret is replaced whole by a fingerprint such as `sk-proj-…a1b2#3f9c2e1d`: the key's
+kind, its last four characters (what provider dashboards show) and a hash, so traces
+still group per key while no more of the key is kept than the dashboard shows.
+Only what we write is redacted; what goes upstream is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+SENSITIVE_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "set-cookie",
+        "x-goog-api-key",
+        "ocp-apim-subscription-key",
+    }
+)
+SENSITIVE_PARAMS = frozenset(
+    {
+        "api-key",
+        "api_key",
+        "apikey",
+        "key",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "client_secret",
+        "password",
+        "secret",
+        "sig",
+        "signature",
+        "code",
+        "authorization",
+    }
+)
+# Body fields whose value is a credential whatever its shape ("code" or "key" would be
+# too broad there: error bodies carry "code": "invalid_api_key").
+SENSITIVE_FIELDS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "api-key",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "client_secret",
+        "password",
+        "secret",
+        "authorization",
+    }
+)
+
+_KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
+
+_BUILTIN_PATTERNS = (
+    # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
+    r"(?<![A-Za-z0-9_-])sk-[A-Za-z0-9_-]{16,}",
+    # JSON web tokens.
+    r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",
+    # Azure OpenAI keys: 32 hex digits.
+    r"(?<![0-9A-Za-z])[0-9a-fA-F]{32}(?![0-9A-Za-z])",
+    # Whatever follows "Bearer" is a credential, whatever its shape.
+    r"(?i:(?<=bearer )|(?<=bearer\t))[A-Za-z0-9._~+/=-]{8,}",
+)
+
+
+class Redactor:
+    """Replaces secrets in headers, URLs and bodies by stable fingerprints."""
+
+    def __init__(
+        self,
+        extra_headers: Iterable[str] = (),
+        extra_params: Iterable[str] = (),
+        extra_patterns: Iterable[str] = (),
+        salt: str = "",
+    ) -> None:
+        self.headers = SENSITIVE_HEADERS | {h.lower() for h in extra_headers}
+        self.params = SENSITIVE_PARAMS | {p.lower() for p in extra_params}
+        self.fields = SENSITIVE_FIELDS | {p.lower() for p in extra_params}
+        self._salt = salt.encode()
+        patterns = [*_BUILTIN_PATTERNS, *(f"(?:{p})" for p in extra_patterns)]
+        self._secret = re.compile("|".join(patterns))
+        self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
+
+    def fingerprint(self, secret: str) -> str:
+        """`<kind>…<last 4>#<8 hex of sha256>`; the same secret always gives the same text."""
+        digest = hashlib.sha256(self._salt + secret.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        prefix = next((p for p in _KEY_PREFIXES if secret.startswith(p)), "")
+        if not prefix and secret.startswith("eyJ"):
+            prefix = "jwt:"
+        tail = secret[-4:] if len(secret) >= 16 else ""
+        return f"{prefix}…{tail}#{digest}"
+
+    def text(self, value: str) -> str:
+        return self._secret.sub(lambda m: self.fingerprint(m.group(0)), value)
+
+    def credential(self, value: str) -> str:
+        """A whole header value that is a credential: keep the scheme, fingerprint the rest."""
+        scheme, sep, token = value.strip().partition(" ")
+        if sep and scheme.lower() in ("bearer", "basic", "token", "digest") and token:
+            return f"{scheme} {self.fingerprint(token.strip())}"
+        return self.fingerprint(value.strip())
+
+    def header(self, name: str, value: str) -> str:
+        if name.lower() in self.headers:
+            return self.credential(value)
+        return self.text(value)
+
+    def headers_dict(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in pairs:
+            redacted = self.header(name, value)
+            out[name] = f"{out[name]}, {redacted}" if name in out else redacted
+        return out
+
+    def url(self, url: str) -> str:
+        def param(m: re.Match[str]) -> str:
+            sep, name, value = m.groups()
+            if name.lower() in self.params and value:
+                return f"{sep}{name}={self.fingerprint(value)}"
+            return m.group(0)
+
+        return self.text(self._query.sub(param, url))
+
+    def json(self, value: Any) -> Any:
+        """A redacted copy of parsed JSON (the original is left as it is)."""
+        try:
+            return self._walk(value)
+        except RecursionError:
+            return self.text(orjson.dumps(value).decode())
+
+    def _walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {
+                key: (self._sensitive_field(value_) if self._is_sensitive_key(key) else self._walk(value_))
+                for key, value_ in value.items()
+            }
+        if isinstance(value, list):
+            return [self._walk(item) for item in value]
+        return value
+
+    def _is_sensitive_key(self, key: Any) -> bool:
+        return isinstance(key, str) and key.lower() in self.fields
+
+    def _sensitive_field(self, value: Any) -> Any:
+        if isinstance(value, str) and value:
+            return self.credential(value)
+        return self._walk(value)

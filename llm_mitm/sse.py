@@ -1,0 +1,464 @@
+"""Incremental server-sent events: split bytes into events, rebuild the streamed message.
+
+The proxy forwards every chunk untouched and feeds a copy here. Chunk boundaries are
+not event boundaries, so the decoder keeps the unfinished line; every piece of work is
+proportional to the chunk, never to the stream so far.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    event: str
+    data: str
+
+
+class SSEDecoder:
+    """Bytes in, complete events out (the WHATWG event-stream rules)."""
+
+    def __init__(self) -> None:
+        self._partial: list[bytes] = []
+        self._skip_lf = False
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        if self._skip_lf and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        if not chunk:
+            return []
+        self._skip_lf = chunk.endswith(b"\r")
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self._partial.append(chunk)
+            return []
+        if self._partial:
+            self._partial.append(chunk)
+            chunk = b"".join(self._partial)
+            self._partial = []
+        lines = _LINE_BREAK.split(chunk)
+        tail = lines.pop()
+        if tail:
+            self._partial.append(tail)
+        events: list[ServerSentEvent] = []
+        for line in lines:
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def flush(self) -> list[ServerSentEvent]:
+        """End of stream: a last event without its blank line still counts."""
+        events: list[ServerSentEvent] = []
+        if self._partial:
+            event = self._line(b"".join(self._partial))
+            self._partial = []
+            if event is not None:
+                events.append(event)
+        event = self._line(b"")
+        if event is not None:
+            events.append(event)
+        return events
+
+    def _line(self, line: bytes) -> ServerSentEvent | None:
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = ServerSentEvent(self._event or "message", "\n".join(self._data))
+            self._event = ""
+            self._data = []
+            return event
+        if line.startswith(b":"):
+            return None
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        return None
+
+
+def incremental_decoder(content_encoding: str) -> Callable[[bytes], bytes] | None:
+    """A chunk-by-chunk decompressor for a Content-Encoding, identity when empty.
+
+    Returns None for an encoding we cannot decode (the stream still passes untouched).
+    """
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return lambda data: data
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
+    if encoding == "deflate":
+        return _DeflateDecoder().decompress
+    if encoding == "br":
+        import brotli
+
+        return brotli.Decompressor().process
+    if encoding == "zstd":
+        return _zstd_decompressor()
+    return None
+
+
+class _DeflateDecoder:
+    """`deflate` is zlib-wrapped by the RFC but raw in practice; accept both."""
+
+    def __init__(self) -> None:
+        self._obj: Any = None
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._obj is None:
+            wrapped = len(data) >= 2 and (data[0] & 0x0F) == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        return self._obj.decompress(data)
+
+
+def _zstd_decompressor() -> Callable[[bytes], bytes] | None:
+    """mitmproxy 11 brings `zstandard`, 12.3 `backports.zstd` (Python 3.14's `compression.zstd`)."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from backports import zstd  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            zstd = None
+    if zstd is not None:
+        return _MultiFrame(zstd.ZstdDecompressor).decompress
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard.ZstdDecompressor().decompressobj().decompress
+
+
+class _MultiFrame:
+    """`compression.zstd` decompressors stop after one frame; a stream may hold several."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._obj = factory()
+
+    def decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            out.append(self._obj.decompress(data))
+            if not self._obj.eof:
+                break
+            data = self._obj.unused_data
+            self._obj = self._factory()
+        return b"".join(out)
+
+
+# --------------------------------------------------------------------------- rebuilders
+
+
+class StreamRebuilder:
+    """Accumulates a streamed response into the object a non-streamed call would return."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.malformed = 0
+        self.error: Any = None
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+
+    def add(self, event: ServerSentEvent) -> None:
+        self.events += 1
+        if event.data == "[DONE]":
+            return
+        try:
+            payload = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            self.malformed += 1
+            return
+        if not isinstance(payload, dict):
+            self.malformed += 1
+            return
+        try:
+            self._apply(event.event, payload)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+            self.malformed += 1
+
+    def _apply(self, event: str, payload: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+class ChatCompletionsRebuilder(StreamRebuilder):
+    """`chat.completion.chunk` (and legacy `text_completion`) deltas -> one completion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._head: dict[str, Any] = {}
+        self._choices: dict[int, dict[str, Any]] = {}
+
+    def _apply(self, event: str, payload: dict[str, Any]) -> None:
+        if "error" in payload and "choices" not in payload:
+            self.error = payload["error"]
+            return
+        for key in ("id", "object", "created", "model", "system_fingerprint", "service_tier"):
+            if key in payload and key not in self._head:
+                self._head[key] = payload[key]
+        if isinstance(payload.get("model"), str):
+            self.model = payload["model"]
+        if isinstance(payload.get("usage"), dict):
+            self.usage = payload["usage"]
+        for choice in payload.get("choices") or ():
+            self._apply_choice(choice)
+
+    def _apply_choice(self, choice: dict[str, Any]) -> None:
+        index = int(choice.get("index", 0))
+        state = self._choices.setdefault(index, {"index": index, "parts": {}, "tool_calls": {}})
+        if choice.get("finish_reason") is not None:
+            state["finish_reason"] = choice["finish_reason"]
+        if "text" in choice:
+            state["parts"].setdefault("text", []).append(_text(choice["text"]))
+        delta = choice.get("delta") or {}
+        if delta.get("role"):
+            state["role"] = delta["role"]
+        for field in ("content", "refusal", "reasoning_content", "reasoning"):
+            if isinstance(delta.get(field), str):
+                state["parts"].setdefault(field, []).append(delta[field])
+        for call in delta.get("tool_calls") or ():
+            slot = state["tool_calls"].setdefault(
+                int(call.get("index", 0)), {"id": None, "type": "function", "name": "", "arguments": []}
+            )
+            if call.get("id"):
+                slot["id"] = call["id"]
+            if call.get("type"):
+                slot["type"] = call["type"]
+            function = call.get("function") or {}
+            if function.get("name"):
+                slot["name"] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                slot["arguments"].append(function["arguments"])
+
+    def result(self) -> dict[str, Any] | None:
+        if not self._head and not self._choices:
+            return None
+        legacy = self._head.get("object") == "text_completion"
+        choices = []
+        for index in sorted(self._choices):
+            state = self._choices[index]
+            parts = {name: "".join(chunks) for name, chunks in state["parts"].items()}
+            if legacy:
+                choices.append({"index": index, "text": parts.get("text", ""), "finish_reason": state.get("finish_reason")})
+                continue
+            message: dict[str, Any] = {"role": state.get("role", "assistant"), "content": parts.get("content")}
+            for field in ("refusal", "reasoning_content", "reasoning"):
+                if field in parts:
+                    message[field] = parts[field]
+            if state["tool_calls"]:
+                message["tool_calls"] = [
+                    {
+                        "id": call["id"],
+                        "type": call["type"],
+                        "function": {"name": call["name"], "arguments": "".join(call["arguments"])},
+                    }
+                    for _, call in sorted(state["tool_calls"].items())
+                ]
+            choices.append({"index": index, "message": message, "finish_reason": state.get("finish_reason")})
+        body = dict(self._head)
+        body["object"] = "text_completion" if legacy else "chat.completion"
+        body["choices"] = choices
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body
+
+
+class ResponsesRebuilder(StreamRebuilder):
+    """Responses API events -> the final `response` object.
+
+    `response.completed` (or failed/incomplete) carries the whole response; the deltas
+    are kept so that a stream cut short still shows what arrived.
+    """
+
+    _FINAL = ("response.completed", "response.failed", "response.incomplete")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._response: dict[str, Any] | None = None
+        self._final = False
+        self._items: dict[int, dict[str, Any]] = {}
+        self._text: dict[tuple[int, int], list[str]] = {}
+        self._arguments: dict[int, list[str]] = {}
+
+    def _apply(self, event: str, payload: dict[str, Any]) -> None:
+        kind = payload.get("type") or event
+        if kind == "error":
+            self.error = payload.get("error") or payload
+            return
+        response = payload.get("response")
+        if isinstance(response, dict):
+            if not self._final:
+                self._response = response
+            self._final = self._final or kind in self._FINAL
+            if isinstance(response.get("model"), str):
+                self.model = response["model"]
+            if isinstance(response.get("usage"), dict):
+                self.usage = response["usage"]
+            if kind == "response.failed" and response.get("error"):
+                self.error = response["error"]
+            return
+        index = int(payload.get("output_index", 0))
+        if kind in ("response.output_item.added", "response.output_item.done") and isinstance(payload.get("item"), dict):
+            self._items[index] = payload["item"]
+        elif kind == "response.output_text.delta":
+            self._text.setdefault((index, int(payload.get("content_index", 0))), []).append(_text(payload.get("delta")))
+        elif kind == "response.function_call_arguments.delta":
+            self._arguments.setdefault(index, []).append(_text(payload.get("delta")))
+
+    def result(self) -> dict[str, Any] | None:
+        if self._final and self._response is not None:
+            return self._response
+        if self._response is None and not self._items and not self._text:
+            return None
+        body = dict(self._response or {"object": "response"})
+        output = []
+        for index in sorted(set(self._items) | {i for i, _ in self._text} | set(self._arguments)):
+            item = dict(self._items.get(index) or {"type": "message", "role": "assistant"})
+            texts = {c: "".join(parts) for (i, c), parts in self._text.items() if i == index}
+            if texts and item.get("type") == "message" and not item.get("content"):
+                item["content"] = [{"type": "output_text", "text": texts[c]} for c in sorted(texts)]
+            if index in self._arguments and item.get("type") == "function_call" and not item.get("arguments"):
+                item["arguments"] = "".join(self._arguments[index])
+            output.append(item)
+        body["output"] = output
+        body.setdefault("status", "incomplete")
+        return body
+
+
+class AnthropicRebuilder(StreamRebuilder):
+    """Anthropic message events -> one `message` with its content blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._message: dict[str, Any] = {}
+        self._blocks: dict[int, dict[str, Any]] = {}
+        self._pieces: dict[int, list[str]] = {}
+
+    def _apply(self, event: str, payload: dict[str, Any]) -> None:
+        kind = payload.get("type") or event
+        if kind == "message_start":
+            self._message = dict(payload.get("message") or {})
+            self.model = self._message.get("model") if isinstance(self._message.get("model"), str) else None
+            if isinstance(self._message.get("usage"), dict):
+                self.usage = dict(self._message["usage"])
+        elif kind == "content_block_start":
+            index = int(payload.get("index", 0))
+            self._blocks[index] = dict(payload.get("content_block") or {})
+            self._pieces[index] = []
+        elif kind == "content_block_delta":
+            self._apply_delta(int(payload.get("index", 0)), payload.get("delta") or {})
+        elif kind == "message_delta":
+            for key, value in (payload.get("delta") or {}).items():
+                self._message[key] = value
+            if isinstance(payload.get("usage"), dict):
+                self.usage = {**(self.usage or {}), **{k: v for k, v in payload["usage"].items() if v is not None}}
+        elif kind == "error":
+            self.error = payload.get("error") or payload
+
+    def _apply_delta(self, index: int, delta: dict[str, Any]) -> None:
+        block = self._blocks.setdefault(index, {"type": "text"})
+        pieces = self._pieces.setdefault(index, [])
+        kind = delta.get("type")
+        if kind == "text_delta":
+            pieces.append(_text(delta.get("text")))
+        elif kind == "input_json_delta":
+            pieces.append(_text(delta.get("partial_json")))
+        elif kind == "thinking_delta":
+            pieces.append(_text(delta.get("thinking")))
+        elif kind == "signature_delta":
+            block["signature"] = block.get("signature", "") + _text(delta.get("signature"))
+        elif kind == "citations_delta":
+            block.setdefault("citations", []).append(delta.get("citation"))
+
+    def result(self) -> dict[str, Any] | None:
+        if not self._message and not self._blocks:
+            return None
+        content = []
+        for index in sorted(self._blocks):
+            block = dict(self._blocks[index])
+            joined = "".join(self._pieces.get(index, ()))
+            kind = block.get("type")
+            if kind == "text":
+                block["text"] = block.get("text", "") + joined
+            elif kind == "thinking":
+                block["thinking"] = block.get("thinking", "") + joined
+            elif kind in ("tool_use", "server_tool_use") and joined:
+                try:
+                    block["input"] = orjson.loads(joined)
+                except orjson.JSONDecodeError:
+                    block["input"] = joined
+            content.append(block)
+        message = dict(self._message)
+        message["content"] = content
+        if self.usage is not None:
+            message["usage"] = self.usage
+        return message
+
+
+def rebuilder_for(api: str, operation: str) -> StreamRebuilder:
+    if api == "anthropic":
+        return AnthropicRebuilder()
+    if operation == "responses":
+        return ResponsesRebuilder()
+    return ChatCompletionsRebuilder()
+
+
+class StreamTap:
+    """Feeds a copy of each streamed chunk to a rebuilder and returns the chunk untouched.
+
+    Nothing raised while decoding can reach the proxy: the first failure is kept in
+    `failed` and the tap stops looking, while the bytes keep flowing.
+    """
+
+    def __init__(self, rebuilder: StreamRebuilder, content_encoding: str = "") -> None:
+        self.rebuilder = rebuilder
+        self.failed: str | None = None
+        self.finished = False
+        self._decoder = SSEDecoder()
+        self._decompress = incremental_decoder(content_encoding)
+        if self._decompress is None:
+            self.failed = f"unsupported content-encoding {content_encoding!r}"
+
+    def __call__(self, chunk: bytes) -> bytes:
+        try:
+            self._consume(chunk)
+        except Exception as exc:  # noqa: BLE001 - a parser bug must never touch the stream
+            self.failed = self.failed or f"{type(exc).__name__}: {exc}"
+            self._decompress = None
+        return chunk
+
+    def finish(self) -> None:
+        """End of stream (mitmproxy's final empty chunk, or the response hook)."""
+        self(b"")
+
+    def _consume(self, chunk: bytes) -> None:
+        if self._decompress is None or self.finished:
+            return
+        if chunk:
+            events = self._decoder.feed(self._decompress(chunk))
+        else:
+            self.finished = True
+            events = self._decoder.flush()
+        for event in events:
+            self.rebuilder.add(event)

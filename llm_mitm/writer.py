@@ -1,0 +1,166 @@
+"""Writes trace records off the event loop: JSONL appends and one file per exchange.
+
+Records are rendered (redacted, serialised with orjson) on the writer thread, so the
+proxy only pays for a queue put. Each JSONL line goes out in one `write` on an
+O_APPEND descriptor, so lines never interleave, and is in the file as soon as the
+thread gets to it (well within a second). A failed write is logged, counted and
+undone (the file is cut back to its last whole line); the proxy never notices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+from pydantic import BaseModel
+
+logger = logging.getLogger("llm_mitm.traces")
+
+RecordBuilder = Callable[[], BaseModel]
+
+_STOP = object()
+FILE_MODE = 0o600  # traces hold prompts
+
+
+@dataclass(slots=True)
+class WriterStats:
+    written: int = 0
+    failed: int = 0
+    render_failed: int = 0
+
+
+class TraceWriter:
+    """A queue and one thread that owns the trace files."""
+
+    def __init__(self, destination: str | os.PathLike[str] | None, directory: str | os.PathLike[str] | None) -> None:
+        self.destination = Path(destination) if destination else None
+        self.directory = Path(directory) if directory else None
+        self.stats = WriterStats()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._fd: int | None = None
+        self._failing: str | None = None
+        self._thread = threading.Thread(target=self._run, name="llm-mitm-trace-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, build: RecordBuilder) -> None:
+        self._queue.put(build)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write everything queued, then stop."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            records = []
+            for item in batch:
+                if item is _STOP:
+                    stopping = True
+                    continue
+                record = self._render(item)  # type: ignore[arg-type]
+                if record is not None:
+                    records.append(record)
+            if records:
+                self._write(records)
+
+    def _render(self, build: RecordBuilder) -> dict[str, object] | None:
+        try:
+            return build().model_dump()
+        except Exception:  # noqa: BLE001 - one bad record must not stop the writer
+            self.stats.render_failed += 1
+            logger.exception("llm-mitm: could not build a trace record; it is skipped")
+            return None
+
+    def _write(self, records: list[dict[str, object]]) -> None:
+        ok = True
+        if self.destination is not None:
+            data = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+            ok = self._append(data, len(records))
+        if self.directory is not None:
+            for record in records:
+                ok = self._write_file(record) and ok
+        if ok and self._failing:
+            logger.warning("llm-mitm: trace writing works again (%s)", self._failing)
+            self._failing = None
+
+    def _append(self, data: bytes, count: int) -> bool:
+        assert self.destination is not None
+        start = None
+        try:
+            fd = self._open()
+            start = os.lseek(fd, 0, os.SEEK_END)
+            _write_all(fd, data)
+        except OSError as exc:
+            self._undo(start)
+            self._fail(count, f"cannot write {self.destination}: {exc.strerror or exc}")
+            return False
+        self.stats.written += count
+        return True
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.destination.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            self._fd = os.open(self.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        return self._fd
+
+    def _undo(self, start: int | None) -> None:
+        """Cut a torn line off after a short write, and reopen next time."""
+        if self._fd is None:
+            return
+        if start is not None:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+        os.close(self._fd)
+        self._fd = None
+
+    def _write_file(self, record: dict[str, object]) -> bool:
+        assert self.directory is not None
+        stamp = datetime.fromtimestamp(time.time(), UTC)
+        folder = self.directory / stamp.strftime("%Y-%m-%d")
+        final = folder / f"{stamp.strftime('%H%M%S.%f')}-{record['id']}.json"
+        temporary = final.with_suffix(".tmp")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            try:
+                _write_all(fd, orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
+            finally:
+                os.close(fd)
+            os.replace(temporary, final)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            self._fail(1, f"cannot write {final}: {exc.strerror or exc}")
+            return False
+        return True
+
+    def _fail(self, count: int, reason: str) -> None:
+        self.stats.failed += count
+        if self._failing != reason:
+            self._failing = reason
+            logger.error("llm-mitm: TRACE LOST: %s (proxying goes on; %d records lost so far)", reason, self.stats.failed)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
