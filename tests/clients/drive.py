@@ -1,0 +1,94 @@
+"""Runs in the clients venv: one real SDK call described by JSON on stdin.
+
+Prints a JSON result: what the SDK returned, the error class it raised, and for
+streams the arrival time of every chunk (to check that chunks are not held back).
+"""
+
+import json
+import sys
+import time
+
+
+def openai_call(a):
+    import openai
+
+    kwargs = {"api_key": a["api_key"], "base_url": a.get("base_url"), "max_retries": 0}
+    if a.get("azure"):
+        client = openai.AzureOpenAI(api_key=a["api_key"], azure_endpoint=a["azure"], api_version="2024-10-21", max_retries=0)
+    else:
+        client = openai.OpenAI(**{k: v for k, v in kwargs.items() if v is not None})
+    extra = {"extra_headers": a.get("headers") or {}}
+    op = a["op"]
+    if op == "chat":
+        params = dict(a["params"])
+        if params.get("stream"):
+            stream = client.chat.completions.create(**params, **extra)
+            start, arrivals, text, usage, tool_args = time.monotonic(), [], [], None, []
+            for chunk in stream:
+                arrivals.append(time.monotonic() - start)
+                if chunk.usage:
+                    usage = chunk.usage.model_dump()
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        text.append(choice.delta.content)
+                    for call in choice.delta.tool_calls or ():
+                        tool_args.append(call.function.arguments or "")
+            return {"text": "".join(text), "arrivals": arrivals, "usage": usage, "tool_args": "".join(tool_args)}
+        result = client.chat.completions.create(**params, **extra)
+        return {"text": result.choices[0].message.content, "model": result.model, "usage": result.usage.model_dump()}
+    if op == "responses":
+        params = dict(a["params"])
+        if params.get("stream"):
+            start, arrivals, text = time.monotonic(), [], []
+            for event in client.responses.create(**params, **extra):
+                arrivals.append(time.monotonic() - start)
+                if event.type == "response.output_text.delta":
+                    text.append(event.delta)
+            return {"text": "".join(text), "arrivals": arrivals}
+        result = client.responses.create(**params, **extra)
+        return {"text": result.output_text, "model": result.model}
+    if op == "embeddings":
+        result = client.embeddings.create(**a["params"], **extra)
+        return {"count": len(result.data)}
+    if op == "models":
+        return {"ids": [m.id for m in client.models.list()]}
+    raise ValueError(op)
+
+
+def anthropic_call(a):
+    import anthropic
+
+    client = anthropic.Anthropic(api_key=a["api_key"], base_url=a.get("base_url"), max_retries=0)
+    params = dict(a["params"])
+    extra = {"extra_headers": a.get("headers") or {}}
+    if params.pop("stream", False):
+        start, arrivals, text = time.monotonic(), [], []
+        with client.messages.stream(**params, **extra) as stream:
+            for event in stream:
+                arrivals.append(time.monotonic() - start)
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    text.append(event.delta.text)
+            final = stream.get_final_message()
+        return {"text": "".join(text), "arrivals": arrivals, "usage": final.usage.model_dump()}
+    result = client.messages.create(**params, **extra)
+    return {"text": result.content[0].text, "model": result.model, "usage": result.usage.model_dump()}
+
+
+def requests_call(a):
+    import requests
+
+    response = requests.request(a["method"], a["url"], headers=a.get("headers"), json=a.get("json"), timeout=30)
+    return {"status": response.status_code, "body": response.text}
+
+
+def main():
+    action = json.load(sys.stdin)
+    kind = action["client"]
+    try:
+        result = {"openai": openai_call, "anthropic": anthropic_call, "requests": requests_call}[kind](action)
+    except Exception as exc:  # report the SDK's own error class to the test
+        result = {"error": type(exc).__name__, "message": str(exc)[:500], "status": getattr(exc, "status_code", None)}
+    print(json.dumps(result))
+
+
+main()

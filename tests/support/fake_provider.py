@@ -1,0 +1,388 @@
+"""A local HTTPS server that answers like OpenAI, Azure OpenAI and Anthropic.
+
+It streams SSE events with real delays between them, compresses when asked, and
+records every request it receives so tests can check what reached "upstream".
+
+Test knobs are request headers (clients send them with `extra_headers`):
+  x-fake-delay-ms   pause before each streamed event
+  x-fake-encoding   gzip | br | zstd | deflate: compress the response, chunk by chunk
+  x-fake-echo       reply with the last user text instead of the canned reply
+  x-fake-status     answer with this HTTP status and an API-shaped error body
+  x-fake-fail       "reset-mid-stream": drop the connection after two events
+"""
+
+from __future__ import annotations
+
+import gzip
+import ssl
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+CANNED_REPLY = "Hello from the fake provider."
+RESPONSE_MODEL = "gpt-4o-2024-08-06"
+ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
+USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "cached": 2, "reasoning": 1}
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class FakeProvider:
+    """Start with `start()`; `port`, `requests` and `stop()` are what tests use."""
+
+    cert_path: str | None = None
+    key_path: str | None = None
+    host: str = "127.0.0.1"
+    requests: list[Received] = field(default_factory=list)
+    port: int = 0
+
+    def start(self) -> FakeProvider:
+        provider = self
+
+        class Handler(_Handler):
+            fake = provider
+
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server.daemon_threads = True
+        if self.cert_path:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.cert_path, self.key_path)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def clear(self) -> None:
+        self.requests.clear()
+
+
+class _Encoder:
+    """Compresses a response piece by piece so each piece can be decoded on arrival."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name == "gzip":
+            obj = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+            self._compress, self._flush = obj.compress, lambda: obj.flush(zlib.Z_SYNC_FLUSH)
+            self._end = obj.flush
+        elif name == "deflate":
+            obj = zlib.compressobj()
+            self._compress, self._flush, self._end = obj.compress, lambda: obj.flush(zlib.Z_SYNC_FLUSH), obj.flush
+        elif name == "br":
+            import brotli
+
+            br = brotli.Compressor()
+            self._compress, self._flush, self._end = br.process, br.flush, br.finish
+        elif name == "zstd":
+            self._compress, self._flush, self._end = _zstd_compressor()
+        else:
+            self._compress, self._flush, self._end = (lambda d: d), (lambda: b""), (lambda: b"")
+
+    def piece(self, data: bytes) -> bytes:
+        return self._compress(data) + self._flush()
+
+    def end(self) -> bytes:
+        return self._end()
+
+
+def _zstd_compressor():  # type: ignore[no-untyped-def]
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from backports import zstd  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            zstd = None
+    if zstd is not None:
+        comp = zstd.ZstdCompressor()
+        return comp.compress, (lambda: comp.flush(zstd.ZstdCompressor.FLUSH_BLOCK)), (lambda: comp.flush())
+    import zstandard
+
+    obj = zstandard.ZstdCompressor().compressobj()
+    return obj.compress, (lambda: obj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)), obj.flush
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: FakeProvider
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        pass
+
+    # ------------------------------------------------------------------ dispatch
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.fake.requests.append(Received(self.command, self.path, list(self.headers.items()), body))
+        path = urlsplit(self.path).path
+        request: dict[str, Any] = {}
+        if body and "json" in (self.headers.get("content-type") or ""):
+            try:
+                request = orjson.loads(gzip.decompress(body) if self.headers.get("content-encoding") == "gzip" else body)
+            except (orjson.JSONDecodeError, OSError):
+                return self._json(400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
+        if self.headers.get("x-fake-status"):
+            return self._error(int(self.headers["x-fake-status"]), path)
+        if path.endswith("/models"):
+            return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+        if path.endswith("/embeddings"):
+            return self._json(200, _embedding(request))
+        if path.endswith("/chat/completions"):
+            return self._chat(request)
+        if path.endswith("/responses"):
+            return self._responses(request)
+        if path.endswith("/messages"):
+            return self._anthropic(request)
+        if path == "/":
+            return self._send(200, [("content-type", "text/plain")], b"not an LLM server")
+        return self._json(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
+
+    # ------------------------------------------------------------------ replies
+
+    def _reply_text(self, request: dict[str, Any]) -> str:
+        if not self.headers.get("x-fake-echo"):
+            return CANNED_REPLY
+        return _last_user_text(request) or ""
+
+    def _chat(self, request: dict[str, Any]) -> None:
+        text = self._reply_text(request)
+        tools = bool(request.get("tools"))
+        model = RESPONSE_MODEL if str(request.get("model", "")).startswith("gpt-4o") else request.get("model", "")
+        usage = _openai_usage()
+        if not request.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": None if tools else text, "refusal": None}
+            if tools:
+                message["tool_calls"] = [_tool_call()]
+            return self._json(
+                200,
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": 1_700_000_000,
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tools else "stop"}],
+                    "usage": usage,
+                },
+            )
+        head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model}
+        events: list[dict[str, Any]] = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+        if tools:
+            call = _tool_call()
+            args = call["function"]["arguments"]
+            events.append({**head, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}]}, "finish_reason": None}]})
+            for piece in _pieces(args, 3):
+                events.append({**head, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, "finish_reason": None}]})
+        else:
+            for piece in _pieces(text, 6):
+                events.append({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if tools else "stop"}]})
+        if (request.get("stream_options") or {}).get("include_usage"):
+            events.append({**head, "choices": [], "usage": usage})
+        self._stream([(None, e) for e in events] + [(None, "[DONE]")])
+
+    def _responses(self, request: dict[str, Any]) -> None:
+        text = self._reply_text(request)
+        usage = {
+            "input_tokens": USAGE["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": USAGE["cached"]},
+            "output_tokens": USAGE["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": USAGE["reasoning"]},
+            "total_tokens": USAGE["prompt_tokens"] + USAGE["completion_tokens"],
+        }
+        item = {
+            "id": "msg_fake",
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        final = {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": 1_700_000_000,
+            "status": "completed",
+            "model": RESPONSE_MODEL,
+            "output": [item],
+            "usage": usage,
+        }
+        if not request.get("stream"):
+            return self._json(200, final)
+        started = {**final, "status": "in_progress", "output": [], "usage": None}
+        events: list[tuple[str | None, Any]] = [
+            ("response.created", {"type": "response.created", "sequence_number": 0, "response": started}),
+            ("response.in_progress", {"type": "response.in_progress", "sequence_number": 1, "response": started}),
+            ("response.output_item.added", {"type": "response.output_item.added", "sequence_number": 2, "output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
+        ]
+        for piece in _pieces(text, 5):
+            events.append(("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": len(events), "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": piece}))
+        events.append(("response.output_item.done", {"type": "response.output_item.done", "sequence_number": len(events), "output_index": 0, "item": item}))
+        events.append(("response.completed", {"type": "response.completed", "sequence_number": len(events), "response": final}))
+        self._stream(events)
+
+    def _anthropic(self, request: dict[str, Any]) -> None:
+        text = self._reply_text(request)
+        usage = {"input_tokens": 9, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 0, "output_tokens": 6}
+        message = {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": ANTHROPIC_MODEL,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if not request.get("stream"):
+            return self._json(200, message)
+        start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        events: list[tuple[str | None, Any]] = [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ("ping", {"type": "ping"}),
+        ]
+        for piece in _pieces(text, 5):
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}))
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": usage["output_tokens"]}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        self._stream(events)
+
+    def _error(self, status: int, path: str) -> None:
+        if path.endswith("/messages"):
+            body = {"type": "error", "error": {"type": "rate_limit_error" if status == 429 else "api_error", "message": f"fake error {status}"}}
+        else:
+            body = {"error": {"message": f"fake error {status}", "type": "server_error", "code": None, "param": None}}
+        self._json(status, body)
+
+    # ------------------------------------------------------------------ wire
+
+    def _json(self, status: int, payload: Any) -> None:
+        body = orjson.dumps(payload)
+        headers = [("content-type", "application/json")]
+        encoding = self.headers.get("x-fake-encoding") or ("gzip" if "gzip" in (self.headers.get("accept-encoding") or "") else "")
+        if encoding:
+            encoder = _Encoder(encoding)
+            body = encoder.piece(body) + encoder.end()
+            headers.append(("content-encoding", encoding))
+        self._send(status, headers, body)
+
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, events: list[tuple[str | None, Any]]) -> None:
+        delay = int(self.headers.get("x-fake-delay-ms") or 0) / 1000
+        encoding = self.headers.get("x-fake-encoding") or ""
+        encoder = _Encoder(encoding)
+        fail = self.headers.get("x-fake-fail")
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        if encoding:
+            self.send_header("content-encoding", encoding)
+        self.end_headers()
+        for number, (name, payload) in enumerate(events):
+            if delay:
+                time.sleep(delay)
+            if fail == "reset-mid-stream" and number == 2:
+                self.wfile.flush()
+                self.connection.shutdown(2)
+                self.close_connection = True
+                return
+            data = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+            text = (f"event: {name}\n" if name else "") + f"data: {data}\n\n"
+            self._chunk(encoder.piece(text.encode()))
+        self._chunk(encoder.end())
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+
+def _pieces(text: str, count: int) -> list[str]:
+    size = max(1, -(-len(text) // count))
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _tool_call() -> dict[str, Any]:
+    return {
+        "id": "call_fake",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+    }
+
+
+def _openai_usage() -> dict[str, Any]:
+    return {
+        "prompt_tokens": USAGE["prompt_tokens"],
+        "completion_tokens": USAGE["completion_tokens"],
+        "total_tokens": USAGE["prompt_tokens"] + USAGE["completion_tokens"],
+        "prompt_tokens_details": {"cached_tokens": USAGE["cached"]},
+        "completion_tokens_details": {"reasoning_tokens": USAGE["reasoning"]},
+    }
+
+
+def _embedding(request: dict[str, Any]) -> dict[str, Any]:
+    inputs = request.get("input")
+    count = len(inputs) if isinstance(inputs, list) else 1
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(count)],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 5, "total_tokens": 5},
+    }
+
+
+def _last_user_text(request: dict[str, Any]) -> str | None:
+    if isinstance(request.get("input"), str):
+        return request["input"]
+    for message in reversed(request.get("messages") or request.get("input") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return None

@@ -1,0 +1,157 @@
+"""Run a real mitmdump with the llm-mitm addon as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[2]
+ADDON = ROOT / "addons" / "llm.py"
+LOOPBACK_DNS = Path(__file__).with_name("loopback_dns.py")
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+
+_LISTENING = re.compile(r"listening at .*?:(\d+)\.?\s*$")
+
+
+class Mitmdump:
+    """One mitmdump process: its ports, its output, its trace file."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        config: Mapping[str, Any] | None = None,
+        modes: Sequence[str] = ("regular",),
+        routes: Mapping[str, int] | None = None,
+        upstream_ca: Path | None = None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        addon: Path = ADDON,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.confdir = workdir / "confdir"
+        self.traces_path = workdir / "traces.jsonl"
+        self.lines: list[str] = []
+        self.ports: list[int] = []
+        args = [str(MITMDUMP), "-s", str(addon), "--set", f"confdir={self.confdir}", "--set", "listen_host=127.0.0.1"]
+        if routes:
+            args += ["-s", str(LOOPBACK_DNS)]
+        for mode in modes:
+            args += ["--mode", mode if "@" in mode else f"{mode}@0"]
+        if upstream_ca:
+            args += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}"]
+        if config is not None:
+            config_path = workdir / "config.yaml"
+            with config_path.open("w") as handle:
+                YAML(typ="safe", pure=True).dump(dict(config), handle)
+            args += ["--set", f"llm_config={config_path}"]
+        args += list(extra_args)
+        process_env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+        process_env.pop("GATEWAY_TRACE_DESTINATION", None)
+        if routes:
+            process_env["LLM_MITM_TEST_ROUTES"] = ",".join(f"{k}={v}" for k, v in routes.items())
+        process_env.update(env or {})
+        self.args = args
+        self._env = process_env
+        self._modes = len(modes)
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 30.0) -> Mitmdump:
+        self.process = subprocess.Popen(
+            self.args,
+            cwd=self.workdir,
+            env=self._env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while len(self.ports) < self._modes:
+            if self.process.poll() is not None:
+                time.sleep(0.2)
+                raise RuntimeError(f"mitmdump exited with {self.process.returncode}:\n{self.output}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mitmdump did not start listening:\n{self.output}")
+            time.sleep(0.05)
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if match := _LISTENING.search(line):
+                self.ports.append(int(match.group(1)))
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def client_env(self) -> dict[str, str]:
+        """What a client process needs to go through this proxy (no CA bypass)."""
+        env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and k not in _CA_VARIABLES}
+        env.update(
+            HTTPS_PROXY=self.proxy_url,
+            HTTP_PROXY=self.proxy_url,
+            SSL_CERT_FILE=str(self.ca_cert),
+            REQUESTS_CA_BUNDLE=str(self.ca_cert),
+        )
+        return env
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+
+    def traces(self) -> list[dict[str, Any]]:
+        if not self.traces_path.exists():
+            return []
+        return [orjson.loads(line) for line in self.traces_path.read_bytes().splitlines() if line]
+
+    def wait_for_traces(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.traces()
+            if len(records) >= count or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
+
+    def __enter__(self) -> Mitmdump:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
