@@ -71,7 +71,6 @@ class TracesConfig(_Section):
     destination: str | None = "traces.jsonl"
     directory: str | None = None
     bodies: Literal["full", "metadata", "none"] = "full"
-    flush_interval: float = Field(default=0.5, gt=0, le=1.0)
 
 
 class RedactionConfig(_Section):

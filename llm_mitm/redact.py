@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 
 SENSITIVE_HEADERS = frozenset(
     {
@@ -77,6 +76,10 @@ _BUILTIN_PATTERNS = (
 )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_HEADER_LINE = re.compile(r"^(\s*)((?:\x1b\[[0-9;]*m)?[A-Za-z0-9_-]+(?:\x1b\[[0-9;]*m)?): (.*)$", re.DOTALL)
+
+
 class Redactor:
     """Replaces secrets in headers, URLs and bodies by stable fingerprints."""
 
@@ -135,29 +138,37 @@ class Redactor:
 
         return self.text(self._query.sub(param, url))
 
+    def log_line(self, line: str) -> str:
+        """A line of proxy output: a `name: value` header line or free text with URLs."""
+        match = _HEADER_LINE.match(line)
+        if match and _ANSI.sub("", match.group(2)).lower() in self.headers:
+            return f"{match.group(1)}{match.group(2)}: {self.credential(_ANSI.sub('', match.group(3)))}"
+        return self.url(line)
+
     def json(self, value: Any) -> Any:
-        """A redacted copy of parsed JSON (the original is left as it is)."""
-        try:
-            return self._walk(value)
-        except RecursionError:
-            return self.text(orjson.dumps(value).decode())
+        """A redacted copy of parsed JSON (the original is left as it is).
 
-    def _walk(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, dict):
-            return {
-                key: (self._sensitive_field(value_) if self._is_sensitive_key(key) else self._walk(value_))
-                for key, value_ in value.items()
-            }
-        if isinstance(value, list):
-            return [self._walk(item) for item in value]
-        return value
-
-    def _is_sensitive_key(self, key: Any) -> bool:
-        return isinstance(key, str) and key.lower() in self.fields
-
-    def _sensitive_field(self, value: Any) -> Any:
-        if isinstance(value, str) and value:
-            return self.credential(value)
-        return self._walk(value)
+        Iterative, so that nesting deeper than Python's recursion limit is no problem.
+        """
+        root: list[Any] = [None]
+        stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+        while stack:
+            item, parent, slot = stack.pop()
+            if isinstance(item, str):
+                parent[slot] = self.text(item)
+            elif isinstance(item, dict):
+                copy: dict[Any, Any] = {}
+                parent[slot] = copy
+                for key, child in item.items():
+                    if isinstance(child, str) and child and isinstance(key, str) and key.lower() in self.fields:
+                        copy[key] = self.credential(child)
+                    else:
+                        copy[key] = None
+                        stack.append((child, copy, key))
+            elif isinstance(item, list):
+                items: list[Any] = [None] * len(item)
+                parent[slot] = items
+                stack.extend((child, items, index) for index, child in enumerate(item))
+            else:
+                parent[slot] = item
+        return root[0]

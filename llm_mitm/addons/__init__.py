@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llm_mitm.addons.output import OutputRedaction
 from llm_mitm.addons.recorder import Recorder
 from llm_mitm.addons.scope import Scope
 from llm_mitm.addons.settings import Settings
@@ -12,7 +13,7 @@ from llm_mitm.addons.tracer import Tracer
 def build() -> list[object]:
     """Settings first (config), then scope, the exchange record, and the trace writer last."""
     shared = Shared()
-    return [Settings(shared), Scope(shared), Recorder(shared), Tracer(shared)]
+    return [Settings(shared), OutputRedaction(shared), Scope(shared), Recorder(shared), Tracer(shared)]
 
 
-__all__ = ["Recorder", "Scope", "Settings", "Shared", "Tracer", "build"]
+__all__ = ["OutputRedaction", "Recorder", "Scope", "Settings", "Shared", "Tracer", "build"]

@@ -1,0 +1,102 @@
+"""config.yaml: defaults, merging, one-line errors naming the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm_mitm.config import (
+    ConfigError,
+    default_config,
+    load_config,
+    resolve_config_path,
+    trace_destination,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_cover_the_three_providers() -> None:
+    config = default_config()
+    assert set(config.enabled_providers) == {"openai", "azure", "anthropic"}
+    assert config.providers["azure"].hosts == ["*.openai.azure.com", "*.cognitiveservices.azure.com"]
+    assert config.traces.destination == "traces.jsonl"
+
+
+def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "providers:\n  vllm:\n    api: openai\n    hosts: ['localhost:8000']\n  anthropic:\n    enabled: false\n",
+        )
+    )
+    assert config.providers["vllm"].hosts == ["localhost:8000"]
+    assert config.providers["vllm"].upgrade_http is False
+    assert "anthropic" not in config.enabled_providers
+    assert config.providers["anthropic"].hosts == ["api.anthropic.com"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("providers:\n  vllm:\n    api: openaii\n    hosts: [x]\n", "providers.vllm.api: Input should be"),
+        ("providers:\n  vllm:\n    api: openai\n", "providers.vllm.hosts: required key is missing"),
+        ("providers:\n  vllm:\n    api: openai\n    hosts: ['a b']\n", "providers.vllm.hosts: invalid host pattern 'a b'"),
+        ("traces:\n  destinaton: x\n", "traces.destinaton: unknown key"),
+        ("traces:\n  bodies: some\n", "traces.bodies: Input should be 'full', 'metadata' or 'none'"),
+        ("redaction:\n  patterns: ['(']\n", "redaction.patterns: invalid regular expression '('"),
+        ("tracez: 1\n", "tracez: unknown key"),
+        ("- a\n- b\n", "top level: expected a mapping"),
+        ("traces:\n  destination: [1\n", "invalid YAML at line"),
+    ],
+)
+def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == default_config()
+
+
+def test_config_path_defaults_to_working_directory_file(tmp_path: Path) -> None:
+    assert resolve_config_path("", tmp_path) is None
+    write(tmp_path, "")
+    assert resolve_config_path("", tmp_path) == tmp_path / "config.yaml"
+    assert resolve_config_path("other.yaml", tmp_path) == Path("other.yaml")
+
+
+def test_gateway_trace_destination_overrides_the_file() -> None:
+    config = default_config()
+    assert trace_destination(config, {}) == "traces.jsonl"
+    assert trace_destination(config, {"GATEWAY_TRACE_DESTINATION": "/tmp/t.jsonl"}) == "/tmp/t.jsonl"
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    example = ROOT / "config.yaml.example"
+    config = load_config(example)
+    assert config == default_config()
+    text = example.read_text()
+    for section, model in (("traces", config.traces), ("redaction", config.redaction)):
+        assert f"{section}:" in text
+        for key in type(model).model_fields:
+            assert f"{key}:" in text, f"{section}.{key} is not documented"
+    for key in ("providers:", "organization:", "policy:", "pricing:", "api:", "hosts:", "upgrade_http:", "enabled:"):
+        assert key in text

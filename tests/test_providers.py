@@ -1,0 +1,97 @@
+"""Host + path -> provider and operation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from llm_mitm.config import default_config, parse_config
+from llm_mitm.providers import ProviderMatcher
+
+
+@pytest.fixture
+def matcher() -> ProviderMatcher:
+    config = parse_config({"providers": {"vllm": {"api": "openai", "hosts": ["localhost:8000"]}}}, "test")
+    return ProviderMatcher(config.enabled_providers)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "provider"),
+    [
+        ("api.openai.com", 443, "openai"),
+        ("API.OpenAI.com", 443, "openai"),
+        ("api.openai.com", 80, "openai"),
+        ("myres.openai.azure.com", 443, "azure"),
+        ("a.b.openai.azure.com", 443, "azure"),
+        ("eastus.cognitiveservices.azure.com", 443, "azure"),
+        ("api.anthropic.com", 443, "anthropic"),
+        ("localhost", 8000, "vllm"),
+        ("localhost", 8001, None),
+        ("api.openai.com.evil.net", 443, None),
+        ("evilapi.openai.com", 443, None),
+        ("xapi.anthropic.com", 443, None),
+        ("openai.azure.com", 443, None),
+        ("example.com", 443, None),
+    ],
+)
+def test_hosts_are_matched_anchored(matcher: ProviderMatcher, host: str, port: int, provider: str | None) -> None:
+    found = matcher.match(host, port)
+    assert (found.name if found else None) == provider
+
+
+def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
+    def allowed(target: str) -> bool:
+        return any(re.search(rx, target, re.IGNORECASE) for rx in matcher.allow_hosts)
+
+    assert allowed("api.openai.com:443")
+    assert allowed("localhost:8000")
+    assert not allowed("api.openai.com.evil.net:443")
+    assert not allowed("localhost:80001")
+    assert not allowed("127.0.0.1:443")
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "operation", "deployment"),
+    [
+        ("api.openai.com", "/v1/chat/completions", "chat.completions", None),
+        ("api.openai.com", "/v1/completions", "completions", None),
+        ("api.openai.com", "/v1/embeddings", "embeddings", None),
+        ("api.openai.com", "/v1/responses", "responses", None),
+        ("api.openai.com", "/v1/responses/resp_1/input_items", "responses", None),
+        ("api.openai.com", "/v1/images/generations", "images", None),
+        ("api.openai.com", "/v1/audio/transcriptions", "audio", None),
+        ("api.openai.com", "/v1/moderations", "moderations", None),
+        ("api.openai.com", "/v1/models", "models", None),
+        ("api.openai.com", "/v1/models/gpt-4o", "models", None),
+        ("api.openai.com", "/v1/files", "files", None),
+        ("api.openai.com", "/", "other", None),
+        ("r.openai.azure.com", "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21", "chat.completions", "prod-4o"),
+        ("r.openai.azure.com", "/openai/deployments/emb/embeddings?api-version=2024-10-21", "embeddings", "emb"),
+        ("r.openai.azure.com", "/openai/v1/chat/completions", "chat.completions", None),
+        ("r.openai.azure.com", "/openai/v1/responses", "responses", None),
+        ("r.openai.azure.com", "/openai/responses?api-version=2025-04-01-preview", "responses", None),
+        ("api.anthropic.com", "/v1/messages", "messages", None),
+        ("api.anthropic.com", "/v1/messages/count_tokens", "messages.count_tokens", None),
+        ("api.anthropic.com", "/v1/messages/batches", "messages.batches", None),
+        ("api.anthropic.com", "/v1/complete", "completions", None),
+        ("localhost", "/v1/chat/completions", "chat.completions", None),
+    ],
+)
+def test_operations(matcher: ProviderMatcher, host: str, path: str, operation: str, deployment: str | None) -> None:
+    port = 8000 if host == "localhost" else 443
+    route = matcher.route(host, port, path)
+    assert route is not None
+    assert route.operation == operation
+    assert route.deployment == deployment
+
+
+def test_azure_api_version_is_kept(matcher: ProviderMatcher) -> None:
+    route = matcher.route("r.openai.azure.com", 443, "/openai/deployments/d/chat/completions?api-version=2024-10-21")
+    assert route is not None and route.api_version == "2024-10-21" and route.api == "azure"
+
+
+def test_disabled_provider_is_not_matched() -> None:
+    config = parse_config({"providers": {"openai": {"enabled": False}}}, "test")
+    assert ProviderMatcher(config.enabled_providers).match("api.openai.com", 443) is None
+    assert ProviderMatcher(default_config().enabled_providers).match("api.openai.com", 443) is not None

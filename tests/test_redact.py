@@ -1,0 +1,155 @@
+"""Secrets become fingerprints, whole, wherever they are."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_mitm.redact import Redactor
+
+ALNUM = string.ascii_letters + string.digits
+
+
+def token(n: int, alphabet: str = ALNUM + "_-") -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+KEYS = {
+    "openai": "sk-" + token(48, ALNUM),
+    "project": "sk-proj-" + token(120),
+    "service": "sk-svcacct-" + token(100),
+    "anthropic": "sk-ant-api03-" + token(93) + "AA",
+    "azure": token(32, "0123456789abcdef"),
+    "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0." + token(43),
+}
+
+
+def assert_gone(secret: str, text: str) -> None:
+    assert secret not in text
+    # No 8-character window of the key's secret part survives (the kind prefix and
+    # the 4-character tail are shown on purpose).
+    public = re.match(r"sk-(?:ant-api\d\d-|proj-|svcacct-)?", secret)
+    for i in range(public.end() if public else 0, len(secret) - 8):
+        assert secret[i : i + 8] not in text, secret[i : i + 8]
+
+
+@pytest.mark.parametrize("kind", list(KEYS))
+def test_key_shapes_are_found_in_free_text(kind: str) -> None:
+    redactor = Redactor()
+    key = KEYS[kind]
+    text = redactor.text(f"prefix {key} suffix, and again:{key}")
+    assert_gone(key, text)
+    assert text.count(redactor.fingerprint(key)) == 2
+    assert text.startswith("prefix ") and text.endswith("suffix, and again:" + redactor.fingerprint(key))
+
+
+def test_fingerprint_shape_is_stable_and_per_key() -> None:
+    redactor = Redactor()
+    key = KEYS["project"]
+    fp = redactor.fingerprint(key)
+    assert fp.startswith("sk-proj-…" + key[-4:] + "#")
+    assert len(fp.split("#")[1]) == 8
+    assert fp == Redactor().fingerprint(key)
+    assert fp != redactor.fingerprint(KEYS["openai"])
+    assert Redactor(salt="x").fingerprint(key) != fp
+    assert redactor.fingerprint(KEYS["anthropic"]).startswith("sk-ant-…")
+    assert redactor.text(fp) == fp
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "secret"),
+    [
+        ("Authorization", f"Bearer {KEYS['project']}", KEYS["project"]),
+        ("authorization", "Bearer opaque-token-value-123", "opaque-token-value-123"),
+        ("api-key", KEYS["azure"], KEYS["azure"]),
+        ("X-Api-Key", KEYS["anthropic"], KEYS["anthropic"]),
+        ("Proxy-Authorization", "Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+        ("Cookie", "session=abcdefgh12345678", "abcdefgh12345678"),
+        ("Set-Cookie", "__cf_bm=zzzzzzzzyyyyyyyy; path=/", "zzzzzzzzyyyyyyyy"),
+    ],
+)
+def test_sensitive_headers_are_fingerprinted_whole(name: str, value: str, secret: str) -> None:
+    redacted = Redactor().headers_dict([(name, value), ("Content-Type", "application/json")])
+    assert_gone(secret, redacted[name])
+    assert redacted["Content-Type"] == "application/json"
+    if value.startswith("Bearer"):
+        assert redacted[name].startswith("Bearer ")
+
+
+def test_configured_header_and_pattern() -> None:
+    redactor = Redactor(extra_headers=["X-Tenant-Token"], extra_patterns=[r"corp_[0-9]{6}"])
+    assert_gone("abc", redactor.header("x-tenant-token", "abcdefghijkl"))
+    assert "corp_123456" not in redactor.text("id corp_123456 here")
+
+
+def test_url_query_parameters() -> None:
+    redactor = Redactor()
+    azure = KEYS["azure"]
+    url = f"https://r.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21&api-key={azure}&key=shortsecret1"
+    redacted = redactor.url(url)
+    assert_gone(azure, redacted)
+    assert "shortsecret1" not in redacted
+    assert "api-version=2024-10-21" in redacted
+    path_key = KEYS["openai"]
+    assert_gone(path_key, redactor.url(f"https://x/v1/{path_key}/chat"))
+
+
+def test_json_bodies_nested_anywhere() -> None:
+    redactor = Redactor()
+    key = KEYS["anthropic"]
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": f"my key is {key}!"}]}],
+        "metadata": {"api_key": "short-but-named", "list": [KEYS["jwt"]]},
+        "error": {"code": "invalid_api_key"},
+    }
+    redacted = redactor.json(body)
+    dumped = repr(redacted)
+    assert_gone(key, dumped)
+    assert_gone(KEYS["jwt"], dumped)
+    assert "short-but-named" not in dumped
+    assert redacted["error"]["code"] == "invalid_api_key"
+    assert body["messages"][0]["content"][0]["text"].endswith(f"{key}!")  # original untouched
+
+
+def test_deeply_nested_json_does_not_crash() -> None:
+    key = KEYS["openai"]
+    value: object = key
+    for _ in range(5000):
+        value = [value]
+    redacted = Redactor().json(value)
+    for _ in range(5000):
+        assert isinstance(redacted, list) and len(redacted) == 1
+        redacted = redacted[0]
+    assert redacted == Redactor().fingerprint(key)
+
+
+def test_log_lines() -> None:
+    redactor = Redactor()
+    key = KEYS["project"]
+    assert_gone(key, redactor.log_line(f"    authorization: Bearer {key}"))
+    assert_gone(key, redactor.log_line(f"    \x1b[34mx-api-key\x1b[0m: {key}"))
+    assert "cookievalue12" not in redactor.log_line("    cookie: a=cookievalue12")
+    assert_gone(KEYS["azure"], redactor.log_line(f"127.0.0.1:5: POST https://h/p?api-key={KEYS['azure']}"))
+    assert redactor.log_line("    content-type: application/json") == "    content-type: application/json"
+
+
+def test_ordinary_text_is_left_alone() -> None:
+    text = "Ask the task-runner about sk-learn; id 1234abcd; model gpt-4o-2024-08-06"
+    assert Redactor().text(text) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(list(KEYS.values())),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
+)
+def test_property_key_in_any_context_disappears(key: str, before: str, after: str) -> None:
+    # Separate the key from surrounding text as any tokenizer would.
+    text = f"{before} {key} {after}"
+    assert key not in Redactor().text(text)

@@ -1,0 +1,225 @@
+"""Incremental SSE decoding and per-API rebuilds."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_mitm.sse import (
+    AnthropicRebuilder,
+    ChatCompletionsRebuilder,
+    ResponsesRebuilder,
+    SSEDecoder,
+    StreamTap,
+    rebuilder_for,
+)
+from tests.support.fake_provider import _Encoder
+
+
+def sse(events: list[tuple[str | None, object]], newline: str = "\n") -> bytes:
+    out = []
+    for name, data in events:
+        text = data if isinstance(data, str) else json.dumps(data)
+        out.append((f"event: {name}{newline}" if name else "") + f"data: {text}{newline}{newline}")
+    return "".join(out).encode()
+
+
+CHAT = [
+    (None, {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+    (None, {"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hel"}}]}),
+    (None, {"id": "c1", "choices": [{"index": 0, "delta": {"content": "lo é"}}]}),
+    (None, {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]}),
+    (None, {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}}]}),
+    (None, {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}}]}),
+    (None, {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+    (None, {"id": "c1", "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}),
+    (None, "[DONE]"),
+]
+
+
+def rebuild(rebuilder, data: bytes, pieces: list[bytes] | None = None, encoding: str = ""):
+    tap = StreamTap(rebuilder, encoding)
+    for piece in pieces if pieces is not None else [data]:
+        assert tap(piece) is piece
+    tap(b"")
+    assert tap.failed is None
+    return rebuilder
+
+
+def check_chat(rebuilder: ChatCompletionsRebuilder) -> None:
+    body = rebuilder.result()
+    message = body["choices"][0]["message"]
+    assert message["content"] == "Hello é"
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    assert body["usage"]["total_tokens"] == 15
+    assert body["model"] == "gpt-4o-2024-08-06"
+    assert rebuilder.events == 9
+
+
+def test_chat_rebuild_whole() -> None:
+    check_chat(rebuild(ChatCompletionsRebuilder(), sse(CHAT)))
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_chat_rebuild_split_at_every_byte(newline: str) -> None:
+    data = sse(CHAT, newline)
+    for cut in range(1, len(data)):
+        check_chat(rebuild(ChatCompletionsRebuilder(), data, [data[:cut], data[cut:]]))
+
+
+def test_chat_rebuild_one_byte_at_a_time() -> None:
+    data = sse(CHAT, "\r\n")
+    check_chat(rebuild(ChatCompletionsRebuilder(), data, [data[i : i + 1] for i in range(len(data))]))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_compressed_streams_are_decoded_incrementally(encoding: str) -> None:
+    encoder = _Encoder(encoding)
+    pieces = [encoder.piece(sse([event])) for event in CHAT] + [encoder.end()]
+    check_chat(rebuild(ChatCompletionsRebuilder(), b"", [p for p in pieces if p], encoding))
+
+
+def test_raw_deflate_is_accepted() -> None:
+    obj = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    data = obj.compress(sse(CHAT)) + obj.flush()
+    check_chat(rebuild(ChatCompletionsRebuilder(), data, [data[:7], data[7:]], "deflate"))
+
+
+def test_malformed_events_are_counted_not_fatal() -> None:
+    data = b"data: {not json\n\n" + b": comment\n\n" + b"data: [1,2]\n\n" + sse(CHAT)
+    rebuilder = rebuild(ChatCompletionsRebuilder(), data)
+    assert rebuilder.malformed == 2
+    assert rebuilder.result()["choices"][0]["message"]["content"] == "Hello é"
+
+
+def test_multiline_data_and_missing_final_blank_line() -> None:
+    decoder = SSEDecoder()
+    events = decoder.feed(b'event: x\ndata: {"a":\ndata: 1}\n\ndata: tail')
+    events += decoder.flush()
+    assert [(e.event, e.data) for e in events] == [("x", '{"a":\n1}'), ("message", "tail")]
+
+
+def test_legacy_completions_stream() -> None:
+    events = [(None, {"id": "c", "object": "text_completion", "model": "m", "choices": [{"index": 0, "text": "ab"}]}),
+              (None, {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": "cd", "finish_reason": "stop"}]})]
+    body = rebuild(ChatCompletionsRebuilder(), sse(events)).result()
+    assert body["choices"] == [{"index": 0, "text": "abcd", "finish_reason": "stop"}]
+
+
+RESPONSES_FINAL = {"id": "r1", "object": "response", "status": "completed", "model": "gpt-4o-2024-08-06",
+                   "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi there"}]}],
+                   "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}
+RESPONSES = [
+    ("response.created", {"type": "response.created", "response": {"id": "r1", "status": "in_progress", "model": "gpt-4o-2024-08-06", "output": []}}),
+    ("response.output_item.added", {"type": "response.output_item.added", "output_index": 0, "item": {"type": "message", "role": "assistant", "content": []}}),
+    ("response.output_text.delta", {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "Hi "}),
+    ("response.output_text.delta", {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "there"}),
+    ("response.output_item.added", {"type": "response.output_item.added", "output_index": 1, "item": {"type": "function_call", "name": "f", "call_id": "c"}}),
+    ("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta", "output_index": 1, "delta": '{"x":1}'}),
+    ("response.completed", {"type": "response.completed", "response": RESPONSES_FINAL}),
+]
+
+
+def test_responses_final_event_wins() -> None:
+    rebuilder = rebuild(ResponsesRebuilder(), sse(RESPONSES))
+    assert rebuilder.result() == RESPONSES_FINAL
+    assert rebuilder.usage["total_tokens"] == 5
+
+
+def test_responses_cut_short_keeps_the_deltas() -> None:
+    rebuilder = rebuild(ResponsesRebuilder(), sse(RESPONSES[:-1]))
+    body = rebuilder.result()
+    assert body["status"] == "in_progress"
+    assert body["output"][0]["content"] == [{"type": "output_text", "text": "Hi there"}]
+    assert body["output"][1]["arguments"] == '{"x":1}'
+
+
+ANTHROPIC = [
+    ("message_start", {"type": "message_start", "message": {"id": "m1", "type": "message", "role": "assistant", "model": "claude-x", "content": [], "usage": {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 1}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig"}}),
+    ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Bon"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "jour"}}),
+    ("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "t1", "name": "f", "input": {}}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"a": '}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": "[1]}"}}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 42}}),
+    ("message_stop", {"type": "message_stop"}),
+]
+
+
+def test_anthropic_rebuild() -> None:
+    rebuilder = rebuild(AnthropicRebuilder(), sse(ANTHROPIC))
+    body = rebuilder.result()
+    assert body["content"] == [
+        {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+        {"type": "text", "text": "Bonjour"},
+        {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": [1]}},
+    ]
+    assert body["stop_reason"] == "tool_use"
+    assert body["usage"] == {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 42}
+
+
+def test_anthropic_error_event() -> None:
+    rebuilder = rebuild(AnthropicRebuilder(), sse([("error", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})]))
+    assert rebuilder.error == {"type": "overloaded_error", "message": "busy"}
+
+
+def test_rebuilder_choice() -> None:
+    assert isinstance(rebuilder_for("anthropic", "messages"), AnthropicRebuilder)
+    assert isinstance(rebuilder_for("openai", "responses"), ResponsesRebuilder)
+    assert isinstance(rebuilder_for("azure", "chat.completions"), ChatCompletionsRebuilder)
+
+
+def test_tap_survives_a_broken_stream_and_passes_bytes() -> None:
+    tap = StreamTap(ChatCompletionsRebuilder(), "gzip")
+    garbage = b"\x00\x01not gzip at all"
+    assert tap(garbage) is garbage
+    assert tap.failed is not None
+    assert tap(b"more") == b"more"
+
+
+def test_unknown_encoding_passes_untouched() -> None:
+    tap = StreamTap(ChatCompletionsRebuilder(), "compress")
+    assert tap(b"data: x\n\n") == b"data: x\n\n"
+    assert "unsupported" in (tap.failed or "")
+
+
+def test_gzip_whole_body_in_one_piece() -> None:
+    check_chat(rebuild(ChatCompletionsRebuilder(), gzip.compress(sse(CHAT)), encoding="gzip"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=20), st.sampled_from(["", "gzip", "br", "zstd"]))
+def test_tap_never_changes_or_raises_on_arbitrary_bytes(chunks: list[bytes], encoding: str) -> None:
+    for rebuilder in (ChatCompletionsRebuilder(), ResponsesRebuilder(), AnthropicRebuilder()):
+        tap = StreamTap(rebuilder, encoding)
+        for chunk in chunks:
+            assert tap(chunk) == chunk
+        tap.finish()
+        rebuilder.result()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["type", "choices", "delta", "index", "usage", "message", "response", "content_block", "model", "output_index"]),
+                                st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8), max_size=6), max_size=10))
+def test_rebuilders_accept_arbitrary_json(events: list[dict]) -> None:
+    data = sse([(None, e) for e in events])
+    for rebuilder in (ChatCompletionsRebuilder(), ResponsesRebuilder(), AnthropicRebuilder()):
+        tap = StreamTap(rebuilder)
+        assert tap(data) == data
+        tap.finish()
+        assert tap.failed is None
+        rebuilder.result()
