@@ -40,7 +40,7 @@ class Scope:
         updates: dict[str, object] = {}
         if list(ctx.options.allow_hosts) != allow:
             updates["allow_hosts"] = allow
-        if ctx.options.connection_strategy != "lazy":
+        if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
             updates["connection_strategy"] = "lazy"
         if not updates:
             return

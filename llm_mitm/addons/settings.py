@@ -29,6 +29,7 @@ class Settings:
         self.path: Path | None = None
         self._stamp: tuple[float, int] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._started = False
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -46,7 +47,7 @@ class Settings:
         try:
             config = load_config(path) if path else default_config()
         except ConfigError as exc:
-            if self._watcher is None:
+            if not self._started:
                 # At start-up: one line, and mitmdump's error check stops it.
                 logger.error("llm-mitm: %s", exc)
                 return
@@ -57,6 +58,7 @@ class Settings:
         logger.info("llm-mitm: config %s", path or "built-in defaults")
 
     def running(self) -> None:
+        self._started = True
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     def done(self) -> None:

@@ -1,0 +1,183 @@
+"""The addon classes in-process, through mitmproxy's own test helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import os
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from llm_mitm.addons import OutputRedaction, Recorder, Scope, Settings, Shared, Tracer
+
+
+def make_addons() -> tuple[Shared, list[object]]:
+    shared = Shared()
+    return shared, [Settings(shared), OutputRedaction(shared), Scope(shared), Recorder(shared), Tracer(shared), Proxyserver()]
+
+
+def chat_flow(host: str = "api.openai.com", body: dict | None = None, scheme: str = "https", port: int = 443, headers=()):
+    content = orjson.dumps(body or {"model": "gpt-4o", "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+    request = tutils.treq(
+        host=host, port=port, scheme=scheme.encode() if isinstance(scheme, str) else scheme,
+        path=b"/v1/chat/completions", method=b"POST",
+        headers=[(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-proj-" + b"K" * 40), *headers],
+        content=content,
+    )
+    request.scheme = scheme
+    return tflow.tflow(req=request)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            assert tctx.options.connection_strategy == "lazy"
+            assert r"^api\.openai\.com:\d+$" in tctx.options.allow_hosts
+            assert len(tctx.options.allow_hosts) == 4
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_http_upgrade_changes_scheme_only(tmp_path: Path) -> None:
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            flow = chat_flow(scheme="http", port=80)
+            flow.request.headers["host"] = "api.openai.com"
+            before = list(flow.request.headers.items(multi=True))
+            addons[2].requestheaders(flow)
+            assert flow.request.scheme == "https" and flow.request.port == 443
+            assert list(flow.request.headers.items(multi=True)) == before
+            other = chat_flow(host="example.com", scheme="http", port=80)
+            addons[2].requestheaders(other)
+            assert other.request.scheme == "http"
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_one_exchange_per_flow_with_usage(tmp_path: Path) -> None:
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            flow = chat_flow(headers=[(b"openai-organization", b"org-1")])
+            recorder: Recorder = addons[3]  # type: ignore[assignment]
+            recorder.request(flow)
+            exchange = shared.exchange(flow)
+            assert exchange is not None
+            assert (exchange.route.operation, exchange.model, exchange.stream) == ("chat.completions", "gpt-4o", False)
+            assert exchange.organization == "org-1"
+            assert exchange.api_key and exchange.api_key.startswith("sk-proj-…KKKK#")
+            recorder.request(flow)
+            flow.response = tutils.tresp(
+                headers=[(b"content-type", b"application/json"), (b"content-encoding", b"gzip")],
+                content=gzip.compress(orjson.dumps({"model": "gpt-4o-2024-08-06", "usage": {"prompt_tokens": 3, "completion_tokens": 4}})),
+            )
+            flow.response.headers["content-encoding"] = "gzip"
+            recorder.responseheaders(flow)
+            recorder.response(flow)
+            exchange = shared.exchange(flow)
+            assert exchange.response_model == "gpt-4o-2024-08-06"
+            assert exchange.usage.total_tokens == 7
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_non_llm_flow_gets_no_exchange(tmp_path: Path) -> None:
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            flow = chat_flow(host="api.openai.com.evil.net")
+            addons[3].request(flow)
+            assert shared.exchange(flow) is None
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_event_stream_response_gets_a_tap(tmp_path: Path) -> None:
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            flow = chat_flow(body={"model": "gpt-4o", "stream": True, "messages": []})
+            addons[3].request(flow)
+            flow.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")], content=b"")
+            addons[3].responseheaders(flow)
+            assert callable(flow.response.stream)
+            chunk = b'data: {"model": "m", "choices": [{"index": 0, "delta": {"content": "hey"}}]}\n\n'
+            assert flow.response.stream(chunk) == chunk
+            flow.response.stream(b"")
+            addons[3].response(flow)
+            exchange = shared.exchange(flow)
+            assert exchange.response.json["choices"][0]["message"]["content"] == "hey"
+            assert exchange.stream and exchange.tap.rebuilder.events == 1
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_bad_config_change_is_refused_and_last_good_stays(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("providers:\n  vllm:\n    api: openai\n    hosts: ['localhost:8000']\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers:\n  vllm:\n    api: nope\n    hosts: ['localhost:8000']\n")
+
+    async def go() -> None:
+        shared, addons = make_addons()
+        settings: Settings = addons[0]  # type: ignore[assignment]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(settings, llm_config=str(good))
+            settings.running()
+            with pytest.raises(exceptions.OptionsError, match=r"bad.yaml: providers.vllm.api: Input should be"):
+                tctx.configure(settings, llm_config=str(bad))
+            assert tctx.options.llm_config == str(good)
+            assert "vllm" in shared.config.providers
+            # An edit of the file on disk: refused with the same message, then accepted.
+            time.sleep(0.01)
+            good.write_text("providers:\n  vllm:\n    api: openai\n    hosts: [1 2\n")
+            with caplog.at_level(logging.ERROR):
+                assert not settings.reload_if_changed()
+            assert "config change refused" in caplog.text and "good.yaml: invalid YAML" in caplog.text
+            assert shared.matcher.match("localhost", 8000) is not None
+            good.write_text("providers:\n  vllm:\n    api: anthropic\n    hosts: ['localhost:9000']\n")
+            assert settings.reload_if_changed()
+            assert shared.matcher.match("localhost", 8000) is None
+            assert shared.matcher.match("localhost", 9000).api == "anthropic"
+            assert r"^localhost:9000$" in tctx.options.allow_hosts
+            settings.done()
+
+    run(go())
+
+
+def test_bad_config_at_start_logs_one_line_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("traces:\n  bodies: some\n")
+
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            with caplog.at_level(logging.ERROR):
+                tctx.configure(addons[0], llm_config=str(bad))
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert errors == [f"llm-mitm: {bad}: traces.bodies: Input should be 'full', 'metadata' or 'none' (got 'some')"]
+
+    run(go())
