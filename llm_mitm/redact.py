@@ -123,8 +123,10 @@ class Redactor:
         return self.text(value)
 
     def headers_dict(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Header names lower-cased (as HTTP/2 has them), repeated headers joined."""
         out: dict[str, str] = {}
         for name, value in pairs:
+            name = name.lower()
             redacted = self.header(name, value)
             out[name] = f"{out[name]}, {redacted}" if name in out else redacted
         return out

@@ -75,10 +75,10 @@ def test_fingerprint_shape_is_stable_and_per_key() -> None:
 )
 def test_sensitive_headers_are_fingerprinted_whole(name: str, value: str, secret: str) -> None:
     redacted = Redactor().headers_dict([(name, value), ("Content-Type", "application/json")])
-    assert_gone(secret, redacted[name])
-    assert redacted["Content-Type"] == "application/json"
+    assert_gone(secret, redacted[name.lower()])
+    assert redacted["content-type"] == "application/json"
     if value.startswith("Bearer"):
-        assert redacted[name].startswith("Bearer ")
+        assert redacted[name.lower()].startswith("Bearer ")
 
 
 def test_configured_header_and_pattern() -> None:

@@ -54,6 +54,7 @@ class FakeProvider:
     key_path: str | None = None
     host: str = "127.0.0.1"
     requests: list[Received] = field(default_factory=list)
+    connections: int = 0
     port: int = 0
 
     def start(self) -> FakeProvider:
@@ -134,6 +135,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
         pass
 
+    def setup(self) -> None:
+        self.fake.connections += 1
+        super().setup()
+
     # ------------------------------------------------------------------ dispatch
 
     def do_GET(self) -> None:
@@ -179,7 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self, request: dict[str, Any]) -> None:
         text = self._reply_text(request)
         tools = bool(request.get("tools"))
-        model = RESPONSE_MODEL if str(request.get("model", "")).startswith("gpt-4o") else request.get("model", "")
+        deployment = "/deployments/" in self.path  # Azure names the model behind the deployment
+        model = RESPONSE_MODEL if deployment or str(request.get("model", "")).startswith("gpt-4o") else request.get("model", "")
         usage = _openai_usage()
         if not request.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": None if tools else text, "refusal": None}
