@@ -37,6 +37,7 @@ class Received:
     path: str
     headers: list[tuple[str, str]]
     body: bytes
+    sent: bytearray = field(default_factory=bytearray)  # response body as written (after any compression)
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -150,7 +151,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.fake.requests.append(Received(self.command, self.path, list(self.headers.items()), body))
+        self.received = Received(self.command, self.path, list(self.headers.items()), body)
+        self.fake.requests.append(self.received)
         path = urlsplit(self.path).path
         request: dict[str, Any] = {}
         if body and "json" in (self.headers.get("content-type") or ""):
@@ -343,6 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chunk(self, data: bytes) -> None:
         if data:
+            self.received.sent += data
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 

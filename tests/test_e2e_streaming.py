@@ -1,0 +1,115 @@
+"""Streams reach the client as the server sends them, and are rebuilt for the trace."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from tests.support.clients import drive
+from tests.support.fake_provider import CANNED_REPLY, FakeProvider
+from tests.support.mitm import Mitmdump
+from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker, trace_with
+
+DELAY_MS = 200
+
+
+def test_chunks_arrive_spread_in_time_like_the_server_sent_them(proxy: Mitmdump) -> None:
+    m = marker()
+    action = {
+        "client": "openai", "op": "chat", "api_key": OPENAI_KEY,
+        "params": chat(m, stream=True), "headers": {"x-fake-delay-ms": str(DELAY_MS)},
+    }
+    result = drive(action, proxy.client_env())
+    arrivals = result["arrivals"]
+    assert result["text"] == CANNED_REPLY
+    assert len(arrivals) == 8  # role, six pieces, finish
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    # Buffered, every chunk would arrive at once at the end; here each waits for the server.
+    assert all(gap > DELAY_MS / 1000 * 0.6 for gap in gaps), gaps
+    assert arrivals[-1] - arrivals[0] > 7 * DELAY_MS / 1000 * 0.8
+    t = trace_with(proxy, m)
+    assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY
+    assert t["duration_ms"] - t["ttfb_ms"] > 7 * DELAY_MS * 0.8
+
+
+def rebuilt_text(api: str, body: dict) -> str:
+    if api == "anthropic":
+        return body["content"][0]["text"]
+    if api == "responses":
+        return body["output"][0]["content"][0]["text"]
+    return body["choices"][0]["message"]["content"]
+
+
+STREAM_REQUESTS = {
+    "openai": ("https://api.openai.com/v1/chat/completions", lambda m: chat(m, stream=True, stream_options={"include_usage": True})),
+    "responses": ("https://api.openai.com/v1/responses", lambda m: {"model": "gpt-4o", "input": m, "stream": True}),
+    "anthropic": ("https://api.anthropic.com/v1/messages", lambda m: {"model": "claude-x", "max_tokens": 9, "stream": True, "messages": [{"role": "user", "content": m}]}),
+}
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd", "deflate"])
+@pytest.mark.parametrize("api", list(STREAM_REQUESTS))
+def test_compressed_streams_pass_byte_for_byte_and_are_rebuilt(proxy: Mitmdump, provider: FakeProvider, encoding: str, api: str) -> None:
+    m = marker()
+    url, body = STREAM_REQUESTS[api]
+    out = subprocess.run(
+        [
+            "curl", "-sS", "-N", "--proxy", proxy.proxy_url, "--cacert", str(proxy.ca_cert), url,
+            "-H", f"authorization: Bearer {OPENAI_KEY}", "-H", "content-type: application/json",
+            "-H", f"x-fake-encoding: {encoding}", "-H", "x-fake-delay-ms: 5", "-d", orjson.dumps(body(m)),
+        ],
+        capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    sent = next(r.sent for r in provider.requests if m.encode() in r.body)
+    assert out.stdout == bytes(sent)  # untouched, compression included
+    t = trace_with(proxy, m)
+    assert rebuilt_text(api, t["response"]["body"]) == CANNED_REPLY
+    assert t["usage"]["output_tokens"] in (6, 7)
+    assert t["error"] is None
+    assert t["response"]["headers"]["content-encoding"] == encoding
+
+
+@pytest.mark.parametrize("api", list(STREAM_REQUESTS))
+def test_sdks_stream_gzip(proxy: Mitmdump, api: str) -> None:
+    m = marker()
+    headers = {"x-fake-encoding": "gzip"}
+    if api == "anthropic":
+        action = {"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": STREAM_REQUESTS[api][1](m)}
+    else:
+        action = {"client": "openai", "op": "chat" if api == "openai" else "responses", "api_key": OPENAI_KEY, "params": STREAM_REQUESTS[api][1](m)}
+    result = drive({**action, "headers": headers}, proxy.client_env())
+    assert result.get("text") == CANNED_REPLY, result
+    assert rebuilt_text(api, trace_with(proxy, m)["response"]["body"]) == CANNED_REPLY
+
+
+def test_stream_cut_by_upstream_keeps_partial_output_and_error(proxy: Mitmdump) -> None:
+    m = marker()
+    action = {
+        "client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat(m, stream=True),
+        "headers": {"x-fake-fail": "reset-mid-stream"},
+    }
+    result = drive(action, proxy.client_env())
+    assert "error" in result  # the SDK sees the stream break
+    t = trace_with(proxy, m)
+    assert t["error"]
+    assert t["response"]["events"] == 2
+    assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY[:5]
+    # the proxy goes on serving
+    m2 = marker()
+    assert drive({**action, "params": chat(m2), "headers": {}}, proxy.client_env())["text"] == CANNED_REPLY
+
+
+def test_shutdown_flushes_traces(tmp_path, provider, pki) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import provider_routes
+
+    proxy = Mitmdump(tmp_path, routes=provider_routes(provider), upstream_ca=pki.ca_path).start()
+    m = marker()
+    drive({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat(m)}, proxy.client_env())
+    started = time.monotonic()
+    assert proxy.stop() == 0
+    assert time.monotonic() - started < 10
+    assert any(m in orjson.dumps(t).decode() for t in proxy.traces())
