@@ -32,7 +32,9 @@ def provider(pki: ServerCert) -> Iterator[FakeProvider]:
 @pytest.fixture(scope="session")
 def other_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeProvider, ServerCert]]:
     """A non-LLM HTTPS site with a CA of its own."""
-    cert = make_pki(tmp_path_factory.mktemp("other-pki"), names=("localhost",), label="other site")
+    cert = make_pki(
+        tmp_path_factory.mktemp("other-pki"), names=("localhost", "api.openai.com.evil.net"), label="other site"
+    )
     server = FakeProvider(str(cert.cert_path), str(cert.key_path)).start()
     yield server, cert
     server.stop()

@@ -12,6 +12,8 @@ from llm_mitm.config import Config
 
 logger = logging.getLogger("llm_mitm.scope")
 
+_PROXY_HOP_HEADERS = ("proxy-connection", "proxy-authorization")
+
 
 class Scope:
     """Owns mitmproxy's `allow_hosts`, turns on lazy upstream connections, upgrades http.
@@ -58,4 +60,6 @@ class Scope:
         request.scheme = "https"
         if request.port == 80:
             request.port = 443
+        for name in _PROXY_HOP_HEADERS:  # meant for this proxy, never for the provider
+            request.headers.pop(name, None)
         flow.metadata["llm_mitm.upgraded_http"] = True
