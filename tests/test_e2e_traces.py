@@ -1,0 +1,113 @@
+"""Config and trace files through a real mitmdump: start-up errors, live edits, destinations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import orjson
+import requests
+
+from tests.conftest import provider_routes
+from tests.support.fake_provider import FakeProvider
+from tests.support.mitm import ADDON, MITMDUMP, Mitmdump
+from tests.support.pki import ServerCert
+from tests.test_e2e_clients import OPENAI_KEY, chat, marker
+
+
+def post(proxy: Mitmdump, text: str) -> requests.Response:
+    return requests.post(
+        "https://api.openai.com/v1/chat/completions",
+        json=chat(text),
+        headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+        proxies={"https": proxy.proxy_url},
+        verify=str(proxy.ca_cert),
+        timeout=30,
+    )
+
+
+def test_bad_config_stops_mitmdump_with_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("traces:\n  bodies: everything\n")
+    result = subprocess.run(
+        [str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "-p", "0", "--set", "listen_host=127.0.0.1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if "config.yaml" in line]
+    assert len(lines) == 1, output
+    assert f"{tmp_path / 'config.yaml'}: traces.bodies: Input should be 'full', 'metadata' or 'none' (got 'everything')" in lines[0]
+    assert "Traceback" not in output
+
+
+def test_live_config_edits(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    config = {"traces": {"destination": "a.jsonl"}}
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        config_path = tmp_path / "config.yaml"
+        assert post(proxy, marker()).status_code == 200
+        # A bad edit is refused with its reason; the last good config stays in force.
+        config_path.write_text("traces:\n  destination: b.jsonl\n  bodys: full\n")
+        deadline = time.monotonic() + 10
+        while "config change refused" not in proxy.output and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"{config_path}: traces.bodys: unknown key" in proxy.output
+        assert post(proxy, marker()).status_code == 200
+        # A good edit takes effect without a restart.
+        config_path.write_text("traces:\n  destination: b.jsonl\n")
+        deadline = time.monotonic() + 10
+        while "reloaded" not in proxy.output and time.monotonic() < deadline:
+            time.sleep(0.1)
+        last = marker()
+        assert post(proxy, last).status_code == 200
+        time.sleep(0.5)
+    a = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    b = (tmp_path / "b.jsonl").read_bytes().splitlines()
+    assert len(a) == 2 and len(b) == 1
+    assert last.encode() in b[0]
+
+
+def test_gateway_trace_destination_and_concurrency(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    target = tmp_path / "elsewhere" / "traces.json"
+    env = {"GATEWAY_TRACE_DESTINATION": str(target)}
+    with Mitmdump(tmp_path, routes=provider_routes(provider), upstream_ca=pki.ca_path, env=env) as proxy:
+        markers = [marker() for _ in range(60)]
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(lambda m: post(proxy, m).status_code, markers))
+        assert statuses == [200] * 60
+    lines = target.read_bytes().splitlines()
+    assert len(lines) == 60
+    records = [orjson.loads(line) for line in lines]
+    assert len({r["id"] for r in records}) == 60
+    assert {r["request"]["body"]["messages"][0]["content"] for r in records} == set(markers)
+    assert not (tmp_path / "traces.jsonl").exists()
+
+
+def test_unwritable_destination_never_breaks_proxying(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    config = {"traces": {"destination": "a-file/traces.jsonl"}}
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        for _ in range(3):
+            assert post(proxy, marker()).status_code == 200
+        time.sleep(0.5)
+    lost = [line for line in proxy.lines if "TRACE LOST" in line]
+    assert len(lost) == 1, proxy.output
+    assert "a-file/traces.jsonl" in lost[0]
+
+
+def test_runs_from_a_plain_checkout_without_install(tmp_path: Path) -> None:
+    """mitmdump only puts addons/ on sys.path; the script finds the package itself."""
+    import sysconfig
+
+    site_packages = sysconfig.get_paths()["purelib"]
+    code = (
+        # -S: no site processing, so neither the editable install's finder nor its .pth
+        f"import sys; sys.path.append({site_packages!r});"
+        "import importlib.util; assert importlib.util.find_spec('llm_mitm') is None, 'installed';"
+        f"import runpy; ns = runpy.run_path({str(ADDON)!r}); print(len(ns['addons']))"
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "5"
