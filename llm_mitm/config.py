@@ -92,15 +92,84 @@ class RedactionConfig(_Section):
         return patterns
 
 
+class HeaderRule(_Section):
+    """Which value an OpenAI header gets: the client's, a key's team value, or a default."""
+
+    default: str | None = None
+    override: bool = False
+    by_key: dict[str, str] = {}
+
+
+class OrganizationConfig(HeaderRule):
+    """`OpenAI-Organization` (the fields above) and `OpenAI-Project` (`project`)."""
+
+    project: HeaderRule = HeaderRule()
+
+
+Scope = Literal["api_key", "client", "global"]
+
+
+class RateLimitConfig(_Section):
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    per: Scope = "api_key"
+
+
+class BudgetConfig(_Section):
+    usd_per_day: float | None = Field(default=None, gt=0)
+    usd_per_month: float | None = Field(default=None, gt=0)
+    per: Scope = "api_key"
+
+
+ModelPatterns = list[str] | dict[str, list[str]]
+
+
+class PolicyConfig(_Section):
+    """Rules decided before anything goes upstream."""
+
+    allowed_models: ModelPatterns = []
+    denied_models: ModelPatterns = []
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens_action: Literal["reject", "clamp"] = "reject"
+    forbidden_instructions: list[str] = []
+    allowed_operations: list[str] = []
+    on_unparseable: Literal["reject", "forward"] = "reject"
+    rate_limits: list[RateLimitConfig] = []
+    budgets: list[BudgetConfig] = []
+
+
+class ModelPrice(_Section):
+    """USD per 1M tokens. Cached input defaults to input; reasoning is billed as output."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
+
+
+class PricingConfig(_Section):
+    models: dict[str, ModelPrice] = {}
+
+
+class UsageConfig(_Section):
+    """Metering: usage on streams, estimates, spend store, the periodic stats line."""
+
+    request_stream_usage: bool = True
+    estimate_missing: bool = True
+    spend_db: str | None = None
+    stats_interval: int = Field(default=300, ge=0)
+
+
 class Config(_Section):
     """The whole config.yaml. Provider entries are merged key by key onto the defaults."""
 
     providers: dict[str, ProviderConfig] = {}
     traces: TracesConfig = TracesConfig()
     redaction: RedactionConfig = RedactionConfig()
-    organization: dict[str, Any] = {}
-    policy: dict[str, Any] = {}
-    pricing: dict[str, Any] = {}
+    organization: OrganizationConfig = OrganizationConfig()
+    policy: PolicyConfig = PolicyConfig()
+    pricing: PricingConfig = PricingConfig()
+    usage: UsageConfig = UsageConfig()
 
     @model_validator(mode="before")
     @classmethod

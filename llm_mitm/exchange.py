@@ -27,20 +27,22 @@ class Body:
     json: Any = None
     text: str | None = None
     is_json: bool = False
+    malformed_json: bool = False  # said it was JSON, and is not
 
     @classmethod
     def parse(cls, content: bytes | None, content_type: str = "") -> Body:
         if not content:
             return cls(size=0)
         size = len(content)
+        malformed = False
         if _looks_like_json(content, content_type):
             try:
                 return cls(size=size, json=orjson.loads(content), is_json=True)
             except orjson.JSONDecodeError:
-                pass
-        if _is_textual(content_type):
+                malformed = True
+        if malformed or _is_textual(content_type):
             text = content[: _SAMPLE_LIMIT * 4].decode("utf-8", "replace")[:_SAMPLE_LIMIT]
-            return cls(size=size, text=text)
+            return cls(size=size, text=text, malformed_json=malformed)
         return cls(size=size)
 
     @property
@@ -57,6 +59,15 @@ def _looks_like_json(content: bytes, content_type: str) -> bool:
 def _is_textual(content_type: str) -> bool:
     kind = content_type.lower()
     return kind == "" or kind.startswith("text/") or "xml" in kind or "urlencoded" in kind
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    """What the firewall decided: allow, clamp or block, by which rule and why."""
+
+    decision: str
+    rule: str | None = None
+    detail: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -77,6 +88,9 @@ class Exchange:
     organization: str | None = None
     project: str | None = None
     upgraded_http: bool = False
+    policy: PolicyDecision | None = None
+    injected_stream_usage: bool = False
+    cost_usd: float | None = None
     # response side
     status_code: int | None = None
     response_headers: list[tuple[str, str]] = field(default_factory=list)
@@ -107,6 +121,10 @@ class Exchange:
     @property
     def streamed(self) -> bool:
         return self.tap is not None
+
+    def replace_request_json(self, body: dict[str, Any], size: int) -> None:
+        """The body was rewritten before going upstream; the record follows it."""
+        self.request = Body(size=size, json=body, is_json=True)
 
     def finish(self, body: bytes | None = None, content_type: str = "", error: str | None = None) -> None:
         """Close the record: parse a buffered body, or take the rebuilt stream."""

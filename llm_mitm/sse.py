@@ -174,22 +174,24 @@ class StreamRebuilder:
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None
 
-    def add(self, event: ServerSentEvent) -> None:
+    def add(self, event: ServerSentEvent) -> dict[str, Any] | None:
+        """Take one event; returns its parsed payload (None for [DONE] or garbage)."""
         self.events += 1
         if event.data == "[DONE]":
-            return
+            return None
         try:
             payload = orjson.loads(event.data)
         except orjson.JSONDecodeError:
             self.malformed += 1
-            return
+            return None
         if not isinstance(payload, dict):
             self.malformed += 1
-            return
+            return None
         try:
             self._apply(event.event, payload)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError):
             self.malformed += 1
+        return payload
 
     def _apply(self, event: str, payload: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -424,33 +426,57 @@ def rebuilder_for(api: str, operation: str) -> StreamRebuilder:
     return ChatCompletionsRebuilder()
 
 
+EventFilter = Callable[[dict[str, Any]], bool]
+_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+
+
 class StreamTap:
     """Feeds a copy of each streamed chunk to a rebuilder and returns the chunk untouched.
 
     Nothing raised while decoding can reach the proxy: the first failure is kept in
     `failed` and the tap stops looking, while the bytes keep flowing.
+
+    With `drop_events(predicate)` (uncompressed streams only) the tap forwards whole
+    events instead of raw chunks and leaves out those the predicate picks: used to hide
+    the usage chunk that the proxy asked for and the client did not.
     """
 
     def __init__(self, rebuilder: StreamRebuilder, content_encoding: str = "") -> None:
         self.rebuilder = rebuilder
         self.failed: str | None = None
         self.finished = False
+        self.dropped = 0
         self._decoder = SSEDecoder()
+        self._identity = content_encoding.strip().lower() in ("", "identity")
         self._decompress = incremental_decoder(content_encoding)
+        self._drop: EventFilter | None = None
+        self._pending = bytearray()
         if self._decompress is None:
             self.failed = f"unsupported content-encoding {content_encoding!r}"
 
+    def drop_events(self, predicate: EventFilter) -> bool:
+        """Start leaving out events; False (and no filtering) for a compressed stream."""
+        if not self._identity or self._decompress is None:
+            return False
+        self._drop = predicate
+        return True
+
     def __call__(self, chunk: bytes) -> bytes:
+        if self._drop is not None:
+            return self._filtered(chunk)
         try:
             self._consume(chunk)
         except Exception as exc:  # noqa: BLE001 - a parser bug must never touch the stream
-            self.failed = self.failed or f"{type(exc).__name__}: {exc}"
-            self._decompress = None
+            self._fail(exc)
         return chunk
 
     def finish(self) -> None:
         """End of stream (mitmproxy's final empty chunk, or the response hook)."""
         self(b"")
+
+    def _fail(self, exc: Exception) -> None:
+        self.failed = self.failed or f"{type(exc).__name__}: {exc}"
+        self._decompress = None
 
     def _consume(self, chunk: bytes) -> None:
         if self._decompress is None or self.finished:
@@ -462,3 +488,43 @@ class StreamTap:
             events = self._decoder.flush()
         for event in events:
             self.rebuilder.add(event)
+
+    def _filtered(self, chunk: bytes) -> bytes:
+        """Forward complete events (minus dropped ones); hold only an unfinished event."""
+        self._pending += chunk
+        out = bytearray()
+        try:
+            start = 0
+            for end in _EVENT_END.finditer(self._pending):
+                block = bytes(self._pending[start : end.end()])
+                start = end.end()
+                if not self._keep(block):
+                    self.dropped += 1
+                    continue
+                out += block
+            del self._pending[:start]
+            if not chunk:  # end of stream: whatever is left goes out as it is
+                self.finished = True
+                out += self._pending
+                for event in self._decoder.feed(bytes(self._pending)) + self._decoder.flush():
+                    self.rebuilder.add(event)
+                self._pending.clear()
+        except Exception as exc:  # noqa: BLE001 - give the client every byte held back
+            self._fail(exc)
+            self._drop = None
+            out += self._pending
+            self._pending.clear()
+        return bytes(out)
+
+    def _keep(self, block: bytes) -> bool:
+        keep = True
+        for event in self._decoder.feed(block):
+            payload = self.rebuilder.add(event)
+            if payload is not None and self._drop is not None and self._drop(payload):
+                keep = False
+        return keep
+
+
+def is_usage_only_chunk(payload: dict[str, Any]) -> bool:
+    """The chat chunk `stream_options.include_usage` adds: no choices, only usage."""
+    return payload.get("choices") == [] and isinstance(payload.get("usage"), dict)

@@ -25,6 +25,12 @@ class Message(BaseModel):
     events: int | None = None
 
 
+class Policy(BaseModel):
+    decision: str
+    rule: str | None = None
+    detail: str | None = None
+
+
 class TraceRecord(BaseModel):
     schema_version: int = SCHEMA_VERSION
     id: str
@@ -45,6 +51,8 @@ class TraceRecord(BaseModel):
     request: Message
     response: Message
     usage: Usage | None
+    cost_usd: float | None = None
+    policy: Policy | None = None
     api_key: str | None
     organization: str | None = None
     project: str | None = None
@@ -81,6 +89,10 @@ def build_record(exchange: Exchange, redactor: Redactor, bodies: BodiesMode = "f
             events=exchange.tap.rebuilder.events if exchange.tap is not None else None,
         ),
         usage=exchange.usage,
+        cost_usd=exchange.cost_usd,
+        policy=Policy(decision=exchange.policy.decision, rule=exchange.policy.rule, detail=exchange.policy.detail)
+        if exchange.policy
+        else None,
         api_key=exchange.api_key,
         organization=exchange.organization,
         project=exchange.project,

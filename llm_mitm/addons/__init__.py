@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+from llm_mitm.addons.firewall import Firewall
+from llm_mitm.addons.meter import Meter
+from llm_mitm.addons.organization import Organization
 from llm_mitm.addons.output import OutputRedaction
+from llm_mitm.addons.quota import QuotaAddon
 from llm_mitm.addons.recorder import Recorder
 from llm_mitm.addons.scope import Scope
 from llm_mitm.addons.settings import Settings
 from llm_mitm.addons.shared import Shared
+from llm_mitm.addons.stats import Stats
+from llm_mitm.addons.stream_usage import StreamUsage
 from llm_mitm.addons.tracer import Tracer
 
 
 def build() -> list[object]:
-    """Settings first (config), then scope, the exchange record, and the trace writer last."""
+    """Hooks run in this order for every event. On the way out: config, scope, the
+    exchange record, org headers, policy, stream usage, quota; on the way back: the
+    record is closed, metered, charged, counted and traced last."""
     shared = Shared()
-    return [Settings(shared), OutputRedaction(shared), Scope(shared), Recorder(shared), Tracer(shared)]
+    return [
+        Settings(shared),
+        OutputRedaction(shared),
+        Scope(shared),
+        Recorder(shared),
+        Organization(shared),
+        Firewall(shared),
+        StreamUsage(shared),
+        Meter(shared),
+        QuotaAddon(shared),
+        Stats(shared),
+        Tracer(shared),
+    ]
 
 
-__all__ = ["OutputRedaction", "Recorder", "Scope", "Settings", "Shared", "Tracer", "build"]
+__all__ = [
+    "Firewall",
+    "Meter",
+    "Organization",
+    "OutputRedaction",
+    "QuotaAddon",
+    "Recorder",
+    "Scope",
+    "Settings",
+    "Shared",
+    "Stats",
+    "StreamUsage",
+    "Tracer",
+    "build",
+]

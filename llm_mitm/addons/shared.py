@@ -9,6 +9,8 @@ from mitmproxy import http
 
 from llm_mitm.config import Config, default_config
 from llm_mitm.exchange import Exchange
+from llm_mitm.policy import Policy
+from llm_mitm.pricing import PriceTable
 from llm_mitm.providers import ProviderMatcher
 from llm_mitm.redact import Redactor
 
@@ -33,6 +35,8 @@ class Shared:
             extra_patterns=config.redaction.patterns,
             salt=config.redaction.fingerprint_salt,
         )
+        self.policy = Policy(config.policy)
+        self.prices = PriceTable(config.pricing.models)
         for listener in self._listeners:
             listener(config)
 

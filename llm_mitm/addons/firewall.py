@@ -1,0 +1,37 @@
+"""Applies the policy to each LLM request before anything goes upstream."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from llm_mitm.addons.refuse import refuse, rewrite_json
+from llm_mitm.addons.shared import Shared
+from llm_mitm.exchange import PolicyDecision
+from llm_mitm.policy import RequestView
+
+
+class Firewall:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None or flow.response is not None:
+            return
+        policy = self.shared.policy
+        view = RequestView(
+            route=exchange.route,
+            model=exchange.model,
+            body=exchange.request_json,
+            unparseable=exchange.request.malformed_json,
+        )
+        violation = policy.check(view)
+        if violation is not None:
+            refuse(flow, exchange, violation.status, violation.rule, violation.detail)
+            return
+        clamped = policy.clamp(exchange.route, exchange.request_json)
+        if clamped is not None:
+            rewrite_json(flow, exchange, clamped)
+            exchange.policy = PolicyDecision("clamp", "max_tokens", f"output tokens capped at {policy.config.max_tokens}")
+        else:
+            exchange.policy = PolicyDecision("allow")

@@ -1,0 +1,31 @@
+"""Sets `OpenAI-Organization` and `OpenAI-Project` on OpenAI calls, as configured."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from llm_mitm.addons.shared import Shared
+from llm_mitm.organization import ORGANIZATION_HEADER, PROJECT_HEADER, choose
+
+
+class Organization:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None or flow.response is not None or exchange.route.api != "openai":
+            return
+        config = self.shared.config.organization
+        headers = flow.request.headers  # case-insensitive
+        for header, rule, attribute in (
+            (ORGANIZATION_HEADER, config, "organization"),
+            (PROJECT_HEADER, config.project, "project"),
+        ):
+            value = choose(rule, headers.get(header), exchange.api_key)
+            if value is None:
+                headers.pop(header, None)
+            elif headers.get(header) != value:
+                headers.pop(header, None)
+                headers[header] = value
+            setattr(exchange, attribute, value)

@@ -1,0 +1,76 @@
+"""Rate limits and budgets (policy.rate_limits, policy.budgets): 429 with Retry-After."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from limits.storage import MemoryStorage
+from mitmproxy import http
+
+from llm_mitm.addons.refuse import refuse
+from llm_mitm.addons.shared import Shared
+from llm_mitm.config import Config, trace_destination
+from llm_mitm.exchange import Exchange
+from llm_mitm.quota import Caller, Quota
+from llm_mitm.spend import SpendStore
+
+SPEND_FILE = "llm-mitm-spend.sqlite"
+
+
+def spend_path(config: Config) -> Path:
+    """`usage.spend_db`, else beside the trace file, else in the working directory."""
+    if config.usage.spend_db:
+        return Path(config.usage.spend_db)
+    destination = trace_destination(config)
+    return (Path(destination).parent if destination else Path(".")) / SPEND_FILE
+
+
+class QuotaAddon:
+    """Checks before the call goes out; charges tokens and dollars when it ends."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self._windows = MemoryStorage()  # kept across config reloads
+        self._spend: SpendStore | None = None
+        self.quota = Quota(shared.config.policy)
+        shared.on_config(self._apply)
+
+    def _apply(self, config: Config) -> None:
+        spend = self._spend
+        if config.policy.budgets:
+            path = spend_path(config)
+            if spend is None or spend.path != path:
+                spend = SpendStore(path)
+        self._spend = spend
+        self.quota = Quota(config.policy, self._windows, spend)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None or flow.response is not None or not self.quota.active:
+            return
+        refusal = self.quota.admit(_caller(exchange))
+        if refusal is not None:
+            refuse(flow, exchange, 429, refusal.rule, refusal.detail, refusal.retry_after)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._charge(self.shared.exchange(flow))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._charge(self.shared.exchange(flow))
+
+    def done(self) -> None:
+        if self._spend is not None:
+            self._spend.close()
+            self._spend = None
+
+    def _charge(self, exchange: Exchange | None) -> None:
+        if exchange is None or not exchange.done or not self.quota.active:
+            return
+        if exchange.policy is not None and exchange.policy.decision == "block":
+            return
+        tokens = exchange.usage.total_tokens if exchange.usage else None
+        self.quota.charge(_caller(exchange), tokens, exchange.cost_usd)
+
+
+def _caller(exchange: Exchange) -> Caller:
+    return Caller(api_key=exchange.api_key, client=exchange.client)

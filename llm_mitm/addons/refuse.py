@@ -1,0 +1,25 @@
+"""Answering a request ourselves: the API-shaped error, the mark in mitmweb, the record."""
+
+from __future__ import annotations
+
+import orjson
+from mitmproxy import http
+
+from llm_mitm.exchange import Exchange, PolicyDecision
+from llm_mitm.refusal import refusal
+
+
+def refuse(flow: http.HTTPFlow, exchange: Exchange, status: int, rule: str, detail: str, retry_after: int | None = None) -> None:
+    """Answer in the client's API dialect; nothing goes upstream (connections are lazy)."""
+    answer = refusal(exchange.route.api, status, rule, detail, retry_after)
+    flow.response = http.Response.make(answer.status, answer.body, answer.headers)
+    flow.marked = ":no_entry:"
+    flow.comment = f"llm-mitm blocked ({rule}): {detail}"
+    exchange.policy = PolicyDecision("block", rule, detail)
+
+
+def rewrite_json(flow: http.HTTPFlow, exchange: Exchange, body: dict) -> None:  # type: ignore[type-arg]
+    """Send `body` upstream instead (content-encoding kept) and record what was sent."""
+    content = orjson.dumps(body)
+    flow.request.content = content
+    exchange.replace_request_json(body, len(content))

@@ -1,0 +1,62 @@
+"""`llm.stats`: spend and counts per key and model since start, also logged periodically."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import command, http
+
+from llm_mitm.addons.shared import Shared
+from llm_mitm.exchange import Exchange
+from llm_mitm.stats import UsageStats
+
+logger = logging.getLogger("llm_mitm.stats")
+
+
+class Stats:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.stats = UsageStats()
+        self._task: asyncio.Task[None] | None = None
+
+    def running(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._periodic())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    @command.command("llm.stats")
+    def llm_stats(self) -> str:
+        """Spend and counts per API key and model since the proxy started."""
+        table = self.stats.table()
+        logger.info("%s", table)
+        return table
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._count(self.shared.exchange(flow))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._count(self.shared.exchange(flow))
+
+    def _count(self, exchange: Exchange | None) -> None:
+        if exchange is None or not exchange.done or exchange.traced:
+            return
+        usage = exchange.usage
+        self.stats.add(
+            exchange.api_key,
+            exchange.response_model or exchange.model,
+            input_tokens=usage.input_tokens if usage else None,
+            output_tokens=usage.output_tokens if usage else None,
+            cost_usd=exchange.cost_usd,
+            error=exchange.error is not None,
+            blocked=exchange.policy is not None and exchange.policy.decision == "block",
+        )
+
+    async def _periodic(self) -> None:
+        while True:
+            interval = self.shared.config.usage.stats_interval
+            await asyncio.sleep(interval or 60)
+            if interval and self.stats.rows:
+                logger.info("%s", self.stats.summary())

@@ -1,0 +1,43 @@
+"""Usage for every streamed chat call: ask upstream for it, hide it from the client.
+
+A client streaming chat completions without `stream_options.include_usage` gets no
+token counts, and neither would the trace. We ask upstream for them, take them for the
+trace, and drop that extra chunk on the way back, so the client sees what it asked for.
+The drop needs an uncompressed stream, so the request asks for `identity`.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from llm_mitm.addons.refuse import rewrite_json
+from llm_mitm.addons.shared import Shared
+from llm_mitm.sse import is_usage_only_chunk
+
+_OPERATIONS = ("chat.completions", "completions")
+
+
+class StreamUsage:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None or flow.response is not None or not self.shared.config.usage.request_stream_usage:
+            return
+        body = exchange.request_json
+        if not exchange.stream or body is None or exchange.route.operation not in _OPERATIONS:
+            return
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            return
+        merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        rewrite_json(flow, exchange, {**body, "stream_options": merged})
+        flow.request.headers["accept-encoding"] = "identity"
+        exchange.injected_stream_usage = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is None or not exchange.injected_stream_usage or exchange.tap is None:
+            return
+        exchange.tap.drop_events(is_usage_only_chunk)

@@ -1,0 +1,29 @@
+"""Token estimates for calls whose API reported no usage (marked `estimated`).
+
+A byte-based estimate (about four bytes of UTF-8 per token, which holds for English
+with OpenAI's and Anthropic's tokenizers within a few tens of percent). tiktoken needs
+its vocabulary downloaded at first use, which an offline proxy cannot count on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_mitm.texts import request_texts, response_texts
+from llm_mitm.usage import Usage
+
+BYTES_PER_TOKEN = 4
+
+
+def count_tokens(text: str) -> int:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return -(-size // BYTES_PER_TOKEN)
+
+
+def estimate_usage(request_body: Any, response_body: Any) -> Usage | None:
+    """Input from every text the API read, output from what it generated."""
+    prompt = sum(count_tokens(text) for _, text in request_texts(request_body))
+    output = sum(count_tokens(text) for text in response_texts(response_body))
+    if prompt == 0 and output == 0:
+        return None
+    return Usage(input_tokens=prompt, output_tokens=output, total_tokens=prompt + output, estimated=True)

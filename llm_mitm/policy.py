@@ -1,0 +1,169 @@
+"""Policy rules -> a decision, before anything goes upstream. Pure: no I/O, no mitmproxy."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from llm_mitm.config import ModelPatterns, PolicyConfig
+from llm_mitm.providers import Route
+from llm_mitm.texts import normalize, request_texts
+
+MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_ROLE_ALIASES = {"developer": "system", "function": "tool"}
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """Why a request is refused: the rule's code and a message naming the rule and value."""
+
+    rule: str
+    detail: str
+    status: int = 403
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What the policy looks at, taken from the exchange record."""
+
+    route: Route
+    model: str | None
+    body: Any  # parsed JSON, or None
+    unparseable: bool = False
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern), re.IGNORECASE | re.DOTALL)
+
+
+class _ModelRule:
+    def __init__(self, patterns: ModelPatterns) -> None:
+        items = patterns.items() if isinstance(patterns, dict) else [("*", patterns)]
+        self.by_provider = {name: [(p, _glob(p)) for p in globs] for name, globs in items}
+
+    def __bool__(self) -> bool:
+        return any(self.by_provider.values())
+
+    def applies(self, provider: str) -> bool:
+        return provider in self.by_provider or "*" in self.by_provider
+
+    def match(self, provider: str, model: str) -> str | None:
+        for name in (provider, "*"):
+            for pattern, regex in self.by_provider.get(name, ()):
+                if regex.match(model):
+                    return pattern
+        return None
+
+    def listing(self, provider: str) -> str:
+        return ", ".join(p for name in (provider, "*") for p, _ in self.by_provider.get(name, ()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Instruction:
+    pattern: str
+    role: str | None
+    regex: re.Pattern[str]
+
+
+def _instruction(pattern: str) -> _Instruction:
+    role, sep, rest = pattern.partition(":")
+    if sep and role.strip().lower() in _ROLES:
+        role_name: str | None = _ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
+        glob = rest
+    else:
+        role_name, glob = None, pattern
+    glob = normalize(glob)
+    if not any(ch in glob for ch in "*?["):
+        glob = f"*{glob}*"  # a plain phrase matches anywhere in the text
+    return _Instruction(pattern, role_name, _glob(glob))
+
+
+class Policy:
+    """The policy section of the config, compiled once."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self._allowed = _ModelRule(config.allowed_models)
+        self._denied = _ModelRule(config.denied_models)
+        self._operations = [(p, _glob(p)) for p in config.allowed_operations]
+        self._instructions = [_instruction(p) for p in config.forbidden_instructions]
+
+    def check(self, request: RequestView) -> Violation | None:
+        """The first rule the request breaks, or None."""
+        route = request.route
+        if self._operations and not any(rx.match(route.operation) for _, rx in self._operations):
+            allowed = ", ".join(p for p, _ in self._operations)
+            return Violation("operation_not_allowed", f"operation {route.operation!r} is not allowed (allowed_operations: {allowed})")
+        if request.unparseable and self.config.on_unparseable == "reject":
+            return Violation("unparseable_body", "the request body is not valid JSON (on_unparseable: reject)", 400)
+        if request.model is not None:
+            if violation := self._check_model(route.provider, request.model):
+                return violation
+        if isinstance(request.body, dict):
+            if violation := self._check_instructions(request.body):
+                return violation
+            if self.config.max_tokens_action == "reject":
+                return self._check_max_tokens(request.body)
+        return None
+
+    def _check_model(self, provider: str, model: str) -> Violation | None:
+        denied = self._denied.match(provider, model)
+        if denied is not None:
+            return Violation("model_not_allowed", f"model {model!r} is denied (denied_models: {denied})")
+        if self._allowed and self._allowed.applies(provider) and self._allowed.match(provider, model) is None:
+            return Violation("model_not_allowed", f"model {model!r} is not allowed (allowed_models: {self._allowed.listing(provider)})")
+        return None
+
+    def _check_instructions(self, body: dict[str, Any]) -> Violation | None:
+        if not self._instructions:
+            return None
+        for role, text in request_texts(body):
+            role = _ROLE_ALIASES.get(role, role)
+            normal = normalize(text)
+            for rule in self._instructions:
+                if (rule.role is None or rule.role == role) and rule.regex.match(normal):
+                    return Violation("forbidden_instruction", f"{role} text matches forbidden_instructions pattern {rule.pattern!r}")
+        return None
+
+    def _check_max_tokens(self, body: dict[str, Any]) -> Violation | None:
+        cap = self.config.max_tokens
+        if cap is None:
+            return None
+        for field in MAX_TOKEN_FIELDS:
+            value = body.get(field)
+            if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+                return Violation("max_tokens_exceeded", f"{field} {value} exceeds the cap of {cap} (max_tokens)")
+        return None
+
+    def clamp(self, route: Route, body: Any) -> dict[str, Any] | None:
+        """With `max_tokens_action: clamp`, the body with every limit at most the cap
+        (and one set where the request names none); None when nothing changes."""
+        cap = self.config.max_tokens
+        if cap is None or self.config.max_tokens_action != "clamp" or not isinstance(body, dict):
+            return None
+        field = _limit_field(route)
+        if field is None:
+            return None
+        changed = dict(body)
+        present = [f for f in MAX_TOKEN_FIELDS if isinstance(body.get(f), int) and not isinstance(body.get(f), bool)]
+        for name in present:
+            changed[name] = min(body[name], cap)
+        if not present:
+            changed[field] = cap
+        return changed if changed != body else None
+
+
+def _limit_field(route: Route) -> str | None:
+    """The output limit field the API names for an operation that generates tokens."""
+    if route.api == "anthropic":
+        return "max_tokens" if route.operation == "messages" else None
+    if route.operation == "responses":
+        return "max_output_tokens"
+    if route.operation == "chat.completions":
+        return "max_completion_tokens"
+    if route.operation == "completions":
+        return "max_tokens"
+    return None

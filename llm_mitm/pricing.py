@@ -1,0 +1,69 @@
+"""Prices per model and the cost of one call. Pure: the table is data, the sum is arithmetic.
+
+The shipped table (`data/pricing.json`, dated) is overridden model by model by the
+`pricing.models` section of the config. Dated and suffixed names resolve to their base:
+`gpt-4o-2024-08-06` -> `gpt-4o`, `claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from importlib import resources
+
+from llm_mitm.config import ModelPrice
+from llm_mitm.usage import Usage
+
+_SUFFIXES = (
+    re.compile(r"-\d{4}-\d{2}-\d{2}$"),  # OpenAI snapshots
+    re.compile(r"-\d{8}$"),  # Anthropic snapshots
+    re.compile(r"-(?:latest|preview)$"),
+    re.compile(r"-\d{4}$"),  # gpt-4-0613
+    re.compile(r"-v\d+(?::\d+)?$"),  # Bedrock-style versions
+)
+
+
+@lru_cache(maxsize=1)
+def shipped_table() -> tuple[str, dict[str, ModelPrice]]:
+    """(as_of date, prices) of the table that ships with the package."""
+    data = json.loads(resources.files("llm_mitm").joinpath("data/pricing.json").read_text())
+    return data["as_of"], {name: ModelPrice.model_validate(price) for name, price in data["models"].items()}
+
+
+class PriceTable:
+    def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
+        self.as_of, shipped = shipped_table()
+        self.prices = {**shipped, **{k.lower(): v for k, v in (overrides or {}).items()}}
+
+    def resolve(self, model: str) -> str | None:
+        """The table's name for a model: exact, else with snapshot suffixes taken off."""
+        name = model.lower().rpartition("/")[2]  # "openai/gpt-4o" on some compatible servers
+        seen = set()
+        while name and name not in seen:
+            if name in self.prices:
+                return name
+            seen.add(name)
+            for suffix in _SUFFIXES:
+                shorter = suffix.sub("", name)
+                if shorter != name:
+                    name = shorter
+                    break
+        return None
+
+    def price(self, model: str | None) -> ModelPrice | None:
+        name = self.resolve(model) if model else None
+        return self.prices[name] if name else None
+
+
+def cost_usd(usage: Usage, price: ModelPrice) -> float:
+    """Input not served from cache at the input price, cache reads and writes at theirs,
+    and output (reasoning included, as every provider bills it) at the output price."""
+    cached = usage.cached_input_tokens or 0
+    written = usage.cache_creation_input_tokens or 0
+    fresh = max(0, (usage.input_tokens or 0) - cached - written)
+    cached_price = price.cached_input if price.cached_input is not None else price.input
+    write_price = price.cache_write if price.cache_write is not None else price.input
+    total = fresh * price.input + cached * cached_price + written * write_price + (usage.output_tokens or 0) * price.output
+    return round(total / 1_000_000, 10)

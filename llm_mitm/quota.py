@@ -1,0 +1,100 @@
+"""Rate limits and budgets: checked before a call goes out, charged when it finishes.
+
+Requests are counted when admitted; tokens and dollars are charged when a call ends
+(streams included), so a call that crosses a limit completes and the *next* one is
+refused. Windows are moving one-minute windows from the `limits` library; spend lives
+in a SpendStore (SQLite) so budgets survive a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage, Storage
+from limits.strategies import MovingWindowRateLimiter
+
+from llm_mitm.config import BudgetConfig, PolicyConfig, RateLimitConfig
+from llm_mitm.spend import SpendStore, seconds_left
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRefusal:
+    rule: str
+    detail: str
+    retry_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    api_key: str | None
+    client: str
+
+    def scope(self, per: str) -> str:
+        if per == "api_key":
+            return f"api_key:{self.api_key or 'none'}"
+        if per == "client":
+            return f"client:{self.client}"
+        return "global"
+
+
+class Quota:
+    def __init__(self, policy: PolicyConfig, storage: Storage | None = None, spend: SpendStore | None = None) -> None:
+        self.rate_limits: list[RateLimitConfig] = policy.rate_limits
+        self.budgets: list[BudgetConfig] = policy.budgets
+        self.spend = spend
+        self._limiter = MovingWindowRateLimiter(storage or MemoryStorage())
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rate_limits or self.budgets)
+
+    def admit(self, caller: Caller) -> QuotaRefusal | None:
+        """Refuse if a budget is spent or a token window is full; else count the request."""
+        now = datetime.now(UTC)
+        for budget in self.budgets:
+            scope = caller.scope(budget.per)
+            for period, limit in (("day", budget.usd_per_day), ("month", budget.usd_per_month)):
+                if limit is None or self.spend is None:
+                    continue
+                spent = self.spend.total(scope, period, now)
+                if spent >= limit:
+                    return QuotaRefusal(
+                        f"usd_per_{period}",
+                        f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
+                        seconds_left(period, now),
+                    )
+        for index, rule in enumerate(self.rate_limits):
+            if rule.tokens_per_minute is None:
+                continue
+            item, ids = RateLimitItemPerMinute(rule.tokens_per_minute), ("tpm", str(index), caller.scope(rule.per))
+            if not self._limiter.test(item, *ids):
+                return self._refusal("tokens_per_minute", rule.tokens_per_minute, item, ids)
+        for index, rule in enumerate(self.rate_limits):
+            if rule.requests_per_minute is None:
+                continue
+            item, ids = RateLimitItemPerMinute(rule.requests_per_minute), ("rpm", str(index), caller.scope(rule.per))
+            if not self._limiter.hit(item, *ids):
+                return self._refusal("requests_per_minute", rule.requests_per_minute, item, ids)
+        return None
+
+    def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:
+        if tokens:
+            for index, rule in enumerate(self.rate_limits):
+                if rule.tokens_per_minute is None:
+                    continue
+                item, ids = RateLimitItemPerMinute(rule.tokens_per_minute), ("tpm", str(index), caller.scope(rule.per))
+                remaining = self._limiter.get_window_stats(item, *ids).remaining
+                # Over the limit: fill the window, so that the next call waits for it to move.
+                if remaining > 0:
+                    self._limiter.hit(item, *ids, cost=min(tokens, remaining))
+        if usd and self.spend is not None:
+            for scope in {caller.scope(budget.per) for budget in self.budgets}:
+                self.spend.add(scope, usd)
+
+    def _refusal(self, rule: str, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
+        reset = self._limiter.get_window_stats(item, *ids).reset_time
+        scope = ids[-1]
+        return QuotaRefusal(rule, f"rate limit {rule} {limit} for {scope} reached", int(reset - time.time()) + 1)

@@ -1,0 +1,33 @@
+"""A refused request answered the way the API the client speaks answers errors,
+so the SDKs raise their usual classes (403 PermissionDenied, 400 BadRequest, 429 RateLimit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+_OPENAI_TYPES = {400: "invalid_request_error", 403: "policy_violation", 429: "rate_limit_exceeded"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def refusal(api: str, status: int, rule: str, message: str, retry_after: int | None = None) -> Refusal:
+    text = f"llm-mitm: {message}"
+    if api == "anthropic":
+        payload: dict[str, object] = {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": text, "code": rule},
+        }
+    else:
+        payload = {"error": {"message": text, "type": _OPENAI_TYPES.get(status, "api_error"), "code": rule, "param": None}}
+    headers = {"content-type": "application/json", "x-llm-mitm-rule": rule}
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, retry_after))
+    return Refusal(status, headers, orjson.dumps(payload))

@@ -1,0 +1,71 @@
+"""Spend and counts per key and model since start (the `llm.stats` command)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Tally:
+    requests: int = 0
+    errors: int = 0
+    blocked: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+
+
+class UsageStats:
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.rows: dict[tuple[str, str], Tally] = {}
+
+    def add(
+        self,
+        api_key: str | None,
+        model: str | None,
+        *,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost_usd: float | None,
+        error: bool,
+        blocked: bool,
+    ) -> None:
+        tally = self.rows.setdefault((api_key or "-", model or "-"), Tally())
+        tally.requests += 1
+        tally.errors += error
+        tally.blocked += blocked
+        tally.input_tokens += input_tokens or 0
+        tally.output_tokens += output_tokens or 0
+        if cost_usd is None:
+            tally.unpriced += not blocked
+        else:
+            tally.cost_usd += cost_usd
+
+    def total(self) -> Tally:
+        total = Tally()
+        for tally in self.rows.values():
+            for field in Tally.__slots__:
+                setattr(total, field, getattr(total, field) + getattr(tally, field))
+        return total
+
+    def summary(self) -> str:
+        t = self.total()
+        return (
+            f"llm-mitm: {t.requests} calls ({t.errors} errors, {t.blocked} blocked), "
+            f"{t.input_tokens} in / {t.output_tokens} out tokens, ${t.cost_usd:.4f} since start"
+        )
+
+    def table(self) -> str:
+        header = ("api_key", "model", "requests", "errors", "blocked", "input", "output", "cost_usd")
+        rows = [header] + [
+            (key, model, str(t.requests), str(t.errors), str(t.blocked), str(t.input_tokens), str(t.output_tokens),
+             f"{t.cost_usd:.6f}" + (f" (+{t.unpriced} unpriced)" if t.unpriced else ""))
+            for (key, model), t in sorted(self.rows.items(), key=lambda item: -item[1].cost_usd)
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        return "\n".join([f"since {since}", *lines, self.summary()])

@@ -1,0 +1,133 @@
+"""Every text an API will read from a request body, with its role, and a normal form.
+
+The shapes: chat `messages` (string content or content-part arrays, tool messages),
+Responses `instructions` and `input` (a string or items), Anthropic `system` (string or
+blocks) and `messages` (blocks, tool results), and the legacy `prompt`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterator
+from typing import Any
+
+RoleText = tuple[str, str]
+
+_TEXT_PART_TYPES = {"text", "input_text", "output_text"}
+
+
+def request_texts(body: Any) -> Iterator[RoleText]:
+    """(role, text) for each piece of text in a request body, whatever the API."""
+    if not isinstance(body, dict):
+        return
+    yield from _strings("user", body.get("prompt"))
+    system = body.get("system")
+    if system is not None:
+        yield from _content("system", system)
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        yield ("system", instructions)
+    for message in _list(body.get("messages")):
+        yield from _message(message)
+    items = body.get("input")
+    if isinstance(items, str):
+        yield ("user", items)
+    else:
+        for item in _list(items):
+            if isinstance(item, str):
+                yield ("user", item)
+            else:
+                yield from _message(item)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _strings(role: str, value: Any) -> Iterator[RoleText]:
+    if isinstance(value, str):
+        yield (role, value)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                yield (role, item)
+
+
+def _message(message: Any) -> Iterator[RoleText]:
+    if not isinstance(message, dict):
+        return
+    kind = message.get("type")
+    role = message.get("role")
+    if kind == "function_call_output":  # Responses: a tool result
+        yield from _content("tool", message.get("output"))
+        return
+    role = role if isinstance(role, str) else "user"
+    yield from _content(role, message.get("content"))
+
+
+def _content(role: str, content: Any) -> Iterator[RoleText]:
+    if isinstance(content, str):
+        yield (role, content)
+        return
+    for part in _list(content):
+        if isinstance(part, str):
+            yield (role, part)
+        elif isinstance(part, dict):
+            kind = part.get("type")
+            if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+                yield (role, part["text"])
+            elif kind == "tool_result":  # Anthropic: the tool's answer, string or blocks
+                yield from _content("tool", part.get("content"))
+            elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                yield (role, part["refusal"])
+
+
+# Letters from other scripts that look like Latin ones (the common spoofs).
+_HOMOGLYPHS = str.maketrans(
+    "аеорсухіјѕԁһӏԛԝвкмнтαεικνορτυχ",
+    "aeopcyxijsdhlqwbkmhtaeikvoptux",
+)
+_SPACES = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """A form in which case, compatibility forms, accents, invisible characters and
+    look-alike letters cannot hide a match."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    kept = "".join(ch for ch in decomposed if unicodedata.category(ch) not in ("Mn", "Me", "Cf", "Cc") or ch in "\t\n")
+    folded = unicodedata.normalize("NFKC", kept).casefold().translate(_HOMOGLYPHS)
+    return _SPACES.sub(" ", folded).strip()
+
+
+def response_texts(body: Any) -> Iterator[str]:
+    """The generated text of a (rebuilt) response: chat, completions, Responses, Anthropic."""
+    if not isinstance(body, dict):
+        return
+    for choice in _list(body.get("choices")):
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):
+            yield choice["text"]
+        message = choice.get("message")
+        if isinstance(message, dict):
+            if isinstance(message.get("content"), str):
+                yield message["content"]
+            for call in _list(message.get("tool_calls")):
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    yield function["arguments"]
+    for item in _list(body.get("output")):
+        if isinstance(item, dict):
+            if isinstance(item.get("arguments"), str):
+                yield item["arguments"]
+            for _, text in _content("assistant", item.get("content")):
+                yield text
+    if body.get("type") == "message":
+        for block in _list(body.get("content")):
+            if isinstance(block, dict):
+                for key in ("text", "thinking"):
+                    if isinstance(block.get(key), str):
+                        yield block[key]
+                if block.get("type") == "tool_use" and block.get("input") is not None:
+                    yield str(block["input"])
