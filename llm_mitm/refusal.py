@@ -19,7 +19,7 @@ class Refusal:
 
 
 def refusal(api: str, status: int, rule: str, message: str, retry_after: int | None = None) -> Refusal:
-    text = f"llm-mitm: {message}"
+    text = f"llm-mitm blocked this request ({rule}): {message}"
     if api == "anthropic":
         payload: dict[str, object] = {
             "type": "error",

@@ -181,3 +181,28 @@ def test_bad_config_at_start_logs_one_line_error(tmp_path: Path, caplog: pytest.
             assert errors == [f"llm-mitm: {bad}: traces.bodies: Input should be 'full', 'metadata' or 'none' (got 'some')"]
 
     run(go())
+
+
+def test_blocked_flow_is_marked_and_commented_and_stats_count_it(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("policy:\n  allowed_models: ['gpt-4o-mini']\n")
+
+    async def go() -> None:
+        from llm_mitm.addons import build
+
+        addons = build() + [Proxyserver()]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config=str(config))
+            flow = chat_flow()
+            for hook in ("request", "responseheaders", "response"):  # as mitmproxy would
+                for addon in addons:
+                    if hasattr(addon, hook):
+                        getattr(addon, hook)(flow)
+                if hook == "request":
+                    assert flow.response is not None and flow.response.status_code == 403
+            assert flow.marked and "model_not_allowed" in flow.comment
+            table = tctx.master.commands.execute("llm.stats")
+            assert "1 calls (0 errors, 1 blocked)" in table and "gpt-4o" in table
+
+    os.chdir(tmp_path)
+    run(go())

@@ -94,7 +94,11 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     config = load_config(example)
     assert config == default_config()
     text = example.read_text()
-    for section, model in (("traces", config.traces), ("redaction", config.redaction)):
+    sections = {
+        "traces": config.traces, "redaction": config.redaction, "organization": config.organization,
+        "policy": config.policy, "pricing": config.pricing, "usage": config.usage,
+    }
+    for section, model in sections.items():
         assert f"{section}:" in text
         for key in type(model).model_fields:
             assert f"{key}:" in text, f"{section}.{key} is not documented"

@@ -223,3 +223,23 @@ def test_rebuilders_accept_arbitrary_json(events: list[dict]) -> None:
         tap.finish()
         assert tap.failed is None
         rebuilder.result()
+
+
+def test_filter_drops_only_the_usage_chunk_and_keeps_every_other_byte() -> None:
+    from llm_mitm.sse import is_usage_only_chunk
+
+    data = sse(CHAT, "\r\n")
+    usage_event = sse([CHAT[-2]], "\r\n")
+    expected = data.replace(usage_event, b"")
+    for cut in range(1, len(data), 7):
+        rebuilder = ChatCompletionsRebuilder()
+        tap = StreamTap(rebuilder)
+        assert tap.drop_events(is_usage_only_chunk)
+        out = tap(data[:cut]) + tap(data[cut:]) + tap(b"")
+        assert out == expected
+        assert tap.dropped == 1
+        assert rebuilder.result()["usage"]["total_tokens"] == 15
+
+
+def test_filter_is_refused_on_a_compressed_stream() -> None:
+    assert not StreamTap(ChatCompletionsRebuilder(), "gzip").drop_events(lambda p: True)

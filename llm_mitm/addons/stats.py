@@ -44,14 +44,15 @@ class Stats:
         if exchange is None or not exchange.done or exchange.traced:
             return
         usage = exchange.usage
+        blocked = exchange.policy is not None and exchange.policy.decision == "block"
         self.stats.add(
             exchange.api_key,
             exchange.response_model or exchange.model,
             input_tokens=usage.input_tokens if usage else None,
             output_tokens=usage.output_tokens if usage else None,
             cost_usd=exchange.cost_usd,
-            error=exchange.error is not None,
-            blocked=exchange.policy is not None and exchange.policy.decision == "block",
+            error=exchange.error is not None and not blocked,
+            blocked=blocked,
         )
 
     async def _periodic(self) -> None:

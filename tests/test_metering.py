@@ -1,0 +1,132 @@
+"""Organization precedence, prices, costs, estimates, quotas, spend, stats, refusals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from llm_mitm.config import HeaderRule, ModelPrice, PolicyConfig
+from llm_mitm.estimate import estimate_usage
+from llm_mitm.organization import choose
+from llm_mitm.pricing import PriceTable, cost_usd
+from llm_mitm.quota import Caller, Quota
+from llm_mitm.refusal import refusal
+from llm_mitm.spend import SpendStore, seconds_left
+from llm_mitm.stats import UsageStats
+from llm_mitm.usage import Usage, normalize_usage
+
+FP = "sk-proj-…a1b2#3f9c2e1d"
+
+
+@pytest.mark.parametrize(
+    ("rule", "sent", "key", "expected"),
+    [
+        (HeaderRule(), None, FP, None),
+        (HeaderRule(), "org-client", FP, "org-client"),
+        (HeaderRule(default="org-default"), None, FP, "org-default"),
+        (HeaderRule(default="org-default"), "org-client", FP, "org-client"),
+        (HeaderRule(default="org-default", override=True), "org-client", FP, "org-default"),
+        (HeaderRule(default="org-default", by_key={FP: "org-team"}), None, FP, "org-team"),
+        (HeaderRule(default="org-default", by_key={"3f9c2e1d": "org-team"}), None, FP, "org-team"),
+        (HeaderRule(default="org-default", by_key={FP: "org-team"}, override=True), "org-client", FP, "org-team"),
+        (HeaderRule(by_key={FP: "org-team"}), None, "other#00000000", None),
+        (HeaderRule(override=True), "org-client", FP, "org-client"),
+    ],
+)
+def test_organization_precedence(rule: HeaderRule, sent: str | None, key: str, expected: str | None) -> None:
+    assert choose(rule, sent, key) == expected
+
+
+def test_price_resolution_and_overrides() -> None:
+    table = PriceTable({"gpt-4o": ModelPrice(input=1, output=2), "my-model": ModelPrice(input=3, output=4)})
+    assert table.resolve("gpt-4o-2024-08-06") == "gpt-4o"
+    assert table.price("gpt-4o-2024-08-06").input == 1
+    assert table.resolve("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
+    assert table.resolve("gpt-4o-mini-2024-07-18") == "gpt-4o-mini"
+    assert table.resolve("My-Model") == "my-model"
+    assert table.price("no-such-model") is None and table.price(None) is None
+    assert PriceTable().as_of
+
+
+def test_cost_openai_cached_and_reasoning() -> None:
+    usage = normalize_usage("openai", {"prompt_tokens": 1000, "completion_tokens": 500, "prompt_tokens_details": {"cached_tokens": 200}, "completion_tokens_details": {"reasoning_tokens": 300}})
+    price = PriceTable().price("gpt-4o")
+    # 800 fresh * 2.5 + 200 cached * 1.25 + 500 output (reasoning included) * 10
+    assert cost_usd(usage, price) == pytest.approx((800 * 2.5 + 200 * 1.25 + 500 * 10) / 1e6)
+
+
+def test_cost_anthropic_cache_reads_and_writes() -> None:
+    usage = normalize_usage("anthropic", {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 400, "output_tokens": 50})
+    assert usage.input_tokens == 1500
+    price = PriceTable().price("claude-sonnet-4-5-20250929")
+    assert cost_usd(usage, price) == pytest.approx((100 * 3 + 1000 * 0.3 + 400 * 3.75 + 50 * 15) / 1e6)
+
+
+def test_estimate_marks_usage() -> None:
+    usage = estimate_usage({"messages": [{"role": "user", "content": "abcd" * 10}]}, {"choices": [{"message": {"content": "abcdefgh"}}]})
+    assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True)
+    assert estimate_usage({}, None) is None
+
+
+def test_requests_per_minute_and_retry_after() -> None:
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"requests_per_minute": 2, "per": "api_key"}]}))
+    alice, bob = Caller("alice", "1.1.1.1"), Caller("bob", "1.1.1.1")
+    assert quota.admit(alice) is None and quota.admit(alice) is None
+    refused = quota.admit(alice)
+    assert refused.rule == "requests_per_minute" and 1 <= refused.retry_after <= 61 and "api_key:alice" in refused.detail
+    assert quota.admit(bob) is None
+
+
+def test_tokens_per_minute_charged_after_the_call() -> None:
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"tokens_per_minute": 100, "per": "global"}]}))
+    caller = Caller("k", "c")
+    assert quota.admit(caller) is None
+    quota.charge(caller, 60, None)
+    assert quota.admit(caller) is None  # 40 left
+    quota.charge(caller, 500, None)  # the call that crosses the limit completes...
+    refused = quota.admit(Caller("other", "c"))  # ...and the next one waits (global scope)
+    assert refused is not None and refused.rule == "tokens_per_minute"
+
+
+def test_budget_survives_a_restart(tmp_path: Path) -> None:
+    policy = PolicyConfig.model_validate({"budgets": [{"usd_per_day": 0.01, "per": "client"}]})
+    store = SpendStore(tmp_path / "spend.sqlite")
+    quota = Quota(policy, spend=store)
+    caller = Caller(None, "10.0.0.1")
+    assert quota.admit(caller) is None
+    quota.charge(caller, 10, 0.006)
+    assert quota.admit(caller) is None
+    quota.charge(caller, 10, 0.006)
+    store.close()
+    restarted = Quota(policy, spend=SpendStore(tmp_path / "spend.sqlite"))
+    refused = restarted.admit(caller)
+    assert refused is not None and refused.rule == "usd_per_day" and "0.0120" in refused.detail
+    assert restarted.admit(Caller(None, "10.0.0.2")) is None
+
+
+def test_period_ends() -> None:
+    assert seconds_left("day", datetime(2026, 11, 25, 23, 59, 0, tzinfo=UTC)) == 60
+    assert seconds_left("month", datetime(2026, 12, 31, 23, 0, 0, tzinfo=UTC)) == 3600
+
+
+def test_stats_table() -> None:
+    stats = UsageStats()
+    stats.add("k1", "gpt-4o", input_tokens=10, output_tokens=5, cost_usd=0.5, error=False, blocked=False)
+    stats.add("k1", "gpt-4o", input_tokens=10, output_tokens=5, cost_usd=0.25, error=True, blocked=False)
+    stats.add("k2", "claude-x", input_tokens=None, output_tokens=None, cost_usd=None, error=False, blocked=True)
+    table = stats.table()
+    assert "k1" in table and "gpt-4o" in table and "0.750000" in table
+    assert "3 calls (1 errors, 1 blocked)" in stats.summary() and "$0.7500" in stats.summary()
+
+
+def test_refusal_shapes() -> None:
+    openai = refusal("openai", 403, "model_not_allowed", "model 'x' is not allowed")
+    assert openai.status == 403
+    assert orjson.loads(openai.body) == {"error": {"message": "llm-mitm blocked this request (model_not_allowed): model 'x' is not allowed", "type": "policy_violation", "code": "model_not_allowed", "param": None}}
+    anthropic = refusal("anthropic", 429, "requests_per_minute", "slow down", retry_after=12)
+    body = orjson.loads(anthropic.body)
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+    assert anthropic.headers["retry-after"] == "12"
