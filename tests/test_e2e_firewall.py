@@ -173,6 +173,10 @@ def test_unparseable_body_is_a_400(firewall: Mitmdump, provider: FakeProvider) -
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unparseable_body"
     assert_policy_trace(firewall, m, "unparseable_body", status=400)
+    m = marker()
+    with Blocked(provider, m):
+        result = openai_call(firewall, {}, op="raw", path="/chat/completions", content=f'{{"model": "gpt-4o", "{m}"')
+    assert result["error"] == "BadRequestError" and result["status"] == 400
 
 
 def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProvider) -> None:
@@ -311,3 +315,17 @@ def test_periodic_stats_line(tmp_path: Path, provider: FakeProvider, pki: Server
         while "1 calls (0 errors, 0 blocked)" not in proxy.output and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "llm-mitm: 1 calls (0 errors, 0 blocked), 12 in / 7 out tokens, $0.0001 since start" in proxy.output
+
+
+def test_usage_is_estimated_where_the_api_gives_none(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    config = {"usage": {"request_stream_usage": False}}
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        m = marker()
+        assert openai_call(proxy, chat(m, stream=True))["text"] == CANNED_REPLY
+        received = next(r for r in provider.requests if m.encode() in r.body)
+        assert "stream_options" not in received.json
+        t = trace_with(proxy, m)
+        # 14 bytes of prompt, 29 of reply, at about four bytes a token
+        assert t["usage"] == {"input_tokens": 4, "output_tokens": 8, "total_tokens": 12, "cached_input_tokens": None,
+                              "cache_creation_input_tokens": None, "reasoning_tokens": None, "estimated": True}
+        assert t["cost_usd"] == pytest.approx((4 * 2.5 + 8 * 10) / 1e6)

@@ -50,6 +50,10 @@ def openai_call(a):
     if op == "embeddings":
         result = client.embeddings.create(**a["params"], **extra)
         return {"count": len(result.data)}
+    if op == "raw":  # the SDK's own low-level call, with a body as given
+        result = client.post(a["path"], content=a["content"].encode(), cast_to=object,
+                             options={"headers": {"content-type": "application/json", **(a.get("headers") or {})}})
+        return {"body": result}
     if op == "models":
         return {"ids": [m.id for m in client.models.list()]}
     raise ValueError(op)
