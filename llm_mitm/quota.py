@@ -9,6 +9,7 @@ in a SpendStore (SQLite) so budgets survive a restart.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -66,26 +67,17 @@ class Quota:
                         f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
                         seconds_left(period, now),
                     )
-        for index, rule in enumerate(self.rate_limits):
-            if rule.tokens_per_minute is None:
-                continue
-            item, ids = RateLimitItemPerMinute(rule.tokens_per_minute), ("tpm", str(index), caller.scope(rule.per))
+        for limit, item, ids in self._windows("tokens_per_minute", caller):
             if not self._limiter.test(item, *ids):
-                return self._refusal("tokens_per_minute", rule.tokens_per_minute, item, ids)
-        for index, rule in enumerate(self.rate_limits):
-            if rule.requests_per_minute is None:
-                continue
-            item, ids = RateLimitItemPerMinute(rule.requests_per_minute), ("rpm", str(index), caller.scope(rule.per))
+                return self._refusal("tokens_per_minute", limit, item, ids)
+        for limit, item, ids in self._windows("requests_per_minute", caller):
             if not self._limiter.hit(item, *ids):
-                return self._refusal("requests_per_minute", rule.requests_per_minute, item, ids)
+                return self._refusal("requests_per_minute", limit, item, ids)
         return None
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:
         if tokens:
-            for index, rule in enumerate(self.rate_limits):
-                if rule.tokens_per_minute is None:
-                    continue
-                item, ids = RateLimitItemPerMinute(rule.tokens_per_minute), ("tpm", str(index), caller.scope(rule.per))
+            for _, item, ids in self._windows("tokens_per_minute", caller):
                 remaining = self._limiter.get_window_stats(item, *ids).remaining
                 # Over the limit: fill the window, so that the next call waits for it to move.
                 if remaining > 0:
@@ -93,6 +85,13 @@ class Quota:
         if usd and self.spend is not None:
             for scope in {caller.scope(budget.per) for budget in self.budgets}:
                 self.spend.add(scope, usd)
+
+    def _windows(self, kind: str, caller: Caller) -> Iterator[tuple[int, RateLimitItemPerMinute, tuple[str, ...]]]:
+        """(limit, window item, identifiers) of every rule that sets `kind`."""
+        for index, rule in enumerate(self.rate_limits):
+            limit = getattr(rule, kind)
+            if limit is not None:
+                yield limit, RateLimitItemPerMinute(limit), (kind, str(index), caller.scope(rule.per))
 
     def _refusal(self, rule: str, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
         reset = self._limiter.get_window_stats(item, *ids).reset_time

@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-
 SENSITIVE_HEADERS = frozenset(
     {
         "authorization",
@@ -26,27 +25,7 @@ SENSITIVE_HEADERS = frozenset(
         "ocp-apim-subscription-key",
     }
 )
-SENSITIVE_PARAMS = frozenset(
-    {
-        "api-key",
-        "api_key",
-        "apikey",
-        "key",
-        "token",
-        "access_token",
-        "refresh_token",
-        "id_token",
-        "client_secret",
-        "password",
-        "secret",
-        "sig",
-        "signature",
-        "code",
-        "authorization",
-    }
-)
-# Body fields whose value is a credential whatever its shape ("code" or "key" would be
-# too broad there: error bodies carry "code": "invalid_api_key").
+# Body fields whose value is a credential whatever its shape.
 SENSITIVE_FIELDS = frozenset(
     {
         "api_key",
@@ -61,6 +40,9 @@ SENSITIVE_FIELDS = frozenset(
         "authorization",
     }
 )
+# Query parameters: the same, plus names too broad for bodies (error bodies carry
+# "code": "invalid_api_key").
+SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code"}
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from llm_mitm.compat import stdlib_zstd, zstandard
+
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
@@ -126,21 +128,11 @@ class _DeflateDecoder:
 
 
 def _zstd_decompressor() -> Callable[[bytes], bytes] | None:
-    """mitmproxy 11 brings `zstandard`, 12.3 `backports.zstd` (Python 3.14's `compression.zstd`)."""
-    try:
-        from compression import zstd  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from backports import zstd  # type: ignore[import-not-found,no-redef]
-        except ImportError:
-            zstd = None
+    zstd = stdlib_zstd()
     if zstd is not None:
         return _MultiFrame(zstd.ZstdDecompressor).decompress
-    try:
-        import zstandard
-    except ImportError:
-        return None
-    return zstandard.ZstdDecompressor().decompressobj().decompress
+    module = zstandard()
+    return module.ZstdDecompressor().decompressobj().decompress if module else None
 
 
 class _MultiFrame:

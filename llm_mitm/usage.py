@@ -31,35 +31,25 @@ def _nested(usage: dict[str, Any], outer: str, inner: str) -> int | None:
     return _int(details.get(inner)) if isinstance(details, dict) else None
 
 
+# (input, output, input details, output details) as each OpenAI API names them
+_CHAT_FIELDS = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+_RESPONSES_FIELDS = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+
+
 def normalize_usage(api: str, usage: Any) -> Usage | None:
     """Map a provider's `usage` object onto `Usage`; None when there is none."""
     if not isinstance(usage, dict) or not usage:
         return None
     if api == "anthropic":
         return _anthropic(usage)
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return _openai_chat(usage)
-    return _openai_responses(usage)
+    chat = "prompt_tokens" in usage or "completion_tokens" in usage
+    return _openai(usage, _CHAT_FIELDS if chat else _RESPONSES_FIELDS)
 
 
-def _openai_chat(usage: dict[str, Any]) -> Usage:
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    total = _int(usage.get("total_tokens"))
-    if total is None and prompt is not None:
-        total = prompt + (completion or 0)
-    return Usage(
-        input_tokens=prompt,
-        output_tokens=completion,
-        total_tokens=total,
-        cached_input_tokens=_nested(usage, "prompt_tokens_details", "cached_tokens"),
-        reasoning_tokens=_nested(usage, "completion_tokens_details", "reasoning_tokens"),
-    )
-
-
-def _openai_responses(usage: dict[str, Any]) -> Usage:
-    prompt = _int(usage.get("input_tokens"))
-    output = _int(usage.get("output_tokens"))
+def _openai(usage: dict[str, Any], fields: tuple[str, str, str, str]) -> Usage:
+    input_name, output_name, input_details, output_details = fields
+    prompt = _int(usage.get(input_name))
+    output = _int(usage.get(output_name))
     total = _int(usage.get("total_tokens"))
     if total is None and prompt is not None:
         total = prompt + (output or 0)
@@ -67,8 +57,8 @@ def _openai_responses(usage: dict[str, Any]) -> Usage:
         input_tokens=prompt,
         output_tokens=output,
         total_tokens=total,
-        cached_input_tokens=_nested(usage, "input_tokens_details", "cached_tokens"),
-        reasoning_tokens=_nested(usage, "output_tokens_details", "reasoning_tokens"),
+        cached_input_tokens=_nested(usage, input_details, "cached_tokens"),
+        reasoning_tokens=_nested(usage, output_details, "reasoning_tokens"),
     )
 
 

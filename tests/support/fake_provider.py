@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from llm_mitm.compat import stdlib_zstd, zstandard
+
 CANNED_REPLY = "Hello from the fake provider."
 RESPONSE_MODEL = "gpt-4o-2024-08-06"
 ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
@@ -113,20 +115,13 @@ class _Encoder:
 
 
 def _zstd_compressor():  # type: ignore[no-untyped-def]
-    try:
-        from compression import zstd  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from backports import zstd  # type: ignore[import-not-found,no-redef]
-        except ImportError:
-            zstd = None
+    zstd = stdlib_zstd()
     if zstd is not None:
         comp = zstd.ZstdCompressor()
         return comp.compress, (lambda: comp.flush(zstd.ZstdCompressor.FLUSH_BLOCK)), (lambda: comp.flush())
-    import zstandard
-
-    obj = zstandard.ZstdCompressor().compressobj()
-    return obj.compress, (lambda: obj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)), obj.flush
+    module = zstandard()
+    obj = module.ZstdCompressor().compressobj()
+    return obj.compress, (lambda: obj.flush(module.COMPRESSOBJ_FLUSH_BLOCK)), obj.flush
 
 
 class _Handler(BaseHTTPRequestHandler):
