@@ -1,0 +1,293 @@
+"""Point the desktop's system proxy at llm-mitm, and put back exactly what was there.
+
+    python -m llm_mitm.sysproxy start [--port 8080] [--bypass HOST ...]
+    python -m llm_mitm.sysproxy stop
+    python -m llm_mitm.sysproxy status
+
+Windows through the registry (winreg) and WinINet's refresh, macOS through
+`networksetup`, GNOME through `gsettings`. `start` saves the settings it finds (once:
+starting twice keeps the first snapshot) and `stop` restores that snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+DEFAULT_STATE = Path("~/.mitmproxy/llm-mitm-sysproxy.json")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    host: str
+    port: int
+    bypass: tuple[str, ...]
+
+
+class Backend(Protocol):
+    name: str
+    default_bypass: tuple[str, ...]
+
+    def snapshot(self) -> dict[str, Any]: ...
+    def apply(self, settings: ProxySettings) -> None: ...
+    def restore(self, snapshot: dict[str, Any]) -> None: ...
+
+
+Runner = Callable[[Sequence[str]], str]
+
+
+def run_command(args: Sequence[str]) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, check=True).stdout
+
+
+# --------------------------------------------------------------------------- Windows
+
+
+class Registry(Protocol):
+    """The values of HKCU\\...\\Internet Settings: value or None when absent."""
+
+    def get(self, name: str) -> Any: ...
+    def set(self, name: str, value: Any) -> None: ...
+    def delete(self, name: str) -> None: ...
+
+
+class WinReg:  # pragma: no cover - exercised on Windows only
+    KEY = r"Software\Microsoft\Windows\CurrentVersion\Internet Settings"
+
+    def __init__(self) -> None:
+        import winreg  # type: ignore[import-not-found]
+
+        self.winreg = winreg
+
+    def get(self, name: str) -> Any:
+        with self.winreg.OpenKey(self.winreg.HKEY_CURRENT_USER, self.KEY) as key:
+            try:
+                return self.winreg.QueryValueEx(key, name)[0]
+            except FileNotFoundError:
+                return None
+
+    def set(self, name: str, value: Any) -> None:
+        kind = self.winreg.REG_DWORD if isinstance(value, int) else self.winreg.REG_SZ
+        with self.winreg.OpenKey(self.winreg.HKEY_CURRENT_USER, self.KEY, 0, self.winreg.KEY_SET_VALUE) as key:
+            self.winreg.SetValueEx(key, name, 0, kind, value)
+
+    def delete(self, name: str) -> None:
+        with self.winreg.OpenKey(self.winreg.HKEY_CURRENT_USER, self.KEY, 0, self.winreg.KEY_SET_VALUE) as key:
+            try:
+                self.winreg.DeleteValue(key, name)
+            except FileNotFoundError:
+                pass
+
+
+def wininet_refresh() -> None:  # pragma: no cover - Windows only
+    """INTERNET_OPTION_SETTINGS_CHANGED (39) then INTERNET_OPTION_REFRESH (37)."""
+    import ctypes
+
+    internet_set_option = ctypes.windll.wininet.InternetSetOptionW  # type: ignore[attr-defined]
+    internet_set_option(0, 39, 0, 0)
+    internet_set_option(0, 37, 0, 0)
+
+
+class WindowsBackend:
+    name = "windows"
+    default_bypass = ("<local>", "localhost", "127.*")
+    VALUES = ("ProxyEnable", "ProxyServer", "ProxyOverride", "AutoConfigURL")
+
+    def __init__(self, registry: Registry | None = None, refresh: Callable[[], None] | None = None) -> None:
+        self.registry = registry or WinReg()
+        self.refresh = refresh or wininet_refresh
+
+    def snapshot(self) -> dict[str, Any]:
+        return {name: self.registry.get(name) for name in self.VALUES}
+
+    def apply(self, settings: ProxySettings) -> None:
+        self.registry.set("ProxyEnable", 1)
+        self.registry.set("ProxyServer", f"{settings.host}:{settings.port}")
+        self.registry.set("ProxyOverride", ";".join(settings.bypass))
+        self.registry.delete("AutoConfigURL")  # a PAC file would win over the manual proxy
+        self.refresh()
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        for name in self.VALUES:
+            value = snapshot.get(name)
+            if value is None:
+                self.registry.delete(name)
+            else:
+                self.registry.set(name, value)
+        self.refresh()
+
+
+# --------------------------------------------------------------------------- GNOME
+
+
+class GnomeBackend:
+    name = "gnome"
+    default_bypass = ("localhost", "127.0.0.0/8", "::1")
+    KEYS = (
+        ("org.gnome.system.proxy", "mode"),
+        ("org.gnome.system.proxy", "autoconfig-url"),
+        ("org.gnome.system.proxy", "ignore-hosts"),
+        ("org.gnome.system.proxy.http", "host"),
+        ("org.gnome.system.proxy.http", "port"),
+        ("org.gnome.system.proxy.https", "host"),
+        ("org.gnome.system.proxy.https", "port"),
+    )
+
+    def __init__(self, run: Runner = run_command) -> None:
+        self.run = run
+
+    def snapshot(self) -> dict[str, Any]:
+        """Values as gsettings prints them (GVariant text), which `gsettings set` takes back."""
+        return {f"{schema} {key}": self.run(["gsettings", "get", schema, key]).strip() for schema, key in self.KEYS}
+
+    def apply(self, settings: ProxySettings) -> None:
+        host = _gvariant_string(settings.host)
+        for schema in ("org.gnome.system.proxy.http", "org.gnome.system.proxy.https"):
+            self._set(schema, "host", host)
+            self._set(schema, "port", str(settings.port))
+        self._set("org.gnome.system.proxy", "ignore-hosts", "[" + ", ".join(_gvariant_string(h) for h in settings.bypass) + "]")
+        self._set("org.gnome.system.proxy", "mode", "'manual'")
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        for schema, key in self.KEYS:
+            value = snapshot.get(f"{schema} {key}")
+            if value is not None:
+                self._set(schema, key, value)
+
+    def _set(self, schema: str, key: str, value: str) -> None:
+        self.run(["gsettings", "set", schema, key, value])
+
+
+def _gvariant_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# --------------------------------------------------------------------------- macOS
+
+
+class MacBackend:
+    name = "macos"
+    default_bypass = ("localhost", "127.0.0.1", "*.local", "169.254/16")
+
+    def __init__(self, run: Runner = run_command) -> None:
+        self.run = run
+
+    def services(self) -> list[str]:
+        lines = self.run(["networksetup", "-listallnetworkservices"]).splitlines()
+        return [line for line in lines[1:] if line.strip() and not line.startswith("*")]  # "*": disabled
+
+    def snapshot(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for service in self.services():
+            bypass = self.run(["networksetup", "-getproxybypassdomains", service]).splitlines()
+            state[service] = {
+                "web": _fields(self.run(["networksetup", "-getwebproxy", service])),
+                "secure": _fields(self.run(["networksetup", "-getsecurewebproxy", service])),
+                "auto": _fields(self.run(["networksetup", "-getautoproxyurl", service])),
+                "bypass": [] if any("aren't any" in line for line in bypass) else [b for b in bypass if b.strip()],
+            }
+        return state
+
+    def apply(self, settings: ProxySettings) -> None:
+        for service in self.services():
+            self.run(["networksetup", "-setwebproxy", service, settings.host, str(settings.port)])
+            self.run(["networksetup", "-setsecurewebproxy", service, settings.host, str(settings.port)])
+            self.run(["networksetup", "-setproxybypassdomains", service, *settings.bypass])
+            self.run(["networksetup", "-setautoproxystate", service, "off"])
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        for service, saved in snapshot.items():
+            for kind, flag in (("web", "webproxy"), ("secure", "securewebproxy")):
+                fields = saved[kind]
+                # an empty server is set back too ("" clears it), so the service is as it was
+                self.run(["networksetup", f"-set{flag}", service, fields.get("Server", ""), fields.get("Port", "0")])
+                self.run(["networksetup", f"-set{flag}state", service, "on" if fields.get("Enabled") == "Yes" else "off"])
+            self.run(["networksetup", "-setproxybypassdomains", service, *(saved["bypass"] or ["Empty"])])
+            auto = saved["auto"]
+            if auto.get("URL") and auto["URL"] != "(null)":
+                self.run(["networksetup", "-setautoproxyurl", service, auto["URL"]])
+            self.run(["networksetup", "-setautoproxystate", service, "on" if auto.get("Enabled") == "Yes" else "off"])
+
+
+def _fields(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
+
+
+# --------------------------------------------------------------------------- the switch
+
+
+class SystemProxy:
+    """start/stop/status over a backend, with the snapshot kept in a JSON file."""
+
+    def __init__(self, backend: Backend, state_file: Path = DEFAULT_STATE) -> None:
+        self.backend = backend
+        self.state_file = state_file.expanduser()
+
+    def start(self, host: str = "127.0.0.1", port: int = 8080, bypass: Sequence[str] | None = None) -> str:
+        settings = ProxySettings(host, port, tuple(bypass) if bypass else self.backend.default_bypass)
+        already = self.state_file.exists()
+        if not already:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            saved = {"backend": self.backend.name, "settings": self.backend.snapshot()}
+            self.state_file.write_text(json.dumps(saved, indent=2))
+        self.backend.apply(settings)
+        note = " (already on; the settings saved before the first start are kept)" if already else ""
+        return f"system proxy ({self.backend.name}) -> {host}:{port}, bypass {';'.join(settings.bypass)}{note}"
+
+    def stop(self) -> str:
+        if not self.state_file.exists():
+            return "not started by llm-mitm: nothing to restore"
+        saved = json.loads(self.state_file.read_text())
+        self.backend.restore(saved["settings"])
+        self.state_file.unlink()
+        return f"system proxy ({self.backend.name}) restored"
+
+    def status(self) -> str:
+        current = json.dumps(self.backend.snapshot(), indent=2)
+        state = "on (started by llm-mitm)" if self.state_file.exists() else "off (not started by llm-mitm)"
+        return f"{state}\n{current}"
+
+
+def detect_backend() -> Backend:
+    if sys.platform == "win32":
+        return WindowsBackend()
+    if sys.platform == "darwin":
+        return MacBackend()
+    if shutil.which("gsettings") and "GNOME" in os.environ.get("XDG_CURRENT_DESKTOP", "GNOME").upper():
+        return GnomeBackend()
+    raise SystemExit("sysproxy: no supported desktop found (Windows, macOS, or GNOME with gsettings)")
+
+
+def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_mitm.sysproxy", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--bypass", nargs="+", help="hosts that skip the proxy (default: local addresses)")
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where the saved settings go")
+    args = parser.parse_args(argv)
+    switch = SystemProxy(backend or detect_backend(), args.state)
+    if args.action == "start":
+        print(switch.start(args.host, args.port, args.bypass))
+    elif args.action == "stop":
+        print(switch.stop())
+    else:
+        print(switch.status())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

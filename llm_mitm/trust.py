@@ -1,0 +1,206 @@
+"""Trusting the mitmproxy CA: a marked block in certifi's cacert.pem, or a separate bundle.
+
+The block is found by the CA's fingerprint, so adding twice changes nothing and a new
+CA replaces the old one; removing it gives back the file byte for byte (the block
+records whether it had to add a newline before itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CONFDIR = Path("~/.mitmproxy")
+CA_CERT_NAME = "mitmproxy-ca-cert.pem"
+_BEGIN = "# llm-mitm: mitmproxy CA sha256={fp} newline={newline} BEGIN\n"
+_END = "# llm-mitm: mitmproxy CA sha256={fp} END\n"
+_BLOCK = re.compile(
+    r"# llm-mitm: mitmproxy CA sha256=(?P<fp>[0-9a-f]{64}) newline=(?P<newline>[01]) BEGIN\n"
+    r".*?# llm-mitm: mitmproxy CA sha256=(?P=fp) END\n",
+    re.DOTALL,
+)
+_PEM = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----\s*", re.DOTALL)
+
+
+class TrustError(Exception):
+    """One line that says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class CACert:
+    path: Path
+    pem: str
+    fingerprint: str
+
+    @classmethod
+    def load(cls, path: Path) -> CACert:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise TrustError(f"no CA certificate at {path}: start mitmdump once, or name one with --ca") from None
+        except OSError as exc:
+            raise TrustError(f"cannot read the CA certificate {path}: {exc.strerror}") from None
+        match = _PEM.search(text)
+        if not match:
+            raise TrustError(f"{path} holds no PEM certificate")
+        pem = match.group(0).strip() + "\n"
+        return cls(path, pem, _fingerprint(pem))
+
+
+def _fingerprint(pem: str) -> str:
+    import base64
+
+    body = "".join(line for line in pem.splitlines() if line and not line.startswith("-----"))
+    return hashlib.sha256(base64.b64decode(body)).hexdigest()
+
+
+def ensure_ca(confdir: Path) -> Path:
+    """The CA certificate in `confdir`, generated with mitmproxy's own CertStore if missing."""
+    confdir = confdir.expanduser()
+    cert = confdir / CA_CERT_NAME
+    if cert.exists():
+        return cert
+    try:
+        from mitmproxy.certs import CertStore
+    except ImportError:
+        raise TrustError(f"no CA at {cert}, and mitmproxy is not importable here to make one: start mitmdump once") from None
+    confdir.mkdir(parents=True, exist_ok=True)
+    CertStore.from_store(str(confdir), "mitmproxy", 2048)
+    return cert
+
+
+def certifi_bundle(python: str | None = None) -> Path:
+    """certifi's cacert.pem for this interpreter, or for the one at `python`."""
+    if python is None:
+        try:
+            import certifi
+        except ImportError:
+            raise TrustError("certifi is not installed for this Python") from None
+        return Path(certifi.where())
+    try:
+        result = subprocess.run(
+            [python, "-c", "import certifi; print(certifi.where())"], capture_output=True, text=True, timeout=60
+        )
+    except OSError as exc:
+        raise TrustError(f"cannot run {python}: {exc.strerror}") from None
+    if result.returncode != 0:
+        raise TrustError(f"certifi not found for {python} (pip install certifi there, or use --bundle)")
+    return Path(result.stdout.strip())
+
+
+def is_trusted(bundle: Path, ca: CACert) -> bool:
+    return any(m.group("fp") == ca.fingerprint for m in _BLOCK.finditer(_read(bundle)))
+
+
+def add(bundle: Path, ca: CACert) -> bool:
+    """Append the CA block; False when it is already there."""
+    text = _read(bundle)
+    if is_trusted(bundle, ca):
+        return False
+    text = _without_blocks(text)  # an older CA of ours goes
+    newline = "1" if text and not text.endswith("\n") else "0"
+    block = _BEGIN.format(fp=ca.fingerprint, newline=newline) + ca.pem + _END.format(fp=ca.fingerprint)
+    _write(bundle, text + ("\n" if newline == "1" else "") + block)
+    return True
+
+
+def remove(bundle: Path) -> bool:
+    """Take our block out again; False when there was none."""
+    text = _read(bundle)
+    restored = _without_blocks(text)
+    if restored == text:
+        return False
+    _write(bundle, restored)
+    return True
+
+
+def write_bundle(target: Path, ca: CACert, python: str | None = None) -> Path:
+    """certifi's roots plus the CA, as a new file (certifi itself untouched)."""
+    roots = _without_blocks(_read(certifi_bundle(python)))
+    if roots and not roots.endswith("\n"):
+        roots += "\n"
+    target = target.expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(roots + f"# mitmproxy CA sha256={ca.fingerprint}\n" + ca.pem)
+    return target
+
+
+def bundle_environment(bundle: Path) -> dict[str, str]:
+    """The variables that point clients at a bundle (never ones that turn checks off)."""
+    path = str(bundle)
+    return {"SSL_CERT_FILE": path, "REQUESTS_CA_BUNDLE": path, "NODE_EXTRA_CA_CERTS": path}
+
+
+def _without_blocks(text: str) -> str:
+    out = []
+    position = 0
+    for match in _BLOCK.finditer(text):
+        start = match.start()
+        if match.group("newline") == "1" and start > 0 and text[start - 1] == "\n":
+            start -= 1
+        out.append(text[position:start])
+        position = match.end()
+    out.append(text[position:])
+    return "".join(out)
+
+
+def _read(path: Path) -> str:
+    try:
+        with open(path, newline="") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise TrustError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise TrustError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        with open(path, "w", newline="") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise TrustError(
+            f"cannot write {path}: {exc.strerror} (use --bundle PATH to write a separate bundle instead)"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/trust-ca.py: add (default), --check, --remove, or --bundle PATH."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="trust-ca.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR, help="mitmproxy's confdir (default ~/.mitmproxy)")
+    parser.add_argument("--ca", type=Path, help="the CA certificate (default CONFDIR/mitmproxy-ca-cert.pem)")
+    parser.add_argument("--python", help="patch the certifi of this interpreter (your application's venv)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--check", action="store_true", help="exit 1 when the CA is not trusted")
+    action.add_argument("--remove", action="store_true", help="restore cacert.pem as it was")
+    action.add_argument("--bundle", type=Path, help="write certifi + CA to this new file instead")
+    args = parser.parse_args(argv)
+    try:
+        if args.remove:
+            bundle = certifi_bundle(args.python)
+            print(f"removed the mitmproxy CA from {bundle}" if remove(bundle) else f"{bundle} holds no CA of ours")
+            return 0
+        ca = CACert.load(args.ca.expanduser() if args.ca else ensure_ca(args.confdir))
+        if args.bundle:
+            target = write_bundle(args.bundle, ca, args.python)
+            for name, value in bundle_environment(target).items():
+                print(f"export {name}={value}")
+            return 0
+        bundle = certifi_bundle(args.python)
+        if args.check:
+            trusted = is_trusted(bundle, ca)
+            print(f"{'trusted' if trusted else 'NOT trusted'}: {ca.path} in {bundle}")
+            return 0 if trusted else 1
+        changed = add(bundle, ca)
+        print(f"{'added' if changed else 'already trusted:'} {ca.path} {'to' if changed else 'in'} {bundle}")
+        print("note: upgrading certifi replaces this file; run this again afterwards (or use --bundle)")
+        return 0
+    except TrustError as exc:
+        print(f"trust-ca: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,137 @@
+<#
+.SYNOPSIS
+    Point the Windows system proxy (WinINet, optionally WinHTTP) at llm-mitm, and put back
+    exactly what was there before.
+
+.EXAMPLE
+    scripts/interception-win.ps1 start -Port 8080
+    scripts/interception-win.ps1 status
+    scripts/interception-win.ps1 stop
+
+.NOTES
+    start saves ProxyEnable, ProxyServer, ProxyOverride and AutoConfigURL (absent values
+    included) once; starting twice keeps that first snapshot. stop restores it and is
+    harmless when nothing was started. WinINet is told through InternetSetOption
+    (INTERNET_OPTION_SETTINGS_CHANGED = 39, then INTERNET_OPTION_REFRESH = 37).
+#>
+[CmdletBinding()]
+param(
+    [Parameter(Position = 0)]
+    [ValidateSet('start', 'stop', 'status')]
+    [string]$Action = 'status',
+
+    [ValidateRange(1, 65535)]
+    [int]$Port = 8080,
+
+    [string]$ProxyHost = '127.0.0.1',
+
+    [string]$Bypass = '<local>;localhost;127.*',
+
+    [switch]$WinHttp
+)
+
+Set-StrictMode -Version Latest
+$ErrorActionPreference = 'Stop'
+
+$SettingsKey = 'HKCU:\Software\Microsoft\Windows\CurrentVersion\Internet Settings'
+$ValueNames = @('ProxyEnable', 'ProxyServer', 'ProxyOverride', 'AutoConfigURL')
+$StateDir = Join-Path $env:LOCALAPPDATA 'llm-mitm'
+$StateFile = Join-Path $StateDir 'proxy-backup.json'
+
+function Update-WinInet {
+    if (-not ('LlmMitm.WinInet' -as [type])) {
+        Add-Type -Namespace LlmMitm -Name WinInet -MemberDefinition @'
+[DllImport("wininet.dll", SetLastError = true)]
+public static extern bool InternetSetOption(IntPtr hInternet, int dwOption, IntPtr lpBuffer, int dwBufferLength);
+'@
+    }
+    # 39: INTERNET_OPTION_SETTINGS_CHANGED, 37: INTERNET_OPTION_REFRESH
+    [void][LlmMitm.WinInet]::InternetSetOption([IntPtr]::Zero, 39, [IntPtr]::Zero, 0)
+    [void][LlmMitm.WinInet]::InternetSetOption([IntPtr]::Zero, 37, [IntPtr]::Zero, 0)
+}
+
+function Get-ProxyValues {
+    $values = [ordered]@{}
+    $item = Get-ItemProperty -Path $SettingsKey
+    foreach ($name in $ValueNames) {
+        if ($item.PSObject.Properties.Name -contains $name) {
+            $values[$name] = $item.$name
+        } else {
+            $values[$name] = $null
+        }
+    }
+    return $values
+}
+
+function Save-ProxyValues {
+    $saved = [ordered]@{
+        values  = Get-ProxyValues
+        winhttp = [bool]$WinHttp
+    }
+    New-Item -ItemType Directory -Force -Path $StateDir | Out-Null
+    $saved | ConvertTo-Json -Depth 4 | Set-Content -Path $StateFile -Encoding UTF8
+}
+
+function Set-ProxyValue([string]$Name, $Value) {
+    if ($null -eq $Value) {
+        Remove-ItemProperty -Path $SettingsKey -Name $Name -ErrorAction SilentlyContinue
+    } elseif ($Name -eq 'ProxyEnable') {
+        Set-ItemProperty -Path $SettingsKey -Name $Name -Value ([int]$Value) -Type DWord
+    } else {
+        Set-ItemProperty -Path $SettingsKey -Name $Name -Value ([string]$Value) -Type String
+    }
+}
+
+function Start-Interception {
+    $already = Test-Path $StateFile
+    if (-not $already) {
+        Save-ProxyValues
+    }
+    Set-ProxyValue 'ProxyEnable' 1
+    Set-ProxyValue 'ProxyServer' "${ProxyHost}:${Port}"
+    Set-ProxyValue 'ProxyOverride' $Bypass
+    # A PAC file would take precedence over the manual proxy; it comes back on stop.
+    Set-ProxyValue 'AutoConfigURL' $null
+    Update-WinInet
+    if ($WinHttp) {
+        netsh winhttp import proxy source=ie | Out-Null
+    }
+    if ($already) {
+        Write-Output "llm-mitm: system proxy already on; now ${ProxyHost}:${Port} (the settings saved at the first start are kept)"
+    } else {
+        Write-Output "llm-mitm: system proxy -> ${ProxyHost}:${Port} (bypass: $Bypass)"
+    }
+}
+
+function Stop-Interception {
+    if (-not (Test-Path $StateFile)) {
+        Write-Output 'llm-mitm: not started; nothing to restore'
+        return
+    }
+    $saved = Get-Content -Path $StateFile -Raw | ConvertFrom-Json
+    foreach ($name in $ValueNames) {
+        Set-ProxyValue $name $saved.values.$name
+    }
+    Update-WinInet
+    if ($saved.winhttp) {
+        netsh winhttp import proxy source=ie | Out-Null
+    }
+    Remove-Item -Path $StateFile -Force
+    Write-Output 'llm-mitm: system proxy restored'
+}
+
+function Show-Status {
+    $state = if (Test-Path $StateFile) { 'on (started by llm-mitm)' } else { 'off (not started by llm-mitm)' }
+    Write-Output "llm-mitm interception: $state"
+    $values = Get-ProxyValues
+    foreach ($name in $ValueNames) {
+        $shown = if ($null -eq $values[$name]) { '(absent)' } else { $values[$name] }
+        Write-Output ("  {0,-14} {1}" -f $name, $shown)
+    }
+}
+
+switch ($Action) {
+    'start' { Start-Interception }
+    'stop' { Stop-Interception }
+    'status' { Show-Status }
+}

@@ -1,0 +1,325 @@
+"""trust-ca, the system proxy switch, the PowerShell script and `llm-mitm env`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from llm_mitm import environment, sysproxy, trust
+from tests.support.fake_provider import CANNED_REPLY
+from tests.support.mitm import Mitmdump
+from tests.test_e2e_clients import OPENAI_KEY, chat, marker, trace_with
+
+ROOT = Path(__file__).resolve().parents[1]
+TRUST_CA = ROOT / "scripts" / "trust-ca.py"
+PS1 = ROOT / "scripts" / "interception-win.ps1"
+
+
+@pytest.fixture(scope="module")
+def app_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway application venv with requests and its own certifi."""
+    folder = tmp_path_factory.mktemp("app-venv")
+    venv.create(folder, with_pip=True)
+    python = folder / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "requests", "certifi"], check=True)
+    return python
+
+
+def app_request(app_python: Path, proxy: Mitmdump) -> subprocess.CompletedProcess[str]:
+    """A plain `requests` call from the app venv: HTTPS_PROXY set, no CA variable at all."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_DIR")}
+    env["HTTPS_PROXY"] = proxy.proxy_url
+    code = "import requests; r = requests.get('https://api.openai.com/v1/models', timeout=20); print(r.status_code, r.text)"
+    return subprocess.run([str(app_python), "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+def trust_ca(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(TRUST_CA), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_trust_ca_round_trip_in_another_venv(proxy: Mitmdump, app_python: Path) -> None:
+    bundle = Path(subprocess.run([str(app_python), "-c", "import certifi; print(certifi.where())"], capture_output=True, text=True, check=True).stdout.strip())
+    original = bundle.read_bytes()
+    target = ["--confdir", str(proxy.confdir), "--python", str(app_python)]
+
+    before = app_request(app_python, proxy)
+    assert before.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in before.stderr
+
+    assert trust_ca(*target, "--check").returncode == 1
+    added = trust_ca(*target)
+    assert added.returncode == 0 and "added" in added.stdout and str(bundle) in added.stdout
+    after_first = bundle.read_bytes()
+    again = trust_ca(*target)
+    assert again.returncode == 0 and "already trusted" in again.stdout
+    assert bundle.read_bytes() == after_first
+    assert after_first.startswith(original) and after_first.count(b"llm-mitm: mitmproxy CA") == 2
+    assert trust_ca(*target, "--check").returncode == 0
+
+    trusted = app_request(app_python, proxy)
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.stdout.startswith("200 ") and "gpt-4o" in trusted.stdout
+
+    removed = trust_ca(*target, "--remove")
+    assert removed.returncode == 0 and "removed" in removed.stdout
+    assert bundle.read_bytes() == original
+    assert trust_ca(*target, "--check").returncode == 1
+    assert app_request(app_python, proxy).returncode != 0
+
+
+def test_bundle_instead_of_patching(proxy: Mitmdump, app_python: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.pem"
+    result = trust_ca("--confdir", str(proxy.confdir), "--python", str(app_python), "--bundle", str(bundle))
+    assert result.returncode == 0
+    assert f"export SSL_CERT_FILE={bundle}" in result.stdout
+    assert f"export REQUESTS_CA_BUNDLE={bundle}" in result.stdout
+    assert f"export NODE_EXTRA_CA_CERTS={bundle}" in result.stdout
+    text = bundle.read_text()
+    assert text.count("BEGIN CERTIFICATE") > 100  # certifi's roots, plus ours
+    assert proxy.ca_cert.read_text().strip() in text
+
+
+def test_trust_ca_errors_are_one_clear_line(tmp_path: Path) -> None:
+    no_ca = trust_ca("--ca", str(tmp_path / "missing.pem"))
+    assert no_ca.returncode == 2 and no_ca.stderr.count("\n") == 1
+    assert "no CA certificate at" in no_ca.stderr and "Traceback" not in no_ca.stderr
+    bare = tmp_path / "bare-venv"
+    venv.create(bare, with_pip=False)
+    no_certifi = trust_ca("--confdir", str(tmp_path / "conf"), "--python", str(bare / "bin" / "python"))
+    assert no_certifi.returncode == 2 and "certifi not found for" in no_certifi.stderr and "--bundle" in no_certifi.stderr
+    ca = trust.CACert.load(trust.ensure_ca(tmp_path / "conf"))  # made with mitmproxy's CertStore
+    with pytest.raises(trust.TrustError, match=r"cannot write /proc/version: .*use --bundle"):
+        trust.add(Path("/proc/version"), ca)
+
+
+def test_remove_restores_a_file_without_final_newline(tmp_path: Path) -> None:
+    ca = trust.CACert.load(trust.ensure_ca(tmp_path / "conf"))
+    bundle = tmp_path / "cacert.pem"
+    original = b"# roots\r\n-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----"
+    bundle.write_bytes(original)
+    assert trust.add(bundle, ca) and trust.is_trusted(bundle, ca)
+    assert trust.remove(bundle)
+    assert bundle.read_bytes() == original
+    assert not trust.remove(bundle)
+
+
+# --------------------------------------------------------------------------- system proxy
+
+
+class FakeRegistry:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = dict(values)
+        self.calls: list[tuple[str, ...]] = []
+
+    def get(self, name: str) -> Any:
+        return self.values.get(name)
+
+    def set(self, name: str, value: Any) -> None:
+        self.calls.append(("set", name, str(value)))
+        self.values[name] = value
+
+    def delete(self, name: str) -> None:
+        self.calls.append(("delete", name))
+        self.values.pop(name, None)
+
+
+class FakeGsettings:
+    def __init__(self) -> None:
+        self.values = {
+            "org.gnome.system.proxy mode": "'auto'",
+            "org.gnome.system.proxy autoconfig-url": "'http://wpad/wpad.dat'",
+            "org.gnome.system.proxy ignore-hosts": "['localhost', '127.0.0.0/8', '::1']",
+            "org.gnome.system.proxy.http host": "''",
+            "org.gnome.system.proxy.http port": "0",
+            "org.gnome.system.proxy.https host": "'corp-proxy'",
+            "org.gnome.system.proxy.https port": "3128",
+        }
+        self.calls: list[list[str]] = []
+
+    def __call__(self, args: Sequence[str]) -> str:
+        self.calls.append(list(args))
+        assert args[0] == "gsettings"
+        key = f"{args[2]} {args[3]}"
+        if args[1] == "get":
+            return self.values[key] + "\n"
+        self.values[key] = args[4]
+        return ""
+
+
+class FakeNetworksetup:
+    """Just enough of macOS's networksetup to keep per-service state."""
+
+    def __init__(self) -> None:
+        self.state = {
+            "Wi-Fi": {"web": ["No", "", "0"], "secure": ["Yes", "corp", "3128"], "auto": ["(null)", "No"], "bypass": ["*.corp"]},
+            "Ethernet": {"web": ["No", "", "0"], "secure": ["No", "", "0"], "auto": ["http://pac/p.pac", "Yes"], "bypass": []},
+        }
+        self.calls: list[list[str]] = []
+
+    def __call__(self, args: Sequence[str]) -> str:
+        self.calls.append(list(args))
+        verb, rest = args[1], list(args[2:])
+        if verb == "-listallnetworkservices":
+            return "An asterisk (*) denotes that a network service is disabled.\nWi-Fi\nEthernet\n*Bluetooth PAN\n"
+        service = self.state[rest[0]]
+        kind = "secure" if "secure" in verb else "web"
+        if verb in ("-getwebproxy", "-getsecurewebproxy"):
+            enabled, server, port = service[kind]
+            return f"Enabled: {enabled}\nServer: {server}\nPort: {port}\nAuthenticated Proxy Enabled: 0\n"
+        if verb == "-getautoproxyurl":
+            return f"URL: {service['auto'][0]}\nEnabled: {service['auto'][1]}\n"
+        if verb == "-getproxybypassdomains":
+            return "\n".join(service["bypass"]) + "\n" if service["bypass"] else f"There aren't any bypass domains set on {rest[0]}.\n"
+        if verb in ("-setwebproxy", "-setsecurewebproxy"):
+            service[kind] = ["Yes", rest[1], rest[2]]
+        elif verb in ("-setwebproxystate", "-setsecurewebproxystate"):
+            service[kind][0] = "Yes" if rest[1] == "on" else "No"
+        elif verb == "-setproxybypassdomains":
+            service["bypass"] = [] if rest[1:] == ["Empty"] else rest[1:]
+        elif verb == "-setautoproxyurl":
+            service["auto"][0] = rest[1]
+        elif verb == "-setautoproxystate":
+            service["auto"][1] = "Yes" if rest[1] == "on" else "No"
+        else:
+            raise AssertionError(verb)
+        return ""
+
+
+def round_trip(backend: Any, current: Any, tmp_path: Path) -> list[str]:
+    """start, start again, stop, stop again; the state must end as it began."""
+    import copy
+
+    original = copy.deepcopy(current())
+    switch = sysproxy.SystemProxy(backend, tmp_path / "state.json")
+    messages = [switch.start(port=8081)]
+    assert current() != original
+    started = copy.deepcopy(current())
+    messages.append(switch.start(port=8081))
+    assert current() == started
+    saved = orjson.loads((tmp_path / "state.json").read_bytes())
+    assert saved["backend"] == backend.name
+    messages.append(switch.stop())
+    assert current() == original
+    messages.append(switch.stop())
+    assert "nothing to restore" in messages[-1]
+    return messages
+
+
+def test_windows_registry_round_trip(tmp_path: Path) -> None:
+    registry = FakeRegistry({"ProxyEnable": 0, "ProxyServer": "corp:3128", "AutoConfigURL": "http://wpad/wpad.dat"})
+    refreshes: list[int] = []
+    backend = sysproxy.WindowsBackend(registry, refresh=lambda: refreshes.append(1))
+    switch = sysproxy.SystemProxy(backend, tmp_path / "state.json")
+    switch.start(port=8081)
+    assert registry.values == {"ProxyEnable": 1, "ProxyServer": "127.0.0.1:8081", "ProxyOverride": "<local>;localhost;127.*"}
+    assert len(refreshes) == 1
+    switch.stop()
+    assert registry.values == {"ProxyEnable": 0, "ProxyServer": "corp:3128", "AutoConfigURL": "http://wpad/wpad.dat"}
+    assert ("delete", "ProxyOverride") in registry.calls  # it was absent before: absent again
+    round_trip(sysproxy.WindowsBackend(registry, refresh=lambda: None), lambda: registry.values, tmp_path / "again")
+
+
+def test_gnome_round_trip(tmp_path: Path) -> None:
+    fake = FakeGsettings()
+    messages = round_trip(sysproxy.GnomeBackend(fake), lambda: fake.values, tmp_path)
+    assert "already on" in messages[1]
+    assert ["gsettings", "set", "org.gnome.system.proxy", "mode", "'manual'"] in fake.calls
+    assert ["gsettings", "set", "org.gnome.system.proxy.https", "port", "8081"] in fake.calls
+
+
+def test_macos_round_trip(tmp_path: Path) -> None:
+    fake = FakeNetworksetup()
+    round_trip(sysproxy.MacBackend(fake), lambda: fake.state, tmp_path)
+    assert ["networksetup", "-setsecurewebproxy", "Wi-Fi", "127.0.0.1", "8081"] in fake.calls
+    assert not any("Bluetooth PAN" in call for call in fake.calls)
+
+
+def test_sysproxy_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeGsettings()
+    state = ["--state", str(tmp_path / "s.json")]
+    assert sysproxy.main(["start", "--port", "9000", "--bypass", "a.test", "b.test", *state], backend=sysproxy.GnomeBackend(fake)) == 0
+    assert fake.values["org.gnome.system.proxy ignore-hosts"] == "['a.test', 'b.test']"
+    assert sysproxy.main(["status", *state], backend=sysproxy.GnomeBackend(fake)) == 0
+    assert "on (started by llm-mitm)" in capsys.readouterr().out
+    assert sysproxy.main(["stop", *state], backend=sysproxy.GnomeBackend(fake)) == 0
+    assert fake.values["org.gnome.system.proxy mode"] == "'auto'"
+
+
+# --------------------------------------------------------------------------- PowerShell
+
+
+def powershell_errors(source: bytes) -> list[str]:
+    import tree_sitter_powershell
+    from tree_sitter import Language, Parser
+
+    tree = Parser(Language(tree_sitter_powershell.language())).parse(source)
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if node.type == "ERROR" or node.is_missing:
+            found.append(f"line {node.start_point[0] + 1}: {source[node.start_byte:node.end_byte][:60]!r}")
+        for child in node.children:
+            walk(child)
+
+    walk(tree.root_node)
+    return found
+
+
+def test_powershell_script_parses() -> None:
+    source = PS1.read_bytes()
+    assert powershell_errors(source) == []
+    # The parser does catch a broken script (so the check above means something).
+    assert powershell_errors(source.replace(b"switch ($Action) {", b"switch ($Action {")) != []
+    text = source.decode()
+    assert text.index("InternetSetOption([IntPtr]::Zero, 39") < text.index("InternetSetOption([IntPtr]::Zero, 37")
+    for name in ("ProxyEnable", "ProxyServer", "ProxyOverride", "AutoConfigURL", "'<local>;localhost;127.*'", "netsh winhttp import proxy source=ie"):
+        assert name in text
+    assert "InternetExplorer.Application" not in text
+
+
+# --------------------------------------------------------------------------- llm-mitm env
+
+
+@pytest.mark.parametrize(
+    ("shell", "line"),
+    [
+        ("bash", "export HTTPS_PROXY='http://127.0.0.1:8080'"),
+        ("fish", "set -gx HTTPS_PROXY 'http://127.0.0.1:8080'"),
+        ("powershell", "$env:HTTPS_PROXY = 'http://127.0.0.1:8080'"),
+        ("cmd", "set HTTPS_PROXY=http://127.0.0.1:8080"),
+    ],
+)
+def test_env_shells(shell: str, line: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_mitm", "env", "--shell", shell, "--confdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert line in result.stdout.splitlines()
+    for name in ("HTTP_PROXY", "NO_PROXY", "OPENAI_PROXY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "NODE_USE_ENV_PROXY"):
+        assert name in result.stdout
+    for unsafe in ("NODE_TLS_REJECT_UNAUTHORIZED", "PYTHONHTTPSVERIFY", "CURL_INSECURE", "=0\n"):
+        assert unsafe not in result.stdout
+    assert str(tmp_path / environment.BUNDLE_NAME) in result.stdout
+
+
+def test_env_output_drives_a_real_client(proxy: Mitmdump) -> None:
+    """eval the printed lines, then run the openai SDK: it goes through the proxy and
+    trusts it, with nothing else set."""
+    from tests.support.clients import DRIVER, client_python
+
+    m = marker()
+    action = orjson.dumps({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat(m)}).decode()
+    llm_mitm = Path(sys.executable).with_name("llm-mitm")
+    script = f'eval "$({llm_mitm} env --port {proxy.port} --confdir {proxy.confdir})" && {client_python()} {DRIVER}'
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    result = subprocess.run(["bash", "-c", script], input=action, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["text"] == CANNED_REPLY
+    assert trace_with(proxy, m)["status_code"] == 200
