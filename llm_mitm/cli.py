@@ -3,12 +3,64 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
+
 from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, client_environment, prepare_bundle, render
+from llm_mitm.tracefile import ReadReport, read_records
 from llm_mitm.trust import DEFAULT_CONFDIR, TrustError
+
+
+def _records(args: argparse.Namespace, report: ReadReport):  # type: ignore[no-untyped-def]
+    if not args.traces.is_file():
+        raise SystemExit(f"llm-mitm {args.command}: no trace file at {args.traces}")
+    return read_records(args.traces, report)
+
+
+def _problems(command: str, report: ReadReport) -> None:
+    for problem in report.problems():
+        print(f"llm-mitm {command}: {problem}", file=sys.stderr)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from llm_mitm.tracestats import aggregate, render_table
+
+    report = ReadReport()
+    groups, total = aggregate(_records(args, report), args.by)
+    if args.json:
+        rows = {name: group.row() for name, group in groups.items()}
+        print(orjson.dumps({"by": args.by, "groups": rows, "total": total.row()}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_table(groups, total, args.by))
+    _problems("stats", report)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from llm_mitm.report import collect, render
+
+    report = ReadReport()
+    data = collect(_records(args, report), args.max_calls)
+    args.output.write_text(render(data, f"llm-mitm report: {args.traces.name}"), encoding="utf-8")
+    print(f"wrote {args.output} ({data.calls_total} calls)", file=sys.stderr)
+    _problems("report", report)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from llm_mitm.export import ExportReport, export_examples
+
+    report, read = ExportReport(), ReadReport()
+    with open(args.output, "wb") as out:
+        for example in export_examples(_records(args, read), args.model, report):
+            out.write(orjson.dumps(example, option=orjson.OPT_APPEND_NEWLINE))
+    print(f"llm-mitm export: {report.summary()} -> {args.output}", file=sys.stderr)
+    _problems("export", read)
+    return 0
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -33,9 +85,34 @@ def parser() -> argparse.ArgumentParser:
     env.add_argument("--bundle", type=Path, help="where to write certifi + the CA (default CONFDIR/llm-mitm-bundle.pem)")
     env.add_argument("--no-proxy", default=DEFAULT_NO_PROXY, help=f"NO_PROXY (default {DEFAULT_NO_PROXY})")
     env.set_defaults(run=_env)
+
+    from llm_mitm.tracestats import GROUPINGS
+
+    stats = commands.add_parser("stats", help="requests, errors, tokens, cost and latency from a trace file")
+    stats.add_argument("traces", type=Path)
+    stats.add_argument("--by", choices=GROUPINGS, default="model")
+    stats.add_argument("--json", action="store_true", help="JSON instead of a table")
+    stats.set_defaults(run=_stats)
+
+    report = commands.add_parser("report", help="a self-contained HTML report of a trace file")
+    report.add_argument("traces", type=Path)
+    report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
+    report.add_argument("--max-calls", type=int, default=2000, help="calls listed in the table (the latest)")
+    report.set_defaults(run=_report)
+
+    export = commands.add_parser("export", help="fine-tuning data from a trace file")
+    export.add_argument("traces", type=Path)
+    export.add_argument("--format", choices=("openai-chat",), default="openai-chat")
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("--model", help="only calls to models matching this glob")
+    export.set_defaults(run=_export)
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:  # `llm-mitm stats ... | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

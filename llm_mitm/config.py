@@ -160,6 +160,13 @@ class UsageConfig(_Section):
     stats_interval: int = Field(default=300, ge=0)
 
 
+class ReplayConfig(_Section):
+    """Answer from recorded traces: off, on (a miss goes upstream), strict (a miss is an error)."""
+
+    mode: Literal["off", "on", "strict"] = "off"
+    source: str | None = None  # default: the trace file
+
+
 class Config(_Section):
     """The whole config.yaml. Provider entries are merged key by key onto the defaults."""
 
@@ -170,6 +177,7 @@ class Config(_Section):
     policy: PolicyConfig = PolicyConfig()
     pricing: PricingConfig = PricingConfig()
     usage: UsageConfig = UsageConfig()
+    replay: ReplayConfig = ReplayConfig()
 
     @model_validator(mode="before")
     @classmethod

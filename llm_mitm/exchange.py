@@ -91,6 +91,7 @@ class Exchange:
     policy: PolicyDecision | None = None
     injected_stream_usage: bool = False
     cost_usd: float | None = None
+    replay: str | None = None  # "hit" when answered from a recorded trace, "miss" when not found
     # response side
     status_code: int | None = None
     response_headers: list[tuple[str, str]] = field(default_factory=list)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import orjson
 
-_OPENAI_TYPES = {400: "invalid_request_error", 403: "policy_violation", 429: "rate_limit_exceeded"}
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
+_OPENAI_TYPES = {400: "invalid_request_error", 403: "policy_violation", 404: "invalid_request_error", 429: "rate_limit_exceeded"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +19,7 @@ class Refusal:
 
 
 def refusal(api: str, status: int, rule: str, message: str, retry_after: int | None = None) -> Refusal:
-    text = f"llm-mitm blocked this request ({rule}): {message}"
+    text = f"llm-mitm answered this request itself ({rule}): {message}"
     if api == "anthropic":
         payload: dict[str, object] = {
             "type": "error",

@@ -53,6 +53,7 @@ class TraceRecord(BaseModel):
     usage: Usage | None
     cost_usd: float | None = None
     policy: Policy | None = None
+    replay: str | None = None
     api_key: str | None
     organization: str | None = None
     project: str | None = None
@@ -93,6 +94,7 @@ def build_record(exchange: Exchange, redactor: Redactor, bodies: BodiesMode = "f
         policy=Policy(decision=exchange.policy.decision, rule=exchange.policy.rule, detail=exchange.policy.detail)
         if exchange.policy
         else None,
+        replay=exchange.replay,
         api_key=exchange.api_key,
         organization=exchange.organization,
         project=exchange.project,

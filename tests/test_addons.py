@@ -121,6 +121,7 @@ def test_event_stream_response_gets_a_tap(tmp_path: Path) -> None:
             flow = chat_flow(body={"model": "gpt-4o", "stream": True, "messages": []})
             addons[3].request(flow)
             flow.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")], content=b"")
+            flow.response.data.content = None  # headers only, as at responseheaders from upstream
             addons[3].responseheaders(flow)
             assert callable(flow.response.stream)
             chunk = b'data: {"model": "m", "choices": [{"index": 0, "delta": {"content": "hey"}}]}\n\n'

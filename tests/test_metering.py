@@ -125,7 +125,7 @@ def test_stats_table() -> None:
 def test_refusal_shapes() -> None:
     openai = refusal("openai", 403, "model_not_allowed", "model 'x' is not allowed")
     assert openai.status == 403
-    assert orjson.loads(openai.body) == {"error": {"message": "llm-mitm blocked this request (model_not_allowed): model 'x' is not allowed", "type": "policy_violation", "code": "model_not_allowed", "param": None}}
+    assert orjson.loads(openai.body) == {"error": {"message": "llm-mitm answered this request itself (model_not_allowed): model 'x' is not allowed", "type": "policy_violation", "code": "model_not_allowed", "param": None}}
     anthropic = refusal("anthropic", 429, "requests_per_minute", "slow down", retry_after=12)
     body = orjson.loads(anthropic.body)
     assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"

@@ -8,6 +8,7 @@ from llm_mitm.addons.organization import Organization
 from llm_mitm.addons.output import OutputRedaction
 from llm_mitm.addons.quota import QuotaAddon
 from llm_mitm.addons.recorder import Recorder
+from llm_mitm.addons.replay import Replay
 from llm_mitm.addons.scope import Scope
 from llm_mitm.addons.settings import Settings
 from llm_mitm.addons.shared import Shared
@@ -18,8 +19,8 @@ from llm_mitm.addons.tracer import Tracer
 
 def build() -> list[object]:
     """Hooks run in this order for every event. On the way out: config, scope, the
-    exchange record, org headers, policy, stream usage, quota; on the way back: the
-    record is closed, metered, charged, counted and traced last."""
+    exchange record, org headers, policy, replay, stream usage, quota; on the way back:
+    the record is closed, metered, charged, counted and traced last."""
     shared = Shared()
     return [
         Settings(shared),
@@ -28,6 +29,7 @@ def build() -> list[object]:
         Recorder(shared),
         Organization(shared),
         Firewall(shared),
+        Replay(shared),
         StreamUsage(shared),
         Meter(shared),
         QuotaAddon(shared),
@@ -43,6 +45,7 @@ __all__ = [
     "OutputRedaction",
     "QuotaAddon",
     "Recorder",
+    "Replay",
     "Scope",
     "Settings",
     "Shared",

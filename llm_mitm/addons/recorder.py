@@ -58,7 +58,8 @@ class Recorder:
             rebuilder_for(exchange.route.api, exchange.route.operation),
             response.headers.get("content-encoding", ""),
         )
-        response.stream = exchange.tap
+        if response.raw_content is None:  # from upstream: stream it; an answer of ours is whole already
+            response.stream = exchange.tap
 
     def response(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
@@ -71,6 +72,8 @@ class Recorder:
             exchange.first_byte_at = response.timestamp_start
         exchange.finished_at = response.timestamp_end or time.time()
         if exchange.tap is not None:
+            if not response.stream and response.raw_content:  # an SSE answer we made ourselves
+                exchange.tap(response.raw_content)
             exchange.finish()
         else:
             exchange.finish(response.get_content(strict=False), response.headers.get("content-type", ""))

@@ -182,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         text = self._reply_text(request)
         tools = bool(request.get("tools"))
         deployment = "/deployments/" in self.path  # Azure names the model behind the deployment
-        model = RESPONSE_MODEL if deployment or str(request.get("model", "")).startswith("gpt-4o") else request.get("model", "")
+        model = RESPONSE_MODEL if deployment or request.get("model") == "gpt-4o" else request.get("model", "")
         usage = _openai_usage()
         if not request.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": None if tools else text, "refusal": None}

@@ -1,0 +1,86 @@
+"""Replay: answer LLM calls from recorded traces instead of calling upstream.
+
+For testing LLM applications offline and deterministically. `replay.mode: on` answers
+what it has and sends the rest upstream (recording it, so the next identical call is a
+hit); `strict` answers a miss with an error. Every answer says which:
+`X-LLM-Mitm-Replay: HIT|MISS`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from mitmproxy import http
+
+from llm_mitm.addons.refuse import refuse
+from llm_mitm.addons.shared import Shared
+from llm_mitm.config import Config, trace_destination
+from llm_mitm.exchange import Exchange
+from llm_mitm.replay import Recorded, ReplayIndex, as_stream, request_key
+
+logger = logging.getLogger("llm_mitm.replay")
+
+HEADER = "X-LLM-Mitm-Replay"
+
+
+class Replay:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.index = ReplayIndex()
+        self._source: str | None = None
+        shared.on_config(self._apply)
+
+    def _apply(self, config: Config) -> None:
+        if config.replay.mode == "off":
+            self.index, self._source = ReplayIndex(), None
+            return
+        source = config.replay.source or trace_destination(config)
+        if source != self._source:
+            self.index, self._source = ReplayIndex(), source
+            if source:
+                self.index.load(source)
+            logger.info("llm-mitm: replay %s: %d recorded answers from %s", config.replay.mode, len(self.index), source)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        mode = self.shared.config.replay.mode
+        if exchange is None or flow.response is not None or mode == "off":
+            return
+        recorded = self.index.find(self._key(exchange))
+        if recorded is None:
+            exchange.replay = "miss"
+            if mode == "strict":
+                refuse(flow, exchange, 404, "replay_miss", "no recorded answer for this request (replay.mode: strict)")
+                flow.response.headers[HEADER] = "MISS"
+            return
+        exchange.replay = "hit"
+        if exchange.stream:
+            include_usage = bool(((exchange.request_json or {}).get("stream_options") or {}).get("include_usage"))
+            content, kind = as_stream(recorded, include_usage), "text/event-stream"
+        else:
+            content, kind = orjson.dumps(recorded.body), "application/json"
+        flow.response = http.Response.make(recorded.status, content, {"content-type": kind, HEADER: "HIT"})
+        flow.comment = "llm-mitm: replayed from a recorded trace"
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = self.shared.exchange(flow)
+        if exchange is not None and exchange.replay == "miss" and flow.response is not None:
+            flow.response.headers[HEADER] = "MISS"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A miss that went upstream is recorded, so the same call is a hit next time."""
+        exchange = self.shared.exchange(flow)
+        if exchange is None or exchange.replay != "miss" or flow.response is None:
+            return
+        redactor = self.shared.redactor
+        status = exchange.status_code or 0
+        if 200 <= status < 300 and not exchange.error and exchange.response.is_json:
+            self.index.answers[self._key(exchange)] = Recorded(
+                exchange.route.api, exchange.route.operation, status, redactor.json(exchange.response.json)
+            )
+
+    def _key(self, exchange: Exchange) -> bytes:
+        redactor = self.shared.redactor
+        body = redactor.json(exchange.request.json) if exchange.request.is_json else exchange.request.text
+        return request_key(exchange.route.provider, redactor.url(exchange.url), exchange.api_key, body)

@@ -1,0 +1,141 @@
+"""Answers from recorded traces: the index and the replayed answer. Pure: no mitmproxy.
+
+A call matches a recorded one on provider, path and normalised body (keys sorted;
+`stream` and `stream_options` left out, so a recorded answer serves a streamed call as
+a stream and a plain call as JSON), and on the caller's key fingerprint, so two keys
+never share answers. Bodies are compared as traces hold them, redacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from llm_mitm.tracefile import read_records
+
+_VOLATILE = ("stream", "stream_options")
+
+
+def request_key(provider: str, url: str, tenant: str | None, body: Any) -> bytes:
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in _VOLATILE}
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(b"\n".join([provider.encode(), path.encode(), (tenant or "").encode(), canonical]), digest_size=20).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    api: str
+    operation: str
+    status: int
+    body: Any
+
+
+class ReplayIndex:
+    """Recorded answers by request key; the last recording of a request wins."""
+
+    def __init__(self) -> None:
+        self.answers: dict[bytes, Recorded] = {}
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        if not os.path.exists(path):
+            return
+        for record in read_records(path, progress=False):
+            self.add_record(record)
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        status = record.get("status_code")
+        request = (record.get("request") or {}).get("body")
+        response = (record.get("response") or {}).get("body")
+        blocked = (record.get("policy") or {}).get("decision") == "block"
+        if blocked or record.get("replay") == "hit" or record.get("error") or not isinstance(status, int) or not 200 <= status < 300:
+            return
+        if request is None or not isinstance(response, (dict, list)):
+            return
+        key = request_key(record.get("provider", ""), record.get("url", ""), record.get("api_key"), request)
+        self.answers[key] = Recorded(record.get("api", "openai"), record.get("operation", ""), status, response)
+
+    def find(self, key: bytes) -> Recorded | None:
+        return self.answers.get(key)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _event(data: Any, name: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else orjson.dumps(data).decode()
+    return ((f"event: {name}\n" if name else "") + f"data: {payload}\n\n").encode()
+
+
+def as_stream(recorded: Recorded, include_usage: bool) -> bytes:
+    """The recorded message as the SSE stream its API would have sent."""
+    if recorded.api == "anthropic":
+        return _anthropic_stream(recorded.body)
+    if recorded.operation == "responses":
+        return _responses_stream(recorded.body)
+    return _chat_stream(recorded.body, include_usage)
+
+
+def _chat_stream(body: dict[str, Any], include_usage: bool) -> bytes:
+    head = {k: body[k] for k in ("id", "created", "model", "system_fingerprint") if k in body}
+    head["object"] = "chat.completion.chunk"
+    out = []
+    for choice in body.get("choices") or []:
+        index, message = choice.get("index", 0), choice.get("message") or {}
+        out.append(_event({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+        if message.get("content"):
+            out.append(_event({**head, "choices": [{"index": index, "delta": {"content": message["content"]}, "finish_reason": None}]}))
+        for number, call in enumerate(message.get("tool_calls") or []):
+            delta = {"tool_calls": [{"index": number, "id": call.get("id"), "type": "function", "function": call.get("function")}]}
+            out.append(_event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}))
+        out.append(_event({**head, "choices": [{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}]}))
+    if include_usage and body.get("usage"):
+        out.append(_event({**head, "choices": [], "usage": body["usage"]}))
+    out.append(_event("[DONE]"))
+    return b"".join(out)
+
+
+def _responses_stream(body: dict[str, Any]) -> bytes:
+    started = {**body, "status": "in_progress", "output": []}
+    out = [_event({"type": "response.created", "response": started}, "response.created")]
+    for index, item in enumerate(body.get("output") or []):
+        out.append(_event({"type": "response.output_item.added", "output_index": index, "item": item}, "response.output_item.added"))
+        for part_index, part in enumerate(item.get("content") or [] if isinstance(item, dict) else []):
+            if isinstance(part, dict) and part.get("type") == "output_text":
+                delta = {"type": "response.output_text.delta", "output_index": index, "content_index": part_index, "delta": part.get("text", "")}
+                out.append(_event(delta, "response.output_text.delta"))
+        out.append(_event({"type": "response.output_item.done", "output_index": index, "item": item}, "response.output_item.done"))
+    out.append(_event({"type": "response.completed", "response": body}, "response.completed"))
+    return b"".join(out)
+
+
+def _anthropic_stream(body: dict[str, Any]) -> bytes:
+    usage = body.get("usage") or {}
+    start = {**body, "content": [], "stop_reason": None, "stop_sequence": None}
+    out = [_event({"type": "message_start", "message": start}, "message_start")]
+    for index, block in enumerate(body.get("content") or []):
+        kind = block.get("type")
+        empty = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": ""}}.get(kind, {**block, "input": {}})
+        out.append(_event({"type": "content_block_start", "index": index, "content_block": empty}, "content_block_start"))
+        if kind == "text":
+            delta = {"type": "text_delta", "text": block.get("text", "")}
+        elif kind == "thinking":
+            delta = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
+        else:
+            delta = {"type": "input_json_delta", "partial_json": orjson.dumps(block.get("input", {})).decode()}
+        out.append(_event({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"))
+        out.append(_event({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    final = {"stop_reason": body.get("stop_reason"), "stop_sequence": body.get("stop_sequence")}
+    out.append(_event({"type": "message_delta", "delta": final, "usage": {"output_tokens": usage.get("output_tokens", 0)}}, "message_delta"))
+    out.append(_event({"type": "message_stop"}, "message_stop"))
+    return b"".join(out)

@@ -1,0 +1,86 @@
+"""Reading trace files of any size: one record at a time, bounded memory, honest about damage.
+
+A torn last line (the proxy died mid-write) and lines that are not JSON are skipped and
+counted, never fatal. On a terminal a progress bar goes to stderr; piped, nothing does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+
+@dataclass
+class ReadReport:
+    records: int = 0
+    invalid_lines: list[int] = field(default_factory=list)
+    torn_last_line: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.torn_last_line:
+            out.append("the last line was cut short (the proxy stopped mid-write): skipped")
+        others = [n for n in self.invalid_lines if not (self.torn_last_line and n == self.invalid_lines[-1])]
+        if others:
+            shown = ", ".join(str(n) for n in others[:5]) + (" ..." if len(others) > 5 else "")
+            out.append(f"{len(others)} line(s) that are not JSON records were skipped (line {shown})")
+        return out
+
+
+class Progress:
+    """A one-line bar on stderr, redrawn at most five times a second; silent when piped."""
+
+    def __init__(self, total: int, label: str, stream: IO[str] | None = None, enabled: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total, self.label = max(total, 1), label
+        self._last = 0.0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last < 0.2:
+            return
+        self._last = now
+        share = min(done / self.total, 1.0)
+        bar = "#" * int(share * 30)
+        self.stream.write(f"\r{self.label} [{bar:<30}] {share:6.1%} of {self.total / 1e6:,.1f} MB")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 79 + "\r")
+            self.stream.flush()
+
+
+def read_records(path: str | os.PathLike[str], report: ReadReport | None = None, progress: bool | None = None) -> Iterator[dict[str, Any]]:
+    """Each JSON object of a JSONL trace file, in order."""
+    report = report if report is not None else ReadReport()
+    path = Path(path)
+    bar = Progress(path.stat().st_size, f"reading {path.name}", enabled=progress)
+    done = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            done += len(line)
+            if number % 512 == 0:
+                bar.update(done)
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                report.invalid_lines.append(number)
+                report.torn_last_line = not line.endswith(b"\n")
+                continue
+            if not isinstance(record, dict):
+                report.invalid_lines.append(number)
+                continue
+            report.records += 1
+            yield record
+    bar.close()

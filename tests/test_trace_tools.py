@@ -1,0 +1,296 @@
+"""llm-mitm stats, report, export and replay, on traces a real mitmdump wrote."""
+
+from __future__ import annotations
+
+import os
+import pty
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import requests
+
+from llm_mitm.export import validate
+from tests.conftest import provider_routes
+from tests.support.clients import drive
+from tests.support.fake_provider import CANNED_REPLY, FakeProvider
+from tests.support.mitm import Mitmdump
+from tests.support.pki import ServerCert
+from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker
+
+LLM_MITM = str(Path(sys.executable).with_name("llm-mitm"))
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider, pki: ServerCert) -> Path:
+    """A trace file with plain, streamed, tool, Responses, Anthropic, failed, blocked and repeated calls."""
+    folder = tmp_path_factory.mktemp("recorded")
+    config = {"policy": {"denied_models": ["gpt-4-banned"]}}
+    with Mitmdump(folder, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        env = proxy.client_env()
+
+        def call(params: dict[str, Any], op: str = "chat", **extra: Any) -> None:
+            drive({"client": "openai", "op": op, "api_key": OPENAI_KEY, "params": params, **extra}, env)
+
+        call(chat("first question"))
+        call(chat("first question"))  # a duplicate
+        call(chat("streamed question", stream=True))
+        call(chat("weather please", tools=TOOLS, stream=True))
+        call({"model": "gpt-4o", "input": "responses question", "instructions": "be brief", "stream": True}, op="responses")
+        call(chat("this fails"), headers={"x-fake-status": "500"})
+        call(chat("this is blocked", model="gpt-4-banned"))
+        call(chat("mini question", model="gpt-4o-mini"))
+        params = {"model": "claude-sonnet-4-5", "max_tokens": 9, "system": "be kind", "messages": [{"role": "user", "content": "anthropic question"}], "stream": True}
+        drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": params}, env)
+        records = proxy.wait_for_traces(9)
+        assert len(records) == 9
+    return proxy.traces_path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LLM_MITM, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_stats_table_and_json(recorded: Path) -> None:
+    table = cli("stats", str(recorded))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["model", "requests", "errors", "blocked", "input_tokens", "output_tokens", "cost_usd", "p50_ms", "p95_ms", "ttfb_p50_ms", "ttfb_p95_ms"]
+    assert len({len(line) for line in lines}) == 1  # aligned
+    assert lines[-1].startswith("TOTAL") and lines[-1].split()[1:4] == ["9", "1", "1"]
+    result = orjson.loads(cli("stats", str(recorded), "--json").stdout)
+    total = result["total"]
+    assert (total["requests"], total["errors"], total["blocked"]) == (9, 1, 1)
+    assert total["p50_ms"] > 0 and total["p95_ms"] >= total["p50_ms"] and total["ttfb_p50_ms"] > 0
+    assert result["groups"]["gpt-4o-mini"]["requests"] == 1
+    assert result["groups"]["claude-sonnet-4-5-20250929"]["cost_usd"] == pytest.approx((9 * 3 + 3 * 0.3 + 6 * 15) / 1e6)
+    assert total["cost_usd"] == pytest.approx(sum(g["cost_usd"] for g in result["groups"].values()))
+    for by, expected in (("provider", {"openai", "anthropic"}), ("operation", {"chat.completions", "responses", "messages"})):
+        assert set(orjson.loads(cli("stats", str(recorded), "--by", by, "--json").stdout)["groups"]) == expected
+    assert len(orjson.loads(cli("stats", str(recorded), "--by", "day", "--json").stdout)["groups"]) == 1
+    assert len(orjson.loads(cli("stats", str(recorded), "--by", "key", "--json").stdout)["groups"]) == 2
+
+
+def test_export_openai_chat(recorded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train.jsonl"
+    result = cli("export", str(recorded), "--format", "openai-chat", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    examples = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert "1 duplicate" in result.stderr and "1 blocked" in result.stderr and "1 failed call" in result.stderr
+    assert len(examples) == 6
+    for example in examples:
+        assert validate(example) == []
+        assert example["messages"][-1]["role"] == "assistant"
+    by_question = {e["messages"][-2]["content"]: e for e in examples}
+    assert by_question["streamed question"]["messages"][-1]["content"] == CANNED_REPLY
+    weather = by_question["weather please"]
+    assert weather["tools"] == TOOLS
+    assert weather["messages"][-1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+    responses = next(e for e in examples if e["messages"][0] == {"role": "system", "content": "be brief"})
+    assert responses["messages"][1:] == [{"role": "user", "content": "responses question"}, {"role": "assistant", "content": CANNED_REPLY}]
+    anthropic = next(e for e in examples if e["messages"][0] == {"role": "system", "content": "be kind"})
+    assert anthropic["messages"][-1] == {"role": "assistant", "content": CANNED_REPLY}
+    only_mini = tmp_path / "mini.jsonl"
+    cli("export", str(recorded), "-o", str(only_mini), "--model", "gpt-4o-mini*")
+    assert [orjson.loads(line)["messages"][0]["content"] for line in only_mini.read_bytes().splitlines()] == ["mini question"]
+
+
+def test_export_rules_catch_bad_examples() -> None:
+    assert validate({"messages": [{"role": "user", "content": "hi"}]}) == ["does not end with the assistant's reply"]
+    assert "message 0 has role 'robot'" in validate({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    assert any("unknown tool call" in p for p in validate({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}, {"role": "assistant", "content": "y"}]}))
+    assert validate({"messages": []}) == ["no messages"]
+
+
+# --------------------------------------------------------------------------- report
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "Debian's chromium and chromium-driver are needed (.ci/run installs them)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_report_renders_offline_in_a_real_browser(recorded: Path, tmp_path: Path, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    page = tmp_path / "report.html"
+    result = cli("report", str(recorded), "-o", str(page))
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert "<script src" not in text and "<link" not in text and "@import" not in text  # self-contained
+    assert "this is blocked" in text  # the data is inline
+
+    browser.get(page.as_uri())
+    assert "9 calls" in browser.find_element(By.ID, "summary").text
+    assert browser.find_element(By.ID, "total-cost").text.startswith("$0.00")
+    for chart in ("chart-days", "chart-latency", "chart-models", "chart-keys"):
+        assert browser.find_element(By.ID, chart).find_elements(By.TAG_NAME, "rect"), chart
+    assert "fake error 500" in browser.find_element(By.ID, "top-errors").text
+    assert "model_not_allowed" in browser.find_element(By.ID, "top-blocks").text
+    rows = browser.find_elements(By.CSS_SELECTOR, "#calls tbody tr")
+    assert len(rows) == 9
+    search = browser.find_element(By.ID, "search")
+    search.send_keys("weather")
+    assert len([r for r in rows if r.is_displayed()]) == 1
+    visible = next(r for r in rows if r.is_displayed())
+    visible.click()
+    dialog = browser.find_element(By.ID, "conversation")
+    assert dialog.is_displayed()
+    assert "weather please" in dialog.text and "Paris" in dialog.text  # the question and the rebuilt tool call
+    browser.save_screenshot(os.environ.get("LLM_MITM_REPORT_SCREENSHOT", str(tmp_path / "report.png")))
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_report_escapes_what_the_trace_holds(tmp_path: Path, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    nasty = "</script><script>window.pwned=1</script><img src=x onerror=window.pwned=2>"
+    record = {"timestamp": "2026-11-25T10:00:00Z", "provider": "openai", "operation": "chat.completions", "model": nasty,
+              "status_code": 200, "duration_ms": 5.0, "api_key": nasty, "cost_usd": 0.001,
+              "request": {"body": {"messages": [{"role": "user", "content": nasty}]}}, "response": {"body": None}}
+    traces = tmp_path / "t.jsonl"
+    traces.write_bytes(orjson.dumps(record) + b"\n")
+    page = tmp_path / "r.html"
+    assert cli("report", str(traces), "-o", str(page)).returncode == 0
+    browser.get(page.as_uri())
+    assert browser.execute_script("return window.pwned") is None
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#calls tbody tr")) == 1
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+# --------------------------------------------------------------------------- big files
+
+
+def make_big_trace(path: Path, records: int) -> None:
+    base = {"schema_version": 1, "timestamp": "2026-11-25T10:00:00.000Z", "provider": "openai", "api": "openai",
+            "operation": "chat.completions", "method": "POST", "url": "https://api.openai.com/v1/chat/completions",
+            "model": "gpt-4o", "response_model": "gpt-4o-2024-08-06", "stream": False, "status_code": 200,
+            "usage": {"input_tokens": 100, "output_tokens": 50}, "cost_usd": 0.00075, "api_key": "sk-…abcd#12345678"}
+    with open(path, "wb") as out:
+        for i in range(records):
+            body = {"messages": [{"role": "user", "content": f"question {i % 1000} " + "x" * 2000}]}
+            reply = {"choices": [{"message": {"role": "assistant", "content": f"answer {i % 1000}"}}]}
+            out.write(orjson.dumps({**base, "id": str(i), "duration_ms": 10 + i % 500, "ttfb_ms": 5 + i % 100,
+                                    "request": {"body": body}, "response": {"body": reply}}, option=orjson.OPT_APPEND_NEWLINE))
+
+
+def peak_rss_mb(*args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    code = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+        "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    return int(result.stderr.strip().splitlines()[-1]) / 1024, result
+
+
+def test_big_files_in_bounded_memory_with_a_torn_last_line(tmp_path: Path) -> None:
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    make_big_trace(small, 5_000)
+    make_big_trace(big, 50_000)  # ~110 MB
+    with open(big, "ab") as handle:
+        handle.write(b'{"id": "torn", "timestamp": "2026-11-2')  # the proxy died mid-write
+    small_rss, _ = peak_rss_mb(LLM_MITM, "stats", str(small), "--json")
+    big_rss, result = peak_rss_mb(LLM_MITM, "stats", str(big), "--json")
+    assert result.returncode == 0
+    assert orjson.loads(result.stdout)["total"]["requests"] == 50_000
+    assert "cut short" in result.stderr
+    assert big.stat().st_size > 100e6
+    assert big_rss - small_rss < 25, (small_rss, big_rss)  # ten times the data, not ten times the memory
+    export_rss, exported = peak_rss_mb(LLM_MITM, "export", str(big), "-o", str(tmp_path / "train.jsonl"))
+    assert exported.returncode == 0 and "1000 examples written; skipped: 49000 duplicate" in exported.stderr
+    assert export_rss - small_rss < 40, (small_rss, export_rss)
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    traces = tmp_path / "t.jsonl"
+    make_big_trace(traces, 20_000)
+    piped = cli("stats", str(traces))
+    assert "reading" not in piped.stderr and piped.stderr == ""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stderr is a terminal
+        os.execv(LLM_MITM, [LLM_MITM, "stats", str(traces)])
+    output = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.waitpid(pid, 0)
+    assert b"reading t.jsonl [" in output and b"%" in output
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def replay_proxy(folder: Path, recorded: Path, provider: FakeProvider, pki: ServerCert, mode: str) -> Mitmdump:
+    config = {"replay": {"mode": mode, "source": str(recorded)}, "traces": {"destination": "replayed.jsonl"}}
+    return Mitmdump(folder, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path)
+
+
+def test_replay_answers_from_traces_per_tenant(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
+        env = proxy.client_env()
+        before = (provider.connections, len(provider.requests))
+        # Recorded as a stream, asked as a stream: replayed as a stream.
+        result = drive({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat("streamed question", stream=True)}, env)
+        assert result["text"] == CANNED_REPLY and len(result["arrivals"]) >= 3
+        # Recorded plain, asked as a stream: still an answer, as a stream.
+        result = drive({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat("first question", stream=True)}, env)
+        assert result["text"] == CANNED_REPLY
+        params = {"model": "claude-sonnet-4-5", "max_tokens": 9, "system": "be kind", "messages": [{"role": "user", "content": "anthropic question"}], "stream": True}
+        assert drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": params}, env)["text"] == CANNED_REPLY
+        result = drive({"client": "openai", "op": "responses", "api_key": OPENAI_KEY,
+                        "params": {"model": "gpt-4o", "input": "responses question", "instructions": "be brief", "stream": True}}, env)
+        assert result["text"] == CANNED_REPLY
+        assert (provider.connections, len(provider.requests)) == before  # nothing went upstream
+
+        def post(key: str, text: str) -> requests.Response:
+            return requests.post("https://api.openai.com/v1/chat/completions", json=chat(text), headers={"Authorization": f"Bearer {key}"},
+                                 proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+
+        hit = post(OPENAI_KEY, "first question")
+        assert hit.headers["x-llm-mitm-replay"] == "HIT" and hit.json()["choices"][0]["message"]["content"] == CANNED_REPLY
+        other_tenant = post("sk-proj-" + "z" * 40, "first question")  # same question, another key
+        assert other_tenant.headers["x-llm-mitm-replay"] == "MISS" and other_tenant.status_code == 200
+        assert len(provider.requests) == before[1] + 1
+        again = post("sk-proj-" + "z" * 40, "first question")  # the miss was recorded
+        assert again.headers["x-llm-mitm-replay"] == "HIT"
+        assert len(provider.requests) == before[1] + 1
+    replayed = [orjson.loads(line) for line in (tmp_path / "replayed.jsonl").read_bytes().splitlines()]
+    assert [r["replay"] for r in replayed] == ["hit", "hit", "hit", "hit", "hit", "miss", "hit"]
+    assert all(r["cost_usd"] is None for r in replayed if r["replay"] == "hit")
+
+
+def test_replay_strict_miss_is_a_clear_error(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    with replay_proxy(tmp_path, recorded, provider, pki, "strict") as proxy:
+        before = len(provider.requests)
+        m = marker()
+        result = drive({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat(m)}, proxy.client_env())
+        assert result["error"] == "NotFoundError" and "replay_miss" in result["message"]
+        assert len(provider.requests) == before
+        ok = drive({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat("mini question", model="gpt-4o-mini")}, proxy.client_env())
+        assert ok["text"] == CANNED_REPLY
