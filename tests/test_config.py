@@ -96,7 +96,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     text = example.read_text()
     sections = {
         "traces": config.traces, "redaction": config.redaction, "organization": config.organization,
-        "policy": config.policy, "pricing": config.pricing, "usage": config.usage,
+        "policy": config.policy, "pricing": config.pricing, "usage": config.usage, "replay": config.replay,
     }
     for section, model in sections.items():
         assert f"{section}:" in text

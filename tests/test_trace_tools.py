@@ -227,19 +227,19 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
     make_big_trace(traces, 20_000)
     piped = cli("stats", str(traces))
     assert "reading" not in piped.stderr and piped.stderr == ""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: stderr is a terminal
-        os.execv(LLM_MITM, [LLM_MITM, "stats", str(traces)])
+    controller, terminal = pty.openpty()  # the child's stderr is a terminal
+    child = subprocess.Popen([LLM_MITM, "stats", str(traces)], stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
     output = b""
     while True:
         try:
-            chunk = os.read(fd, 65536)
-        except OSError:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed with the child
             break
         if not chunk:
             break
         output += chunk
-    os.waitpid(pid, 0)
+    assert child.wait(60) == 0
     assert b"reading t.jsonl [" in output and b"%" in output
 
 
