@@ -37,7 +37,7 @@ class Mitmdump:
         upstream_ca: Path | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
-        addon: Path = ADDON,
+        addon: Path | None = ADDON,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,9 @@ class Mitmdump:
         self.traces_path = workdir / "traces.jsonl"
         self.lines: list[str] = []
         self.ports: list[int] = []
-        args = [str(MITMDUMP), "-s", str(addon), "--set", f"confdir={self.confdir}", "--set", "listen_host=127.0.0.1"]
+        args = [str(MITMDUMP), "--set", f"confdir={self.confdir}", "--set", "listen_host=127.0.0.1"]
+        if addon is not None:  # None: bare mitmdump, for comparison
+            args += ["-s", str(addon)]
         if routes:
             args += ["-s", str(LOOPBACK_DNS)]
         for mode in modes:

@@ -1,0 +1,127 @@
+"""A small keep-alive HTTP/1.1 load client with nanosecond timing, through a proxy or not.
+
+One CONNECT (and one TLS handshake) per connection, then requests back to back, as the
+SDKs do. For streams it timestamps every chunk as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Target:
+    host: str  # the name the client asks for (SNI, Host)
+    port: int
+    tls: bool
+    proxy: tuple[str, int] | None = None  # forward proxy: CONNECT through it
+    connect_to: tuple[str, int] | None = None  # where the TCP connection goes when direct
+    ca: str | None = None
+
+
+@dataclass
+class Result:
+    latencies_ns: list[int] = field(default_factory=list)
+    errors: int = 0
+    wall_s: float = 0.0
+
+
+class Connection:
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    async def open(self) -> None:
+        t = self.target
+        address = t.proxy or t.connect_to or (t.host, t.port)
+        self.reader, self.writer = await asyncio.open_connection(*address)
+        if t.proxy and t.tls:
+            self.writer.write(f"CONNECT {t.host}:{t.port} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\n\r\n".encode())
+            await self.writer.drain()
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                raise ConnectionError(head[:80])
+        if t.tls:
+            context = ssl.create_default_context(cafile=t.ca)
+            await self.writer.start_tls(context, server_hostname=t.host)
+
+    def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+        t = self.target
+        target = path if not (t.proxy and not t.tls) else f"http://{t.host}:{t.port}{path}"
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {t.host}", f"Content-Length: {len(body)}", "Content-Type: application/json"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        self.writer.write(self._request(method, path, body, headers or {}))
+        await self.writer.drain()
+        status, response_headers = await self._head()
+        return status, await self._body(response_headers)
+
+    async def stream(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, list[int]]:
+        """Send, then return the arrival time (perf_counter_ns) of every body chunk."""
+        self.writer.write(self._request("POST", path, body, headers or {}))
+        await self.writer.drain()
+        status, _ = await self._head()
+        arrivals = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return status, arrivals
+            await self.reader.readexactly(size + 2)
+            arrivals.append(time.perf_counter_ns())
+
+    async def _head(self) -> tuple[int, dict[str, str]]:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        return int(lines[0].split(" ", 2)[1]), headers
+
+    async def _body(self, headers: dict[str, str]) -> bytes:
+        if "content-length" in headers:
+            return await self.reader.readexactly(int(headers["content-length"]))
+        parts = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return b"".join(parts)
+            parts.append((await self.reader.readexactly(size + 2))[:-2])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def load(target: Target, concurrency: int, requests: int, method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> Result:
+    """`requests` calls spread over `concurrency` keep-alive connections."""
+    result = Result()
+    counter = iter(range(requests))
+    limit = asyncio.Semaphore(64)  # handshakes at once
+
+    async def worker() -> None:
+        connection = Connection(target)
+        async with limit:
+            await connection.open()
+        try:
+            for _ in counter:
+                started = time.perf_counter_ns()
+                try:
+                    status, _ = await connection.request(method, path, body, headers)
+                except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                    result.errors += 1
+                    connection = Connection(target)
+                    await connection.open()
+                    continue
+                result.latencies_ns.append(time.perf_counter_ns() - started)
+                if status != 200:
+                    result.errors += 1
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.wall_s = time.perf_counter() - started
+    return result

@@ -1,0 +1,341 @@
+"""The llm-mitm benchmark: the addon next to bare mitmdump and no proxy, in one run.
+
+    python -m bench.run [--quick] [--out bench/results/latest.json]
+
+Everything runs on loopback against bench/upstream.py. Prints a table and writes JSON
+with the machine and versions. Targets (checked, and marked PASS/MISS in the output):
+addon throughput >= 0.95 x bare, p50 added over bare <= 0.3 ms, first streamed chunk no
+later than direct + bare's own per-request cost + 0.5 ms, chunk spacing within 1 ms,
+resident memory growth < 10 MB over 20k requests, redaction and SSE parsing linear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.client import Connection, Target, load  # noqa: E402
+from tests.support.mitm import Mitmdump  # noqa: E402
+from tests.support.pki import make_pki  # noqa: E402
+
+HOST = "api.openai.com"
+CHAT_PATH = "/v1/chat/completions"
+AUTH = {"Authorization": "Bearer sk-proj-" + "b" * 48}
+CHAT_BODY = orjson.dumps(
+    {
+        "model": "gpt-4o",
+        "max_tokens": 256,
+        "messages": [
+            {"role": "system", "content": "You are a careful assistant. " * 30},
+            {"role": "user", "content": "Summarise the following text. " + "lorem ipsum dolor sit amet " * 40},
+        ],
+    }
+)
+ADDON_CONFIG = {
+    "policy": {
+        "allowed_models": ["gpt-4o*"],
+        "max_tokens": 4096,
+        "forbidden_instructions": ["ignore previous instructions", "system:*you are dan*"],
+    },
+    "traces": {"destination": "traces.jsonl"},
+    "usage": {"stats_interval": 0},
+}
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.work = Path(tempfile.mkdtemp(prefix="llm-mitm-bench-"))
+        self.pki = make_pki(self.work / "pki")
+        self.results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ processes
+
+    def start_upstream(self) -> None:
+        self.upstream = subprocess.Popen(
+            [sys.executable, "-m", "bench.upstream", str(self.pki.cert_path), str(self.pki.key_path)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )
+        self.upstream_port = int(self.upstream.stdout.readline())  # type: ignore[union-attr]
+
+    def proxy(self, name: str, addon: bool, reverse: bool = False) -> Mitmdump:
+        modes = [f"reverse:https://{HOST}"] if reverse else ["regular"]
+        return Mitmdump(
+            self.work / name,
+            config=ADDON_CONFIG if addon else None,
+            modes=modes,
+            routes={HOST: self.upstream_port},
+            upstream_ca=self.pki.ca_path,
+            extra_args=["--set", "flow_detail=0"],
+            **({} if addon else {"addon": None}),
+        ).start()
+
+    def target(self, proxy: Mitmdump | None, reverse: bool = False) -> Target:
+        if proxy is None:
+            return Target(HOST, self.upstream_port, tls=True, connect_to=("127.0.0.1", self.upstream_port), ca=str(self.pki.ca_path))
+        if reverse:
+            return Target("127.0.0.1", proxy.port, tls=False)
+        return Target(HOST, 443, tls=True, proxy=("127.0.0.1", proxy.port), ca=str(proxy.ca_cert))
+
+    # ------------------------------------------------------------------ scenarios
+
+    def throughput(self, label: str, targets: dict[str, Target]) -> None:
+        rows = {}
+        for concurrency in (1, 8, 32):
+            count = (300 if self.quick else 1500) if concurrency == 1 else (600 if self.quick else 3000)
+            for name, target in targets.items():
+                asyncio.run(load(target, concurrency, 100, "POST", CHAT_PATH, CHAT_BODY, AUTH))  # warm up
+                result = asyncio.run(load(target, concurrency, count, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+                ms = [n / 1e6 for n in result.latencies_ns]
+                rows[f"{name} c={concurrency}"] = {
+                    "requests": count,
+                    "errors": result.errors,
+                    "rps": round(count / result.wall_s, 1),
+                    "p50_ms": round(statistics.median(ms), 3),
+                    "p99_ms": round(percentile(ms, 0.99), 3),
+                }
+                print(f"  {label} {name:>6} c={concurrency:<2} {rows[f'{name} c={concurrency}']}", flush=True)
+        self.results[label] = rows
+
+    def streaming(self, targets: dict[str, Target], events: int = 20, delay_ms: int = 50) -> None:
+        rows = {}
+        for name, target in targets.items():
+            first, gaps = [], []
+            for _ in range(3 if self.quick else 6):
+                connection = Connection(target)
+                asyncio.run(self._stream_once(connection, events, delay_ms, first, gaps))
+            deviation = [abs(g - delay_ms) for g in gaps]
+            rows[name] = {
+                "first_chunk_ms": round(statistics.median(first), 3),
+                "gap_ms_median": round(statistics.median(gaps), 3),
+                "gap_deviation_ms_p50": round(statistics.median(deviation), 3),
+                "gap_deviation_ms_max": round(max(deviation), 3),
+            }
+            print(f"  stream {name:>6} {rows[name]}", flush=True)
+        self.results["streaming"] = rows
+
+    async def _stream_once(self, connection: Connection, events: int, delay_ms: int, first: list[float], gaps: list[float]) -> None:
+        await connection.open()
+        body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        started = time.perf_counter_ns()
+        status, arrivals = await connection.stream(CHAT_PATH, body, {**AUTH, "x-events": str(events), "x-delay-ms": str(delay_ms)})
+        connection.close()
+        assert status == 200, status
+        # The server waits delay_ms before each event, so the first one is due at delay_ms.
+        first.append((arrivals[0] - started) / 1e6 - delay_ms)
+        event_arrivals = arrivals[:events]
+        gaps.extend((b - a) / 1e6 for a, b in zip(event_arrivals, event_arrivals[1:]))
+
+    def large(self, targets: dict[str, Target]) -> None:
+        big_request = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "y" * 1_000_000}]})
+        rows: dict[str, Any] = {}
+        for name, target in targets.items():
+            count = 10 if self.quick else 30
+            request = asyncio.run(load(target, 1, count, "POST", CHAT_PATH, big_request, AUTH))
+            response = asyncio.run(load(target, 1, count, "GET", "/big", b"", AUTH))
+            stream_ms = []
+            for _ in range(2 if self.quick else 3):
+                stream_ms.append(asyncio.run(self._long_stream(target)))
+            rows[name] = {
+                "1MB_request_p50_ms": round(statistics.median(n / 1e6 for n in request.latencies_ns), 2),
+                "1MB_response_p50_ms": round(statistics.median(n / 1e6 for n in response.latencies_ns), 2),
+                "10k_event_stream_ms": round(statistics.median(stream_ms), 1),
+            }
+            print(f"  large  {name:>6} {rows[name]}", flush=True)
+        self.results["large_bodies"] = rows
+
+    async def _long_stream(self, target: Target) -> float:
+        connection = Connection(target)
+        await connection.open()
+        body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        started = time.perf_counter_ns()
+        status, arrivals = await connection.stream(CHAT_PATH, body, {**AUTH, "x-events": "10000"})
+        connection.close()
+        assert status == 200
+        return (arrivals[-1] - started) / 1e6
+
+    def soak(self, proxy: Mitmdump, target: Target) -> None:
+        total = 4000 if self.quick else 20000
+        pid = proxy.process.pid  # type: ignore[union-attr]
+        asyncio.run(load(target, 8, 2000, "POST", CHAT_PATH, CHAT_BODY, AUTH))  # warm up: caches, pools, traces
+        time.sleep(1)
+        before = rss_mb(pid)
+        samples = []
+        for _ in range(10):
+            asyncio.run(load(target, 8, total // 10, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+            samples.append(round(rss_mb(pid), 1))
+        time.sleep(1)
+        after = rss_mb(pid)
+        self.results["memory"] = {"requests": total, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+                                  "growth_mb": round(after - before, 1), "samples_mb": samples}
+        print(f"  memory {self.results['memory']}", flush=True)
+
+    def micro(self) -> None:
+        """Trace writer capacity, and cost per byte of redaction and SSE parsing."""
+        from llm_mitm.exchange import Body, Exchange
+        from llm_mitm.providers import Route
+        from llm_mitm.redact import Redactor
+        from llm_mitm.sse import ChatCompletionsRebuilder, StreamTap
+        from llm_mitm.trace import build_record
+        from llm_mitm.writer import TraceWriter
+
+        redactor = Redactor()
+        route = Route("openai", "openai", "chat.completions")
+        exchange = Exchange(id="x", route=route, method="POST", url="https://api.openai.com/v1/chat/completions",
+                            client="127.0.0.1", request_headers=list(AUTH.items()), request=Body.parse(CHAT_BODY, "application/json"))
+        from bench.upstream import COMPLETION
+
+        exchange.status_code = 200
+        exchange.finish(COMPLETION, "application/json")
+        count = 5000 if self.quick else 20000
+        writer = TraceWriter(self.work / "writer.jsonl", None)
+        started = time.perf_counter()
+        for _ in range(count):
+            writer.submit(lambda: build_record(exchange, redactor))
+        writer.close(60)
+        records_per_s = count / (time.perf_counter() - started)
+
+        linear: dict[str, dict[str, float]] = {"redaction_us_per_kb": {}, "sse_us_per_kb": {}}
+        for size_kb in (100, 1000, 4000):
+            text = ("word " * (size_kb * 1024 // 5))[: size_kb * 1024]
+            body = {"messages": [{"role": "user", "content": text}]}
+            started = time.perf_counter()
+            redactor.json(body)
+            linear["redaction_us_per_kb"][f"{size_kb}KB"] = round((time.perf_counter() - started) * 1e6 / size_kb, 3)
+            event = b'data: {"choices":[{"index":0,"delta":{"content":"token "}}]}\n\n'
+            stream = event * (size_kb * 1024 // len(event))
+            tap = StreamTap(ChatCompletionsRebuilder())
+            started = time.perf_counter()
+            for offset in range(0, len(stream), 4096):
+                tap(stream[offset : offset + 4096])
+            tap.finish()
+            linear["sse_us_per_kb"][f"{size_kb}KB"] = round((time.perf_counter() - started) * 1e6 / size_kb, 3)
+        self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear}
+        print(f"  micro  {self.results['micro']}", flush=True)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        self.start_upstream()
+        try:
+            bare, addon = self.proxy("bare", False), self.proxy("addon", True)
+            forward = {"direct": self.target(None), "bare": self.target(bare), "addon": self.target(addon)}
+            print("forward proxy, TLS intercepted:", flush=True)
+            self.throughput("forward", forward)
+            print("streaming, 20 events 50 ms apart:", flush=True)
+            self.streaming(forward)
+            print("large bodies:", flush=True)
+            self.large(forward)
+            bare_r, addon_r = self.proxy("bare-reverse", False, True), self.proxy("addon-reverse", True, True)
+            reverse = {"direct": self.target(None), "bare": self.target(bare_r, True), "addon": self.target(addon_r, True)}
+            print("reverse proxy:", flush=True)
+            self.throughput("reverse", reverse)
+            for proxy in (bare_r, addon_r):
+                proxy.stop()
+            print("soak:", flush=True)
+            self.soak(addon, forward["addon"])
+            traced = len((self.work / "addon" / "traces.jsonl").read_bytes().splitlines())
+            self.results["addon_traces_written"] = traced
+            for proxy in (bare, addon):
+                proxy.stop()
+            self.micro()
+        finally:
+            self.upstream.kill()
+        self.results["targets"] = self.verdicts()
+        self.results["machine"] = machine()
+        return self.results
+
+    def verdicts(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for mode in ("forward", "reverse"):
+            rows = self.results[mode]
+            for c in (1, 8, 32):
+                bare, addon = rows[f"bare c={c}"], rows[f"addon c={c}"]
+                ratio = addon["rps"] / bare["rps"]
+                added = addon["p50_ms"] - bare["p50_ms"]
+                out[f"{mode} c={c} throughput ratio"] = {"value": round(ratio, 3), "target": ">= 0.95", "pass": ratio >= 0.95}
+                out[f"{mode} c={c} p50 added ms"] = {"value": round(added, 3), "target": "<= 0.3", "pass": added <= 0.3}
+        stream = self.results["streaming"]
+        per_request = self.results["forward"]["bare c=1"]["p50_ms"] - self.results["forward"]["direct c=1"]["p50_ms"]
+        budget = stream["direct"]["first_chunk_ms"] + per_request + 0.5
+        out["first chunk ms"] = {"value": stream["addon"]["first_chunk_ms"], "target": f"<= {budget:.3f}", "pass": stream["addon"]["first_chunk_ms"] <= budget}
+        deviation = stream["addon"]["gap_deviation_ms_p50"] - stream["direct"]["gap_deviation_ms_p50"]
+        out["chunk spacing ms (p50 deviation beyond direct)"] = {"value": round(deviation, 3), "target": "<= 1", "pass": deviation <= 1}
+        growth = self.results["memory"]["growth_mb"]
+        out["rss growth MB"] = {"value": growth, "target": "< 10", "pass": growth < 10}
+        for name in ("redaction_us_per_kb", "sse_us_per_kb"):
+            per_kb = list(self.results["micro"][name].values())
+            spread = max(per_kb) / min(per_kb)
+            out[f"{name} spread (100KB..4MB)"] = {"value": round(spread, 2), "target": "<= 2 (linear)", "pass": spread <= 2}
+        return out
+
+
+def machine() -> dict[str, Any]:
+    import mitmproxy.version
+
+    import llm_mitm
+
+    return {
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy.version.VERSION,
+        "llm_mitm": llm_mitm.__version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), ""),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print("\n== llm-mitm benchmark ==")
+    print(" ".join(f"{k}={v}" for k, v in results["machine"].items()))
+    for mode in ("forward", "reverse"):
+        print(f"\n{mode:<12}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        for name, row in results[mode].items():
+            print(f"{name:<12}{row['rps']:>10}{row['p50_ms']:>10}{row['p99_ms']:>10}")
+    print("\ntargets:")
+    for name, verdict in results["targets"].items():
+        print(f"  {'PASS' if verdict['pass'] else 'MISS'}  {name}: {verdict['value']} (target {verdict['target']})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+    results = Bench(args.quick).run()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print_table(results)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
