@@ -1,14 +1,14 @@
 """Test-only mitmproxy addon: resolve provider host names to local fake servers.
 
-This stands in for DNS (an /etc/hosts line), nothing more: the client still asks for
-api.openai.com, mitmproxy still verifies the upstream certificate for that name.
+This stands in for DNS (an /etc/hosts line that can also name a port), nothing more:
+the client still asks for api.openai.com, mitmproxy still verifies the upstream
+certificate for that name, and keeps and reuses its connections by that name.
 Routes come from LLM_MITM_TEST_ROUTES, like "api.openai.com=8443,*.openai.azure.com=8443".
 """
 
 import fnmatch
 import os
-
-from mitmproxy.proxy import server_hooks
+import socket
 
 ROUTES = [
     (pattern, int(port))
@@ -16,12 +16,15 @@ ROUTES = [
     if pattern and port
 ]
 
+_system_getaddrinfo = socket.getaddrinfo
 
-def server_connect(data: server_hooks.ServerConnectionHookData) -> None:
-    if not data.server.address:
-        return
-    host = str(data.server.address[0]).lower()
-    for pattern, port in ROUTES:
-        if fnmatch.fnmatchcase(host, pattern):
-            data.server.address = ("127.0.0.1", port)
-            return
+
+def _getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):  # noqa: A002 - socket's own names
+    name = host.decode() if isinstance(host, bytes) else str(host)
+    for pattern, target in ROUTES:
+        if fnmatch.fnmatchcase(name.lower(), pattern):
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", target))]
+    return _system_getaddrinfo(host, port, family, type, proto, flags)
+
+
+socket.getaddrinfo = _getaddrinfo
