@@ -104,8 +104,19 @@ class Exchange:
     error: str | None = None
     done: bool = False
     traced: bool = False
+    _headers: dict[str, str] | None = None
+
+    def header(self, name: str) -> str | None:
+        """A request header by lower-case name (a dict built once: mitmproxy's lookups scan)."""
+        if self._headers is None:
+            self._headers = {k.lower(): v for k, v in reversed(self.request_headers)}
+        return self._headers.get(name)
 
     def __post_init__(self) -> None:
+        self.read_request_body()
+
+    def read_request_body(self) -> None:
+        """Model and stream flag from the body (Azure: the deployment is the model)."""
         body = self.request.json if self.request.is_json else None
         if isinstance(body, dict):
             model = body.get("model")

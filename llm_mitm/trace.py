@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from llm_mitm.exchange import Body, Exchange
+from llm_mitm.exchange import Exchange
 from llm_mitm.redact import Redactor
 from llm_mitm.usage import Usage
 
@@ -60,54 +60,85 @@ class TraceRecord(BaseModel):
     error: str | None
 
 
-def build_record(exchange: Exchange, redactor: Redactor, bodies: BodiesMode = "full") -> TraceRecord:
-    """The redacted, serialisable view of a finished exchange."""
+def snapshot(exchange: Exchange) -> dict[str, Any]:
+    """What the trace needs from a finished exchange, as plain data (cheap: no
+    redaction, no validation), so that the record can be built in another process."""
+    return {
+        "id": exchange.id,
+        "started_at": exchange.started_at,
+        "first_byte_at": exchange.first_byte_at,
+        "finished_at": exchange.finished_at,
+        "client": exchange.client,
+        "route": [exchange.route.provider, exchange.route.api, exchange.route.operation, exchange.route.deployment],
+        "method": exchange.method,
+        "url": exchange.url,
+        "model": exchange.model,
+        "response_model": exchange.response_model,
+        "stream": exchange.stream,
+        "status_code": exchange.status_code,
+        "request_headers": exchange.request_headers,
+        "request": [exchange.request.size, exchange.request.is_json, exchange.request.value],
+        "response_headers": exchange.response_headers,
+        "response": [exchange.response.size, exchange.response.is_json, exchange.response.value],
+        "events": exchange.tap.rebuilder.events if exchange.tap is not None else None,
+        "usage": exchange.usage.model_dump() if exchange.usage else None,
+        "cost_usd": exchange.cost_usd,
+        "policy": [exchange.policy.decision, exchange.policy.rule, exchange.policy.detail] if exchange.policy else None,
+        "replay": exchange.replay,
+        "api_key": exchange.api_key,
+        "organization": exchange.organization,
+        "project": exchange.project,
+        "error": exchange.error,
+    }
+
+
+def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = "full") -> TraceRecord:
+    """The redacted, validated record of a snapshot."""
+    provider, api, operation, deployment = snap["route"]
+    policy = snap["policy"]
     return TraceRecord(
-        id=exchange.id,
-        timestamp=datetime.fromtimestamp(exchange.started_at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        duration_ms=_ms(exchange.started_at, exchange.finished_at),
-        ttfb_ms=_ms(exchange.started_at, exchange.first_byte_at),
-        client=exchange.client,
-        provider=exchange.route.provider,
-        api=exchange.route.api,
-        operation=exchange.route.operation,
-        method=exchange.method,
-        url=redactor.url(exchange.url),
-        model=exchange.model,
-        response_model=exchange.response_model,
-        deployment=exchange.route.deployment,
-        stream=exchange.stream,
-        status_code=exchange.status_code,
-        request=Message(
-            headers=redactor.headers_dict(exchange.request_headers) if bodies != "none" else {},
-            body=_body(exchange.request, redactor, bodies),
-            size=exchange.request.size,
-        ),
-        response=Message(
-            headers=redactor.headers_dict(exchange.response_headers) if bodies != "none" else {},
-            body=_body(exchange.response, redactor, bodies),
-            size=exchange.response.size,
-            events=exchange.tap.rebuilder.events if exchange.tap is not None else None,
-        ),
-        usage=exchange.usage,
-        cost_usd=exchange.cost_usd,
-        policy=Policy(decision=exchange.policy.decision, rule=exchange.policy.rule, detail=exchange.policy.detail)
-        if exchange.policy
-        else None,
-        replay=exchange.replay,
-        api_key=exchange.api_key,
-        organization=exchange.organization,
-        project=exchange.project,
-        error=redactor.text(exchange.error) if exchange.error else None,
+        id=snap["id"],
+        timestamp=datetime.fromtimestamp(snap["started_at"], UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        duration_ms=_ms(snap["started_at"], snap["finished_at"]),
+        ttfb_ms=_ms(snap["started_at"], snap["first_byte_at"]),
+        client=snap["client"],
+        provider=provider,
+        api=api,
+        operation=operation,
+        method=snap["method"],
+        url=redactor.url(snap["url"]),
+        model=snap["model"],
+        response_model=snap["response_model"],
+        deployment=deployment,
+        stream=snap["stream"],
+        status_code=snap["status_code"],
+        request=_message(snap["request_headers"], snap["request"], redactor, bodies),
+        response=_message(snap["response_headers"], snap["response"], redactor, bodies, snap["events"]),
+        usage=snap["usage"],
+        cost_usd=snap["cost_usd"],
+        policy=Policy(decision=policy[0], rule=policy[1], detail=policy[2]) if policy else None,
+        replay=snap["replay"],
+        api_key=snap["api_key"],
+        organization=snap["organization"],
+        project=snap["project"],
+        error=redactor.text(snap["error"]) if snap["error"] else None,
     )
 
 
-def _body(body: Body, redactor: Redactor, bodies: BodiesMode) -> Any:
-    if bodies != "full":
+def _message(headers: list[tuple[str, str]], body: list[Any], redactor: Redactor, bodies: BodiesMode, events: int | None = None) -> Message:
+    size, is_json, value = body
+    return Message(
+        headers=redactor.headers_dict(headers) if bodies != "none" else {},
+        body=_body(is_json, value, redactor, bodies),
+        size=size,
+        events=events,
+    )
+
+
+def _body(is_json: bool, value: Any, redactor: Redactor, bodies: BodiesMode) -> Any:
+    if bodies != "full" or value is None or (not is_json and not value):
         return None
-    if body.is_json:
-        return redactor.json(body.json)
-    return redactor.text(body.text) if body.text else None
+    return redactor.json(value) if is_json else redactor.text(value)
 
 
 def _ms(start: float | None, end: float | None) -> float | None:

@@ -3,7 +3,7 @@
 Records are rendered (redacted, serialised with orjson) on the writer thread, so the
 proxy only pays for a queue put. Each JSONL line goes out in one `write` on an
 O_APPEND descriptor, so lines never interleave, and is in the file as soon as the
-thread gets to it (well within a second). A failed write is logged, counted and
+thread gets to it (batches of 50 ms: well within a second). A failed write is logged, counted and
 undone (the file is cut back to its last whole line); the proxy never notices.
 """
 
@@ -28,6 +28,7 @@ RecordBuilder = Callable[[], BaseModel]
 
 _STOP = object()
 FILE_MODE = 0o600  # traces hold prompts
+BATCH_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -65,6 +66,9 @@ class TraceWriter:
         stopping = False
         while not stopping:
             batch = [self._queue.get()]
+            # Gather for a moment: one wake-up and one write per batch, not per record,
+            # which keeps this thread off the proxy's back (they share the GIL).
+            time.sleep(BATCH_SECONDS)
             while True:
                 try:
                     batch.append(self._queue.get_nowait())

@@ -106,7 +106,7 @@ def test_runs_from_a_plain_checkout_without_install(tmp_path: Path) -> None:
         # -S: no site processing, so neither the editable install's finder nor its .pth
         f"import sys; sys.path.append({site_packages!r});"
         "import importlib.util; assert importlib.util.find_spec('llm_mitm') is None, 'installed';"
-        f"import runpy; ns = runpy.run_path({str(ADDON)!r}); print(' '.join(type(a).__name__ for a in ns['addons']))"
+        f"import runpy; ns = runpy.run_path({str(ADDON)!r}); print(' '.join(type(c).__name__ for a in ns['addons'] for c in a.concerns))"
     )
     result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

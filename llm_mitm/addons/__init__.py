@@ -1,6 +1,17 @@
-"""The mitmproxy addon classes, one concern each, in the order their hooks must run."""
+"""The mitmproxy addon classes, one concern each, and the one object mitmproxy sees.
+
+mitmproxy offers every event (there are some thirty per flow) to every addon it knows,
+so each extra addon object costs on every flow. `LLMMitm` is the single object it
+sees: it forwards just the hooks the concerns implement, to them, in order.
+"""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import command, exceptions
 
 from llm_mitm.addons.firewall import Firewall
 from llm_mitm.addons.meter import Meter
@@ -16,12 +27,15 @@ from llm_mitm.addons.stats import Stats
 from llm_mitm.addons.stream_usage import StreamUsage
 from llm_mitm.addons.tracer import Tracer
 
+logger = logging.getLogger("llm_mitm")
 
-def build() -> list[object]:
-    """Hooks run in this order for every event. On the way out: config, scope, the
-    exchange record, org headers, policy, replay, stream usage, quota; on the way back:
-    the record is closed, metered, charged, counted and traced last."""
-    shared = Shared()
+FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
+
+
+def concerns(shared: Shared) -> list[Any]:
+    """In hook order. On the way out: config, scope, the exchange record, org headers,
+    policy, replay, stream usage, quota; on the way back the record is closed, metered,
+    charged, counted and traced last."""
     return [
         Settings(shared),
         OutputRedaction(shared),
@@ -38,8 +52,68 @@ def build() -> list[object]:
     ]
 
 
+class LLMMitm:
+    """Forwards mitmproxy's hooks to the concerns; one failing concern does not stop the
+    rest (as mitmproxy itself treats addons), but a refused option change still does."""
+
+    def __init__(self, shared: Shared | None = None) -> None:
+        self.shared = shared or Shared()
+        self.concerns = concerns(self.shared)
+        self.stats = next(c for c in self.concerns if isinstance(c, Stats))
+        self._hooks: dict[str, list[Callable[..., Any]]] = {
+            name: [getattr(c, name) for c in self.concerns if hasattr(c, name)]
+            for name in ("load", "configure", "running", "done", *FLOW_HOOKS)
+        }
+
+    def _each(self, name: str, *args: Any) -> None:
+        for hook in self._hooks[name]:
+            try:
+                hook(*args)
+            except exceptions.OptionsError:
+                raise
+            except Exception:
+                logger.exception("llm-mitm: %s failed in %s", name, getattr(hook, "__self__", hook).__class__.__name__)
+
+    def load(self, loader: Any) -> None:
+        self._each("load", loader)
+
+    def configure(self, updated: set[str]) -> None:
+        self._each("configure", updated)
+
+    def running(self) -> None:
+        self._each("running")
+
+    def done(self) -> None:
+        self._each("done")
+
+    def requestheaders(self, flow: Any) -> None:
+        self._each("requestheaders", flow)
+
+    def request(self, flow: Any) -> None:
+        self._each("request", flow)
+
+    def responseheaders(self, flow: Any) -> None:
+        self._each("responseheaders", flow)
+
+    def response(self, flow: Any) -> None:
+        self._each("response", flow)
+
+    def error(self, flow: Any) -> None:
+        self._each("error", flow)
+
+    @command.command("llm.stats")
+    def llm_stats(self) -> str:
+        """Spend and counts per API key and model since the proxy started."""
+        return self.stats.llm_stats()
+
+
+def build() -> list[object]:
+    return [LLMMitm()]
+
+
 __all__ = [
     "Firewall",
+    "LLMMitm",
     "Meter",
     "Organization",
     "OutputRedaction",
@@ -53,4 +127,5 @@ __all__ = [
     "StreamUsage",
     "Tracer",
     "build",
+    "concerns",
 ]

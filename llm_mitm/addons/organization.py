@@ -17,15 +17,15 @@ class Organization:
         if exchange is None or flow.response is not None or exchange.route.api != "openai":
             return
         config = self.shared.config.organization
-        headers = flow.request.headers  # case-insensitive
+        headers = flow.request.headers  # case-insensitive; written only when it changes
         for header, rule, attribute in (
             (ORGANIZATION_HEADER, config, "organization"),
             (PROJECT_HEADER, config.project, "project"),
         ):
-            value = choose(rule, headers.get(header), exchange.api_key)
-            if value is None:
+            sent = exchange.header(header.lower())
+            value = choose(rule, sent, exchange.api_key)
+            if value != sent:
                 headers.pop(header, None)
-            elif headers.get(header) != value:
-                headers.pop(header, None)
-                headers[header] = value
+                if value is not None:
+                    headers[header] = value
             setattr(exchange, attribute, value)

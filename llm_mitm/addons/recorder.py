@@ -24,22 +24,23 @@ class Recorder:
         route = self.shared.matcher.route(request.host, request.port, request.path)
         if route is None:
             return
-        content_type = request.headers.get("content-type", "")
-        body = Body.parse(request.get_content(strict=False), content_type)
         exchange = Exchange(
             id=flow.id,
             route=route,
             method=request.method,
             url=request.pretty_url,
             client=_client(flow),
-            request_headers=list(request.headers.items(multi=True)),
-            request=body,
+            request_headers=[(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in request.headers.fields],
+            request=Body(),
             started_at=request.timestamp_start,
-            api_key=self._api_key(request.headers),
-            organization=request.headers.get("openai-organization"),
-            project=request.headers.get("openai-project"),
             upgraded_http=bool(flow.metadata.get("llm_mitm.upgraded_http")),
         )
+        content_type = exchange.header("content-type") or ""
+        exchange.request = Body.parse(request.get_content(strict=False), content_type)
+        exchange.read_request_body()
+        exchange.api_key = self._api_key(exchange)
+        exchange.organization = exchange.header("openai-organization")
+        exchange.project = exchange.header("openai-project")
         if exchange.model is None and content_type.startswith("multipart/form-data"):
             exchange.model = _form_model(request)
         self.shared.exchanges[flow] = exchange
@@ -86,9 +87,9 @@ class Recorder:
         raw = flow.response.raw_content if flow.response is not None and exchange.tap is None else None
         exchange.finish(raw, error=message)
 
-    def _api_key(self, headers: http.Headers) -> str | None:
+    def _api_key(self, exchange: Exchange) -> str | None:
         for name in _KEY_HEADERS:
-            value = headers.get(name)
+            value = exchange.header(name)
             if value:
                 return self.shared.redactor.credential(value).removeprefix("Bearer ")
         return None

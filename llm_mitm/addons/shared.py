@@ -40,9 +40,11 @@ class Shared:
         for listener in self._listeners:
             listener(config)
 
-    def on_config(self, listener: ConfigListener) -> None:
+    def on_config(self, listener: ConfigListener, now: bool = True) -> None:
+        """Call `listener` with every config put in force (and with this one, if `now`)."""
         self._listeners.append(listener)
-        listener(self.config)
+        if now:
+            listener(self.config)
 
     def exchange(self, flow: http.HTTPFlow) -> Exchange | None:
         return self.exchanges.get(flow)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mitmproxy import command, http
+from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import Exchange
@@ -27,7 +27,6 @@ class Stats:
         if self._task is not None:
             self._task.cancel()
 
-    @command.command("llm.stats")
     def llm_stats(self) -> str:
         """Spend and counts per API key and model since the proxy started."""
         table = self.stats.table()

@@ -1,4 +1,4 @@
-"""Hands each finished exchange to the trace writer."""
+"""Hands each finished exchange to the trace writer process."""
 
 from __future__ import annotations
 
@@ -7,24 +7,41 @@ from mitmproxy import http
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config, trace_destination
 from llm_mitm.exchange import Exchange
-from llm_mitm.trace import build_record
-from llm_mitm.writer import TraceWriter
+from llm_mitm.trace import snapshot
+from llm_mitm.tracesink import SinkSettings, TraceSink
 
 
 class Tracer:
-    """Owns the TraceWriter; a new one when the destination changes, drained at exit."""
+    """Owns the TraceSink: a new one when where or how traces are written changes,
+    none when nothing is to be written, drained at exit."""
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self.writer: TraceWriter | None = None
-        self._target: tuple[str | None, str | None] = (None, None)
-        shared.on_config(self._apply)
+        self.sink: TraceSink | None = None
+        self._settings: SinkSettings | None = None
+
+    def load(self, loader) -> None:  # type: ignore[no-untyped-def]
+        # The writer process starts with the first config put in force, not at import.
+        self.shared.on_config(self._apply, now=False)
 
     def _apply(self, config: Config) -> None:
-        target = (trace_destination(config), config.traces.directory)
-        if target == self._target and self.writer is not None:
+        redaction = config.redaction
+        settings = SinkSettings(
+            destination=trace_destination(config),
+            directory=config.traces.directory,
+            bodies=config.traces.bodies,
+            redaction={
+                "extra_headers": list(redaction.headers),
+                "extra_params": list(redaction.query_params),
+                "extra_patterns": list(redaction.patterns),
+                "salt": redaction.fingerprint_salt,
+            },
+        )
+        if settings == self._settings:
             return
-        old, self.writer, self._target = self.writer, TraceWriter(*target), target
+        old, self._settings = self.sink, settings
+        wanted = settings.destination is not None or settings.directory is not None
+        self.sink = TraceSink(settings) if wanted else None
         if old is not None:
             old.close()
 
@@ -35,13 +52,12 @@ class Tracer:
         self._submit(self.shared.exchange(flow))
 
     def done(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
 
     def _submit(self, exchange: Exchange | None) -> None:
-        if exchange is None or self.writer is None or not exchange.done or exchange.traced:
+        if exchange is None or self.sink is None or not exchange.done or exchange.traced:
             return
         exchange.traced = True
-        redactor, bodies = self.shared.redactor, self.shared.config.traces.bodies
-        self.writer.submit(lambda: build_record(exchange, redactor, bodies))
+        self.sink.submit(snapshot(exchange))
