@@ -143,6 +143,9 @@ class Bench:
 
     async def _stream_once(self, connection: Connection, events: int, delay_ms: int, first: list[float], gaps: list[float]) -> None:
         await connection.open()
+        # A kept-alive connection, as SDK clients have: the first call pays for connecting
+        # upstream (at request time: llm-mitm connects lazily), the streamed one does not.
+        await connection.request("POST", CHAT_PATH, CHAT_BODY, AUTH)
         body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         started = time.perf_counter_ns()
         status, arrivals = await connection.stream(CHAT_PATH, body, {**AUTH, "x-events": str(events), "x-delay-ms": str(delay_ms)})

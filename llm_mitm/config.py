@@ -71,6 +71,8 @@ class TracesConfig(_Section):
     destination: str | None = "traces.jsonl"
     directory: str | None = None
     bodies: Literal["full", "metadata", "none"] = "full"
+    max_bytes: int | None = Field(default=None, gt=0)  # rotate the file past this size
+    keep: int = Field(default=5, ge=1)  # rotated files kept: traces.jsonl.1 .. .keep
 
 
 class RedactionConfig(_Section):

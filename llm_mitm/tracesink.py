@@ -30,6 +30,8 @@ class SinkSettings:
     destination: str | None
     directory: str | None
     bodies: str
+    max_bytes: int | None
+    keep: int
     redaction: dict[str, Any]  # Redactor(**redaction)
 
 
@@ -91,7 +93,7 @@ def _serve(receive: Connection, settings: SinkSettings) -> None:
     from llm_mitm.writer import TraceWriter
 
     redactor = Redactor(**settings.redaction)
-    writer = TraceWriter(settings.destination, settings.directory)
+    writer = TraceWriter(settings.destination, settings.directory, settings.max_bytes, settings.keep)
     bodies = settings.bodies
     try:
         while True:

@@ -41,9 +41,17 @@ class WriterStats:
 class TraceWriter:
     """A queue and one thread that owns the trace files."""
 
-    def __init__(self, destination: str | os.PathLike[str] | None, directory: str | os.PathLike[str] | None) -> None:
+    def __init__(
+        self,
+        destination: str | os.PathLike[str] | None,
+        directory: str | os.PathLike[str] | None,
+        max_bytes: int | None = None,
+        keep: int = 5,
+    ) -> None:
         self.destination = Path(destination) if destination else None
         self.directory = Path(directory) if directory else None
+        self.max_bytes = max_bytes
+        self.keep = keep
         self.stats = WriterStats()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._fd: int | None = None
@@ -111,6 +119,9 @@ class TraceWriter:
         try:
             fd = self._open()
             start = os.lseek(fd, 0, os.SEEK_END)
+            if self.max_bytes and start and start + len(data) > self.max_bytes:
+                self._rotate()
+                fd, start = self._open(), 0
             _write_all(fd, data)
         except OSError as exc:
             self._undo(start)
@@ -124,6 +135,19 @@ class TraceWriter:
             self.destination.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
             self._fd = os.open(self.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         return self._fd
+
+    def _rotate(self) -> None:
+        """traces.jsonl -> .1 -> .2 ... up to `keep`; whole files, so no line is split."""
+        assert self.destination is not None and self._fd is not None
+        os.close(self._fd)
+        self._fd = None
+        oldest = self.destination.with_name(f"{self.destination.name}.{self.keep}")
+        oldest.unlink(missing_ok=True)
+        for number in range(self.keep - 1, 0, -1):
+            older = self.destination.with_name(f"{self.destination.name}.{number}")
+            if older.exists():
+                older.rename(self.destination.with_name(f"{self.destination.name}.{number + 1}"))
+        self.destination.rename(self.destination.with_name(f"{self.destination.name}.1"))
 
     def _undo(self, start: int | None) -> None:
         """Cut a torn line off after a short write, and reopen next time."""

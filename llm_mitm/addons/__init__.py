@@ -20,6 +20,7 @@ from llm_mitm.addons.output import OutputRedaction
 from llm_mitm.addons.quota import QuotaAddon
 from llm_mitm.addons.recorder import Recorder
 from llm_mitm.addons.replay import Replay
+from llm_mitm.addons.safety import Safety
 from llm_mitm.addons.scope import Scope
 from llm_mitm.addons.settings import Settings
 from llm_mitm.addons.shared import Shared
@@ -39,6 +40,7 @@ def concerns(shared: Shared) -> list[Any]:
     return [
         Settings(shared),
         OutputRedaction(shared),
+        Safety(),
         Scope(shared),
         Recorder(shared),
         Organization(shared),
@@ -120,6 +122,7 @@ __all__ = [
     "QuotaAddon",
     "Recorder",
     "Replay",
+    "Safety",
     "Scope",
     "Settings",
     "Shared",

@@ -30,6 +30,8 @@ class Tracer:
             destination=trace_destination(config),
             directory=config.traces.directory,
             bodies=config.traces.bodies,
+            max_bytes=config.traces.max_bytes,
+            keep=config.traces.keep,
             redaction={
                 "extra_headers": list(redaction.headers),
                 "extra_params": list(redaction.query_params),

@@ -1,0 +1,180 @@
+"""Faults and bad input: disk full, rotation, kill -9, fuzzed parsers, unsafe set-ups."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from llm_mitm import writer as writer_module
+from llm_mitm.addons.safety import ca_key_problem, is_loopback
+from llm_mitm.config import PolicyConfig, default_config
+from llm_mitm.policy import Policy, RequestView
+from llm_mitm.providers import ProviderMatcher, Route
+from llm_mitm.writer import TraceWriter
+from tests.conftest import provider_routes
+from tests.support.fake_provider import FakeProvider
+from tests.support.mitm import Mitmdump
+from tests.support.pki import ServerCert
+from tests.test_e2e_clients import OPENAI_KEY, chat
+
+
+class Row(BaseModel):
+    id: str
+    pad: str = ""
+
+
+def lines(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_disk_full_loses_no_whole_line_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """ENOSPC in the middle of a write: the torn part is cut off, the error logged once,
+    and writing goes on when space comes back."""
+    real_write = os.write
+    full = threading.Event()
+
+    def write(fd: int, data: bytes) -> int:
+        if full.is_set() and len(data) > 10:
+            real_write(fd, bytes(data[:10]))  # a short write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", write)
+    target = tmp_path / "t.jsonl"
+    writer = TraceWriter(target, None)
+    with caplog.at_level(logging.INFO, logger="llm_mitm.traces"):
+        writer.submit(lambda: Row(id="before"))
+        time.sleep(0.3)
+        full.set()
+        for i in range(3):
+            writer.submit(lambda i=i: Row(id=f"lost{i}"))
+            time.sleep(0.1)
+        full.clear()
+        writer.submit(lambda: Row(id="after"))
+        writer.close()
+    assert [r["id"] for r in lines(target)] == ["before", "after"]
+    assert writer.stats.failed == 3
+    assert len([r for r in caplog.records if "TRACE LOST" in r.getMessage()]) == 1
+    assert any("works again" in r.getMessage() for r in caplog.records)
+
+
+def test_rotation_by_size_loses_no_line(tmp_path: Path) -> None:
+    target = tmp_path / "t.jsonl"
+    writer = TraceWriter(target, None, max_bytes=2000, keep=3)
+    for i in range(60):
+        writer.submit(lambda i=i: Row(id=str(i), pad="x" * 100))
+        if i % 7 == 0:
+            time.sleep(0.06)  # several batches, so several rotations
+    writer.close()
+    files = [target, *(target.with_name(f"t.jsonl.{n}") for n in (1, 2, 3))]
+    assert not target.with_name("t.jsonl.4").exists()
+    kept = [r for f in reversed(files) if f.exists() for r in lines(f)]
+    ids = [int(r["id"]) for r in kept]
+    assert ids == sorted(ids) and ids[-1] == 59  # in order, the newest kept
+    assert ids == list(range(ids[0], 60))  # nothing missing inside what is kept
+    assert all(f.stat().st_size <= 2000 for f in files if f.exists())
+
+
+def test_kill_9_leaves_a_clean_trace_file(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    proxy = Mitmdump(tmp_path, routes=provider_routes(provider), upstream_ca=pki.ca_path).start()
+    session = requests.Session()
+    done: list[tuple[str, float]] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with requests.Session() as s:
+            for i in range(250):
+                if stop.is_set():
+                    return
+                text = f"kill-{worker}-{i}"
+                try:
+                    r = s.post("https://api.openai.com/v1/chat/completions", json=chat(text), headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+                               proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10)
+                except requests.RequestException:
+                    return
+                if r.status_code == 200:
+                    done.append((text, time.monotonic()))
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]  # up to 1,000 requests
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    os.kill(proxy.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    stop.set()
+    for t in threads:
+        t.join()
+    session.close()
+    time.sleep(2)  # the writer process drains what it was handed
+    raw = proxy.traces_path.read_bytes()
+    assert raw.endswith(b"\n")
+    records = [orjson.loads(line) for line in raw.splitlines()]  # every line parses
+    traced = {r["request"]["body"]["messages"][0]["content"] for r in records}
+    settled = [text for text, at in done if at < killed_at - 1.0]
+    assert len(settled) > 50
+    assert set(settled) <= traced
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.integers(min_value=0, max_value=70000), st.text(max_size=80))
+def test_provider_detection_never_raises(host: str, port: int, path: str) -> None:
+    matcher = ProviderMatcher(default_config().enabled_providers)
+    route = matcher.route(host, port, path)
+    assert route is None or route.operation
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(["model", "messages", "role", "content", "input", "system", "prompt", "instructions", "type", "text", "max_tokens", "output"]) | st.text(max_size=6), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON, st.sampled_from(["chat.completions", "responses", "messages", "completions", "embeddings"]))
+def test_policy_never_raises_on_any_json(body: object, operation: str) -> None:
+    policy = Policy(PolicyConfig(allowed_models=["gpt-*"], max_tokens=10, max_tokens_action="clamp",
+                                 forbidden_instructions=["ignore previous", "system:*dan*"]))
+    route = Route("openai", "anthropic" if operation == "messages" else "openai", operation)
+    model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+    policy.check(RequestView(route, model, body))
+    policy.clamp(route, body)
+
+
+def test_duplicate_json_keys_last_one_wins() -> None:
+    """Like the providers' JSON parsers: a policy sees the model upstream would use."""
+    from llm_mitm.exchange import Body
+
+    body = Body.parse(b'{"model": "gpt-4o", "model": "o1-pro"}', "application/json")
+    assert body.json == {"model": "o1-pro"}
+
+
+def test_unsafe_setups_are_recognised(tmp_path: Path) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("") and not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
+    key = tmp_path / "mitmproxy-ca.pem"
+    key.write_text("k")
+    key.chmod(0o644)
+    assert "chmod 600" in (ca_key_problem(tmp_path) or "")
+    key.chmod(0o600)
+    assert ca_key_problem(tmp_path) is None
+
+
+def test_trace_files_are_private(proxy: Mitmdump) -> None:
+    before = len(proxy.traces())
+    requests.post("https://api.openai.com/v1/chat/completions", json=chat("private"), headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+                  proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+    assert len(proxy.wait_for_traces(before + 1)) == before + 1
+    assert proxy.traces_path.stat().st_mode & 0o777 == 0o600
