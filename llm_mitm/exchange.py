@@ -51,9 +51,12 @@ class Body:
 
 
 def _looks_like_json(content: bytes, content_type: str) -> bool:
-    if "json" in content_type.lower():
+    """By content type, or by the first byte whatever the type says: a JSON body sent as
+    text/plain is still read by most APIs, so policies must see it too."""
+    kind = content_type.lower()
+    if "json" in kind:
         return True
-    return content_type == "" and content[:1] in (b"{", b"[")
+    return not kind.startswith("multipart/") and content.lstrip()[:1] in (b"{", b"[")
 
 
 def _is_textual(content_type: str) -> bool:

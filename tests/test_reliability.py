@@ -27,7 +27,7 @@ from tests.conftest import provider_routes
 from tests.support.fake_provider import FakeProvider
 from tests.support.mitm import Mitmdump
 from tests.support.pki import ServerCert
-from tests.test_e2e_clients import OPENAI_KEY, chat
+from tests.test_e2e_clients import OPENAI_KEY, chat, trace_with
 
 
 class Row(BaseModel):
@@ -178,3 +178,81 @@ def test_trace_files_are_private(proxy: Mitmdump) -> None:
                   proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
     assert len(proxy.wait_for_traces(before + 1)) == before + 1
     assert proxy.traces_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_safety_warnings_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.test import taddons
+
+    from llm_mitm.addons.safety import Safety
+
+    (tmp_path / "mitmproxy-ca.pem").write_text("k")
+    (tmp_path / "mitmproxy-ca.pem").chmod(0o640)
+
+    async def go() -> None:
+        safety = Safety()
+        with taddons.context(safety, Proxyserver()) as tctx:
+            tctx.options.update(listen_host="", confdir=str(tmp_path))
+            with caplog.at_level(logging.WARNING):
+                safety.running()
+            assert "listening on every interface without proxyauth" in caplog.text
+            assert "mode 640" in caplog.text and "chmod 600" in caplog.text
+            tctx.options.update(listen_host="127.0.0.1")
+            (tmp_path / "mitmproxy-ca.pem").chmod(0o600)
+            caplog.clear()
+            safety.running()
+            assert caplog.records == []
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(go())
+
+
+def test_json_sent_as_text_plain_is_still_checked() -> None:
+    from llm_mitm.exchange import Body
+
+    body = Body.parse(b'  {"model": "gpt-4o"}', "text/plain")
+    assert body.is_json and body.json == {"model": "gpt-4o"}
+    assert not Body.parse(b"{not json", "text/plain").is_json
+    assert Body.parse(b"\xff\xfe{", "text/plain").text is not None  # non-UTF-8: kept as text, no crash
+
+
+def test_config_changes_under_load_lose_no_request(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    with Mitmdump(tmp_path, config={"traces": {"destination": "a.jsonl"}}, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        statuses: list[int] = []
+
+        def load(worker: int) -> None:
+            with requests.Session() as s:
+                for i in range(40):
+                    r = s.post("https://api.openai.com/v1/chat/completions", json=chat(f"load-{worker}-{i}"),
+                               headers={"Authorization": f"Bearer {OPENAI_KEY}"}, proxies={"https": proxy.proxy_url},
+                               verify=str(proxy.ca_cert), timeout=30)
+                    statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for n in range(6):  # good and bad edits while requests fly
+            time.sleep(0.4)
+            text = "traces:\n  destination: b.jsonl\n" if n % 2 else "traces:\n  destination: a.jsonl\n  nope: 1\n"
+            (tmp_path / "config.yaml").write_text(text)
+        for t in threads:
+            t.join()
+        time.sleep(1)
+    assert statuses == [200] * 160
+    traced = [r for name in ("a.jsonl", "b.jsonl") if (tmp_path / name).exists() for r in lines(tmp_path / name)]
+    assert sorted(r["request"]["body"]["messages"][0]["content"] for r in traced) == sorted(f"load-{w}-{i}" for w in range(4) for i in range(40))
+
+
+def test_http2_client(proxy: Mitmdump) -> None:
+    import subprocess
+
+    out = subprocess.run(
+        ["curl", "-sS", "--http2", "--proxy", proxy.proxy_url, "--cacert", str(proxy.ca_cert), "-w", "\n%{http_version}",
+         "https://api.openai.com/v1/chat/completions", "-H", f"authorization: Bearer {OPENAI_KEY}",
+         "-H", "content-type: application/json", "-d", orjson.dumps(chat("over h2"))],
+        capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0 and out.stdout.endswith(b"\n2"), out
+    assert trace_with(proxy, "over h2")["status_code"] == 200

@@ -37,7 +37,8 @@ def ca_key_problem(confdir: Path) -> str | None:
 class Safety:
     def running(self) -> None:
         host = ctx.options.listen_host
-        if not is_loopback(host) and not ctx.options.proxyauth:
+        proxyauth = ctx.options.proxyauth if "proxyauth" in ctx.options else None
+        if not is_loopback(host) and not proxyauth:
             logger.warning(
                 "llm-mitm: listening on %s without proxyauth: anyone who can reach this port can use the proxy "
                 "and its decrypted traffic; use --set listen_host=127.0.0.1 or --set proxyauth=USER:PASS",
