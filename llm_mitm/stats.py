@@ -6,8 +6,10 @@ import time
 from dataclasses import dataclass
 
 
-@dataclass(slots=True)
+@dataclass
 class Tally:
+    """Counts of calls; shared by llm.stats (live) and `llm-mitm stats` (from traces)."""
+
     requests: int = 0
     errors: int = 0
     blocked: int = 0
@@ -15,6 +17,21 @@ class Tally:
     output_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: int = 0
+
+    def count(self, input_tokens: int | None, output_tokens: int | None, cost_usd: float | None, error: bool, blocked: bool) -> None:
+        self.requests += 1
+        self.errors += error and not blocked
+        self.blocked += blocked
+        self.input_tokens += input_tokens or 0
+        self.output_tokens += output_tokens or 0
+        if cost_usd is None:
+            self.unpriced += not blocked
+        else:
+            self.cost_usd += cost_usd
+
+    def merge(self, other: Tally) -> None:
+        for name in ("requests", "errors", "blocked", "input_tokens", "output_tokens", "cost_usd", "unpriced"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class UsageStats:
@@ -33,22 +50,12 @@ class UsageStats:
         error: bool,
         blocked: bool,
     ) -> None:
-        tally = self.rows.setdefault((api_key or "-", model or "-"), Tally())
-        tally.requests += 1
-        tally.errors += error
-        tally.blocked += blocked
-        tally.input_tokens += input_tokens or 0
-        tally.output_tokens += output_tokens or 0
-        if cost_usd is None:
-            tally.unpriced += not blocked
-        else:
-            tally.cost_usd += cost_usd
+        self.rows.setdefault((api_key or "-", model or "-"), Tally()).count(input_tokens, output_tokens, cost_usd, error, blocked)
 
     def total(self) -> Tally:
         total = Tally()
         for tally in self.rows.values():
-            for field in Tally.__slots__:
-                setattr(total, field, getattr(total, field) + getattr(tally, field))
+            total.merge(tally)
         return total
 
     def summary(self) -> str:

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_mitm.stats import Tally
+
 GROUPINGS = ("model", "key", "day", "provider", "operation")
 _GROWTH = 1.02
 
@@ -41,26 +43,14 @@ class LogHistogram:
 
 
 @dataclass
-class Group:
-    requests: int = 0
-    errors: int = 0
-    blocked: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
+class Group(Tally):
     latency: LogHistogram = field(default_factory=LogHistogram)
     ttfb: LogHistogram = field(default_factory=LogHistogram)
 
     def add(self, record: dict[str, Any]) -> None:
-        self.requests += 1
-        policy = record.get("policy") or {}
-        blocked = policy.get("decision") == "block"
-        self.blocked += blocked
-        self.errors += bool(record.get("error")) and not blocked
+        blocked = (record.get("policy") or {}).get("decision") == "block"
         usage = record.get("usage") or {}
-        self.input_tokens += usage.get("input_tokens") or 0
-        self.output_tokens += usage.get("output_tokens") or 0
-        self.cost_usd += record.get("cost_usd") or 0.0
+        self.count(usage.get("input_tokens"), usage.get("output_tokens"), record.get("cost_usd"), bool(record.get("error")), blocked)
         if not blocked:
             if isinstance(record.get("duration_ms"), (int, float)):
                 self.latency.add(record["duration_ms"])

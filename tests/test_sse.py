@@ -6,7 +6,6 @@ import gzip
 import json
 import zlib
 
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
