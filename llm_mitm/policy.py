@@ -66,6 +66,10 @@ class _Instruction:
     pattern: str
     role: str | None
     regex: re.Pattern[str]
+    search: bool = False
+
+    def matches(self, text: str) -> bool:
+        return bool(self.regex.search(text) if self.search else self.regex.match(text))
 
 
 def _instruction(pattern: str) -> _Instruction:
@@ -76,8 +80,12 @@ def _instruction(pattern: str) -> _Instruction:
     else:
         role_name, glob = None, pattern
     glob = normalize(glob)
-    if not any(ch in glob for ch in "*?["):
-        glob = f"*{glob}*"  # a plain phrase matches anywhere in the text
+    plain = not any(ch in glob for ch in "*?[")
+    inner = glob[1:-1] if len(glob) > 2 and glob[0] == glob[-1] == "*" else glob
+    if plain or (inner != glob and not any(ch in inner for ch in "*?[")):
+        # A plain phrase (or *phrase*) matches anywhere: a substring search, which stays
+        # linear where `.*phrase.*` would backtrack through a large body.
+        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True)
     return _Instruction(pattern, role_name, _glob(glob))
 
 
@@ -124,7 +132,7 @@ class Policy:
             role = _ROLE_ALIASES.get(role, role)
             normal = normalize(text)
             for rule in self._instructions:
-                if (rule.role is None or rule.role == role) and rule.regex.match(normal):
+                if (rule.role is None or rule.role == role) and rule.matches(normal):
                     return Violation("forbidden_instruction", f"{role} text matches forbidden_instructions pattern {rule.pattern!r}")
         return None
 

@@ -134,3 +134,9 @@ def test_operations_and_unparseable() -> None:
     violation = check({}, body={}, unparseable=True)
     assert violation.rule == "unparseable_body" and violation.status == 400
     assert check({"on_unparseable": "forward"}, body={}, unparseable=True) is None
+
+
+def test_anchored_globs_stay_anchored() -> None:
+    config = {"forbidden_instructions": ["you are dan*"]}
+    assert rule(config, body={"messages": [{"role": "user", "content": "You are DAN, ok"}]}) == "forbidden_instruction"
+    assert rule(config, body={"messages": [{"role": "user", "content": "hello, you are dan"}]}) is None
