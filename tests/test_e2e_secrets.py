@@ -50,6 +50,9 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
                    "params": {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": prompt}]}}, env)
             drive({"client": "anthropic", "api_key": keys["anthropic"], "headers": {"x-fake-echo": "1"},
                    "params": {"model": "claude-x", "max_tokens": 5, "stream": stream, "messages": [{"role": "user", "content": prompt}]}}, env)
+        # An upstream error that quotes the input back (the key in the prompt included).
+        drive({"client": "openai", "op": "chat", "api_key": keys["openai"], "headers": {"x-fake-echo": "1", "x-fake-status": "400"},
+               "params": {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]}}, env)
         drive({"client": "openai", "op": "chat", "api_key": keys["azure"], "azure": "https://r.openai.azure.com",
                "params": {"model": "dep", "messages": [{"role": "user", "content": "hi"}]}}, env)
         drive({"client": "openai", "op": "responses", "api_key": keys["service"], "headers": {"x-fake-echo": "1"},
@@ -62,12 +65,13 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
              "-H", f"Authorization: Bearer {keys['openai']}"],
             capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True,
         )
-        records = proxy.wait_for_traces(8)
-        assert len(records) == 8
+        records = proxy.wait_for_traces(9)
+        assert len(records) == 9
+        assert any(r["status_code"] == 400 and "fake error 400: please remember" in (r["error"] or "") for r in records)
     # Every place we write to, after shutdown flushed everything.
     written = proxy.traces_path.read_text() + proxy.output
     files = list((tmp_path / "per-exchange").rglob("*.json"))
-    assert len(files) == 8
+    assert len(files) == 9
     written += "".join(f.read_text() for f in files)
     # The prompt did go through (and was echoed back), so the check is not vacuous.
     assert "please remember" in written and written.count("#") > 20

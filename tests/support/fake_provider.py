@@ -156,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
             except (orjson.JSONDecodeError, OSError):
                 return self._json(400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
         if self.headers.get("x-fake-status"):
-            return self._error(int(self.headers["x-fake-status"]), path)
+            return self._error(int(self.headers["x-fake-status"]), path, request)
         if path.endswith("/models"):
             return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
         if path.endswith("/embeddings"):
@@ -284,11 +284,14 @@ class _Handler(BaseHTTPRequestHandler):
         ]
         self._stream(events)
 
-    def _error(self, status: int, path: str) -> None:
+    def _error(self, status: int, path: str, request: dict[str, Any]) -> None:
+        message = f"fake error {status}"
+        if self.headers.get("x-fake-echo"):  # like an API quoting the bad input back
+            message += f": {self._reply_text(request)}"
         if path.endswith("/messages"):
-            body = {"type": "error", "error": {"type": "rate_limit_error" if status == 429 else "api_error", "message": f"fake error {status}"}}
+            body = {"type": "error", "error": {"type": "rate_limit_error" if status == 429 else "api_error", "message": message}}
         else:
-            body = {"error": {"message": f"fake error {status}", "type": "server_error", "code": None, "param": None}}
+            body = {"error": {"message": message, "type": "server_error", "code": None, "param": None}}
         self._json(status, body)
 
     # ------------------------------------------------------------------ wire
