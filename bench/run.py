@@ -35,6 +35,8 @@ from tests.support.pki import make_pki  # noqa: E402
 HOST = "api.openai.com"
 CHAT_PATH = "/v1/chat/completions"
 AUTH = {"Authorization": "Bearer sk-proj-" + "b" * 48}
+LITELLM_KEY = "sk-bench-litellm-master-0123456789"
+LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
 CHAT_BODY = orjson.dumps(
     {
         "model": "gpt-4o",
@@ -69,8 +71,9 @@ def rss_mb(pid: int) -> float:
 
 
 class Bench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, litellm: Path | None = None) -> None:
         self.quick = quick
+        self.litellm = litellm
         self.work = Path(tempfile.mkdtemp(prefix="llm-mitm-bench-"))
         self.pki = make_pki(self.work / "pki")
         self.results: dict[str, Any] = {}
@@ -96,6 +99,35 @@ class Bench:
             **({} if addon else {"addon": None}),
         ).start()
 
+    def start_litellm(self, binary: Path) -> subprocess.Popen[str] | None:
+        """LiteLLM's proxy (its own venv: it cannot share mitmproxy's) before the same upstream."""
+        import socket
+        import urllib.request
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.litellm_port = probe.getsockname()[1]
+        config = self.work / "litellm.yaml"
+        config.write_text(
+            "model_list:\n  - model_name: gpt-4o\n    litellm_params:\n      model: openai/gpt-4o\n"
+            f"      api_base: https://127.0.0.1:{self.upstream_port}/v1\n      api_key: sk-bench\n"
+        )
+        env = {**os.environ, "LITELLM_MASTER_KEY": LITELLM_KEY, "SSL_CERT_FILE": str(self.pki.ca_path),
+               "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+        process = subprocess.Popen([str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(self.litellm_port)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(120):
+            time.sleep(0.5)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.litellm_port}/health/liveliness", timeout=1)
+                return process
+            except OSError:
+                if process.poll() is not None:
+                    break
+        process.kill()
+        print("  litellm did not start: no peer row", flush=True)
+        return None
+
     def target(self, proxy: Mitmdump | None, reverse: bool = False) -> Target:
         if proxy is None:
             return Target(HOST, self.upstream_port, tls=True, connect_to=("127.0.0.1", self.upstream_port), ca=str(self.pki.ca_path))
@@ -110,8 +142,9 @@ class Bench:
         for concurrency in (1, 8, 32):
             count = (300 if self.quick else 1500) if concurrency == 1 else (600 if self.quick else 3000)
             for name, target in targets.items():
-                asyncio.run(load(target, concurrency, 100, "POST", CHAT_PATH, CHAT_BODY, AUTH))  # warm up
-                result = asyncio.run(load(target, concurrency, count, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+                auth = {"Authorization": f"Bearer {LITELLM_KEY}"} if name == "litellm" else AUTH
+                asyncio.run(load(target, concurrency, 100, "POST", CHAT_PATH, CHAT_BODY, auth))  # warm up
+                result = asyncio.run(load(target, concurrency, count, "POST", CHAT_PATH, CHAT_BODY, auth))
                 ms = [n / 1e6 for n in result.latencies_ns]
                 rows[f"{name} c={concurrency}"] = {
                     "requests": count,
@@ -260,8 +293,14 @@ class Bench:
             self.large(forward)
             bare_r, addon_r = self.proxy("bare-reverse", False, True), self.proxy("addon-reverse", True, True)
             reverse = {"direct": self.target(None), "bare": self.target(bare_r, True), "addon": self.target(addon_r, True)}
-            print("reverse proxy:", flush=True)
+            litellm = self.start_litellm(self.litellm) if self.litellm else None
+            if litellm is not None:
+                reverse["litellm"] = Target("127.0.0.1", self.litellm_port, tls=False)
+            print("reverse proxy (LiteLLM's proxy, a gateway, beside it):", flush=True)
             self.throughput("reverse", reverse)
+            if litellm is not None:
+                # No stream row: LiteLLM does not pass the upstream test headers (x-delay-ms) on.
+                litellm.kill()
             for proxy in (bare_r, addon_r):
                 proxy.stop()
             print("soak:", flush=True)
@@ -293,6 +332,10 @@ class Bench:
         out["first chunk ms"] = {"value": stream["addon"]["first_chunk_ms"], "target": f"<= {budget:.3f}", "pass": stream["addon"]["first_chunk_ms"] <= budget}
         deviation = stream["addon"]["gap_deviation_ms_p50"] - stream["direct"]["gap_deviation_ms_p50"]
         out["chunk spacing ms (p50 deviation beyond direct)"] = {"value": round(deviation, 3), "target": "<= 1", "pass": deviation <= 1}
+        if "litellm c=1" in self.results["reverse"]:
+            rows = self.results["reverse"]
+            out["peer: LiteLLM p50 added over direct, c=1 (ms)"] = {"value": round(rows["litellm c=1"]["p50_ms"] - rows["direct c=1"]["p50_ms"], 3), "target": "(for comparison)", "pass": True}
+            out["peer: llm-mitm reverse p50 added over direct, c=1 (ms)"] = {"value": round(rows["addon c=1"]["p50_ms"] - rows["direct c=1"]["p50_ms"], 3), "target": "(for comparison)", "pass": True}
         growth = self.results["memory"]["growth_mb"]
         out["rss growth MB"] = {"value": growth, "target": "< 10", "pass": growth < 10}
         for name in ("redaction_us_per_kb", "sse_us_per_kb"):
@@ -334,8 +377,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--litellm", type=Path, default=LITELLM if LITELLM.exists() else None,
+                        help="LiteLLM's `litellm` command, for a peer row (default: bench/.venv-litellm, when installed)")
     args = parser.parse_args()
-    results = Bench(args.quick).run()
+    results = Bench(args.quick, args.litellm).run()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     print_table(results)
