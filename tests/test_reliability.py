@@ -256,3 +256,37 @@ def test_http2_client(proxy: Mitmdump) -> None:
     )
     assert out.returncode == 0 and out.stdout.endswith(b"\n2"), out
     assert trace_with(proxy, "over h2")["status_code"] == 200
+
+
+def test_websocket_on_an_llm_host_passes_and_is_traced_as_metadata(proxy: Mitmdump) -> None:
+    import base64
+    import socket
+    import ssl
+
+    key = "sk-proj-" + "W5ck" * 12
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    raw.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+    assert b" 200 " in raw.recv(4096)
+    tls = ssl.create_default_context(cafile=str(proxy.ca_cert)).wrap_socket(raw, server_hostname="api.openai.com")
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    tls.sendall(
+        f"GET /v1/realtime?model=gpt-4o-realtime HTTP/1.1\r\nHost: api.openai.com\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {key}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    mask, payload = os.urandom(4), b'{"type": "session.update"}'
+    tls.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    frame = tls.recv(4096)
+    assert frame[2:] == payload  # the message passed through both ways
+    tls.close()
+    deadline = time.monotonic() + 5
+    while not (found := [r for r in proxy.traces() if "/v1/realtime" in r["url"]]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(found) == 1, proxy.output[-2000:]
+    record = found[0]
+    assert (record["operation"], record["status_code"]) == ("realtime", 101)
+    assert key[8:-4] not in proxy.traces_path.read_text() and key not in proxy.output

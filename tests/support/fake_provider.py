@@ -155,6 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
                 request = orjson.loads(gzip.decompress(body) if self.headers.get("content-encoding") == "gzip" else body)
             except (orjson.JSONDecodeError, OSError):
                 return self._json(400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
+        if (self.headers.get("upgrade") or "").lower() == "websocket":
+            return self._websocket_echo()
         if self.headers.get("x-fake-status"):
             return self._error(int(self.headers["x-fake-status"]), path, request)
         if path.endswith("/models"):
@@ -293,6 +295,27 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             body = {"error": {"message": message, "type": "server_error", "code": None, "param": None}}
         self._json(status, body)
+
+    def _websocket_echo(self) -> None:
+        """Like the Realtime API's socket, minimally: accept, echo one text frame, close."""
+        import base64
+        import hashlib
+
+        key = self.headers["sec-websocket-key"].encode()
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+        self.send_response(101)
+        self.send_header("upgrade", "websocket")
+        self.send_header("connection", "Upgrade")
+        self.send_header("sec-websocket-accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        head = self.rfile.read(2)
+        length = head[1] & 0x7F
+        mask = self.rfile.read(4)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
+        self.wfile.write(bytes([0x81, len(payload)]) + payload)
+        self.wfile.flush()
+        self.close_connection = True
 
     # ------------------------------------------------------------------ wire
 
