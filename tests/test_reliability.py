@@ -290,3 +290,24 @@ def test_websocket_on_an_llm_host_passes_and_is_traced_as_metadata(proxy: Mitmdu
     record = found[0]
     assert (record["operation"], record["status_code"]) == ("realtime", 101)
     assert key[8:-4] not in proxy.traces_path.read_text() and key not in proxy.output
+
+
+def test_huge_and_deeply_nested_bodies_pass(proxy: Mitmdump) -> None:
+    def post(data: bytes) -> requests.Response:
+        return requests.post("https://api.openai.com/v1/chat/completions", data=data,
+                             headers={"Authorization": f"Bearer {OPENAI_KEY}", "content-type": "application/json"},
+                             proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=60)
+
+    huge = orjson.dumps(chat("huge " + "z" * 8_000_000))
+    assert post(huge).status_code == 200
+    deep = b'{"model": "gpt-4o", "messages": ' + b"[" * 5000 + b"]" * 5000 + b', "tag": "deep-one"}'
+    answer = post(deep)  # valid JSON, deeper than parsers take: upstream decides, we stay up
+    assert answer.status_code in (200, 400)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        urls = [r for r in proxy.traces() if r["request"]["size"] >= 8_000_000 or r["request"]["size"] == len(deep)]
+        if len(urls) == 2:
+            break
+        time.sleep(0.1)
+    assert len(urls) == 2
+    assert post(orjson.dumps(chat("still fine"))).status_code == 200
