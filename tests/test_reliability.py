@@ -311,3 +311,22 @@ def test_huge_and_deeply_nested_bodies_pass(proxy: Mitmdump) -> None:
         time.sleep(0.1)
     assert len(urls) == 2
     assert post(orjson.dumps(chat("still fine"))).status_code == 200
+
+
+def test_upstream_refusing_connections_gives_a_clean_error(tmp_path: Path, pki: ServerCert, provider: FakeProvider) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    routes = {"api.openai.com": dead, "api.anthropic.com": provider.port}
+    with Mitmdump(tmp_path, routes=routes, upstream_ca=pki.ca_path) as proxy:
+        def post(host: str) -> requests.Response:
+            return requests.post(f"https://{host}/v1/chat/completions", json=chat("refused?"), headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+                                 proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+
+        assert post("api.openai.com").status_code == 502
+        assert post("api.anthropic.com").status_code == 200  # the proxy goes on serving
+        records = proxy.wait_for_traces(2)
+    refused = next(r for r in records if r["provider"] == "openai")
+    assert refused["error"] and refused["status_code"] in (None, 502)
