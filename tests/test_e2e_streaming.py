@@ -113,3 +113,23 @@ def test_shutdown_flushes_traces(tmp_path, provider, pki) -> None:  # type: igno
     assert proxy.stop() == 0
     assert time.monotonic() - started < 10
     assert any(m in orjson.dumps(t).decode() for t in proxy.traces())
+
+
+def test_stream_stalled_by_upstream_is_traced_when_the_client_gives_up(proxy: Mitmdump) -> None:
+    import requests
+
+    m = marker()
+    with pytest.raises(requests.exceptions.RequestException):
+        with requests.post(
+            "https://api.openai.com/v1/chat/completions", json=chat(m, stream=True, stream_options={"include_usage": True}),
+            headers={"Authorization": f"Bearer {OPENAI_KEY}", "x-fake-fail": "stall-mid-stream"},
+            proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=2, stream=True,
+        ) as response:
+            received = b""
+            for chunk in response.iter_content(None):
+                received += chunk  # what upstream sent so far arrives...
+    assert received.count(b"data: ") == 2  # ...and nothing more
+    t = trace_with(proxy, m)
+    assert t["error"]
+    assert t["response"]["events"] == 2
+    assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY[:5]

@@ -8,7 +8,8 @@ Test knobs are request headers (clients send them with `extra_headers`):
   x-fake-encoding   gzip | br | zstd | deflate: compress the response, chunk by chunk
   x-fake-echo       reply with the last user text instead of the canned reply
   x-fake-status     answer with this HTTP status and an API-shaped error body
-  x-fake-fail       "reset-mid-stream": drop the connection after two events
+  x-fake-fail       "reset-mid-stream": drop the connection after two events;
+                    "stall-mid-stream": go silent after two events
 """
 
 from __future__ import annotations
@@ -352,6 +353,9 @@ class _Handler(BaseHTTPRequestHandler):
         for number, (name, payload) in enumerate(events):
             if delay:
                 time.sleep(delay)
+            if fail == "stall-mid-stream" and number == 2:
+                time.sleep(8)  # upstream goes silent; the client gives up first
+                return
             if fail == "reset-mid-stream" and number == 2:
                 self.wfile.flush()
                 self.connection.shutdown(2)
