@@ -90,7 +90,6 @@ class Exchange:
     api_key: str | None = None
     organization: str | None = None
     project: str | None = None
-    upgraded_http: bool = False
     policy: PolicyDecision | None = None
     injected_stream_usage: bool = False
     cost_usd: float | None = None
@@ -107,19 +106,15 @@ class Exchange:
     error: str | None = None
     done: bool = False
     traced: bool = False
-    _headers: dict[str, str] | None = None
+    _headers: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def header(self, name: str) -> str | None:
         """A request header by lower-case name (a dict built once: mitmproxy's lookups scan)."""
-        if self._headers is None:
-            self._headers = {k.lower(): v for k, v in reversed(self.request_headers)}
         return self._headers.get(name)
 
     def __post_init__(self) -> None:
-        self.read_request_body()
-
-    def read_request_body(self) -> None:
-        """Model and stream flag from the body (Azure: the deployment is the model)."""
+        """Header index; model and stream flag from the body (Azure: the deployment is the model)."""
+        self._headers = {k.lower(): v for k, v in reversed(self.request_headers)}
         body = self.request.json if self.request.is_json else None
         if isinstance(body, dict):
             model = body.get("model")
@@ -132,10 +127,6 @@ class Exchange:
     def request_json(self) -> dict[str, Any] | None:
         body = self.request.json
         return body if self.request.is_json and isinstance(body, dict) else None
-
-    @property
-    def streamed(self) -> bool:
-        return self.tap is not None
 
     def replace_request_json(self, body: dict[str, Any], size: int) -> None:
         """The body was rewritten before going upstream; the record follows it."""

@@ -24,20 +24,18 @@ class Recorder:
         route = self.shared.matcher.route(request.host, request.port, request.path)
         if route is None:
             return
+        headers = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in request.headers.fields]
+        content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
         exchange = Exchange(
             id=flow.id,
             route=route,
             method=request.method,
             url=request.pretty_url,
             client=_client(flow),
-            request_headers=[(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in request.headers.fields],
-            request=Body(),
+            request_headers=headers,
+            request=Body.parse(request.get_content(strict=False), content_type),
             started_at=request.timestamp_start,
-            upgraded_http=bool(flow.metadata.get("llm_mitm.upgraded_http")),
         )
-        content_type = exchange.header("content-type") or ""
-        exchange.request = Body.parse(request.get_content(strict=False), content_type)
-        exchange.read_request_body()
         exchange.api_key = self._api_key(exchange)
         exchange.organization = exchange.header("openai-organization")
         exchange.project = exchange.header("openai-project")

@@ -9,6 +9,7 @@ hit); `strict` answers a miss with an error. Every answer says which:
 from __future__ import annotations
 
 import logging
+import weakref
 
 import orjson
 from mitmproxy import http
@@ -29,6 +30,7 @@ class Replay:
         self.shared = shared
         self.index = ReplayIndex()
         self._source: str | None = None
+        self._misses: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = weakref.WeakKeyDictionary()  # key per flow, made once
         shared.on_config(self._apply)
 
     def _apply(self, config: Config) -> None:
@@ -47,9 +49,11 @@ class Replay:
         mode = self.shared.config.replay.mode
         if exchange is None or flow.response is not None or mode == "off":
             return
-        recorded = self.index.find(self._key(exchange))
+        key = self._key(exchange)
+        recorded = self.index.find(key)
         if recorded is None:
             exchange.replay = "miss"
+            self._misses[flow] = key
             if mode == "strict":
                 refuse(flow, exchange, 404, "replay_miss", "no recorded answer for this request (replay.mode: strict)")
                 flow.response.headers[HEADER] = "MISS"
@@ -70,15 +74,13 @@ class Replay:
 
     def response(self, flow: http.HTTPFlow) -> None:
         """A miss that went upstream is recorded, so the same call is a hit next time."""
-        exchange = self.shared.exchange(flow)
-        if exchange is None or exchange.replay != "miss" or flow.response is None:
+        exchange, key = self.shared.exchange(flow), self._misses.pop(flow, None)
+        if exchange is None or key is None or flow.response is None:
             return
-        redactor = self.shared.redactor
         status = exchange.status_code or 0
         if 200 <= status < 300 and not exchange.error and exchange.response.is_json:
-            self.index.answers[self._key(exchange)] = Recorded(
-                exchange.route.api, exchange.route.operation, status, redactor.json(exchange.response.json)
-            )
+            body = self.shared.redactor.json(exchange.response.json)
+            self.index.answers[key] = Recorded(exchange.route.api, exchange.route.operation, status, body)
 
     def _key(self, exchange: Exchange) -> bytes:
         redactor = self.shared.redactor

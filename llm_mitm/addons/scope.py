@@ -62,4 +62,3 @@ class Scope:
             request.port = 443
         for name in _PROXY_HOP_HEADERS:  # meant for this proxy, never for the provider
             request.headers.pop(name, None)
-        flow.metadata["llm_mitm.upgraded_http"] = True
