@@ -113,13 +113,17 @@ class Exchange:
         return self._headers.get(name)
 
     def __post_init__(self) -> None:
-        """Header index; model and stream flag from the body (Azure: the deployment is the model)."""
         self._headers = {k.lower(): v for k, v in reversed(self.request_headers)}
-        body = self.request.json if self.request.is_json else None
-        if isinstance(body, dict):
-            model = body.get("model")
+        self.take_request(self.request)
+
+    def take_request(self, body: Body) -> None:
+        """The request body; model and stream flag from it (Azure: the deployment is the model)."""
+        self.request = body
+        payload = body.json if body.is_json else None
+        if isinstance(payload, dict):
+            model = payload.get("model")
             self.model = model if isinstance(model, str) else None
-            self.stream = body.get("stream") is True
+            self.stream = payload.get("stream") is True
         if self.route.deployment:
             self.model = self.route.deployment
 

@@ -14,6 +14,7 @@ from functools import lru_cache
 from importlib import resources
 
 from llm_mitm.config import ModelPrice
+from llm_mitm.memo import Memo
 from llm_mitm.usage import Usage
 
 _SUFFIXES = (
@@ -36,9 +37,13 @@ class PriceTable:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self.as_of, shipped = shipped_table()
         self.prices = {**shipped, **{k.lower(): v for k, v in (overrides or {}).items()}}
+        self._resolved: Memo[str, str | None] = Memo(self._resolve)
 
     def resolve(self, model: str) -> str | None:
         """The table's name for a model: exact, else with snapshot suffixes taken off."""
+        return self._resolved(model)
+
+    def _resolve(self, model: str) -> str | None:
         name = model.lower().rpartition("/")[2]  # "openai/gpt-4o" on some compatible servers
         seen = set()
         while name and name not in seen:

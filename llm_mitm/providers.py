@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from llm_mitm.config import ApiKind, ProviderConfig
+from llm_mitm.memo import Memo
 
 _LABELS = r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*"
 
@@ -66,6 +67,7 @@ class ProviderMatcher:
                 regex = host_regex(pattern)
                 self.allow_hosts.append(regex)
                 self._entries.append((re.compile(regex, re.IGNORECASE), provider))
+        self._routes: Memo[tuple[str, int, str], Route | None] = Memo(self._route)
 
     def match(self, host: str, port: int) -> Provider | None:
         if ":" in host and not host.startswith("["):
@@ -77,6 +79,10 @@ class ProviderMatcher:
         return None
 
     def route(self, host: str, port: int, path: str) -> Route | None:
+        return self._routes((host, port, path))
+
+    def _route(self, destination: tuple[str, int, str]) -> Route | None:
+        host, port, path = destination
         provider = self.match(host, port)
         if provider is None:
             return None

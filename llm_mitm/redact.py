@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from llm_mitm.memo import Memo
+
 SENSITIVE_HEADERS = frozenset(
     {
         "authorization",
@@ -81,9 +83,13 @@ class Redactor:
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
+        self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
 
     def fingerprint(self, secret: str) -> str:
         """`<kind>…<last 4>#<8 hex of sha256>`; the same secret always gives the same text."""
+        return self._fingerprints(secret)
+
+    def _fingerprint(self, secret: str) -> str:
         digest = hashlib.sha256(self._salt + secret.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         prefix = next((p for p in _KEY_PREFIXES if secret.startswith(p)), "")
         if not prefix and secret.startswith("eyJ"):

@@ -97,13 +97,25 @@ _HIDDEN = re.compile(
     "\u20d0-\u20ff\ufe20-\ufe2f\U000e0000-\U000e007f]"
 )
 _SPACES = re.compile(r"\s+")
+# The same for plain ASCII, as byte operations (this runs on every request's prompts):
+# controls go, tab/CR/LF become spaces, capitals become small, then runs of spaces close up.
+_ASCII_HIDDEN = bytes(range(0x00, 0x09)) + b"\x0b\x0c" + bytes(range(0x0E, 0x20)) + b"\x7f"
+_ASCII_FOLD = bytes.maketrans(b"\t\n\r" + bytes(range(0x41, 0x5B)), b"   " + bytes(range(0x61, 0x7B)))
+_ASCII_RUNS = re.compile(b" {2,}")
 
 
 def normalize(text: str) -> str:
     """A form in which case, compatibility forms, accents, invisible characters and
     look-alike letters cannot hide a match. Plain ASCII takes the short way."""
     if text.isascii():
-        return _SPACES.sub(" ", _HIDDEN.sub("", text).lower()).strip()
+        data = text.encode("ascii").translate(_ASCII_FOLD, _ASCII_HIDDEN)
+        if b"  " in data:
+            data = _ASCII_RUNS.sub(b" ", data)
+        return data.strip(b" ").decode("ascii")
+    return _normalize_unicode(text)
+
+
+def _normalize_unicode(text: str) -> str:
     decomposed = _HIDDEN.sub("", unicodedata.normalize("NFKD", text))
     folded = unicodedata.normalize("NFKC", decomposed).casefold().translate(_HOMOGLYPHS)
     return _SPACES.sub(" ", _HIDDEN.sub("", folded)).strip()

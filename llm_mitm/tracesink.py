@@ -1,18 +1,18 @@
 """The trace writer's own process: records are redacted, validated and written there.
 
-The proxy's event loop only turns an exchange into plain data and hands the bytes to a
-sender thread; all the rest runs on another core, so tracing does not compete with
-proxying for the interpreter lock. The process reads until the pipe closes, so it
-writes everything it was given at shutdown, and also when mitmdump is killed.
+The proxy's event loop only turns an exchange into a JSON line and appends it to a
+buffer; every 50 ms the loop writes the buffer to a pipe without blocking (the rest
+when the pipe has room). No thread: nothing competes with proxying for the interpreter
+lock. The process reads lines until the pipe closes, so it writes everything it was
+given at shutdown, and also when mitmdump is killed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
-import queue
-import threading
-import time
+import os
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -21,8 +21,8 @@ import orjson
 
 logger = logging.getLogger("llm_mitm.traces")
 
-_STOP = b""
 BATCH_SECONDS = 0.05
+MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 
 
 @dataclass(frozen=True)
@@ -36,53 +36,97 @@ class SinkSettings:
 
 
 class TraceSink:
-    """Parent side: a queue, a sender thread and the writer process."""
+    """Parent side: a buffer of JSON lines, the pipe's write end, and the writer process."""
 
     def __init__(self, settings: SinkSettings) -> None:
         self.settings = settings
         self.dropped = 0
         context = multiprocessing.get_context("spawn")  # never fork a threaded proxy
-        receive, self._send = context.Pipe(duplex=False)
+        receive, send = context.Pipe(duplex=False)
         self.process = context.Process(target=_serve, args=(receive, settings), name="llm-mitm-traces", daemon=True)
         self.process.start()
         receive.close()
-        self._queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._forward, name="llm-mitm-trace-sender", daemon=True)
-        self._sender.start()
+        self._pipe: Connection | None = send
+        self._fd = send.fileno()
+        os.set_blocking(self._fd, False)
+        self._lines: list[bytes] = []
+        self._outgoing = bytearray()  # joined lines the pipe has not taken yet
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_due = False
+        self._waiting_for_room = False
 
     def submit(self, snapshot: dict[str, Any]) -> None:
-        self._queue.put(orjson.dumps(snapshot, option=orjson.OPT_NON_STR_KEYS))
+        """Queue one record (orjson never writes a raw newline, so a line is a record)."""
+        if self._pipe is None:
+            return
+        self._lines.append(orjson.dumps(snapshot, option=orjson.OPT_NON_STR_KEYS))
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (tests, shutdown): hand it over now
+            self._flush(blocking=True)
+            return
+        self._loop, self._flush_due = loop, True
+        loop.call_later(BATCH_SECONDS, self._flush)
 
     def close(self, timeout: float = 15.0) -> None:
         """Hand over everything queued, then let the process finish writing."""
-        self._queue.put(_STOP)
-        self._sender.join(timeout)
+        if self._pipe is not None:
+            self._flush(blocking=True)
+            self._pipe.close()
+            self._pipe = None
         self.process.join(timeout)
         if self.process.is_alive():
             logger.error("llm-mitm: the trace writer did not finish in %.0f s; stopping it", timeout)
             self.process.terminate()
 
-    def _forward(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self._queue.get()]
-            time.sleep(BATCH_SECONDS)  # one wake-up per batch, not per record: the GIL is shared
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            for data in batch:
-                if data == _STOP:
-                    stopping = True
-                    continue
-                try:
-                    self._send.send_bytes(data)
-                except (OSError, ValueError):
-                    self.dropped += 1
-                    if self.dropped == 1:
-                        logger.error("llm-mitm: TRACE LOST: the trace writer process is gone (exit code %s)", self.process.exitcode)
-        self._send.close()
+    def _flush(self, blocking: bool = False) -> None:
+        self._flush_due = False
+        if self._pipe is None:  # closed while a flush was due
+            return
+        if self._lines:
+            count = len(self._lines)
+            if len(self._outgoing) > MAX_BUFFERED:
+                self._lose(count, "the trace writer does not keep up")
+            else:
+                self._outgoing += b"\n".join(self._lines) + b"\n"
+            self._lines.clear()
+        if blocking:
+            self._stop_waiting()
+            os.set_blocking(self._fd, True)
+        self._write()
+        if blocking:
+            os.set_blocking(self._fd, False)
+
+    def _write(self) -> None:
+        """As much as the pipe takes now; the rest when it has room."""
+        try:
+            while self._outgoing:
+                written = os.write(self._fd, self._outgoing)
+                del self._outgoing[:written]
+        except BlockingIOError:
+            if not self._waiting_for_room and self._loop is not None:
+                self._loop.add_writer(self._fd, self._write)
+                self._waiting_for_room = True
+            return
+        except OSError:
+            self._stop_waiting()
+            self._lose(self._outgoing.count(b"\n"), f"the trace writer process is gone (exit code {self.process.exitcode})")
+            self._outgoing.clear()
+            return
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self._waiting_for_room and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_writer(self._fd)
+        self._waiting_for_room = False
+
+    def _lose(self, count: int, reason: str) -> None:
+        first = self.dropped == 0
+        self.dropped += count
+        if first:
+            logger.error("llm-mitm: TRACE LOST: %s (proxying goes on)", reason)
 
 
 def _serve(receive: Connection, settings: SinkSettings) -> None:
@@ -96,12 +140,13 @@ def _serve(receive: Connection, settings: SinkSettings) -> None:
     writer = TraceWriter(settings.destination, settings.directory, settings.max_bytes, settings.keep)
     bodies = settings.bodies
     try:
-        while True:
-            try:
-                data = receive.recv_bytes()
-            except (EOFError, OSError):
-                break
-            snap = orjson.loads(data)
-            writer.submit(lambda snap=snap: build_record(snap, redactor, bodies))  # type: ignore[misc]
+        with open(receive.fileno(), "rb", closefd=False) as lines:
+            for line in lines:
+                if not line.endswith(b"\n"):
+                    break  # the parent died in the middle of a write: a torn last record
+                snap = orjson.loads(line)
+                writer.submit(lambda snap=snap: build_record(snap, redactor, bodies))  # type: ignore[misc]
+    except OSError:
+        pass
     finally:
         writer.close(60)

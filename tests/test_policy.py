@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_mitm.config import PolicyConfig
 from llm_mitm.policy import Policy, RequestView
 from llm_mitm.providers import Route
+from llm_mitm.texts import _normalize_unicode, normalize
 
 OPENAI = Route("openai", "openai", "chat.completions")
 RESPONSES = Route("openai", "openai", "responses")
@@ -121,6 +124,12 @@ def test_forbidden_instructions_in_every_shape(route: Route, body: dict) -> None
 def test_tricks_do_not_hide_a_match(text: str) -> None:
     body = {"messages": [{"role": "user", "content": text}]}
     assert rule(FORBIDDEN, body=body) == "forbidden_instruction", text
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60))
+def test_ascii_short_way_agrees_with_the_general_one(text: str) -> None:
+    assert normalize(text) == _normalize_unicode(text)
 
 
 def test_role_specific_pattern_only_for_that_role() -> None:

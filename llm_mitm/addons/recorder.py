@@ -24,38 +24,38 @@ class Recorder:
         route = self.shared.matcher.route(request.host, request.port, request.path)
         if route is None:
             return
-        headers = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in request.headers.fields]
-        content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
         exchange = Exchange(
             id=flow.id,
             route=route,
             method=request.method,
-            url=request.pretty_url,
+            url="",
             client=_client(flow),
-            request_headers=headers,
-            request=Body.parse(request.get_content(strict=False), content_type),
+            request_headers=decoded(request.headers.fields),
+            request=Body(),
             started_at=request.timestamp_start,
         )
+        exchange.url = _url(request, exchange.header("host"))
+        content = request.get_content(strict=False) if exchange.header("content-encoding") else request.raw_content
+        content_type = exchange.header("content-type") or ""
+        exchange.take_request(Body.parse(content, content_type))
         exchange.api_key = self._api_key(exchange)
         exchange.organization = exchange.header("openai-organization")
         exchange.project = exchange.header("openai-project")
         if exchange.model is None and content_type.startswith("multipart/form-data"):
             exchange.model = _form_model(request)
-        self.shared.exchanges[flow] = exchange
+        self.shared.record(flow, exchange)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
         if exchange is None or flow.response is None:
             return
         response = flow.response
-        exchange.status_code = response.status_code
-        exchange.response_headers = list(response.headers.items(multi=True))
-        exchange.first_byte_at = response.timestamp_start
-        if response.stream or not _is_event_stream(response):
+        self._take_head(exchange, response)
+        if response.stream or not first(exchange.response_headers, "content-type").lower().startswith("text/event-stream"):
             return
         exchange.tap = StreamTap(
             rebuilder_for(exchange.route.api, exchange.route.operation),
-            response.headers.get("content-encoding", ""),
+            first(exchange.response_headers, "content-encoding"),
         )
         if response.raw_content is None:  # from upstream: stream it; an answer of ours is whole already
             response.stream = exchange.tap
@@ -66,16 +66,22 @@ class Recorder:
             return
         response = flow.response
         if exchange.status_code is None:  # answered by an addon: no responseheaders seen
-            exchange.status_code = response.status_code
-            exchange.response_headers = list(response.headers.items(multi=True))
-            exchange.first_byte_at = response.timestamp_start
+            self._take_head(exchange, response)
         exchange.finished_at = response.timestamp_end or time.time()
         if exchange.tap is not None:
             if not response.stream and response.raw_content:  # an SSE answer we made ourselves
                 exchange.tap(response.raw_content)
             exchange.finish()
         else:
-            exchange.finish(response.get_content(strict=False), response.headers.get("content-type", ""))
+            headers = exchange.response_headers
+            content = response.get_content(strict=False) if first(headers, "content-encoding") else response.raw_content
+            exchange.finish(content, first(headers, "content-type"))
+
+    @staticmethod
+    def _take_head(exchange: Exchange, response: http.Response) -> None:
+        exchange.status_code = response.status_code
+        exchange.response_headers = decoded(response.headers.fields)
+        exchange.first_byte_at = response.timestamp_start
 
     def error(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
@@ -98,8 +104,25 @@ def _client(flow: http.HTTPFlow) -> str:
     return str(peer[0]) if peer else ""
 
 
-def _is_event_stream(response: http.Response) -> bool:
-    return response.headers.get("content-type", "").lower().startswith("text/event-stream")
+def decoded(fields: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
+    """Header fields as text, straight from mitmproxy's tuple (its lookups scan and convert)."""
+    return [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in fields]
+
+
+def first(headers: list[tuple[str, str]], name: str) -> str:
+    """The first value of a header (`name` in lower case), or ""."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return ""
+
+
+def _url(request: http.Request, host_header: str | None) -> str:
+    """mitmproxy's `pretty_url` (the URL as the client named it), the short way for the
+    common case: a Host header with no port."""
+    if host_header and ":" not in host_header and request.authority == "":
+        return f"{request.scheme}://{host_header}{request.path}"
+    return request.pretty_url
 
 
 def _form_model(request: http.Request) -> str | None:

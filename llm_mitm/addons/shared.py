@@ -23,6 +23,8 @@ class Shared:
     def __init__(self, config: Config | None = None) -> None:
         self._listeners: list[ConfigListener] = []
         self.exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
+        # Each hook asks for the flow's exchange once per concern: remember the last answer.
+        self._last: tuple[http.HTTPFlow | None, Exchange | None] = (None, None)
         self.apply(config or default_config())
 
     def apply(self, config: Config) -> None:
@@ -47,4 +49,13 @@ class Shared:
             listener(self.config)
 
     def exchange(self, flow: http.HTTPFlow) -> Exchange | None:
-        return self.exchanges.get(flow)
+        last_flow, last_exchange = self._last
+        if flow is last_flow:
+            return last_exchange
+        exchange = self.exchanges.get(flow)
+        self._last = (flow, exchange)
+        return exchange
+
+    def record(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        self.exchanges[flow] = exchange
+        self._last = (flow, exchange)
