@@ -81,7 +81,7 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
         "response_headers": exchange.response_headers,
         "response": [exchange.response.size, exchange.response.is_json, exchange.response.value],
         "events": exchange.tap.rebuilder.events if exchange.tap is not None else None,
-        "usage": exchange.usage.model_dump() if exchange.usage else None,
+        "usage": exchange.usage.as_dict() if exchange.usage else None,
         "cost_usd": exchange.cost_usd,
         "policy": [exchange.policy.decision, exchange.policy.rule, exchange.policy.detail] if exchange.policy else None,
         "replay": exchange.replay,

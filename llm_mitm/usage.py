@@ -7,12 +7,14 @@ are added back), which makes sums across providers mean the same thing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
 
+@dataclass(slots=True)
+class Usage:
+    """A plain dataclass: one is made for every call, on the proxy's event loop."""
 
-class Usage(BaseModel):
     input_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
@@ -20,6 +22,17 @@ class Usage(BaseModel):
     cache_creation_input_tokens: int | None = None
     reasoning_tokens: int | None = None
     estimated: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "estimated": self.estimated,
+        }
 
 
 def _int(value: Any) -> int | None:

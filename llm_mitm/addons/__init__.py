@@ -30,6 +30,7 @@ from llm_mitm.addons.tracer import Tracer
 
 logger = logging.getLogger("llm_mitm")
 
+LIFECYCLE_HOOKS = ("load", "configure", "running", "done")
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
 
 
@@ -62,10 +63,17 @@ class LLMMitm:
         self.shared = shared or Shared()
         self.concerns = concerns(self.shared)
         self.stats = next(c for c in self.concerns if isinstance(c, Stats))
-        self._hooks: dict[str, list[Callable[..., Any]]] = {
-            name: [getattr(c, name) for c in self.concerns if hasattr(c, name)]
-            for name in ("load", "configure", "running", "done", *FLOW_HOOKS)
-        }
+        self._hooks: dict[str, list[Callable[..., Any]]] = {}
+        self._route_hooks()
+        self.shared.on_config(lambda config: self._route_hooks(), now=False)
+
+    def _route_hooks(self) -> None:
+        """Each hook's list of concerns. Flow hooks skip a concern the config leaves idle
+        (`active` false: no replay, no limits, no organization rules): every call costs
+        on every flow."""
+        self._hooks = {name: [getattr(c, name) for c in self.concerns if hasattr(c, name)] for name in LIFECYCLE_HOOKS}
+        working = [c for c in self.concerns if getattr(c, "active", True)]
+        self._hooks.update({name: [getattr(c, name) for c in working if hasattr(c, name)] for name in FLOW_HOOKS})
 
     def _each(self, name: str, *args: Any) -> None:
         for hook in self._hooks[name]:

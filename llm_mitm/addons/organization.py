@@ -12,6 +12,12 @@ class Organization:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
 
+    @property
+    def active(self) -> bool:
+        """Without rules the client's headers go as sent (the exchange already has them)."""
+        config = self.shared.config.organization
+        return any(rule.default or rule.by_key for rule in (config, config.project))
+
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
         if exchange is None or flow.response is not None or exchange.route.api != "openai":

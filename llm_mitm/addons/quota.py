@@ -44,6 +44,10 @@ class QuotaAddon:
         self._spend = spend
         self.quota = Quota(config.policy, self._windows, spend)
 
+    @property
+    def active(self) -> bool:
+        return self.quota.active
+
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
         if exchange is None or flow.response is not None or not self.quota.active:

@@ -44,6 +44,10 @@ class Replay:
                 self.index.load(source)
             logger.info("llm-mitm: replay %s: %d recorded answers from %s", config.replay.mode, len(self.index), source)
 
+    @property
+    def active(self) -> bool:
+        return self.shared.config.replay.mode != "off"
+
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
         mode = self.shared.config.replay.mode
