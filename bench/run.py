@@ -87,7 +87,7 @@ class Bench:
         )
         self.upstream_port = int(self.upstream.stdout.readline())  # type: ignore[union-attr]
 
-    def proxy(self, name: str, addon: bool, reverse: bool = False) -> Mitmdump:
+    def proxy(self, name: str, addon: bool, reverse: bool = False, options: tuple[str, ...] = ()) -> Mitmdump:
         modes = [f"reverse:https://{HOST}"] if reverse else ["regular"]
         return Mitmdump(
             self.work / name,
@@ -95,7 +95,7 @@ class Bench:
             modes=modes,
             routes={HOST: self.upstream_port},
             upstream_ca=self.pki.ca_path,
-            extra_args=["--set", "flow_detail=0"],
+            extra_args=["--set", "flow_detail=0", *(arg for option in options for arg in ("--set", option))],
             **({} if addon else {"addon": None}),
         ).start()
 
@@ -287,10 +287,14 @@ class Bench:
             forward = {"direct": self.target(None), "bare": self.target(bare), "addon": self.target(addon)}
             print("forward proxy, TLS intercepted:", flush=True)
             self.throughput("forward", forward)
+            # mitmdump streams a body only when told to: its own per-chunk cost, for comparison.
+            bare_streaming = self.proxy("bare-streaming", False, options=("stream_large_bodies=1",))
+            streams = {**forward, "bare-streaming": self.target(bare_streaming)}
             print("streaming, 20 events 50 ms apart:", flush=True)
-            self.streaming(forward)
+            self.streaming(streams)
             print("large bodies:", flush=True)
-            self.large(forward)
+            self.large(streams)
+            bare_streaming.stop()
             bare_r, addon_r = self.proxy("bare-reverse", False, True), self.proxy("addon-reverse", True, True)
             reverse = {"direct": self.target(None), "bare": self.target(bare_r, True), "addon": self.target(addon_r, True)}
             litellm = self.start_litellm(self.litellm) if self.litellm else None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_mitm.config import ModelPatterns, PolicyConfig
+from llm_mitm.memo import Memo
 from llm_mitm.providers import Route
 from llm_mitm.texts import normalize, request_texts
 
@@ -98,6 +99,7 @@ class Policy:
         self._denied = _ModelRule(config.denied_models)
         self._operations = [(p, _glob(p)) for p in config.allowed_operations]
         self._instructions = [_instruction(p) for p in config.forbidden_instructions]
+        self._model_verdicts: Memo[tuple[str, str], Violation | None] = Memo(lambda key: self._judge_model(*key))
 
     def check(self, request: RequestView) -> Violation | None:
         """The first rule the request breaks, or None."""
@@ -108,7 +110,7 @@ class Policy:
         if request.unparseable and self.config.on_unparseable == "reject":
             return Violation("unparseable_body", "the request body is not valid JSON (on_unparseable: reject)", 400)
         if request.model is not None:
-            if violation := self._check_model(route.provider, request.model):
+            if violation := self._model_verdicts((route.provider, request.model)):
                 return violation
         if isinstance(request.body, dict):
             if violation := self._check_instructions(request.body):
@@ -117,7 +119,7 @@ class Policy:
                 return self._check_max_tokens(request.body)
         return None
 
-    def _check_model(self, provider: str, model: str) -> Violation | None:
+    def _judge_model(self, provider: str, model: str) -> Violation | None:
         denied = self._denied.match(provider, model)
         if denied is not None:
             return Violation("model_not_allowed", f"model {model!r} is denied (denied_models: {denied})")

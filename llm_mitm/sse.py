@@ -48,7 +48,7 @@ class SSEDecoder:
             self._partial.append(chunk)
             chunk = b"".join(self._partial)
             self._partial = []
-        lines = _LINE_BREAK.split(chunk)
+        lines = chunk.split(b"\n") if b"\r" not in chunk else _LINE_BREAK.split(chunk)
         tail = lines.pop()
         if tail:
             self._partial.append(tail)
@@ -196,6 +196,19 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _append(parts: dict[str, list[str]], field: str, text: str) -> None:
+    """parts[field].append(text), without a new empty list per event."""
+    chunks = parts.get(field)
+    if chunks is None:
+        parts[field] = [text]
+    else:
+        chunks.append(text)
+
+
+_CHAT_HEAD = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
+_CHAT_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
 class ChatCompletionsRebuilder(StreamRebuilder):
     """`chat.completion.chunk` (and legacy `text_completion`) deltas -> one completion."""
 
@@ -208,9 +221,10 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         if "error" in payload and "choices" not in payload:
             self.error = payload["error"]
             return
-        for key in ("id", "object", "created", "model", "system_fingerprint", "service_tier"):
-            if key in payload and key not in self._head:
-                self._head[key] = payload[key]
+        if len(self._head) < len(_CHAT_HEAD):  # once complete, nothing more to take
+            for key in _CHAT_HEAD:
+                if key in payload and key not in self._head:
+                    self._head[key] = payload[key]
         if isinstance(payload.get("model"), str):
             self.model = payload["model"]
         if isinstance(payload.get("usage"), dict):
@@ -220,17 +234,21 @@ class ChatCompletionsRebuilder(StreamRebuilder):
 
     def _apply_choice(self, choice: dict[str, Any]) -> None:
         index = int(choice.get("index", 0))
-        state = self._choices.setdefault(index, {"index": index, "parts": {}, "tool_calls": {}})
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = {"index": index, "parts": {}, "tool_calls": {}}
+        parts = state["parts"]
         if choice.get("finish_reason") is not None:
             state["finish_reason"] = choice["finish_reason"]
         if "text" in choice:
-            state["parts"].setdefault("text", []).append(_text(choice["text"]))
+            _append(parts, "text", _text(choice["text"]))
         delta = choice.get("delta") or {}
         if delta.get("role"):
             state["role"] = delta["role"]
-        for field in ("content", "refusal", "reasoning_content", "reasoning"):
-            if isinstance(delta.get(field), str):
-                state["parts"].setdefault(field, []).append(delta[field])
+        for field in _CHAT_TEXT_FIELDS:
+            value = delta.get(field)
+            if isinstance(value, str):
+                _append(parts, field, value)
         for call in delta.get("tool_calls") or ():
             slot = state["tool_calls"].setdefault(
                 int(call.get("index", 0)), {"id": None, "type": "function", "name": "", "arguments": []}
@@ -483,6 +501,17 @@ class StreamTap:
 
     def _filtered(self, chunk: bytes) -> bytes:
         """Forward complete events (minus dropped ones); hold only an unfinished event."""
+        if not self._pending and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            # The usual chunk: whole events with LF line ends; no buffer, and no copy
+            # when nothing is left out.
+            blocks = chunk.split(b"\n\n")
+            if blocks.pop() == b"":
+                try:
+                    return self._without_dropped([block + b"\n\n" for block in blocks] if len(blocks) > 1 else [chunk])
+                except Exception as exc:  # noqa: BLE001 - the stream goes on untouched
+                    self._fail(exc)
+                    self._drop = None
+                    return chunk
         self._pending += chunk
         out = bytearray()
         try:
@@ -507,6 +536,15 @@ class StreamTap:
             out += self._pending
             self._pending.clear()
         return bytes(out)
+
+    def _without_dropped(self, events: list[bytes]) -> bytes:
+        kept = []
+        for event in events:
+            if self._keep(event):
+                kept.append(event)
+            else:
+                self.dropped += 1
+        return kept[0] if len(kept) == 1 else b"".join(kept)
 
     def _keep(self, block: bytes) -> bool:
         keep = True

@@ -240,5 +240,27 @@ def test_filter_drops_only_the_usage_chunk_and_keeps_every_other_byte() -> None:
         assert rebuilder.result()["usage"]["total_tokens"] == 15
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["\n", "\r\n"]), st.lists(st.integers(min_value=1, max_value=400), max_size=12), st.booleans())
+def test_filter_whatever_the_chunks(newline: str, cuts: list[int], per_event: bool) -> None:
+    """Whole-event chunks (the fast way), split events and mixed: only the usage chunk goes."""
+    from llm_mitm.sse import is_usage_only_chunk
+
+    data = sse(CHAT, newline)
+    expected = data.replace(sse([CHAT[-2]], newline), b"")
+    if per_event:
+        chunks = [sse([event], newline) for event in CHAT]
+    else:
+        points = sorted({min(c * 7, len(data)) for c in cuts} | {0, len(data)})
+        chunks = [data[a:b] for a, b in zip(points, points[1:])]
+    rebuilder = ChatCompletionsRebuilder()
+    tap = StreamTap(rebuilder)
+    assert tap.drop_events(is_usage_only_chunk)
+    out = b"".join(tap(chunk) for chunk in chunks) + tap(b"")
+    assert out == expected
+    assert tap.dropped == 1
+    assert rebuilder.result()["usage"]["total_tokens"] == 15
+
+
 def test_filter_is_refused_on_a_compressed_stream() -> None:
     assert not StreamTap(ChatCompletionsRebuilder(), "gzip").drop_events(lambda p: True)
