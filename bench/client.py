@@ -96,15 +96,18 @@ class Connection:
 
 
 async def load(target: Target, concurrency: int, requests: int, method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> Result:
-    """`requests` calls spread over `concurrency` keep-alive connections."""
+    """`requests` calls spread over `concurrency` keep-alive connections. The clock
+    starts once every connection is open: handshakes are not what this measures."""
     result = Result()
     counter = iter(range(requests))
     limit = asyncio.Semaphore(64)  # handshakes at once
+    connections = [Connection(target) for _ in range(concurrency)]
 
-    async def worker() -> None:
-        connection = Connection(target)
+    async def open_one(connection: Connection) -> None:
         async with limit:
             await connection.open()
+
+    async def worker(connection: Connection) -> None:
         try:
             for _ in counter:
                 started = time.perf_counter_ns()
@@ -121,7 +124,8 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
         finally:
             connection.close()
 
+    await asyncio.gather(*(open_one(c) for c in connections))
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(c) for c in connections))
     result.wall_s = time.perf_counter() - started
     return result

@@ -59,7 +59,11 @@ class TraceSink:
         """Queue one record (orjson never writes a raw newline, so a line is a record)."""
         if self._pipe is None:
             return
-        self._lines.append(orjson.dumps(snapshot, option=orjson.OPT_NON_STR_KEYS))
+        try:
+            line = orjson.dumps(snapshot)
+        except TypeError:  # a dict with non-string keys somewhere in a body: the slower way
+            line = orjson.dumps(snapshot, option=orjson.OPT_NON_STR_KEYS)
+        self._lines.append(line)
         if self._flush_due:
             return
         try:
