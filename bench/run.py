@@ -229,20 +229,29 @@ class Bench:
         assert status == 200
         return (arrivals[-1] - started) / 1e6
 
-    def soak(self, proxy: Mitmdump, target: Target) -> None:
+    def soak(self) -> None:
+        """Resident size of a fresh proxy with the addon over the soak; growth is the
+        highest sample (or the end) less the start, after a warm-up."""
         total = 4000 if self.quick else 20000
+        proxy = self.proxy("addon-soak", True)
+        target = self.target(proxy)
         pid = proxy.process.pid  # type: ignore[union-attr]
-        asyncio.run(load(target, 8, 2000, "POST", CHAT_PATH, CHAT_BODY, AUTH))  # warm up: caches, pools, traces
-        time.sleep(1)
-        before = rss_mb(pid)
-        samples = []
-        for _ in range(10):
-            asyncio.run(load(target, 8, total // 10, "POST", CHAT_PATH, CHAT_BODY, AUTH))
-            samples.append(round(rss_mb(pid), 1))
-        time.sleep(1)
-        after = rss_mb(pid)
+        try:
+            asyncio.run(load(target, 8, 2000, "POST", CHAT_PATH, CHAT_BODY, AUTH))  # warm up: caches, pools, traces
+            time.sleep(1)
+            before = rss_mb(pid)
+            samples = []
+            for _ in range(10):
+                asyncio.run(load(target, 8, total // 10, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+                samples.append(round(rss_mb(pid), 1))
+            time.sleep(1)
+            after = rss_mb(pid)
+        finally:
+            proxy.stop()
+        traced = len((self.work / "addon-soak" / "traces.jsonl").read_bytes().splitlines())
         self.results["memory"] = {"requests": total, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-                                  "growth_mb": round(after - before, 1), "samples_mb": samples}
+                                  "growth_mb": round(max(*samples, after) - before, 1), "samples_mb": samples,
+                                  "traces_written": traced}
         print(f"  memory {self.results['memory']}", flush=True)
 
     def micro(self) -> None:
@@ -318,12 +327,10 @@ class Bench:
                 litellm.kill()
             for proxy in (bare_r, addon_r):
                 proxy.stop()
-            print("soak:", flush=True)
-            self.soak(addon, forward["addon"])
-            traced = len((self.work / "addon" / "traces.jsonl").read_bytes().splitlines())
-            self.results["addon_traces_written"] = traced
             for proxy in (bare, addon):
                 proxy.stop()
+            print("soak:", flush=True)
+            self.soak()
             self.micro()
         finally:
             self.upstream.kill()

@@ -207,3 +207,24 @@ def test_blocked_flow_is_marked_and_commented_and_stats_count_it(tmp_path: Path)
 
     os.chdir(tmp_path)
     run(go())
+
+
+@pytest.mark.parametrize(
+    "host_header, authority, scheme, port",
+    [
+        (b"api.openai.com", b"", "https", 443),  # the usual case: the short way
+        (b"api.openai.com:8443", b"", "https", 8443),
+        (b"API.OpenAI.com", b"", "https", 443),
+        (b"[::1]:8080", b"", "http", 8080),
+        (None, b"", "https", 443),  # HTTP/2: no Host header
+        (b"api.openai.com", b"api.openai.com:443", "https", 443),  # absolute-form target
+    ],
+)
+def test_recorded_url_is_mitmproxys_pretty_url(host_header: bytes | None, authority: bytes, scheme: str, port: int) -> None:
+    headers = [(b"host", host_header)] if host_header else []
+    flow = chat_flow(scheme=scheme, port=port)
+    flow.request.headers = type(flow.request.headers)([(k, v) for k, v in flow.request.headers.fields if k != b"host"] + headers)
+    flow.request.authority = authority.decode()
+    shared = Shared()
+    Recorder(shared).request(flow)
+    assert shared.exchange(flow).url == flow.request.pretty_url
