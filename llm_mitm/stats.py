@@ -50,7 +50,11 @@ class UsageStats:
         error: bool,
         blocked: bool,
     ) -> None:
-        self.rows.setdefault((api_key or "-", model or "-"), Tally()).count(input_tokens, output_tokens, cost_usd, error, blocked)
+        key = (api_key or "-", model or "-")
+        tally = self.rows.get(key)
+        if tally is None:
+            tally = self.rows[key] = Tally()
+        tally.count(input_tokens, output_tokens, cost_usd, error, blocked)
 
     def total(self) -> Tally:
         total = Tally()
