@@ -514,36 +514,33 @@ class StreamTap:
                     return chunk
         self._pending += chunk
         out = bytearray()
+        done = 0  # bytes of the buffer already sent on or left out
         try:
-            start = 0
             for end in _EVENT_END.finditer(self._pending):
-                block = bytes(self._pending[start : end.end()])
-                start = end.end()
-                if not self._keep(block):
+                block = bytes(self._pending[done : end.end()])
+                if self._keep(block):
+                    out += block
+                else:
                     self.dropped += 1
-                    continue
-                out += block
-            del self._pending[:start]
+                done = end.end()
             if not chunk:  # end of stream: whatever is left goes out as it is
                 self.finished = True
-                out += self._pending
-                for event in self._decoder.feed(bytes(self._pending)) + self._decoder.flush():
+                rest = bytes(self._pending[done:])
+                out += rest
+                done = len(self._pending)
+                for event in self._decoder.feed(rest) + self._decoder.flush():
                     self.rebuilder.add(event)
-                self._pending.clear()
-        except Exception as exc:  # noqa: BLE001 - give the client every byte held back
+        except Exception as exc:  # noqa: BLE001 - give the client every byte held back, once
             self._fail(exc)
             self._drop = None
-            out += self._pending
-            self._pending.clear()
+            out += self._pending[done:]
+            done = len(self._pending)
+        del self._pending[:done]
         return bytes(out)
 
     def _without_dropped(self, events: list[bytes]) -> bytes:
-        kept = []
-        for event in events:
-            if self._keep(event):
-                kept.append(event)
-            else:
-                self.dropped += 1
+        kept = [event for event in events if self._keep(event)]
+        self.dropped += len(events) - len(kept)  # counted once the whole chunk is through
         return kept[0] if len(kept) == 1 else b"".join(kept)
 
     def _keep(self, block: bytes) -> bool:

@@ -264,3 +264,21 @@ def test_filter_whatever_the_chunks(newline: str, cuts: list[int], per_event: bo
 
 def test_filter_is_refused_on_a_compressed_stream() -> None:
     assert not StreamTap(ChatCompletionsRebuilder(), "gzip").drop_events(lambda p: True)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("per_event", [True, False])
+def test_filter_failing_midway_gives_the_client_every_byte_once(newline: str, per_event: bool) -> None:
+    class Failing(ChatCompletionsRebuilder):
+        def add(self, event):  # type: ignore[no-untyped-def]
+            if self.events == 2:
+                raise RuntimeError("a rebuilder bug")
+            return super().add(event)
+
+    data = sse(CHAT, newline)
+    tap = StreamTap(Failing())
+    assert tap.drop_events(lambda payload: False)
+    chunks = [sse([event], newline) for event in CHAT] if per_event else [data[:40], data[40:]]
+    out = b"".join(tap(chunk) for chunk in chunks) + tap(b"")
+    assert out == data
+    assert tap.failed is not None and "rebuilder bug" in tap.failed

@@ -39,8 +39,8 @@ class Recorder:
         content_type = exchange.header("content-type") or ""
         exchange.take_request(Body.parse(content, content_type))
         exchange.api_key = self._api_key(exchange)
-        exchange.organization = exchange.header("openai-organization")
-        exchange.project = exchange.header("openai-project")
+        exchange.organization = exchange.header("openai-organization") or None
+        exchange.project = exchange.header("openai-project") or None
         if exchange.model is None and content_type.startswith("multipart/form-data"):
             exchange.model = _form_model(request)
         self.shared.record(flow, exchange)

@@ -46,7 +46,8 @@ class Replay:
 
     @property
     def active(self) -> bool:
-        return self.shared.config.replay.mode != "off"
+        """On, or still finishing misses that started before it was turned off."""
+        return self.shared.config.replay.mode != "off" or bool(self._misses)
 
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
