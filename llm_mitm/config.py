@@ -93,6 +93,15 @@ class RedactionConfig(_Section):
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
         return patterns
 
+    def redactor_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Redactor` (plain data: the trace writer process gets them too)."""
+        return {
+            "extra_headers": list(self.headers),
+            "extra_params": list(self.query_params),
+            "extra_patterns": list(self.patterns),
+            "salt": self.fingerprint_salt,
+        }
+
 
 class HeaderRule(_Section):
     """Which value an OpenAI header gets: the client's, a key's team value, or a default."""

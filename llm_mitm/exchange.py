@@ -128,6 +128,11 @@ class Exchange:
             self.model = self.route.deployment
 
     @property
+    def blocked(self) -> bool:
+        """Refused by the proxy itself: nothing went upstream, nothing to charge."""
+        return self.policy is not None and self.policy.decision == "block"
+
+    @property
     def request_json(self) -> dict[str, Any] | None:
         body = self.request.json
         return body if self.request.is_json and isinstance(body, dict) else None

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from llm_mitm.texts import request_texts, response_texts
+from llm_mitm.tracestats import group_key
 
 LATENCY_BUCKETS = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
 TEXT_LIMIT = 4000
@@ -36,10 +37,10 @@ class ReportData:
     def add(self, record: dict[str, Any]) -> None:
         self.calls_total += 1
         cost = record.get("cost_usd") or 0.0
-        model = record.get("response_model") or record.get("model") or "-"
-        self.spend_by_day[str(record.get("timestamp", ""))[:10] or "-"] += cost
+        model = group_key(record, "model")
+        self.spend_by_day[group_key(record, "day")] += cost
         self.spend_by_model[model] += cost
-        self.spend_by_key[record.get("api_key") or "-"] += cost
+        self.spend_by_key[group_key(record, "key")] += cost
         policy = record.get("policy") or {}
         if policy.get("decision") == "block":
             self.blocks[f"{policy.get('rule')}: {policy.get('detail')}"] += 1

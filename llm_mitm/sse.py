@@ -196,11 +196,11 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _append(parts: dict[str, list[str]], field: str, text: str) -> None:
-    """parts[field].append(text), without a new empty list per event."""
-    chunks = parts.get(field)
+def _append(parts: dict[Any, list[str]], key: Any, text: str) -> None:
+    """parts[key].append(text), without a new empty list per event."""
+    chunks = parts.get(key)
     if chunks is None:
-        parts[field] = [text]
+        parts[key] = [text]
     else:
         chunks.append(text)
 
@@ -334,9 +334,9 @@ class ResponsesRebuilder(StreamRebuilder):
         if kind in ("response.output_item.added", "response.output_item.done") and isinstance(payload.get("item"), dict):
             self._items[index] = payload["item"]
         elif kind == "response.output_text.delta":
-            self._text.setdefault((index, int(payload.get("content_index", 0))), []).append(_text(payload.get("delta")))
+            _append(self._text, (index, int(payload.get("content_index", 0))), _text(payload.get("delta")))
         elif kind == "response.function_call_arguments.delta":
-            self._arguments.setdefault(index, []).append(_text(payload.get("delta")))
+            _append(self._arguments, index, _text(payload.get("delta")))
 
     def result(self) -> dict[str, Any] | None:
         if self._final and self._response is not None:
@@ -389,15 +389,16 @@ class AnthropicRebuilder(StreamRebuilder):
             self.error = payload.get("error") or payload
 
     def _apply_delta(self, index: int, delta: dict[str, Any]) -> None:
-        block = self._blocks.setdefault(index, {"type": "text"})
-        pieces = self._pieces.setdefault(index, [])
+        block = self._blocks.get(index)
+        if block is None:  # a delta without its content_block_start
+            block = self._blocks[index] = {"type": "text"}
         kind = delta.get("type")
         if kind == "text_delta":
-            pieces.append(_text(delta.get("text")))
+            _append(self._pieces, index, _text(delta.get("text")))
         elif kind == "input_json_delta":
-            pieces.append(_text(delta.get("partial_json")))
+            _append(self._pieces, index, _text(delta.get("partial_json")))
         elif kind == "thinking_delta":
-            pieces.append(_text(delta.get("thinking")))
+            _append(self._pieces, index, _text(delta.get("thinking")))
         elif kind == "signature_delta":
             block["signature"] = block.get("signature", "") + _text(delta.get("signature"))
         elif kind == "citations_delta":

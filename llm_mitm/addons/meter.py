@@ -30,8 +30,7 @@ class Meter:
     def _meter(self, exchange: Exchange | None) -> None:
         if exchange is None or not exchange.done or exchange.cost_usd is not None:
             return
-        blocked = exchange.policy is not None and exchange.policy.decision == "block"
-        if blocked or exchange.replay == "hit" or exchange.route.operation not in _GENERATING:
+        if exchange.blocked or exchange.replay == "hit" or exchange.route.operation not in _GENERATING:
             return
         if exchange.usage is None and self.shared.config.usage.estimate_missing and not exchange.error:
             exchange.usage = estimate_usage(exchange.request_json, exchange.response.json)

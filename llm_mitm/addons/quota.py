@@ -70,7 +70,7 @@ class QuotaAddon:
     def _charge(self, exchange: Exchange | None) -> None:
         if exchange is None or not exchange.done or not self.quota.active:
             return
-        if exchange.replay == "hit" or (exchange.policy is not None and exchange.policy.decision == "block"):
+        if exchange.replay == "hit" or exchange.blocked:
             return
         tokens = exchange.usage.total_tokens if exchange.usage else None
         self.quota.charge(_caller(exchange), tokens, exchange.cost_usd)

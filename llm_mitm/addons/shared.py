@@ -31,12 +31,7 @@ class Shared:
         """Put a validated config in force and tell the addons that derive state from it."""
         self.config = config
         self.matcher = ProviderMatcher(config.enabled_providers)
-        self.redactor = Redactor(
-            extra_headers=config.redaction.headers,
-            extra_params=config.redaction.query_params,
-            extra_patterns=config.redaction.patterns,
-            salt=config.redaction.fingerprint_salt,
-        )
+        self.redactor = Redactor(**config.redaction.redactor_options())
         self.policy = Policy(config.policy)
         self.prices = PriceTable(config.pricing.models)
         for listener in self._listeners:

@@ -43,7 +43,7 @@ class Stats:
         if exchange is None or not exchange.done or exchange.traced:
             return
         usage = exchange.usage
-        blocked = exchange.policy is not None and exchange.policy.decision == "block"
+        blocked = exchange.blocked
         self.stats.add(
             exchange.api_key,
             exchange.response_model or exchange.model,

@@ -25,19 +25,13 @@ class Tracer:
         self.shared.on_config(self._apply, now=False)
 
     def _apply(self, config: Config) -> None:
-        redaction = config.redaction
         settings = SinkSettings(
             destination=trace_destination(config),
             directory=config.traces.directory,
             bodies=config.traces.bodies,
             max_bytes=config.traces.max_bytes,
             keep=config.traces.keep,
-            redaction={
-                "extra_headers": list(redaction.headers),
-                "extra_params": list(redaction.query_params),
-                "extra_patterns": list(redaction.patterns),
-                "salt": redaction.fingerprint_salt,
-            },
+            redaction=config.redaction.redactor_options(),
         )
         if settings == self._settings:
             return
