@@ -1,7 +1,9 @@
 """The one record per flow that every addon reads and fills.
 
 Made once at request time: the body is parsed here and nowhere else, so policy,
-limits and the trace writer all read the same parsed object.
+limits and the trace writer all read the same parsed object. A response nothing in the
+proxy needs is left unread here (`finish(defer=True)`): the trace writer process reads
+and meters it, off the event loop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Body:
     text: str | None = None
     is_json: bool = False
     malformed_json: bool = False  # said it was JSON, and is not
+    raw: bytes | None = None  # the JSON as it came (the trace takes it as is), or the unread bytes
+    unread: bool = False  # kept for the trace writer process to parse
 
     @classmethod
     def parse(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -37,7 +41,7 @@ class Body:
         malformed = False
         if _looks_like_json(content, content_type):
             try:
-                return cls(size=size, json=orjson.loads(content), is_json=True)
+                return cls(size=size, json=orjson.loads(content), is_json=True, raw=content)
             except orjson.JSONDecodeError:
                 malformed = True
         if malformed or _is_textual(content_type):
@@ -45,9 +49,25 @@ class Body:
             return cls(size=size, text=text, malformed_json=malformed)
         return cls(size=size)
 
+    @classmethod
+    def unparsed(cls, content: bytes | None, content_type: str = "") -> Body:
+        """The body left for the trace writer process: bytes it would keep, else the size."""
+        if not content:
+            return cls(size=0)
+        kept = _looks_like_json(content, content_type) or _is_textual(content_type)
+        return cls(size=len(content), raw=content if kept else None, unread=True)
+
     @property
     def value(self) -> Any:
         return self.json if self.is_json else self.text
+
+
+def first(headers: list[tuple[str, str]], name: str) -> str:
+    """The first value of a header (`name` in lower case), or ""."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return ""
 
 
 def _looks_like_json(content: bytes, content_type: str) -> bool:
@@ -62,6 +82,29 @@ def _looks_like_json(content: bytes, content_type: str) -> bool:
 def _is_textual(content_type: str) -> bool:
     kind = content_type.lower()
     return kind == "" or kind.startswith("text/") or "xml" in kind or "urlencoded" in kind
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a finished response says: the model that answered, token usage, an error."""
+
+    response_model: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+
+def read_outcome(api: str, status_code: int | None, body: Body) -> Outcome:
+    """The outcome of a buffered response body (pure: the proxy and the writer process
+    both use it)."""
+    outcome = Outcome()
+    payload = body.json if body.is_json else None
+    if isinstance(payload, dict):
+        if isinstance(payload.get("model"), str):
+            outcome.response_model = payload["model"]
+        outcome.usage = normalize_usage(api, payload.get("usage"))
+    if status_code is not None and status_code >= 400:
+        outcome.error = _error_message(payload) or f"HTTP {status_code}"
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +148,7 @@ class Exchange:
     usage: Usage | None = None
     error: str | None = None
     done: bool = False
+    deferred: bool = False  # the response is read, metered and counted in the writer process
     traced: bool = False
     _headers: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -137,12 +181,13 @@ class Exchange:
         body = self.request.json
         return body if self.request.is_json and isinstance(body, dict) else None
 
-    def replace_request_json(self, body: dict[str, Any], size: int) -> None:
+    def replace_request_json(self, body: dict[str, Any], content: bytes) -> None:
         """The body was rewritten before going upstream; the record follows it."""
-        self.request = Body(size=size, json=body, is_json=True)
+        self.request = Body(size=len(content), json=body, is_json=True, raw=content)
 
-    def finish(self, body: bytes | None = None, content_type: str = "", error: str | None = None) -> None:
-        """Close the record: parse a buffered body, or take the rebuilt stream."""
+    def finish(self, body: bytes | None = None, content_type: str = "", error: str | None = None, defer: bool = False) -> None:
+        """Close the record: parse a buffered body (or, with `defer`, leave it to the
+        writer process), or take the rebuilt stream."""
         if self.done:
             return
         self.done = True
@@ -151,18 +196,18 @@ class Exchange:
             self.error = error
         if self.tap is not None:
             self._take_stream(self.tap)
+        elif defer and self.error is None:
+            self.response = Body.unparsed(body, content_type)
+            self.deferred = True
+            return
         elif body is not None:
             self.response = Body.parse(body, content_type)
-            payload = self.response.json if self.response.is_json else None
-            if isinstance(payload, dict):
-                self._take_payload(payload)
+            outcome = read_outcome(self.route.api, self.status_code, self.response)
+            self.response_model, self.usage = outcome.response_model, outcome.usage
+            self.error = self.error or outcome.error
+            return
         if self.error is None and self.status_code is not None and self.status_code >= 400:
             self.error = _error_message(self.response.json) or f"HTTP {self.status_code}"
-
-    def _take_payload(self, payload: dict[str, Any]) -> None:
-        if isinstance(payload.get("model"), str):
-            self.response_model = payload["model"]
-        self.usage = normalize_usage(self.route.api, payload.get("usage"))
 
     def _take_stream(self, tap: StreamTap) -> None:
         tap.finish()

@@ -41,16 +41,18 @@ class Caller:
         return "global"
 
 
+def limits_set(policy: PolicyConfig) -> bool:
+    """Whether the policy limits anything (then each call is charged as it ends)."""
+    return bool(policy.rate_limits or policy.budgets)
+
+
 class Quota:
     def __init__(self, policy: PolicyConfig, storage: Storage | None = None, spend: SpendStore | None = None) -> None:
         self.rate_limits: list[RateLimitConfig] = policy.rate_limits
         self.budgets: list[BudgetConfig] = policy.budgets
         self.spend = spend
+        self.active = limits_set(policy)
         self._limiter = MovingWindowRateLimiter(storage or MemoryStorage())
-
-    @property
-    def active(self) -> bool:
-        return bool(self.rate_limits or self.budgets)
 
     def admit(self, caller: Caller) -> QuotaRefusal | None:
         """Refuse if a budget is spent or a token window is full; else count the request."""

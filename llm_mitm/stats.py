@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+# One call: api key, model, input and output tokens, cost, error, blocked.
+CountRow = tuple[str | None, str | None, int | None, int | None, float | None, bool, bool]
+
 
 @dataclass
 class Tally:
@@ -39,17 +42,8 @@ class UsageStats:
         self.started = time.time()
         self.rows: dict[tuple[str, str], Tally] = {}
 
-    def add(
-        self,
-        api_key: str | None,
-        model: str | None,
-        *,
-        input_tokens: int | None,
-        output_tokens: int | None,
-        cost_usd: float | None,
-        error: bool,
-        blocked: bool,
-    ) -> None:
+    def add(self, row: CountRow) -> None:
+        api_key, model, input_tokens, output_tokens, cost_usd, error, blocked = row
         key = (api_key or "-", model or "-")
         tally = self.rows.get(key)
         if tally is None:

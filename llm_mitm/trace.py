@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel
 
-from llm_mitm.exchange import Exchange
+from llm_mitm.exchange import Body, Exchange, first, read_outcome
+from llm_mitm.metering import Call, Metering
 from llm_mitm.redact import Redactor
+from llm_mitm.stats import CountRow
 from llm_mitm.usage import Usage
 
 SCHEMA_VERSION = 1
@@ -62,8 +65,10 @@ class TraceRecord(BaseModel):
 
 def snapshot(exchange: Exchange) -> dict[str, Any]:
     """What the trace needs from a finished exchange, as plain data (cheap: no
-    redaction, no validation), so that the record can be built in another process."""
+    redaction, no validation, JSON bodies as they came), so that the record can be built
+    in another process. A deferred exchange is completed there (`complete`)."""
     return {
+        "deferred": exchange.deferred,
         "id": exchange.id,
         "started_at": exchange.started_at,
         "first_byte_at": exchange.first_byte_at,
@@ -77,9 +82,9 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
         "stream": exchange.stream,
         "status_code": exchange.status_code,
         "request_headers": exchange.request_headers,
-        "request": [exchange.request.size, exchange.request.is_json, exchange.request.value],
+        "request": _wire(exchange.request),
         "response_headers": exchange.response_headers,
-        "response": [exchange.response.size, exchange.response.is_json, exchange.response.value],
+        "response": _wire(exchange.response),
         "events": exchange.tap.rebuilder.events if exchange.tap is not None else None,
         "usage": exchange.usage.as_dict() if exchange.usage else None,
         "cost_usd": exchange.cost_usd,
@@ -90,6 +95,62 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
         "project": exchange.project,
         "error": exchange.error,
     }
+
+
+def _wire(body: Body, verbatim: bool = True) -> list[Any]:
+    """[size, kind, payload]: "json" a value, "text" a sample, "raw" bytes left unread
+    (as latin-1 text: every byte one character), None nothing. `verbatim`: JSON goes as
+    it came where it is one line (nothing to serialise again; orjson checked it when it
+    parsed it). Never in the writer process: a Fragment is past redaction."""
+    if body.unread:
+        return [body.size, "raw", body.raw.decode("latin-1") if body.raw is not None else None]
+    if body.is_json:
+        raw = body.raw
+        return [body.size, "json", orjson.Fragment(raw) if verbatim and raw is not None and b"\n" not in raw else body.json]
+    if body.text is not None:
+        return [body.size, "text", body.text]
+    return [body.size, None, None]
+
+
+def complete(snap: dict[str, Any], metering: Metering) -> None:
+    """Read and meter the response of a deferred snapshot, as the proxy would have."""
+    size, _, unread = snap["response"]
+    content = unread.encode("latin-1") if unread is not None else None
+    body = Body.parse(content, first(snap["response_headers"], "content-type")) if content else Body()
+    body.size = size
+    _, api, operation, _ = snap["route"]
+    outcome = read_outcome(api, snap["status_code"], body)
+    snap["response"] = _wire(body, verbatim=False)
+    snap["response_model"] = outcome.response_model
+    snap["error"] = snap["error"] or outcome.error
+    policy, request = snap["policy"], snap["request"]
+    usage, cost = metering.meter(Call(
+        operation=operation,
+        model=outcome.response_model or snap["model"],
+        usage=outcome.usage,
+        request_json=request[2] if request[1] == "json" else None,
+        response_json=body.json,
+        error=snap["error"] is not None,
+        charged=not (policy and policy[0] == "block") and snap["replay"] != "hit",
+    ))
+    snap["usage"] = usage.as_dict() if usage else None
+    snap["cost_usd"] = cost
+    snap["deferred"] = False
+
+
+def count_row(snap: dict[str, Any]) -> CountRow:
+    """The stats row of a completed snapshot (`Stats` makes the same from an exchange)."""
+    usage, policy = snap["usage"], snap["policy"]
+    blocked = bool(policy and policy[0] == "block")
+    return (
+        snap["api_key"],
+        snap["response_model"] or snap["model"],
+        usage["input_tokens"] if usage else None,
+        usage["output_tokens"] if usage else None,
+        snap["cost_usd"],
+        snap["error"] is not None and not blocked,
+        blocked,
+    )
 
 
 def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = "full") -> TraceRecord:
@@ -126,19 +187,19 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
 
 
 def _message(headers: list[tuple[str, str]], body: list[Any], redactor: Redactor, bodies: BodiesMode, events: int | None = None) -> Message:
-    size, is_json, value = body
+    size, kind, value = body
     return Message(
         headers=redactor.headers_dict(headers) if bodies != "none" else {},
-        body=_body(is_json, value, redactor, bodies),
+        body=_body(kind, value, redactor, bodies),
         size=size,
         events=events,
     )
 
 
-def _body(is_json: bool, value: Any, redactor: Redactor, bodies: BodiesMode) -> Any:
-    if bodies != "full" or value is None or (not is_json and not value):
+def _body(kind: str | None, value: Any, redactor: Redactor, bodies: BodiesMode) -> Any:
+    if bodies != "full" or value is None or kind not in ("json", "text") or (kind == "text" and not value):
         return None
-    return redactor.json(value) if is_json else redactor.text(value)
+    return redactor.json(value) if kind == "json" else redactor.text(value)
 
 
 def _ms(start: float | None, end: float | None) -> float | None:

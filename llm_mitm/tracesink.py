@@ -1,12 +1,18 @@
-"""The trace writer's own process: records are redacted, validated and written there.
+"""The trace writer's own process: records are completed, redacted, validated and
+written there.
 
-The proxy's event loop only turns an exchange into a JSON line and appends it to a
-buffer; every 50 ms the loop sends the buffer over a local socket without blocking
-(what the socket does not take waits for the next round). No thread: nothing competes
-with proxying for the interpreter lock. A socket pair, not a pipe, because it works
-the same on Windows and needs nothing from the event loop but a timer. The process
-reads lines until the socket closes, so it writes everything it was given at shutdown,
-and also when mitmdump is killed.
+mitmproxy runs on one core; this process runs on another. The proxy's event loop only
+turns an exchange into a JSON line and appends it to a buffer; every 50 ms the loop
+sends the buffer over a local socket without blocking (what the socket does not take
+waits for the next round). No thread: nothing competes with proxying for the
+interpreter lock. A socket pair, not a pipe, because it works the same on Windows,
+both ways, and needs nothing from the event loop but a timer.
+
+A response the proxy left unread (a deferred exchange) is parsed and metered here, and
+its stats row goes back over the same socket; the loop takes those rows on its next
+round, and `collect` waits for all of them (for `llm.stats`). The process reads until
+the proxy closes its side, so it writes everything it was given at shutdown, and also
+when mitmdump is killed.
 """
 
 from __future__ import annotations
@@ -17,14 +23,19 @@ import multiprocessing
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from llm_mitm.config import ModelPrice
+from llm_mitm.stats import CountRow
+
 logger = logging.getLogger("llm_mitm.traces")
 
 BATCH_SECONDS = 0.05
+COLLECT_SECONDS = 2.0  # the longest `collect` holds the loop for a writer that does not answer
 CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
@@ -38,13 +49,17 @@ class SinkSettings:
     max_bytes: int | None
     keep: int
     redaction: dict[str, Any]  # Redactor(**redaction)
+    prices: dict[str, ModelPrice]  # pricing.models
+    estimate_missing: bool
 
 
 class TraceSink:
-    """Parent side: a buffer of JSON lines, one end of a socket pair, the writer process."""
+    """Parent side: a buffer of JSON lines, one end of a socket pair, the writer process.
+    `on_count` gets the stats row of every deferred exchange the process finished."""
 
-    def __init__(self, settings: SinkSettings) -> None:
+    def __init__(self, settings: SinkSettings, on_count: Callable[[CountRow], None] | None = None) -> None:
         self.settings = settings
+        self.on_count = on_count or (lambda row: None)
         self.dropped = 0
         ours, theirs = socket.socketpair()
         context = multiprocessing.get_context("spawn")  # never fork a threaded proxy
@@ -59,6 +74,10 @@ class TraceSink:
         self._socket: socket.socket | None = ours
         self._lines: list[bytes] = []
         self._outgoing = bytearray()  # joined lines the socket has not taken yet
+        self._incoming = bytearray()  # what the process reported, up to a whole line
+        self._asked = 0  # the last sync mark sent, and the last one answered
+        self._answered = 0
+        self._closed_by_writer = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
@@ -73,9 +92,23 @@ class TraceSink:
         self._lines.append(line)
         self._schedule()
 
+    def collect(self, timeout: float = COLLECT_SECONDS) -> None:
+        """Wait until the process has reported every deferred exchange submitted so far
+        (a command's wait, never the hot path's)."""
+        if self._socket is None:
+            return
+        self._asked += 1
+        self._lines.append(orjson.dumps({"sync": self._asked}))
+        self._take_lines()
+        deadline = time.monotonic() + timeout
+        self._send(deadline)
+        self._receive_until(deadline, lambda: self._answered >= self._asked)
+        if self._answered < self._asked:
+            logger.warning("llm-mitm: the trace writer did not report its counts in %.0f s; stats may lag", timeout)
+
     def close(self, timeout: float = 15.0) -> None:
-        """Hand over everything queued (for at most `timeout`), then let the process
-        finish writing."""
+        """Hand over everything queued (for at most `timeout`), take the last counts,
+        then let the process finish writing."""
         deadline = time.monotonic() + timeout
         if self._timer is not None:
             self._timer.cancel()
@@ -86,6 +119,11 @@ class TraceSink:
             if self._outgoing:
                 self._lose(self._outgoing.count(b"\n"), "the trace writer did not take them before shutdown")
                 self._outgoing.clear()
+            try:
+                self._socket.shutdown(socket.SHUT_WR)  # the process reads to the end, answers, closes
+            except OSError:
+                pass
+            self._receive_until(deadline, lambda: False)
             self._socket.close()
             self._socket = None
         self.process.join(max(0.0, deadline - time.monotonic()))
@@ -111,6 +149,7 @@ class TraceSink:
             return
         self._take_lines()
         self._send(None)
+        self._receive()
         if self._outgoing:  # the socket is full: soon again
             self._schedule(CATCH_UP_SECONDS)
 
@@ -133,13 +172,52 @@ class TraceSink:
                 remaining = deadline - time.monotonic() if deadline is not None else 0.0
                 if remaining <= 0:
                     return
-                select.select([], [self._socket], [], remaining)
+                # The process may itself wait for us to take its counts: take them.
+                readable, _, _ = select.select([self._socket], [self._socket], [], remaining)
+                if readable:
+                    self._receive()
                 continue
             except OSError:
                 self._lose(self._outgoing.count(b"\n"), f"the trace writer process is gone (exit code {self.process.exitcode})")
                 self._outgoing.clear()
                 return
             del self._outgoing[:sent]
+
+    def _receive(self) -> None:
+        """Take what the process reported so far, without waiting."""
+        assert self._socket is not None
+        while not self._closed_by_writer:
+            try:
+                data = self._socket.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._closed_by_writer = True
+                return
+            self._incoming += data
+            end = self._incoming.rfind(b"\n")
+            if end >= 0:
+                lines = bytes(self._incoming[:end]).split(b"\n")
+                del self._incoming[: end + 1]
+                for line in lines:
+                    self._take_report(orjson.loads(line))
+
+    def _take_report(self, report: dict[str, Any]) -> None:
+        for row in report.get("counts", ()):
+            self.on_count(tuple(row))  # type: ignore[arg-type]
+        self._answered = max(self._answered, report.get("synced", 0))
+
+    def _receive_until(self, deadline: float, done: Callable[[], bool]) -> None:
+        assert self._socket is not None
+        self._receive()
+        while not done() and not self._closed_by_writer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            select.select([self._socket], [], [], remaining)
+            self._receive()
 
     def _lose(self, count: int, reason: str) -> None:
         first = self.dropped == 0
@@ -148,23 +226,56 @@ class TraceSink:
             logger.error("llm-mitm: TRACE LOST: %s (proxying goes on)", reason)
 
 
-def _serve(receive: socket.socket, settings: SinkSettings) -> None:
-    """Child side: build and write records until the parent closes its end."""
+def _serve(sock: socket.socket, settings: SinkSettings) -> None:
+    """Child side: complete, build and write records until the parent closes its side;
+    report the counts of deferred exchanges (and answer sync marks) after each read."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from llm_mitm.metering import Metering
+    from llm_mitm.pricing import PriceTable
     from llm_mitm.redact import Redactor
-    from llm_mitm.trace import build_record
+    from llm_mitm.trace import build_record, complete, count_row
     from llm_mitm.writer import TraceWriter
 
     redactor = Redactor(**settings.redaction)
+    metering = Metering(PriceTable(settings.prices), settings.estimate_missing)
     writer = TraceWriter(settings.destination, settings.directory, settings.max_bytes, settings.keep)
     bodies = settings.bodies
+
+    def take(line: bytes, counts: list[CountRow], reports: list[bytes]) -> None:
+        message = orjson.loads(line)
+        if "sync" in message:
+            if counts:
+                reports.append(orjson.dumps({"counts": counts}))
+                counts.clear()
+            reports.append(orjson.dumps({"synced": message["sync"]}))
+            return
+        if message["deferred"]:
+            complete(message, metering)
+            counts.append(count_row(message))
+        writer.submit(lambda: build_record(message, redactor, bodies))
+
+    pending = bytearray()
     try:
-        with receive, receive.makefile("rb") as lines:
-            for line in lines:
-                if not line.endswith(b"\n"):
-                    break  # the parent died in the middle of a send: a torn last record
-                snap = orjson.loads(line)
-                writer.submit(lambda snap=snap: build_record(snap, redactor, bodies))  # type: ignore[misc]
+        with sock:
+            while chunk := sock.recv(1 << 20):
+                pending += chunk
+                end = pending.rfind(b"\n")
+                if end < 0:
+                    continue
+                lines = bytes(pending[:end]).split(b"\n")
+                del pending[: end + 1]  # a torn last record (the parent died mid-send) stays here
+                counts: list[CountRow] = []
+                reports: list[bytes] = []
+                for line in lines:
+                    try:
+                        take(line, counts, reports)
+                    except Exception:
+                        writer.stats.render_failed += 1
+                        logger.exception("llm-mitm: a trace could not be completed")
+                if counts:
+                    reports.append(orjson.dumps({"counts": counts}))
+                if reports:
+                    sock.sendall(b"\n".join(reports) + b"\n")
     except OSError:
         pass
     finally:

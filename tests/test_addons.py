@@ -71,11 +71,17 @@ def test_http_upgrade_changes_scheme_only(tmp_path: Path) -> None:
     run(go())
 
 
-def test_one_exchange_per_flow_with_usage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deferred", [False, True])
+def test_one_exchange_per_flow_with_usage(tmp_path: Path, deferred: bool) -> None:
+    """Read here, or (traces on, no limits) left unread for the writer process, decoded."""
+    answer = orjson.dumps({"model": "gpt-4o-2024-08-06", "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+
     async def go() -> None:
         shared, addons = make_addons()
         with taddons.context(*addons) as tctx:
             tctx.configure(addons[0], llm_config="")
+            assert shared.defer_responses  # the default: traces on, no limits
+            shared.defer_responses = deferred
             flow = chat_flow(headers=[(b"openai-organization", b"org-1")])
             recorder: Recorder = addons[3]  # type: ignore[assignment]
             recorder.request(flow)
@@ -87,12 +93,17 @@ def test_one_exchange_per_flow_with_usage(tmp_path: Path) -> None:
             recorder.request(flow)
             flow.response = tutils.tresp(
                 headers=[(b"content-type", b"application/json"), (b"content-encoding", b"gzip")],
-                content=gzip.compress(orjson.dumps({"model": "gpt-4o-2024-08-06", "usage": {"prompt_tokens": 3, "completion_tokens": 4}})),
+                content=gzip.compress(answer),
             )
             flow.response.headers["content-encoding"] = "gzip"
             recorder.responseheaders(flow)
             recorder.response(flow)
             exchange = shared.exchange(flow)
+            assert exchange.done and exchange.deferred is deferred
+            if deferred:
+                assert exchange.response.unread and exchange.response.raw == answer
+                assert exchange.response_model is None and exchange.usage is None
+                return
             assert exchange.response_model == "gpt-4o-2024-08-06"
             assert exchange.usage.total_tokens == 7
 

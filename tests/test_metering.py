@@ -114,9 +114,9 @@ def test_period_ends() -> None:
 
 def test_stats_table() -> None:
     stats = UsageStats()
-    stats.add("k1", "gpt-4o", input_tokens=10, output_tokens=5, cost_usd=0.5, error=False, blocked=False)
-    stats.add("k1", "gpt-4o", input_tokens=10, output_tokens=5, cost_usd=0.25, error=True, blocked=False)
-    stats.add("k2", "claude-x", input_tokens=None, output_tokens=None, cost_usd=None, error=False, blocked=True)
+    stats.add(("k1", "gpt-4o", 10, 5, 0.5, False, False))
+    stats.add(("k1", "gpt-4o", 10, 5, 0.25, True, False))
+    stats.add(("k2", "claude-x", None, None, None, False, True))
     table = stats.table()
     assert "k1" in table and "gpt-4o" in table and "0.750000" in table
     assert "3 calls (1 errors, 1 blocked)" in stats.summary() and "$0.7500" in stats.summary()

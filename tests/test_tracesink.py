@@ -1,4 +1,5 @@
-"""The hand-off to the trace writer process: complete, in order, bounded at shutdown."""
+"""The hand-off to the trace writer process: complete, in order, bounded at shutdown;
+responses left unread by the proxy are read, metered and counted there."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from pathlib import Path
 import orjson
 import pytest
 
+from llm_mitm.pricing import PriceTable, cost_usd
+from llm_mitm.stats import CountRow
 from llm_mitm.tracesink import SinkSettings, TraceSink
+from llm_mitm.usage import Usage
 
 
 def snapshot(number: int, padding: int = 0) -> dict:
     return {
+        "deferred": False,
         "id": f"flow-{number}",
         "started_at": 1_700_000_000.0 + number,
         "first_byte_at": None,
@@ -30,9 +35,9 @@ def snapshot(number: int, padding: int = 0) -> dict:
         "stream": False,
         "status_code": 200,
         "request_headers": [["content-type", "application/json"]],
-        "request": [10, True, {"messages": [{"role": "user", "content": "x" * padding}]}],
+        "request": [10, "json", {"messages": [{"role": "user", "content": "x" * padding}]}],
         "response_headers": [],
-        "response": [0, False, None],
+        "response": [0, None, None],
         "events": None,
         "usage": None,
         "cost_usd": None,
@@ -45,9 +50,22 @@ def snapshot(number: int, padding: int = 0) -> dict:
     }
 
 
-def sink(tmp_path: Path) -> tuple[TraceSink, Path]:
+def deferred(number: int, body: bytes, status: int = 200, content_type: str = "application/json") -> dict:
+    """As the proxy sends an exchange whose response it left unread."""
+    snap = snapshot(number)
+    snap.update(deferred=True, status_code=status, api_key=f"key-{number % 2}", response_headers=[["content-type", content_type]],
+                response=[len(body), "raw", body.decode("latin-1")])
+    return snap
+
+
+def sink(tmp_path: Path, counted: list[CountRow] | None = None) -> tuple[TraceSink, Path]:
     destination = tmp_path / "traces.jsonl"
-    return TraceSink(SinkSettings(str(destination), None, "full", None, 5, {})), destination
+    settings = SinkSettings(str(destination), None, "full", None, 5, {}, prices={}, estimate_missing=True)
+    return TraceSink(settings, counted.append if counted is not None else None), destination
+
+
+def records(destination: Path) -> list[dict]:
+    return [orjson.loads(line) for line in destination.read_bytes().splitlines()]
 
 
 def ids(destination: Path) -> list[str]:
@@ -108,3 +126,61 @@ def test_a_dead_writer_is_reported_once_and_proxying_goes_on(tmp_path: Path, cap
     traces.close(timeout=1)
     assert traces.dropped == 3
     assert caplog.text.count("TRACE LOST") == 1
+
+
+ANSWER = orjson.dumps({"model": "gpt-4o-2024-08-06", "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                       "choices": [{"message": {"role": "assistant", "content": "remember sk-" + "Q" * 48}}]})
+
+
+def test_deferred_responses_are_read_metered_counted_and_redacted(tmp_path: Path) -> None:
+    counted: list[CountRow] = []
+    traces, destination = sink(tmp_path, counted)
+    traces.submit(deferred(0, ANSWER))
+    traces.submit(deferred(1, b'{"error": {"type": "invalid_request_error", "message": "bad model"}}', status=400))
+    traces.submit(deferred(2, "<h1>bad gateway \u00e9</h1>".encode(), status=502, content_type="text/html"))
+    refused = deferred(3, b'{"error": {"message": "refused"}}', status=403)
+    refused["policy"] = ["block", "model_not_allowed", "no"]
+    traces.submit(refused)
+    traces.collect()
+    cost = cost_usd(Usage(input_tokens=10, output_tokens=5), PriceTable().price("gpt-4o"))  # type: ignore[arg-type]
+    assert counted == [
+        ("key-0", "gpt-4o-2024-08-06", 10, 5, pytest.approx(cost), False, False),
+        ("key-1", "gpt-4o", None, None, None, True, False),
+        ("key-0", "gpt-4o", None, None, None, True, False),
+        ("key-1", "gpt-4o", None, None, None, False, True),
+    ]
+    traces.close()
+    answered, rejected, gateway, blocked = records(destination)
+    assert answered["usage"]["total_tokens"] == 15 and answered["cost_usd"] == pytest.approx(cost)
+    assert answered["response_model"] == "gpt-4o-2024-08-06" and answered["response"]["size"] == len(ANSWER)
+    assert "Q" * 8 not in destination.read_text()  # the key in the answer is redacted like any other
+    assert rejected["error"] == "invalid_request_error: bad model"
+    assert gateway["error"] == "HTTP 502" and gateway["response"]["body"] == "<h1>bad gateway \u00e9</h1>"
+    assert blocked["policy"]["decision"] == "block" and blocked["cost_usd"] is None
+
+
+def test_counts_come_back_on_the_loop_and_at_close(tmp_path: Path) -> None:
+    counted: list[CountRow] = []
+    traces, destination = sink(tmp_path, counted)
+
+    async def proxying() -> None:
+        for number in range(300):
+            traces.submit(deferred(number, ANSWER))
+            if number % 30 == 0:
+                await asyncio.sleep(0.06)  # send rounds go out, and take what came back
+
+    asyncio.run(proxying())
+    assert 0 < len(counted) < 300  # some on the way back, none waited for
+    traces.close()
+    assert len(counted) == 300 and len(records(destination)) == 300
+
+
+def test_a_writer_waiting_to_report_does_not_stall_the_hand_off(tmp_path: Path) -> None:
+    """Nobody reads the counts until close: the process blocks on them, close takes them."""
+    counted: list[CountRow] = []
+    traces, destination = sink(tmp_path, counted)
+    for number in range(20_000):  # ~2 MB of counts: more than a socket buffer
+        traces.submit(deferred(number, ANSWER))
+    traces.close(timeout=120)
+    assert traces.dropped == 0
+    assert len(counted) == 20_000 and len(records(destination)) == 20_000

@@ -7,7 +7,7 @@ import time
 from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
-from llm_mitm.exchange import Body, Exchange
+from llm_mitm.exchange import Body, Exchange, first
 from llm_mitm.sse import StreamTap, rebuilder_for
 
 _KEY_HEADERS = ("authorization", "api-key", "x-api-key")
@@ -75,7 +75,8 @@ class Recorder:
         else:
             headers = exchange.response_headers
             content = response.get_content(strict=False) if first(headers, "content-encoding") else response.raw_content
-            exchange.finish(content, first(headers, "content-type"))
+            # A replay records the answer it got: it reads the response here.
+            exchange.finish(content, first(headers, "content-type"), defer=self.shared.defer_responses and exchange.replay is None)
 
     @staticmethod
     def _take_head(exchange: Exchange, response: http.Response) -> None:
@@ -107,14 +108,6 @@ def _client(flow: http.HTTPFlow) -> str:
 def decoded(fields: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
     """Header fields as text, straight from mitmproxy's tuple (its lookups scan and convert)."""
     return [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in fields]
-
-
-def first(headers: list[tuple[str, str]], name: str) -> str:
-    """The first value of a header (`name` in lower case), or ""."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return ""
 
 
 def _url(request: http.Request, host_header: str | None) -> str:

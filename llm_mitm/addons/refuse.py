@@ -22,4 +22,4 @@ def rewrite_json(flow: http.HTTPFlow, exchange: Exchange, body: dict) -> None:  
     """Send `body` upstream instead (content-encoding kept) and record what was sent."""
     content = orjson.dumps(body)
     flow.request.content = content
-    exchange.replace_request_json(body, len(content))
+    exchange.replace_request_json(body, content)

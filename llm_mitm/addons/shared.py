@@ -13,6 +13,7 @@ from llm_mitm.policy import Policy
 from llm_mitm.pricing import PriceTable
 from llm_mitm.providers import ProviderMatcher
 from llm_mitm.redact import Redactor
+from llm_mitm.stats import UsageStats
 
 ConfigListener = Callable[[Config], None]
 
@@ -25,6 +26,11 @@ class Shared:
         self.exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
         # Each hook asks for the flow's exchange once per concern: remember the last answer.
         self._last: tuple[http.HTTPFlow | None, Exchange | None] = (None, None)
+        self.usage_stats = UsageStats()
+        # Responses left to the trace writer process (when it runs and nothing here reads
+        # them), and how to bring in the counts it has not reported yet: set by the Tracer.
+        self.defer_responses = False
+        self.collect_counts: Callable[[], None] = lambda: None
         self.apply(config or default_config())
 
     def apply(self, config: Config) -> None:

@@ -9,15 +9,17 @@ from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import Exchange
-from llm_mitm.stats import UsageStats
 
 logger = logging.getLogger("llm_mitm.stats")
 
 
 class Stats:
+    """Counts exchanges finished here; the trace writer process reports the ones it
+    finishes (deferred) into the same table."""
+
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self.stats = UsageStats()
+        self.stats = shared.usage_stats
         self._task: asyncio.Task[None] | None = None
 
     def running(self) -> None:
@@ -29,6 +31,7 @@ class Stats:
 
     def llm_stats(self) -> str:
         """Spend and counts per API key and model since the proxy started."""
+        self.shared.collect_counts()
         table = self.stats.table()
         logger.info("%s", table)
         return table
@@ -40,23 +43,25 @@ class Stats:
         self._count(self.shared.exchange(flow))
 
     def _count(self, exchange: Exchange | None) -> None:
-        if exchange is None or not exchange.done or exchange.traced:
+        if exchange is None or not exchange.done or exchange.traced or exchange.deferred:
             return
         usage = exchange.usage
         blocked = exchange.blocked
-        self.stats.add(
+        self.stats.add((
             exchange.api_key,
             exchange.response_model or exchange.model,
-            input_tokens=usage.input_tokens if usage else None,
-            output_tokens=usage.output_tokens if usage else None,
-            cost_usd=exchange.cost_usd,
-            error=exchange.error is not None and not blocked,
-            blocked=blocked,
-        )
+            usage.input_tokens if usage else None,
+            usage.output_tokens if usage else None,
+            exchange.cost_usd,
+            exchange.error is not None and not blocked,
+            blocked,
+        ))
 
     async def _periodic(self) -> None:
         while True:
             interval = self.shared.config.usage.stats_interval
             await asyncio.sleep(interval or 60)
-            if interval and self.stats.rows:
-                logger.info("%s", self.stats.summary())
+            if interval:
+                self.shared.collect_counts()
+                if self.stats.rows:
+                    logger.info("%s", self.stats.summary())

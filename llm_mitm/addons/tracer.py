@@ -7,13 +7,18 @@ from mitmproxy import http
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config, trace_destination
 from llm_mitm.exchange import Exchange
+from llm_mitm.quota import limits_set
 from llm_mitm.trace import snapshot
 from llm_mitm.tracesink import SinkSettings, TraceSink
 
 
 class Tracer:
     """Owns the TraceSink: a new one when where or how traces are written changes,
-    none when nothing is to be written, drained at exit."""
+    none when nothing is to be written, drained at exit.
+
+    While it runs, responses are left to it (`Shared.defer_responses`): parsing and
+    metering them moves off the event loop, mitmproxy's one core. Not when limits are
+    set: they charge each call before the next one is let through."""
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -32,14 +37,17 @@ class Tracer:
             max_bytes=config.traces.max_bytes,
             keep=config.traces.keep,
             redaction=config.redaction.redactor_options(),
+            prices=config.pricing.models,
+            estimate_missing=config.usage.estimate_missing,
         )
-        if settings == self._settings:
-            return
-        old, self._settings = self.sink, settings
-        wanted = settings.destination is not None or settings.directory is not None
-        self.sink = TraceSink(settings) if wanted else None
-        if old is not None:
-            old.close()
+        if settings != self._settings:
+            old, self._settings = self.sink, settings
+            wanted = settings.destination is not None or settings.directory is not None
+            self.sink = TraceSink(settings, self.shared.usage_stats.add) if wanted else None
+            if old is not None:
+                old.close()
+        self.shared.defer_responses = self.sink is not None and not limits_set(config.policy)
+        self.shared.collect_counts = self.sink.collect if self.sink is not None else _nothing
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._submit(self.shared.exchange(flow))
@@ -48,6 +56,8 @@ class Tracer:
         self._submit(self.shared.exchange(flow))
 
     def done(self) -> None:
+        self.shared.defer_responses = False
+        self.shared.collect_counts = _nothing
         if self.sink is not None:
             self.sink.close()
             self.sink = None
@@ -57,3 +67,7 @@ class Tracer:
             return
         exchange.traced = True
         self.sink.submit(snapshot(exchange))
+
+
+def _nothing() -> None:
+    pass

@@ -1,0 +1,53 @@
+"""Usage where the API gave none (estimated), and the cost of a finished call. Pure: the
+Meter addon runs it in the proxy, the trace writer process for responses it reads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from llm_mitm.estimate import estimate_usage
+from llm_mitm.pricing import PriceTable, cost_usd
+from llm_mitm.usage import Usage
+
+logger = logging.getLogger("llm_mitm.meter")
+
+GENERATING = ("chat.completions", "completions", "responses", "messages", "embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What metering needs to know about one finished call."""
+
+    operation: str
+    model: str | None  # the one that answered, else the one asked for
+    usage: Usage | None
+    request_json: Any
+    response_json: Any
+    error: bool
+    charged: bool  # went upstream and was answered by it (not refused, not replayed)
+
+
+class Metering:
+    def __init__(self, prices: PriceTable, estimate_missing: bool) -> None:
+        self.prices = prices
+        self.estimate_missing = estimate_missing
+        self._unpriced: set[str] = set()
+
+    def meter(self, call: Call) -> tuple[Usage | None, float | None]:
+        """(usage, cost in USD); either is None where it cannot be known."""
+        if not call.charged or call.operation not in GENERATING:
+            return call.usage, None
+        usage = call.usage
+        if usage is None and self.estimate_missing and not call.error:
+            usage = estimate_usage(call.request_json, call.response_json)
+        if usage is None:
+            return None, None
+        price = self.prices.price(call.model)
+        if price is None:
+            if call.model and call.model not in self._unpriced:
+                self._unpriced.add(call.model)
+                logger.warning("llm-mitm: no price for model %r: its cost is null (add it under pricing.models)", call.model)
+            return usage, None
+        return usage, cost_usd(usage, price)
