@@ -17,70 +17,68 @@ RoleText = tuple[str, str]
 _TEXT_PART_TYPES = {"text", "input_text", "output_text"}
 
 
-def request_texts(body: Any) -> Iterator[RoleText]:
-    """(role, text) for each piece of text in a request body, whatever the API."""
+def request_texts(body: Any) -> list[RoleText]:
+    """(role, text) for each piece of text in a request body, whatever the API. A list
+    built in one pass: this runs on every request (nested generators cost more than the work)."""
+    out: list[RoleText] = []
     if not isinstance(body, dict):
-        return
-    yield from _strings("user", body.get("prompt"))
+        return out
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        out.append(("user", prompt))
+    elif isinstance(prompt, list):
+        out.extend(("user", item) for item in prompt if isinstance(item, str))
     system = body.get("system")
     if system is not None:
-        yield from _content("system", system)
+        _content(out, "system", system)
     instructions = body.get("instructions")
     if isinstance(instructions, str):
-        yield ("system", instructions)
+        out.append(("system", instructions))
     for message in _list(body.get("messages")):
-        yield from _message(message)
+        _message(out, message)
     items = body.get("input")
     if isinstance(items, str):
-        yield ("user", items)
+        out.append(("user", items))
     else:
         for item in _list(items):
             if isinstance(item, str):
-                yield ("user", item)
+                out.append(("user", item))
             else:
-                yield from _message(item)
+                _message(out, item)
+    return out
 
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _strings(role: str, value: Any) -> Iterator[RoleText]:
-    if isinstance(value, str):
-        yield (role, value)
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, str):
-                yield (role, item)
-
-
-def _message(message: Any) -> Iterator[RoleText]:
+def _message(out: list[RoleText], message: Any) -> None:
     if not isinstance(message, dict):
         return
-    kind = message.get("type")
-    role = message.get("role")
-    if kind == "function_call_output":  # Responses: a tool result
-        yield from _content("tool", message.get("output"))
+    if message.get("type") == "function_call_output":  # Responses: a tool result
+        _content(out, "tool", message.get("output"))
         return
-    role = role if isinstance(role, str) else "user"
-    yield from _content(role, message.get("content"))
+    role = message.get("role")
+    _content(out, role if isinstance(role, str) else "user", message.get("content"))
 
 
-def _content(role: str, content: Any) -> Iterator[RoleText]:
+def _content(out: list[RoleText], role: str, content: Any) -> None:
     if isinstance(content, str):
-        yield (role, content)
+        out.append((role, content))
         return
     for part in _list(content):
         if isinstance(part, str):
-            yield (role, part)
+            out.append((role, part))
         elif isinstance(part, dict):
             kind = part.get("type")
-            if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
-                yield (role, part["text"])
+            if kind in _TEXT_PART_TYPES:
+                text = part.get("text")
+                if isinstance(text, str):
+                    out.append((role, text))
             elif kind == "tool_result":  # Anthropic: the tool's answer, string or blocks
-                yield from _content("tool", part.get("content"))
+                _content(out, "tool", part.get("content"))
             elif kind == "refusal" and isinstance(part.get("refusal"), str):
-                yield (role, part["refusal"])
+                out.append((role, part["refusal"]))
 
 
 # Letters from other scripts that look like Latin ones (the common spoofs).
@@ -142,7 +140,9 @@ def response_texts(body: Any) -> Iterator[str]:
         if isinstance(item, dict):
             if isinstance(item.get("arguments"), str):
                 yield item["arguments"]
-            for _, text in _content("assistant", item.get("content")):
+            parts: list[RoleText] = []
+            _content(parts, "assistant", item.get("content"))
+            for _, text in parts:
                 yield text
     if body.get("type") == "message":
         for block in _list(body.get("content")):
