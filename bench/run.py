@@ -257,12 +257,15 @@ class Bench:
         print(f"  memory {self.results['memory']}", flush=True)
 
     def micro(self) -> None:
-        """Trace writer capacity, and cost per byte of redaction and SSE parsing."""
+        """Trace writer capacity (a record as the writer process gets it: a line, its
+        response still to read and meter), and cost per byte of redaction and SSE parsing."""
         from llm_mitm.exchange import Body, Exchange
+        from llm_mitm.metering import Metering
+        from llm_mitm.pricing import PriceTable
         from llm_mitm.providers import Route
         from llm_mitm.redact import Redactor
         from llm_mitm.sse import ChatCompletionsRebuilder, StreamTap
-        from llm_mitm.trace import build_record, snapshot
+        from llm_mitm.trace import build_record, complete, snapshot
         from llm_mitm.writer import TraceWriter
 
         redactor = Redactor()
@@ -272,13 +275,16 @@ class Bench:
         from bench.upstream import COMPLETION
 
         exchange.status_code = 200
-        exchange.finish(COMPLETION, "application/json")
+        exchange.finish(COMPLETION, "application/json", defer=True)
         count = 5000 if self.quick else 20000
-        snap = snapshot(exchange)
+        line = orjson.dumps(snapshot(exchange))
+        metering = Metering(PriceTable(), estimate_missing=True)
         writer = TraceWriter(self.work / "writer.jsonl", None)
         started = time.perf_counter()
         for _ in range(count):
-            writer.submit(lambda: build_record(snap, redactor))
+            snap = orjson.loads(line)
+            complete(snap, metering)
+            writer.submit(lambda snap=snap: build_record(snap, redactor))
         writer.close(60)
         records_per_s = count / (time.perf_counter() - started)
 

@@ -102,9 +102,15 @@ def read_outcome(api: str, status_code: int | None, body: Body) -> Outcome:
         if isinstance(payload.get("model"), str):
             outcome.response_model = payload["model"]
         outcome.usage = normalize_usage(api, payload.get("usage"))
-    if status_code is not None and status_code >= 400:
-        outcome.error = _error_message(payload) or f"HTTP {status_code}"
+    outcome.error = status_error(status_code, payload)
     return outcome
+
+
+def status_error(status_code: int | None, payload: Any) -> str | None:
+    """A 4xx/5xx answer as an error: the API's own message, else the status."""
+    if status_code is None or status_code < 400:
+        return None
+    return _error_message(payload) or f"HTTP {status_code}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +212,7 @@ class Exchange:
             self.response_model, self.usage = outcome.response_model, outcome.usage
             self.error = self.error or outcome.error
             return
-        if self.error is None and self.status_code is not None and self.status_code >= 400:
-            self.error = _error_message(self.response.json) or f"HTTP {self.status_code}"
+        self.error = self.error or status_error(self.status_code, self.response.json)
 
     def _take_stream(self, tap: StreamTap) -> None:
         tap.finish()
