@@ -72,7 +72,6 @@ class TraceSink:
             pass
         ours.setblocking(False)
         self._socket: socket.socket | None = ours
-        self._lines: list[bytes] = []
         self._outgoing = bytearray()  # joined lines the socket has not taken yet
         self._incoming = bytearray()  # what the process reported, up to a whole line
         self._asked = 0  # the last sync mark sent, and the last one answered
@@ -89,7 +88,7 @@ class TraceSink:
             line = orjson.dumps(snapshot)
         except TypeError:  # a dict with non-string keys somewhere in a body: the slower way
             line = orjson.dumps(snapshot, option=orjson.OPT_NON_STR_KEYS)
-        self._lines.append(line)
+        self._queue(line)
         self._schedule()
 
     def collect(self, timeout: float = COLLECT_SECONDS) -> None:
@@ -98,8 +97,7 @@ class TraceSink:
         if self._socket is None:
             return
         self._asked += 1
-        self._lines.append(orjson.dumps({"sync": self._asked}))
-        self._take_lines()
+        self._queue(orjson.dumps({"sync": self._asked}))
         deadline = time.monotonic() + timeout
         self._send(deadline)
         self._receive_until(deadline, lambda: self._answered >= self._asked)
@@ -114,7 +112,6 @@ class TraceSink:
             self._timer.cancel()
             self._timer = None
         if self._socket is not None:
-            self._take_lines()
             self._send(deadline)
             if self._outgoing:
                 self._lose(self._outgoing.count(b"\n"), "the trace writer did not take them before shutdown")
@@ -136,7 +133,6 @@ class TraceSink:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (tests, shutdown): what the socket takes now, the rest at close
-            self._take_lines()
             self._send(None)
             return
         if self._timer is not None and self._timer_loop is loop and not loop.is_closed():
@@ -147,20 +143,18 @@ class TraceSink:
         self._timer = None
         if self._socket is None:  # closed while a round was due
             return
-        self._take_lines()
         self._send(None)
         self._receive()
         if self._outgoing:  # the socket is full: soon again
             self._schedule(CATCH_UP_SECONDS)
 
-    def _take_lines(self) -> None:
-        if not self._lines:
-            return
+    def _queue(self, line: bytes) -> None:
+        """Straight into the outgoing buffer: one copy, no list to join later."""
         if len(self._outgoing) > MAX_BUFFERED:
-            self._lose(len(self._lines), "the trace writer does not keep up")
-        else:
-            self._outgoing += b"\n".join(self._lines) + b"\n"
-        self._lines.clear()
+            self._lose(1, "the trace writer does not keep up")
+            return
+        self._outgoing += line
+        self._outgoing += b"\n"
 
     def _send(self, deadline: float | None) -> None:
         """As much as the socket takes now; with a deadline, wait for room until then."""
