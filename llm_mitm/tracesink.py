@@ -35,7 +35,6 @@ from llm_mitm.stats import CountRow
 logger = logging.getLogger("llm_mitm.traces")
 
 BATCH_SECONDS = 0.05
-COLLECT_SECONDS = 2.0  # the longest `collect` holds the loop for a writer that does not answer
 CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
@@ -91,9 +90,9 @@ class TraceSink:
         self._queue(line)
         self._schedule()
 
-    def collect(self, timeout: float = COLLECT_SECONDS) -> None:
-        """Wait until the process has reported every deferred exchange submitted so far
-        (a command's wait, never the hot path's)."""
+    def collect(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until the process has reported every deferred exchange
+        submitted so far: a command's wait, never the hot path's."""
         if self._socket is None:
             return
         self._asked += 1
@@ -101,7 +100,7 @@ class TraceSink:
         deadline = time.monotonic() + timeout
         self._send(deadline)
         self._receive_until(deadline, lambda: self._answered >= self._asked)
-        if self._answered < self._asked:
+        if self._answered < self._asked and timeout >= 1:
             logger.warning("llm-mitm: the trace writer did not report its counts in %.0f s; stats may lag", timeout)
 
     def close(self, timeout: float = 15.0) -> None:
@@ -249,6 +248,7 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
         writer.submit(lambda: build_record(message, redactor, bodies))
 
     pending = bytearray()
+    reporting = True
     try:
         with sock:
             while chunk := sock.recv(1 << 20):
@@ -268,8 +268,11 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
                         logger.exception("llm-mitm: a trace could not be completed")
                 if counts:
                     reports.append(orjson.dumps({"counts": counts}))
-                if reports:
-                    sock.sendall(b"\n".join(reports) + b"\n")
+                if reports and reporting:
+                    try:
+                        sock.sendall(b"\n".join(reports) + b"\n")
+                    except OSError:  # the proxy stopped listening: its records still get written
+                        reporting = False
     except OSError:
         pass
     finally:

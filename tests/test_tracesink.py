@@ -141,7 +141,7 @@ def test_deferred_responses_are_read_metered_counted_and_redacted(tmp_path: Path
     refused = deferred(3, b'{"error": {"message": "refused"}}', status=403)
     refused["policy"] = ["block", "model_not_allowed", "no"]
     traces.submit(refused)
-    traces.collect()
+    traces.collect(2.0)
     cost = cost_usd(Usage(input_tokens=10, output_tokens=5), PriceTable().price("gpt-4o"))  # type: ignore[arg-type]
     assert counted == [
         ("key-0", "gpt-4o-2024-08-06", 10, 5, pytest.approx(cost), False, False),
@@ -184,3 +184,22 @@ def test_a_writer_waiting_to_report_does_not_stall_the_hand_off(tmp_path: Path) 
     traces.close(timeout=120)
     assert traces.dropped == 0
     assert len(counted) == 20_000 and len(records(destination)) == 20_000
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
+def test_collect_waits_no_longer_than_asked(tmp_path: Path) -> None:
+    """The periodic stats line asks for a short wait: a stalled writer must not stall the proxy."""
+    counted: list[CountRow] = []
+    traces, _ = sink(tmp_path, counted)
+    os.kill(traces.process.pid, signal.SIGSTOP)
+    try:
+        traces.submit(deferred(0, ANSWER))
+        started = time.monotonic()
+        traces.collect(0.05)
+        assert time.monotonic() - started < 0.5
+        assert counted == []
+    finally:
+        os.kill(traces.process.pid, signal.SIGCONT)
+    traces.collect(5.0)  # once it runs again, the count arrives
+    assert len(counted) == 1
+    traces.close()

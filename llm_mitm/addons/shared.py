@@ -30,7 +30,7 @@ class Shared:
         # Responses left to the trace writer process (when it runs and nothing here reads
         # them), and how to bring in the counts it has not reported yet: set by the Tracer.
         self.defer_responses = False
-        self.collect_counts: Callable[[], None] = lambda: None
+        self.collect_counts: Callable[[float], None] = lambda wait: None
         self.apply(config or default_config())
 
     def apply(self, config: Config) -> None:

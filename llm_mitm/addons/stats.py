@@ -12,6 +12,9 @@ from llm_mitm.exchange import Exchange
 
 logger = logging.getLogger("llm_mitm.stats")
 
+COMMAND_WAIT = 2.0  # seconds `llm.stats` may wait for the writer process's counts
+PERIODIC_WAIT = 0.05  # the periodic line takes what has come back (it must not stall the proxy)
+
 
 class Stats:
     """Counts exchanges finished here; the trace writer process reports the ones it
@@ -31,7 +34,7 @@ class Stats:
 
     def llm_stats(self) -> str:
         """Spend and counts per API key and model since the proxy started."""
-        self.shared.collect_counts()
+        self.shared.collect_counts(COMMAND_WAIT)
         table = self.stats.table()
         logger.info("%s", table)
         return table
@@ -62,6 +65,6 @@ class Stats:
             interval = self.shared.config.usage.stats_interval
             await asyncio.sleep(interval or 60)
             if interval:
-                self.shared.collect_counts()
+                self.shared.collect_counts(PERIODIC_WAIT)
                 if self.stats.rows:
                     logger.info("%s", self.stats.summary())

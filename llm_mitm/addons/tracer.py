@@ -69,5 +69,5 @@ class Tracer:
         self.sink.submit(snapshot(exchange))
 
 
-def _nothing() -> None:
+def _nothing(wait: float) -> None:
     pass
