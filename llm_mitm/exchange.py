@@ -1,9 +1,9 @@
 """The one record per flow that every addon reads and fills.
 
-Made once at request time: the body is parsed here and nowhere else, so policy,
-limits and the trace writer all read the same parsed object. A response nothing in the
-proxy needs is left unread here (`finish(defer=True)`): the trace writer process reads
-and meters it, off the event loop.
+Made once at request time: the request body is parsed once, here, so policy, limits
+and the trace read the same parsed object. A response nothing in the proxy needs is left
+unread here (`finish(defer=True)`): the trace writer process reads and meters it instead,
+off the event loop.
 """
 
 from __future__ import annotations
@@ -54,12 +54,10 @@ class Body:
         """The body left for the trace writer process: bytes it would keep, else the size."""
         if not content:
             return cls(size=0)
-        kept = _looks_like_json(content, content_type) or _is_textual(content_type)
-        return cls(size=len(content), raw=content if kept else None, unread=True)
-
-    @property
-    def value(self) -> Any:
-        return self.json if self.is_json else self.text
+        if _looks_like_json(content, content_type):
+            return cls(size=len(content), raw=content, unread=True)
+        sample = content[: _SAMPLE_LIMIT * 4] if _is_textual(content_type) else None  # what `parse` keeps of it
+        return cls(size=len(content), raw=sample, unread=True)
 
 
 def first(headers: list[tuple[str, str]], name: str) -> str:

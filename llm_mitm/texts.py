@@ -71,7 +71,7 @@ def _content(out: list[RoleText], role: str, content: Any) -> None:
             out.append((role, part))
         elif isinstance(part, dict):
             kind = part.get("type")
-            if kind in _TEXT_PART_TYPES:
+            if isinstance(kind, str) and kind in _TEXT_PART_TYPES:  # any JSON value may come here
                 text = part.get("text")
                 if isinstance(text, str):
                     out.append((role, text))

@@ -197,6 +197,8 @@ def _message(headers: list[tuple[str, str]], body: list[Any], redactor: Redactor
 
 
 def _body(kind: str | None, value: Any, redactor: Redactor, bodies: BodiesMode) -> Any:
+    if isinstance(value, orjson.Fragment):  # unparsed JSON would pass redaction untouched
+        raise TypeError("a trace body must be parsed before it is redacted")
     if bodies != "full" or value is None or kind not in ("json", "text") or (kind == "text" and not value):
         return None
     return redactor.json(value) if kind == "json" else redactor.text(value)

@@ -76,6 +76,8 @@ class TraceSink:
         self._asked = 0  # the last sync mark sent, and the last one answered
         self._answered = 0
         self._closed_by_writer = False
+        self._owed = 0  # deferred records whose counts have not come back
+        self.failed = False  # the process is gone: nothing more will be written or counted
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
@@ -83,11 +85,8 @@ class TraceSink:
         """Queue one record (orjson never writes a raw newline, so a line is a record)."""
         if self._socket is None:
             return
-        try:
-            line = orjson.dumps(snapshot)
-        except TypeError:  # a dict with non-string keys somewhere in a body: the slower way
-            line = orjson.dumps(snapshot, option=orjson.OPT_NON_STR_KEYS)
-        self._queue(line)
+        self._queue(_line(snapshot))
+        self._owed += snapshot["deferred"]
         self._schedule()
 
     def collect(self, timeout: float) -> None:
@@ -100,7 +99,7 @@ class TraceSink:
         deadline = time.monotonic() + timeout
         self._send(deadline)
         self._receive_until(deadline, lambda: self._answered >= self._asked)
-        if self._answered < self._asked and timeout >= 1:
+        if self._answered < self._asked and timeout >= 1 and not self._closed_by_writer:
             logger.warning("llm-mitm: the trace writer did not report its counts in %.0f s; stats may lag", timeout)
 
     def close(self, timeout: float = 15.0) -> None:
@@ -146,6 +145,10 @@ class TraceSink:
         self._receive()
         if self._outgoing:  # the socket is full: soon again
             self._schedule(CATCH_UP_SECONDS)
+        elif self._owed and not self._closed_by_writer:  # counts to take, even with no new calls
+            self._schedule()
+        if self._closed_by_writer or not self.process.is_alive():
+            self.failed = True
 
     def _queue(self, line: bytes) -> None:
         """Straight into the outgoing buffer: one copy, no list to join later."""
@@ -195,10 +198,15 @@ class TraceSink:
                 lines = bytes(self._incoming[:end]).split(b"\n")
                 del self._incoming[: end + 1]
                 for line in lines:
-                    self._take_report(orjson.loads(line))
+                    try:
+                        self._take_report(orjson.loads(line))
+                    except Exception:  # a bad report must not stop the proxy (or its shutdown)
+                        logger.exception("llm-mitm: could not read a report of the trace writer")
 
     def _take_report(self, report: dict[str, Any]) -> None:
-        for row in report.get("counts", ()):
+        counts = report.get("counts", ())
+        self._owed = max(0, self._owed - len(counts))
+        for row in counts:
             self.on_count(tuple(row))  # type: ignore[arg-type]
         self._answered = max(self._answered, report.get("synced", 0))
 
@@ -213,10 +221,46 @@ class TraceSink:
             self._receive()
 
     def _lose(self, count: int, reason: str) -> None:
+        self._owed = max(0, self._owed - count)
         first = self.dropped == 0
         self.dropped += count
         if first:
             logger.error("llm-mitm: TRACE LOST: %s (proxying goes on)", reason)
+
+
+def _line(snapshot: dict[str, Any]) -> bytes:
+    """The snapshot as one JSON line. What orjson refuses (text that is not UTF-8, as a
+    header with a stray byte decodes to; keys that are not strings; nesting deeper than
+    it writes) costs that text its odd characters, or the bodies their contents (their
+    sizes stay), never the record."""
+    try:
+        return orjson.dumps(snapshot)
+    except TypeError:
+        pass
+    try:
+        return orjson.dumps(_scrub(snapshot), option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, RecursionError):
+        pass
+    shallow = dict(snapshot)
+    for side in ("request", "response"):
+        size, kind, _ = shallow[side]
+        if kind != "raw":  # raw bytes travel as one string: never too deep
+            shallow[side] = [size, None, None]
+    return orjson.dumps(_scrub(shallow), option=orjson.OPT_NON_STR_KEYS)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        try:  # the bytes mitmproxy decoded with surrogateescape; else lone surrogates as such
+            data = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = value.encode("utf-8", "surrogatepass")
+        return data.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_scrub(k) if isinstance(k, str) else k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
 
 
 def _serve(sock: socket.socket, settings: SinkSettings) -> None:
@@ -253,7 +297,7 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
         with sock:
             while chunk := sock.recv(1 << 20):
                 pending += chunk
-                end = pending.rfind(b"\n")
+                end = pending.rfind(b"\n", len(pending) - len(chunk))
                 if end < 0:
                     continue
                 lines = bytes(pending[:end]).split(b"\n")

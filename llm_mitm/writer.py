@@ -87,27 +87,33 @@ class TraceWriter:
                 if item is _STOP:
                     stopping = True
                     continue
-                record = self._render(item)  # type: ignore[arg-type]
-                if record is not None:
-                    records.append(record)
+                rendered = self._render(item)  # type: ignore[arg-type]
+                if rendered is not None:
+                    records.append(rendered)
             if records:
-                self._write(records)
+                try:
+                    self._write(records)
+                except Exception:  # noqa: BLE001 - the thread must outlive any one batch
+                    self._fail(len(records), "unexpected error while writing")
+                    logger.exception("llm-mitm: writing a batch of traces failed")
 
-    def _render(self, build: RecordBuilder) -> dict[str, object] | None:
+    def _render(self, build: RecordBuilder) -> tuple[dict[str, object], bytes] | None:
+        """The record and its JSONL line, or None (counted, logged) when either cannot be
+        made: say a body nested deeper than orjson writes."""
         try:
-            return build().model_dump()
+            record = build().model_dump()
+            return record, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         except Exception:  # noqa: BLE001 - one bad record must not stop the writer
             self.stats.render_failed += 1
             logger.exception("llm-mitm: could not build a trace record; it is skipped")
             return None
 
-    def _write(self, records: list[dict[str, object]]) -> None:
+    def _write(self, records: list[tuple[dict[str, object], bytes]]) -> None:
         ok = True
         if self.destination is not None:
-            data = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
-            ok = self._append(data, len(records))
+            ok = self._append(b"".join(line for _, line in records), len(records))
         if self.directory is not None:
-            for record in records:
+            for record, _ in records:
                 ok = self._write_file(record) and ok
         if ok and self._failing:
             logger.warning("llm-mitm: trace writing works again (%s)", self._failing)

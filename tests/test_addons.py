@@ -239,3 +239,78 @@ def test_recorded_url_is_mitmproxys_pretty_url(host_header: bytes | None, author
     shared = Shared()
     Recorder(shared).request(flow)
     assert shared.exchange(flow).url == flow.request.pretty_url
+
+
+def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
+    """Fail closed: a request the policy cannot read does not go upstream unchecked."""
+
+    async def go() -> None:
+        from llm_mitm.addons import build
+
+        addons = build() + [Proxyserver()]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            shared = addons[0].shared
+
+            def broken(view):
+                raise RuntimeError("a bug in a rule")
+
+            shared.policy.check = broken
+            flow = chat_flow()
+            addons[0].request(flow)
+            assert flow.response is not None and flow.response.status_code == 403
+            assert flow.response.headers["x-llm-mitm-rule"] == "policy_error"
+            addons[0].done()
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) -> None:
+    """The writer process reads and meters a response exactly as the proxy would."""
+    answers = [
+        (200, {"model": "gpt-4o-2024-08-06", "usage": {"prompt_tokens": 12, "completion_tokens": 7},
+               "choices": [{"message": {"role": "assistant", "content": "keep sk-" + "Z" * 48}}]}),
+        (400, {"error": {"type": "invalid_request_error", "message": "no such model"}}),
+        (200, {"model": "mystery-model", "choices": [{"message": {"role": "assistant", "content": "four words of text"}}]}),
+    ]
+
+    async def go() -> None:
+        from llm_mitm.addons import build
+
+        addons = build() + [Proxyserver()]
+        shared = addons[0].shared
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            for deferred in (True, False):
+                shared.defer_responses = deferred
+                for status, answer in answers:
+                    flow = chat_flow()
+                    for hook in ("requestheaders", "request", "responseheaders", "response"):
+                        if hook == "responseheaders":
+                            flow.response = tutils.tresp(status_code=status, headers=[(b"content-type", b"application/json")],
+                                                         content=orjson.dumps(answer))
+                        getattr(addons[0], hook)(flow)
+                    assert shared.exchange(flow).deferred is deferred
+            table = tctx.master.commands.execute("llm.stats")
+            rows = {key: (t.requests, t.errors, t.input_tokens, t.output_tokens, round(t.cost_usd, 10), t.unpriced)
+                    for key, t in shared.usage_stats.rows.items()}
+            addons[0].done()
+        assert "6 calls (2 errors, 0 blocked)" in table
+        key = next(iter(rows))[0]
+        assert rows == {
+            (key, "gpt-4o-2024-08-06"): (2, 0, 24, 14, round(2 * (12 * 2.5 + 7 * 10) / 1e6, 10), 0),
+            (key, "gpt-4o"): (2, 2, 0, 0, 0.0, 2),
+            (key, "mystery-model"): (2, 0, 2, 10, 0.0, 2),  # estimated: "hi" 1 token, 18 bytes of answer 5
+        }
+        written = [orjson.loads(line) for line in (tmp_path / "traces.jsonl").read_bytes().splitlines()]
+        assert len(written) == 6
+        timing = ("id", "timestamp", "duration_ms", "ttfb_ms")
+        same = [{k: v for k, v in record.items() if k not in timing} for record in written]
+        assert same[:3] == same[3:]
+        assert "Z" * 8 not in (tmp_path / "traces.jsonl").read_text()
+        assert same[0]["cost_usd"] and same[1]["error"] == "invalid_request_error: no such model"
+        assert same[2]["usage"]["estimated"] is True
+
+    os.chdir(tmp_path)
+    run(go())

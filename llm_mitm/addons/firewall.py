@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse, rewrite_json
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import PolicyDecision
 from llm_mitm.policy import RequestView
+
+logger = logging.getLogger("llm_mitm.firewall")
 
 
 class Firewall:
@@ -25,7 +29,12 @@ class Firewall:
             body=exchange.request_json,
             unparseable=exchange.request.malformed_json,
         )
-        violation = policy.check(view)
+        try:
+            violation = policy.check(view)
+        except Exception:  # a request the policy cannot read does not go out unchecked
+            logger.exception("llm-mitm: the policy check failed; the request is refused")
+            refuse(flow, exchange, 403, "policy_error", "the request could not be checked against the policy")
+            return
         if violation is not None:
             refuse(flow, exchange, violation.status, violation.rule, violation.detail)
             return

@@ -18,6 +18,10 @@ from llm_mitm.stats import UsageStats
 ConfigListener = Callable[[Config], None]
 
 
+def no_counts_owed(wait: float) -> None:
+    """No writer process: every call was counted where it finished."""
+
+
 class Shared:
     """Built once in addons/llm.py and handed to every addon."""
 
@@ -30,7 +34,7 @@ class Shared:
         # Responses left to the trace writer process (when it runs and nothing here reads
         # them), and how to bring in the counts it has not reported yet: set by the Tracer.
         self.defer_responses = False
-        self.collect_counts: Callable[[float], None] = lambda wait: None
+        self.collect_counts: Callable[[float], None] = no_counts_owed
         self.apply(config or default_config())
 
     def apply(self, config: Config) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from mitmproxy import http
 
-from llm_mitm.addons.shared import Shared
+from llm_mitm.addons.shared import Shared, no_counts_owed
 from llm_mitm.config import Config, trace_destination
 from llm_mitm.exchange import Exchange
 from llm_mitm.quota import limits_set
 from llm_mitm.trace import snapshot
 from llm_mitm.tracesink import SinkSettings, TraceSink
+
+logger = logging.getLogger("llm_mitm.traces")
 
 
 class Tracer:
@@ -47,7 +51,7 @@ class Tracer:
             if old is not None:
                 old.close()
         self.shared.defer_responses = self.sink is not None and not limits_set(config.policy)
-        self.shared.collect_counts = self.sink.collect if self.sink is not None else _nothing
+        self.shared.collect_counts = self.sink.collect if self.sink is not None else no_counts_owed
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._submit(self.shared.exchange(flow))
@@ -57,7 +61,7 @@ class Tracer:
 
     def done(self) -> None:
         self.shared.defer_responses = False
-        self.shared.collect_counts = _nothing
+        self.shared.collect_counts = no_counts_owed
         if self.sink is not None:
             self.sink.close()
             self.sink = None
@@ -67,7 +71,6 @@ class Tracer:
             return
         exchange.traced = True
         self.sink.submit(snapshot(exchange))
-
-
-def _nothing(wait: float) -> None:
-    pass
+        if self.sink.failed and self.shared.defer_responses:
+            self.shared.defer_responses = False  # no one left to read them: read them here
+            logger.error("llm-mitm: the trace writer process is gone; responses are metered in the proxy again")
