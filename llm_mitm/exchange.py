@@ -153,6 +153,10 @@ class Exchange:
     error: str | None = None
     done: bool = False
     deferred: bool = False  # the response is read, metered and counted in the writer process
+    # Each finished call is counted, charged and traced once, though mitmproxy may
+    # follow `response` with `error` (a client gone while the answer goes out).
+    counted: bool = False
+    charged: bool = False
     traced: bool = False
     _headers: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 

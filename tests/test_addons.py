@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 from mitmproxy import exceptions
+from mitmproxy.flow import Error as flow_error
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -311,6 +312,33 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
         assert "Z" * 8 not in (tmp_path / "traces.jsonl").read_text()
         assert same[0]["cost_usd"] and same[1]["error"] == "invalid_request_error: no such model"
         assert same[2]["usage"]["estimated"] is True
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
+    """mitmproxy may follow `response` with `error`; traces off, so nothing else marks it."""
+    config = tmp_path / "config.yaml"
+    config.write_text("traces:\n  destination: null\n")
+
+    async def go() -> None:
+        from llm_mitm.addons import build
+
+        addons = build() + [Proxyserver()]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config=str(config))
+            assert not addons[0].shared.defer_responses
+            flow = chat_flow()
+            addons[0].request(flow)
+            flow.response = tutils.tresp(headers=[(b"content-type", b"application/json")],
+                                         content=orjson.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
+            addons[0].responseheaders(flow)
+            addons[0].response(flow)
+            flow.error = flow_error("client disconnected")
+            addons[0].error(flow)
+            assert "1 calls (0 errors, 0 blocked)" in tctx.master.commands.execute("llm.stats")
+            addons[0].done()
 
     os.chdir(tmp_path)
     run(go())

@@ -70,8 +70,9 @@ class QuotaAddon:
     def _charge(self, exchange: Exchange | None) -> None:
         if exchange is None or not exchange.done or not self.quota.active:
             return
-        if exchange.replay == "hit" or exchange.blocked:
+        if exchange.replay == "hit" or exchange.blocked or exchange.charged:
             return
+        exchange.charged = True
         tokens = exchange.usage.total_tokens if exchange.usage else None
         self.quota.charge(_caller(exchange), tokens, exchange.cost_usd)
 

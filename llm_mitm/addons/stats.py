@@ -46,8 +46,9 @@ class Stats:
         self._count(self.shared.exchange(flow))
 
     def _count(self, exchange: Exchange | None) -> None:
-        if exchange is None or not exchange.done or exchange.traced or exchange.deferred:
+        if exchange is None or not exchange.done or exchange.counted or exchange.deferred:
             return
+        exchange.counted = True
         usage = exchange.usage
         blocked = exchange.blocked
         self.stats.add((
