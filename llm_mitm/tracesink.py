@@ -76,7 +76,8 @@ class TraceSink:
         self._asked = 0  # the last sync mark sent, and the last one answered
         self._answered = 0
         self._closed_by_writer = False
-        self._owed = 0  # deferred records whose counts have not come back
+        self._queued = 0  # lines handed to the process (or on their way), and lines it has read
+        self._seen = 0
         self.failed = False  # the process is gone: nothing more will be written or counted
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
@@ -85,8 +86,13 @@ class TraceSink:
         """Queue one record (orjson never writes a raw newline, so a line is a record)."""
         if self._socket is None:
             return
-        self._queue(_line(snapshot))
-        self._owed += snapshot["deferred"]
+        try:
+            line = _line(snapshot)
+        except Exception:  # noqa: BLE001 - a record we cannot write must not stop the proxy
+            logger.exception("llm-mitm: a trace could not be handed over")
+            self._drop("a record could not be serialised")
+            return
+        self._queue(line)
         self._schedule()
 
     def collect(self, timeout: float) -> None:
@@ -145,7 +151,7 @@ class TraceSink:
         self._receive()
         if self._outgoing:  # the socket is full: soon again
             self._schedule(CATCH_UP_SECONDS)
-        elif self._owed and not self._closed_by_writer:  # counts to take, even with no new calls
+        elif self._seen < self._queued and not self._closed_by_writer:  # reports to take, even with no new calls
             self._schedule()
         if self._closed_by_writer or not self.process.is_alive():
             self.failed = True
@@ -153,10 +159,11 @@ class TraceSink:
     def _queue(self, line: bytes) -> None:
         """Straight into the outgoing buffer: one copy, no list to join later."""
         if len(self._outgoing) > MAX_BUFFERED:
-            self._lose(1, "the trace writer does not keep up")
+            self._drop("the trace writer does not keep up")
             return
         self._outgoing += line
         self._outgoing += b"\n"
+        self._queued += 1
 
     def _send(self, deadline: float | None) -> None:
         """As much as the socket takes now; with a deadline, wait for room until then."""
@@ -204,9 +211,8 @@ class TraceSink:
                         logger.exception("llm-mitm: could not read a report of the trace writer")
 
     def _take_report(self, report: dict[str, Any]) -> None:
-        counts = report.get("counts", ())
-        self._owed = max(0, self._owed - len(counts))
-        for row in counts:
+        self._seen += report.get("seen", 0)
+        for row in report.get("counts", ()):
             self.on_count(tuple(row))  # type: ignore[arg-type]
         self._answered = max(self._answered, report.get("synced", 0))
 
@@ -221,7 +227,11 @@ class TraceSink:
             self._receive()
 
     def _lose(self, count: int, reason: str) -> None:
-        self._owed = max(0, self._owed - count)
+        """`count` queued lines will never be read."""
+        self._queued -= count
+        self._drop(reason, count)
+
+    def _drop(self, reason: str, count: int = 1) -> None:
         first = self.dropped == 0
         self.dropped += count
         if first:
@@ -289,7 +299,8 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
         if message["deferred"]:
             complete(message, metering)
             counts.append(count_row(message))
-        writer.submit(lambda: build_record(message, redactor, bodies))
+        # A body too deep for orjson to write costs the record its bodies, not the record.
+        writer.submit(lambda: build_record(message, redactor, bodies), lambda: build_record(message, redactor, "metadata"))
 
     pending = bytearray()
     reporting = True
@@ -307,12 +318,15 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
                 for line in lines:
                     try:
                         take(line, counts, reports)
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - one bad line must not stop the writer
                         writer.stats.render_failed += 1
                         logger.exception("llm-mitm: a trace could not be completed")
-                if counts:
-                    reports.append(orjson.dumps({"counts": counts}))
-                if reports and reporting:
+                try:
+                    reports.append(orjson.dumps({"counts": counts, "seen": len(lines)}))
+                except TypeError:  # a count orjson cannot write: the lines are still seen
+                    logger.exception("llm-mitm: counts could not be reported")
+                    reports.append(orjson.dumps({"seen": len(lines)}))
+                if reporting:
                     try:
                         sock.sendall(b"\n".join(reports) + b"\n")
                     except OSError:  # the proxy stopped listening: its records still get written

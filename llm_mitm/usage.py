@@ -35,8 +35,14 @@ class Usage:
         }
 
 
+_MOST_TOKENS = 2**53  # beyond any real call; larger numbers are nonsense (and not JSON-safe)
+
+
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count, or None for anything that cannot be one."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MOST_TOKENS:
+        return value
+    return None
 
 
 def _nested(usage: dict[str, Any], outer: str, inner: str) -> int | None:

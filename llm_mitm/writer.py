@@ -59,8 +59,9 @@ class TraceWriter:
         self._thread = threading.Thread(target=self._run, name="llm-mitm-trace-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, build: RecordBuilder) -> None:
-        self._queue.put(build)
+    def submit(self, build: RecordBuilder, fallback: RecordBuilder | None = None) -> None:
+        """`fallback` builds a smaller record when this one cannot be written."""
+        self._queue.put((build, fallback))
 
     def close(self, timeout: float = 10.0) -> None:
         """Write everything queued, then stop."""
@@ -87,7 +88,7 @@ class TraceWriter:
                 if item is _STOP:
                     stopping = True
                     continue
-                rendered = self._render(item)  # type: ignore[arg-type]
+                rendered = self._render(*item)  # type: ignore[misc]
                 if rendered is not None:
                     records.append(rendered)
             if records:
@@ -97,16 +98,19 @@ class TraceWriter:
                     self._fail(len(records), "unexpected error while writing")
                     logger.exception("llm-mitm: writing a batch of traces failed")
 
-    def _render(self, build: RecordBuilder) -> tuple[dict[str, object], bytes] | None:
-        """The record and its JSONL line, or None (counted, logged) when either cannot be
-        made: say a body nested deeper than orjson writes."""
-        try:
-            record = build().model_dump()
-            return record, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-        except Exception:  # noqa: BLE001 - one bad record must not stop the writer
-            self.stats.render_failed += 1
-            logger.exception("llm-mitm: could not build a trace record; it is skipped")
-            return None
+    def _render(self, build: RecordBuilder, fallback: RecordBuilder | None) -> tuple[dict[str, object], bytes] | None:
+        """The record and its JSONL line; else the fallback's (say a body nested deeper than
+        orjson writes); else None, counted and logged."""
+        for builder in (build, fallback):
+            if builder is None:
+                continue
+            try:
+                record = builder().model_dump()
+                return record, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            except Exception:  # noqa: BLE001 - one bad record must not stop the writer
+                logger.exception("llm-mitm: could not build a trace record" + ("; trying without bodies" if builder is build and fallback else ""))
+        self.stats.render_failed += 1
+        return None
 
     def _write(self, records: list[tuple[dict[str, object], bytes]]) -> None:
         ok = True

@@ -342,3 +342,25 @@ def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
 
     os.chdir(tmp_path)
     run(go())
+
+
+def test_a_body_that_cannot_be_clamped_is_refused(tmp_path: Path) -> None:
+    """Clamping rewrites the body; one nested deeper than orjson writes cannot go out unclamped."""
+    config = tmp_path / "config.yaml"
+    config.write_text("policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")
+    deep = b'{"model": "gpt-4o", "max_tokens": 99999, "messages": [], "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+
+    async def go() -> None:
+        from llm_mitm.addons import build
+
+        addons = build() + [Proxyserver()]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config=str(config))
+            flow = chat_flow()
+            flow.request.content = deep
+            addons[0].request(flow)
+            assert flow.response is not None and flow.response.headers["x-llm-mitm-rule"] == "policy_error"
+            addons[0].done()
+
+    os.chdir(tmp_path)
+    run(go())

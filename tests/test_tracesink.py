@@ -208,15 +208,47 @@ def test_collect_waits_no_longer_than_asked(tmp_path: Path) -> None:
     traces.close()
 
 
-def test_a_body_too_deep_to_write_costs_its_record_only(tmp_path: Path) -> None:
+def test_a_body_too_deep_to_write_costs_its_bodies_not_its_record(tmp_path: Path) -> None:
     """orjson reads 1024 levels and writes 255: such a body comes in whole, as it came."""
-    traces, destination = sink(tmp_path)
-    deep = snapshot(0)
-    deep["request"] = [0, "json", orjson.Fragment(b"[" * 600 + b"]" * 600)]
+    counted: list[CountRow] = []
+    traces, destination = sink(tmp_path, counted)
+    deep = deferred(0, ANSWER)
+    deep["request"] = [1200, "json", orjson.Fragment(b"[" * 600 + b"]" * 600)]
     traces.submit(deep)
     traces.submit(snapshot(1))
     traces.close()
-    assert ids(destination) == ["flow-1"]
+    first, second = records(destination)
+    assert (first["id"], second["id"]) == ("flow-0", "flow-1")
+    assert first["request"]["body"] is None and first["request"]["size"] == 1200 and first["usage"]["total_tokens"] == 15
+    assert len(counted) == 1
+
+
+def test_an_absurd_token_count_costs_that_count_only(tmp_path: Path) -> None:
+    counted: list[CountRow] = []
+    traces, destination = sink(tmp_path, counted)
+    traces.submit(deferred(0, orjson.dumps({"model": "gpt-4o", "usage": {"prompt_tokens": 2**64 - 1, "completion_tokens": 5}})))
+    traces.submit(deferred(1, ANSWER))
+    traces.close()
+    assert ids(destination) == ["flow-0", "flow-1"]
+    assert [row[2:4] for row in counted] == [(None, 5), (10, 5)]
+
+
+def test_the_loop_stops_asking_once_every_line_is_read(tmp_path: Path) -> None:
+    """Even a line the process cannot read is seen: the send rounds do not go on forever."""
+    traces, _ = sink(tmp_path)
+
+    async def proxying() -> int:
+        traces.submit(deferred(0, ANSWER))
+        traces._queue(b'{"deferred": true, "not": "a snapshot"}')  # as a broken line would arrive
+        await asyncio.sleep(1.0)
+        rounds = 0
+        while traces._timer is not None and rounds < 100:
+            await asyncio.sleep(0.06)
+            rounds += 1
+        return rounds
+
+    assert asyncio.run(proxying()) < 100
+    traces.close()
 
 
 def test_text_that_is_not_utf8_costs_its_odd_characters_not_the_record(tmp_path: Path) -> None:

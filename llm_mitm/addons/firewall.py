@@ -29,18 +29,20 @@ class Firewall:
             body=exchange.request_json,
             unparseable=exchange.request.malformed_json,
         )
+        clamped = None
         try:
             violation = policy.check(view)
-        except Exception:  # a request the policy cannot read does not go out unchecked
+            if violation is None:
+                clamped = policy.clamp(exchange.route, exchange.request_json)
+                if clamped is not None:
+                    rewrite_json(flow, exchange, clamped)
+        except Exception:  # a request the policy cannot read or rewrite does not go out unchecked
             logger.exception("llm-mitm: the policy check failed; the request is refused")
             refuse(flow, exchange, 403, "policy_error", "the request could not be checked against the policy")
             return
         if violation is not None:
             refuse(flow, exchange, violation.status, violation.rule, violation.detail)
-            return
-        clamped = policy.clamp(exchange.route, exchange.request_json)
-        if clamped is not None:
-            rewrite_json(flow, exchange, clamped)
+        elif clamped is not None:
             exchange.policy = PolicyDecision("clamp", "max_tokens", f"output tokens capped at {policy.config.max_tokens}")
         else:
             exchange.policy = PolicyDecision("allow")

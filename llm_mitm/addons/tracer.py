@@ -50,7 +50,7 @@ class Tracer:
             self.sink = TraceSink(settings, self.shared.usage_stats.add) if wanted else None
             if old is not None:
                 old.close()
-        self.shared.defer_responses = self.sink is not None and not limits_set(config.policy)
+        self.shared.defer_responses = self.sink is not None and not self.sink.failed and not limits_set(config.policy)
         self.shared.collect_counts = self.sink.collect if self.sink is not None else no_counts_owed
 
     def response(self, flow: http.HTTPFlow) -> None:
