@@ -123,7 +123,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
     snap["response"] = _wire(body, verbatim=False)
     snap["response_model"] = outcome.response_model
     snap["error"] = snap["error"] or outcome.error
-    policy, request = snap["policy"], snap["request"]
+    request = snap["request"]
     usage, cost = metering.meter(Call(
         operation=operation,
         model=outcome.response_model or snap["model"],
@@ -131,7 +131,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
         request_json=request[2] if request[1] == "json" else None,
         response_json=body.json,
         error=snap["error"] is not None,
-        charged=not (policy and policy[0] == "block") and snap["replay"] != "hit",
+        charged=not _blocked(snap) and snap["replay"] != "hit",
     ))
     snap["usage"] = usage.as_dict() if usage else None
     snap["cost_usd"] = cost
@@ -140,8 +140,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
 
 def count_row(snap: dict[str, Any]) -> CountRow:
     """The stats row of a completed snapshot (`Stats` makes the same from an exchange)."""
-    usage, policy = snap["usage"], snap["policy"]
-    blocked = bool(policy and policy[0] == "block")
+    usage, blocked = snap["usage"], _blocked(snap)
     return (
         snap["api_key"],
         snap["response_model"] or snap["model"],
@@ -151,6 +150,12 @@ def count_row(snap: dict[str, Any]) -> CountRow:
         snap["error"] is not None and not blocked,
         blocked,
     )
+
+
+def _blocked(snap: dict[str, Any]) -> bool:
+    """Refused by the proxy itself (`Exchange.blocked`, from a snapshot)."""
+    policy = snap["policy"]
+    return bool(policy and policy[0] == "block")
 
 
 def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = "full") -> TraceRecord:

@@ -199,16 +199,11 @@ class TraceSink:
             if not data:
                 self._closed_by_writer = True
                 return
-            self._incoming += data
-            end = self._incoming.rfind(b"\n")
-            if end >= 0:
-                lines = bytes(self._incoming[:end]).split(b"\n")
-                del self._incoming[: end + 1]
-                for line in lines:
-                    try:
-                        self._take_report(orjson.loads(line))
-                    except Exception:  # a bad report must not stop the proxy (or its shutdown)
-                        logger.exception("llm-mitm: could not read a report of the trace writer")
+            for line in _whole_lines(self._incoming, data):
+                try:
+                    self._take_report(orjson.loads(line))
+                except Exception:  # a bad report must not stop the proxy (or its shutdown)
+                    logger.exception("llm-mitm: could not read a report of the trace writer")
 
     def _take_report(self, report: dict[str, Any]) -> None:
         self._seen += report.get("seen", 0)
@@ -236,6 +231,18 @@ class TraceSink:
         self.dropped += count
         if first:
             logger.error("llm-mitm: TRACE LOST: %s (proxying goes on)", reason)
+
+
+def _whole_lines(buffer: bytearray, chunk: bytes) -> list[bytes]:
+    """Add what arrived to `buffer`; take out and return the lines it completes (looking
+    for the last newline in the new bytes only: a long line is not searched again and again)."""
+    buffer += chunk
+    end = buffer.rfind(b"\n", len(buffer) - len(chunk))
+    if end < 0:
+        return []
+    lines = bytes(buffer[:end]).split(b"\n")
+    del buffer[: end + 1]
+    return lines
 
 
 def _line(snapshot: dict[str, Any]) -> bytes:
@@ -307,12 +314,9 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
     try:
         with sock:
             while chunk := sock.recv(1 << 20):
-                pending += chunk
-                end = pending.rfind(b"\n", len(pending) - len(chunk))
-                if end < 0:
+                lines = _whole_lines(pending, chunk)  # a torn last record (the parent died mid-send) stays behind
+                if not lines:
                     continue
-                lines = bytes(pending[:end]).split(b"\n")
-                del pending[: end + 1]  # a torn last record (the parent died mid-send) stays here
                 counts: list[CountRow] = []
                 reports: list[bytes] = []
                 for line in lines:

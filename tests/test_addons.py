@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import os
@@ -34,6 +35,21 @@ def chat_flow(host: str = "api.openai.com", body: dict | None = None, scheme: st
     )
     request.scheme = scheme
     return tflow.tflow(req=request)
+
+
+@contextlib.contextmanager
+def whole_addon(config: Path | None = None):
+    """The addon as mitmdump loads it (`build()`), configured (defaults without a file),
+    closed at the end; inside a running loop, as taddons needs."""
+    from llm_mitm.addons import build
+
+    addons = build() + [Proxyserver()]
+    with taddons.context(*addons) as tctx:
+        tctx.configure(addons[0], llm_config=str(config) if config else "")
+        try:
+            yield addons[0], tctx
+        finally:
+            addons[0].done()
 
 
 def run(coro):
@@ -246,22 +262,16 @@ def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
     """Fail closed: a request the policy cannot read does not go upstream unchecked."""
 
     async def go() -> None:
-        from llm_mitm.addons import build
-
-        addons = build() + [Proxyserver()]
-        with taddons.context(*addons) as tctx:
-            tctx.configure(addons[0], llm_config="")
-            shared = addons[0].shared
+        with whole_addon() as (llm, _):
 
             def broken(view):
                 raise RuntimeError("a bug in a rule")
 
-            shared.policy.check = broken
+            llm.shared.policy.check = broken
             flow = chat_flow()
-            addons[0].request(flow)
+            llm.request(flow)
             assert flow.response is not None and flow.response.status_code == 403
             assert flow.response.headers["x-llm-mitm-rule"] == "policy_error"
-            addons[0].done()
 
     os.chdir(tmp_path)
     run(go())
@@ -277,12 +287,8 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
     ]
 
     async def go() -> None:
-        from llm_mitm.addons import build
-
-        addons = build() + [Proxyserver()]
-        shared = addons[0].shared
-        with taddons.context(*addons) as tctx:
-            tctx.configure(addons[0], llm_config="")
+        with whole_addon() as (llm, tctx):
+            shared = llm.shared
             for deferred in (True, False):
                 shared.defer_responses = deferred
                 for status, answer in answers:
@@ -291,12 +297,11 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
                         if hook == "responseheaders":
                             flow.response = tutils.tresp(status_code=status, headers=[(b"content-type", b"application/json")],
                                                          content=orjson.dumps(answer))
-                        getattr(addons[0], hook)(flow)
+                        getattr(llm, hook)(flow)
                     assert shared.exchange(flow).deferred is deferred
             table = tctx.master.commands.execute("llm.stats")
             rows = {key: (t.requests, t.errors, t.input_tokens, t.output_tokens, round(t.cost_usd, 10), t.unpriced)
                     for key, t in shared.usage_stats.rows.items()}
-            addons[0].done()
         assert "6 calls (2 errors, 0 blocked)" in table
         key = next(iter(rows))[0]
         assert rows == {
@@ -323,22 +328,17 @@ def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
     config.write_text("traces:\n  destination: null\n")
 
     async def go() -> None:
-        from llm_mitm.addons import build
-
-        addons = build() + [Proxyserver()]
-        with taddons.context(*addons) as tctx:
-            tctx.configure(addons[0], llm_config=str(config))
-            assert not addons[0].shared.defer_responses
+        with whole_addon(config) as (llm, tctx):
+            assert not llm.shared.defer_responses
             flow = chat_flow()
-            addons[0].request(flow)
+            llm.request(flow)
             flow.response = tutils.tresp(headers=[(b"content-type", b"application/json")],
                                          content=orjson.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
-            addons[0].responseheaders(flow)
-            addons[0].response(flow)
+            llm.responseheaders(flow)
+            llm.response(flow)
             flow.error = flow_error("client disconnected")
-            addons[0].error(flow)
+            llm.error(flow)
             assert "1 calls (0 errors, 0 blocked)" in tctx.master.commands.execute("llm.stats")
-            addons[0].done()
 
     os.chdir(tmp_path)
     run(go())
@@ -351,16 +351,11 @@ def test_a_body_that_cannot_be_clamped_is_refused(tmp_path: Path) -> None:
     deep = b'{"model": "gpt-4o", "max_tokens": 99999, "messages": [], "x": ' + b"[" * 300 + b"]" * 300 + b"}"
 
     async def go() -> None:
-        from llm_mitm.addons import build
-
-        addons = build() + [Proxyserver()]
-        with taddons.context(*addons) as tctx:
-            tctx.configure(addons[0], llm_config=str(config))
+        with whole_addon(config) as (llm, _):
             flow = chat_flow()
             flow.request.content = deep
-            addons[0].request(flow)
+            llm.request(flow)
             assert flow.response is not None and flow.response.headers["x-llm-mitm-rule"] == "policy_error"
-            addons[0].done()
 
     os.chdir(tmp_path)
     run(go())
