@@ -30,10 +30,12 @@ class Call:
 
 
 class Metering:
-    def __init__(self, prices: PriceTable, estimate_missing: bool) -> None:
+    def __init__(self, prices: PriceTable, estimate_missing: bool, unpriced: set[str] | None = None) -> None:
+        """`unpriced`: the models already warned about, kept by the caller across config
+        changes so that each is named once."""
         self.prices = prices
         self.estimate_missing = estimate_missing
-        self._unpriced: set[str] = set()
+        self._unpriced = unpriced if unpriced is not None else set()
 
     def meter(self, call: Call) -> tuple[Usage | None, float | None]:
         """(usage, cost in USD); either is None where it cannot be known."""

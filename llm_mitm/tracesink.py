@@ -10,7 +10,9 @@ both ways, and needs nothing from the event loop but a timer.
 
 A response the proxy left unread (a deferred exchange) is parsed and metered here, and
 its stats row goes back over the same socket; the loop takes those rows on its next
-round, and `collect` waits for all of them (for `llm.stats`). The process reads until
+round, and `collect` waits for all of them (for `llm.stats`). A config change of bodies,
+redaction or prices goes over the same socket, in order with the records (`retune`);
+only new files need a new process. The process reads until
 the proxy closes its side, so it writes everything it was given at shutdown, and also
 when mitmdump is killed.
 """
@@ -50,6 +52,20 @@ class SinkSettings:
     redaction: dict[str, Any]  # Redactor(**redaction)
     prices: dict[str, ModelPrice]  # pricing.models
     estimate_missing: bool
+
+    def files(self) -> tuple[str | None, str | None, int | None, int]:
+        """Where records go: only a new process changes that."""
+        return self.destination, self.directory, self.max_bytes, self.keep
+
+    def making(self) -> dict[str, Any]:
+        """How records are made, as plain data: a running process takes a change of these
+        (`TraceSink.retune`) without a restart."""
+        return {
+            "bodies": self.bodies,
+            "redaction": self.redaction,
+            "prices": {name: price.model_dump() for name, price in self.prices.items()},
+            "estimate_missing": self.estimate_missing,
+        }
 
 
 class TraceSink:
@@ -94,6 +110,15 @@ class TraceSink:
             return
         self._queue(line)
         self._schedule()
+
+    def retune(self, settings: SinkSettings) -> None:
+        """New redaction, bodies or prices for every record submitted from now on (the
+        same files: `settings.files()` must be unchanged)."""
+        assert settings.files() == self.settings.files()
+        self.settings = settings
+        if self._socket is not None:
+            self._queue(orjson.dumps({"making": settings.making()}))
+            self._schedule()
 
     def collect(self, timeout: float) -> None:
         """Wait (at most `timeout`) until the process has reported every deferred exchange
@@ -284,16 +309,11 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
     """Child side: complete, build and write records until the parent closes its side;
     report the counts of deferred exchanges (and answer sync marks) after each read."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from llm_mitm.metering import Metering
-    from llm_mitm.pricing import PriceTable
-    from llm_mitm.redact import Redactor
     from llm_mitm.trace import build_record, complete, count_row
     from llm_mitm.writer import TraceWriter
 
-    redactor = Redactor(**settings.redaction)
-    metering = Metering(PriceTable(settings.prices), settings.estimate_missing)
+    making = _Making(settings.making())
     writer = TraceWriter(settings.destination, settings.directory, settings.max_bytes, settings.keep)
-    bodies = settings.bodies
 
     def take(line: bytes, counts: list[CountRow], reports: list[bytes]) -> None:
         message = orjson.loads(line)
@@ -303,10 +323,14 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
                 counts.clear()
             reports.append(orjson.dumps({"synced": message["sync"]}))
             return
+        if "making" in message:
+            making.retune(message["making"])
+            return
         if message["deferred"]:
-            complete(message, metering)
+            complete(message, making.metering)
             counts.append(count_row(message))
         # A body too deep for orjson to write costs the record its bodies, not the record.
+        redactor, bodies = making.redactor, making.bodies
         writer.submit(lambda: build_record(message, redactor, bodies), lambda: build_record(message, redactor, "metadata"))
 
     pending = bytearray()
@@ -339,3 +363,21 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
         pass
     finally:
         writer.close(60)
+
+
+class _Making:
+    """Child side: how records are made now (`SinkSettings.making`), changed in place."""
+
+    def __init__(self, making: dict[str, Any]) -> None:
+        self.unpriced: set[str] = set()  # models warned about: once per process, not per change
+        self.retune(making)
+
+    def retune(self, making: dict[str, Any]) -> None:
+        from llm_mitm.metering import Metering
+        from llm_mitm.pricing import PriceTable
+        from llm_mitm.redact import Redactor
+
+        self.bodies = making["bodies"]
+        self.redactor = Redactor(**making["redaction"])
+        prices = {name: ModelPrice.model_validate(price) for name, price in making["prices"].items()}
+        self.metering = Metering(PriceTable(prices), making["estimate_missing"], self.unpriced)

@@ -56,6 +56,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def stats_table(tctx, llm) -> str:  # type: ignore[no-untyped-def]
+    """`llm.stats` once the writer process has reported every call: the command itself
+    waits 2 s, which a writer still starting on a loaded machine may need more than."""
+    llm.shared.collect_counts(30)
+    return tctx.master.commands.execute("llm.stats")
+
+
 def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
     async def go() -> None:
         shared, addons = make_addons()
@@ -230,7 +237,7 @@ def test_blocked_flow_is_marked_and_commented_and_stats_count_it(tmp_path: Path)
                 if hook == "request":
                     assert flow.response is not None and flow.response.status_code == 403
             assert flow.marked and "model_not_allowed" in flow.comment
-            table = tctx.master.commands.execute("llm.stats")
+            table = stats_table(tctx, addons[0])
             assert "1 calls (0 errors, 1 blocked)" in table and "gpt-4o" in table
 
     os.chdir(tmp_path)
@@ -299,7 +306,7 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
                                                          content=orjson.dumps(answer))
                         getattr(llm, hook)(flow)
                     assert shared.exchange(flow).deferred is deferred
-            table = tctx.master.commands.execute("llm.stats")
+            table = stats_table(tctx, llm)
             rows = {key: (t.requests, t.errors, t.input_tokens, t.output_tokens, round(t.cost_usd, 10), t.unpriced)
                     for key, t in shared.usage_stats.rows.items()}
         assert "6 calls (2 errors, 0 blocked)" in table
@@ -356,6 +363,49 @@ def test_a_body_that_cannot_be_clamped_is_refused(tmp_path: Path) -> None:
             flow.request.content = deep
             llm.request(flow)
             assert flow.response is not None and flow.response.headers["x-llm-mitm-rule"] == "policy_error"
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_config_changes_keep_the_writer_unless_its_files_change(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("traces:\n  destination: a.jsonl\n")
+    (tmp_path / "b.yaml").write_text("traces:\n  destination: a.jsonl\n  bodies: metadata\n"
+                                     "pricing:\n  models:\n    house-model: {input: 1, output: 1}\n")
+    (tmp_path / "c.yaml").write_text("traces:\n  destination: c.jsonl\n")
+
+    async def go() -> None:
+        with whole_addon(tmp_path / "a.yaml") as (llm, tctx):
+            tracer = next(c for c in llm.concerns if isinstance(c, Tracer))
+            writer = tracer.sink
+            assert writer is not None
+            tctx.configure(llm, llm_config=str(tmp_path / "b.yaml"))
+            assert tracer.sink is writer and writer.process.is_alive()
+            assert writer.settings.bodies == "metadata"
+            tctx.configure(llm, llm_config=str(tmp_path / "c.yaml"))
+            assert tracer.sink is not writer and not writer.process.is_alive()
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_an_unpriced_model_is_named_once_across_reloads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """In the proxy (traces off): each reload makes a new price table, not a new warning."""
+    for number in range(3):
+        (tmp_path / f"{number}.yaml").write_text(f"traces:\n  destination: null\npricing:\n  models:\n    other-{number}: {{input: 1, output: 1}}\n")
+
+    async def go() -> None:
+        with whole_addon(tmp_path / "0.yaml") as (llm, tctx), caplog.at_level(logging.WARNING):
+            for number in range(3):
+                tctx.configure(llm, llm_config=str(tmp_path / f"{number}.yaml"))
+                flow = chat_flow()
+                llm.request(flow)
+                flow.response = tutils.tresp(headers=[(b"content-type", b"application/json")],
+                                             content=orjson.dumps({"model": "house-model", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
+                llm.responseheaders(flow)
+                llm.response(flow)
+                assert llm.shared.exchange(flow).usage is not None
+        assert caplog.text.count("no price for model 'house-model'") == 1
 
     os.chdir(tmp_path)
     run(go())

@@ -15,6 +15,9 @@ import pytest
 
 from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.stats import CountRow
+from dataclasses import replace
+
+from llm_mitm.config import ModelPrice
 from llm_mitm.tracesink import SinkSettings, TraceSink
 from llm_mitm.usage import Usage
 
@@ -261,3 +264,30 @@ def test_text_that_is_not_utf8_costs_its_odd_characters_not_the_record(tmp_path:
     (record,) = records(destination)
     assert record["request"]["headers"]["x-odd"] == "caf\ufffd" and record["usage"]["total_tokens"] == 15
     assert len(counted) == 1
+
+
+def test_new_prices_bodies_and_redaction_reach_the_running_process(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A config change that leaves the files alone is taken by the writer as it runs:
+    the records before it are made the old way, those after it the new way, and a model
+    without a price is named once, not once per change."""
+    traces, destination = sink(tmp_path)
+    pid = traces.process.pid
+    unknown = orjson.dumps({"model": "house-model", "usage": {"prompt_tokens": 1_000_000, "completion_tokens": 0}})
+    traces.submit(deferred(0, unknown))
+    traces.submit(deferred(1, ANSWER))
+    priced = replace(traces.settings, prices={"house-model": ModelPrice(input=2.0, output=4.0)})
+    traces.retune(priced)
+    traces.submit(deferred(2, unknown))
+    traces.retune(replace(priced, prices={}, bodies="metadata", redaction={"extra_headers": ["content-type"]}))
+    traces.submit(deferred(3, unknown))
+    traces.submit(deferred(4, ANSWER))
+    traces.close()
+    assert traces.process.pid == pid and traces.process.exitcode == 0
+    first, answered, repriced, unpriced_again, slim = records(destination)
+    assert first["cost_usd"] is None and repriced["cost_usd"] == pytest.approx(2.0)
+    assert unpriced_again["cost_usd"] is None
+    assert answered["response"]["body"]["choices"][0]["message"]["content"].startswith("remember")
+    assert slim["response"]["body"] is None and slim["response"]["size"] == len(ANSWER)
+    assert answered["request"]["headers"]["content-type"] == "application/json"
+    assert slim["request"]["headers"]["content-type"] not in ("application/json", None)
+    assert capfd.readouterr().err.count("no price for model 'house-model'") == 1

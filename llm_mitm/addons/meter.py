@@ -14,10 +14,11 @@ class Meter:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.metering: Metering
+        self._unpriced: set[str] = set()  # warned about once, whatever the reloads
         shared.on_config(self._apply)
 
     def _apply(self, config: Config) -> None:
-        self.metering = Metering(self.shared.prices, config.usage.estimate_missing)
+        self.metering = Metering(self.shared.prices, config.usage.estimate_missing, self._unpriced)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._meter(self.shared.exchange(flow))

@@ -17,8 +17,9 @@ logger = logging.getLogger("llm_mitm.traces")
 
 
 class Tracer:
-    """Owns the TraceSink: a new one when where or how traces are written changes,
-    none when nothing is to be written, drained at exit.
+    """Owns the TraceSink: a new one when where traces are written changes (a change of
+    how records are made goes to the running one), none when nothing is to be written,
+    drained at exit.
 
     While it runs, responses are left to it (`Shared.defer_responses`): parsing and
     metering them moves off the event loop, mitmproxy's one core. Not when limits are
@@ -45,11 +46,15 @@ class Tracer:
             estimate_missing=config.usage.estimate_missing,
         )
         if settings != self._settings:
-            old, self._settings = self.sink, settings
-            wanted = settings.destination is not None or settings.directory is not None
-            self.sink = TraceSink(settings, self.shared.usage_stats.add) if wanted else None
-            if old is not None:
-                old.close()
+            if self.sink is not None and not self.sink.failed and settings.files() == self.sink.settings.files():
+                self.sink.retune(settings)  # same files: the running process takes the change
+            else:
+                old = self.sink
+                wanted = settings.destination is not None or settings.directory is not None
+                self.sink = TraceSink(settings, self.shared.usage_stats.add) if wanted else None
+                if old is not None:
+                    old.close()
+            self._settings = settings
         self.shared.defer_responses = self.sink is not None and not self.sink.failed and not limits_set(config.policy)
         self.shared.collect_counts = self.sink.collect if self.sink is not None else no_counts_owed
 
