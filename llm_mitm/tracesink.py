@@ -117,7 +117,7 @@ class TraceSink:
         assert settings.files() == self.settings.files()
         self.settings = settings
         if self._socket is not None:
-            self._queue(orjson.dumps({"making": settings.making()}))
+            self._queue(orjson.dumps({"making": settings.making()}), record=False)
             self._schedule()
 
     def collect(self, timeout: float) -> None:
@@ -126,7 +126,7 @@ class TraceSink:
         if self._socket is None:
             return
         self._asked += 1
-        self._queue(orjson.dumps({"sync": self._asked}))
+        self._queue(orjson.dumps({"sync": self._asked}), record=False)
         deadline = time.monotonic() + timeout
         self._send(deadline)
         self._receive_until(deadline, lambda: self._answered >= self._asked)
@@ -181,9 +181,11 @@ class TraceSink:
         if self._closed_by_writer or not self.process.is_alive():
             self.failed = True
 
-    def _queue(self, line: bytes) -> None:
-        """Straight into the outgoing buffer: one copy, no list to join later."""
-        if len(self._outgoing) > MAX_BUFFERED:
+    def _queue(self, line: bytes, record: bool = True) -> None:
+        """Straight into the outgoing buffer: one copy, no list to join later. A record
+        is dropped when the buffer is full; a control line (a sync mark, new settings)
+        never is: it is small, and the process must not miss it."""
+        if record and len(self._outgoing) > MAX_BUFFERED:
             self._drop("the trace writer does not keep up")
             return
         self._outgoing += line

@@ -291,3 +291,25 @@ def test_new_prices_bodies_and_redaction_reach_the_running_process(tmp_path: Pat
     assert answered["request"]["headers"]["content-type"] == "application/json"
     assert slim["request"]["headers"]["content-type"] not in ("application/json", None)
     assert capfd.readouterr().err.count("no price for model 'house-model'") == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
+def test_a_full_buffer_drops_records_never_the_new_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bodies switched off while the writer lags: the switch must still reach it."""
+    monkeypatch.setattr("llm_mitm.tracesink.MAX_BUFFERED", 1_000_000)
+    traces, destination = sink(tmp_path)
+    os.kill(traces.process.pid, signal.SIGSTOP)
+    try:
+        number = 0
+        while traces.dropped == 0:
+            traces.submit(snapshot(number, padding=100_000))
+            number += 1
+        traces.retune(replace(traces.settings, bodies="metadata"))
+    finally:
+        os.kill(traces.process.pid, signal.SIGCONT)
+    traces.collect(30)  # waits until the process has read everything queued
+    traces.submit(snapshot(number + 1, padding=10))
+    traces.close()
+    written = records(destination)
+    assert written[0]["request"]["body"] is not None
+    assert written[-1]["id"] == f"flow-{number + 1}" and written[-1]["request"]["body"] is None
