@@ -71,6 +71,17 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """CPU time of a process (all its threads, to the nanosecond), and of its running
+    children (Linux; elsewhere None): mitmdump's event loop, llm-mitm's trace writer."""
+    try:
+        own = sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return own, sum((sum(cpu_seconds(int(child)) or (0.0, 0.0)) for child in children), 0.0)
+
+
 class Bench:
     def __init__(self, quick: bool, litellm: Path | None = None) -> None:
         self.quick = quick
@@ -138,18 +149,26 @@ class Bench:
 
     # ------------------------------------------------------------------ scenarios
 
-    def throughput(self, label: str, targets: dict[str, Target], rounds: int = 3) -> None:
+    def throughput(self, label: str, targets: dict[str, Target], pids: dict[str, int], rounds: int = 3) -> None:
         """Targets take turns, round by round, and each row is the median round: a
-        background hiccup then costs one round of one target, not its whole row."""
+        background hiccup then costs one round of one target, not its whole row. For a
+        proxy (`pids`), also the CPU time it spent per request (with its trace writer)."""
         rows = {}
         for concurrency in (1, 8, 32):
             count = (300 if self.quick else 1500) if concurrency == 1 else (600 if self.quick else 3000)
             runs: dict[str, list[Any]] = {name: [] for name in targets}
+            cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
             for name, target in targets.items():
                 asyncio.run(load(target, concurrency, 100, "POST", CHAT_PATH, CHAT_BODY, self._auth(name)))  # warm up
             for _ in range(rounds):
                 for name, target in targets.items():
-                    runs[name].append(asyncio.run(load(target, concurrency, count // rounds, "POST", CHAT_PATH, CHAT_BODY, self._auth(name))))
+                    before = cpu_seconds(pids[name]) if name in pids else None
+                    result = asyncio.run(load(target, concurrency, count // rounds, "POST", CHAT_PATH, CHAT_BODY, self._auth(name)))
+                    runs[name].append(result)
+                    after = cpu_seconds(pids[name]) if name in pids else None
+                    if before is not None and after is not None and result.latencies_ns:
+                        per_request = 1e6 / len(result.latencies_ns)
+                        cpu[name].append(((after[0] - before[0]) * per_request, (after[1] - before[1]) * per_request))
             for name, results in runs.items():
                 rps = [len(r.latencies_ns) / r.wall_s for r in results]
                 ms = [n / 1e6 for r in results for n in r.latencies_ns]
@@ -160,6 +179,9 @@ class Bench:
                     "rps_rounds": [round(x, 1) for x in rps],
                     "p50_ms": round(statistics.median(ms), 3),
                     "p99_ms": round(percentile(ms, 0.99), 3),
+                    # the proxy's own process (mitmdump's event loop), and its children (the trace writer)
+                    "cpu_us_per_request": round(statistics.median(c[0] for c in cpu[name])) if cpu.get(name) else None,
+                    "children_cpu_us_per_request": round(statistics.median(c[1] for c in cpu[name])) if cpu.get(name) else None,
                 }
                 print(f"  {label} {name:>6} c={concurrency:<2} {row}", flush=True)
         self.results[label] = rows
@@ -237,7 +259,7 @@ class Bench:
         total = 4000 if self.quick else 20000
         proxy = self.proxy("addon-soak", True)
         target = self.target(proxy)
-        pid = proxy.process.pid  # type: ignore[union-attr]
+        pid = proxy.pid
         try:
             asyncio.run(load(target, 8, SOAK_WARM_UP, "POST", CHAT_PATH, CHAT_BODY, AUTH))  # caches, pools, traces
             time.sleep(1)
@@ -314,7 +336,7 @@ class Bench:
             bare, addon = self.proxy("bare", False), self.proxy("addon", True)
             forward = {"direct": self.target(None), "bare": self.target(bare), "addon": self.target(addon)}
             print("forward proxy, TLS intercepted:", flush=True)
-            self.throughput("forward", forward)
+            self.throughput("forward", forward, {"bare": bare.pid, "addon": addon.pid})
             # mitmdump streams a body only when told to: its own per-chunk cost, for comparison.
             bare_streaming = self.proxy("bare-streaming", False, options=("stream_large_bodies=1",))
             streams = {**forward, "bare-streaming": self.target(bare_streaming)}
@@ -329,7 +351,7 @@ class Bench:
             if litellm is not None:
                 reverse["litellm"] = Target("127.0.0.1", self.litellm_port, tls=False)
             print("reverse proxy (LiteLLM's proxy, a gateway, beside it):", flush=True)
-            self.throughput("reverse", reverse)
+            self.throughput("reverse", reverse, {"bare": bare_r.pid, "addon": addon_r.pid, **({"litellm": litellm.pid} if litellm else {})})
             if litellm is not None:
                 # No stream row: LiteLLM does not pass the upstream test headers (x-delay-ms) on.
                 litellm.kill()
@@ -356,6 +378,10 @@ class Bench:
                 added = addon["p50_ms"] - bare["p50_ms"]
                 out[f"{mode} c={c} throughput ratio"] = {"value": round(ratio, 3), "target": ">= 0.95", "pass": ratio >= 0.95}
                 out[f"{mode} c={c} p50 added ms"] = {"value": round(added, 3), "target": "<= 0.3", "pass": added <= 0.3}
+                if addon["cpu_us_per_request"] is not None and bare["cpu_us_per_request"] is not None:
+                    cpu_added = addon["cpu_us_per_request"] - bare["cpu_us_per_request"]
+                    out[f"{mode} c={c} event loop CPU added per request (us)"] = {
+                        "value": cpu_added, "target": f"(bare: {bare['cpu_us_per_request']})", "pass": True}
         stream = self.results["streaming"]
         # Bare mitmdump's own cost of a streamed request: its first chunk (streaming on) less direct's.
         per_request = stream["bare-streaming"]["first_chunk_ms"] - stream["direct"]["first_chunk_ms"]
@@ -398,9 +424,9 @@ def print_table(results: dict[str, Any]) -> None:
     print("\n== llm-mitm benchmark ==")
     print(" ".join(f"{k}={v}" for k, v in results["machine"].items()))
     for mode in ("forward", "reverse"):
-        print(f"\n{mode:<12}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        print(f"\n{mode:<12}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'cpu us/req':>12}")
         for name, row in results[mode].items():
-            print(f"{name:<12}{row['rps']:>10}{row['p50_ms']:>10}{row['p99_ms']:>10}")
+            print(f"{name:<12}{row['rps']:>10}{row['p50_ms']:>10}{row['p99_ms']:>10}{row['cpu_us_per_request'] or '':>12}")
     print("\ntargets:")
     for name, verdict in results["targets"].items():
         print(f"  {'PASS' if verdict['pass'] else 'MISS'}  {name}: {verdict['value']} (target {verdict['target']})")

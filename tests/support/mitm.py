@@ -104,6 +104,11 @@ class Mitmdump:
         return self.ports[0]
 
     @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
+
+    @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
