@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+import string
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from llm_mitm.memo import Memo
@@ -48,17 +49,28 @@ SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 
-# Secret shapes, each with a substring it cannot do without, so that ordinary text
-# costs a few substring tests (C speed) instead of a regex pass per shape.
-_SHAPES: tuple[tuple[str | None, re.Pattern[str]], ...] = (
+# Every byte a hex digit ("x") or not (" "): a 32-hex key is then a run of 32 "x", found by
+# one translate and one substring search, both C; the shape's regex tries every position.
+_HEX_MARKS = bytes(0x78 if chr(byte) in string.hexdigits else 0x20 for byte in range(256))
+_HEX_RUN = b"x" * 32
+
+
+def _has_hex_run(text: str) -> bool:
+    return _HEX_RUN in text.encode("utf-8", "surrogatepass").translate(_HEX_MARKS)  # non-ASCII: bytes >= 0x80, not hex
+
+
+# Secret shapes, each with a test that every match passes, so that ordinary text costs
+# a few passes of C instead of a regex pass per shape (20-30 times more for the hex shape).
+_SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
-    ("sk-", re.compile(r"(?<![A-Za-z0-9_-])sk-[A-Za-z0-9_-]{16,}")),
+    (lambda text: "sk-" in text, re.compile(r"(?<![A-Za-z0-9_-])sk-[A-Za-z0-9_-]{16,}")),
     # JSON web tokens.
-    ("eyJ", re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")),
+    (lambda text: "eyJ" in text, re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")),
     # Azure OpenAI keys: 32 hex digits.
-    (None, re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{32}(?![0-9A-Za-z])")),
+    (_has_hex_run, re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{32}(?![0-9A-Za-z])")),
 )
 # Whatever follows "Bearer" is a credential, whatever its shape (not a fingerprint already).
+# Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
 _BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
 
@@ -99,10 +111,11 @@ class Redactor:
 
     def text(self, value: str) -> str:
         if len(value) >= _SHORTEST_SECRET:
-            for needle, shape in _SHAPES:
-                if needle is None or needle in value:
+            for may_hold, shape in _SHAPES:
+                if may_hold(value):
                     value = shape.sub(self._replace, value)
-            value = _BEARER.sub(lambda m: m.group(0)[: m.start(2) - m.start(0)] + self.fingerprint(m.group(2)), value)
+            if "bearer" in value.lower():
+                value = _BEARER.sub(lambda m: m.group(0)[: m.start(2) - m.start(0)] + self.fingerprint(m.group(2)), value)
         for pattern in self._custom:
             value = pattern.sub(self._replace, value)
         return value

@@ -153,3 +153,20 @@ def test_property_key_in_any_context_disappears(key: str, before: str, after: st
     # Separate the key from surrounding text as any tokenizer would.
     text = f"{before} {key} {after}"
     assert key not in Redactor().text(text)
+
+
+def _every_pass(redactor: Redactor, text: str) -> str:
+    """`Redactor.text` without its first tests: every shape's regex over the whole text."""
+    from llm_mitm.redact import _BEARER, _SHAPES
+
+    for _, shape in _SHAPES:
+        text = shape.sub(lambda m: redactor.fingerprint(m.group(0)), text)
+    return _BEARER.sub(lambda m: m.group(0)[: m.start(2) - m.start(0)] + redactor.fingerprint(m.group(2)), text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["0123456789abcdef", "ABCDEF", "9", "f", "x", " ", "-", "_", "sk-", "eyJ", ".", "bearer ",
+                                 "BeArEr\t", "Bearer  ", "é", "ı", "ſ", "\u212a", "\ud800", "token1234"]), max_size=40).map("".join))
+def test_first_tests_never_skip_what_a_shape_finds(text: str) -> None:
+    redactor = Redactor()
+    assert redactor.text(text) == _every_pass(redactor, text)
