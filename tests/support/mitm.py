@@ -142,9 +142,11 @@ class Mitmdump:
             return self.process.wait(5)
 
     def traces(self) -> list[dict[str, Any]]:
+        """The whole lines written so far (a large one may be half-way through its write)."""
         if not self.traces_path.exists():
             return []
-        return [orjson.loads(line) for line in self.traces_path.read_bytes().splitlines() if line]
+        data = self.traces_path.read_bytes()
+        return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line]
 
     def wait_for_traces(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
