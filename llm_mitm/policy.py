@@ -13,6 +13,10 @@ from llm_mitm.providers import Route
 from llm_mitm.texts import normalize, request_texts
 
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Texts up to this many characters have their verdict remembered: a conversation sends its
+# system prompt and every earlier turn again with each call, so most texts are ones the
+# policy has read before. Bounded: 512 of them, 4 MB of ASCII at the most.
+_REMEMBERED_TEXT = 8192
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -100,6 +104,7 @@ class Policy:
         self._operations = [(p, _glob(p)) for p in config.allowed_operations]
         self._instructions = [_instruction(p) for p in config.forbidden_instructions]
         self._model_verdicts: Memo[tuple[str, str], Violation | None] = Memo(lambda key: self._judge_model(*key))
+        self._text_verdicts: Memo[tuple[str, str], _Instruction | None] = Memo(self._first_forbidden, size=512)
 
     def check(self, request: RequestView) -> Violation | None:
         """The first rule the request breaks, or None."""
@@ -131,11 +136,19 @@ class Policy:
         if not self._instructions:
             return None
         for role, text in request_texts(body):
-            role = _ROLE_ALIASES.get(role, role)
-            normal = normalize(text)
-            for rule in self._instructions:
-                if (rule.role is None or rule.role == role) and rule.matches(normal):
-                    return Violation("forbidden_instruction", f"{role} text matches forbidden_instructions pattern {rule.pattern!r}")
+            key = (_ROLE_ALIASES.get(role, role), text)
+            rule = self._text_verdicts(key) if len(text) <= _REMEMBERED_TEXT else self._first_forbidden(key)
+            if rule is not None:
+                return Violation("forbidden_instruction", f"{key[0]} text matches forbidden_instructions pattern {rule.pattern!r}")
+        return None
+
+    def _first_forbidden(self, key: tuple[str, str]) -> _Instruction | None:
+        """The first forbidden-instruction rule that a (role, text) breaks."""
+        role, text = key
+        normal = normalize(text)
+        for rule in self._instructions:
+            if (rule.role is None or rule.role == role) and rule.matches(normal):
+                return rule
         return None
 
     def _check_max_tokens(self, body: dict[str, Any]) -> Violation | None:
