@@ -114,7 +114,8 @@ class TraceSink:
     def retune(self, settings: SinkSettings) -> None:
         """New redaction, bodies or prices for every record submitted from now on (the
         same files: `settings.files()` must be unchanged)."""
-        assert settings.files() == self.settings.files()
+        if settings.files() != self.settings.files():
+            raise ValueError("new trace files need a new writer process, not a retune")
         self.settings = settings
         if self._socket is not None:
             self._queue(orjson.dumps({"making": settings.making()}), record=False)
