@@ -325,8 +325,28 @@ class Bench:
                 tap(stream[offset : offset + 4096])
             tap.finish()
             linear["sse_us_per_kb"][f"{size_kb}KB"] = round((time.perf_counter() - started) * 1e6 / size_kb, 3)
-        self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear}
+        self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear, "policy_check_us": self._policy_check_us()}
         print(f"  micro  {self.results['micro']}", flush=True)
+
+    def _policy_check_us(self, count: int = 2000) -> dict[str, float]:
+        """The policy's check of the benchmark's body, parsed afresh each time as the proxy
+        parses it: with texts never seen (a new conversation) and with texts seen before
+        (the throughput runs send this one body again and again)."""
+        from llm_mitm.config import PolicyConfig
+        from llm_mitm.policy import Policy, RequestView
+        from llm_mitm.providers import Route
+
+        route = Route("openai", "openai", "chat.completions")
+        policy = Policy(PolicyConfig.model_validate(ADDON_CONFIG["policy"]))
+        new = [CHAT_BODY.replace(b"careful", b"careful %d" % n).replace(b"Summarise", b"Summarise %d" % n) for n in range(count)]
+        timings = {}
+        for name, bodies in (("new_texts", new), ("seen_texts", [CHAT_BODY] * count)):
+            parsed = [orjson.loads(body) for body in bodies]
+            started = time.perf_counter()
+            for body in parsed:
+                assert policy.check(RequestView(route, body["model"], body)) is None
+            timings[name] = round((time.perf_counter() - started) * 1e6 / count, 2)
+        return timings
 
     # ------------------------------------------------------------------ the run
 
