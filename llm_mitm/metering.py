@@ -30,12 +30,15 @@ class Call:
 
 
 class Metering:
-    def __init__(self, prices: PriceTable, estimate_missing: bool, unpriced: set[str] | None = None) -> None:
-        """`unpriced`: the models already warned about, kept by the caller across config
-        changes so that each is named once."""
+    def __init__(self, prices: PriceTable, estimate_missing: bool) -> None:
         self.prices = prices
         self.estimate_missing = estimate_missing
-        self._unpriced = unpriced if unpriced is not None else set()
+        self._unpriced: set[str] = set()  # named in a warning once, whatever the config changes
+
+    def reprice(self, prices: PriceTable, estimate_missing: bool) -> None:
+        """A config change: new prices, the same memory of the models already warned about."""
+        self.prices = prices
+        self.estimate_missing = estimate_missing
 
     def meter(self, call: Call) -> tuple[Usage | None, float | None]:
         """(usage, cost in USD); either is None where it cannot be known."""

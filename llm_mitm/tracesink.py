@@ -372,15 +372,17 @@ class _Making:
     """Child side: how records are made now (`SinkSettings.making`), changed in place."""
 
     def __init__(self, making: dict[str, Any]) -> None:
-        self.unpriced: set[str] = set()  # models warned about: once per process, not per change
+        from llm_mitm.metering import Metering
+        from llm_mitm.pricing import PriceTable
+
+        self.metering = Metering(PriceTable(), making["estimate_missing"])
         self.retune(making)
 
     def retune(self, making: dict[str, Any]) -> None:
-        from llm_mitm.metering import Metering
         from llm_mitm.pricing import PriceTable
         from llm_mitm.redact import Redactor
 
         self.bodies = making["bodies"]
         self.redactor = Redactor(**making["redaction"])
         prices = {name: ModelPrice.model_validate(price) for name, price in making["prices"].items()}
-        self.metering = Metering(PriceTable(prices), making["estimate_missing"], self.unpriced)
+        self.metering.reprice(PriceTable(prices), making["estimate_missing"])

@@ -8,16 +8,15 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
 
+from llm_mitm.config import ModelPrice
 from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.stats import CountRow
-from dataclasses import replace
-
-from llm_mitm.config import ModelPrice
 from llm_mitm.tracesink import SinkSettings, TraceSink
 from llm_mitm.usage import Usage
 

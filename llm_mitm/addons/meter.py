@@ -13,12 +13,11 @@ from llm_mitm.metering import Call, Metering
 class Meter:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self.metering: Metering
-        self._unpriced: set[str] = set()  # warned about once, whatever the reloads
-        shared.on_config(self._apply)
+        self.metering = Metering(shared.prices, shared.config.usage.estimate_missing)
+        shared.on_config(self._apply, now=False)
 
     def _apply(self, config: Config) -> None:
-        self.metering = Metering(self.shared.prices, config.usage.estimate_missing, self._unpriced)
+        self.metering.reprice(self.shared.prices, config.usage.estimate_missing)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._meter(self.shared.exchange(flow))
