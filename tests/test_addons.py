@@ -76,6 +76,22 @@ def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
     run(go())
 
 
+def test_mitmproxy_sees_only_the_hooks_working_concerns_implement(tmp_path: Path) -> None:
+    """A hook no working concern needs is None (mitmproxy skips it on every flow); the
+    others go through the loop that isolates the concerns from each other's failures."""
+    async def go() -> None:
+        with whole_addon() as (llm, tctx):
+            assert llm.requestheaders is None
+            assert [hook.__self__.__class__.__name__ for hook in llm._hooks["request"]] == ["Scope", "Recorder", "Firewall", "StreamUsage"]
+            assert llm.request.func == llm._each
+            flow = chat_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+            llm.request(flow)
+            assert llm.shared.exchange(flow).policy.decision == "allow"
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_http_upgrade_changes_scheme_only(tmp_path: Path) -> None:
     async def go() -> None:
         shared, addons = make_addons()
@@ -84,11 +100,11 @@ def test_http_upgrade_changes_scheme_only(tmp_path: Path) -> None:
             flow = chat_flow(scheme="http", port=80)
             flow.request.headers["host"] = "api.openai.com"
             before = list(flow.request.headers.items(multi=True))
-            addons[2].requestheaders(flow)
+            addons[2].request(flow)
             assert flow.request.scheme == "https" and flow.request.port == 443
             assert list(flow.request.headers.items(multi=True)) == before
             other = chat_flow(host="example.com", scheme="http", port=80)
-            addons[2].requestheaders(other)
+            addons[2].request(other)
             assert other.request.scheme == "http"
 
     os.chdir(tmp_path)
@@ -300,7 +316,7 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
                 shared.defer_responses = deferred
                 for status, answer in answers:
                     flow = chat_flow()
-                    for hook in ("requestheaders", "request", "responseheaders", "response"):
+                    for hook in ("request", "responseheaders", "response"):
                         if hook == "responseheaders":
                             flow.response = tutils.tresp(status_code=status, headers=[(b"content-type", b"application/json")],
                                                          content=orjson.dumps(answer))

@@ -49,8 +49,9 @@ class Scope:
         ctx.options.update(**updates)
         logger.info("llm-mitm: intercepting %s", ", ".join(sorted({h for p in config.enabled_providers.values() for h in p.hosts})))
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """llm_proxy's trick: a plain-http call to a provider goes upstream over https."""
+    def request(self, flow: http.HTTPFlow) -> None:
+        """llm_proxy's trick: a plain-http call to a provider goes upstream over https
+        (mitmproxy connects upstream after this hook, as its own map_remote relies on)."""
         request = flow.request
         if request.scheme != "http" or isinstance(flow.client_conn.proxy_mode, ReverseMode):
             return

@@ -51,7 +51,7 @@ class Tracer:
             else:
                 old = self.sink
                 wanted = settings.destination is not None or settings.directory is not None
-                self.sink = TraceSink(settings, self.shared.usage_stats.add) if wanted else None
+                self.sink = TraceSink(settings, self.shared.usage_stats.add, snapshot) if wanted else None
                 if old is not None:
                     old.close()
             self._settings = settings
@@ -75,7 +75,7 @@ class Tracer:
         if exchange is None or self.sink is None or not exchange.done or exchange.traced:
             return
         exchange.traced = True
-        self.sink.submit(snapshot(exchange))
+        self.sink.submit(exchange)
         if self.sink.failed and self.shared.defer_responses:
             self.shared.defer_responses = False  # no one left to read them: read them here
             logger.error("llm-mitm: the trace writer process is gone; responses are metered in the proxy again")

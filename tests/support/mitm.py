@@ -99,6 +99,19 @@ class Mitmdump:
             if match := _LISTENING.search(line):
                 self.ports.append(int(match.group(1)))
 
+    def wait_for_children(self, timeout: float = 10.0) -> list[int]:
+        """The process ids of mitmdump's children (the trace writer) once there is one
+        (Linux; elsewhere, or none in time, an empty list)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                children = [int(pid) for pid in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+            except OSError:
+                return []
+            if children or time.monotonic() > deadline:
+                return children
+            time.sleep(0.05)
+
     @property
     def port(self) -> int:
         return self.ports[0]
