@@ -89,8 +89,8 @@ class Placement:
     to put a neighbour (sharing its core, mitmdump spends 30-45 % more CPU per request,
     measured here). Linux with two CPUs or more; elsewhere nothing is pinned."""
 
-    def __init__(self) -> None:
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    def __init__(self, pin: bool = True) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if pin and hasattr(os, "sched_getaffinity") else []
         self.active = len(cpus) >= 2
         self.proxy_cpus, self.other_cpus = set(cpus[:1]), set(cpus[1:])
         if self.active:
@@ -125,13 +125,13 @@ class Placement:
 
 
 class Bench:
-    def __init__(self, quick: bool, litellm: Path | None = None) -> None:
+    def __init__(self, quick: bool, litellm: Path | None = None, pin: bool = True) -> None:
         self.quick = quick
         self.litellm = litellm
         self.work = Path(tempfile.mkdtemp(prefix="llm-mitm-bench-"))
         self.pki = make_pki(self.work / "pki")
         self.results: dict[str, Any] = {}
-        self.placement = Placement()
+        self.placement = Placement(pin)
 
     # ------------------------------------------------------------------ processes
 
