@@ -62,9 +62,9 @@ def count(bench: Bench, name: str, requests: int) -> int:
     target = bench.target(proxy)
     try:
         asyncio.run(load(target, 8, WARM_UP, "POST", CHAT_PATH, CHAT_BODY, AUTH))
-        subprocess.run(["callgrind_control", "--instr=on", str(proxy.pid)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["callgrind_control", "--instr=on", str(proxy.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = asyncio.run(load(target, 8, requests, "POST", CHAT_PATH, CHAT_BODY, AUTH))
-        subprocess.run(["callgrind_control", "--instr=off", str(proxy.pid)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["callgrind_control", "--instr=off", str(proxy.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:
         proxy.stop()
     if result.errors or len(result.latencies_ns) != requests:
