@@ -94,7 +94,7 @@ class Redactor:
         self.headers = SENSITIVE_HEADERS | {h.lower() for h in extra_headers}
         self.params = SENSITIVE_PARAMS | {p.lower() for p in extra_params}
         self.fields = SENSITIVE_FIELDS | {p.lower() for p in extra_params}
-        self._quoted_fields = tuple(f'"{name}"' for name in self.fields)  # as a key appears in JSON
+        self._quoted_fields = tuple(f'"{name}"'.encode() for name in self.fields)  # as a key appears in JSON
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
@@ -135,8 +135,8 @@ class Redactor:
         lower-case to ASCII letters (the Kelvin sign, a dotted capital I) found."""
         if _HEX_RUN in blob.translate(_HEX_MARKS):
             return True
-        lowered = blob.decode("utf-8").lower()
-        if "sk-" in lowered or "eyj" in lowered or "bearer" in lowered:
+        lowered = blob.lower() if blob.isascii() else blob.decode("utf-8").lower().encode("utf-8")
+        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered:
             return True
         for quoted in self._quoted_fields:
             if quoted in lowered:
