@@ -68,6 +68,22 @@ def first(headers: list[tuple[str, str]], name: str) -> str:
     return ""
 
 
+HeaderFields = tuple[tuple[bytes, bytes], ...]  # as mitmproxy holds them (`Headers.fields`)
+
+
+def decode_fields(fields: HeaderFields) -> list[tuple[str, str]]:
+    """Header fields as text, straight from mitmproxy's tuple (its lookups scan and convert)."""
+    return [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in fields]
+
+
+def first_field(fields: HeaderFields, name: bytes) -> str:
+    """The first value of a header in mitmproxy's tuple (`name` in lower case), or ""."""
+    for key, value in fields:
+        if key.lower() == name:
+            return value.decode("utf-8", "surrogateescape")
+    return ""
+
+
 def _looks_like_json(content: bytes, content_type: str) -> bool:
     """By content type, or by the first byte whatever the type says: a JSON body sent as
     text/plain is still read by most APIs, so policies must see it too."""
@@ -120,6 +136,9 @@ class PolicyDecision:
     detail: str | None = None
 
 
+ALLOWED = PolicyDecision("allow")  # the common verdict: one object, not one per request
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
     """Everything known about one LLM call, filled in as the flow goes on."""
@@ -143,7 +162,8 @@ class Exchange:
     replay: str | None = None  # "hit" when answered from a recorded trace, "miss" when not found
     # response side
     status_code: int | None = None
-    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Kept as mitmproxy has them; decoded only for the trace, in its batch (`response_headers`).
+    response_fields: HeaderFields = ()
     response: Body = field(default_factory=Body)
     response_model: str | None = None
     first_byte_at: float | None = None
@@ -178,6 +198,10 @@ class Exchange:
             self.stream = payload.get("stream") is True
         if self.route.deployment:
             self.model = self.route.deployment
+
+    @property
+    def response_headers(self) -> list[tuple[str, str]]:
+        return decode_fields(self.response_fields)
 
     @property
     def blocked(self) -> bool:

@@ -8,7 +8,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse, rewrite_json
 from llm_mitm.addons.shared import Shared
-from llm_mitm.exchange import PolicyDecision
+from llm_mitm.exchange import ALLOWED, PolicyDecision
 from llm_mitm.policy import RequestView
 
 logger = logging.getLogger("llm_mitm.firewall")
@@ -45,4 +45,4 @@ class Firewall:
         elif clamped is not None:
             exchange.policy = PolicyDecision("clamp", "max_tokens", f"output tokens capped at {policy.config.max_tokens}")
         else:
-            exchange.policy = PolicyDecision("allow")
+            exchange.policy = ALLOWED

@@ -7,7 +7,7 @@ import time
 from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
-from llm_mitm.exchange import Body, Exchange, first
+from llm_mitm.exchange import Body, Exchange, decode_fields, first_field
 from llm_mitm.sse import StreamTap, rebuilder_for
 
 _KEY_HEADERS = ("authorization", "api-key", "x-api-key")
@@ -30,7 +30,7 @@ class Recorder:
             method=request.method,
             url="",
             client=_client(flow),
-            request_headers=decoded(request.headers.fields),
+            request_headers=decode_fields(request.headers.fields),
             request=Body(),
             started_at=request.timestamp_start,
         )
@@ -51,11 +51,11 @@ class Recorder:
             return
         response = flow.response
         self._take_head(exchange, response)
-        if response.stream or not first(exchange.response_headers, "content-type").lower().startswith("text/event-stream"):
+        if response.stream or not first_field(exchange.response_fields, b"content-type").lower().startswith("text/event-stream"):
             return
         exchange.tap = StreamTap(
             rebuilder_for(exchange.route.api, exchange.route.operation),
-            first(exchange.response_headers, "content-encoding"),
+            first_field(exchange.response_fields, b"content-encoding"),
         )
         if response.raw_content is None:  # from upstream: stream it; an answer of ours is whole already
             response.stream = exchange.tap
@@ -73,15 +73,15 @@ class Recorder:
                 exchange.tap(response.raw_content)
             exchange.finish()
         else:
-            headers = exchange.response_headers
-            content = response.get_content(strict=False) if first(headers, "content-encoding") else response.raw_content
+            fields = exchange.response_fields
+            content = response.get_content(strict=False) if first_field(fields, b"content-encoding") else response.raw_content
             # A replay records the answer it got: it reads the response here.
-            exchange.finish(content, first(headers, "content-type"), defer=self.shared.defer_responses and exchange.replay is None)
+            exchange.finish(content, first_field(fields, b"content-type"), defer=self.shared.defer_responses and exchange.replay is None)
 
     @staticmethod
     def _take_head(exchange: Exchange, response: http.Response) -> None:
         exchange.status_code = response.status_code
-        exchange.response_headers = decoded(response.headers.fields)
+        exchange.response_fields = response.headers.fields
         exchange.first_byte_at = response.timestamp_start
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -103,11 +103,6 @@ class Recorder:
 def _client(flow: http.HTTPFlow) -> str:
     peer = flow.client_conn.peername
     return str(peer[0]) if peer else ""
-
-
-def decoded(fields: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
-    """Header fields as text, straight from mitmproxy's tuple (its lookups scan and convert)."""
-    return [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in fields]
 
 
 def _url(request: http.Request, host_header: str | None) -> str:

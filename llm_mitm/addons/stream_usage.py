@@ -23,10 +23,10 @@ class StreamUsage:
 
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
-        if exchange is None or flow.response is not None or not self.shared.config.usage.request_stream_usage:
+        if exchange is None or not exchange.stream or flow.response is not None or not self.shared.config.usage.request_stream_usage:
             return
         body = exchange.request_json
-        if not exchange.stream or body is None or exchange.route.operation not in _OPERATIONS:
+        if body is None or exchange.route.operation not in _OPERATIONS:
             return
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
