@@ -183,6 +183,7 @@ class Redactor:
     def json(self, value: Any) -> Any:
         """A redacted copy of parsed JSON (the original is left as it is), or the value
         itself when nothing in it can need redacting (most bodies: see `_may_hold_secret`).
+
         Iterative, so that nesting deeper than Python's recursion limit is no problem.
         """
         if not self._custom:  # a pattern of the user's could match text only once decoded
