@@ -99,6 +99,7 @@ class Redactor:
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
+        self._credentials: Memo[str, str] = Memo(self._credential)
 
     def fingerprint(self, secret: str) -> str:
         """`<kind>…<last 4>#<8 hex of sha256>`; the same secret always gives the same text."""
@@ -144,7 +145,11 @@ class Redactor:
         return False
 
     def credential(self, value: str) -> str:
-        """A whole header value that is a credential: keep the scheme, fingerprint the rest."""
+        """A whole header value that is a credential: keep the scheme, fingerprint the rest
+        (remembered: a client sends the same key with every call)."""
+        return self._credentials(value)
+
+    def _credential(self, value: str) -> str:
         scheme, sep, token = value.strip().partition(" ")
         if sep and scheme.lower() in ("bearer", "basic", "token", "digest") and token:
             return f"{scheme} {self.fingerprint(token.strip())}"
