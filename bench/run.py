@@ -346,7 +346,7 @@ class Bench:
         redactor = Redactor()
         route = Route("openai", "openai", "chat.completions")
         exchange = Exchange(id="x", route=route, method="POST", url="https://api.openai.com/v1/chat/completions",
-                            client="127.0.0.1", request_headers=list(AUTH.items()), request=Body.parse(CHAT_BODY, "application/json"))
+                            client="127.0.0.1", request_fields=tuple((k.encode(), v.encode()) for k, v in AUTH.items()), request=Body.parse(CHAT_BODY, "application/json"))
         from bench.upstream import COMPLETION
 
         exchange.status_code = 200

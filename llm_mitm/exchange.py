@@ -148,7 +148,7 @@ class Exchange:
     method: str
     url: str
     client: str
-    request_headers: list[tuple[str, str]]
+    request_fields: HeaderFields  # as mitmproxy had them when the request came; decoded for the trace
     request: Body
     started_at: float = field(default_factory=time.time)
     model: str | None = None
@@ -162,8 +162,7 @@ class Exchange:
     replay: str | None = None  # "hit" when answered from a recorded trace, "miss" when not found
     # response side
     status_code: int | None = None
-    # Kept as mitmproxy has them; decoded only for the trace, in its batch (`response_headers`).
-    response_fields: HeaderFields = ()
+    response_fields: HeaderFields = ()  # decoded only for the trace, in its batch
     response: Body = field(default_factory=Body)
     response_model: str | None = None
     first_byte_at: float | None = None
@@ -178,15 +177,21 @@ class Exchange:
     counted: bool = False
     charged: bool = False
     traced: bool = False
-    _headers: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _headers: dict[bytes, bytes] = field(default_factory=dict, init=False, repr=False)
 
     def header(self, name: str) -> str | None:
-        """A request header by lower-case name (a dict built once: mitmproxy's lookups scan)."""
-        return self._headers.get(name)
+        """A request header by lower-case name: a dict of the raw fields, built once
+        (mitmproxy's lookups scan), and only the value asked for is decoded."""
+        value = self._headers.get(name.encode("latin-1"))
+        return None if value is None else value.decode("utf-8", "surrogateescape")
 
     def __post_init__(self) -> None:
-        self._headers = {k.lower(): v for k, v in reversed(self.request_headers)}
+        self._headers = {k.lower(): v for k, v in reversed(self.request_fields)}
         self.take_request(self.request)
+
+    @property
+    def request_headers(self) -> list[tuple[str, str]]:
+        return decode_fields(self.request_fields)
 
     def take_request(self, body: Body) -> None:
         """The request body; model and stream flag from it (Azure: the deployment is the model)."""

@@ -7,7 +7,7 @@ import time
 from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
-from llm_mitm.exchange import Body, Exchange, decode_fields, first_field
+from llm_mitm.exchange import Body, Exchange, first_field
 from llm_mitm.sse import StreamTap, rebuilder_for
 
 _KEY_HEADERS = ("authorization", "api-key", "x-api-key")
@@ -33,7 +33,7 @@ class Recorder:
             method=request.method,
             url="",
             client=_client(flow),
-            request_headers=decode_fields(fields),
+            request_fields=fields,
             request=Body.parse(content, content_type),
             started_at=request.timestamp_start,
         )
