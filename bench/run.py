@@ -105,15 +105,11 @@ class Placement:
     def helper(self, pid: int) -> None:
         self._pin(pid, self.other_cpus)
 
-    def proxy(self, pid: int) -> None:
+    def proxy(self, pid: int, children: list[int]) -> None:
         """The proxy's threads on its CPU; its children (the trace writer) off it."""
         self._pin(pid, self.proxy_cpus)
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            children = []
         for child in children:
-            self._pin(int(child), self.other_cpus)
+            self._pin(child, self.other_cpus)
 
     def _pin(self, pid: int, cpus: set[int]) -> None:
         if not self.active:
@@ -155,9 +151,8 @@ class Bench:
             extra_args=["--set", "flow_detail=0", *(arg for option in options for arg in ("--set", option))],
             **({} if addon else {"addon": None}),
         ).start()
-        if addon:
-            proxy.wait_for_children()  # the trace writer, to be pinned off the proxy's CPU
-        self.placement.proxy(proxy.pid)
+        # An addon's trace writer, to be pinned off the proxy's CPU once it has started.
+        self.placement.proxy(proxy.pid, proxy.wait_for_children() if addon else [])
         return proxy
 
     def start_litellm(self, binary: Path) -> subprocess.Popen[str] | None:

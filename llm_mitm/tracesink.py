@@ -134,7 +134,6 @@ class TraceSink:
             raise ValueError("new trace files need a new writer process, not a retune")
         self.settings = settings
         if self._socket is not None:
-            self._serialise_submitted()  # records taken before the change are made the old way
             self._queue(orjson.dumps({"making": settings.making()}), record=False)
             self._schedule()
 
@@ -144,7 +143,6 @@ class TraceSink:
         if self._socket is None:
             return
         self._asked += 1
-        self._serialise_submitted()
         self._queue(orjson.dumps({"sync": self._asked}), record=False)
         deadline = time.monotonic() + timeout
         self._send(deadline)
@@ -160,7 +158,6 @@ class TraceSink:
             self._timer.cancel()
             self._timer = None
         if self._socket is not None:
-            self._serialise_submitted()
             self._send(deadline)
             if self._outgoing:
                 self._lose(self._outgoing.count(b"\n"), "the trace writer did not take them before shutdown")
@@ -182,7 +179,6 @@ class TraceSink:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (tests, shutdown): what the socket takes now, the rest at close
-            self._serialise_submitted()
             self._send(None)
             return
         if self._timer is not None and self._timer_loop is loop and not loop.is_closed():
@@ -193,7 +189,6 @@ class TraceSink:
         self._timer = None
         if self._socket is None:  # closed while a round was due
             return
-        self._serialise_submitted()
         self._send(None)
         self._receive()
         if self._outgoing:  # the socket is full: soon again
@@ -207,7 +202,9 @@ class TraceSink:
         """Straight into the outgoing buffer: one copy, no list to join later. A record
         is dropped when the buffer is full; a control line (a sync mark, new settings)
         never is: it is small, and the process must not miss it."""
-        if record and len(self._outgoing) > MAX_BUFFERED:
+        if not record:  # records taken before it go out before it, made as they were taken
+            self._serialise_submitted()
+        elif len(self._outgoing) > MAX_BUFFERED:
             self._drop("the trace writer does not keep up")
             return
         self._outgoing += line
@@ -215,8 +212,10 @@ class TraceSink:
         self._queued += 1
 
     def _send(self, deadline: float | None) -> None:
-        """As much as the socket takes now; with a deadline, wait for room until then."""
+        """The records taken so far, and as much as the socket takes now; with a
+        deadline, wait for room until then."""
         assert self._socket is not None
+        self._serialise_submitted()
         while self._outgoing:
             try:
                 sent = self._socket.send(self._outgoing)

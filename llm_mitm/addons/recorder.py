@@ -24,19 +24,19 @@ class Recorder:
         route = self.shared.matcher.route(request.host, request.port, request.path)
         if route is None:
             return
-        fields = request.headers.fields
-        content = request.get_content(strict=False) if first_field(fields, b"content-encoding") else request.raw_content
-        content_type = first_field(fields, b"content-type")
         exchange = Exchange(
             id=flow.id,
             route=route,
             method=request.method,
             url="",
             client=_client(flow),
-            request_fields=fields,
-            request=Body.parse(content, content_type),
+            request_fields=request.headers.fields,
+            request=Body(),
             started_at=request.timestamp_start,
         )
+        content = request.get_content(strict=False) if exchange.header("content-encoding") else request.raw_content
+        content_type = exchange.header("content-type") or ""
+        exchange.take_request(Body.parse(content, content_type))
         exchange.url = _url(request, exchange.header("host"))
         exchange.api_key = self._api_key(exchange)
         exchange.organization = exchange.header("openai-organization") or None
