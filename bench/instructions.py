@@ -70,7 +70,7 @@ def count(bench: Bench, name: str, requests: int) -> int:
     if result.errors or len(result.latencies_ns) != requests:
         raise RuntimeError(f"{name}: {result.errors} errors")
     totals = [int(line.split()[1]) for line in out.read_text().splitlines() if line.startswith(("summary:", "totals:"))]
-    return max(totals) // requests
+    return max(totals) // result.calls
 
 
 def main() -> int:
