@@ -94,7 +94,10 @@ class Redactor:
         self.headers = SENSITIVE_HEADERS | {h.lower() for h in extra_headers}
         self.params = SENSITIVE_PARAMS | {p.lower() for p in extra_params}
         self.fields = SENSITIVE_FIELDS | {p.lower() for p in extra_params}
-        self._quoted_fields = tuple(f'"{name}"'.encode() for name in self.fields)  # as a key appears in JSON
+        # Any field name as a key appears in JSON, quoted: one regex whose every branch
+        # starts with a quote is one fast pass; a substring search per name took 1-2 µs
+        # each on a chat body (7 µs for ten names, against 1 µs).
+        self._quoted_field = re.compile(b'"(?:' + b"|".join(re.escape(name.encode()) for name in sorted(self.fields)) + b')"')
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
@@ -139,10 +142,7 @@ class Redactor:
         lowered = blob.lower() if blob.isascii() else blob.decode("utf-8").lower().encode("utf-8")
         if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered:
             return True
-        for quoted in self._quoted_fields:
-            if quoted in lowered:
-                return True
-        return False
+        return self._quoted_field.search(lowered) is not None
 
     def credential(self, value: str) -> str:
         """A whole header value that is a credential: keep the scheme, fingerprint the rest
