@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
-from pydantic import BaseModel
 
 logger = logging.getLogger("llm_mitm.traces")
 
-RecordBuilder = Callable[[], BaseModel]
+RecordBuilder = Callable[[], dict[str, Any]]
 
 _STOP = object()
 FILE_MODE = 0o600  # traces hold prompts
@@ -105,7 +105,7 @@ class TraceWriter:
             if builder is None:
                 continue
             try:
-                record = builder().model_dump()
+                record = builder()
                 return record, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
             except Exception:  # noqa: BLE001 - one bad record must not stop the writer
                 logger.exception("llm-mitm: could not build a trace record" + ("; trying without bodies" if builder is build and fallback else ""))

@@ -15,7 +15,6 @@ import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
 
 from llm_mitm import writer as writer_module
 from llm_mitm.addons.safety import ca_key_problem, is_loopback
@@ -30,9 +29,9 @@ from tests.support.pki import ServerCert
 from tests.test_e2e_clients import OPENAI_KEY, chat, trace_with
 
 
-class Row(BaseModel):
-    id: str
-    pad: str = ""
+def row(id: str, pad: str = "") -> dict[str, str]:
+    """A record as the writer takes it: plain data."""
+    return {"id": id, "pad": pad}
 
 
 def lines(path: Path) -> list[dict]:
@@ -55,14 +54,14 @@ def test_disk_full_loses_no_whole_line_and_resumes(tmp_path: Path, monkeypatch: 
     target = tmp_path / "t.jsonl"
     writer = TraceWriter(target, None)
     with caplog.at_level(logging.INFO, logger="llm_mitm.traces"):
-        writer.submit(lambda: Row(id="before"))
+        writer.submit(lambda: row(id="before"))
         time.sleep(0.3)
         full.set()
         for i in range(3):
-            writer.submit(lambda i=i: Row(id=f"lost{i}"))
+            writer.submit(lambda i=i: row(id=f"lost{i}"))
             time.sleep(0.1)
         full.clear()
-        writer.submit(lambda: Row(id="after"))
+        writer.submit(lambda: row(id="after"))
         writer.close()
     assert [r["id"] for r in lines(target)] == ["before", "after"]
     assert writer.stats.failed == 3
@@ -74,7 +73,7 @@ def test_rotation_by_size_loses_no_line(tmp_path: Path) -> None:
     target = tmp_path / "t.jsonl"
     writer = TraceWriter(target, None, max_bytes=2000, keep=3)
     for i in range(60):
-        writer.submit(lambda i=i: Row(id=str(i), pad="x" * 100))
+        writer.submit(lambda i=i: row(id=str(i), pad="x" * 100))
         if i % 7 == 0:
             time.sleep(0.06)  # several batches, so several rotations
     writer.close()

@@ -19,6 +19,7 @@ from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.stats import CountRow
 from llm_mitm.tracesink import SinkSettings, TraceSink
 from llm_mitm.usage import Usage
+from tests.support.mitm import schema_checked
 
 
 def snapshot(number: int, padding: int = 0) -> dict:
@@ -67,7 +68,7 @@ def sink(tmp_path: Path, counted: list[CountRow] | None = None) -> tuple[TraceSi
 
 
 def records(destination: Path) -> list[dict]:
-    return [orjson.loads(line) for line in destination.read_bytes().splitlines()]
+    return [schema_checked(line) for line in destination.read_bytes().splitlines()]
 
 
 def ids(destination: Path) -> list[str]:

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from pydantic import BaseModel
 
 from llm_mitm.writer import TraceWriter
 
 
-class Row(BaseModel):
-    id: str
-    text: str = ""
+def row(id: str, text: str = "") -> dict[str, str]:
+    """A record as the writer takes it: plain data."""
+    return {"id": id, "text": text}
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -31,7 +30,7 @@ def test_concurrent_submits_give_whole_lines(tmp_path: Path) -> None:
 
     def submit(n: int) -> None:
         for i in range(50):
-            writer.submit(lambda i=i: Row(id=f"{n}-{i}", text=big if i % 10 == 0 else "small"))
+            writer.submit(lambda i=i: row(id=f"{n}-{i}", text=big if i % 10 == 0 else "small"))
 
     threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
     for t in threads:
@@ -47,7 +46,7 @@ def test_concurrent_submits_give_whole_lines(tmp_path: Path) -> None:
 
 def test_trace_file_is_private(tmp_path: Path) -> None:
     writer = TraceWriter(tmp_path / "t.jsonl", tmp_path / "per-exchange")
-    writer.submit(lambda: Row(id="a"))
+    writer.submit(lambda: row(id="a"))
     writer.close()
     assert stat.S_IMODE(os.stat(tmp_path / "t.jsonl").st_mode) == 0o600
     files = list((tmp_path / "per-exchange").rglob("*.json"))
@@ -58,7 +57,7 @@ def test_trace_file_is_private(tmp_path: Path) -> None:
 
 def test_lines_are_visible_before_close(tmp_path: Path) -> None:
     writer = TraceWriter(tmp_path / "t.jsonl", None)
-    writer.submit(lambda: Row(id="early"))
+    writer.submit(lambda: row(id="early"))
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline and not (tmp_path / "t.jsonl").exists():
         time.sleep(0.01)
@@ -76,12 +75,12 @@ def test_unwritable_destination_is_logged_once_counted_and_recovers(tmp_path: Pa
     writer = TraceWriter(target, None)
     with caplog.at_level(logging.INFO, logger="llm_mitm.traces"):
         for i in range(5):
-            writer.submit(lambda i=i: Row(id=str(i)))
+            writer.submit(lambda i=i: row(id=str(i)))
         deadline = time.monotonic() + 5
         while writer.stats.failed < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
         target.rmdir()
-        writer.submit(lambda: Row(id="after"))
+        writer.submit(lambda: row(id="after"))
         writer.close()
     errors = [r for r in caplog.records if "TRACE LOST" in r.getMessage()]
     assert len(errors) == 1
@@ -93,11 +92,11 @@ def test_unwritable_destination_is_logged_once_counted_and_recovers(tmp_path: Pa
 def test_a_failing_record_does_not_stop_the_writer(tmp_path: Path) -> None:
     writer = TraceWriter(tmp_path / "t.jsonl", None)
 
-    def broken() -> Row:
+    def broken() -> dict[str, str]:
         raise ValueError("boom")
 
     writer.submit(broken)
-    writer.submit(lambda: Row(id="ok"))
+    writer.submit(lambda: row(id="ok"))
     writer.close()
     assert read_lines(tmp_path / "t.jsonl") == [{"id": "ok", "text": ""}]
     assert writer.stats.render_failed == 1

@@ -24,6 +24,16 @@ MITMDUMP = Path(sys.executable).with_name("mitmdump")
 _LISTENING = re.compile(r"listening at .*?:(\d+)\.?\s*$")
 
 
+def schema_checked(line: bytes) -> dict[str, Any]:
+    """A trace line, held to the schema: the writer makes records as plain data, so each
+    one a test reads must be what `TraceRecord` itself writes (fields, order, types)."""
+    from llm_mitm.trace import TraceRecord
+
+    record = orjson.loads(line)
+    assert orjson.dumps(TraceRecord.model_validate(record).model_dump()) == orjson.dumps(record), line[:300]
+    return record
+
+
 class Mitmdump:
     """One mitmdump process: its ports, its output, its trace file."""
 
@@ -159,7 +169,7 @@ class Mitmdump:
         if not self.traces_path.exists():
             return []
         data = self.traces_path.read_bytes()
-        return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line]
+        return [schema_checked(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line]
 
     def wait_for_traces(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
