@@ -242,7 +242,7 @@ def test_the_loop_stops_asking_once_every_line_is_read(tmp_path: Path) -> None:
 
     async def proxying() -> int:
         traces.submit(deferred(0, ANSWER))
-        traces._queue(b'{"deferred": true, "not": "a snapshot"}')  # as a broken line would arrive
+        traces._queue([b'{"deferred": true, "not": "a snapshot"}'])  # as a broken line would arrive
         await asyncio.sleep(1.0)
         rounds = 0
         while traces._timer is not None and rounds < 100:
