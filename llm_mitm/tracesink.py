@@ -342,12 +342,12 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
     report the counts of deferred exchanges (and answer sync marks) after each read."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from llm_mitm.trace import build_record, complete, count_row
-    from llm_mitm.writer import TraceWriter
+    from llm_mitm.writer import Pending, TraceWriter
 
     making = _Making(settings.making())
     writer = TraceWriter(settings.destination, settings.directory, settings.max_bytes, settings.keep)
 
-    def take(line: bytes, counts: list[CountRow], reports: list[bytes]) -> None:
+    def take(line: bytes, counts: list[CountRow], reports: list[bytes], batch: list[Pending]) -> None:
         message = orjson.loads(line)
         if "sync" in message:
             if counts:
@@ -363,7 +363,7 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
             counts.append(count_row(message))
         # A body too deep for orjson to write costs the record its bodies, not the record.
         redactor, bodies = making.redactor, making.bodies
-        writer.submit(lambda: build_record(message, redactor, bodies), lambda: build_record(message, redactor, "metadata"))
+        batch.append((lambda: build_record(message, redactor, bodies), lambda: build_record(message, redactor, "metadata")))
 
     pending = bytearray()
     reporting = True
@@ -375,9 +375,10 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
                     continue
                 counts: list[CountRow] = []
                 reports: list[bytes] = []
+                batch: list[Pending] = []
                 for line in lines:
                     try:
-                        take(line, counts, reports)
+                        take(line, counts, reports, batch)
                     except Exception:  # noqa: BLE001 - one bad line must not stop the writer
                         writer.stats.render_failed += 1
                         logger.exception("llm-mitm: a trace could not be completed")
@@ -391,10 +392,11 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
                         sock.sendall(b"\n".join(reports) + b"\n")
                     except OSError:  # the proxy stopped listening: its records still get written
                         reporting = False
+                writer.write(batch)
     except OSError:
         pass
     finally:
-        writer.close(60)
+        writer.close()
 
 
 class _Making:

@@ -1,20 +1,19 @@
-"""Writes trace records off the event loop: JSONL appends and one file per exchange.
+"""Writes trace records: JSONL appends and one file per exchange.
 
-Records are rendered (redacted, serialised with orjson) on the writer thread, so the
-proxy only pays for a queue put. Each JSONL line goes out in one `write` on an
-O_APPEND descriptor, so lines never interleave, and is in the file as soon as the
-thread gets to it (batches of 50 ms: well within a second). A failed write is logged, counted and
-undone (the file is cut back to its last whole line); the proxy never notices.
+It runs in the trace writer process (`tracesink`), which has nothing else to do: each
+batch the proxy hands over is rendered (serialised with orjson) and written as it
+arrives, in one `write` on an O_APPEND descriptor, so lines never interleave. No thread
+and no queue: crossing one cost the process a fifth of its time per record. A failed
+write is logged, counted and undone (the file is cut back to its last whole line); the
+proxy never notices.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,10 +24,10 @@ import orjson
 logger = logging.getLogger("llm_mitm.traces")
 
 RecordBuilder = Callable[[], dict[str, Any]]
+# A record to write: how to build it, and a smaller one for when it cannot be written.
+Pending = tuple[RecordBuilder, RecordBuilder | None]
 
-_STOP = object()
 FILE_MODE = 0o600  # traces hold prompts
-BATCH_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -39,7 +38,7 @@ class WriterStats:
 
 
 class TraceWriter:
-    """A queue and one thread that owns the trace files."""
+    """Owns the trace files."""
 
     def __init__(
         self,
@@ -53,50 +52,28 @@ class TraceWriter:
         self.max_bytes = max_bytes
         self.keep = keep
         self.stats = WriterStats()
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._fd: int | None = None
         self._failing: str | None = None
-        self._thread = threading.Thread(target=self._run, name="llm-mitm-trace-writer", daemon=True)
-        self._thread.start()
 
-    def submit(self, build: RecordBuilder, fallback: RecordBuilder | None = None) -> None:
-        """`fallback` builds a smaller record when this one cannot be written."""
-        self._queue.put((build, fallback))
+    def write(self, batch: Iterable[Pending]) -> None:
+        """Build, render and write a batch: one write to the JSONL file for all of it."""
+        records = []
+        for build, fallback in batch:
+            rendered = self._render(build, fallback)
+            if rendered is not None:
+                records.append(rendered)
+        if not records:
+            return
+        try:
+            self._write(records)
+        except Exception:  # noqa: BLE001 - the writer must outlive any one batch
+            self._fail(len(records), "unexpected error while writing")
+            logger.exception("llm-mitm: writing a batch of traces failed")
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Write everything queued, then stop."""
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
+    def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self._queue.get()]
-            # Gather for a moment: one wake-up and one write per batch, not per record,
-            # which keeps this thread off the proxy's back (they share the GIL).
-            time.sleep(BATCH_SECONDS)
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            records = []
-            for item in batch:
-                if item is _STOP:
-                    stopping = True
-                    continue
-                rendered = self._render(*item)  # type: ignore[misc]
-                if rendered is not None:
-                    records.append(rendered)
-            if records:
-                try:
-                    self._write(records)
-                except Exception:  # noqa: BLE001 - the thread must outlive any one batch
-                    self._fail(len(records), "unexpected error while writing")
-                    logger.exception("llm-mitm: writing a batch of traces failed")
 
     def _render(self, build: RecordBuilder, fallback: RecordBuilder | None) -> tuple[dict[str, object], bytes] | None:
         """The record and its JSONL line; else the fallback's (say a body nested deeper than

@@ -54,14 +54,12 @@ def test_disk_full_loses_no_whole_line_and_resumes(tmp_path: Path, monkeypatch: 
     target = tmp_path / "t.jsonl"
     writer = TraceWriter(target, None)
     with caplog.at_level(logging.INFO, logger="llm_mitm.traces"):
-        writer.submit(lambda: row(id="before"))
-        time.sleep(0.3)
+        writer.write([(lambda: row(id="before"), None)])
         full.set()
         for i in range(3):
-            writer.submit(lambda i=i: row(id=f"lost{i}"))
-            time.sleep(0.1)
+            writer.write([(lambda i=i: row(id=f"lost{i}"), None)])
         full.clear()
-        writer.submit(lambda: row(id="after"))
+        writer.write([(lambda: row(id="after"), None)])
         writer.close()
     assert [r["id"] for r in lines(target)] == ["before", "after"]
     assert writer.stats.failed == 3
@@ -72,10 +70,8 @@ def test_disk_full_loses_no_whole_line_and_resumes(tmp_path: Path, monkeypatch: 
 def test_rotation_by_size_loses_no_line(tmp_path: Path) -> None:
     target = tmp_path / "t.jsonl"
     writer = TraceWriter(target, None, max_bytes=2000, keep=3)
-    for i in range(60):
-        writer.submit(lambda i=i: row(id=str(i), pad="x" * 100))
-        if i % 7 == 0:
-            time.sleep(0.06)  # several batches, so several rotations
+    for first in range(0, 60, 7):  # several batches, so several rotations
+        writer.write([(lambda i=i: row(id=str(i), pad="x" * 100), None) for i in range(first, min(first + 7, 60))])
     writer.close()
     files = [target, *(target.with_name(f"t.jsonl.{n}") for n in (1, 2, 3))]
     assert not target.with_name("t.jsonl.4").exists()

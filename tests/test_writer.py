@@ -1,18 +1,16 @@
-"""The trace writer: whole JSON lines, off the caller's thread, failures survived."""
+"""The trace writer: whole JSON lines, private files, failures survived."""
 
 from __future__ import annotations
 
 import logging
 import os
 import stat
-import threading
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 
-from llm_mitm.writer import TraceWriter
+from llm_mitm.writer import Pending, TraceWriter
 
 
 def row(id: str, text: str = "") -> dict[str, str]:
@@ -20,33 +18,28 @@ def row(id: str, text: str = "") -> dict[str, str]:
     return {"id": id, "text": text}
 
 
+def batch(*records: dict[str, str]) -> list[Pending]:
+    return [(lambda record=record: record, None) for record in records]
+
+
 def read_lines(path: Path) -> list[dict]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
-def test_concurrent_submits_give_whole_lines(tmp_path: Path) -> None:
+def test_batches_give_whole_lines_in_order(tmp_path: Path) -> None:
     writer = TraceWriter(tmp_path / "t.jsonl", None)
     big = "x" * 100_000
-
-    def submit(n: int) -> None:
-        for i in range(50):
-            writer.submit(lambda i=i: row(id=f"{n}-{i}", text=big if i % 10 == 0 else "small"))
-
-    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for n in range(8):
+        writer.write(batch(*(row(id=f"{n}-{i}", text=big if i % 10 == 0 else "small") for i in range(50))))
     writer.close()
     rows = read_lines(tmp_path / "t.jsonl")
-    assert len(rows) == 400
-    assert len({r["id"] for r in rows}) == 400
+    assert [r["id"] for r in rows] == [f"{n}-{i}" for n in range(8) for i in range(50)]
     assert writer.stats.written == 400
 
 
 def test_trace_file_is_private(tmp_path: Path) -> None:
     writer = TraceWriter(tmp_path / "t.jsonl", tmp_path / "per-exchange")
-    writer.submit(lambda: row(id="a"))
+    writer.write(batch(row(id="a")))
     writer.close()
     assert stat.S_IMODE(os.stat(tmp_path / "t.jsonl").st_mode) == 0o600
     files = list((tmp_path / "per-exchange").rglob("*.json"))
@@ -55,14 +48,9 @@ def test_trace_file_is_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(files[0]).st_mode) == 0o600
 
 
-def test_lines_are_visible_before_close(tmp_path: Path) -> None:
+def test_lines_are_in_the_file_once_written(tmp_path: Path) -> None:
     writer = TraceWriter(tmp_path / "t.jsonl", None)
-    writer.submit(lambda: row(id="early"))
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and not (tmp_path / "t.jsonl").exists():
-        time.sleep(0.01)
-    while time.monotonic() < deadline and not (tmp_path / "t.jsonl").read_bytes():
-        time.sleep(0.01)
+    writer.write(batch(row(id="early")))
     assert read_lines(tmp_path / "t.jsonl") == [{"id": "early", "text": ""}]
     writer.close()
 
@@ -75,12 +63,9 @@ def test_unwritable_destination_is_logged_once_counted_and_recovers(tmp_path: Pa
     writer = TraceWriter(target, None)
     with caplog.at_level(logging.INFO, logger="llm_mitm.traces"):
         for i in range(5):
-            writer.submit(lambda i=i: row(id=str(i)))
-        deadline = time.monotonic() + 5
-        while writer.stats.failed < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
+            writer.write(batch(row(id=str(i))))
         target.rmdir()
-        writer.submit(lambda: row(id="after"))
+        writer.write(batch(row(id="after")))
         writer.close()
     errors = [r for r in caplog.records if "TRACE LOST" in r.getMessage()]
     assert len(errors) == 1
@@ -95,8 +80,8 @@ def test_a_failing_record_does_not_stop_the_writer(tmp_path: Path) -> None:
     def broken() -> dict[str, str]:
         raise ValueError("boom")
 
-    writer.submit(broken)
-    writer.submit(lambda: row(id="ok"))
+    writer.write([(broken, None), (lambda: row(id="ok"), None)])
+    writer.write([(broken, lambda: row(id="smaller"))])  # the fallback record, when there is one
     writer.close()
-    assert read_lines(tmp_path / "t.jsonl") == [{"id": "ok", "text": ""}]
+    assert read_lines(tmp_path / "t.jsonl") == [{"id": "ok", "text": ""}, {"id": "smaller", "text": ""}]
     assert writer.stats.render_failed == 1
