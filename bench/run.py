@@ -221,8 +221,8 @@ class Bench:
             for turn in range(rounds):
                 for name, target in (targets.items() if turn % 2 == 0 else reversed(targets.items())):
                     before = cpu_seconds(pids[name]) if name in pids else None
-                    turn = count // rounds // (4 if name == "litellm" else 1)  # a peer row, some 8x slower
-                    result = asyncio.run(load(target, concurrency, turn, "POST", CHAT_PATH, CHAT_BODY, self._auth(name)))
+                    calls = count // rounds // (4 if name == "litellm" else 1)  # a peer row, some 8x slower
+                    result = asyncio.run(load(target, concurrency, calls, "POST", CHAT_PATH, CHAT_BODY, self._auth(name)))
                     runs[name].append(result)
                     after = cpu_seconds(pids[name]) if name in pids else None
                     if before is not None and after is not None and result.latencies_ns:

@@ -161,8 +161,9 @@ def _blocked(snap: dict[str, Any]) -> bool:
 def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = "full") -> dict[str, Any]:
     """The redacted record of a snapshot, as `TraceRecord` dumps it (its fields, in its
     order): made as plain data, because validating what this module itself built cost
-    the trace writer a quarter of its time per record. The tests hold every record to
-    `TraceRecord` (`tests/test_trace_tools.py`, and each trace an end-to-end test reads)."""
+    the trace writer a quarter of its time per record. The tests hold every record they
+    read to `TraceRecord` (`schema_checked` in tests/support/mitm.py: each trace line of an
+    end-to-end or trace-sink test)."""
     provider, api, operation, deployment = snap["route"]
     policy = snap["policy"]
     return {
