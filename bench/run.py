@@ -370,7 +370,7 @@ class Bench:
                 batch.append((lambda snap=snap: build_record(snap, redactor), None))
             writer.write(batch)
         writer.close()
-        records_per_s = count // 50 * 50 / (time.perf_counter() - started)
+        records_per_s = count / (time.perf_counter() - started)  # count: a multiple of 50
 
         def best_of_three(work: Callable[[], object]) -> float:
             """Seconds of the fastest of three runs: one cold run or a hiccup of the machine

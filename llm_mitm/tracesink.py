@@ -199,26 +199,28 @@ class TraceSink:
             self.failed = True
 
     def _queue(self, lines: list[bytes]) -> None:
-        """Records into the outgoing buffer, joined first: one copy of the round, where a
-        line at a time regrew the buffer again and again (0.5 against 0.06 us a record).
-        A round of records is dropped when the buffer is full already."""
-        if not lines:
-            return
-        if len(self._outgoing) > MAX_BUFFERED:
+        """Records into the outgoing buffer; a round of them is dropped when the buffer is
+        full already."""
+        if lines and len(self._outgoing) > MAX_BUFFERED:
             self._drop("the trace writer does not keep up", len(lines))
             return
-        lines.append(b"")
-        self._outgoing += b"\n".join(lines)
-        self._queued += len(lines) - 1
+        self._append(lines)
 
     def _queue_control(self, line: bytes) -> None:
         """A control line (a sync mark, new settings): never dropped (it is small, and the
         process must not miss it), and after the records taken before it, made as they
         were taken."""
         self._serialise_submitted()
-        self._outgoing += line
+        self._append([line])
+
+    def _append(self, lines: list[bytes]) -> None:
+        """Joined first: one copy of the round, where a line at a time regrew the buffer
+        again and again (0.5 against 0.06 us a record)."""
+        if not lines:
+            return
+        self._outgoing += b"\n".join(lines)
         self._outgoing += b"\n"
-        self._queued += 1
+        self._queued += len(lines)
 
     def _send(self, deadline: float | None) -> None:
         """The records taken so far, and as much as the socket takes now; with a
