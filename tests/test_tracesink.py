@@ -17,7 +17,7 @@ import pytest
 from llm_mitm.config import ModelPrice
 from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.stats import CountRow
-from llm_mitm.tracesink import SinkSettings, TraceSink
+from llm_mitm.tracesink import READ_BUFFER, SinkSettings, TraceSink
 from llm_mitm.usage import Usage
 from tests.support.mitm import schema_checked
 
@@ -101,6 +101,18 @@ def test_on_the_event_loop_in_batches_in_order_with_large_records(tmp_path: Path
     traces.close()
     assert written == [f"flow-{n}" for n in range(400)]
     assert traces.dropped == 0
+
+
+def test_a_record_larger_than_one_read_arrives_whole(tmp_path: Path) -> None:
+    traces, destination = sink(tmp_path)
+    big = READ_BUFFER * 3 + 12_345  # the process reads it in four parts or more
+    traces.submit(snapshot(0))
+    traces.submit(snapshot(1, padding=big))
+    traces.submit(snapshot(2))
+    traces.close()
+    written = records(destination)
+    assert [record["id"] for record in written] == ["flow-0", "flow-1", "flow-2"]
+    assert written[1]["request"]["body"]["messages"][0]["content"] == "x" * big
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
