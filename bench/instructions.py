@@ -1,5 +1,8 @@
-"""Instructions per request, counted by valgrind's callgrind: bare mitmdump, mitmdump with
-an addon whose hooks do nothing, and mitmdump with llm-mitm, on the benchmark's request.
+"""Instructions per request, counted by valgrind's callgrind, on the benchmark's request:
+bare mitmdump, then what llm-mitm's cost is made of, step by step. Bare with the lazy
+upstream connections llm-mitm turns on; with a script that has no addon at all (what
+mitmproxy charges any `-s` script: it walks the script and its module for every event);
+with an addon whose hooks do nothing; and llm-mitm. llm-mitm's own work is the last step.
 
     python -m bench.instructions [--requests 400]
 
@@ -27,6 +30,13 @@ from bench.run import ADDON_CONFIG, AUTH, CHAT_BODY, CHAT_PATH, Bench  # noqa: E
 from tests.support.mitm import Mitmdump  # noqa: E402
 
 WARM_UP = 100
+# Every hook the module itself does not define is None, as in addons/llm.py: mitmproxy
+# asks the module for each one, and a missing name costs an AttributeError each time.
+NONE_HOOKS = """
+from mitmproxy import hooks
+globals().update({name: None for name in hooks.all_hooks if name not in globals()})
+"""
+EMPTY_SCRIPT = "addons = []\n" + NONE_HOOKS
 NO_OP_ADDON = '''
 class NoOp:
     """The hooks llm-mitm implements, doing nothing: what being an addon costs."""
@@ -38,7 +48,16 @@ class NoOp:
 
 
 addons = [NoOp()]
-'''
+''' + NONE_HOOKS
+LAZY = ("--set", "connection_strategy=lazy")
+# name -> the script (None: none; "llm-mitm": ours, with the benchmark's config), mitmdump options
+VARIANTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "bare": (None, ()),
+    "bare, lazy": (None, LAZY),
+    "empty script": (EMPTY_SCRIPT, LAZY),
+    "no-op addon": (NO_OP_ADDON, LAZY),
+    "llm-mitm": ("llm-mitm", ()),  # sets lazy itself
+}
 
 
 def count(bench: Bench, name: str, requests: int) -> int:
@@ -46,16 +65,17 @@ def count(bench: Bench, name: str, requests: int) -> int:
     measured requests run (after a warm-up: connections, caches, the first trace batch)."""
     workdir = bench.work / name
     workdir.mkdir(parents=True, exist_ok=True)
+    source, options = VARIANTS[name]
     kwargs: dict = {"routes": {"api.openai.com": bench.upstream_port}, "upstream_ca": bench.pki.ca_path,
-                    "extra_args": ["--set", "flow_detail=0"]}
-    if name == "bare":
-        proxy = Mitmdump(workdir, addon=None, **kwargs)
-    elif name == "no-op addon":
-        script = workdir / "noop.py"
-        script.write_text(NO_OP_ADDON)
-        proxy = Mitmdump(workdir, addon=script, **kwargs)
-    else:
+                    "extra_args": ["--set", "flow_detail=0", *options]}
+    if source == "llm-mitm":
         proxy = Mitmdump(workdir, config=ADDON_CONFIG, **kwargs)
+    elif source is None:
+        proxy = Mitmdump(workdir, addon=None, **kwargs)
+    else:
+        script = workdir / "script.py"
+        script.write_text(source)
+        proxy = Mitmdump(workdir, addon=script, **kwargs)
     out = workdir / "callgrind.out"
     proxy.args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *proxy.args]
     proxy.start(timeout=900)
@@ -83,14 +103,17 @@ def main() -> int:
     bench = Bench(quick=True, pin=False)  # two mitmdumps under callgrind at once: one per core
     bench.start_upstream()
     try:
-        names = ["bare", "no-op addon", "llm-mitm"]
+        names = list(VARIANTS)
         with ThreadPoolExecutor(2) as pool:  # one per core; each mitmdump runs ~50x slower under callgrind
             counts = dict(zip(names, pool.map(lambda name: count(bench, name, args.requests), names)))
     finally:
         bench.upstream.kill()
     print(f"instructions per request (callgrind, {args.requests} requests at c=8, after {WARM_UP}):")
+    previous = None
     for name, value in counts.items():
-        print(f"  {name:<12} {value:>12,} ({value / counts['bare'] - 1:+.2%} over bare)")
+        step = f", {(value - previous) / counts['bare']:+.2%} of bare over the row above" if previous is not None else ""
+        print(f"  {name:<13} {value:>12,} ({value / counts['bare'] - 1:+.2%} over bare{step})")
+        previous = value
     return 0
 
 
