@@ -4,10 +4,10 @@ upstream connections llm-mitm turns on; with a script that has no addon at all (
 mitmproxy charges any `-s` script: it walks the script and its module for every event);
 with an addon whose hooks do nothing; and llm-mitm. llm-mitm's own work is the last step.
 
-    python -m bench.instructions [--requests 400]
+    python -m bench.instructions [--requests 400] [--reverse]
 
 Seconds vary with the machine's speed and its neighbours; instructions executed do not
-(the same run twice agrees to 0.2 %), so this tells whether a change to the hot path made
+(runs of the same code agree within ±0.6 %), so this tells whether a change to the hot path made
 it cheaper, where a throughput run on a noisy machine cannot. It does not see cache misses:
 the throughput ratio in `bench.run` stays the verdict. Needs valgrind (Debian: valgrind).
 """
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.client import load  # noqa: E402
-from bench.run import ADDON_CONFIG, AUTH, CHAT_BODY, CHAT_PATH, Bench  # noqa: E402
+from bench.run import ADDON_CONFIG, AUTH, CHAT_BODY, CHAT_PATH, HOST, Bench  # noqa: E402
 from tests.support.mitm import Mitmdump  # noqa: E402
 
 WARM_UP = 100
@@ -60,13 +60,14 @@ VARIANTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
-def count(bench: Bench, name: str, requests: int) -> int:
+def count(bench: Bench, name: str, requests: int, reverse: bool = False) -> int:
     """Instructions per request of one mitmdump under callgrind, counted only while the
     measured requests run (after a warm-up: connections, caches, the first trace batch)."""
     workdir = bench.work / name
     workdir.mkdir(parents=True, exist_ok=True)
     source, options = VARIANTS[name]
-    kwargs: dict = {"routes": {"api.openai.com": bench.upstream_port}, "upstream_ca": bench.pki.ca_path,
+    kwargs: dict = {"modes": [f"reverse:https://{HOST}"] if reverse else ["regular"],
+                    "routes": {HOST: bench.upstream_port}, "upstream_ca": bench.pki.ca_path,
                     "extra_args": ["--set", "flow_detail=0", *options]}
     if source == "llm-mitm":
         proxy = Mitmdump(workdir, config=ADDON_CONFIG, **kwargs)
@@ -79,7 +80,7 @@ def count(bench: Bench, name: str, requests: int) -> int:
     out = workdir / "callgrind.out"
     proxy.args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *proxy.args]
     proxy.start(timeout=900)
-    target = bench.target(proxy)
+    target = bench.target(proxy, reverse)
     try:
         asyncio.run(load(target, 8, WARM_UP, "POST", CHAT_PATH, CHAT_BODY, AUTH))
         subprocess.run(["callgrind_control", "--instr=on", str(proxy.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,6 +97,7 @@ def count(bench: Bench, name: str, requests: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--reverse", action="store_true", help="reverse mode (plain HTTP from the client) instead of forward")
     args = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is not installed (Debian: apt-get install valgrind)")
@@ -105,10 +107,11 @@ def main() -> int:
     try:
         names = list(VARIANTS)
         with ThreadPoolExecutor(2) as pool:  # one per core; each mitmdump runs ~50x slower under callgrind
-            counts = dict(zip(names, pool.map(lambda name: count(bench, name, args.requests), names)))
+            counts = dict(zip(names, pool.map(lambda name: count(bench, name, args.requests, args.reverse), names)))
     finally:
         bench.upstream.kill()
-    print(f"instructions per request (callgrind, {args.requests} requests at c=8, after {WARM_UP}):")
+    mode = "reverse" if args.reverse else "forward"
+    print(f"instructions per request (callgrind, {mode}, {args.requests} requests at c=8, after {WARM_UP}):")
     previous = None
     for name, value in counts.items():
         step = f", {(value - previous) / counts['bare']:+.2%} of bare over the row above" if previous is not None else ""
