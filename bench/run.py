@@ -338,39 +338,12 @@ class Bench:
         print(f"  memory {self.results['memory']}", flush=True)
 
     def micro(self) -> None:
-        """Trace writer capacity (a record as the writer process gets it: a line, its
-        response still to read and meter), and cost per byte of redaction and SSE parsing."""
-        from llm_mitm.exchange import Body, Exchange
-        from llm_mitm.metering import Metering
-        from llm_mitm.pricing import PriceTable
-        from llm_mitm.providers import Route
+        """Trace writer capacity, and cost per byte of redaction and SSE parsing."""
         from llm_mitm.redact import Redactor
         from llm_mitm.sse import ChatCompletionsRebuilder, StreamTap
-        from llm_mitm.trace import build_record, complete, snapshot
-        from llm_mitm.writer import TraceWriter
 
+        records_per_s = self._writer_records_per_s(5000 if self.quick else 20000)
         redactor = Redactor()
-        route = Route("openai", "openai", "chat.completions")
-        exchange = Exchange(id="x", route=route, method="POST", url="https://api.openai.com/v1/chat/completions",
-                            client="127.0.0.1", request_fields=tuple((k.encode(), v.encode()) for k, v in AUTH.items()), request=Body.parse(CHAT_BODY, "application/json"))
-        from bench.upstream import COMPLETION
-
-        exchange.status_code = 200
-        exchange.finish(COMPLETION, "application/json", defer=True)
-        count = 5000 if self.quick else 20000
-        line = orjson.dumps(snapshot(exchange))
-        metering = Metering(PriceTable(), estimate_missing=True)
-        writer = TraceWriter(self.work / "writer.jsonl", None)
-        started = time.perf_counter()
-        for _ in range(count // 50):  # as the process takes them: a batch at a time
-            batch = []
-            for _ in range(50):
-                snap = orjson.loads(line)
-                complete(snap, metering)
-                batch.append((lambda snap=snap: build_record(snap, redactor), None))
-            writer.write(batch)
-        writer.close()
-        records_per_s = count / (time.perf_counter() - started)  # count: a multiple of 50
 
         def best_of_three(work: Callable[[], object]) -> float:
             """Seconds of the fastest of three runs: one cold run or a hiccup of the machine
@@ -400,6 +373,53 @@ class Bench:
             linear["sse_us_per_kb"][f"{size_kb}KB"] = round(seconds * 1e6 / size_kb, 3)
         self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear, "policy_check_us": self._policy_check_us()}
         print(f"  micro  {self.results['micro']}", flush=True)
+
+    def _writer_records_per_s(self, count: int, batch: int = 50) -> float:
+        """Records a second through the trace writer process's own loop (`_serve`, run
+        here): the benchmark's exchange as the proxy hands it over (a line, its response
+        still to read and meter) in rounds of `batch`, completed, redacted and written
+        with the default config, the process's reports read and thrown away."""
+        import socket
+        import threading
+
+        from bench.upstream import COMPLETION
+        from llm_mitm.config import default_config
+        from llm_mitm.exchange import Body, Exchange
+        from llm_mitm.providers import Route
+        from llm_mitm.trace import snapshot
+        from llm_mitm.tracesink import SinkSettings, _serve
+
+        exchange = Exchange(id="x", route=Route("openai", "openai", "chat.completions"), method="POST",
+                            url=f"https://{HOST}{CHAT_PATH}", client="127.0.0.1",
+                            request_fields=tuple((k.encode(), v.encode()) for k, v in AUTH.items()),
+                            request=Body.parse(CHAT_BODY, "application/json"))
+        exchange.status_code = 200
+        exchange.finish(COMPLETION, "application/json", defer=True)
+        round_ = (orjson.dumps(snapshot(exchange)) + b"\n") * batch
+        config = default_config()
+        settings = SinkSettings(str(self.work / "writer.jsonl"), None, "full", None, 5, config.redaction.redactor_options(),
+                                config.pricing.models, config.usage.estimate_missing)
+        ours, theirs = socket.socketpair()
+
+        def hand_over() -> None:
+            for _ in range(count // batch):
+                ours.sendall(round_)
+            ours.shutdown(socket.SHUT_WR)
+
+        def read_reports() -> None:
+            while ours.recv(1 << 16):
+                pass
+
+        threads = [threading.Thread(target=hand_over), threading.Thread(target=read_reports)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        _serve(theirs, settings)
+        seconds = time.perf_counter() - started
+        for thread in threads:
+            thread.join()
+        ours.close()
+        return count // batch * batch / seconds
 
     def _policy_check_us(self, count: int = 2000) -> dict[str, float]:
         """The policy's check of the benchmark's body, parsed afresh each time as the proxy
