@@ -104,8 +104,12 @@ class Placement:
         cpus = sorted(os.sched_getaffinity(0)) if pin and hasattr(os, "sched_getaffinity") else []
         self.active = len(cpus) >= 2
         self.proxy_cpus, self.other_cpus = set(cpus[:1]), set(cpus[1:])
+        self.move_here(self.other_cpus)  # this process: the load client
+
+    def move_here(self, cpus: set[int]) -> None:
+        """This process onto `cpus` (when pinning)."""
         if self.active:
-            os.sched_setaffinity(0, self.other_cpus)  # this process: the load client
+            os.sched_setaffinity(0, cpus)
 
     def describe(self) -> str:
         if not self.active:
@@ -371,7 +375,8 @@ class Bench:
             stream = event * (size_kb * 1024 // len(event))
             seconds = best_of_three(lambda: parse_stream(stream))
             linear["sse_us_per_kb"][f"{size_kb}KB"] = round(seconds * 1e6 / size_kb, 3)
-        self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear, "policy_check_us": self._policy_check_us()}
+        self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear, "policy_check_us": self._policy_check_us(),
+                                 "hooks_us_per_call": self._hooks_us_per_call(5000 if self.quick else 20000)}
         print(f"  micro  {self.results['micro']}", flush=True)
 
     def _writer_records_per_s(self, count: int, batch: int = 50) -> float:
@@ -420,6 +425,17 @@ class Bench:
             thread.join()
         ours.close()
         return count // batch * batch / seconds
+
+    def _hooks_us_per_call(self, count: int) -> dict[str, float]:
+        """llm-mitm's own work per call, timed in this process (`bench.hooks`), placed as
+        a proxy is: this process on the proxies' CPU for the while, the writer off it."""
+        from bench.hooks import hook_costs
+
+        self.placement.move_here(self.placement.proxy_cpus)
+        try:
+            return hook_costs(ADDON_CONFIG, self.work / "hooks", CHAT_PATH, CHAT_BODY, AUTH, count, placed=self.placement.helper)
+        finally:
+            self.placement.move_here(self.placement.other_cpus)
 
     def _policy_check_us(self, count: int = 2000) -> dict[str, float]:
         """The policy's check of the benchmark's body, parsed afresh each time as the proxy
@@ -511,6 +527,10 @@ class Bench:
         out["rss growth MB"] = {"value": memory["growth_mb"], "target": "< 10", "pass": memory["growth_mb"] < 10}
         calls = memory["calls"]  # the soak's, its warm-up's, and each connection's first
         out["soak calls traced"] = {"value": memory["traces_written"], "target": f"== {calls}", "pass": memory["traces_written"] == calls}
+        hooks = self.results["micro"]["hooks_us_per_call"]
+        bare_cpu = self.results["reverse"]["bare c=8"]["cpu_us_per_request"]
+        out["llm-mitm's own work per call, timed in process (us)"] = {
+            "value": hooks["total"], "target": f"(bare mitmdump's CPU per request, reverse c=8: {bare_cpu})", "pass": True}
         for name in ("redaction_us_per_kb", "sse_us_per_kb"):
             per_kb = list(self.results["micro"][name].values())
             spread = max(per_kb) / min(per_kb)
