@@ -32,7 +32,7 @@ HOOKS = ("request", "responseheaders", "response")
 def _flow(path: str, body: bytes, headers: dict[str, str]) -> http.HTTPFlow:
     fields = [(b"Host", b"api.openai.com"), (b"Content-Length", str(len(body)).encode()),
               (b"Content-Type", b"application/json"), *((k.encode(), v.encode()) for k, v in headers.items())]
-    request = tutils.treq(host="api.openai.com", port=443, path=path.encode(), method=b"POST", headers=fields, content=body)
+    request = tutils.treq(scheme=b"https", host="api.openai.com", port=443, path=path.encode(), method=b"POST", headers=fields, content=body)
     return tflow.tflow(req=request)
 
 
