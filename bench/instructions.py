@@ -32,6 +32,8 @@ from tests.support.mitm import Mitmdump  # noqa: E402
 WARM_UP = 100
 # Every hook the module itself does not define is None, as in addons/llm.py: mitmproxy
 # asks the module for each one, and a missing name costs an AttributeError each time.
+# Written out, not `llm_mitm.addons.unhandled_hooks`: importing that loads llm-mitm into
+# the scripts that stand for having none of it.
 NONE_HOOKS = """
 from mitmproxy import hooks
 globals().update({name: None for name in hooks.all_hooks if name not in globals()})
