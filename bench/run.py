@@ -16,6 +16,7 @@ import asyncio
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -376,7 +377,8 @@ class Bench:
             seconds = best_of_three(lambda: parse_stream(stream))
             linear["sse_us_per_kb"][f"{size_kb}KB"] = round(seconds * 1e6 / size_kb, 3)
         self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear, "policy_check_us": self._policy_check_us(),
-                                 "hooks_us_per_call": self._hooks_us_per_call(5000 if self.quick else 20000)}
+                                 "hooks_us_per_call": self._hooks_us_per_call(5000 if self.quick else 20000),
+                                 "hooks_in_place_us_per_request": self._hooks_in_place(1000 if self.quick else 6000)}
         print(f"  micro  {self.results['micro']}", flush=True)
 
     def _writer_records_per_s(self, count: int, batch: int = 50) -> float:
@@ -436,6 +438,34 @@ class Bench:
             return hook_costs(ADDON_CONFIG, self.work / "hooks", CHAT_PATH, CHAT_BODY, AUTH, count, placed=self.placement.helper)
         finally:
             self.placement.move_here(self.placement.other_cpus)
+
+    def _hooks_in_place(self, count: int, concurrency: int = 8) -> dict[str, Any]:
+        """The same work timed inside a proxy under load (`bench/timed_addon.py`): reverse
+        mode, as the throughput runs place it, the proxy's CPU time per request beside it."""
+        timings = self.work / "in-place.json"
+        proxy = Mitmdump(self.work / "in-place", config=ADDON_CONFIG, addon=ROOT / "bench" / "timed_addon.py",
+                         modes=[f"reverse:https://{HOST}"], routes={HOST: self.upstream_port}, upstream_ca=self.pki.ca_path,
+                         extra_args=["--set", "flow_detail=0"], env={"LLM_MITM_BENCH_TIMINGS": str(timings)}).start()
+        self.placement.proxy(proxy.pid, proxy.wait_for_children())
+        target = self.target(proxy, reverse=True)
+        try:
+            asyncio.run(load(target, concurrency, 300, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+            os.kill(proxy.pid, signal.SIGUSR1)  # the warm-up's figures out, counting afresh
+            before = cpu_seconds(proxy.pid)
+            asyncio.run(load(target, concurrency, count, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+            after = cpu_seconds(proxy.pid)
+            timings.unlink(missing_ok=True)
+            os.kill(proxy.pid, signal.SIGUSR1)
+            for _ in range(100):
+                if timings.exists():
+                    break
+                time.sleep(0.05)
+            result = orjson.loads(timings.read_bytes())
+        finally:
+            proxy.stop()
+        if before is not None and after is not None and result["requests"]:
+            result["proxy_cpu_us_per_request"] = round((after[0] - before[0]) * 1e6 / result["requests"])
+        return result
 
     def _policy_check_us(self, count: int = 2000) -> dict[str, float]:
         """The policy's check of the benchmark's body, parsed afresh each time as the proxy
@@ -531,6 +561,10 @@ class Bench:
         bare_cpu = self.results["reverse"]["bare c=8"]["cpu_us_per_request"]
         out["llm-mitm's own work per call, timed in process (us)"] = {
             "value": hooks["total"], "target": f"(bare mitmdump's CPU per request, reverse c=8: {bare_cpu})", "pass": True}
+        in_place = self.results["micro"]["hooks_in_place_us_per_request"]
+        out["llm-mitm's own work per request, timed in place under load (us)"] = {
+            "value": in_place["us_per_request"]["total"], "pass": True,
+            "target": f"(that proxy's CPU per request: {in_place.get('proxy_cpu_us_per_request')}, reverse c=8)"}
         for name in ("redaction_us_per_kb", "sse_us_per_kb"):
             per_kb = list(self.results["micro"][name].values())
             spread = max(per_kb) / min(per_kb)
