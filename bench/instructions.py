@@ -62,23 +62,27 @@ VARIANTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
-def count(bench: Bench, name: str, requests: int, reverse: bool = False) -> int:
-    """Instructions per request of one mitmdump under callgrind, counted only while the
-    measured requests run (after a warm-up: connections, caches, the first trace batch)."""
-    workdir = bench.work / name
+def variant(bench: Bench, name: str, workdir: Path, reverse: bool = False) -> Mitmdump:
+    """The mitmdump (not started) that stands for one of `VARIANTS`, before the bench's upstream."""
     workdir.mkdir(parents=True, exist_ok=True)
     source, options = VARIANTS[name]
     kwargs: dict = {"modes": [f"reverse:https://{HOST}"] if reverse else ["regular"],
                     "routes": {HOST: bench.upstream_port}, "upstream_ca": bench.pki.ca_path,
                     "extra_args": ["--set", "flow_detail=0", *options]}
     if source == "llm-mitm":
-        proxy = Mitmdump(workdir, config=ADDON_CONFIG, **kwargs)
-    elif source is None:
-        proxy = Mitmdump(workdir, addon=None, **kwargs)
-    else:
-        script = workdir / "script.py"
-        script.write_text(source)
-        proxy = Mitmdump(workdir, addon=script, **kwargs)
+        return Mitmdump(workdir, config=ADDON_CONFIG, **kwargs)
+    if source is None:
+        return Mitmdump(workdir, addon=None, **kwargs)
+    script = workdir / "script.py"
+    script.write_text(source)
+    return Mitmdump(workdir, addon=script, **kwargs)
+
+
+def count(bench: Bench, name: str, requests: int, reverse: bool = False) -> int:
+    """Instructions per request of one mitmdump under callgrind, counted only while the
+    measured requests run (after a warm-up: connections, caches, the first trace batch)."""
+    workdir = bench.work / name
+    proxy = variant(bench, name, workdir, reverse)
     out = workdir / "callgrind.out"
     proxy.args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *proxy.args]
     proxy.start(timeout=900)
