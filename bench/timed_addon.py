@@ -43,11 +43,20 @@ class HookTimer:
         self.llm = llm
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
-        llm.shared.on_config(lambda config: self._wrap_hooks())  # after LLMMitm's own re-routing
 
-    def _wrap_hooks(self) -> None:
+    def load(self, loader: Any) -> None:
+        """Listening from here, after `LLMMitm.load`: each config reaches this listener once
+        LLMMitm has re-routed its hooks and the Tracer has made (or kept) its sink."""
+        self.llm.shared.on_config(lambda config: self._wrap(), now=False)
+
+    def _wrap(self) -> None:
         for name in FLOW_HOOKS:
             self.llm._hooks[name] = [self._timed(f"{name} {type(hook.__self__).__name__}", hook) for hook in self.llm._hooks[name]]
+        sink = next(c for c in self.llm.concerns if isinstance(c, Tracer)).sink
+        if sink is not None and not hasattr(sink._flush, "__wrapped__"):  # a new sink, or the first
+            timed_round = self._timed(ROUND, sink._flush)
+            timed_round.__wrapped__ = sink._flush  # type: ignore[attr-defined]
+            sink._flush = timed_round  # type: ignore[method-assign]
 
     def _timed(self, key: str, work: Callable[..., Any]) -> Callable[..., Any]:
         seconds, calls, clock = self.seconds, self.calls, time.perf_counter
@@ -63,11 +72,6 @@ class HookTimer:
         return timed
 
     def running(self) -> None:
-        sink = next(c for c in self.llm.concerns if isinstance(c, Tracer)).sink
-        if sink is not None and not hasattr(sink._flush, "__wrapped__"):
-            timed_round = self._timed(ROUND, sink._flush)
-            timed_round.__wrapped__ = sink._flush  # type: ignore[attr-defined]
-            sink._flush = timed_round  # type: ignore[method-assign]
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.report)
 
     def report(self) -> None:
