@@ -5,25 +5,23 @@ twice or more), each a mitmdump of its own, pinned as `bench.run` pins them.
     python -m bench.ab bare bare bare bare      # how far apart four runs of the same proxy land
 
 Where `bench.instructions` counts what a step costs in instructions, this measures what it
-costs in time on this machine, caches and all. The variants take turns, round by round, in
-alternating order; each ratio is the median of the rounds' own ratios to the first variant's
-round beside it, with a 95 % interval for that median, and the proxy's CPU time per request.
+costs in time on this machine, caches and all, in the rounds of `bench.run`'s throughput runs
+(`Bench.throughput`): each ratio is the median of the rounds' own ratios to the first
+variant's round beside it, with a 95 % interval for that median, and the proxy's CPU time per
+request.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.client import load  # noqa: E402
 from bench.instructions import VARIANTS, variant  # noqa: E402
-from bench.run import AUTH, CHAT_BODY, CHAT_PATH, Bench, cpu_seconds, median_interval  # noqa: E402
+from bench.run import Bench, round_ratio  # noqa: E402
 
 WARM_UP = 300
 
@@ -50,41 +48,31 @@ def main() -> int:
         parser.error(f"unknown variant {unknown[0]!r}: one of {', '.join(map(repr, VARIANTS))}")
     labels = [name if names.count(name) == 1 else f"{name} #{names[:i + 1].count(name)}" for i, name in enumerate(names)]
     bench = Bench(quick=True)
-    proxies = []
+    proxies = {}
     try:
         bench.start_upstream()
         for label, name in zip(labels, names):
-            proxy = variant(bench, name, bench.work / label.replace(" ", "-").replace(",", ""), reverse=not args.forward).start()
-            proxies.append(proxy)
-            bench.placement.proxy(proxy.pid, proxy.wait_for_children() if VARIANTS[name][0] == "llm-mitm" else [])
-        targets = [bench.target(proxy, reverse=not args.forward) for proxy in proxies]
-        for target in targets:
-            asyncio.run(load(target, args.concurrency, WARM_UP, "POST", CHAT_PATH, CHAT_BODY, AUTH))
-        rps: list[list[float]] = [[] for _ in proxies]
-        cpu_us: list[list[tuple[float, float]]] = [[] for _ in proxies]  # the proxy's process; its trace writer
-        for turn in range(args.rounds):
-            order = range(len(proxies)) if turn % 2 == 0 else reversed(range(len(proxies)))
-            for i in order:
-                before = cpu_seconds(proxies[i].pid)
-                result = asyncio.run(load(targets[i], args.concurrency, args.calls, "POST", CHAT_PATH, CHAT_BODY, AUTH))
-                after = cpu_seconds(proxies[i].pid)
-                if result.errors:
-                    raise RuntimeError(f"{labels[i]}: {result.errors} errors")
-                rps[i].append(len(result.latencies_ns) / result.wall_s)
-                if before is not None and after is not None:
-                    cpu_us[i].append(((after[0] - before[0]) * 1e6 / result.calls, (after[1] - before[1]) * 1e6 / result.calls))
+            proxy = variant(bench, name, label.replace(" ", "-").replace(",", ""), reverse=not args.forward).start()
+            proxies[label] = proxy
+            bench.pin(proxy, traced=VARIANTS[name][0] == "llm-mitm")
+        bench.throughput("ab", {label: bench.target(proxy, reverse=not args.forward) for label, proxy in proxies.items()},
+                         {label: proxy.pid for label, proxy in proxies.items()}, (args.concurrency,), args.rounds, args.calls, WARM_UP)
     finally:
-        for proxy in proxies:
+        for proxy in proxies.values():
             proxy.stop()
         if hasattr(bench, "upstream"):
             bench.upstream.kill()
+    rows = {label: bench.results["ab"][f"{label} c={args.concurrency}"] for label in labels}
+    failed = {label: row["errors"] for label, row in rows.items() if row["errors"]}
+    if failed:
+        raise RuntimeError(f"calls failed: {failed}")
     mode = "forward" if args.forward else "reverse"
     print(f"{mode}, c={args.concurrency}, {args.rounds} rounds of {args.calls} calls; ratio to {labels[0]!r} (95 % interval),"
           " CPU per request of the proxy's process (+ its trace writer's, on the other CPU):")
-    for label, own_rps, own_cpu in zip(labels, rps, cpu_us):
-        ratio, low, high = median_interval([mine / base for mine, base in zip(own_rps, rps[0])])
-        cpu = f"{statistics.median(c[0] for c in own_cpu):,.0f} us (+{statistics.median(c[1] for c in own_cpu):,.0f})" if own_cpu else "-"
-        print(f"  {label:<16} {ratio:.3f} ({low:.3f}-{high:.3f})  {statistics.median(own_rps):7.1f} rps  {cpu}")
+    for label, row in rows.items():
+        ratio, low, high = round_ratio(row, rows[labels[0]])
+        cpu = f"{row['cpu_us_per_request']:,} us (+{row['children_cpu_us_per_request']:,})" if row["cpu_us_per_request"] is not None else "-"
+        print(f"  {label:<16} {ratio:.3f} ({low:.3f}-{high:.3f})  {row['rps']:7.1f} rps  {cpu}")
     return 0
 
 

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.client import load  # noqa: E402
-from bench.run import ADDON_CONFIG, AUTH, CHAT_BODY, CHAT_PATH, HOST, Bench  # noqa: E402
-from tests.support.mitm import Mitmdump  # noqa: E402
+from bench.run import ADDON_CONFIG, AUTH, CHAT_BODY, CHAT_PATH, Bench  # noqa: E402
+from tests.support.mitm import ADDON, Mitmdump  # noqa: E402
 
 WARM_UP = 100
 # Every hook the module itself does not define is None, as in addons/llm.py: mitmproxy
@@ -62,28 +62,24 @@ VARIANTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
-def variant(bench: Bench, name: str, workdir: Path, reverse: bool = False) -> Mitmdump:
+def variant(bench: Bench, name: str, dirname: str, reverse: bool = False) -> Mitmdump:
     """The mitmdump (not started) that stands for one of `VARIANTS`, before the bench's upstream."""
-    workdir.mkdir(parents=True, exist_ok=True)
     source, options = VARIANTS[name]
-    kwargs: dict = {"modes": [f"reverse:https://{HOST}"] if reverse else ["regular"],
-                    "routes": {HOST: bench.upstream_port}, "upstream_ca": bench.pki.ca_path,
-                    "extra_args": ["--set", "flow_detail=0", *options]}
     if source == "llm-mitm":
-        return Mitmdump(workdir, config=ADDON_CONFIG, **kwargs)
-    if source is None:
-        return Mitmdump(workdir, addon=None, **kwargs)
-    script = workdir / "script.py"
-    script.write_text(source)
-    return Mitmdump(workdir, addon=script, **kwargs)
+        return bench.mitmdump(dirname, reverse, ADDON_CONFIG, ADDON, options)
+    script = None
+    if source is not None:
+        script = bench.work / dirname / "script.py"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(source)
+    return bench.mitmdump(dirname, reverse, None, script, options)
 
 
 def count(bench: Bench, name: str, requests: int, reverse: bool = False) -> int:
     """Instructions per request of one mitmdump under callgrind, counted only while the
     measured requests run (after a warm-up: connections, caches, the first trace batch)."""
-    workdir = bench.work / name
-    proxy = variant(bench, name, workdir, reverse)
-    out = workdir / "callgrind.out"
+    proxy = variant(bench, name, name, reverse)
+    out = proxy.workdir / "callgrind.out"
     proxy.args = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *proxy.args]
     proxy.start(timeout=900)
     target = bench.target(proxy, reverse)

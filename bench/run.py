@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.client import Connection, Target, load  # noqa: E402
-from tests.support.mitm import Mitmdump  # noqa: E402
+from tests.support.mitm import ADDON, Mitmdump  # noqa: E402
 from tests.support.pki import make_pki  # noqa: E402
 
 HOST = "api.openai.com"
@@ -65,6 +65,12 @@ ADDON_CONFIG = {
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def round_ratio(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, float]:
+    """One throughput row against another taken in the same rounds: the median of the
+    rounds' own ratios, and its 95 % interval."""
+    return median_interval([mine / theirs for mine, theirs in zip(row["rps_rounds"], base["rps_rounds"])])
 
 
 def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, float, float]:
@@ -168,20 +174,25 @@ class Bench:
         self.upstream_port = int(self.upstream.stdout.readline())  # type: ignore[union-attr]
         self.placement.helper(self.upstream.pid)
 
-    def proxy(self, name: str, addon: bool, reverse: bool = False, options: tuple[str, ...] = ()) -> Mitmdump:
-        modes = [f"reverse:https://{HOST}"] if reverse else ["regular"]
-        proxy = Mitmdump(
-            self.work / name,
-            config=ADDON_CONFIG if addon else None,
-            modes=modes,
-            routes={HOST: self.upstream_port},
-            upstream_ca=self.pki.ca_path,
-            extra_args=["--set", "flow_detail=0", *(arg for option in options for arg in ("--set", option))],
-            **({} if addon else {"addon": None}),
-        ).start()
-        # An addon's trace writer, to be pinned off the proxy's CPU once it has started.
-        self.placement.proxy(proxy.pid, proxy.wait_for_children() if addon else [])
+    def mitmdump(self, name: str, reverse: bool = False, config: dict[str, Any] | None = None, script: Path | None = None,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Mitmdump:
+        """A mitmdump (not started) before the fake upstream: `script` loaded with `config`
+        (none: bare), in forward or reverse mode."""
+        return Mitmdump(self.work / name, config=config, addon=script, modes=[f"reverse:https://{HOST}"] if reverse else ["regular"],
+                        routes={HOST: self.upstream_port}, upstream_ca=self.pki.ca_path,
+                        extra_args=["--set", "flow_detail=0", *extra_args], env=env)
+
+    def proxy(self, name: str, addon: bool, reverse: bool = False, options: tuple[str, ...] = (),
+              script: Path = ADDON, env: dict[str, str] | None = None) -> Mitmdump:
+        """A started mitmdump, bare or with llm-mitm (`script`, the benchmark's config), pinned."""
+        proxy = self.mitmdump(name, reverse, ADDON_CONFIG if addon else None, script if addon else None,
+                              tuple(arg for option in options for arg in ("--set", option)), env).start()
+        self.pin(proxy, addon)
         return proxy
+
+    def pin(self, proxy: Mitmdump, traced: bool) -> None:
+        """The proxy on its CPU; its trace writer (`traced`: once it has started) off it."""
+        self.placement.proxy(proxy.pid, proxy.wait_for_children() if traced else [])
 
     def start_litellm(self, binary: Path) -> subprocess.Popen[str] | None:
         """LiteLLM's proxy (its own venv: it cannot share mitmproxy's) before the same upstream."""
@@ -222,20 +233,22 @@ class Bench:
 
     # ------------------------------------------------------------------ scenarios
 
-    def throughput(self, label: str, targets: dict[str, Target], pids: dict[str, int]) -> None:
+    def throughput(self, label: str, targets: dict[str, Target], pids: dict[str, int], concurrencies: tuple[int, ...] = (1, 8, 32),
+                   rounds: int | None = None, calls: int | None = None, warm_up: int = 100) -> None:
         """Targets take turns, round by round, in alternating order (A B C, C B A, ...),
         and each row is the median round: a background hiccup then costs one round of
         one target, not its whole row; the throughput ratio is the median of the rounds'
         own ratios, each taken from turns next to each other. For a proxy (`pids`), also
-        the CPU time it spent per request (with its trace writer)."""
+        the CPU time it spent per request (with its trace writer). `calls` per target and
+        round, else the benchmark's own counts."""
         rows = {}
-        rounds = 4 if self.quick else 20
-        for concurrency in (1, 8, 32):
-            count = (300 if self.quick else 3000) if concurrency == 1 else (600 if self.quick else 6000)
+        rounds = rounds or (4 if self.quick else 20)
+        for concurrency in concurrencies:
+            count = calls * rounds if calls else (300 if self.quick else 3000) if concurrency == 1 else (600 if self.quick else 6000)
             runs: dict[str, list[Any]] = {name: [] for name in targets}
             cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
             for name, target in targets.items():
-                asyncio.run(load(target, concurrency, 100, "POST", CHAT_PATH, CHAT_BODY, self._auth(name)))  # warm up
+                asyncio.run(load(target, concurrency, warm_up, "POST", CHAT_PATH, CHAT_BODY, self._auth(name)))
             for turn in range(rounds):
                 for name, target in (targets.items() if turn % 2 == 0 else reversed(targets.items())):
                     before = cpu_seconds(pids[name]) if name in pids else None
@@ -456,19 +469,17 @@ class Bench:
         """The same work timed inside a proxy under load (`bench/timed_addon.py`): reverse
         mode, as the throughput runs place it, the proxy's CPU time per request beside it."""
         timings = self.work / "in-place.json"
-        proxy = Mitmdump(self.work / "in-place", config=ADDON_CONFIG, addon=ROOT / "bench" / "timed_addon.py",
-                         modes=[f"reverse:https://{HOST}"], routes={HOST: self.upstream_port}, upstream_ca=self.pki.ca_path,
-                         extra_args=["--set", "flow_detail=0"], env={"LLM_MITM_BENCH_TIMINGS": str(timings)}).start()
-        self.placement.proxy(proxy.pid, proxy.wait_for_children())
+        proxy = self.proxy("in-place", True, reverse=True, script=ROOT / "bench" / "timed_addon.py",
+                           env={"LLM_MITM_BENCH_TIMINGS": str(timings)})
         target = self.target(proxy, reverse=True)
+        result = None
         try:
             asyncio.run(load(target, concurrency, 300, "POST", CHAT_PATH, CHAT_BODY, AUTH))
-            if _timings(proxy.pid, timings) is None:  # the warm-up's figures out, counting afresh
-                return {"error": "bench/timed_addon.py reported nothing", "us_per_request": {"total": None}}
-            before = cpu_seconds(proxy.pid)
-            asyncio.run(load(target, concurrency, count, "POST", CHAT_PATH, CHAT_BODY, AUTH))
-            after = cpu_seconds(proxy.pid)
-            result = _timings(proxy.pid, timings)
+            if _timings(proxy.pid, timings) is not None:  # the warm-up's figures out, counting afresh
+                before = cpu_seconds(proxy.pid)
+                asyncio.run(load(target, concurrency, count, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+                after = cpu_seconds(proxy.pid)
+                result = _timings(proxy.pid, timings)
         finally:
             proxy.stop()
         if result is None:
@@ -543,7 +554,7 @@ class Bench:
             rows = self.results[mode]
             for c in (1, 8, 32):
                 bare, addon = rows[f"bare c={c}"], rows[f"addon c={c}"]
-                ratio, low, high = median_interval([a / b for a, b in zip(addon["rps_rounds"], bare["rps_rounds"])])
+                ratio, low, high = round_ratio(addon, bare)
                 added = addon["p50_ms"] - bare["p50_ms"]
                 out[f"{mode} c={c} throughput ratio"] = {"value": round(ratio, 3), "target": ">= 0.95", "pass": ratio >= 0.95,
                                                          "interval_95": [round(low, 3), round(high, 3)]}
