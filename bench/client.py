@@ -100,14 +100,24 @@ class Connection:
         self.writer.close()
 
 
-async def load(target: Target, concurrency: int, requests: int, method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> Result:
+async def load(target: Target, concurrency: int, requests: int, method: str, path: str, body: bytes, headers: dict[str, str] | None = None,
+               rate: float | None = None) -> Result:
     """`requests` calls spread over `concurrency` keep-alive connections. The clock
     starts once every connection is open and has made one call of its own (untimed):
     handshakes are not what this measures, and a proxy that connects upstream lazily, at
     a connection's first request (llm-mitm does; bare mitmdump connects at CONNECT), would
-    otherwise pay its upstream handshakes inside the clock and the other one outside it."""
+    otherwise pay its upstream handshakes inside the clock and the other one outside it.
+
+    Without `rate` each connection sends its next call as soon as the last is answered (a
+    closed loop: at a saturated proxy the latency is then the queue, concurrency over
+    throughput). With `rate`, call i is due at i / rate seconds from the start, whatever
+    came back (an open loop). A call that had to wait for a free connection counts its
+    latency from when it was due: it waited behind the proxy's earlier answers. One sent
+    on time counts from when it went: the event loop's timer wakes up to a millisecond
+    late, and that lateness is the client's."""
     result = Result()
     counter = iter(range(requests))
+    start = 0.0
     limit = asyncio.Semaphore(64)  # handshakes at once
     connections = [Connection(target) for _ in range(concurrency)]
 
@@ -119,8 +129,16 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
 
     async def worker(connection: Connection) -> None:
         try:
-            for _ in counter:
-                started = time.perf_counter_ns()
+            for call in counter:
+                if rate is None:
+                    started = time.perf_counter_ns()
+                else:
+                    due = start + call / rate
+                    if (wait := due - time.perf_counter()) > 0:  # on time: the clock starts as it goes
+                        await asyncio.sleep(wait)  # (the loop wakes up to 1 ms late: the client's, not the proxy's)
+                        started = time.perf_counter_ns()
+                    else:  # it waited for a connection, behind earlier calls: that wait counts
+                        started = int(due * 1e9)
                 try:
                     status, _ = await connection.request(method, path, body, headers)
                 except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
@@ -135,7 +153,7 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
             connection.close()
 
     await asyncio.gather(*(open_one(c) for c in connections))
-    started = time.perf_counter()
+    start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in connections))
-    result.wall_s = time.perf_counter() - started
+    result.wall_s = time.perf_counter() - start
     return result
