@@ -97,7 +97,8 @@ class Connection:
             parts.append((await self.reader.readexactly(size + 2))[:-2])
 
     def close(self) -> None:
-        self.writer.close()
+        if hasattr(self, "writer"):  # opened, or half opened
+            self.writer.close()
 
 
 async def load(target: Target, concurrency: int, requests: int, method: str, path: str, body: bytes, headers: dict[str, str] | None = None,
@@ -119,13 +120,21 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
     counter = iter(range(requests))
     start = 0.0
     limit = asyncio.Semaphore(64)  # handshakes at once
-    connections = [Connection(target) for _ in range(concurrency)]
 
-    async def open_one(connection: Connection) -> None:
-        async with limit:
-            await connection.open()
-            await connection.request(method, path, body, headers)
-            result.warm_ups += 1
+    async def opened() -> Connection | None:
+        """A connection that has made its untimed first call; None if it could not (an
+        error counted): the other connections go on."""
+        connection = Connection(target)
+        try:
+            async with limit:
+                await connection.open()
+                await connection.request(method, path, body, headers)
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            result.errors += 1
+            connection.close()
+            return None
+        result.warm_ups += 1
+        return connection
 
     async def worker(connection: Connection) -> None:
         try:
@@ -143,8 +152,10 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
                     status, _ = await connection.request(method, path, body, headers)
                 except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
                     result.errors += 1
-                    connection = Connection(target)
-                    await connection.open()
+                    connection.close()
+                    if (reopened := await opened()) is None:
+                        return
+                    connection = reopened
                     continue
                 result.latencies_ns.append(time.perf_counter_ns() - started)
                 if status != 200:
@@ -152,7 +163,7 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
         finally:
             connection.close()
 
-    await asyncio.gather(*(open_one(c) for c in connections))
+    connections = [c for c in await asyncio.gather(*(opened() for _ in range(concurrency))) if c is not None]
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in connections))
     result.wall_s = time.perf_counter() - start
