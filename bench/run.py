@@ -77,6 +77,25 @@ def round_ratio(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float
     return median_interval([mine / theirs for mine, theirs in zip(row["rps_rounds"], base["rps_rounds"])])
 
 
+def no_errors(*rows: dict[str, Any]) -> bool:
+    """No failed call in any of the rows compared: a failed call has no latency, and must
+    not make a comparison pass unseen."""
+    return not any(row["errors"] for row in rows)
+
+
+def summary(results: list[Any]) -> dict[str, Any]:
+    """A row of `load` results, one per round: calls timed, errors, the median round's
+    calls per second (as carried), and the latency percentiles over all calls."""
+    ms = [n / 1e6 for r in results for n in r.latencies_ns]
+    return {
+        "requests": len(ms),
+        "errors": sum(r.errors for r in results),
+        "rps": round(statistics.median(len(r.latencies_ns) / r.wall_s for r in results), 1),
+        "p50_ms": round(statistics.median(ms), 3),
+        "p99_ms": round(percentile(ms, 0.99), 3),
+    }
+
+
 def in_turn(targets: dict[str, Any], turn: int) -> list[tuple[str, Any]]:
     """The targets in the order of one round: A B C, then C B A, ... (none always first)."""
     order = list(targets.items())
@@ -269,15 +288,9 @@ class Bench:
                         per_request = 1e6 / result.calls  # the warm-up calls too: the CPU time covers them
                         cpu[name].append(((after[0] - before[0]) * per_request, (after[1] - before[1]) * per_request))
             for name, results in runs.items():
-                rps = [len(r.latencies_ns) / r.wall_s for r in results]
-                ms = [n / 1e6 for r in results for n in r.latencies_ns]
                 rows[f"{name} c={concurrency}"] = row = {
-                    "requests": sum(len(r.latencies_ns) for r in results),
-                    "errors": sum(r.errors for r in results),
-                    "rps": round(statistics.median(rps), 1),
-                    "rps_rounds": [round(x, 1) for x in rps],
-                    "p50_ms": round(statistics.median(ms), 3),
-                    "p99_ms": round(percentile(ms, 0.99), 3),
+                    **summary(results),
+                    "rps_rounds": [round(len(r.latencies_ns) / r.wall_s, 1) for r in results],
                     # the proxy's own process (mitmdump's event loop), and its children (the trace writer)
                     "cpu_us_per_request": round(statistics.median(c[0] for c in cpu[name])) if cpu.get(name) else None,
                     "children_cpu_us_per_request": round(statistics.median(c[1] for c in cpu[name])) if cpu.get(name) else None,
@@ -302,16 +315,8 @@ class Bench:
                 for name, target in in_turn(targets, turn):
                     runs[name].append(self._chat({name: target}, concurrency, calls, rate)[name])
             for name, results in runs.items():
-                ms = [n / 1e6 for r in results for n in r.latencies_ns]
                 self.results[label][f"{name} c={concurrency} paced"] = row = {
-                    "requests": len(ms),
-                    "errors": sum(r.errors for r in results),
-                    "offered_rps": round(rate, 1),
-                    "rps": round(statistics.median(len(r.latencies_ns) / r.wall_s for r in results), 1),  # as carried
-                    "p50_ms": round(statistics.median(ms), 3),
-                    "p99_ms": round(percentile(ms, 0.99), 3),
-                    "cpu_us_per_request": None,
-                }
+                    **summary(results), "offered_rps": round(rate, 1), "cpu_us_per_request": None}
                 print(f"  {label} {name:>6} c={concurrency:<2} paced {row}", flush=True)
 
     def _chat(self, targets: dict[str, Target], concurrency: int, calls: int, rate: float | None = None) -> dict[str, Any]:
@@ -517,10 +522,10 @@ class Bench:
         target = self.target(proxy, reverse=True)
         result = None
         try:
-            asyncio.run(load(target, concurrency, 300, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+            self._chat({"in-place": target}, concurrency, 300)
             if _timings(proxy.pid, timings) is not None:  # the warm-up's figures out, counting afresh
                 before = cpu_seconds(proxy.pid)
-                asyncio.run(load(target, concurrency, count, "POST", CHAT_PATH, CHAT_BODY, AUTH))
+                self._chat({"in-place": target}, concurrency, count)
                 after = cpu_seconds(proxy.pid)
                 result = _timings(proxy.pid, timings)
         finally:
@@ -601,7 +606,7 @@ class Bench:
                 bare, addon = rows[f"bare c={c}"], rows[f"addon c={c}"]
                 ratio, low, high = round_ratio(addon, bare)
                 added = addon["p50_ms"] - bare["p50_ms"]
-                clean = not (addon["errors"] or bare["errors"])  # a failed call has no latency: it must not pass unseen
+                clean = no_errors(addon, bare)
                 out[f"{mode} c={c} throughput ratio"] = {"value": round(ratio, 3), "target": ">= 0.95", "pass": clean and ratio >= 0.95,
                                                          "interval_95": [round(low, 3), round(high, 3)]}
                 if c == 1:  # one call at a time: never a queue
@@ -613,7 +618,7 @@ class Bench:
                     paced = addon_paced["p50_ms"] - bare_paced["p50_ms"]
                     out[f"{mode} c={c} p50 added ms, paced at {PACED_SHARE:.0%} of bare's throughput"] = {
                         "value": round(paced, 3), "target": "<= 0.3",
-                        "pass": not (addon_paced["errors"] or bare_paced["errors"]) and paced <= 0.3}
+                        "pass": no_errors(addon_paced, bare_paced) and paced <= 0.3}
                 if addon["cpu_us_per_request"] is not None and bare["cpu_us_per_request"] is not None:
                     cpu_added = addon["cpu_us_per_request"] - bare["cpu_us_per_request"]
                     out[f"{mode} c={c} event loop CPU added per request (us)"] = {

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from mitmproxy import hooks
 
 try:
     import llm_mitm  # noqa: F401
@@ -87,9 +86,8 @@ class HookTimer:
 
 
 # Every other hook is None, so that mitmproxy skips this object for them (as it does `LLMMitm`'s).
-for _name in hooks.all_hooks:
-    if not hasattr(HookTimer, _name):
-        setattr(HookTimer, _name, None)
+for _name in unhandled_hooks(vars(HookTimer)):
+    setattr(HookTimer, _name, None)
 
 addons = build()
 addons.append(HookTimer(addons[0]))  # type: ignore[arg-type]
