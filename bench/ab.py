@@ -1,7 +1,7 @@
 """Interleaved A/B rounds in seconds: the steps of `bench.instructions` (or any of them,
 twice or more), each a mitmdump of its own, pinned as `bench.run` pins them.
 
-    python -m bench.ab [--rounds 24] [--calls 300] [--concurrency 8] [--forward] [VARIANT ...]
+    python -m bench.ab [--rounds 60] [--calls 100] [--concurrency 8] [--forward] [VARIANT ...]
     python -m bench.ab bare bare bare bare      # how far apart four runs of the same proxy land
 
 Where `bench.instructions` counts what a step costs in instructions, this measures what it
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.instructions import VARIANTS, variant  # noqa: E402
-from bench.run import Bench, round_ratio  # noqa: E402
+from bench.run import THROUGHPUT_ROUNDS, TURN_CALLS, Bench, round_ratio  # noqa: E402
 
 WARM_UP = 300
 
@@ -37,11 +37,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", metavar="VARIANT",
                         help=f"the first is the baseline; one of {', '.join(map(repr, VARIANTS))} (default: all, in that order)")
-    parser.add_argument("--rounds", type=positive, default=24)
-    parser.add_argument("--calls", type=positive, default=300, help="calls per variant per round")
+    parser.add_argument("--rounds", type=positive, default=THROUGHPUT_ROUNDS)
+    parser.add_argument("--calls", type=positive, help="calls per variant per round (default: bench.run's for the concurrency)")
     parser.add_argument("--concurrency", type=positive, default=8)
     parser.add_argument("--forward", action="store_true", help="forward mode, TLS intercepted (default: reverse)")
     args = parser.parse_args()
+    args.calls = args.calls or TURN_CALLS.get(args.concurrency, 100)
     names = args.variants or list(VARIANTS)
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:

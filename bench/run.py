@@ -43,6 +43,12 @@ AUTH = {"Authorization": "Bearer sk-proj-" + "b" * 48}
 LITELLM_KEY = "sk-bench-litellm-master-0123456789"
 LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
 SOAK_WARM_UP = 2000
+# Throughput: many short turns. Turns next to each other see the same neighbours, so their
+# ratio cancels most of the machine's drift; with 20 turns of 300 calls, two copies of bare
+# mitmdump came out 1.091 (1.008-1.124) of each other at c=32, with 60 of 100 at 0.981
+# (0.891-1.026), and at c=1 16 turns of 300 against 100 of 50 left ±6 % against ±2 %.
+THROUGHPUT_ROUNDS = 60
+TURN_CALLS = {1: 50, 8: 100, 32: 100}  # per target and turn: 3,000 calls at c=1, 6,000 at 8 and 32
 PACED_SHARE = 0.5  # the paced latency runs offer this share of bare mitmdump's throughput
 PACED_SECONDS = 2.0  # of calls per target and round at that rate
 CHAT_BODY = orjson.dumps(
@@ -269,18 +275,19 @@ class Bench:
         one target, not its whole row; the throughput ratio is the median of the rounds'
         own ratios, each taken from turns next to each other. For a proxy (`pids`), also
         the CPU time it spent per request (with its trace writer). `calls` per target and
-        round, else the benchmark's own counts."""
+        turn, else `TURN_CALLS`."""
         rows = {}
-        rounds = rounds or (4 if self.quick else 20)
+        rounds = rounds or (6 if self.quick else THROUGHPUT_ROUNDS)
         for concurrency in concurrencies:
-            count = calls * rounds if calls else (300 if self.quick else 3000) if concurrency == 1 else (600 if self.quick else 6000)
+            per_turn = calls or TURN_CALLS.get(concurrency, 100)
             runs: dict[str, list[Any]] = {name: [] for name in targets}
             cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
             self._chat(targets, concurrency, warm_up)
             for turn in range(rounds):
                 for name, target in in_turn(targets, turn):
                     before = cpu_seconds(pids[name]) if name in pids else None
-                    turn_calls = count // rounds // (4 if name == "litellm" else 1)  # a peer row, some 8x slower
+                    # a peer row, some 8x slower: a quarter of the calls, and never fewer than connections
+                    turn_calls = max(per_turn // 4, concurrency) if name == "litellm" else per_turn
                     result = self._chat({name: target}, concurrency, turn_calls)[name]
                     runs[name].append(result)
                     after = cpu_seconds(pids[name]) if name in pids else None
