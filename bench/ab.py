@@ -1,7 +1,7 @@
 """Interleaved A/B rounds in seconds: the steps of `bench.instructions` (or any of them,
 twice or more), each a mitmdump of its own, pinned as `bench.run` pins them.
 
-    python -m bench.ab [--rounds 60] [--calls 100] [--concurrency 8] [--forward] [VARIANT ...]
+    python -m bench.ab [--rounds 60] [--calls N] [--concurrency 8] [--forward] [VARIANT ...]
     python -m bench.ab bare bare bare bare      # how far apart four runs of the same proxy land
 
 Where `bench.instructions` counts what a step costs in instructions, this measures what it

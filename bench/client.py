@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Result:
     errors: int = 0
     wall_s: float = 0.0
     warm_ups: int = 0  # untimed first calls, one per connection, on top of `requests`
+    marks: tuple[Any, Any] | None = None  # `load`'s `on_clock` read as the clock started and stopped
 
     @property
     def calls(self) -> int:
@@ -102,7 +105,7 @@ class Connection:
 
 
 async def load(target: Target, concurrency: int, requests: int, method: str, path: str, body: bytes, headers: dict[str, str] | None = None,
-               rate: float | None = None) -> Result:
+               rate: float | None = None, on_clock: Callable[[], Any] | None = None) -> Result:
     """`requests` calls spread over `concurrency` keep-alive connections. The clock
     starts once every connection is open and has made one call of its own (untimed):
     handshakes are not what this measures, and a proxy that connects upstream lazily, at
@@ -115,7 +118,8 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
     came back (an open loop). A call that had to wait for a free connection counts its
     latency from when it was due: it waited behind the proxy's earlier answers. One sent
     on time counts from when it went: the event loop's timer wakes up to a millisecond
-    late, and that lateness is the client's."""
+    late, and that lateness is the client's. `on_clock` is read as the clock starts and as
+    it stops (`Result.marks`): say, a proxy's CPU time for the timed calls alone."""
     result = Result()
     counter = iter(range(requests))
     start = 0.0
@@ -164,7 +168,10 @@ async def load(target: Target, concurrency: int, requests: int, method: str, pat
             connection.close()
 
     connections = [c for c in await asyncio.gather(*(opened() for _ in range(concurrency))) if c is not None]
+    first_mark = on_clock() if on_clock is not None else None
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in connections))
     result.wall_s = time.perf_counter() - start
+    if on_clock is not None:
+        result.marks = (first_mark, on_clock())
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import platform
 import random
@@ -44,9 +45,10 @@ LITELLM_KEY = "sk-bench-litellm-master-0123456789"
 LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
 SOAK_WARM_UP = 2000
 # Throughput: many short turns. Turns next to each other see the same neighbours, so their
-# ratio cancels most of the machine's drift; with 20 turns of 300 calls, two copies of bare
-# mitmdump came out 1.091 (1.008-1.124) of each other at c=32, with 60 of 100 at 0.981
-# (0.891-1.026), and at c=1 16 turns of 300 against 100 of 50 left ±6 % against ±2 %.
+# ratio cancels more of the machine's drift: two copies of bare mitmdump (with lazy
+# connections) came out 1.091 (1.008-1.124) of each other at c=32 with 20 turns of 300 calls,
+# 0.981 (0.891-1.026) with 60 of 100; at c=1, copies came out 1.022-1.061 with 16 turns of
+# 300, 0.994-1.013 with 100 of 50.
 THROUGHPUT_ROUNDS = 60
 TURN_CALLS = {1: 50, 8: 100, 32: 100}  # per target and turn: 3,000 calls at c=1, 6,000 at 8 and 32
 PACED_SHARE = 0.5  # the paced latency runs offer this share of bare mitmdump's throughput
@@ -285,14 +287,15 @@ class Bench:
             self._chat(targets, concurrency, warm_up)
             for turn in range(rounds):
                 for name, target in in_turn(targets, turn):
-                    before = cpu_seconds(pids[name]) if name in pids else None
-                    # a peer row, some 8x slower: a quarter of the calls, and never fewer than connections
-                    turn_calls = max(per_turn // 4, concurrency) if name == "litellm" else per_turn
-                    result = self._chat({name: target}, concurrency, turn_calls)[name]
+                    # a peer row, some 8x slower: a quarter of the calls, at least two a connection
+                    turn_calls = max(per_turn // 4, 2 * concurrency) if name == "litellm" else per_turn
+                    # the proxy's CPU time while the clock runs: not its connections' set-up and first calls
+                    on_clock = functools.partial(cpu_seconds, pids[name]) if name in pids else None
+                    result = self._chat({name: target}, concurrency, turn_calls, on_clock=on_clock)[name]
                     runs[name].append(result)
-                    after = cpu_seconds(pids[name]) if name in pids else None
+                    before, after = result.marks or (None, None)
                     if before is not None and after is not None and result.latencies_ns:
-                        per_request = 1e6 / result.calls  # the warm-up calls too: the CPU time covers them
+                        per_request = 1e6 / len(result.latencies_ns)
                         cpu[name].append(((after[0] - before[0]) * per_request, (after[1] - before[1]) * per_request))
             for name, results in runs.items():
                 rows[f"{name} c={concurrency}"] = row = {
@@ -326,9 +329,10 @@ class Bench:
                     **summary(results), "offered_rps": round(rate, 1), "cpu_us_per_request": None}
                 print(f"  {label} {name:>6} c={concurrency:<2} paced {row}", flush=True)
 
-    def _chat(self, targets: dict[str, Target], concurrency: int, calls: int, rate: float | None = None) -> dict[str, Any]:
+    def _chat(self, targets: dict[str, Target], concurrency: int, calls: int, rate: float | None = None,
+              on_clock: Callable[[], Any] | None = None) -> dict[str, Any]:
         """The benchmark's chat call, `calls` times, to each target in turn."""
-        return {name: asyncio.run(load(target, concurrency, calls, "POST", CHAT_PATH, CHAT_BODY, self._auth(name), rate=rate))
+        return {name: asyncio.run(load(target, concurrency, calls, "POST", CHAT_PATH, CHAT_BODY, self._auth(name), rate=rate, on_clock=on_clock))
                 for name, target in targets.items()}
 
     @staticmethod
