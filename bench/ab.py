@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.instructions import VARIANTS, variant  # noqa: E402
-from bench.run import THROUGHPUT_ROUNDS, TURN_CALLS, Bench, round_ratio  # noqa: E402
+from bench.run import THROUGHPUT_ROUNDS, Bench, calls_per_turn, round_ratio  # noqa: E402
 
 WARM_UP = 300
 
@@ -42,7 +42,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=positive, default=8)
     parser.add_argument("--forward", action="store_true", help="forward mode, TLS intercepted (default: reverse)")
     args = parser.parse_args()
-    args.calls = args.calls or TURN_CALLS.get(args.concurrency, 100)
+    args.calls = args.calls or calls_per_turn(args.concurrency)
     names = args.variants or list(VARIANTS)
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:

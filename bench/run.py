@@ -104,6 +104,11 @@ def summary(results: list[Any]) -> dict[str, Any]:
     }
 
 
+def calls_per_turn(concurrency: int) -> int:
+    """The throughput runs' calls per target and turn at this concurrency."""
+    return TURN_CALLS.get(concurrency, 100)
+
+
 def in_turn(targets: dict[str, Any], turn: int) -> list[tuple[str, Any]]:
     """The targets in the order of one round: A B C, then C B A, ... (none always first)."""
     order = list(targets.items())
@@ -277,11 +282,11 @@ class Bench:
         one target, not its whole row; the throughput ratio is the median of the rounds'
         own ratios, each taken from turns next to each other. For a proxy (`pids`), also
         the CPU time it spent per request (with its trace writer). `calls` per target and
-        turn, else `TURN_CALLS`."""
+        turn, else `calls_per_turn`."""
         rows = {}
         rounds = rounds or (6 if self.quick else THROUGHPUT_ROUNDS)
         for concurrency in concurrencies:
-            per_turn = calls or TURN_CALLS.get(concurrency, 100)
+            per_turn = calls or calls_per_turn(concurrency)
             runs: dict[str, list[Any]] = {name: [] for name in targets}
             cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
             self._chat(targets, concurrency, warm_up)
