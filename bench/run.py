@@ -248,6 +248,8 @@ class Bench:
         config.write_text(
             "model_list:\n  - model_name: gpt-4o\n    litellm_params:\n      model: openai/gpt-4o\n"
             f"      api_base: https://127.0.0.1:{self.upstream_port}/v1\n      api_key: sk-bench\n"
+            # the fake upstream's stream knobs (x-events, x-delay-ms) reach it, as through mitmdump
+            "general_settings:\n  forward_client_headers_to_llm_api: true\n"
         )
         env = {**os.environ, "LITELLM_MASTER_KEY": LITELLM_KEY, "SSL_CERT_FILE": str(self.pki.ca_path),
                "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
@@ -344,13 +346,14 @@ class Bench:
     def _auth(name: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {LITELLM_KEY}"} if name == "litellm" else AUTH
 
-    def streaming(self, targets: dict[str, Target], events: int = 20, delay_ms: int = 50) -> None:
+    def streaming(self, targets: dict[str, Target], label: str = "streaming", events: int = 20, delay_ms: int = 50) -> None:
+        """Time to first chunk and the spacing of the rest, `events` sent `delay_ms` apart."""
         rows = {}
         first: dict[str, list[float]] = {name: [] for name in targets}
         gaps: dict[str, list[float]] = {name: [] for name in targets}
         for _ in range(5 if self.quick else 10):  # targets take turns, as for throughput
             for name, target in targets.items():
-                asyncio.run(self._stream_once(Connection(target), events, delay_ms, first[name], gaps[name]))
+                asyncio.run(self._stream_once(Connection(target), self._auth(name), events, delay_ms, first[name], gaps[name]))
         for name in targets:
             deviation = [abs(g - delay_ms) for g in gaps[name]]
             rows[name] = {
@@ -361,16 +364,17 @@ class Bench:
                 "gap_deviation_ms_max": round(max(deviation), 3) if deviation else None,
             }
             print(f"  stream {name:>6} {rows[name]}", flush=True)
-        self.results["streaming"] = rows
+        self.results[label] = rows
 
-    async def _stream_once(self, connection: Connection, events: int, delay_ms: int, first: list[float], gaps: list[float]) -> None:
+    async def _stream_once(self, connection: Connection, auth: dict[str, str], events: int, delay_ms: int,
+                           first: list[float], gaps: list[float]) -> None:
         await connection.open()
         # A kept-alive connection, as SDK clients have: the first call pays for connecting
         # upstream (at request time: llm-mitm connects lazily), the streamed one does not.
-        await connection.request("POST", CHAT_PATH, CHAT_BODY, AUTH)
+        await connection.request("POST", CHAT_PATH, CHAT_BODY, auth)
         body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         started = time.perf_counter_ns()
-        status, arrivals = await connection.stream(CHAT_PATH, body, {**AUTH, "x-events": str(events), "x-delay-ms": str(delay_ms)})
+        status, arrivals = await connection.stream(CHAT_PATH, body, {**auth, "x-events": str(events), "x-delay-ms": str(delay_ms)})
         connection.close()
         assert status == 200, status
         # The server waits delay_ms before each event, so the first one is due at delay_ms.
@@ -599,7 +603,8 @@ class Bench:
             self.throughput("reverse", reverse, {"bare": bare_r.pid, "addon": addon_r.pid, **({"litellm": litellm.pid} if litellm else {})})
             self.paced("reverse", {name: reverse[name] for name in ("bare", "addon")})
             if litellm is not None:
-                # No stream row: LiteLLM does not pass the upstream test headers (x-delay-ms) on.
+                print("streaming through LiteLLM's proxy, beside llm-mitm in reverse mode and direct:", flush=True)
+                self.streaming({name: reverse[name] for name in ("direct", "addon", "litellm")}, "streaming_peer")
                 litellm.kill()
             for proxy in (bare_r, addon_r):
                 proxy.stop()
@@ -650,6 +655,15 @@ class Bench:
             rows = self.results["reverse"]
             out["peer: LiteLLM p50 added over direct, c=1 (ms)"] = {"value": round(rows["litellm c=1"]["p50_ms"] - rows["direct c=1"]["p50_ms"], 3), "target": "(for comparison)", "pass": True}
             out["peer: llm-mitm reverse p50 added over direct, c=1 (ms)"] = {"value": round(rows["addon c=1"]["p50_ms"] - rows["direct c=1"]["p50_ms"], 3), "target": "(for comparison)", "pass": True}
+        if "streaming_peer" in self.results:
+            peer = self.results["streaming_peer"]
+            for name, who in (("litellm", "LiteLLM"), ("addon", "llm-mitm reverse")):
+                out[f"peer: {who} first chunk ms over direct"] = {
+                    "value": round(peer[name]["first_chunk_ms"] - peer["direct"]["first_chunk_ms"], 3), "target": "(for comparison)", "pass": True}
+            spacing = peer["litellm"]["gap_deviation_ms_p50"]  # None: it buffered the stream
+            out["peer: LiteLLM chunk spacing ms (p50 deviation beyond direct)"] = {
+                "value": None if spacing is None else round(spacing - peer["direct"]["gap_deviation_ms_p50"], 3),
+                "target": "(for comparison)", "pass": True}
         memory = self.results["memory"]
         out["rss growth MB"] = {"value": memory["growth_mb"], "target": "< 10", "pass": memory["growth_mb"] < 10}
         calls = memory["calls"]  # the soak's, its warm-up's, and each connection's first
