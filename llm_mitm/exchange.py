@@ -2,8 +2,8 @@
 
 Made once at request time: the request body is parsed once, here, so policy, limits
 and the trace read the same parsed object. A response nothing in the proxy needs is left
-unread here (`finish(defer=True)`): the trace writer process reads and meters it instead,
-off the event loop.
+unread here (`finish(defer=True)`; a stream, held as it came): the trace writer process
+reads, rebuilds and meters it instead, off the event loop.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Body:
     malformed_json: bool = False  # said it was JSON, and is not
     raw: bytes | None = None  # the JSON as it came (the trace takes it as is), or the unread bytes
     unread: bool = False  # kept for the trace writer process to parse
+    events: bool = False  # unread: a stream of server-sent events as it came, for the writer to rebuild
 
     @classmethod
     def parse(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -118,6 +119,23 @@ def read_outcome(api: str, status_code: int | None, body: Body) -> Outcome:
         outcome.usage = normalize_usage(api, payload.get("usage"))
     outcome.error = status_error(status_code, payload)
     return outcome
+
+
+def read_stream(api: str, status_code: int | None, tap: StreamTap) -> tuple[Body, Outcome]:
+    """The outcome of a finished stream, read here or held till now (pure: the proxy and
+    the writer process both use it): the rebuilt message is its body."""
+    tap.read_held()
+    tap.finish()
+    rebuilder = tap.rebuilder
+    rebuilt = rebuilder.result()
+    outcome = Outcome(rebuilder.model, normalize_usage(api, rebuilder.usage))
+    if rebuilder.error is not None:
+        outcome.error = _error_message({"error": rebuilder.error}) or "stream reported an error"
+    elif tap.failed:
+        outcome.error = f"stream not rebuilt: {tap.failed}"
+    else:
+        outcome.error = status_error(status_code, rebuilt)
+    return Body(size=tap.size, json=rebuilt, is_json=rebuilt is not None), outcome
 
 
 def status_error(status_code: int | None, payload: Any) -> str | None:
@@ -223,8 +241,8 @@ class Exchange:
         self.request = Body(size=len(content), json=body, is_json=True, raw=content)
 
     def finish(self, body: bytes | None = None, content_type: str = "", error: str | None = None, defer: bool = False) -> None:
-        """Close the record: parse a buffered body (or, with `defer`, leave it to the
-        writer process), or take the rebuilt stream."""
+        """Close the record: parse a buffered body or rebuild a held stream (or, with
+        `defer`, leave either to the writer process), or take the stream rebuilt so far."""
         if self.done:
             return
         self.done = True
@@ -232,7 +250,11 @@ class Exchange:
         if error:
             self.error = error
         if self.tap is not None:
-            self._take_stream(self.tap)
+            if defer and self.error is None and self.tap.held is not None:
+                self.response = Body(size=self.tap.size, raw=b"".join(self.tap.held), unread=True, events=True)
+                self.deferred = True
+                return
+            self.response, outcome = read_stream(self.route.api, self.status_code, self.tap)
         elif defer and self.error is None:
             self.response = Body.unparsed(body, content_type)
             self.deferred = True
@@ -240,22 +262,11 @@ class Exchange:
         elif body is not None:
             self.response = Body.parse(body, content_type)
             outcome = read_outcome(self.route.api, self.status_code, self.response)
-            self.response_model, self.usage = outcome.response_model, outcome.usage
-            self.error = self.error or outcome.error
+        else:
+            self.error = self.error or status_error(self.status_code, self.response.json)
             return
-        self.error = self.error or status_error(self.status_code, self.response.json)
-
-    def _take_stream(self, tap: StreamTap) -> None:
-        tap.finish()
-        rebuilder = tap.rebuilder
-        rebuilt = rebuilder.result()
-        self.response = Body(size=self.response.size, json=rebuilt, is_json=rebuilt is not None)
-        self.response_model = rebuilder.model
-        self.usage = normalize_usage(self.route.api, rebuilder.usage)
-        if rebuilder.error is not None and self.error is None:
-            self.error = _error_message({"error": rebuilder.error}) or "stream reported an error"
-        if tap.failed and self.error is None:
-            self.error = f"stream not rebuilt: {tap.failed}"
+        self.response_model, self.usage = outcome.response_model, outcome.usage
+        self.error = self.error or outcome.error
 
 
 def _error_message(payload: Any) -> str | None:

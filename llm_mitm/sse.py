@@ -1,8 +1,9 @@
 """Incremental server-sent events: split bytes into events, rebuild the streamed message.
 
-The proxy forwards every chunk untouched and feeds a copy here. Chunk boundaries are
-not event boundaries, so the decoder keeps the unfinished line; every piece of work is
-proportional to the chunk, never to the stream so far.
+The proxy forwards every chunk untouched and feeds a copy here, or holds the chunks for the
+trace writer process to feed here. Chunk boundaries are not event boundaries, so the
+decoder keeps the unfinished line; every piece of work is proportional to the chunk, never
+to the stream so far.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llm_mitm.compat import stdlib_zstd, zstandard
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs twice as much to make, once per event
 class ServerSentEvent:
     event: str
     data: str
@@ -41,6 +42,8 @@ class SSEDecoder:
         if not chunk:
             return []
         self._skip_lf = chunk.endswith(b"\r")
+        if not self._partial and not self._data and not self._event and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            return self._whole_events(chunk)
         if b"\n" not in chunk and b"\r" not in chunk:
             self._partial.append(chunk)
             return []
@@ -57,6 +60,22 @@ class SSEDecoder:
             event = self._line(line)
             if event is not None:
                 events.append(event)
+        return events
+
+    def _whole_events(self, chunk: bytes) -> list[ServerSentEvent]:
+        """The usual chunk, with nothing held from before: whole events, LF line ends, most
+        of them one `data:` line, which needs no line-by-line walk."""
+        events: list[ServerSentEvent] = []
+        for block in chunk.split(b"\n\n"):
+            if block.startswith(b"data:") and b"\n" not in block:
+                value = block[6:] if block.startswith(b"data: ") else block[5:]
+                events.append(ServerSentEvent("message", value.decode("utf-8", "replace")))
+            elif block:  # any other event: its lines, then the blank line that ends it
+                for line in block.split(b"\n"):
+                    self._line(line)
+                event = self._line(b"")
+                if event is not None:
+                    events.append(event)
         return events
 
     def flush(self) -> list[ServerSentEvent]:
@@ -156,6 +175,17 @@ class _MultiFrame:
 # --------------------------------------------------------------------------- rebuilders
 
 
+def json_object(data: str) -> dict[str, Any] | None:
+    """An event's data as a JSON object; None for [DONE], garbage or any other JSON value."""
+    if data == "[DONE]":
+        return None
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 class StreamRebuilder:
     """Accumulates a streamed response into the object a non-streamed call would return."""
 
@@ -166,24 +196,18 @@ class StreamRebuilder:
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None
 
-    def add(self, event: ServerSentEvent) -> dict[str, Any] | None:
-        """Take one event; returns its parsed payload (None for [DONE] or garbage)."""
+    def add(self, event: ServerSentEvent) -> None:
+        """Take one event ([DONE] ends the stream; garbage is counted)."""
         self.events += 1
-        if event.data == "[DONE]":
-            return None
-        try:
-            payload = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            self.malformed += 1
-            return None
-        if not isinstance(payload, dict):
-            self.malformed += 1
-            return None
+        payload = json_object(event.data)
+        if payload is None:
+            if event.data != "[DONE]":
+                self.malformed += 1
+            return
         try:
             self._apply(event.event, payload)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError):
             self.malformed += 1
-        return payload
 
     def _apply(self, event: str, payload: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -206,7 +230,7 @@ def _append(parts: dict[Any, list[str]], key: Any, text: str) -> None:
 
 
 _CHAT_HEAD = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
-_CHAT_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+_CHAT_TEXT_FIELDS = frozenset(("content", "refusal", "reasoning_content", "reasoning"))
 
 
 class ChatCompletionsRebuilder(StreamRebuilder):
@@ -215,16 +239,21 @@ class ChatCompletionsRebuilder(StreamRebuilder):
     def __init__(self) -> None:
         super().__init__()
         self._head: dict[str, Any] = {}
+        self._head_missing = _CHAT_HEAD  # what no event has carried yet: most streams repeat the head in every event
         self._choices: dict[int, dict[str, Any]] = {}
 
     def _apply(self, event: str, payload: dict[str, Any]) -> None:
         if "error" in payload and "choices" not in payload:
             self.error = payload["error"]
             return
-        if len(self._head) < len(_CHAT_HEAD):  # once complete, nothing more to take
-            for key in _CHAT_HEAD:
-                if key in payload and key not in self._head:
+        if self._head_missing:
+            taken = False
+            for key in self._head_missing:
+                if key in payload:
                     self._head[key] = payload[key]
+                    taken = True
+            if taken:
+                self._head_missing = tuple(key for key in _CHAT_HEAD if key not in self._head)
         if isinstance(payload.get("model"), str):
             self.model = payload["model"]
         if isinstance(payload.get("usage"), dict):
@@ -242,14 +271,19 @@ class ChatCompletionsRebuilder(StreamRebuilder):
             state["finish_reason"] = choice["finish_reason"]
         if "text" in choice:
             _append(parts, "text", _text(choice["text"]))
-        delta = choice.get("delta") or {}
-        if delta.get("role"):
-            state["role"] = delta["role"]
-        for field in _CHAT_TEXT_FIELDS:
-            value = delta.get(field)
-            if isinstance(value, str):
-                _append(parts, field, value)
-        for call in delta.get("tool_calls") or ():
+        for field, value in (choice.get("delta") or {}).items():  # most deltas hold one field
+            if field in _CHAT_TEXT_FIELDS:
+                if isinstance(value, str):
+                    _append(parts, field, value)
+            elif field == "role":
+                if value:
+                    state["role"] = value
+            elif field == "tool_calls":
+                self._apply_tool_calls(state, value)
+
+    @staticmethod
+    def _apply_tool_calls(state: dict[str, Any], calls: Any) -> None:
+        for call in calls or ():
             slot = state["tool_calls"].setdefault(
                 int(call.get("index", 0)), {"id": None, "type": "function", "name": "", "arguments": []}
             )
@@ -439,6 +473,7 @@ def rebuilder_for(api: str, operation: str) -> StreamRebuilder:
 
 EventFilter = Callable[[dict[str, Any]], bool]
 _EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+HOLD_LIMIT = 16 * 1024 * 1024  # bytes of a stream held for the writer process; past it, read here
 
 
 class StreamTap:
@@ -447,43 +482,72 @@ class StreamTap:
     Nothing raised while decoding can reach the proxy: the first failure is kept in
     `failed` and the tap stops looking, while the bytes keep flowing.
 
-    With `drop_events(predicate)` (uncompressed streams only) the tap forwards whole
-    events instead of raw chunks and leaves out those the predicate picks: used to hide
-    the usage chunk that the proxy asked for and the client did not.
+    With `hold`, the tap only keeps the chunks (`held`) for the trace writer process to
+    rebuild: read on the proxy's event loop, the events of a 10k-event stream took it 28 %
+    longer to pass on than with the tap doing nothing (706 against 550 ms). `read_held`
+    reads them here after all (a stream that failed, or grew past `HOLD_LIMIT`).
+
+    With `drop_events(predicate, hint)` (uncompressed streams only) the tap forwards whole
+    events instead of raw chunks and leaves out those the predicate picks, reading only the
+    events that contain `hint`: used to hide the usage chunk that the proxy asked for and
+    the client did not.
     """
 
-    def __init__(self, rebuilder: StreamRebuilder, content_encoding: str = "") -> None:
+    def __init__(self, rebuilder: StreamRebuilder, content_encoding: str = "", hold: bool = False) -> None:
         self.rebuilder = rebuilder
         self.failed: str | None = None
         self.finished = False
         self.dropped = 0
+        self.size = 0  # bytes read, after content decoding (a held stream: those held, as sent)
+        self.held: list[bytes] | None = [] if hold else None
         self._decoder = SSEDecoder()
         self._identity = content_encoding.strip().lower() in ("", "identity")
         self._decompress = incremental_decoder(content_encoding)
         self._drop: EventFilter | None = None
+        self._hint = b""
         self._pending = bytearray()
         if self._decompress is None:
             self.failed = f"unsupported content-encoding {content_encoding!r}"
 
-    def drop_events(self, predicate: EventFilter) -> bool:
+    def drop_events(self, predicate: EventFilter, hint: bytes = b"") -> bool:
         """Start leaving out events; False (and no filtering) for a compressed stream."""
         if not self._identity or self._decompress is None:
             return False
-        self._drop = predicate
+        self._drop, self._hint = predicate, hint
         return True
 
     def __call__(self, chunk: bytes) -> bytes:
-        if self._drop is not None:
-            return self._filtered(chunk)
-        try:
-            self._consume(chunk)
-        except Exception as exc:  # noqa: BLE001 - a parser bug must never touch the stream
-            self._fail(exc)
-        return chunk
+        if self.held is not None:
+            self._hold(chunk)
+        else:
+            try:
+                self._consume(chunk)
+            except Exception as exc:  # noqa: BLE001 - a parser bug must never touch the stream
+                self._fail(exc)
+        return chunk if self._drop is None else self._filtered(chunk)
 
     def finish(self) -> None:
         """End of stream (mitmproxy's final empty chunk, or the response hook)."""
         self(b"")
+
+    def read_held(self) -> None:
+        """Read the held chunks here, and every chunk from now on."""
+        if self.held is None:
+            return
+        held, self.held = self.held, None
+        self.size = 0  # counted again as read
+        if held:
+            try:
+                self._consume(b"".join(held))
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc)
+
+    def _hold(self, chunk: bytes) -> None:
+        if chunk and self.held is not None:
+            self.held.append(chunk)
+            self.size += len(chunk)
+            if self.size > HOLD_LIMIT:
+                self.read_held()
 
     def _fail(self, exc: Exception) -> None:
         self.failed = self.failed or f"{type(exc).__name__}: {exc}"
@@ -493,7 +557,9 @@ class StreamTap:
         if self._decompress is None or self.finished:
             return
         if chunk:
-            events = self._decoder.feed(self._decompress(chunk))
+            data = self._decompress(chunk)
+            self.size += len(data)
+            events = self._decoder.feed(data)
         else:
             self.finished = True
             events = self._decoder.flush()
@@ -504,7 +570,9 @@ class StreamTap:
         """Forward complete events (minus dropped ones); hold only an unfinished event."""
         if not self._pending and chunk.endswith(b"\n\n") and b"\r" not in chunk:
             # The usual chunk: whole events with LF line ends; no buffer, and no copy
-            # when nothing is left out.
+            # when nothing is left out (nothing can be, without the hint).
+            if self._hint and self._hint not in chunk:
+                return chunk
             blocks = chunk.split(b"\n\n")
             if blocks.pop() == b"":
                 try:
@@ -525,12 +593,8 @@ class StreamTap:
                     self.dropped += 1
                 done = end.end()
             if not chunk:  # end of stream: whatever is left goes out as it is
-                self.finished = True
-                rest = bytes(self._pending[done:])
-                out += rest
+                out += self._pending[done:]
                 done = len(self._pending)
-                for event in self._decoder.feed(rest) + self._decoder.flush():
-                    self.rebuilder.add(event)
         except Exception as exc:  # noqa: BLE001 - give the client every byte held back, once
             self._fail(exc)
             self._drop = None
@@ -545,12 +609,18 @@ class StreamTap:
         return kept[0] if len(kept) == 1 else b"".join(kept)
 
     def _keep(self, block: bytes) -> bool:
-        keep = True
-        for event in self._decoder.feed(block):
-            payload = self.rebuilder.add(event)
-            if payload is not None and self._drop is not None and self._drop(payload):
-                keep = False
-        return keep
+        """Whether a whole event goes on to the client: only one with the hint in it is read."""
+        if self._hint not in block or self._drop is None:
+            return True
+        decoder = SSEDecoder()
+        for event in decoder.feed(block) + decoder.flush():
+            payload = json_object(event.data)
+            if payload is not None and self._drop(payload):
+                return False
+        return True
+
+
+USAGE_HINT = b'"usage"'  # in every usage-only chunk as it comes: what `is_usage_only_chunk` needs read
 
 
 def is_usage_only_chunk(payload: dict[str, Any]) -> bool:

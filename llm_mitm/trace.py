@@ -8,9 +8,10 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel
 
-from llm_mitm.exchange import Body, Exchange, first, read_outcome
+from llm_mitm.exchange import Body, Exchange, first, read_outcome, read_stream
 from llm_mitm.metering import Call, Metering
 from llm_mitm.redact import Redactor
+from llm_mitm.sse import StreamTap, rebuilder_for
 from llm_mitm.stats import CountRow
 from llm_mitm.usage import Usage
 
@@ -99,11 +100,12 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
 
 def _wire(body: Body, verbatim: bool = True) -> list[Any]:
     """[size, kind, payload]: "json" a value, "text" a sample, "raw" bytes left unread
-    (as latin-1 text: every byte one character), None nothing. `verbatim`: JSON goes as
+    (as latin-1 text: every byte one character), "events" an unread stream (as "raw"),
+    None nothing. `verbatim`: JSON goes as
     it came where it is one line (nothing to serialise again; orjson checked it when it
     parsed it). Never in the writer process: a Fragment is past redaction."""
     if body.unread:
-        return [body.size, "raw", body.raw.decode("latin-1") if body.raw is not None else None]
+        return [body.size, "events" if body.events else "raw", body.raw.decode("latin-1") if body.raw is not None else None]
     if body.is_json:
         raw = body.raw
         return [body.size, "json", orjson.Fragment(raw) if verbatim and raw is not None and b"\n" not in raw else body.json]
@@ -114,12 +116,19 @@ def _wire(body: Body, verbatim: bool = True) -> list[Any]:
 
 def complete(snap: dict[str, Any], metering: Metering) -> None:
     """Read and meter the response of a deferred snapshot, as the proxy would have."""
-    size, _, unread = snap["response"]
-    content = unread.encode("latin-1") if unread is not None else None
-    body = Body.parse(content, first(snap["response_headers"], "content-type")) if content else Body()
-    body.size = size
+    size, kind, unread = snap["response"]
+    content = unread.encode("latin-1") if unread is not None else b""
     _, api, operation, _ = snap["route"]
-    outcome = read_outcome(api, snap["status_code"], body)
+    headers = snap["response_headers"]
+    if kind == "events":
+        tap = StreamTap(rebuilder_for(api, operation), first(headers, "content-encoding"))
+        tap(content)
+        body, outcome = read_stream(api, snap["status_code"], tap)
+        snap["events"] = tap.rebuilder.events
+    else:
+        body = Body.parse(content, first(headers, "content-type")) if content else Body()
+        body.size = size
+        outcome = read_outcome(api, snap["status_code"], body)
     snap["response"] = _wire(body, verbatim=False)
     snap["response_model"] = outcome.response_model
     snap["error"] = snap["error"] or outcome.error

@@ -164,11 +164,14 @@ def test_non_llm_flow_gets_no_exchange(tmp_path: Path) -> None:
     run(go())
 
 
-def test_event_stream_response_gets_a_tap(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deferred", [False, True])
+def test_event_stream_response_gets_a_tap(tmp_path: Path, deferred: bool) -> None:
+    """Read as it passes, or (traces on, no limits) held for the writer process."""
     async def go() -> None:
         shared, addons = make_addons()
         with taddons.context(*addons) as tctx:
             tctx.configure(addons[0], llm_config="")
+            shared.defer_responses = deferred
             flow = chat_flow(body={"model": "gpt-4o", "stream": True, "messages": []})
             addons[3].request(flow)
             flow.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")], content=b"")
@@ -180,8 +183,13 @@ def test_event_stream_response_gets_a_tap(tmp_path: Path) -> None:
             flow.response.stream(b"")
             addons[3].response(flow)
             exchange = shared.exchange(flow)
+            assert exchange.stream and exchange.deferred is deferred
+            if deferred:
+                assert exchange.response.unread and exchange.response.events and exchange.response.raw == chunk
+                assert exchange.tap.rebuilder.events == 0 and exchange.usage is None
+                return
             assert exchange.response.json["choices"][0]["message"]["content"] == "hey"
-            assert exchange.stream and exchange.tap.rebuilder.events == 1
+            assert exchange.tap.rebuilder.events == 1 and exchange.response.size == len(chunk)
 
     os.chdir(tmp_path)
     run(go())
@@ -340,6 +348,59 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
         assert "Z" * 8 not in (tmp_path / "traces.jsonl").read_text()
         assert same[0]["cost_usd"] and same[1]["error"] == "invalid_request_error: no such model"
         assert same[2]["usage"]["estimated"] is True
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path) -> None:
+    """A stream the writer process rebuilds from the held chunks traces and counts exactly
+    as one read as it passed: usage asked for and hidden, gzip, an error event, and a 500."""
+    def event(payload: dict) -> bytes:
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+    head = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}
+    tokens = [event({**head, "choices": [{"index": 0, "delta": {"content": word}}]}) for word in ("sk-" + "Z" * 48, " and", " more")]
+    usage = event({**head, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3}})
+    done = b"data: [DONE]\n\n"
+    streams = [  # (status, content-encoding, chunks as upstream sends them, what the client gets)
+        (200, b"", [tokens[0][:20], tokens[0][20:] + tokens[1], tokens[2], usage, done], b"".join(tokens) + done),
+        (200, b"gzip", [gzip.compress(b"".join(tokens) + usage + done)], None),
+        (200, b"", [tokens[0], event({"error": {"type": "server_error", "message": "overloaded"}})], None),
+        (500, b"", [b"data: {\"error\": {\"message\": \"boom\"}}\n\n"], None),
+    ]
+
+    async def go() -> None:
+        with whole_addon() as (llm, tctx):
+            shared = llm.shared
+            for deferred in (True, False):
+                shared.defer_responses = deferred
+                for status, encoding, chunks, client_gets in streams:
+                    flow = chat_flow(body={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+                    llm.request(flow)
+                    headers = [(b"content-type", b"text/event-stream")] + ([(b"content-encoding", encoding)] if encoding else [])
+                    flow.response = tutils.tresp(status_code=status, headers=headers, content=b"")
+                    flow.response.data.content = None  # headers only, as at responseheaders from upstream
+                    llm.responseheaders(flow)
+                    sent = b"".join(flow.response.stream(chunk) for chunk in [*chunks, b""])
+                    assert sent == (client_gets if client_gets is not None else b"".join(chunks))
+                    llm.response(flow)
+                    assert shared.exchange(flow).deferred is deferred
+            table = stats_table(tctx, llm)
+        assert "8 calls (4 errors, 0 blocked)" in table
+        written = [orjson.loads(line) for line in (tmp_path / "traces.jsonl").read_bytes().splitlines()]
+        assert len(written) == 8
+        timing = ("id", "timestamp", "duration_ms", "ttfb_ms")
+        same = [{k: v for k, v in record.items() if k not in timing} for record in written]
+        assert same[:4] == same[4:]
+        assert "Z" * 8 not in (tmp_path / "traces.jsonl").read_text()
+        first, zipped, errored, failed = same[:4]
+        assert first["usage"]["input_tokens"] == 9 and first["usage"]["output_tokens"] == 3 and first["cost_usd"]
+        assert first["response"]["events"] == 5 and first["response"]["size"] == len(b"".join(tokens) + usage + done)
+        assert first["response"]["body"]["choices"][0]["message"]["content"].endswith(" and more")
+        assert zipped["usage"] == first["usage"] and zipped["response"]["body"] == first["response"]["body"]
+        assert errored["error"] == "server_error: overloaded"
+        assert failed["error"] == "boom" and failed["status_code"] == 500
 
     os.chdir(tmp_path)
     run(go())

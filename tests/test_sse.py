@@ -282,3 +282,95 @@ def test_filter_failing_midway_gives_the_client_every_byte_once(newline: str, pe
     out = b"".join(tap(chunk) for chunk in chunks) + tap(b"")
     assert out == data
     assert tap.failed is not None and "rebuilder bug" in tap.failed
+
+
+def reference_events(data: bytes) -> list[tuple[str, str]]:
+    """The WHATWG event-stream rules, the plain way, over the whole stream at once."""
+    events, name, lines = [], "", []
+    for line in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"):
+        if not line:
+            if lines:
+                events.append((name or "message", "\n".join(lines)))
+            name, lines = "", []
+            continue
+        if line.startswith(b":"):
+            continue
+        field, _, value = line.partition(b":")
+        value = value[1:] if value.startswith(b" ") else value
+        if field == b"data":
+            lines.append(value.decode("utf-8", "replace"))
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    if lines:
+        events.append((name or "message", "\n".join(lines)))
+    return events
+
+
+_FIELD_LINES = st.sampled_from([b"data: {\"a\": 1}", b"data:x", b"data", b"data: ", b"event: delta", b": comment", b"id: 7", b"retry: 5",
+                                b"data: two\ndata: lines", b"data: \xc3\xa9", b"\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_FIELD_LINES, min_size=1, max_size=3), max_size=8), st.sampled_from(["\n", "\r\n", "\r"]),
+       st.lists(st.integers(min_value=0, max_value=300), max_size=10), st.booleans())
+def test_decoder_whatever_the_chunks(events: list[list[bytes]], newline: str, cuts: list[int], per_event: bool) -> None:
+    """Whole-event chunks (the quick way) or cut anywhere: the same events as the rules give."""
+    eol = newline.encode()
+    blocks = [eol.join(line.replace(b"\n", eol) for line in lines) + eol + eol for lines in events]
+    data = b"".join(blocks)
+    if per_event:
+        chunks = blocks
+    else:
+        points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+        chunks = [data[a:b] for a, b in zip(points, points[1:])]
+    decoder = SSEDecoder()
+    decoded = [event for chunk in chunks for event in decoder.feed(chunk)] + decoder.flush()
+    assert [(e.event, e.data) for e in decoded] == reference_events(data)
+
+
+@pytest.mark.parametrize("encoding", ["", "gzip"])
+def test_held_stream_reads_later_as_it_would_have_passing(encoding: str) -> None:
+    """A held tap keeps the chunks as they came and reads nothing until asked."""
+    data = sse(CHAT)
+    wire = gzip.compress(data) if encoding else data
+    pieces = [wire[i : i + 13] for i in range(0, len(wire), 13)]
+    rebuilder = ChatCompletionsRebuilder()
+    tap = StreamTap(rebuilder, encoding, hold=True)
+    assert b"".join(tap(piece) for piece in pieces) == wire
+    tap.finish()
+    assert tap.held == pieces and rebuilder.events == 0 and tap.size == len(wire)
+    tap.read_held()
+    tap.finish()
+    assert tap.held is None and tap.size == len(data)
+    check_chat(rebuilder)
+
+
+def test_held_stream_past_the_limit_is_read_from_then_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llm_mitm.sse
+
+    monkeypatch.setattr(llm_mitm.sse, "HOLD_LIMIT", 100)
+    data = sse(CHAT)
+    rebuilder = ChatCompletionsRebuilder()
+    tap = StreamTap(rebuilder, hold=True)
+    for i in range(0, len(data), 40):
+        tap(data[i : i + 40])
+        assert (tap.held is None) is (i + 40 > 100)
+    tap.finish()
+    check_chat(rebuilder)
+
+
+def test_filter_reads_only_the_events_with_the_hint() -> None:
+    from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
+
+    read: list[dict] = []
+
+    def predicate(payload: dict) -> bool:
+        read.append(payload)
+        return is_usage_only_chunk(payload)
+
+    data = sse(CHAT)
+    tap = StreamTap(ChatCompletionsRebuilder(), hold=True)
+    assert tap.drop_events(predicate, USAGE_HINT)
+    out = b"".join(tap(event) for event in [sse([e]) for e in CHAT]) + tap(b"")
+    assert out == data.replace(sse([CHAT[-2]]), b"")
+    assert read == [CHAT[-2][1]] and tap.dropped == 1

@@ -53,11 +53,13 @@ class Recorder:
         self._take_head(exchange, response)
         if response.stream or not first_field(exchange.response_fields, b"content-type").lower().startswith("text/event-stream"):
             return
+        upstream = response.raw_content is None  # an answer of ours is whole already
         exchange.tap = StreamTap(
             rebuilder_for(exchange.route.api, exchange.route.operation),
             first_field(exchange.response_fields, b"content-encoding"),
+            hold=upstream and self._defer(exchange),
         )
-        if response.raw_content is None:  # from upstream: stream it; an answer of ours is whole already
+        if upstream:
             response.stream = exchange.tap
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -71,12 +73,16 @@ class Recorder:
         if exchange.tap is not None:
             if not response.stream and response.raw_content:  # an SSE answer we made ourselves
                 exchange.tap(response.raw_content)
-            exchange.finish()
+            exchange.finish(defer=self._defer(exchange))
         else:
             fields = exchange.response_fields
             content = response.get_content(strict=False) if first_field(fields, b"content-encoding") else response.raw_content
-            # A replay records the answer it got: it reads the response here.
-            exchange.finish(content, first_field(fields, b"content-type"), defer=self.shared.defer_responses and exchange.replay is None)
+            exchange.finish(content, first_field(fields, b"content-type"), defer=self._defer(exchange))
+
+    def _defer(self, exchange: Exchange) -> bool:
+        """Leave the response to the trace writer process? Not a replay's: it records the
+        answer it got, and reads it here."""
+        return self.shared.defer_responses and exchange.replay is None
 
     @staticmethod
     def _take_head(exchange: Exchange, response: http.Response) -> None:

@@ -12,7 +12,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import rewrite_json
 from llm_mitm.addons.shared import Shared
-from llm_mitm.sse import is_usage_only_chunk
+from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
 
 _OPERATIONS = ("chat.completions", "completions")
 
@@ -40,4 +40,4 @@ class StreamUsage:
         exchange = self.shared.exchange(flow)
         if exchange is None or not exchange.injected_stream_usage or exchange.tap is None:
             return
-        exchange.tap.drop_events(is_usage_only_chunk)
+        exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT)
