@@ -308,6 +308,12 @@ def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
     run(go())
 
 
+def untimed_records(path: Path) -> list[dict]:
+    """The trace file's records without what differs from one run of a call to the next."""
+    timing = ("id", "timestamp", "duration_ms", "ttfb_ms")
+    return [{k: v for k, v in orjson.loads(line).items() if k not in timing} for line in path.read_bytes().splitlines()]
+
+
 def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) -> None:
     """The writer process reads and meters a response exactly as the proxy would."""
     answers = [
@@ -340,11 +346,8 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
             (key, "gpt-4o"): (2, 2, 0, 0, 0.0, 2),
             (key, "mystery-model"): (2, 0, 2, 10, 0.0, 2),  # estimated: "hi" 1 token, 18 bytes of answer 5
         }
-        written = [orjson.loads(line) for line in (tmp_path / "traces.jsonl").read_bytes().splitlines()]
-        assert len(written) == 6
-        timing = ("id", "timestamp", "duration_ms", "ttfb_ms")
-        same = [{k: v for k, v in record.items() if k not in timing} for record in written]
-        assert same[:3] == same[3:]
+        same = untimed_records(tmp_path / "traces.jsonl")
+        assert len(same) == 6 and same[:3] == same[3:]
         assert "Z" * 8 not in (tmp_path / "traces.jsonl").read_text()
         assert same[0]["cost_usd"] and same[1]["error"] == "invalid_request_error: no such model"
         assert same[2]["usage"]["estimated"] is True
@@ -388,11 +391,8 @@ def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path) ->
                     assert shared.exchange(flow).deferred is deferred
             table = stats_table(tctx, llm)
         assert "8 calls (4 errors, 0 blocked)" in table
-        written = [orjson.loads(line) for line in (tmp_path / "traces.jsonl").read_bytes().splitlines()]
-        assert len(written) == 8
-        timing = ("id", "timestamp", "duration_ms", "ttfb_ms")
-        same = [{k: v for k, v in record.items() if k not in timing} for record in written]
-        assert same[:4] == same[4:]
+        same = untimed_records(tmp_path / "traces.jsonl")
+        assert len(same) == 8 and same[:4] == same[4:]
         assert "Z" * 8 not in (tmp_path / "traces.jsonl").read_text()
         first, zipped, errored, failed = same[:4]
         assert first["usage"]["input_tokens"] == 9 and first["usage"]["output_tokens"] == 3 and first["cost_usd"]
