@@ -32,7 +32,7 @@ class Body:
     malformed_json: bool = False  # said it was JSON, and is not
     raw: bytes | None = None  # the JSON as it came (the trace takes it as is), or the unread bytes
     unread: bool = False  # kept for the trace writer process to parse
-    events: bool = False  # unread: a stream of server-sent events as it came, for the writer to rebuild
+    events: bool = False  # unread: a stream of server-sent events, held by the exchange's tap
 
     @classmethod
     def parse(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -250,8 +250,8 @@ class Exchange:
         if error:
             self.error = error
         if self.tap is not None:
-            if defer and self.error is None and self.tap.held is not None:
-                self.response = Body(size=self.tap.size, raw=b"".join(self.tap.held), unread=True, events=True)
+            if defer and self.tap.held is not None:  # the chunks go to the writer process as they are
+                self.response = Body(size=self.tap.size, unread=True, events=True)
                 self.deferred = True
                 return
             self.response, outcome = read_stream(self.route.api, self.status_code, self.tap)

@@ -85,7 +85,7 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
         "request_headers": exchange.request_headers,
         "request": _wire(exchange.request),
         "response_headers": exchange.response_headers,
-        "response": _wire(exchange.response),
+        "response": _held_stream(exchange) if exchange.response.events else _wire(exchange.response),
         "events": exchange.tap.rebuilder.events if exchange.tap is not None else None,
         "usage": exchange.usage.as_dict() if exchange.usage else None,
         "cost_usd": exchange.cost_usd,
@@ -100,12 +100,11 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
 
 def _wire(body: Body, verbatim: bool = True) -> list[Any]:
     """[size, kind, payload]: "json" a value, "text" a sample, "raw" bytes left unread
-    (as latin-1 text: every byte one character), "events" an unread stream (as "raw"),
-    None nothing. `verbatim`: JSON goes as
+    (as latin-1 text: every byte one character), None nothing. `verbatim`: JSON goes as
     it came where it is one line (nothing to serialise again; orjson checked it when it
     parsed it). Never in the writer process: a Fragment is past redaction."""
     if body.unread:
-        return [body.size, "events" if body.events else "raw", body.raw.decode("latin-1") if body.raw is not None else None]
+        return [body.size, "raw", body.raw.decode("latin-1") if body.raw is not None else None]
     if body.is_json:
         raw = body.raw
         return [body.size, "json", orjson.Fragment(raw) if verbatim and raw is not None and b"\n" not in raw else body.json]
@@ -114,18 +113,27 @@ def _wire(body: Body, verbatim: bool = True) -> list[Any]:
     return [body.size, None, None]
 
 
+def _held_stream(exchange: Exchange) -> list[Any]:
+    """[size, "events", chunks]: a held stream's chunks as they came (latin-1 text, as "raw"),
+    handed over whole: the proxy keeps no copy."""
+    tap = exchange.tap
+    held, tap.held = (tap.held or []), []  # type: ignore[union-attr]
+    return [exchange.response.size, "events", [chunk.decode("latin-1") for chunk in held]]
+
+
 def complete(snap: dict[str, Any], metering: Metering) -> None:
     """Read and meter the response of a deferred snapshot, as the proxy would have."""
     size, kind, unread = snap["response"]
-    content = unread.encode("latin-1") if unread is not None else b""
     _, api, operation, _ = snap["route"]
     headers = snap["response_headers"]
     if kind == "events":
         tap = StreamTap(rebuilder_for(api, operation), first(headers, "content-encoding"))
-        tap(content)
+        for chunk in unread:  # one by one, as the proxy would have read them
+            tap(chunk.encode("latin-1"))
         body, outcome = read_stream(api, snap["status_code"], tap)
         snap["events"] = tap.rebuilder.events
     else:
+        content = unread.encode("latin-1") if unread is not None else b""
         body = Body.parse(content, first(headers, "content-type")) if content else Body()
         body.size = size
         outcome = read_outcome(api, snap["status_code"], body)

@@ -321,7 +321,7 @@ def _line(snapshot: dict[str, Any]) -> bytes:
     shallow = dict(snapshot)
     for side in ("request", "response"):
         size, kind, _ = shallow[side]
-        if kind != "raw":  # raw bytes travel as one string: never too deep
+        if kind not in ("raw", "events"):  # bytes travel as strings: never too deep
             shallow[side] = [size, None, None]
     return orjson.dumps(_scrub(shallow), option=orjson.OPT_NON_STR_KEYS)
 

@@ -345,20 +345,6 @@ def test_held_stream_reads_later_as_it_would_have_passing(encoding: str) -> None
     check_chat(rebuilder)
 
 
-def test_held_stream_past_the_limit_is_read_from_then_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    import llm_mitm.sse
-
-    monkeypatch.setattr(llm_mitm.sse, "HOLD_LIMIT", 100)
-    data = sse(CHAT)
-    rebuilder = ChatCompletionsRebuilder()
-    tap = StreamTap(rebuilder, hold=True)
-    for i in range(0, len(data), 40):
-        tap(data[i : i + 40])
-        assert (tap.held is None) is (i + 40 > 100)
-    tap.finish()
-    check_chat(rebuilder)
-
-
 def test_filter_reads_only_the_events_with_the_hint() -> None:
     from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
 
@@ -374,3 +360,57 @@ def test_filter_reads_only_the_events_with_the_hint() -> None:
     out = b"".join(tap(event) for event in [sse([e]) for e in CHAT]) + tap(b"")
     assert out == data.replace(sse([CHAT[-2]]), b"")
     assert read == [CHAT[-2][1]] and tap.dropped == 1
+
+
+def test_held_and_read_agree_on_a_compressed_stream_that_breaks() -> None:
+    """Held chunks are read one by one as they came: a gzip stream whose checksum is wrong
+    keeps every event before it, as when read as it passed (zlib raises, and a decompressor
+    fed everything at once gives nothing)."""
+    words = [(None, {"model": "gpt-4o", "choices": [{"index": 0, "delta": {"content": f"w{n} "}}]}) for n in range(2000)]
+    data = gzip.compress(sse(words))
+    body = data[:-8]
+    pieces = [body[i : i + 256] for i in range(0, len(body), 256)] + [bytes(8)]  # the trailer: CRC and size zeroed
+    rebuilt = []
+    for hold in (False, True):
+        rebuilder = ChatCompletionsRebuilder()
+        tap = StreamTap(rebuilder, "gzip", hold=hold)
+        assert b"".join(tap(piece) for piece in pieces) == b"".join(pieces)
+        tap.read_held()
+        tap.finish()
+        assert tap.failed is not None
+        rebuilt.append((rebuilder.events, rebuilder.result(), tap.size))
+    assert rebuilt[0] == rebuilt[1] and rebuilt[0][0] == 2000
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_failing_filter_stops_filtering_not_the_rebuild(hold: bool) -> None:
+    def broken(payload: dict) -> bool:
+        raise RuntimeError("a filter bug")
+
+    data = sse(CHAT)
+    for chunks in ([sse([event]) for event in CHAT], [data[:50], data[50:]]):
+        rebuilder = ChatCompletionsRebuilder()
+        tap = StreamTap(rebuilder, hold=hold)
+        assert tap.drop_events(broken)
+        assert b"".join(tap(chunk) for chunk in chunks) + tap(b"") == data
+        tap.read_held()
+        tap.finish()
+        assert tap.failed is None
+        check_chat(rebuilder)
+
+
+def test_filter_with_crlf_cut_at_every_byte() -> None:
+    """A cut between the CR and LF of an event's end, and events of several data lines:
+    still exactly the usage event left out."""
+    from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
+
+    usage = (None, '{"choices": [],\r\ndata: "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}')
+    events = [*CHAT[:-2], (None, '{"id": "c1",\r\ndata: "choices": []}'), usage, CHAT[-1]]
+    data = sse(events, "\r\n")
+    expected = data.replace(sse([usage], "\r\n"), b"")
+    for cut in range(1, len(data)):
+        rebuilder = ChatCompletionsRebuilder()
+        tap = StreamTap(rebuilder)
+        assert tap.drop_events(is_usage_only_chunk, USAGE_HINT)
+        assert tap(data[:cut]) + tap(data[cut:]) + tap(b"") == expected, cut
+        assert tap.dropped == 1 and rebuilder.result()["usage"]["total_tokens"] == 15

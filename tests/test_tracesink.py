@@ -61,6 +61,20 @@ def deferred(number: int, body: bytes, status: int = 200, content_type: str = "a
     return snap
 
 
+STREAM = [  # a chat stream as upstream sends it, cut anywhere, a key in its text
+    b'data: {"model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "delta": {"content": "sk-proj-' + b"S" * 40,
+    b'"}}]}\n\ndata: {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+def streamed(number: int, chunks: list[bytes]) -> dict:
+    """As the proxy sends an exchange whose stream it held instead of reading it."""
+    snap = deferred(number, b"", content_type="text/event-stream")
+    snap.update(stream=True, response=[sum(map(len, chunks)), "events", [chunk.decode("latin-1") for chunk in chunks]], events=0)
+    return snap
+
+
 def sink(tmp_path: Path, counted: list[CountRow] | None = None) -> tuple[TraceSink, Path]:
     destination = tmp_path / "traces.jsonl"
     settings = SinkSettings(str(destination), None, "full", None, 5, {}, prices={}, estimate_missing=True)
@@ -221,6 +235,38 @@ def test_collect_waits_no_longer_than_asked(tmp_path: Path) -> None:
     traces.collect(5.0)  # once it runs again, the count arrives
     assert len(counted) == 1
     traces.close()
+
+
+def test_held_streams_are_rebuilt_metered_counted_and_redacted(tmp_path: Path) -> None:
+    counted: list[CountRow] = []
+    traces, destination = sink(tmp_path, counted)
+    traces.submit(streamed(0, STREAM))
+    traces.close()
+    [record] = records(destination)
+    cost = cost_usd(Usage(input_tokens=10, output_tokens=5), PriceTable().price("gpt-4o"))  # type: ignore[arg-type]
+    assert counted == [("key-0", "gpt-4o-2024-08-06", 10, 5, pytest.approx(cost), False, False)]
+    assert record["usage"]["total_tokens"] == 15 and record["cost_usd"] == pytest.approx(cost)
+    assert record["response"]["events"] == 3 and record["response"]["size"] == len(b"".join(STREAM))
+    assert record["response"]["body"]["choices"][0]["message"]["content"].startswith("sk-proj-…")
+    assert "S" * 8 not in destination.read_text()
+
+
+@pytest.mark.parametrize("response", ["raw", "events"])
+def test_a_body_too_deep_to_hand_over_costs_that_body_not_the_response(tmp_path: Path, response: str) -> None:
+    """A request body orjson cannot write (deeper than 255) leaves the proxy without its
+    contents; the unread response, buffered or held, still goes, and is metered."""
+    counted: list[CountRow] = []
+    traces, destination = sink(tmp_path, counted)
+    deep = streamed(0, STREAM) if response == "events" else deferred(0, ANSWER)
+    nested: list = []
+    for _ in range(300):
+        nested = [nested]
+    deep["request"] = [600, "json", nested]
+    traces.submit(deep)
+    traces.close()
+    [record] = records(destination)
+    assert record["request"]["body"] is None and record["request"]["size"] == 600
+    assert record["usage"]["total_tokens"] == 15 and counted[0][2:4] == (10, 5)
 
 
 def test_a_body_too_deep_to_write_costs_its_bodies_not_its_record(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ class Recorder:
             return
         message = flow.error.msg if flow.error else "connection failed"
         raw = flow.response.raw_content if flow.response is not None and exchange.tap is None else None
-        exchange.finish(raw, error=message)
+        exchange.finish(raw, error=message, defer=self._defer(exchange))
 
     def _api_key(self, exchange: Exchange) -> str | None:
         for name in _KEY_HEADERS:
