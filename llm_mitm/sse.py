@@ -492,7 +492,7 @@ class StreamTap:
     events instead of raw chunks and leaves out those the predicate picks, reading only the
     events that contain `hint`: used to hide the usage chunk that the proxy asked for and
     the client did not. The filter failing stops the filter (every byte then goes on as it
-    came), not the rebuild.
+    came, and `on_failure` is told why), not the rebuild.
     """
 
     def __init__(self, rebuilder: StreamRebuilder, content_encoding: str = "", hold: bool = False) -> None:
@@ -507,16 +507,23 @@ class StreamTap:
         self._decompress = incremental_decoder(content_encoding)
         self._drop: EventFilter | None = None
         self._hint = b""
+        self._on_failure: Callable[[str], None] | None = None
         self._pending = bytearray()
         if self._decompress is None:
             self.failed = f"unsupported content-encoding {content_encoding!r}"
 
-    def drop_events(self, predicate: EventFilter, hint: bytes = b"") -> bool:
+    def drop_events(self, predicate: EventFilter, hint: bytes = b"", on_failure: Callable[[str], None] | None = None) -> bool:
         """Start leaving out events; False (and no filtering) for a compressed stream."""
         if not self._identity or self._decompress is None:
             return False
-        self._drop, self._hint = predicate, hint
+        self._drop, self._hint, self._on_failure = predicate, hint, on_failure
         return True
+
+    def hand_over(self) -> list[bytes]:
+        """The held chunks, for the writer process; a chunk that comes later is not kept."""
+        held, self.held = self.held or [], None
+        self.finished = True
+        return held
 
     def __call__(self, chunk: bytes) -> bytes:
         if self.held is not None:
@@ -571,8 +578,8 @@ class StreamTap:
             if blocks.pop() == b"":
                 try:
                     return self._without_dropped([block + b"\n\n" for block in blocks] if len(blocks) > 1 else [chunk])
-                except Exception:  # noqa: BLE001 - the stream goes on untouched
-                    self._drop = None
+                except Exception as exc:  # noqa: BLE001 - the stream goes on untouched
+                    self._stop_filtering(exc)
                     return chunk
         self._pending += chunk
         out = bytearray()
@@ -590,12 +597,17 @@ class StreamTap:
             if not chunk:  # end of stream: whatever is left goes out as it is
                 out += self._pending[done:]
                 done = len(self._pending)
-        except Exception:  # noqa: BLE001 - give the client every byte held back, once
-            self._drop = None
+        except Exception as exc:  # noqa: BLE001 - give the client every byte held back, once
+            self._stop_filtering(exc)
             out += self._pending[done:]
             done = len(self._pending)
         del self._pending[:done]
         return bytes(out)
+
+    def _stop_filtering(self, exc: Exception) -> None:
+        self._drop = None
+        if self._on_failure is not None:
+            self._on_failure(f"{type(exc).__name__}: {exc}")
 
     def _without_dropped(self, events: list[bytes]) -> bytes:
         kept = [event for event in events if self._keep(event)]

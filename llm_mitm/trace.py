@@ -116,8 +116,7 @@ def _wire(body: Body, verbatim: bool = True) -> list[Any]:
 def _held_stream(exchange: Exchange) -> list[Any]:
     """[size, "events", chunks]: a held stream's chunks as they came (latin-1 text, as "raw"),
     handed over whole: the proxy keeps no copy."""
-    tap = exchange.tap
-    held, tap.held = (tap.held or []), []  # type: ignore[union-attr]
+    held = exchange.tap.hand_over() if exchange.tap is not None else []
     return [exchange.response.size, "events", [chunk.decode("latin-1") for chunk in held]]
 
 

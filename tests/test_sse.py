@@ -391,12 +391,23 @@ def test_a_failing_filter_stops_filtering_not_the_rebuild(hold: bool) -> None:
     for chunks in ([sse([event]) for event in CHAT], [data[:50], data[50:]]):
         rebuilder = ChatCompletionsRebuilder()
         tap = StreamTap(rebuilder, hold=hold)
-        assert tap.drop_events(broken)
+        told: list[str] = []
+        assert tap.drop_events(broken, on_failure=told.append)
         assert b"".join(tap(chunk) for chunk in chunks) + tap(b"") == data
         tap.read_held()
         tap.finish()
-        assert tap.failed is None
+        assert tap.failed is None and told == ["RuntimeError: a filter bug"]
         check_chat(rebuilder)
+
+
+def test_a_handed_over_stream_keeps_nothing_that_comes_later() -> None:
+    tap = StreamTap(ChatCompletionsRebuilder(), hold=True)
+    first = sse(CHAT[:2])
+    assert tap(first) == first
+    assert tap.hand_over() == [first]
+    late = sse(CHAT[2:])
+    assert tap(late) == late
+    assert tap.held is None and tap.rebuilder.events == 0 and tap.hand_over() == []
 
 
 def test_filter_with_crlf_cut_at_every_byte() -> None:

@@ -8,11 +8,15 @@ The drop needs an uncompressed stream, so the request asks for `identity`.
 
 from __future__ import annotations
 
+import logging
+
 from mitmproxy import http
 
 from llm_mitm.addons.refuse import rewrite_json
 from llm_mitm.addons.shared import Shared
 from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
+
+logger = logging.getLogger("llm_mitm.stream_usage")
 
 _OPERATIONS = ("chat.completions", "completions")
 
@@ -40,4 +44,8 @@ class StreamUsage:
         exchange = self.shared.exchange(flow)
         if exchange is None or not exchange.injected_stream_usage or exchange.tap is None:
             return
-        exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT)
+        exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed)
+
+
+def _filter_failed(reason: str) -> None:
+    logger.warning("llm-mitm: the usage chunk filter failed (%s): this client gets the usage chunk it did not ask for", reason)
