@@ -164,14 +164,15 @@ def test_non_llm_flow_gets_no_exchange(tmp_path: Path) -> None:
     run(go())
 
 
-@pytest.mark.parametrize("deferred", [False, True])
-def test_event_stream_response_gets_a_tap(tmp_path: Path, deferred: bool) -> None:
-    """Read as it passes, or (traces on, no limits) held for the writer process."""
+@pytest.mark.parametrize(("held", "deferred"), [(False, False), (True, True), (True, False)])
+def test_event_stream_response_gets_a_tap(tmp_path: Path, held: bool, deferred: bool) -> None:
+    """Read as it passes, or (traces on, no limits) held for the writer process; held, and
+    then no writer to leave it to (it went mid-stream): read here at the end."""
     async def go() -> None:
         shared, addons = make_addons()
         with taddons.context(*addons) as tctx:
             tctx.configure(addons[0], llm_config="")
-            shared.defer_responses = deferred
+            shared.defer_responses = held
             flow = chat_flow(body={"model": "gpt-4o", "stream": True, "messages": []})
             addons[3].request(flow)
             flow.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")], content=b"")
@@ -181,6 +182,7 @@ def test_event_stream_response_gets_a_tap(tmp_path: Path, deferred: bool) -> Non
             chunk = b'data: {"model": "m", "choices": [{"index": 0, "delta": {"content": "hey"}}]}\n\n'
             assert flow.response.stream(chunk) == chunk
             flow.response.stream(b"")
+            shared.defer_responses = deferred
             addons[3].response(flow)
             exchange = shared.exchange(flow)
             assert exchange.stream and exchange.deferred is deferred
