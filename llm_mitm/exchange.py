@@ -32,7 +32,6 @@ class Body:
     malformed_json: bool = False  # said it was JSON, and is not
     raw: bytes | None = None  # the JSON as it came (the trace takes it as is), or the unread bytes
     unread: bool = False  # kept for the trace writer process to parse
-    events: bool = False  # unread: a stream of server-sent events, held by the exchange's tap
 
     @classmethod
     def parse(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -227,6 +226,11 @@ class Exchange:
         return decode_fields(self.response_fields)
 
     @property
+    def held_stream(self) -> bool:
+        """A stream left to the writer process: its chunks are in the tap, not the body."""
+        return self.deferred and self.tap is not None
+
+    @property
     def blocked(self) -> bool:
         """Refused by the proxy itself: nothing went upstream, nothing to charge."""
         return self.policy is not None and self.policy.decision == "block"
@@ -251,7 +255,7 @@ class Exchange:
             self.error = error
         if self.tap is not None:
             if defer and self.tap.held is not None:  # the chunks go to the writer process as they are
-                self.response = Body(size=self.tap.size, unread=True, events=True)
+                self.response = Body(size=self.tap.size, unread=True)
                 self.deferred = True
                 return
             self.response, outcome = read_stream(self.route.api, self.status_code, self.tap)

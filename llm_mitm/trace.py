@@ -85,7 +85,7 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
         "request_headers": exchange.request_headers,
         "request": _wire(exchange.request),
         "response_headers": exchange.response_headers,
-        "response": _held_stream(exchange) if exchange.response.events else _wire(exchange.response),
+        "response": _held_stream(exchange) if exchange.held_stream else _wire(exchange.response),
         "events": exchange.tap.rebuilder.events if exchange.tap is not None else None,
         "usage": exchange.usage.as_dict() if exchange.usage else None,
         "cost_usd": exchange.cost_usd,
@@ -116,7 +116,7 @@ def _wire(body: Body, verbatim: bool = True) -> list[Any]:
 def _held_stream(exchange: Exchange) -> list[Any]:
     """[size, "events", chunks]: a held stream's chunks as they came (latin-1 text, as "raw"),
     handed over whole: the proxy keeps no copy."""
-    held = exchange.tap.hand_over() if exchange.tap is not None else []
+    held = exchange.tap.hand_over()  # type: ignore[union-attr]
     return [exchange.response.size, "events", [chunk.decode("latin-1") for chunk in held]]
 
 

@@ -187,7 +187,7 @@ def test_event_stream_response_gets_a_tap(tmp_path: Path, held: bool, deferred: 
             exchange = shared.exchange(flow)
             assert exchange.stream and exchange.deferred is deferred
             if deferred:
-                assert exchange.response.unread and exchange.response.events and exchange.tap.held == [chunk]
+                assert exchange.response.unread and exchange.held_stream and exchange.tap.held == [chunk]
                 assert exchange.tap.rebuilder.events == 0 and exchange.usage is None
                 return
             assert exchange.response.json["choices"][0]["message"]["content"] == "hey"
