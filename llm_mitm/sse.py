@@ -525,14 +525,19 @@ class StreamTap:
         self.finished = True
         return held
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         if self.held is not None:
             if chunk:
                 self.held.append(chunk)
                 self.size += len(chunk)
         else:
             self._read(chunk)
-        return chunk if self._drop is None else self._filtered(chunk)
+        if self._drop is None:
+            return chunk
+        out = self._filtered(chunk)
+        # Nothing to pass on yet is no chunks, not an empty one: mitmproxy sends an empty
+        # chunk as it is, and to an HTTP/1.1 client that is `0\r\n\r\n`, the body's end.
+        return out if out or not chunk else []
 
     def finish(self) -> None:
         """End of stream (mitmproxy's final empty chunk, or the response hook)."""

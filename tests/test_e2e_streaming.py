@@ -133,3 +133,30 @@ def test_stream_stalled_by_upstream_is_traced_when_the_client_gives_up(proxy: Mi
     assert t["error"]
     assert t["response"]["events"] == 2
     assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY[:5]
+
+
+@pytest.mark.parametrize("split", [0, 7])
+def test_a_hidden_usage_chunk_leaves_an_http1_stream_and_its_connection_whole(proxy: Mitmdump, split: int) -> None:
+    """The proxy asks for usage and hides its chunk; where a chunk leaves nothing to pass on
+    (the hidden one, or a piece of an event), the client must get no chunk at all: an empty
+    one ends a chunked HTTP/1.1 body, cutting the stream and leaving the rest on a kept-alive
+    connection for the next request to trip over."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = {"https": proxy.proxy_url}
+    session.verify = str(proxy.ca_cert)
+    headers = {"authorization": f"Bearer {OPENAI_KEY}", "x-fake-split": str(split)}
+    for _ in range(2):  # the second call goes over the same kept-alive connection
+        m = marker()
+        with session.post("https://api.openai.com/v1/chat/completions", json=chat(m, stream=True), headers=headers, stream=True, timeout=10) as response:
+            assert response.raw.version == 11
+            events = [line for line in response.iter_lines() if line.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]"
+        payloads = [orjson.loads(line[6:]) for line in events[:-1]]
+        assert "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads) == CANNED_REPLY
+        assert all("usage" not in p or p["usage"] is None for p in payloads)  # the client did not ask for it
+        assert trace_with(proxy, m)["usage"]["output_tokens"]
+    answer = session.post("https://api.openai.com/v1/chat/completions", json=chat(marker()), headers=headers, timeout=10)
+    assert answer.status_code == 200 and answer.json()["choices"]

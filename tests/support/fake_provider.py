@@ -10,6 +10,7 @@ Test knobs are request headers (clients send them with `extra_headers`):
   x-fake-status     answer with this HTTP status and an API-shaped error body
   x-fake-fail       "reset-mid-stream": drop the connection after two events;
                     "stall-mid-stream": go silent after two events
+  x-fake-split      cut each streamed event into chunks of this many bytes
 """
 
 from __future__ import annotations
@@ -343,6 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
         encoding = self.headers.get("x-fake-encoding") or ""
         encoder = _Encoder(encoding)
         fail = self.headers.get("x-fake-fail")
+        split = int(self.headers.get("x-fake-split") or 0)
         self.send_response(200)
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
@@ -363,7 +365,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             data = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
             text = (f"event: {name}\n" if name else "") + f"data: {data}\n\n"
-            self._chunk(encoder.piece(text.encode()))
+            piece = encoder.piece(text.encode())
+            for start in range(0, len(piece), split or len(piece) or 1):  # events cut across chunks
+                self._chunk(piece[start : start + (split or len(piece))])
         self._chunk(encoder.end())
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
