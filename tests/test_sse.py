@@ -21,6 +21,20 @@ from llm_mitm.sse import (
 from tests.support.fake_provider import _Encoder
 
 
+def through(tap: StreamTap, *chunks: bytes) -> bytes:
+    """What the client receives for these chunks. A chunk that leaves nothing to pass on
+    must come out as no chunks: an empty one would end a chunked HTTP/1.1 body."""
+    out = b""
+    for chunk in chunks:
+        sent = tap(chunk)
+        if isinstance(sent, list):
+            out += b"".join(sent)
+        else:
+            assert sent or not chunk, "an empty chunk for a non-empty one"
+            out += sent
+    return out
+
+
 def sse(events: list[tuple[str | None, object]], newline: str = "\n") -> bytes:
     out = []
     for name, data in events:
@@ -234,7 +248,7 @@ def test_filter_drops_only_the_usage_chunk_and_keeps_every_other_byte() -> None:
         rebuilder = ChatCompletionsRebuilder()
         tap = StreamTap(rebuilder)
         assert tap.drop_events(is_usage_only_chunk)
-        out = tap(data[:cut]) + tap(data[cut:]) + tap(b"")
+        out = through(tap, data[:cut], data[cut:], b"")
         assert out == expected
         assert tap.dropped == 1
         assert rebuilder.result()["usage"]["total_tokens"] == 15
@@ -256,7 +270,7 @@ def test_filter_whatever_the_chunks(newline: str, cuts: list[int], per_event: bo
     rebuilder = ChatCompletionsRebuilder()
     tap = StreamTap(rebuilder)
     assert tap.drop_events(is_usage_only_chunk)
-    out = b"".join(tap(chunk) for chunk in chunks) + tap(b"")
+    out = through(tap, *chunks, b"")
     assert out == expected
     assert tap.dropped == 1
     assert rebuilder.result()["usage"]["total_tokens"] == 15
@@ -279,7 +293,7 @@ def test_filter_failing_midway_gives_the_client_every_byte_once(newline: str, pe
     tap = StreamTap(Failing())
     assert tap.drop_events(lambda payload: False)
     chunks = [sse([event], newline) for event in CHAT] if per_event else [data[:40], data[40:]]
-    out = b"".join(tap(chunk) for chunk in chunks) + tap(b"")
+    out = through(tap, *chunks, b"")
     assert out == data
     assert tap.failed is not None and "rebuilder bug" in tap.failed
 
@@ -336,7 +350,7 @@ def test_held_stream_reads_later_as_it_would_have_passing(encoding: str) -> None
     pieces = [wire[i : i + 13] for i in range(0, len(wire), 13)]
     rebuilder = ChatCompletionsRebuilder()
     tap = StreamTap(rebuilder, encoding, hold=True)
-    assert b"".join(tap(piece) for piece in pieces) == wire
+    assert through(tap, *pieces) == wire
     tap.finish()
     assert tap.held == pieces and rebuilder.events == 0 and tap.size == len(wire)
     tap.read_held()
@@ -357,7 +371,7 @@ def test_filter_reads_only_the_events_with_the_hint() -> None:
     data = sse(CHAT)
     tap = StreamTap(ChatCompletionsRebuilder(), hold=True)
     assert tap.drop_events(predicate, USAGE_HINT)
-    out = b"".join(tap(event) for event in [sse([e]) for e in CHAT]) + tap(b"")
+    out = through(tap, *[sse([e]) for e in CHAT], b"")
     assert out == data.replace(sse([CHAT[-2]]), b"")
     assert read == [CHAT[-2][1]] and tap.dropped == 1
 
@@ -374,7 +388,7 @@ def test_held_and_read_agree_on_a_compressed_stream_that_breaks() -> None:
     for hold in (False, True):
         rebuilder = ChatCompletionsRebuilder()
         tap = StreamTap(rebuilder, "gzip", hold=hold)
-        assert b"".join(tap(piece) for piece in pieces) == b"".join(pieces)
+        assert through(tap, *pieces) == b"".join(pieces)
         tap.read_held()
         tap.finish()
         assert tap.failed is not None
@@ -393,7 +407,7 @@ def test_a_failing_filter_stops_filtering_not_the_rebuild(hold: bool) -> None:
         tap = StreamTap(rebuilder, hold=hold)
         told: list[str] = []
         assert tap.drop_events(broken, on_failure=told.append)
-        assert b"".join(tap(chunk) for chunk in chunks) + tap(b"") == data
+        assert through(tap, *chunks, b"") == data
         tap.read_held()
         tap.finish()
         assert tap.failed is None and told == ["RuntimeError: a filter bug"]
@@ -423,5 +437,5 @@ def test_filter_with_crlf_cut_at_every_byte() -> None:
         rebuilder = ChatCompletionsRebuilder()
         tap = StreamTap(rebuilder)
         assert tap.drop_events(is_usage_only_chunk, USAGE_HINT)
-        assert tap(data[:cut]) + tap(data[cut:]) + tap(b"") == expected, cut
+        assert through(tap, data[:cut], data[cut:], b"") == expected, cut
         assert tap.dropped == 1 and rebuilder.result()["usage"]["total_tokens"] == 15
