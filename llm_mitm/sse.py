@@ -150,8 +150,8 @@ def _zstd_decompressor() -> Callable[[bytes], bytes] | None:
     zstd = stdlib_zstd()
     if zstd is not None:
         return _MultiFrame(zstd.ZstdDecompressor).decompress
-    module = zstandard()
-    return module.ZstdDecompressor().decompressobj().decompress if module else None
+    module = zstandard()  # read across frames, as mitmproxy's own zstd decoding does
+    return module.ZstdDecompressor().decompressobj(read_across_frames=True).decompress if module else None
 
 
 class _MultiFrame:
@@ -249,7 +249,7 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         if self._head_missing:
             taken = False
             for key in self._head_missing:
-                if key in payload:
+                if payload.get(key):  # Azure's first event (its prompt filter results) has them empty
                     self._head[key] = payload[key]
                     taken = True
             if taken:
@@ -388,7 +388,7 @@ class ResponsesRebuilder(StreamRebuilder):
                 item["arguments"] = "".join(self._arguments[index])
             output.append(item)
         body["output"] = output
-        body.setdefault("status", "incomplete")
+        body["status"] = "incomplete"  # no final event came: whatever `response.created` said
         return body
 
 

@@ -151,7 +151,7 @@ def test_responses_final_event_wins() -> None:
 def test_responses_cut_short_keeps_the_deltas() -> None:
     rebuilder = rebuild(ResponsesRebuilder(), sse(RESPONSES[:-1]))
     body = rebuilder.result()
-    assert body["status"] == "in_progress"
+    assert body["status"] == "incomplete"  # not what `response.created` said: it never finished
     assert body["output"][0]["content"] == [{"type": "output_text", "text": "Hi there"}]
     assert body["output"][1]["arguments"] == '{"x":1}'
 
@@ -439,3 +439,19 @@ def test_filter_with_crlf_cut_at_every_byte() -> None:
         assert tap.drop_events(is_usage_only_chunk, USAGE_HINT)
         assert through(tap, data[:cut], data[cut:], b"") == expected, cut
         assert tap.dropped == 1 and rebuilder.result()["usage"]["total_tokens"] == 15
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_zstd_stream_of_several_frames_is_read_to_its_end(together: bool) -> None:
+    frames = []
+    for event in CHAT:
+        encoder = _Encoder("zstd")
+        frames.append(encoder.piece(sse([event])) + encoder.end())
+    check_chat(rebuild(ChatCompletionsRebuilder(), b"".join(frames), [b"".join(frames)] if together else frames, "zstd"))
+
+
+def test_azure_empty_head_is_not_the_streams_head() -> None:
+    """Azure's first event carries its prompt filter results, with id, model and created empty."""
+    filters = (None, {"id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": []})
+    body = rebuild(ChatCompletionsRebuilder(), sse([filters, *CHAT])).result()
+    assert body["id"] == "c1" and body["model"] == "gpt-4o-2024-08-06" and body["object"] == "chat.completion"
