@@ -1,8 +1,11 @@
 """Prices per model and the cost of one call. Pure: the table is data, the sum is arithmetic.
 
 The shipped table (`data/pricing.json`, dated) is overridden model by model by the
-`pricing.models` section of the config. Dated and suffixed names resolve to their base:
-`gpt-4o-2024-08-06` -> `gpt-4o`, `claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`.
+`pricing.models` section of the config. A snapshot resolves to its base by a real date
+(or `-latest`, or a version) at the end of its name: `gpt-4o-2024-08-06` -> `gpt-4o`,
+`claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`. Nothing else is taken off: a
+`-preview` is a model of its own (`gpt-4-1106-preview` is GPT-4 Turbo, not `gpt-4`), and a
+snapshot priced apart from its base is in the table under its own name.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ from llm_mitm.config import ModelPrice
 from llm_mitm.memo import Memo
 from llm_mitm.usage import Usage
 
-_SUFFIXES = (
-    re.compile(r"-\d{4}-\d{2}-\d{2}$"),  # OpenAI snapshots
-    re.compile(r"-\d{8}$"),  # Anthropic snapshots
-    re.compile(r"-(?:latest|preview)$"),
-    re.compile(r"-\d{4}$"),  # gpt-4-0613
-    re.compile(r"-v\d+(?::\d+)?$"),  # Bedrock-style versions
-)
+_YEAR, _MONTH, _DAY = r"20\d\d", r"(?:0[1-9]|1[0-2])", r"(?:0[1-9]|[12]\d|3[01])"
+_SUFFIXES = tuple(re.compile(pattern) for pattern in (
+    rf"-{_YEAR}-{_MONTH}-{_DAY}$",  # OpenAI snapshots: gpt-4o-2024-08-06
+    rf"-{_YEAR}{_MONTH}{_DAY}$",  # Anthropic snapshots: claude-sonnet-4-5-20250929
+    rf"-{_MONTH}{_DAY}$",  # older OpenAI snapshots: gpt-4-0613
+    rf"-2\d{_MONTH}$",  # year and month: mistral-large-2411
+    r"-latest$",  # an alias of the newest snapshot
+    r"-v\d+(?::\d+)?$",  # Bedrock-style versions
+))
+
+# Anthropic bills a 1-hour cache write at twice the input price (a 5-minute one at 1.25x)
+_ONE_HOUR_WRITE_FACTOR = 2.0
 
 
 @lru_cache(maxsize=1)
@@ -63,12 +71,21 @@ class PriceTable:
 
 
 def cost_usd(usage: Usage, price: ModelPrice) -> float:
-    """Input not served from cache at the input price, cache reads and writes at theirs,
-    and output (reasoning included, as every provider bills it) at the output price."""
+    """Input not served from cache at the input price, cache reads and writes at theirs
+    (1-hour writes apart: they cost more; without a breakdown every write is a 5-minute
+    one), and output (reasoning included, as every provider bills it) at the output price."""
     cached = usage.cached_input_tokens or 0
     written = usage.cache_creation_input_tokens or 0
+    written_1h = min(usage.cache_creation_1h_input_tokens or 0, written)
     fresh = max(0, (usage.input_tokens or 0) - cached - written)
     cached_price = price.cached_input if price.cached_input is not None else price.input
     write_price = price.cache_write if price.cache_write is not None else price.input
-    total = fresh * price.input + cached * cached_price + written * write_price + (usage.output_tokens or 0) * price.output
+    write_1h_price = price.cache_write_1h if price.cache_write_1h is not None else price.input * _ONE_HOUR_WRITE_FACTOR
+    total = (
+        fresh * price.input
+        + cached * cached_price
+        + (written - written_1h) * write_price
+        + written_1h * write_1h_price
+        + (usage.output_tokens or 0) * price.output
+    )
     return round(total / 1_000_000, 10)

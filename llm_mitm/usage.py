@@ -2,7 +2,9 @@
 
 `input_tokens` always counts every prompt token, cached ones included (OpenAI's
 `prompt_tokens` already does; Anthropic reports cache reads and writes apart, so they
-are added back), which makes sums across providers mean the same thing.
+are added back), which makes sums across providers mean the same thing. Cache writes
+count every write; Anthropic's breakdown (`cache_creation`) gives the 1-hour share apart,
+because it is billed higher than a 5-minute write.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Usage:
     total_tokens: int | None = None
     cached_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
+    cache_creation_1h_input_tokens: int | None = None  # of those, 1-hour writes (Anthropic): billed higher
     reasoning_tokens: int | None = None
     estimated: bool = False
 
@@ -30,6 +33,7 @@ class Usage:
             "total_tokens": self.total_tokens,
             "cached_input_tokens": self.cached_input_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "cache_creation_1h_input_tokens": self.cache_creation_1h_input_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "estimated": self.estimated,
         }
@@ -95,4 +99,5 @@ def _anthropic(usage: dict[str, Any]) -> Usage:
         total_tokens=total,
         cached_input_tokens=cache_read,
         cache_creation_input_tokens=cache_write,
+        cache_creation_1h_input_tokens=_nested(usage, "cache_creation", "ephemeral_1h_input_tokens"),
     )

@@ -15,6 +15,7 @@ from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.quota import Caller, Quota
 from llm_mitm.refusal import refusal
 from llm_mitm.spend import SpendStore, seconds_left
+from llm_mitm.sse import AnthropicRebuilder, ServerSentEvent
 from llm_mitm.stats import UsageStats
 from llm_mitm.usage import Usage, normalize_usage
 
@@ -51,6 +52,66 @@ def test_price_resolution_and_overrides() -> None:
     assert PriceTable().as_of
 
 
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-2024-11-20", "gpt-4o"),
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # the first gpt-4o, priced apart
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-4-0613", "gpt-4"),
+        ("gpt-4-0314", "gpt-4"),
+        ("gpt-4-turbo-2024-04-09", "gpt-4-turbo"),
+        ("gpt-4-1106-preview", "gpt-4-1106-preview"),
+        ("gpt-4-0125-preview", "gpt-4-0125-preview"),
+        ("gpt-4-turbo-preview", "gpt-4-turbo-preview"),
+        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+        ("gpt-3.5-turbo-1106", "gpt-3.5-turbo-1106"),
+        ("gpt-3.5-turbo-instruct-0914", "gpt-3.5-turbo-instruct"),
+        ("gpt-4.1-2025-04-14", "gpt-4.1"),
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("o1-2024-12-17", "o1"),
+        ("o1-preview-2024-09-12", "o1-preview"),
+        ("o3-2025-04-16", "o3"),
+        ("o3-mini-2025-01-31", "o3-mini"),
+        ("o4-mini-2025-04-16", "o4-mini"),
+        ("gpt-4o-audio-preview-2024-12-17", "gpt-4o-audio-preview"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("claude-opus-4-1-20250805", "claude-opus-4-1"),
+        ("claude-3-5-sonnet-20241022", "claude-3-5-sonnet"),
+        ("claude-3-haiku-20240307", "claude-3-haiku"),
+        ("claude-3-7-sonnet-latest", "claude-3-7-sonnet"),
+        ("text-embedding-ada-002-v2", "text-embedding-ada-002"),
+        ("gpt-4-32k-0613", None),  # not gpt-4: a distinct model the table does not price
+        ("gpt-4.5-preview", None),
+    ],
+)
+def test_real_model_ids_resolve_to_their_own_prices(model: str, name: str | None) -> None:
+    assert PriceTable().resolve(model) == name
+
+
+def test_gpt_4_turbo_previews_cost_turbo_prices() -> None:
+    turbo = PriceTable().price("gpt-4-turbo")
+    for preview in ("gpt-4-1106-preview", "gpt-4-0125-preview", "gpt-4-turbo-preview"):
+        assert PriceTable().price(preview) == turbo
+
+
+def test_only_a_real_date_or_alias_suffix_is_taken_off() -> None:
+    table = PriceTable({"my-model": ModelPrice(input=1, output=2)})
+    for dated in ("my-model-2025-04-16", "my-model-20250929", "my-model-0613", "my-model-2411", "my-model-latest", "my-model-v1:0"):
+        assert table.resolve(dated) == "my-model", dated
+    for distinct in ("my-model-preview", "my-model-0613-preview", "my-model-1399", "my-model-2025-13-01", "my-model-20251340"):
+        assert table.resolve(distinct) is None, distinct
+
+
+def test_every_shipped_name_resolves_to_itself_and_from_its_snapshots() -> None:
+    table = PriceTable()
+    for name in table.prices:
+        assert table.resolve(name) == name
+        assert table.resolve(f"{name}-2025-01-31") == name
+        assert table.resolve(f"{name}-20250131") == name
+
+
 def test_cost_openai_cached_and_reasoning() -> None:
     usage = normalize_usage("openai", {"prompt_tokens": 1000, "completion_tokens": 500, "prompt_tokens_details": {"cached_tokens": 200}, "completion_tokens_details": {"reasoning_tokens": 300}})
     price = PriceTable().price("gpt-4o")
@@ -60,9 +121,43 @@ def test_cost_openai_cached_and_reasoning() -> None:
 
 def test_cost_anthropic_cache_reads_and_writes() -> None:
     usage = normalize_usage("anthropic", {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 400, "output_tokens": 50})
-    assert usage.input_tokens == 1500
+    assert usage.input_tokens == 1500 and usage.cache_creation_1h_input_tokens is None  # no breakdown: 5-minute writes
     price = PriceTable().price("claude-sonnet-4-5-20250929")
     assert cost_usd(usage, price) == pytest.approx((100 * 3 + 1000 * 0.3 + 400 * 3.75 + 50 * 15) / 1e6)
+
+
+ONE_HOUR_WRITES = {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 400, "output_tokens": 50,
+                   "cache_creation": {"ephemeral_5m_input_tokens": 300, "ephemeral_1h_input_tokens": 100}}
+
+
+def test_cost_anthropic_one_hour_cache_writes() -> None:
+    usage = normalize_usage("anthropic", ONE_HOUR_WRITES)
+    assert (usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_creation_1h_input_tokens) == (1500, 400, 100)
+    price = PriceTable().price("claude-sonnet-4-5-20250929")
+    assert price.cache_write_1h == 6.0
+    assert cost_usd(usage, price) == pytest.approx((100 * 3 + 1000 * 0.3 + 300 * 3.75 + 100 * 6 + 50 * 15) / 1e6)
+
+
+def test_one_hour_write_price_defaults_to_twice_input() -> None:
+    usage = normalize_usage("anthropic", ONE_HOUR_WRITES)
+    price = ModelPrice(input=2, output=10, cache_write=2.5)
+    assert cost_usd(usage, price) == pytest.approx((100 * 2 + 1000 * 2 + 300 * 2.5 + 100 * 4 + 50 * 10) / 1e6)
+
+
+def test_anthropic_one_hour_price_is_twice_input() -> None:
+    for name, price in PriceTable().prices.items():
+        if name.startswith("claude-"):
+            assert price.cache_write_1h == pytest.approx(2 * price.input), name
+
+
+def test_streamed_anthropic_usage_keeps_the_cache_write_breakdown() -> None:
+    rebuilder = AnthropicRebuilder()
+    start = {"type": "message_start", "message": {"model": "claude-sonnet-4-5", "usage": {**ONE_HOUR_WRITES, "output_tokens": 1}}}
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 50}}
+    for payload in (start, delta):
+        rebuilder.add(ServerSentEvent(event=payload["type"], data=orjson.dumps(payload).decode()))
+    usage = normalize_usage("anthropic", rebuilder.usage)
+    assert usage == normalize_usage("anthropic", ONE_HOUR_WRITES) and usage.cache_creation_1h_input_tokens == 100
 
 
 def test_estimate_marks_usage() -> None:
