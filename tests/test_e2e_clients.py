@@ -57,7 +57,7 @@ def test_chat_completion(proxy: Mitmdump) -> None:
     assert (t["model"], t["response_model"], t["stream"], t["status_code"]) == ("gpt-4o", RESPONSE_MODEL, False, 200)
     assert t["usage"] == {
         "input_tokens": 12, "output_tokens": 7, "total_tokens": 19, "cached_input_tokens": 2,
-        "cache_creation_input_tokens": None, "reasoning_tokens": 1, "estimated": False,
+        "cache_creation_input_tokens": None, "cache_creation_1h_input_tokens": None, "reasoning_tokens": 1, "estimated": False,
     }
     assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY
     assert t["api_key"].startswith("sk-proj-…")
@@ -179,6 +179,23 @@ def test_curl_stream(proxy: Mitmdump) -> None:
     t = trace_with(proxy, m)
     assert t["response"]["body"]["content"][0]["text"] == CANNED_REPLY
     assert t["response"]["events"] == out.stdout.count(b"data: ")
+
+
+def test_an_http2_body_without_a_length_reaches_an_http1_provider_whole(proxy: Mitmdump, provider: FakeProvider) -> None:
+    """HTTP/2 ends a body by its frames; the provider here speaks HTTP/1.1 and needs a length."""
+    m = marker()
+    out = subprocess.run(
+        [
+            "curl", "-sS", "--http2", "--proxy", proxy.proxy_url, "--cacert", str(proxy.ca_cert), "-w", "\n%{http_version}",
+            "https://api.openai.com/v1/chat/completions", "-H", f"Authorization: Bearer {OPENAI_KEY}",
+            "-H", "content-type: application/json", "-H", "transfer-encoding: chunked", "--data-binary", orjson.dumps(chat(m)),
+        ],
+        capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0 and out.stdout.endswith(b"\n2"), out
+    assert orjson.loads(out.stdout.rpartition(b"\n")[0])["choices"][0]["message"]["content"] == CANNED_REPLY
+    received = [r for r in provider.requests if m.encode() in r.body]
+    assert len(received) == 1 and orjson.loads(received[0].body) == chat(m)
 
 
 def test_upstream_error_is_traced(proxy: Mitmdump) -> None:

@@ -53,6 +53,8 @@ class Scope:
         """llm_proxy's trick: a plain-http call to a provider goes upstream over https
         (mitmproxy connects upstream after this hook, as its own map_remote relies on)."""
         request = flow.request
+        if request.http_version != "HTTP/1.1":
+            _frame_body(request)
         if request.scheme != "http" or isinstance(flow.client_conn.proxy_mode, ReverseMode):
             return
         provider = self.shared.matcher.match(request.host, request.port)
@@ -63,3 +65,12 @@ class Scope:
             request.port = 443
         for name in _PROXY_HOP_HEADERS:  # meant for this proxy, never for the provider
             request.headers.pop(name, None)
+
+
+def _frame_body(request: http.Request) -> None:
+    """An HTTP/2 or HTTP/3 request may carry a body with no `content-length` (its frames
+    end it). With lazy connections the client can speak HTTP/2 to the proxy where the
+    provider speaks HTTP/1.1, and mitmproxy would then send that body with nothing to say
+    where it ends: the provider reads an empty body. Named here, it arrives whole."""
+    if request.raw_content and "content-length" not in request.headers and "transfer-encoding" not in request.headers:
+        request.headers["content-length"] = str(len(request.raw_content))
