@@ -5,20 +5,39 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
-from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, client_environment, prepare_bundle, render
+from llm_mitm.atomic import atomic_output
+from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_environment, prepare_bundle, render
 from llm_mitm.tracefile import ReadReport, read_records
 from llm_mitm.trust import DEFAULT_CONFDIR, TrustError
+
+
+class CommandError(Exception):
+    """A command that cannot go on: one line on stderr, exit code 2."""
 
 
 def _records(args: argparse.Namespace, report: ReadReport):  # type: ignore[no-untyped-def]
     if not args.traces.is_file():
         raise SystemExit(f"llm-mitm {args.command}: no trace file at {args.traces}")
     return read_records(args.traces, report)
+
+
+@contextmanager
+def _output(args: argparse.Namespace) -> Iterator[BinaryIO]:
+    """The output file, written whole or not at all, and never the trace file being read."""
+    if args.output.exists() and os.path.samefile(args.output, args.traces):
+        raise CommandError(f"the output {args.output} is the trace file itself: name another file with -o")
+    try:
+        with atomic_output(args.output) as handle:
+            yield handle
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.output}: {exc.strerror or exc}") from None
 
 
 def _problems(command: str, report: ReadReport) -> None:
@@ -44,8 +63,10 @@ def _report(args: argparse.Namespace) -> int:
     from llm_mitm.report import collect, render
 
     report = ReadReport()
-    data = collect(_records(args, report), args.max_calls)
-    args.output.write_text(render(data, f"llm-mitm report: {args.traces.name}"), encoding="utf-8")
+    records = _records(args, report)
+    with _output(args) as out:
+        data = collect(records, args.max_calls)
+        out.write(render(data, f"llm-mitm report: {args.traces.name}").encode())
     print(f"wrote {args.output} ({data.calls_total} calls)", file=sys.stderr)
     _problems("report", report)
     return 0
@@ -55,8 +76,9 @@ def _export(args: argparse.Namespace) -> int:
     from llm_mitm.export import ExportReport, export_examples
 
     report, read = ExportReport(), ReadReport()
-    with open(args.output, "wb") as out:
-        for example in export_examples(_records(args, read), args.model, report):
+    records = _records(args, read)
+    with _output(args) as out:
+        for example in export_examples(records, args.model, report):
             out.write(orjson.dumps(example, option=orjson.OPT_APPEND_NEWLINE))
     print(f"llm-mitm export: {report.summary()} -> {args.output}", file=sys.stderr)
     _problems("export", read)
@@ -66,11 +88,10 @@ def _export(args: argparse.Namespace) -> int:
 def _env(args: argparse.Namespace) -> int:
     try:
         bundle = prepare_bundle(args.confdir, args.bundle)
-    except TrustError as exc:
-        print(f"llm-mitm env: {exc}", file=sys.stderr)
-        return 2
-    variables = client_environment(f"http://{args.host}:{args.port}", bundle, args.no_proxy)
-    print(render(variables, args.shell))
+        lines = render(client_environment(f"http://{args.host}:{args.port}", bundle, args.no_proxy), args.shell)
+    except (TrustError, UnsafeValue) as exc:
+        raise CommandError(str(exc)) from None
+    print(lines)
     return 0
 
 
@@ -113,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except CommandError as exc:
+        print(f"llm-mitm {args.command}: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `llm-mitm stats ... | head`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

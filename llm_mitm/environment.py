@@ -7,6 +7,7 @@ through untouched still need the public roots. Nothing that turns verification o
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from llm_mitm.trust import CACert, bundle_environment, ensure_ca, write_bundle
@@ -27,22 +28,45 @@ def client_environment(proxy_url: str, bundle: Path, no_proxy: str = DEFAULT_NO_
     }
 
 
+class UnsafeValue(ValueError):
+    """A value the chosen shell cannot be given literally."""
+
+
 def render(variables: dict[str, str], shell: str) -> str:
     if shell == "fish":
-        lines = [f"set -gx {name} {_single_quoted(value)}" for name, value in variables.items()]
+        lines = [f"set -gx {name} {_fish_quoted(value)}" for name, value in variables.items()]
     elif shell == "powershell":
-        lines = [f"$env:{name} = {_single_quoted(value, powershell=True)}" for name, value in variables.items()]
+        lines = [f"$env:{name} = {_powershell_quoted(value)}" for name, value in variables.items()]
     elif shell == "cmd":
-        lines = [f"set {name}={value}" for name, value in variables.items()]
+        lines = [_cmd_set(name, value) for name, value in variables.items()]
     else:
-        lines = [f"export {name}={_single_quoted(value)}" for name, value in variables.items()]
+        lines = [f"export {name}={_posix_quoted(value)}" for name, value in variables.items()]
     return "\n".join(lines)
 
 
-def _single_quoted(value: str, powershell: bool = False) -> str:
-    if powershell:
-        return "'" + value.replace("'", "''") + "'"
+def _posix_quoted(value: str) -> str:
+    """Single quotes take everything literally; a quote closes, is escaped, and reopens."""
     return "'" + value.replace("'", "'\\''") + "'"
+
+
+def _fish_quoted(value: str) -> str:
+    r"""In fish's single quotes \\ and \' are escapes, so every backslash and quote is
+    escaped (a bare backslash before the closing quote would swallow it)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _powershell_quoted(value: str) -> str:
+    """PowerShell also takes the typographic single quotes as quotes; each is doubled."""
+    return "'" + re.sub("(['\u2018\u2019\u201a\u201b])", r"\1\1", value) + "'"
+
+
+def _cmd_set(name: str, value: str) -> str:
+    """`set "NAME=value"`: the quotes keep & | < > ^ literal. cmd has no escape for % that
+    works both typed and in a batch file (%% is one only in a batch), nor for a quote
+    inside the quotes, so such a value is refused rather than set wrong."""
+    if any(c in value for c in '%"\r\n'):
+        raise UnsafeValue(f"cmd cannot set {name} to {value!r} literally (it holds %, a quote or a line break): use paths without them, or another shell")
+    return f'set "{name}={value}"'
 
 
 def prepare_bundle(confdir: Path, bundle: Path | None) -> Path:

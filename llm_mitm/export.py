@@ -41,22 +41,30 @@ def export_examples(records: Iterable[dict[str, Any]], model: str | None = None,
     seen: set[bytes] = set()
     for record in records:
         try:
-            if model and not _model_matches(record, model):
-                raise Skip("other model")
-            example = to_example(record)
-            problems = validate(example)
-            if problems:
-                raise Skip(f"invalid ({problems[0]})")
+            example = _checked_example(record, model)
+            digest = hashlib.blake2b(orjson.dumps(example, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
         except Skip as skip:
             report.skipped[str(skip)] += 1
             continue
-        digest = hashlib.blake2b(orjson.dumps(example, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+        except Exception as exc:  # noqa: BLE001 - one odd record must not cost every example after it
+            report.skipped[f"unconvertible record ({type(exc).__name__})"] += 1
+            continue
         if digest in seen:
             report.skipped["duplicate"] += 1
             continue
         seen.add(digest)
         report.written += 1
         yield example
+
+
+def _checked_example(record: dict[str, Any], model: str | None) -> dict[str, Any]:
+    if model and not _model_matches(record, model):
+        raise Skip("other model")
+    example = to_example(record)
+    problems = validate(example)
+    if problems:
+        raise Skip(f"invalid ({problems[0]})")
+    return example
 
 
 def _model_matches(record: dict[str, Any], pattern: str) -> bool:
@@ -114,11 +122,19 @@ def _chat_message(message: Any) -> dict[str, Any]:
         if message.get(key):
             out[key] = message[key]
     if message.get("tool_calls"):
-        out["tool_calls"] = [
-            {"id": c.get("id"), "type": "function", "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}}
-            for c in message["tool_calls"]
-        ]
+        out["tool_calls"] = [_chat_tool_call(call) for call in message["tool_calls"]]
     return out
+
+
+def _chat_tool_call(call: Any) -> dict[str, Any]:
+    """Function calls only: the format has no place for custom (free-form) tools."""
+    kind = call.get("type", "function") if isinstance(call, dict) else None
+    if kind != "function":
+        raise Skip(f"unsupported tool call type {kind}" if kind else "malformed tool call")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise Skip("malformed tool call")
+    return {"id": call.get("id"), "type": "function", "function": {"name": function.get("name"), "arguments": function.get("arguments", "")}}
 
 
 def _from_chat(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:

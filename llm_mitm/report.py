@@ -139,11 +139,25 @@ def _table(rows: list[tuple[str, int]], heading: str, table_id: str) -> str:
     return f'<table id="{table_id}"><thead><tr><th>count</th><th>{heading}</th></tr></thead><tbody>{body}</tbody></table>'
 
 
+# Characters that could end or re-mode the <script> element the data sits in ("</script",
+# "<!--" then "<script"), as JSON escapes: they only ever occur inside JSON strings.
+_SCRIPT_ESCAPES = ((b"&", b"\\u0026"), (b"<", b"\\u003c"), (b">", b"\\u003e"),
+                   ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"))
+
+
+def _script_json(value: Any) -> str:
+    """JSON that is safe as the text of a <script> element, whatever the trace holds."""
+    data = orjson.dumps(value)
+    for raw, escaped in _SCRIPT_ESCAPES:
+        data = data.replace(raw, escaped)
+    return data.decode()
+
+
 def render(data: ReportData, title: str = "llm-mitm report") -> str:
     total_cost = sum(data.spend_by_model.values())
     days = sorted(data.spend_by_day.items())
     latency = [(_latency_label(i), float(data.latency.get(i, 0))) for i in range(len(LATENCY_BUCKETS) + 1)]
-    calls_json = orjson.dumps(list(data.calls)).replace(b"</", b"<\\/").decode()
+    calls_json = _script_json(list(data.calls))
     shown = len(data.calls)
     note = f"the latest {shown} of {data.calls_total}" if shown < data.calls_total else f"all {shown}"
     return f"""<!doctype html>

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from llm_mitm.atomic import write_atomic
+
 DEFAULT_STATE = Path("~/.mitmproxy/llm-mitm-sysproxy.json")
 
 
@@ -229,6 +231,10 @@ def _fields(text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- the switch
 
 
+class StateError(Exception):
+    """The saved settings cannot be read or written; one line that says what to do."""
+
+
 class SystemProxy:
     """start/stop/status over a backend, with the snapshot kept in a JSON file."""
 
@@ -238,19 +244,17 @@ class SystemProxy:
 
     def start(self, host: str = "127.0.0.1", port: int = 8080, bypass: Sequence[str] | None = None) -> str:
         settings = ProxySettings(host, port, tuple(bypass) if bypass else self.backend.default_bypass)
-        already = self.state_file.exists()
+        already = self._saved() is not None
         if not already:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            saved = {"backend": self.backend.name, "settings": self.backend.snapshot()}
-            self.state_file.write_text(json.dumps(saved, indent=2))
+            self._save({"backend": self.backend.name, "settings": self.backend.snapshot()})
         self.backend.apply(settings)
         note = " (already on; the settings saved before the first start are kept)" if already else ""
         return f"system proxy ({self.backend.name}) -> {host}:{port}, bypass {';'.join(settings.bypass)}{note}"
 
     def stop(self) -> str:
-        if not self.state_file.exists():
+        saved = self._saved()
+        if saved is None:
             return "not started by llm-mitm: nothing to restore"
-        saved = json.loads(self.state_file.read_text())
         self.backend.restore(saved["settings"])
         self.state_file.unlink()
         return f"system proxy ({self.backend.name}) restored"
@@ -259,6 +263,33 @@ class SystemProxy:
         current = json.dumps(self.backend.snapshot(), indent=2)
         state = "on (started by llm-mitm)" if self.state_file.exists() else "off (not started by llm-mitm)"
         return f"{state}\n{current}"
+
+    def _saved(self) -> dict[str, Any] | None:
+        """The snapshot of the first start; None when there is none. One that cannot be read
+        stops start and stop alike: it is the only copy of the user's own settings."""
+        try:
+            saved = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StateError(self._unreadable(str(exc))) from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+            raise StateError(self._unreadable("no saved settings in it"))
+        return saved
+
+    def _unreadable(self, reason: str) -> str:
+        return (
+            f"the settings saved before `start` cannot be read from {self.state_file} ({reason}), so they cannot be "
+            f"put back: set the system proxy as you want it by hand, then delete that file"
+        )
+
+    def _save(self, saved: dict[str, Any]) -> None:
+        """Whole or not at all: a half-written file would be taken for a saved snapshot."""
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.state_file, json.dumps(saved, indent=2).encode("utf-8"))
+        except OSError as exc:
+            raise StateError(f"cannot save the current settings to {self.state_file}: {exc.strerror or exc} (nothing was changed)") from None
 
 
 def detect_backend() -> Backend:
@@ -280,12 +311,16 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where the saved settings go")
     args = parser.parse_args(argv)
     switch = SystemProxy(backend or detect_backend(), args.state)
-    if args.action == "start":
-        print(switch.start(args.host, args.port, args.bypass))
-    elif args.action == "stop":
-        print(switch.stop())
-    else:
-        print(switch.status())
+    try:
+        if args.action == "start":
+            print(switch.start(args.host, args.port, args.bypass))
+        elif args.action == "stop":
+            print(switch.stop())
+        else:
+            print(switch.status())
+    except StateError as exc:
+        print(f"sysproxy: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm_mitm.atomic import write_atomic
 
 DEFAULT_CONFDIR = Path("~/.mitmproxy")
 CA_CERT_NAME = "mitmproxy-ca-cert.pem"
@@ -123,8 +126,11 @@ def write_bundle(target: Path, ca: CACert, python: str | None = None) -> Path:
     if roots and not roots.endswith("\n"):
         roots += "\n"
     target = target.expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(roots + f"# mitmproxy CA sha256={ca.fingerprint}\n" + ca.pem)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrustError(f"cannot make the folder {target.parent}: {exc.strerror}") from None
+    _write(target, roots + f"# mitmproxy CA sha256={ca.fingerprint}\n" + ca.pem, hint="")
     return target
 
 
@@ -149,7 +155,7 @@ def _without_blocks(text: str) -> str:
 
 def _read(path: Path) -> str:
     try:
-        with open(path, newline="") as handle:
+        with open(path, encoding="utf-8", newline="") as handle:
             return handle.read()
     except FileNotFoundError:
         raise TrustError(f"{path} does not exist") from None
@@ -157,14 +163,12 @@ def _read(path: Path) -> str:
         raise TrustError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, text: str, hint: str = " (use --bundle PATH to write a separate bundle instead)") -> None:
+    """Whole or not at all: a full disk part way must not cost the trust store its roots."""
     try:
-        with open(path, "w", newline="") as handle:
-            handle.write(text)
+        write_atomic(path, text.encode("utf-8"))
     except OSError as exc:
-        raise TrustError(
-            f"cannot write {path}: {exc.strerror} (use --bundle PATH to write a separate bundle instead)"
-        ) from None
+        raise TrustError(f"cannot write {path}: {exc.strerror or exc}{hint}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bundle:
             target = write_bundle(args.bundle, ca, args.python)
             for name, value in bundle_environment(target).items():
-                print(f"export {name}={value}")
+                print(f"export {name}={shlex.quote(value)}")
             return 0
         bundle = certifi_bundle(args.python)
         if args.check:

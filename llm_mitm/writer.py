@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from llm_mitm.atomic import write_atomic
+
 logger = logging.getLogger("llm_mitm.traces")
 
 RecordBuilder = Callable[[], dict[str, Any]]
@@ -120,8 +122,25 @@ class TraceWriter:
     def _open(self) -> int:
         if self._fd is None:
             self.destination.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-            self._fd = os.open(self.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            fd = os.open(self.destination, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            try:
+                self._end_torn_line(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
         return self._fd
+
+    def _end_torn_line(self, fd: int) -> None:
+        """An earlier run that died mid-write left a line without its newline: end it, or the
+        next record would be glued onto it and lost. The fragment stays, as a line of its own."""
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if not end:
+            return
+        os.lseek(fd, end - 1, os.SEEK_SET)
+        if os.read(fd, 1) != b"\n":
+            _write_all(fd, b"\n")
+            logger.warning("llm-mitm: the last line of %s was cut short by an earlier run; it is kept as a line of its own", self.destination)
 
     def _rotate(self) -> None:
         """traces.jsonl -> .1 -> .2 ... up to `keep`; whole files, so no line is split."""
@@ -153,17 +172,11 @@ class TraceWriter:
         stamp = datetime.fromtimestamp(time.time(), UTC)
         folder = self.directory / stamp.strftime("%Y-%m-%d")
         final = folder / f"{stamp.strftime('%H%M%S.%f')}-{record['id']}.json"
-        temporary = final.with_suffix(".tmp")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            try:
-                _write_all(fd, orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
-            finally:
-                os.close(fd)
-            os.replace(temporary, final)
+            # no fsync per exchange: one file a call, and the JSONL trace is not synced either
+            write_atomic(final, orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE), FILE_MODE, durable=False)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             self._fail(1, f"cannot write {final}: {exc.strerror or exc}")
             return False
         return True

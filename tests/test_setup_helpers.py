@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import venv
@@ -43,6 +45,16 @@ def app_request(app_python: Path, proxy: Mitmdump) -> subprocess.CompletedProces
 
 def trust_ca(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(TRUST_CA), *args], capture_output=True, text=True, timeout=60)
+
+
+def with_file_size_limit(limit: int, code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a Python that cannot grow any file past `limit` bytes: a disk that fills
+    up part way through a real write (stdout and stderr are pipes, so not limited)."""
+    prelude = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_trust_ca_round_trip_in_another_venv(proxy: Mitmdump, app_python: Path) -> None:
@@ -97,6 +109,51 @@ def test_trust_ca_errors_are_one_clear_line(tmp_path: Path) -> None:
     ca = trust.CACert.load(trust.ensure_ca(tmp_path / "conf"))  # made with mitmproxy's CertStore
     with pytest.raises(trust.TrustError, match=r"cannot write /proc/version: .*use --bundle"):
         trust.add(Path("/proc/version"), ca)
+
+
+def test_trust_writes_are_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A full disk part way through must leave cacert.pem (and an old bundle) as they were."""
+    conf = tmp_path / "conf"
+    ca = trust.CACert.load(trust.ensure_ca(conf))
+    folder = tmp_path / "certifi"
+    folder.mkdir()
+    bundle, old_bundle = folder / "cacert.pem", folder / "bundle.pem"
+    original = b"# roots\n" + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n" * 20
+    bundle.write_bytes(original)
+    old_bundle.write_bytes(b"an older bundle\n")
+    for path in (bundle, old_bundle):
+        path.chmod(0o640)
+    code = (
+        "from pathlib import Path; from llm_mitm import trust\n"
+        f"ca = trust.CACert.load(Path({str(ca.path)!r}))\n"
+        f"for write in (lambda: trust.add(Path({str(bundle)!r}), ca), lambda: trust.write_bundle(Path({str(old_bundle)!r}), ca)):\n"
+        "    try:\n        write()\n    except trust.TrustError as exc:\n        print(exc)\n"
+    )
+    result = with_file_size_limit(len(original) + 100, code)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [f"cannot write {bundle}", f"cannot write {old_bundle}"]
+    assert "File too large" in result.stdout
+    assert bundle.read_bytes() == original and old_bundle.read_bytes() == b"an older bundle\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["bundle.pem", "cacert.pem"]  # no temporary file left
+    # With room to write, the files keep their permissions, and a symlinked bundle stays a link.
+    link = folder / "link.pem"
+    link.symlink_to(bundle.name)
+    assert trust.add(link, ca) and link.is_symlink() and trust.is_trusted(bundle, ca)
+    trust.write_bundle(old_bundle, ca)
+    for path in (bundle, old_bundle):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert trust.remove(link) and bundle.read_bytes() == original
+
+
+def test_trust_ca_bundle_is_quoted_for_the_shell(tmp_path: Path) -> None:
+    target = tmp_path / "dir with space" / "it's $HOME.pem"
+    result = trust_ca("--confdir", str(tmp_path / "conf"), "--bundle", str(target))
+    assert result.returncode == 0, result.stderr
+    shell = subprocess.run(["bash", "-c", result.stdout + 'printf "%s\\n" "$SSL_CERT_FILE" "$REQUESTS_CA_BUNDLE" "$NODE_EXTRA_CA_CERTS"'],
+                           capture_output=True, text=True, timeout=30)
+    assert shell.returncode == 0 and shell.stderr == "", shell.stderr
+    assert shell.stdout.splitlines() == [str(target)] * 3
+    assert target.is_file()
 
 
 def test_remove_restores_a_file_without_final_newline(tmp_path: Path) -> None:
@@ -252,6 +309,47 @@ def test_sysproxy_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert fake.values["org.gnome.system.proxy mode"] == "'auto'"
 
 
+UNREADABLE_STATES = [b"", b'{"backend": "gno', b"[]", b'{"backend": "gnome"}', b"\xff\xfe"]
+
+
+@pytest.mark.parametrize("content", UNREADABLE_STATES)
+def test_unreadable_state_file_is_never_taken_for_the_saved_settings(content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It holds the only copy of the user's own settings: start and stop refuse, and say what to do."""
+    fake = FakeGsettings()
+    before = dict(fake.values)
+    state = tmp_path / "state.json"
+    state.write_bytes(content)
+    switch = sysproxy.SystemProxy(sysproxy.GnomeBackend(fake), state)
+    for action in (switch.start, switch.stop):
+        with pytest.raises(sysproxy.StateError, match=r"cannot be read from .*state\.json .* by hand, then delete that file"):
+            action()
+    assert fake.values == before and not any(call[1] == "set" for call in fake.calls)
+    assert state.read_bytes() == content
+    for action in ("start", "stop"):
+        assert sysproxy.main([action, "--state", str(state)], backend=sysproxy.GnomeBackend(fake)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sysproxy: the settings saved before `start` cannot be read") and err.count("\n") == 1
+    assert fake.values == before
+
+
+def test_a_start_that_cannot_save_changes_nothing(tmp_path: Path) -> None:
+    """A full disk on the first start: no (empty) state file is left for the retry to trust."""
+    state = tmp_path / "state" / "state.json"
+    code = (
+        "import sys; from llm_mitm import sysproxy; from tests.test_setup_helpers import FakeGsettings\n"
+        "fake = FakeGsettings(); before = dict(fake.values)\n"
+        f"code = sysproxy.main(['start', '--state', {str(state)!r}], backend=sysproxy.GnomeBackend(fake))\n"
+        "print(code, fake.values == before)\n"
+    )
+    result = with_file_size_limit(0, code)
+    assert result.stdout.split() == ["2", "True"], result.stderr
+    assert "cannot save the current settings to" in result.stderr and "nothing was changed" in result.stderr
+    assert list(state.parent.iterdir()) == []
+    fake = FakeGsettings()
+    messages = round_trip(sysproxy.GnomeBackend(fake), lambda: fake.values, state.parent)
+    assert "already on" not in messages[0]
+
+
 # --------------------------------------------------------------------------- PowerShell
 
 
@@ -293,7 +391,7 @@ def test_powershell_script_parses() -> None:
         ("bash", "export HTTPS_PROXY='http://127.0.0.1:8080'"),
         ("fish", "set -gx HTTPS_PROXY 'http://127.0.0.1:8080'"),
         ("powershell", "$env:HTTPS_PROXY = 'http://127.0.0.1:8080'"),
-        ("cmd", "set HTTPS_PROXY=http://127.0.0.1:8080"),
+        ("cmd", 'set "HTTPS_PROXY=http://127.0.0.1:8080"'),
     ],
 )
 def test_env_shells(shell: str, line: str, tmp_path: Path) -> None:
@@ -307,6 +405,73 @@ def test_env_shells(shell: str, line: str, tmp_path: Path) -> None:
     for unsafe in ("NODE_TLS_REJECT_UNAUTHORIZED", "PYTHONHTTPSVERIFY", "CURL_INSECURE", "=0\n"):
         assert unsafe not in result.stdout
     assert str(tmp_path / environment.BUNDLE_NAME) in result.stdout
+
+
+NASTY_VALUES = ["plain", "it's", "C:\\dir\\", "a\\'b", "\\\\'", "$HOME `id` $(id) \\n", "a b&c|d<e>f^g", "‘smart’ ‚quotes‛", "line\nbreak", ""]
+
+
+def fish_single_quoted(text: str) -> str:
+    """What fish makes of one single-quoted word, by its documented rules: inside single
+    quotes only \\\\ and \\' are escapes; any other backslash is literal."""
+    assert text[0] == "'" and text[-1] == "'", text
+    out, i, body = [], 0, text[1:-1]
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body) and body[i + 1] in "\\'":
+            out.append(body[i + 1])
+            i += 2
+        else:
+            assert body[i] != "'", f"the quote closes early in {text!r}"
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+def powershell_single_quoted(text: str) -> str:
+    """PowerShell's rules: the four single-quote characters count alike, doubled inside."""
+    quotes = "'\u2018\u2019\u201a\u201b"
+    assert text[0] in quotes and text[-1] in quotes, text
+    out, i, body = [], 0, text[1:-1]
+    while i < len(body):
+        if body[i] in quotes:
+            assert i + 1 < len(body) and body[i + 1] in quotes, f"the quote closes early in {text!r}"
+            i += 1
+        out.append(body[i])
+        i += 1
+    return "".join(out)
+
+
+@pytest.mark.parametrize("value", NASTY_VALUES)
+def test_env_values_come_back_unchanged_in_each_shell(value: str) -> None:
+    variables = {"LLM_MITM_VALUE": value}
+    bash = subprocess.run(["bash", "-c", environment.render(variables, "bash") + '\nprintf "%s" "$LLM_MITM_VALUE"'],
+                          capture_output=True, text=True, timeout=30)
+    assert (bash.returncode, bash.stdout) == (0, value), bash.stderr
+    fish_line = environment.render(variables, "fish")
+    assert fish_line.startswith("set -gx LLM_MITM_VALUE ")
+    assert fish_single_quoted(fish_line.removeprefix("set -gx LLM_MITM_VALUE ")) == value
+    if shutil.which("fish"):
+        fish = subprocess.run(["fish", "-c", fish_line + '; printf "%s" "$LLM_MITM_VALUE"'], capture_output=True, text=True, timeout=30)
+        assert fish.stdout == value, fish.stderr
+    powershell = environment.render(variables, "powershell")
+    assert powershell_single_quoted(powershell.removeprefix("$env:LLM_MITM_VALUE = ")) == value
+    assert powershell_errors(powershell.encode()) == []
+    if "\n" not in value:
+        assert environment.render(variables, "cmd") == f'set "LLM_MITM_VALUE={value}"'
+
+
+def test_env_cmd_refuses_what_cmd_cannot_set_literally(tmp_path: Path) -> None:
+    """cmd expands %NAME% when typed and takes %% as % only in a batch file: no line is right for both."""
+    for value in ("a b&c %USERPROFILE%", 'say "hi"', "two\nlines"):
+        with pytest.raises(environment.UnsafeValue, match="cmd cannot set V"):
+            environment.render({"V": value}, "cmd")
+    bundle = tmp_path / "a b&c %USERPROFILE%" / "bundle.pem"
+    result = subprocess.run([sys.executable, "-m", "llm_mitm", "env", "--shell", "cmd", "--confdir", str(tmp_path / "conf"), "--bundle", str(bundle)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("llm-mitm env: cmd cannot set SSL_CERT_FILE") and result.stderr.count("\n") == 1
+    ok = subprocess.run([sys.executable, "-m", "llm_mitm", "env", "--shell", "cmd", "--confdir", str(tmp_path / "conf"), "--bundle", str(tmp_path / "a b&c" / "b.pem")],
+                        capture_output=True, text=True, timeout=60, check=True)
+    assert f'set "SSL_CERT_FILE={tmp_path / "a b&c" / "b.pem"}"' in ok.stdout.splitlines()
 
 
 def test_env_output_drives_a_real_client(proxy: Mitmdump) -> None:

@@ -15,13 +15,14 @@ import orjson
 import pytest
 import requests
 
-from llm_mitm.export import validate
+from llm_mitm.export import ExportReport, export_examples, validate
 from tests.conftest import provider_routes
 from tests.support.clients import drive
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
 from tests.support.mitm import Mitmdump
 from tests.support.pki import ServerCert
 from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker
+from tests.test_setup_helpers import with_file_size_limit
 
 LLM_MITM = str(Path(sys.executable).with_name("llm-mitm"))
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
@@ -101,6 +102,70 @@ def test_export_openai_chat(recorded: Path, tmp_path: Path) -> None:
     assert [orjson.loads(line)["messages"][0]["content"] for line in only_mini.read_bytes().splitlines()] == ["mini question"]
 
 
+def chat_record(question: str, reply: Any) -> dict[str, Any]:
+    """A successful chat completion as the trace holds it."""
+    return {"provider": "openai", "api": "openai", "operation": "chat.completions", "model": "gpt-4o", "status_code": 200,
+            "request": {"body": {"model": "gpt-4o", "messages": [{"role": "user", "content": question}]}},
+            "response": {"body": {"choices": [{"index": 0, "message": reply, "finish_reason": "stop"}]}}}
+
+
+def test_export_skips_what_it_cannot_convert(tmp_path: Path) -> None:
+    """A record the format has no place for (a custom tool call) or that is malformed is
+    skipped with its reason; the examples after it are still written."""
+    custom = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "custom", "custom": {"name": "shell", "input": "ls"}}]}
+    records = [
+        chat_record("first", {"role": "assistant", "content": "a1"}),
+        chat_record("run it", custom),
+        chat_record("no function", {"role": "assistant", "content": None, "tool_calls": [{"id": "call_2", "type": "function"}]}),
+        chat_record("odd reply", "not a message"),
+        chat_record("second", {"role": "assistant", "content": "a2"}),
+    ]
+    report = ExportReport()
+    assert [e["messages"][0]["content"] for e in export_examples(records, report=report)] == ["first", "second"]
+    assert report.skipped == {"unsupported tool call type custom": 1, "malformed tool call": 1, "unconvertible record (TypeError)": 1}
+    traces, out = tmp_path / "t.jsonl", tmp_path / "train.jsonl"
+    traces.write_bytes(b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records))
+    result = cli("export", str(traces), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "2 examples written; skipped:" in result.stderr and "1 unsupported tool call type custom" in result.stderr
+    assert len(out.read_bytes().splitlines()) == 2
+
+
+def test_outputs_never_replace_the_trace_and_fail_in_one_line(tmp_path: Path) -> None:
+    traces = tmp_path / "t.jsonl"
+    traces.write_bytes(orjson.dumps(chat_record("q", {"role": "assistant", "content": "a"})) + b"\n")
+    original = traces.read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(traces)
+    for command in ("export", "report"):
+        for output in (traces, link):
+            result = cli(command, str(traces), "-o", str(output))
+            assert result.returncode == 2, result.stderr
+            assert result.stderr == f"llm-mitm {command}: the output {output} is the trace file itself: name another file with -o\n"
+            assert traces.read_bytes() == original
+        missing = cli(command, str(traces), "-o", str(tmp_path / "missing" / "out"))
+        assert missing.returncode == 2
+        assert missing.stderr == f"llm-mitm {command}: cannot write {tmp_path / 'missing' / 'out'}: No such file or directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "t.jsonl"]
+
+
+def test_outputs_are_whole_or_not_written(tmp_path: Path) -> None:
+    """A disk that fills up part way: the previous output stays as it was, and no half file."""
+    traces = tmp_path / "t.jsonl"
+    make_big_trace(traces, 200)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for command in ("export", "report"):
+        output = folder / f"{command}.out"
+        output.write_bytes(b"the previous output\n")
+        code = f"import sys; from llm_mitm.cli import main; sys.exit(main({[command, str(traces), '-o', str(output)]!r}))"
+        result = with_file_size_limit(10_000, code)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"llm-mitm {command}: cannot write {output}: File too large")
+        assert output.read_bytes() == b"the previous output\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["export.out", "report.out"]
+
+
 def test_export_rules_catch_bad_examples() -> None:
     assert validate({"messages": [{"role": "user", "content": "hi"}]}) == ["does not end with the assistant's reply"]
     assert "message 0 has role 'robot'" in validate({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]})
@@ -168,14 +233,24 @@ def test_report_escapes_what_the_trace_holds(tmp_path: Path, browser: Any) -> No
     record = {"timestamp": "2026-11-25T10:00:00Z", "provider": "openai", "operation": "chat.completions", "model": nasty,
               "status_code": 200, "duration_ms": 5.0, "api_key": nasty, "cost_usd": 0.001,
               "request": {"body": {"messages": [{"role": "user", "content": nasty}]}}, "response": {"body": None}}
+    # "<!--" then "<script" puts the HTML parser in a state where "</script>" no longer ends
+    # the data element, so the page after it would be swallowed.
+    comment = "<!--<script>&amp;\u2028"
+    record["request"]["body"]["messages"].append({"role": "user", "content": comment})
     traces = tmp_path / "t.jsonl"
     traces.write_bytes(orjson.dumps(record) + b"\n")
     page = tmp_path / "r.html"
     assert cli("report", str(traces), "-o", str(page)).returncode == 0
     browser.get(page.as_uri())
     assert browser.execute_script("return window.pwned") is None
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#calls tbody tr")) == 1
+    rows = browser.find_elements(By.CSS_SELECTOR, "#calls tbody tr")
+    assert len(rows) == 1
+    rows[0].click()
+    texts = browser.execute_script("return Array.from(document.querySelectorAll('#messages .message div:last-child'), d => d.textContent)")
+    assert texts == [nasty, comment]  # shown as text, exactly
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    data = page.read_text().split('<script type="application/json" id="calls-data">')[1].split("</script>")[0]
+    assert not {"<", ">", "&", "\u2028"} & set(data)
 
 
 # --------------------------------------------------------------------------- big files

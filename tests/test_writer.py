@@ -85,3 +85,33 @@ def test_a_failing_record_does_not_stop_the_writer(tmp_path: Path) -> None:
     writer.close()
     assert read_lines(tmp_path / "t.jsonl") == [{"id": "ok", "text": ""}, {"id": "smaller", "text": ""}]
     assert writer.stats.render_failed == 1
+
+
+def test_a_torn_last_line_is_ended_before_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crash left half a line: the next run's first record must not be glued onto it."""
+    from llm_mitm.tracefile import ReadReport, read_records
+
+    traces = tmp_path / "t.jsonl"
+    torn = b'{"id": "torn", "te'
+    traces.write_bytes(orjson.dumps(row(id="before")) + b"\n" + torn)
+    with caplog.at_level(logging.WARNING, logger="llm_mitm.traces"):
+        writer = TraceWriter(traces, None)
+        writer.write(batch(row(id="after")))
+        writer.write(batch(row(id="later")))
+        writer.close()
+    assert traces.read_bytes().splitlines() == [b'{"id":"before","text":""}', torn, b'{"id":"after","text":""}', b'{"id":"later","text":""}']
+    assert sum("cut short" in r.getMessage() for r in caplog.records) == 1
+    report = ReadReport()
+    assert [r["id"] for r in read_records(traces, report)] == ["before", "after", "later"]
+    assert report.invalid_lines == [2] and not report.torn_last_line
+    assert any("line 2" in problem for problem in report.problems())  # the fragment is reported, not lost
+
+
+def test_whole_lines_and_empty_files_get_no_extra_newline(tmp_path: Path) -> None:
+    for content in (b"", orjson.dumps(row(id="before")) + b"\n"):
+        traces = tmp_path / "t.jsonl"
+        traces.write_bytes(content)
+        writer = TraceWriter(traces, None)
+        writer.write(batch(row(id="after")))
+        writer.close()
+        assert traces.read_bytes() == content + b'{"id":"after","text":""}\n'
