@@ -8,6 +8,9 @@ reads, rebuilds and meters it instead, off the event loop.
 
 from __future__ import annotations
 
+import codecs
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,7 @@ class Body:
     malformed_json: bool = False  # said it was JSON, and is not
     raw: bytes | None = None  # the JSON as it came (the trace takes it as is), or the unread bytes
     unread: bool = False  # kept for the trace writer process to parse
+    form: bool = False  # multipart/form-data (uploads): read by field, not as JSON
 
     @classmethod
     def parse(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -44,10 +48,20 @@ class Body:
                 return cls(size=size, json=orjson.loads(content), is_json=True, raw=content)
             except orjson.JSONDecodeError:
                 malformed = True
+        if (utf8 := _utf8_json(content)) is not None:  # a BOM, UTF-16 or UTF-32: JSON all the same
+            try:
+                return cls(size=size, json=orjson.loads(utf8), is_json=True, raw=utf8)
+            except orjson.JSONDecodeError:
+                malformed = True
         if malformed or _is_textual(content_type):
-            text = content[: _SAMPLE_LIMIT * 4].decode("utf-8", "replace")[:_SAMPLE_LIMIT]
-            return cls(size=size, text=text, malformed_json=malformed)
-        return cls(size=size)
+            return cls(size=size, text=_sample(content), malformed_json=malformed)
+        return cls(size=size, form=content_type.lower().startswith("multipart/form-data"))
+
+    @property
+    def opaque(self) -> bool:
+        """Bytes that are neither JSON nor a form: what they ask of an API (model, texts,
+        limits) cannot be checked, so the policy treats them as unparseable."""
+        return self.size > 0 and not self.is_json and not self.form and not self.unread
 
     @classmethod
     def unparsed(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -91,6 +105,33 @@ def _looks_like_json(content: bytes, content_type: str) -> bool:
     if "json" in kind:
         return True
     return not kind.startswith("multipart/") and content.lstrip()[:1] in (b"{", b"[")
+
+
+_TOKEN_TAIL = re.compile(r"[A-Za-z0-9._~+/=-]+\Z")
+
+
+def _sample(content: bytes) -> str:
+    """The start of a text body, for the trace. Where it is cut, a word cut in two goes:
+    half a key is too short to be known for one, and would be written down as it is."""
+    text = content[: _SAMPLE_LIMIT * 4].decode("utf-8", "replace")
+    if len(text) <= _SAMPLE_LIMIT and len(content) <= _SAMPLE_LIMIT * 4:
+        return text
+    return _TOKEN_TAIL.sub("", text[:_SAMPLE_LIMIT])
+
+
+_UNICODE_MARKS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # the UTF-32 ones start with these
+
+
+def _utf8_json(content: bytes) -> bytes | None:
+    """JSON with a byte order mark or in UTF-16/32, as UTF-8: Python's `json.loads` (and so
+    many an API server) reads it, so the policy must too. None for anything else."""
+    if not (content.startswith(_UNICODE_MARKS) or b"\x00" in content[:4]):
+        return None
+    try:
+        text = content.decode(json.detect_encoding(content))
+        return text.removeprefix("\ufeff").encode("utf-8")
+    except (UnicodeError, LookupError):
+        return None
 
 
 def _is_textual(content_type: str) -> bool:

@@ -27,6 +27,7 @@ class Call:
     response_json: Any
     error: bool
     charged: bool  # went upstream and was answered by it (not refused, not replayed)
+    answered: bool = False  # a 1xx-3xx answer came, though it may have been cut short
 
 
 class Metering:
@@ -45,7 +46,9 @@ class Metering:
         if not call.charged or call.operation not in GENERATING:
             return call.usage, None
         usage = call.usage
-        if usage is None and self.estimate_missing and not call.error:
+        # A stream cut short (the client went, upstream reset) has generated tokens but never
+        # got to its usage chunk: estimated, so that limits and budgets still see it.
+        if usage is None and self.estimate_missing and (not call.error or call.answered):
             usage = estimate_usage(call.request_json, call.response_json)
         if usage is None:
             return None, None

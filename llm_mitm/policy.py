@@ -113,15 +113,27 @@ class Policy:
             allowed = ", ".join(p for p, _ in self._operations)
             return Violation("operation_not_allowed", f"operation {route.operation!r} is not allowed (allowed_operations: {allowed})")
         if request.unparseable and self.config.on_unparseable == "reject":
-            return Violation("unparseable_body", "the request body is not valid JSON (on_unparseable: reject)", 400)
+            return Violation("unparseable_body", "the request body is not JSON the policy can read (on_unparseable: reject)", 400)
         if request.model is not None:
             if violation := self._model_verdicts((route.provider, request.model)):
                 return violation
-        if isinstance(request.body, dict):
-            if violation := self._check_instructions(request.body):
+        if not isinstance(request.body, dict):
+            return None
+        if violation := self._check_call(request.body):
+            return violation
+        for params in batched_calls(route, request.body):  # each call of a batch, as if sent alone
+            model = params.get("model")
+            if isinstance(model, str) and (violation := self._model_verdicts((route.provider, model))):
                 return violation
-            if self.config.max_tokens_action == "reject":
-                return self._check_max_tokens(request.body)
+            if violation := self._check_call(params):
+                return violation
+        return None
+
+    def _check_call(self, body: dict[str, Any]) -> Violation | None:
+        if violation := self._check_instructions(body):
+            return violation
+        if self.config.max_tokens_action == "reject":
+            return self._check_max_tokens(body)
         return None
 
     def _judge_model(self, provider: str, model: str) -> Violation | None:
@@ -135,7 +147,7 @@ class Policy:
     def _check_instructions(self, body: dict[str, Any]) -> Violation | None:
         if not self._instructions:
             return None
-        for role, text in request_texts(body):
+        for role, text in request_texts(body, joined=True):
             key = (_ROLE_ALIASES.get(role, role), text)
             rule = self._text_verdicts(key) if len(text) <= _REMEMBERED_TEXT else self._first_forbidden(key)
             if rule is not None:
@@ -167,9 +179,17 @@ class Policy:
         cap = self.config.max_tokens
         if cap is None or self.config.max_tokens_action != "clamp" or not isinstance(body, dict):
             return None
+        if _is_batch(route):
+            requests = body.get("requests")
+            if not isinstance(requests, list):
+                return None
+            clamped = [_with_params(item, self._clamped(cap, item["params"], "max_tokens")) if _has_params(item) else item for item in requests]
+            return {**body, "requests": clamped} if clamped != requests else None
         field = _limit_field(route)
-        if field is None:
-            return None
+        return None if field is None else self._clamped(cap, body, field)
+
+    @staticmethod
+    def _clamped(cap: int, body: dict[str, Any], field: str) -> dict[str, Any] | None:
         changed = dict(body)
         present = [f for f in MAX_TOKEN_FIELDS if isinstance(body.get(f), int) and not isinstance(body.get(f), bool)]
         for name in present:
@@ -177,6 +197,27 @@ class Policy:
         if not present:
             changed[field] = cap
         return changed if changed != body else None
+
+
+def _is_batch(route: Route) -> bool:
+    """Anthropic's Message Batches: many `messages` calls in one body, each under `params`."""
+    return route.api == "anthropic" and route.operation == "messages.batches"
+
+
+def _has_params(item: Any) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("params"), dict)
+
+
+def _with_params(item: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:
+    return item if params is None else {**item, "params": params}
+
+
+def batched_calls(route: Route, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls a batch request carries (none for any other request)."""
+    requests = body.get("requests")
+    if not _is_batch(route) or not isinstance(requests, list):
+        return []
+    return [item["params"] for item in requests if _has_params(item)]
 
 
 def _limit_field(route: Route) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from llm_mitm.config import ApiKind, ProviderConfig
 from llm_mitm.memo import Memo
@@ -25,7 +25,7 @@ def host_regex(pattern: str) -> str:
     else:
         host_re = re.escape(host)
     port_re = re.escape(port) if port else r"\d+"
-    return rf"^{host_re}:{port_re}$"
+    return rf"^{host_re}\.?:{port_re}$"  # `api.openai.com.` (fully qualified) is the same host
 
 
 def _split_port(pattern: str) -> tuple[str, str | None]:
@@ -35,6 +35,12 @@ def _split_port(pattern: str) -> tuple[str, str | None]:
         return pattern[: end + 1], rest[1:] if rest.startswith(":") else None
     host, sep, port = pattern.rpartition(":")
     return (host, port) if sep else (pattern, None)
+
+
+def split_host(name: str, default_port: int) -> tuple[str, int]:
+    """`host[:port]` (a Host header, a server name) as host and port."""
+    host, port = _split_port(name)
+    return (host.strip("[]"), int(port)) if port and port.isdigit() else (name.strip("[]"), default_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +78,7 @@ class ProviderMatcher:
     def match(self, host: str, port: int) -> Provider | None:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        target = f"{host.lower()}:{port}"
+        target = f"{host.lower().removesuffix('.')}:{port}"
         for regex, provider in self._entries:
             if regex.match(target):
                 return provider
@@ -92,14 +98,30 @@ class ProviderMatcher:
 def route_for(provider: Provider, path: str) -> Route:
     """Classify a request path (query included) for a provider's API."""
     path_only, _, query = path.partition("?")
-    segments = [s for s in path_only.split("/") if s]
+    segments = _segments(path_only)
     if provider.api == "anthropic":
         return Route(provider.name, provider.api, _anthropic_operation(_after_version(segments)))
     if provider.api == "azure":
-        api_version = parse_qs(query).get("api-version", [None])[0]
+        params = parse_qs(query)
         deployment, rest = _azure_parts(segments)
-        return Route(provider.name, provider.api, _openai_operation(rest), deployment, api_version)
+        deployment = deployment or params.get("deployment", [None])[0]  # realtime names it in the query
+        return Route(provider.name, provider.api, _openai_operation(rest), deployment, params.get("api-version", [None])[0])
     return Route(provider.name, provider.api, _openai_operation(_after_version(segments)))
+
+
+def _segments(path: str) -> list[str]:
+    """The path's segments as the server resolves them: percent-decoded, with `.` and `..`
+    applied, so that `/v1/chat/completions/../../embeddings` is embeddings and
+    `deployments/gpt%2D4o` is gpt-4o to the policy as it is to the API."""
+    out: list[str] = []
+    for raw in path.split("/"):
+        segment = unquote(raw) if "%" in raw else raw
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment and segment != ".":
+            out.append(segment)
+    return out
 
 
 def _after_version(segments: list[str]) -> list[str]:
@@ -134,6 +156,8 @@ _OPENAI_OPERATIONS = {
 
 
 def _openai_operation(segments: list[str]) -> str:
+    if segments[:1] == ["openai"]:  # an API mounted after the version (Gemini's `/v1beta/openai/...`)
+        segments = segments[1:]
     if not segments:
         return "other"
     if tuple(segments[:2]) in _OPENAI_OPERATIONS:

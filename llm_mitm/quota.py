@@ -72,9 +72,14 @@ class Quota:
         for limit, item, ids in self._windows("tokens_per_minute", caller):
             if not self._limiter.test(item, *ids):
                 return self._refusal("tokens_per_minute", limit, item, ids)
-        for limit, item, ids in self._windows("requests_per_minute", caller):
-            if not self._limiter.hit(item, *ids):
+        # Every request window is tested before any is counted: a call one rule refuses
+        # must not use up the others' windows (one noisy key filling the global one).
+        windows = list(self._windows("requests_per_minute", caller))
+        for limit, item, ids in windows:
+            if not self._limiter.test(item, *ids):
                 return self._refusal("requests_per_minute", limit, item, ids)
+        for _, item, ids in windows:
+            self._limiter.hit(item, *ids)
         return None
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:

@@ -13,6 +13,7 @@ import re
 import string
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -63,18 +64,31 @@ def _has_hex_run(text: str) -> bool:
 
 # Secret shapes, each with a test that every match passes, so that ordinary text costs
 # a few passes of C instead of a regex pass per shape (20-30 times more for the hex shape).
+# A secret starts where the text before it is not part of a word, or right after an escape
+# that ends in a letter or digit: `\n` in JSON kept as text (a tool call's arguments), `%3D`
+# in a URL, `\u00e9`.
+_AFTER_ESCAPE = r"(?<=\\[nrtbf])|(?<=%[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})"
 _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
-    (lambda text: "sk-" in text, re.compile(r"(?<![A-Za-z0-9_-])sk-[A-Za-z0-9_-]{16,}")),
+    (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),
     # JSON web tokens.
     (lambda text: "eyJ" in text, re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")),
     # Azure OpenAI keys: 32 hex digits.
-    (_has_hex_run, re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{32}(?![0-9A-Za-z])")),
+    (_has_hex_run, re.compile(rf"(?:(?<![0-9A-Za-z])|{_AFTER_ESCAPE})[0-9a-fA-F]{{32}}(?![0-9A-Za-z])")),
 )
 # Whatever follows "Bearer" is a credential, whatever its shape (not a fingerprint already).
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
 _BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
+
+
+def split_scheme(value: str) -> tuple[str | None, str]:
+    """`Bearer <token>` as ("bearer", token): an HTTP auth scheme is case-insensitive and
+    any run of spaces or tabs may follow it. (None, value) when no known scheme leads."""
+    parts = value.split(None, 1)
+    if len(parts) == 2 and parts[0].lower() in ("bearer", "basic", "token", "digest"):
+        return parts[0].lower(), parts[1].strip()
+    return None, value.strip()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -101,6 +115,8 @@ class Redactor:
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
+        names = "|".join(re.escape(name) for name in sorted(self.fields, key=len, reverse=True))
+        self._assignment = re.compile(rf"""(?i)((?<![A-Za-z0-9_-])["']?(?:{names})["']?[ \t]*[:=][ \t]*["']?)(?!…)([^\s"'&,;}}]+)""")
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
 
@@ -109,12 +125,19 @@ class Redactor:
         return self._fingerprints(secret)
 
     def _fingerprint(self, secret: str) -> str:
-        digest = hashlib.sha256(self._salt + secret.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         prefix = next((p for p in _KEY_PREFIXES if secret.startswith(p)), "")
         if not prefix and secret.startswith("eyJ"):
             prefix = "jwt:"
         tail = secret[-4:] if len(secret) >= 16 else ""
-        return f"{prefix}…{tail}#{digest}"
+        return f"{prefix}…{tail}#{self._digest(secret)}"
+
+    def _digest(self, secret: str) -> str:
+        return hashlib.sha256(self._salt + secret.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+    def opaque(self, secret: str) -> str:
+        """`…#<hash>` with no characters of the secret: for passwords and cookies, whose
+        last characters are a password's last characters (Basic is base64 of user:password)."""
+        return f"…#{self._digest(secret)}"
 
     def text(self, value: str) -> str:
         if len(value) >= _SHORTEST_SECRET:
@@ -150,13 +173,18 @@ class Redactor:
         return self._credentials(value)
 
     def _credential(self, value: str) -> str:
-        scheme, sep, token = value.strip().partition(" ")
-        if sep and scheme.lower() in ("bearer", "basic", "token", "digest") and token:
-            return f"{scheme} {self.fingerprint(token.strip())}"
-        return self.fingerprint(value.strip())
+        scheme, token = split_scheme(value)
+        if scheme in ("bearer", "token"):
+            return f"{value.split(None, 1)[0]} {self.fingerprint(token)}"
+        if scheme in ("basic", "digest"):
+            return f"{value.split(None, 1)[0]} {self.opaque(token)}"
+        return self.fingerprint(token)
 
     def header(self, name: str, value: str) -> str:
-        if name.lower() in self.headers:
+        name = name.lower()
+        if name in ("cookie", "set-cookie"):
+            return self.opaque(value.strip())
+        if name in self.headers:
             return self.credential(value)
         return self.text(value)
 
@@ -176,14 +204,27 @@ class Redactor:
                 return f"{sep}{name}={self.fingerprint(value)}"
             return m.group(0)
 
-        return self.text(self._query.sub(param, url))
+        redacted = self.text(self._query.sub(param, url))
+        if "%" in redacted:  # a key written percent-encoded (`sk%2Dproj%2D...`) is a key all the same
+            decoded = unquote(redacted)
+            plain = self.text(self._query.sub(param, decoded))
+            if plain != decoded:
+                return plain
+        return redacted
+
+    def free_text(self, value: str) -> str:
+        """Text of no known structure (a text body, a line of output): secret shapes, and
+        the value of anything named like a credential (`"password": "..."`, `api_key=...`)."""
+        if self._assignment.search(value) is not None:
+            value = self._assignment.sub(lambda m: m.group(1) + self.opaque(m.group(2)), value)
+        return self.text(value)
 
     def log_line(self, line: str) -> str:
         """A line of proxy output: a `name: value` header line or free text with URLs."""
         match = _HEADER_LINE.match(line)
         if match and _ANSI.sub("", match.group(2)).lower() in self.headers:
             return f"{match.group(1)}{match.group(2)}: {self.credential(_ANSI.sub('', match.group(3)))}"
-        return self.url(line)
+        return self.free_text(self.url(line))
 
     def json(self, value: Any) -> Any:
         """A redacted copy of parsed JSON (the original is left as it is), or the value
@@ -213,11 +254,13 @@ class Redactor:
                 copy: dict[Any, Any] = {}
                 parent[slot] = copy
                 for key, child in item.items():
-                    if isinstance(child, str) and child and isinstance(key, str) and key.lower() in self.fields:
-                        copy[key] = self.credential(child)
-                    else:
-                        copy[key] = None
-                        stack.append((child, copy, key))
+                    if isinstance(key, str):
+                        if isinstance(child, str) and child and key.lower() in self.fields:
+                            copy[self.text(key)] = self.credential(child)
+                            continue
+                        key = self.text(key)  # a key can be a secret too (`{"sk-...": ...}`)
+                    copy[key] = None
+                    stack.append((child, copy, key))
             elif isinstance(item, list):
                 items: list[Any] = [None] * len(item)
                 parent[slot] = items

@@ -60,8 +60,9 @@ class ReplayIndex:
         blocked = (record.get("policy") or {}).get("decision") == "block"
         if blocked or record.get("replay") == "hit" or record.get("error") or not isinstance(status, int) or not 200 <= status < 300:
             return
-        if request is None or not isinstance(response, (dict, list)):
-            return
+        sent = (record.get("request") or {}).get("size")
+        if isinstance(request, str) or (request is None and sent) or not isinstance(response, (dict, list)):
+            return  # a body that is not JSON is kept as a sample at most: no key tells two apart
         key = request_key(record.get("provider", ""), record.get("url", ""), record.get("api_key"), request)
         self.answers[key] = Recorded(record.get("api", "openai"), record.get("operation", ""), status, response)
 

@@ -1,12 +1,16 @@
 """Every text an API will read from a request body, with its role, and a normal form.
 
-The shapes: chat `messages` (string content or content-part arrays, tool messages),
-Responses `instructions` and `input` (a string or items), Anthropic `system` (string or
-blocks) and `messages` (blocks, tool results), and the legacy `prompt`.
+The shapes: chat `messages` (string content or content-part arrays, tool messages, the
+arguments of earlier tool calls), Responses `instructions`, `input` (a string or items:
+messages, tool calls and their outputs) and `prompt.variables`, Anthropic `system` (string
+or blocks) and `messages` (text, tool results, documents, search results), tool
+descriptions, and the legacy `prompt` and `suffix`. A message's text parts are also read
+joined, so a phrase split across two parts is still one phrase.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -17,25 +21,28 @@ RoleText = tuple[str, str]
 _TEXT_PART_TYPES = {"text", "input_text", "output_text"}
 
 
-def request_texts(body: Any) -> list[RoleText]:
+def request_texts(body: Any, joined: bool = False) -> list[RoleText]:
     """(role, text) for each piece of text in a request body, whatever the API. A list
-    built in one pass: this runs on every request (nested generators cost more than the work)."""
+    built in one pass: this runs on every request (nested generators cost more than the work).
+    `joined`: also each message's text parts joined (for matching; not for counting)."""
     out: list[RoleText] = []
+    joins: list[RoleText] | None = [] if joined else None
     if not isinstance(body, dict):
         return out
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        out.append(("user", prompt))
-    elif isinstance(prompt, list):
-        out.extend(("user", item) for item in prompt if isinstance(item, str))
+    for field in ("prompt", "suffix"):
+        value = body.get(field)
+        if isinstance(value, str):
+            out.append(("user", value))
+        elif isinstance(value, list):
+            out.extend(("user", item) for item in value if isinstance(item, str))
     system = body.get("system")
     if system is not None:
-        _content(out, "system", system)
+        _content(out, "system", system, joins)
     instructions = body.get("instructions")
     if isinstance(instructions, str):
         out.append(("system", instructions))
     for message in _list(body.get("messages")):
-        _message(out, message)
+        _message(out, message, joins)
     items = body.get("input")
     if isinstance(items, str):
         out.append(("user", items))
@@ -44,28 +51,55 @@ def request_texts(body: Any) -> list[RoleText]:
             if isinstance(item, str):
                 out.append(("user", item))
             else:
-                _message(out, item)
-    return out
+                _message(out, item, joins)
+    prompt = body.get("prompt")
+    if isinstance(prompt, dict) and isinstance(prompt.get("variables"), dict):  # Responses: a stored prompt's values
+        for value in prompt["variables"].values():
+            _content(out, "user", [value])
+    for tool in _list(body.get("tools")):  # the model reads what each tool is for
+        if isinstance(tool, dict):
+            function = tool.get("function")
+            described = function if isinstance(function, dict) else tool
+            if isinstance(described.get("description"), str):
+                out.append(("system", described["description"]))
+    return out + joins if joins else out
 
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _message(out: list[RoleText], message: Any) -> None:
+# Responses items that are not messages: where their text is, and whose it is.
+_ITEM_TEXTS = {
+    "function_call_output": ("output", "tool"),
+    "custom_tool_call_output": ("output", "tool"),
+    "function_call": ("arguments", "assistant"),
+    "custom_tool_call": ("input", "assistant"),
+}
+
+
+def _message(out: list[RoleText], message: Any, joins: list[RoleText] | None) -> None:
     if not isinstance(message, dict):
         return
-    if message.get("type") == "function_call_output":  # Responses: a tool result
-        _content(out, "tool", message.get("output"))
+    kind = message.get("type")
+    item = _ITEM_TEXTS.get(kind) if isinstance(kind, str) else None  # any JSON value may come here
+    if item is not None:
+        _content(out, item[1], message.get(item[0]), joins)
         return
     role = message.get("role")
-    _content(out, role if isinstance(role, str) else "user", message.get("content"))
+    role = role if isinstance(role, str) else "user"
+    _content(out, role, message.get("content"), joins)
+    for call in _list(message.get("tool_calls")):  # chat: the assistant's earlier calls
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            out.append((role, function["arguments"]))
 
 
-def _content(out: list[RoleText], role: str, content: Any) -> None:
+def _content(out: list[RoleText], role: str, content: Any, joins: list[RoleText] | None = None) -> None:
     if isinstance(content, str):
         out.append((role, content))
         return
+    start = len(out)
     for part in _list(content):
         if isinstance(part, str):
             out.append((role, part))
@@ -76,29 +110,67 @@ def _content(out: list[RoleText], role: str, content: Any) -> None:
                 if isinstance(text, str):
                     out.append((role, text))
             elif kind == "tool_result":  # Anthropic: the tool's answer, string or blocks
-                _content(out, "tool", part.get("content"))
+                _content(out, "tool", part.get("content"), joins)
             elif kind == "refusal" and isinstance(part.get("refusal"), str):
                 out.append((role, part["refusal"]))
+            elif kind in ("document", "search_result"):  # Anthropic: text the model is given to read
+                _document(out, role, part, joins)
+    if joins is not None:
+        pieces = [text for who, text in out[start:] if who == role]
+        if len(pieces) > 1:  # a phrase split across parts: the model reads them in a row
+            joins.append((role, "".join(pieces)))
+            joins.append((role, "\n".join(pieces)))
 
 
-# Letters from other scripts that look like Latin ones (the common spoofs).
+def _document(out: list[RoleText], role: str, block: dict[str, Any], joins: list[RoleText] | None) -> None:
+    for key in ("title", "context"):
+        if isinstance(block.get(key), str):
+            out.append((role, block[key]))
+    source = block.get("source")
+    if isinstance(source, dict):
+        if source.get("type") == "text" and isinstance(source.get("data"), str):
+            out.append((role, source["data"]))
+        elif source.get("type") == "content":
+            _content(out, role, source.get("content"), joins)
+    if block.get("type") == "search_result":
+        _content(out, role, block.get("content"), joins)
+
+
+# Letters from other scripts that look like Latin ones (the common spoofs), and Latin
+# letters that look like others: dotless i, script g, small capitals.
 _HOMOGLYPHS = str.maketrans(
-    "аеорсухіјѕԁһӏԛԝвкмнтαεικνορτυχ",
-    "aeopcyxijsdhlqwbkmhtaeikvoptux",
+    "аеорсухіјѕԁһӏԛԝвкмнтαεικνορτυχıɡɑɩᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢ",
+    "aeopcyxijsdhlqwbkmhtaeikvoptuxigaiabcdefghijklmnoprstuvwyz",
 )
-# Invisible and combining characters: format controls (zero-width, bidi, soft hyphen,
-# BOM), combining marks, and C0/C1 controls other than whitespace.
-_HIDDEN = re.compile(
-    "[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5"
-    "\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
-    "\u0300-\u036f\u0483-\u0489\u0591-\u05bd\u0610-\u061a\u064b-\u065f\u1ab0-\u1aff\u1dc0-\u1dff"
-    "\u20d0-\u20ff\ufe20-\ufe2f\U000e0000-\U000e007f]"
-)
+_FILLERS = "\u115f\u1160\u3164\uffa0"  # Hangul fillers: letters by category, blank to the eye
+
+
+@functools.cache
+def _hidden() -> re.Pattern[str]:
+    """What no reader sees: format controls (zero-width, bidi, soft hyphen, BOM, tags),
+    combining and enclosing marks (accents; variation selectors), control characters that
+    are not whitespace, and the Hangul fillers. By Unicode category rather than a list, so
+    a character left off a list cannot hide a match. Built on first use (tens of ms)."""
+    ranges: list[tuple[int, int]] = []
+    for low, high in ((0, 0x30000), (0xE0000, 0xE1000)):
+        for point in range(low, high):
+            char = chr(point)
+            category = unicodedata.category(char)
+            if category in ("Cf", "Mn", "Me") or (category == "Cc" and not char.isspace()) or char in _FILLERS:
+                if ranges and ranges[-1][1] == point - 1:
+                    ranges[-1] = (ranges[-1][0], point)
+                else:
+                    ranges.append((point, point))
+    return re.compile("[" + "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges) + "]")
+
+
 _SPACES = re.compile(r"\s+")
 # The same for plain ASCII, as byte operations (this runs on every request's prompts):
-# controls go, tab/CR/LF become spaces, capitals become small, then runs of spaces close up.
-_ASCII_HIDDEN = bytes(range(0x00, 0x09)) + b"\x0b\x0c" + bytes(range(0x0E, 0x20)) + b"\x7f"
-_ASCII_FOLD = bytes.maketrans(b"\t\n\r" + bytes(range(0x41, 0x5B)), b"   " + bytes(range(0x61, 0x7B)))
+# controls go, whitespace (tab, CR, LF, VT, FF and the separators 0x1c-0x1f) becomes
+# spaces, capitals become small, then runs of spaces close up.
+_ASCII_WHITESPACE = b"\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+_ASCII_HIDDEN = bytes(range(0x00, 0x09)) + bytes(range(0x0E, 0x1C)) + b"\x7f"
+_ASCII_FOLD = bytes.maketrans(_ASCII_WHITESPACE + bytes(range(0x41, 0x5B)), b" " * len(_ASCII_WHITESPACE) + bytes(range(0x61, 0x7B)))
 _ASCII_RUNS = re.compile(b" {2,}")
 
 
@@ -114,9 +186,10 @@ def normalize(text: str) -> str:
 
 
 def _normalize_unicode(text: str) -> str:
-    decomposed = _HIDDEN.sub("", unicodedata.normalize("NFKD", text))
+    hidden = _hidden()
+    decomposed = hidden.sub("", unicodedata.normalize("NFKD", text))
     folded = unicodedata.normalize("NFKC", decomposed).casefold().translate(_HOMOGLYPHS)
-    return _SPACES.sub(" ", _HIDDEN.sub("", folded)).strip()
+    return _SPACES.sub(" ", hidden.sub("", folded)).strip()
 
 
 def response_texts(body: Any) -> Iterator[str]:

@@ -148,6 +148,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
         response_json=body.json,
         error=snap["error"] is not None,
         charged=not _blocked(snap) and snap["replay"] != "hit",
+        answered=snap["status_code"] is not None and snap["status_code"] < 400,
     ))
     snap["usage"] = usage.as_dict() if usage else None
     snap["cost_usd"] = cost
@@ -227,7 +228,7 @@ def _body(kind: str | None, value: Any, redactor: Redactor, bodies: BodiesMode) 
         raise TypeError("a trace body must be parsed before it is redacted")
     if bodies != "full" or value is None or kind not in ("json", "text") or (kind == "text" and not value):
         return None
-    return redactor.json(value) if kind == "json" else redactor.text(value)
+    return redactor.json(value) if kind == "json" else redactor.free_text(value)
 
 
 def _ms(start: float | None, end: float | None) -> float | None:

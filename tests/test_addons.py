@@ -18,6 +18,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 from llm_mitm.addons import OutputRedaction, Recorder, Scope, Settings, Shared, Tracer
+from tests.test_sse import through
 
 
 def make_addons() -> tuple[Shared, list[object]]:
@@ -69,7 +70,7 @@ def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
         with taddons.context(*addons) as tctx:
             tctx.configure(addons[0], llm_config="")
             assert tctx.options.connection_strategy == "lazy"
-            assert r"^api\.openai\.com:\d+$" in tctx.options.allow_hosts
+            assert r"^api\.openai\.com\.?:\d+$" in tctx.options.allow_hosts  # and its fully qualified form
             assert len(tctx.options.allow_hosts) == 4
 
     os.chdir(tmp_path)
@@ -151,6 +152,68 @@ def test_one_exchange_per_flow_with_usage(tmp_path: Path, deferred: bool) -> Non
     run(go())
 
 
+def recorded(flow):  # type: ignore[no-untyped-def]
+    """The exchange the Recorder makes of a flow, with the default config."""
+    async def go():  # type: ignore[no-untyped-def]
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config="")
+            addons[3].request(flow)
+            return shared.exchange(flow)
+
+    return run(go())
+
+
+def test_one_key_is_one_identity_however_it_is_sent(tmp_path: Path) -> None:
+    """Limits, budgets and `by_key` go by the key: not by how `Bearer` is spelt, nor by
+    whether Azure's key came in a header or the query, nor by a stray second header."""
+    os.chdir(tmp_path)
+    key = b"sk-proj-" + b"K" * 40
+
+    def key_of(host: str = "api.openai.com", path: bytes = b"/v1/chat/completions", **headers: bytes) -> str | None:
+        flow = chat_flow(host=host)
+        flow.request.path = path
+        del flow.request.headers["authorization"]
+        for name, value in headers.items():
+            flow.request.headers[name.replace("_", "-")] = value
+        return recorded(flow).api_key
+
+    bearer = key_of(authorization=b"Bearer " + key)
+    assert bearer == key_of(authorization=b"bearer " + key) == key_of(authorization=b"BEARER\t " + key) == key_of(authorization=key)
+    azure, deployment = "r.openai.azure.com", b"/openai/deployments/d/chat/completions?api-version=1"
+    assert key_of(azure, deployment, api_key=b"0123456789abcdef" * 2) == key_of(azure, deployment + b"&api-key=" + b"0123456789abcdef" * 2)
+    assert key_of(azure, deployment + b"&api-key=" + b"f" * 32) != key_of(azure, deployment + b"&api-key=" + b"e" * 32)
+    anthropic = key_of("api.anthropic.com", b"/v1/messages", x_api_key=key, authorization=b"Bearer junk-" + b"j" * 20)
+    assert anthropic == key_of("api.anthropic.com", b"/v1/messages", x_api_key=key)
+
+
+def test_a_provider_named_only_by_server_name_or_host_header_is_recorded(tmp_path: Path) -> None:
+    """mitmproxy intercepts a connection by its address, its TLS server name or its Host
+    header: a call to 127.0.0.1 with SNI api.openai.com is policed and traced as OpenAI."""
+    os.chdir(tmp_path)
+    flow = chat_flow(host="127.0.0.1")
+    flow.client_conn.sni = "api.openai.com"
+    assert recorded(flow).route.provider == "openai"
+    flow = chat_flow(host="127.0.0.1")
+    flow.client_conn.sni = None
+    flow.request.headers["host"] = "api.anthropic.com:443"
+    assert recorded(flow).route.provider == "anthropic"
+    assert recorded(chat_flow(host="api.openai.com.")).route.provider == "openai"
+    assert recorded(chat_flow(host="127.0.0.1")) is None
+
+
+def test_the_model_where_the_body_does_not_name_it(tmp_path: Path) -> None:
+    os.chdir(tmp_path)
+    flow = chat_flow()
+    flow.request.method, flow.request.path, flow.request.content = "GET", "/v1/realtime?model=gpt-4o-realtime-preview", b""
+    assert recorded(flow).model == "gpt-4o-realtime-preview"  # realtime: in the query
+    flow = chat_flow()
+    flow.request.path = "/v1/audio/transcriptions"
+    flow.request.headers["content-type"] = "Multipart/Form-Data; boundary=b"
+    flow.request.content = b'--b\r\ncontent-disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
+    assert recorded(flow).model == "whisper-1"  # a media type in capitals is the same type
+
+
 def test_non_llm_flow_gets_no_exchange(tmp_path: Path) -> None:
     async def go() -> None:
         shared, addons = make_addons()
@@ -224,7 +287,7 @@ def test_bad_config_change_is_refused_and_last_good_stays(tmp_path: Path, caplog
             assert settings.reload_if_changed()
             assert shared.matcher.match("localhost", 8000) is None
             assert shared.matcher.match("localhost", 9000).api == "anthropic"
-            assert r"^localhost:9000$" in tctx.options.allow_hosts
+            assert r"^localhost\.?:9000$" in tctx.options.allow_hosts
             settings.done()
 
     run(go())
@@ -387,7 +450,7 @@ def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path) ->
                     flow.response = tutils.tresp(status_code=status, headers=headers, content=b"")
                     flow.response.data.content = None  # headers only, as at responseheaders from upstream
                     llm.responseheaders(flow)
-                    sent = b"".join(flow.response.stream(chunk) for chunk in [*chunks, b""])
+                    sent = through(flow.response.stream, *chunks, b"")
                     assert sent == (client_gets if client_gets is not None else b"".join(chunks))
                     llm.response(flow)
                     assert shared.exchange(flow).deferred is deferred

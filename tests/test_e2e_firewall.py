@@ -155,6 +155,26 @@ def test_forbidden_instruction_in_a_gzip_request_body(firewall: Mitmdump, provid
     assert_policy_trace(firewall, m, "forbidden_instruction")
 
 
+@pytest.mark.parametrize(("encode", "content_type", "status", "code"), [
+    (lambda body: b"\xef\xbb\xbf" + body, "text/plain", 403, "model_not_allowed"),  # a byte order mark, a type not JSON's
+    (lambda body: body.decode().encode("utf-16"), "", 403, "model_not_allowed"),
+    (lambda body: b"model=gpt-4&prompt=hi", "application/x-www-form-urlencoded", 400, "unparseable_body"),
+])
+def test_a_body_in_any_shape_is_policed_before_it_goes(
+    firewall: Mitmdump, provider: FakeProvider, encode: Any, content_type: str, status: int, code: str,
+) -> None:
+    """What an API server may read (Python's json reads a BOM and UTF-16) is read here too;
+    what the policy cannot read does not go out unchecked (on_unparseable: reject)."""
+    m = marker()
+    with Blocked(provider, m):
+        response = requests.post(
+            "https://api.openai.com/v1/chat/completions", data=encode(orjson.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": m}]})),
+            headers={"content-type": content_type, "authorization": f"Bearer {OPENAI_KEY}"} if content_type else {"authorization": f"Bearer {OPENAI_KEY}"},
+            proxies={"https": firewall.proxy_url}, verify=str(firewall.ca_cert), timeout=30,
+        )
+    assert response.status_code == status and response.json()["error"]["code"] == code
+
+
 def test_operation_not_allowed(firewall: Mitmdump, provider: FakeProvider) -> None:
     m = marker()
     with Blocked(provider, m):

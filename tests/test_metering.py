@@ -10,6 +10,7 @@ import pytest
 
 from llm_mitm.config import HeaderRule, ModelPrice, PolicyConfig
 from llm_mitm.estimate import estimate_usage
+from llm_mitm.metering import Call, Metering
 from llm_mitm.organization import choose
 from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.quota import Caller, Quota
@@ -160,6 +161,21 @@ def test_streamed_anthropic_usage_keeps_the_cache_write_breakdown() -> None:
     assert usage == normalize_usage("anthropic", ONE_HOUR_WRITES) and usage.cache_creation_1h_input_tokens == 100
 
 
+def test_a_stream_cut_short_is_estimated_and_an_error_answer_is_not() -> None:
+    """Usage comes in a stream's last chunk; a stream the client left (or upstream reset)
+    after tokens were generated is estimated, so limits and budgets still see it."""
+    metering = Metering(PriceTable(), estimate_missing=True)
+    request = {"messages": [{"role": "user", "content": "abcd" * 10}]}
+    partial = {"choices": [{"message": {"content": "abcdefgh"}}]}
+
+    def call(error: bool, answered: bool) -> Call:
+        return Call("chat.completions", "gpt-4o", None, request, partial, error=error, charged=True, answered=answered)
+
+    usage, cost = metering.meter(call(error=True, answered=True))
+    assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True) and cost is not None and cost > 0
+    assert metering.meter(call(error=True, answered=False)) == (None, None)  # a 4xx/5xx or no answer at all
+
+
 def test_estimate_marks_usage() -> None:
     usage = estimate_usage({"messages": [{"role": "user", "content": "abcd" * 10}]}, {"choices": [{"message": {"content": "abcdefgh"}}]})
     assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True)
@@ -173,6 +189,18 @@ def test_requests_per_minute_and_retry_after() -> None:
     refused = quota.admit(alice)
     assert refused.rule == "requests_per_minute" and 1 <= refused.retry_after <= 61 and "api_key:alice" in refused.detail
     assert quota.admit(bob) is None
+
+
+def test_a_refused_call_uses_up_no_other_rules_window() -> None:
+    """One noisy key refused by its own limit must not fill the global window for others."""
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [
+        {"requests_per_minute": 5, "per": "global"}, {"requests_per_minute": 1, "per": "api_key"},
+    ]}))
+    noisy = Caller("noisy", "c")
+    assert quota.admit(noisy) is None
+    for _ in range(10):
+        assert quota.admit(noisy).rule == "requests_per_minute"
+    assert quota.admit(Caller("quiet", "c")) is None
 
 
 def test_tokens_per_minute_charged_after_the_call() -> None:

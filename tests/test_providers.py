@@ -28,6 +28,7 @@ def matcher() -> ProviderMatcher:
         ("api.anthropic.com", 443, "anthropic"),
         ("localhost", 8000, "vllm"),
         ("localhost", 8001, None),
+        ("api.openai.com.", 443, "openai"),  # fully qualified: the same host
         ("api.openai.com.evil.net", 443, None),
         ("evilapi.openai.com", 443, None),
         ("xapi.anthropic.com", 443, None),
@@ -45,6 +46,7 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         return any(re.search(rx, target, re.IGNORECASE) for rx in matcher.allow_hosts)
 
     assert allowed("api.openai.com:443")
+    assert allowed("api.openai.com.:443")
     assert allowed("localhost:8000")
     assert not allowed("api.openai.com.evil.net:443")
     assert not allowed("localhost:80001")
@@ -76,6 +78,14 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         ("api.anthropic.com", "/v1/messages/batches", "messages.batches", None),
         ("api.anthropic.com", "/v1/complete", "completions", None),
         ("localhost", "/v1/chat/completions", "chat.completions", None),
+        # As the server resolves the path: percent-decoded, dot segments applied (review).
+        ("r.openai.azure.com", "/openai/deployments/gpt%2D4o/chat/completions?api-version=1", "chat.completions", "gpt-4o"),
+        ("api.openai.com", "/v1/chat/completions/../../embeddings", "embeddings", None),
+        ("api.openai.com", "/v1/chat/completions/%2e%2e/%2e%2e/embeddings", "embeddings", None),
+        ("api.openai.com", "/v1/./chat//completions", "chat.completions", None),
+        ("r.openai.azure.com", "/openai/realtime?api-version=2024-10-01-preview&deployment=rt-4o", "realtime", "rt-4o"),
+        ("localhost", "/v1beta/openai/chat/completions", "chat.completions", None),  # Gemini's mount
+        ("localhost", "/v1/organization/usage/completions", "organization", None),
     ],
 )
 def test_operations(matcher: ProviderMatcher, host: str, path: str, operation: str, deployment: str | None) -> None:

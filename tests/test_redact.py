@@ -199,3 +199,50 @@ def test_a_clean_body_is_returned_as_it_is_and_a_dirty_one_copied() -> None:
     for dirty in ({"messages": [{"content": "use " + KEYS["azure"]}]}, {"api\u212aey": "short"}, {"x": ["Bearer abcdefgh12"]}):
         redacted = redactor.json(dirty)
         assert redacted is not dirty and redacted != dirty
+
+
+@pytest.mark.parametrize("kind", ["project", "azure"])
+@pytest.mark.parametrize("before", ["\\n", "\\t", "\\r", "%3D", "\\u00e9"])
+def test_a_key_right_after_an_escape_is_found(kind: str, before: str) -> None:
+    """JSON kept as text (a tool call's `arguments`: `"A=1\\nsk-..."`), a URL's `%3D`."""
+    key = KEYS[kind]
+    assert_gone(key, Redactor().text(f"X=1{before}{key}{before}Y"))
+    arguments = '{"path": ".env", "content": "A=1\\n' + key + '\\n"}'
+    assert_gone(key, str(Redactor().json({"function": {"arguments": arguments}})))
+
+
+def test_a_percent_encoded_key_in_a_url_is_found() -> None:
+    key = KEYS["project"]
+    encoded = key.replace("-", "%2D")
+    assert_gone(key, Redactor().url(f"https://api.openai.com/v1/x?q={encoded}&a=1").replace("%2D", "-"))
+    assert_gone(key, Redactor().url(f"https://api.openai.com/v1/x?next=%3Fkey%3D{key}"))
+
+
+def test_json_object_keys_are_redacted_too() -> None:
+    key = KEYS["project"]
+    redacted = Redactor().json({"metadata": {key: "x", "api_key": "a-short-one"}})
+    assert_gone(key, str(redacted))
+    assert "a-short-one" not in str(redacted)
+
+
+def test_credentials_named_in_free_text_and_output() -> None:
+    """What mitmdump prints of a body, and text bodies: a value named like a credential
+    goes whatever its shape."""
+    redactor = Redactor()
+    for line in ['    "api_key": "jsonfieldSECRETvalue1",', "password: multipartSECRETvalue3", "  'refresh_token' = 'respSECRET4'"]:
+        assert "SECRET" not in redactor.log_line(line), line
+    text = redactor.free_text("client_secret=formfieldSECRETvalue2&grant_type=client_credentials")
+    assert "SECRET" not in text and text.endswith("&grant_type=client_credentials")
+    assert redactor.free_text('"code": "invalid_api_key"') == '"code": "invalid_api_key"'
+    assert redactor.free_text(text) == text  # a fingerprint is left as it is
+
+
+def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
+    """Basic is base64 of user:password: its last characters are the password's."""
+    redactor = Redactor()
+    basic = "dXNlcjpXaW50ZXIyMDI0IQ=="
+    for name, value, secret in [("authorization", f"Basic {basic}", basic), ("cookie", "session=abcdef0123456789", "session=abcdef0123456789")]:
+        redacted = redactor.header(name, value)
+        assert re.fullmatch(r"(Basic )?…#[0-9a-f]{8}", redacted), redacted
+        assert secret[-4:] not in redacted
+    assert redactor.header("authorization", "bearer\t" + KEYS["project"]) == "bearer " + redactor.fingerprint(KEYS["project"])

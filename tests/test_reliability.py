@@ -122,6 +122,35 @@ def test_kill_9_leaves_a_clean_trace_file(tmp_path: Path, provider: FakeProvider
     assert set(settled) <= traced
 
 
+def writers(pid: int) -> list[int]:
+    """The trace writer processes of a mitmdump (not multiprocessing's resource tracker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return [child for child in found if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def test_a_trace_writer_that_goes_is_replaced(proxy: Mitmdump) -> None:
+    """One lost writer process (killed, out of memory) must not end tracing for the run."""
+    def call(text: str) -> None:
+        r = requests.post("https://api.openai.com/v1/chat/completions", json=chat(text), headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+                          proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10)
+        assert r.status_code == 200
+
+    call("before the writer goes")
+    trace_with(proxy, "before the writer goes")
+    first = writers(proxy.process.pid)  # type: ignore[union-attr]
+    assert len(first) == 1
+    os.kill(first[0], signal.SIGKILL)
+    for i in range(3):  # the round in which it went finds it gone; the next call starts another
+        call(f"after it went {i}")
+        time.sleep(0.3)
+    assert trace_with(proxy, "after it went 2")["status_code"] == 200
+    replacement = writers(proxy.process.pid)  # type: ignore[union-attr]
+    assert len(replacement) == 1 and replacement != first
+    assert "a new trace writer process is started" in proxy.output
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=40), st.integers(min_value=0, max_value=70000), st.text(max_size=80))
 def test_provider_detection_never_raises(host: str, port: int, path: str) -> None:

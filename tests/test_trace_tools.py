@@ -360,6 +360,21 @@ def test_replay_answers_from_traces_per_tenant(recorded: Path, tmp_path: Path, p
     assert all(r["cost_usd"] is None for r in replayed if r["replay"] == "hit")
 
 
+def test_replay_never_gives_one_upload_the_answer_of_another(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A trace keeps no upload (and no more than a sample of a text body): no key tells two
+    apart, so such calls always go upstream and are never recorded for replay."""
+    with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
+        def upload(audio: bytes) -> requests.Response:
+            return requests.post("https://api.openai.com/v1/audio/transcriptions", files={"file": ("a.wav", audio)}, data={"model": "whisper-1"},
+                                 headers={"Authorization": f"Bearer {OPENAI_KEY}"}, proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+
+        before = len(provider.requests)
+        answers = [upload(audio) for audio in (b"RIFF meeting one", b"RIFF meeting two", b"RIFF meeting one")]
+        assert [a.headers["x-llm-mitm-replay"] for a in answers] == ["MISS"] * 3
+        assert answers[0].json() != answers[1].json()  # each its own answer, from upstream
+        assert len(provider.requests) == before + 3
+
+
 def test_replay_strict_miss_is_a_clear_error(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     with replay_proxy(tmp_path, recorded, provider, pki, "strict") as proxy:
         before = len(provider.requests)

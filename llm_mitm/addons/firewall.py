@@ -27,7 +27,7 @@ class Firewall:
             route=exchange.route,
             model=exchange.model,
             body=exchange.request_json,
-            unparseable=exchange.request.malformed_json,
+            unparseable=exchange.request.opaque,
         )
         clamped = None
         try:

@@ -8,9 +8,17 @@ from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import Body, Exchange, first_field
+from llm_mitm.providers import Route, split_host
+from llm_mitm.redact import split_scheme
 from llm_mitm.sse import StreamTap, rebuilder_for
 
-_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+# Where each API takes its key from, first the header it reads first: a client that also
+# sends another (say a stray Authorization to Anthropic) is still counted by the key in use.
+_KEY_HEADERS = {
+    "openai": ("authorization", "api-key", "x-api-key"),
+    "azure": ("api-key", "authorization", "x-api-key"),
+    "anthropic": ("x-api-key", "authorization", "api-key"),
+}
 
 
 class Recorder:
@@ -21,7 +29,7 @@ class Recorder:
 
     def request(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        route = self.shared.matcher.route(request.host, request.port, request.path)
+        route = self.shared.matcher.route(request.host, request.port, request.path) or self._route_by_name(flow)
         if route is None:
             return
         exchange = Exchange(
@@ -38,12 +46,27 @@ class Recorder:
         content_type = exchange.header("content-type") or ""
         exchange.take_request(Body.parse(content, content_type))
         exchange.url = _url(request, exchange.header("host"))
-        exchange.api_key = self._api_key(exchange)
+        exchange.api_key = self._api_key(exchange) or self._query_key(request)
         exchange.organization = exchange.header("openai-organization") or None
         exchange.project = exchange.header("openai-project") or None
-        if exchange.model is None and content_type.startswith("multipart/form-data"):
+        if exchange.model is None and exchange.request.form:
             exchange.model = _form_model(request)
+        if exchange.model is None and "model=" in request.path:  # realtime: the model is in the query
+            exchange.model = request.query.get("model")
         self.shared.record(flow, exchange)
+
+    def _route_by_name(self, flow: http.HTTPFlow) -> Route | None:
+        """A provider named by the TLS server name or the Host header rather than the
+        address connected to (`CONNECT 1.2.3.4:443` with SNI api.openai.com): mitmproxy
+        intercepts it by either name, so it is policed and traced by either name too."""
+        request = flow.request
+        for name in (flow.client_conn.sni, request.host_header):
+            if name:
+                host, port = split_host(name, request.port)
+                route = self.shared.matcher.route(host, port, request.path)
+                if route is not None:
+                    return route
+        return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
@@ -99,11 +122,21 @@ class Recorder:
         exchange.finish(raw, error=message, defer=self._defer(exchange))
 
     def _api_key(self, exchange: Exchange) -> str | None:
-        for name in _KEY_HEADERS:
+        """The key's fingerprint, whatever the case of its `Bearer`: one key, one identity
+        for limits, budgets and `by_key` (HTTP auth schemes are case-insensitive)."""
+        for name in _KEY_HEADERS.get(exchange.route.api, _KEY_HEADERS["openai"]):
             value = exchange.header(name)
             if value:
-                return self.shared.redactor.credential(value).removeprefix("Bearer ")
+                scheme, token = split_scheme(value)
+                return self.shared.redactor.credential(token if scheme == "bearer" else value)
         return None
+
+    def _query_key(self, request: http.Request) -> str | None:
+        """Azure also takes its key as `?api-key=`: the caller's identity all the same."""
+        if "api-key=" not in request.path:
+            return None
+        value = request.query.get("api-key")
+        return self.shared.redactor.credential(value) if value else None
 
 
 def _client(flow: http.HTTPFlow) -> str:

@@ -55,10 +55,11 @@ class Replay:
         if exchange is None or flow.response is not None or mode == "off":
             return
         key = self._key(exchange)
-        recorded = self.index.find(key)
+        recorded = self.index.find(key) if key is not None else None
         if recorded is None:
             exchange.replay = "miss"
-            self._misses[flow] = key
+            if key is not None:
+                self._misses[flow] = key
             if mode == "strict":
                 refuse(flow, exchange, 404, "replay_miss", "no recorded answer for this request (replay.mode: strict)")
                 flow.response.headers[HEADER] = "MISS"
@@ -87,7 +88,11 @@ class Replay:
             body = self.shared.redactor.json(exchange.response.json)
             self.index.answers[key] = Recorded(exchange.route.api, exchange.route.operation, status, body)
 
-    def _key(self, exchange: Exchange) -> bytes:
-        redactor = self.shared.redactor
-        body = redactor.json(exchange.request.json) if exchange.request.is_json else exchange.request.text
+    def _key(self, exchange: Exchange) -> bytes | None:
+        """None for a body that is not JSON (an upload, text): the trace keeps no more than
+        a sample of it, so two different ones would look the same and share an answer."""
+        request, redactor = exchange.request, self.shared.redactor
+        if request.size and not request.is_json:
+            return None
+        body = redactor.json(request.json) if request.is_json else None
         return request_key(exchange.route.provider, redactor.url(exchange.url), exchange.api_key, body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from mitmproxy import http
 
@@ -14,6 +15,8 @@ from llm_mitm.trace import snapshot
 from llm_mitm.tracesink import SinkSettings, TraceSink
 
 logger = logging.getLogger("llm_mitm.traces")
+
+RESTART_SECONDS = 10.0
 
 
 class Tracer:
@@ -29,6 +32,7 @@ class Tracer:
         self.shared = shared
         self.sink: TraceSink | None = None
         self._settings: SinkSettings | None = None
+        self._restarted_at = -RESTART_SECONDS
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         # The writer process starts with the first config put in force, not at import.
@@ -58,6 +62,19 @@ class Tracer:
         self.shared.defer_responses = self.sink is not None and not self.sink.failed and not limits_set(config.policy)
         self.shared.collect_counts = self.sink.collect if self.sink is not None else no_counts_owed
 
+    def _restart(self) -> None:
+        """The writer process went (killed, out of memory): a new one, so that one loss
+        does not end tracing for the rest of the run; at most one every RESTART_SECONDS,
+        so that a process that cannot run is not started again and again."""
+        now = time.monotonic()
+        if self.sink is None or now - self._restarted_at < RESTART_SECONDS:
+            return
+        self._restarted_at = now
+        gone, self.sink, self._settings = self.sink, None, None
+        gone.close(timeout=0)
+        self._apply(self.shared.config)
+        logger.error("llm-mitm: a new trace writer process is started; %d call(s) handed to the one that went are lost", gone.dropped)
+
     def response(self, flow: http.HTTPFlow) -> None:
         self._submit(self.shared.exchange(flow))
 
@@ -75,6 +92,8 @@ class Tracer:
         if exchange is None or self.sink is None or not exchange.done or exchange.traced:
             return
         exchange.traced = True
+        if self.sink.failed:
+            self._restart()
         self.sink.submit(exchange)
         if self.sink.failed and self.shared.defer_responses:
             self.shared.defer_responses = False  # no one left to read them: read them here

@@ -16,6 +16,7 @@ Test knobs are request headers (clients send them with `extra_headers`):
 from __future__ import annotations
 
 import gzip
+import hashlib
 import ssl
 import threading
 import time
@@ -165,6 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
         if path.endswith("/embeddings"):
             return self._json(200, _embedding(request))
+        if path.endswith("/audio/transcriptions"):  # an upload: the answer tells uploads apart
+            return self._json(200, {"text": f"transcript of {hashlib.sha256(body).hexdigest()[:12]}"})
         if path.endswith("/chat/completions"):
             return self._chat(request)
         if path.endswith("/responses"):
