@@ -160,3 +160,18 @@ def test_a_hidden_usage_chunk_leaves_an_http1_stream_and_its_connection_whole(pr
         assert trace_with(proxy, m)["usage"]["output_tokens"]
     answer = session.post("https://api.openai.com/v1/chat/completions", json=chat(marker()), headers=headers, timeout=10)
     assert answer.status_code == 200 and answer.json()["choices"]
+
+
+def test_a_stream_compressed_though_asked_not_to_keeps_its_usage_chunk_and_says_so(proxy: Mitmdump) -> None:
+    """The usage chunk can only be left out of a stream the proxy can read as it passes;
+    a provider that compresses anyway gives the client that chunk, and the log says why."""
+    import requests
+
+    m = marker()
+    headers = {"authorization": f"Bearer {OPENAI_KEY}", "x-fake-encoding": "gzip"}
+    with requests.post("https://api.openai.com/v1/chat/completions", json=chat(m, stream=True), headers=headers, stream=True, timeout=10,
+                       proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert)) as response:
+        events = [line for line in response.iter_lines() if line.startswith(b"data: {")]
+    assert any(orjson.loads(line[6:]).get("usage") for line in events)
+    assert trace_with(proxy, m)["usage"]["output_tokens"]
+    assert "the provider compressed the stream though asked not to" in proxy.output

@@ -44,7 +44,8 @@ class StreamUsage:
         exchange = self.shared.exchange(flow)
         if exchange is None or not exchange.injected_stream_usage or exchange.tap is None:
             return
-        exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed)
+        if not exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed):  # compressed all the same
+            _filter_failed("the provider compressed the stream though asked not to")
 
 
 def _filter_failed(reason: str) -> None:
