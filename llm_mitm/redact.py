@@ -13,7 +13,6 @@ import re
 import string
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import unquote
 
 import orjson
 
@@ -82,6 +81,49 @@ _BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
 
 
+def _is_fingerprint(value: str) -> bool:
+    return "…" in value and "#" in value
+
+
+_SCHEME = re.compile(r"(?i)(?:bearer|basic|token|digest)[ \t]+")
+_UNQUOTED_END = re.compile(r"""[\s"'&\\]|\Z""")  # not `,` or `;`: a password may hold them
+
+
+def _value_span(text: str, at: int) -> tuple[int, int]:
+    """Where the value that starts at `at` is: inside its quotes when quoted (escaped
+    quotes too), else up to a space, a quote or `&`, after an auth scheme if one leads."""
+    quote = '\\"' if text.startswith('\\"', at) else text[at : at + 1]
+    if quote in ('"', "'", '\\"'):
+        start = at + len(quote)
+        end = start
+        while (end := text.find(quote, end)) != -1 and quote != '\\"' and text[end - 1] == "\\":
+            end += 1
+        return start, end if end != -1 else len(text)
+    scheme = _SCHEME.match(text, at)
+    start = scheme.end() if scheme else at
+    end = _UNQUOTED_END.search(text, start)
+    return start, end.start() if end else len(text)
+
+
+def _percent_decoded(text: str) -> tuple[str, list[int]]:
+    """`text` with its %XX escapes decoded (a byte a character), and for each character
+    of the result (and its end) where it starts in `text`."""
+    out: list[str] = []
+    starts: list[int] = []
+    index = 0
+    while index < len(text):
+        starts.append(index)
+        escape = text[index + 1 : index + 3]
+        if text[index] == "%" and len(escape) == 2 and all(c in string.hexdigits for c in escape):
+            out.append(chr(int(escape, 16)))
+            index += 3
+        else:
+            out.append(text[index])
+            index += 1
+    starts.append(len(text))
+    return "".join(out), starts
+
+
 def split_scheme(value: str) -> tuple[str | None, str]:
     """`Bearer <token>` as ("bearer", token): an HTTP auth scheme is case-insensitive and
     any run of spaces or tabs may follow it. (None, value) when no known scheme leads."""
@@ -115,8 +157,10 @@ class Redactor:
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
+        # A credential's name (with any prefix: DB_PASSWORD, X-Api-Key), maybe quoted (also
+        # as JSON inside a string: \"password\"), then `:` or `=`: its value follows.
         names = "|".join(re.escape(name) for name in sorted(self.fields, key=len, reverse=True))
-        self._assignment = re.compile(rf"""(?i)((?<![A-Za-z0-9_-])["']?(?:{names})["']?[ \t]*[:=][ \t]*["']?)(?!…)([^\s"'&,;}}]+)""")
+        self._assignment = re.compile(rf"""(?i)(?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_-])*(?:{names})(?:\\?["'])?[ \t]*[:=][ \t]*""")
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
 
@@ -200,30 +244,46 @@ class Redactor:
     def url(self, url: str) -> str:
         def param(m: re.Match[str]) -> str:
             sep, name, value = m.groups()
-            if name.lower() in self.params and value:
+            if name.lower() in self.params and value and not _is_fingerprint(value):
                 return f"{sep}{name}={self.fingerprint(value)}"
             return m.group(0)
 
         redacted = self.text(self._query.sub(param, url))
-        if "%" in redacted:  # a key written percent-encoded (`sk%2Dproj%2D...`) is a key all the same
-            decoded = unquote(redacted)
-            plain = self.text(self._query.sub(param, decoded))
-            if plain != decoded:
-                return plain
-        return redacted
+        return self._percent_encoded(redacted) if "%" in redacted else redacted
+
+    def _percent_encoded(self, url: str) -> str:
+        """Keys written percent-encoded (`sk%2Dproj%2D...`): found in the decoded text,
+        replaced where they stand, so the rest of the URL keeps its escapes (`%26` is not `&`)."""
+        decoded, starts = _percent_decoded(url)
+        spans = [(starts[m.start()], starts[m.end()], m.group(0)) for may_hold, shape in _SHAPES if may_hold(decoded) for m in shape.finditer(decoded)]
+        for start, end, secret in sorted(spans, reverse=True):
+            if "%" in url[start:end]:  # the others were found in the URL as it is
+                url = url[:start] + self.fingerprint(secret) + url[end:]
+        return url
 
     def free_text(self, value: str) -> str:
         """Text of no known structure (a text body, a line of output): secret shapes, and
-        the value of anything named like a credential (`"password": "..."`, `api_key=...`)."""
-        if self._assignment.search(value) is not None:
-            value = self._assignment.sub(lambda m: m.group(1) + self.opaque(m.group(2)), value)
-        return self.text(value)
+        the value given to a name like a credential's (`"password": "..."`,
+        `DB_PASSWORD=...`, `Authorization: Bearer ...`), quoted values whole."""
+        value = self.text(value)
+        if self._assignment.search(value) is None:
+            return value
+        out, done = [], 0
+        for match in self._assignment.finditer(value):
+            if match.start() < done:
+                continue
+            start, end = _value_span(value, match.end())
+            secret = value[start:end]
+            if secret and not _is_fingerprint(secret):
+                out += [value[done:start], self.opaque(secret)]
+                done = end
+        return "".join(out) + value[done:]
 
     def log_line(self, line: str) -> str:
         """A line of proxy output: a `name: value` header line or free text with URLs."""
         match = _HEADER_LINE.match(line)
-        if match and _ANSI.sub("", match.group(2)).lower() in self.headers:
-            return f"{match.group(1)}{match.group(2)}: {self.credential(_ANSI.sub('', match.group(3)))}"
+        if match and (name := _ANSI.sub("", match.group(2)).lower()) in self.headers:
+            return f"{match.group(1)}{match.group(2)}: {self.header(name, _ANSI.sub('', match.group(3)))}"
         return self.free_text(self.url(line))
 
     def json(self, value: Any) -> Any:

@@ -246,3 +246,36 @@ def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
         assert re.fullmatch(r"(Basic )?…#[0-9a-f]{8}", redacted), redacted
         assert secret[-4:] not in redacted
     assert redactor.header("authorization", "bearer\t" + KEYS["project"]) == "bearer " + redactor.fingerprint(KEYS["project"])
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ('"Authorization": "Bearer abcdefghijklmnop12345678"', "abcdefghijklmnop12345678"),  # the token, not the scheme
+        ('curl -H "Authorization: Bearer abcdefghijklmnop12345678"', "abcdefghijklmnop12345678"),
+        ('{"password": "correct horse battery staple"}', "horse battery staple"),  # a quoted value whole
+        ("password=hunter2,moresecret", "moresecret"),
+        ("client_secret: abc;defSECRET", "defSECRET"),
+        ("{'password': 'pa\\'ssSECRET'}", "ssSECRET"),
+        ("DB_PASSWORD=supersecretvalue", "supersecretvalue"),  # a prefixed name
+        ("X-Api-Key: abcdef123456", "abcdef123456"),
+        ('{\\"password\\": \\"escapedsecret\\"}', "escapedsecret"),  # JSON kept as text
+    ],
+)
+def test_a_value_named_like_a_credential_goes_whole(text: str, secret: str) -> None:
+    redactor = Redactor()
+    assert secret not in redactor.free_text(text)
+    assert secret not in redactor.log_line(text)
+
+
+def test_percent_decoding_changes_nothing_but_the_keys() -> None:
+    redactor = Redactor()
+    azure = KEYS["azure"]
+    plain = redactor.url(f"https://r.openai.azure.com/openai/deployments/gpt-4o/x?api-version=1&api-key={azure}")
+    encoded = redactor.url(f"https://r.openai.azure.com/openai/deployments/gpt%2D4o/x?api-version=1&api-key={azure}")
+    assert encoded.rpartition("api-key=")[2] == plain.rpartition("api-key=")[2]  # one key, one fingerprint
+    assert redactor.url("https://x/v1/x?q=a%26b%3Dc") == "https://x/v1/x?q=a%26b%3Dc"  # %26 is not &
+
+
+def test_cookies_in_the_printout_keep_none_of_their_characters() -> None:
+    assert Redactor().log_line("    cookie: session=abcdefSECRETTAIL").endswith(": " + Redactor().opaque("session=abcdefSECRETTAIL"))
