@@ -22,7 +22,7 @@ def count_tokens(text: str) -> int:
 
 def estimate_usage(request_body: Any, response_body: Any) -> Usage | None:
     """Input from every text the API read, output from what it generated."""
-    prompt = sum(count_tokens(text) for _, text in request_texts(request_body))
+    prompt = sum(count_tokens(text) for _, text in request_texts(request_body, extras=True))
     output = sum(count_tokens(text) for text in response_texts(response_body))
     if prompt == 0 and output == 0:
         return None

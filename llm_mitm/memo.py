@@ -11,20 +11,23 @@ V = TypeVar("V")
 
 
 class Memo(Generic[K, V]):
-    """`memo(key)` is `compute(key)`, remembered. Forgets everything when full, so a
-    stream of distinct keys (a scan, a key per request) cannot grow it without bound."""
+    """`memo(arg)` is `compute(arg)`, remembered (by `key(arg)` when given: a digest of a
+    long text, say, rather than the text). Forgets everything when full, so a stream of
+    distinct keys (a scan, a key per request) cannot grow it without bound."""
 
-    def __init__(self, compute: Callable[[K], V], size: int = 4096) -> None:
+    def __init__(self, compute: Callable[[K], V], size: int = 4096, key: Callable[[K], Hashable] | None = None) -> None:
         self._compute = compute
         self._size = size
-        self._known: dict[K, V] = {}
+        self._key = key
+        self._known: dict[Hashable, V] = {}
 
-    def __call__(self, key: K) -> V:
+    def __call__(self, arg: K) -> V:
+        key = arg if self._key is None else self._key(arg)
         try:
             return self._known[key]
         except KeyError:
             pass
         if len(self._known) >= self._size:
             self._known.clear()
-        value = self._known[key] = self._compute(key)
+        value = self._known[key] = self._compute(arg)
         return value

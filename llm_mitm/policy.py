@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.providers import Route
-from llm_mitm.texts import normalize, request_texts
+from llm_mitm.texts import normalize, read_request
 
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-# Texts up to this many characters have their verdict remembered: a conversation sends its
-# system prompt and every earlier turn again with each call, so most texts are ones the
-# policy has read before. Bounded: 512 of them, 4 MB of ASCII at the most.
-_REMEMBERED_TEXT = 8192
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+V = TypeVar("V")
+RoleText = tuple[str, str]
+
+
+class TextMemo(Generic[V]):
+    """What a policy found in a (role, text), remembered: a conversation sends its system
+    prompt and every earlier turn again with each call, so most texts are ones the policy
+    has read before. Texts up to 8192 characters are their own keys (512 of them, 4 MB of
+    ASCII at the most); longer ones are remembered by a digest (4096 of them)."""
+
+    SHORT = 8192
+
+    def __init__(self, compute: Callable[[str, str], V]) -> None:
+        self._short: Memo[RoleText, V] = Memo(lambda key: compute(*key), size=512)
+        self._long: Memo[RoleText, V] = Memo(lambda key: compute(*key), size=4096, key=_digest)
+
+    def __call__(self, role: str, text: str) -> V:
+        return self._short((role, text)) if len(text) <= self.SHORT else self._long((role, text))
+
+
+def _digest(key: RoleText) -> tuple[str, bytes]:
+    return key[0], hashlib.blake2b(key[1].encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +92,7 @@ class _Instruction:
     role: str | None
     regex: re.Pattern[str]
     search: bool = False
+    span: int = 0  # a searched phrase's length
 
     def matches(self, text: str) -> bool:
         return bool(self.regex.search(text) if self.search else self.regex.match(text))
@@ -90,7 +111,7 @@ def _instruction(pattern: str) -> _Instruction:
     if plain or (inner != glob and not any(ch in inner for ch in "*?[")):
         # A plain phrase (or *phrase*) matches anywhere: a substring search, which stays
         # linear where `.*phrase.*` would backtrack through a large body.
-        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True)
+        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True, span=len(inner))
     return _Instruction(pattern, role_name, _glob(glob))
 
 
@@ -104,7 +125,12 @@ class Policy:
         self._operations = [(p, _glob(p)) for p in config.allowed_operations]
         self._instructions = [_instruction(p) for p in config.forbidden_instructions]
         self._model_verdicts: Memo[tuple[str, str], Violation | None] = Memo(lambda key: self._judge_model(*key))
-        self._text_verdicts: Memo[tuple[str, str], _Instruction | None] = Memo(self._first_forbidden, size=512)
+        self._verdicts: TextMemo[_Instruction | None] = TextMemo(self._first_forbidden)
+        # Where a phrase may span texts read in a row, only their edges matter to a search:
+        # each text's normal form, its middle left out when long (see `_edges`).
+        self._reach = max((rule.span for rule in self._instructions if rule.search), default=0)
+        self._all_searches = all(rule.search for rule in self._instructions)
+        self._edge_forms: TextMemo[str] = TextMemo(lambda role, text: self._edges(text))
 
     def check(self, request: RequestView) -> Violation | None:
         """The first rule the request breaks, or None."""
@@ -147,21 +173,46 @@ class Policy:
     def _check_instructions(self, body: dict[str, Any]) -> Violation | None:
         if not self._instructions:
             return None
-        for role, text in request_texts(body, joined=True):
-            key = (_ROLE_ALIASES.get(role, role), text)
-            rule = self._text_verdicts(key) if len(text) <= _REMEMBERED_TEXT else self._first_forbidden(key)
-            if rule is not None:
-                return Violation("forbidden_instruction", f"{key[0]} text matches forbidden_instructions pattern {rule.pattern!r}")
+        pieces, runs = read_request(body, extras=True, joined=True)
+        for role, text in pieces:
+            role = _ROLE_ALIASES.get(role, role)
+            if (rule := self._verdicts(role, text)) is not None:
+                return Violation("forbidden_instruction", f"{role} text matches forbidden_instructions pattern {rule.pattern!r}")
+        for role, texts in runs:
+            role = _ROLE_ALIASES.get(role, role)
+            if (rule := self._run_verdict(role, texts)) is not None:
+                return Violation("forbidden_instruction", f"{role} texts read in a row match forbidden_instructions pattern {rule.pattern!r}")
         return None
 
-    def _first_forbidden(self, key: tuple[str, str]) -> _Instruction | None:
+    def _first_forbidden(self, role: str, text: str) -> _Instruction | None:
         """The first forbidden-instruction rule that a (role, text) breaks."""
-        role, text = key
-        normal = normalize(text)
+        return self._first_match(role, normalize(text))
+
+    def _first_match(self, role: str, normal: str) -> _Instruction | None:
         for rule in self._instructions:
             if (rule.role is None or rule.role == role) and rule.matches(normal):
                 return rule
         return None
+
+    def _run_verdict(self, role: str, texts: list[str]) -> _Instruction | None:
+        """A phrase split between texts read in a row (a message's parts, one role's turns):
+        their normal forms joined with nothing between them and with a space (each text's
+        own edges were stripped). Searches need only each text's edges, remembered; a glob
+        matches the whole, so with one the whole is normalised again."""
+        if self._all_searches:
+            forms = [self._edge_forms("", text) for text in texts]
+        else:
+            forms = [normalize(text) for text in texts]
+        for separator in ("", " "):
+            if (rule := self._first_match(role, separator.join(forms))) is not None:
+                return rule
+        return None
+
+    def _edges(self, text: str) -> str:
+        """A text's normal form with its middle, which no phrase reaching past its edges
+        can touch, cut out (a NUL, which no phrase holds, where it was)."""
+        normal, reach = normalize(text), self._reach
+        return normal if len(normal) <= 2 * reach else f"{normal[:reach]}\x00{normal[-reach:]}"
 
     def _check_max_tokens(self, body: dict[str, Any]) -> Violation | None:
         cap = self.config.max_tokens

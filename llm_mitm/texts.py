@@ -1,139 +1,210 @@
 """Every text an API will read from a request body, with its role, and a normal form.
 
-The shapes: chat `messages` (string content or content-part arrays, tool messages, the
-arguments of earlier tool calls), Responses `instructions`, `input` (a string or items:
-messages, tool calls and their outputs) and `prompt.variables`, Anthropic `system` (string
-or blocks) and `messages` (text, tool results, documents, search results), tool
-descriptions, and the legacy `prompt` and `suffix`. A message's text parts are also read
-joined, so a phrase split across two parts is still one phrase.
+The conversation: chat `messages` (string content or content-part arrays, tool messages),
+Responses `instructions` and `input` (a string or items: messages and tool outputs),
+Anthropic `system` (string or blocks) and `messages` (text, tool results, documents,
+search results), and the legacy `prompt` and `suffix`. Beside it, what else the model
+reads (`extras`): tool descriptions (parameters' too), the arguments of earlier tool
+calls, a stored prompt's variables. And for matching (`joined`), the runs of texts read in
+a row: a message's text parts, and consecutive messages of one role (Anthropic reads them
+as one turn), so that a phrase split in two is still one phrase.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 RoleText = tuple[str, str]
 
 _TEXT_PART_TYPES = {"text", "input_text", "output_text"}
+# Responses items that are not messages: their text, whose it is, and whether it is part
+# of the conversation (a tool's output) or beside it (a call's arguments).
+_ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "function_call_output": (("output", "tool", False),),
+    "custom_tool_call_output": (("output", "tool", False),),
+    "local_shell_call_output": (("output", "tool", False),),
+    "shell_call_output": (("output", "tool", False),),
+    "computer_call_output": (("output", "tool", False),),
+    "mcp_call": (("arguments", "assistant", True), ("output", "tool", False)),
+    "function_call": (("arguments", "assistant", True),),
+    "custom_tool_call": (("input", "assistant", True),),
+}
+_SCHEMA_DEPTH = 32  # how deep a tool's parameter schema is read for descriptions
 
 
-def request_texts(body: Any, joined: bool = False) -> list[RoleText]:
-    """(role, text) for each piece of text in a request body, whatever the API. A list
-    built in one pass: this runs on every request (nested generators cost more than the work).
-    `joined`: also each message's text parts joined (for matching; not for counting)."""
-    out: list[RoleText] = []
-    joins: list[RoleText] | None = [] if joined else None
-    if not isinstance(body, dict):
-        return out
-    for field in ("prompt", "suffix"):
-        value = body.get(field)
-        if isinstance(value, str):
-            out.append(("user", value))
-        elif isinstance(value, list):
-            out.extend(("user", item) for item in value if isinstance(item, str))
-    system = body.get("system")
-    if system is not None:
-        _content(out, "system", system, joins)
-    instructions = body.get("instructions")
-    if isinstance(instructions, str):
-        out.append(("system", instructions))
-    for message in _list(body.get("messages")):
-        _message(out, message, joins)
-    items = body.get("input")
-    if isinstance(items, str):
-        out.append(("user", items))
-    else:
-        for item in _list(items):
-            if isinstance(item, str):
-                out.append(("user", item))
-            else:
-                _message(out, item, joins)
-    prompt = body.get("prompt")
-    if isinstance(prompt, dict) and isinstance(prompt.get("variables"), dict):  # Responses: a stored prompt's values
-        for value in prompt["variables"].values():
-            _content(out, "user", [value])
-    for tool in _list(body.get("tools")):  # the model reads what each tool is for
-        if isinstance(tool, dict):
-            function = tool.get("function")
-            described = function if isinstance(function, dict) else tool
-            if isinstance(described.get("description"), str):
-                out.append(("system", described["description"]))
-    return out + joins if joins else out
+RoleGroup = tuple[str, list[str]]  # texts of one role the model reads in a row
+
+
+def request_texts(body: Any, extras: bool = False) -> list[RoleText]:
+    """(role, text) for each piece of text in a request body, whatever the API: the
+    conversation, and with `extras` what else the model reads."""
+    return read_request(body, extras, joined=False)[0]
+
+
+def read_request(body: Any, extras: bool, joined: bool) -> tuple[list[RoleText], list[RoleGroup]]:
+    """The pieces of `request_texts`, and with `joined` the runs of pieces the model reads
+    in a row: a message's parts, consecutive messages of one role (for matching a phrase
+    split between them)."""
+    collector = _Collector(extras, joined)
+    if isinstance(body, dict):
+        collector.body(body)
+    return collector.out, collector.groups
+
+
+class _Collector:
+    """One pass over a body into a list (nested generators cost more than the work: this
+    runs on every request)."""
+
+    def __init__(self, extras: bool, joined: bool) -> None:
+        self.out: list[RoleText] = []
+        self.groups: list[RoleGroup] = []
+        self.extras = extras
+        self.joined = joined
+        self._turn: tuple[str, list[str]] | None = None  # the last message's role and texts
+
+    def body(self, body: dict[str, Any]) -> None:
+        for field in ("prompt", "suffix"):
+            value = body.get(field)
+            if isinstance(value, str):
+                self.out.append(("user", value))
+            elif isinstance(value, list):
+                self.out.extend(("user", item) for item in value if isinstance(item, str))
+        system = body.get("system")
+        if system is not None:
+            self.content("system", system)
+        instructions = body.get("instructions")
+        if isinstance(instructions, str):
+            self.out.append(("system", instructions))
+        for message in _list(body.get("messages")):
+            self.message(message)
+        items = body.get("input")
+        if isinstance(items, str):
+            self.out.append(("user", items))
+        else:
+            for item in _list(items):
+                if isinstance(item, str):
+                    self.out.append(("user", item))
+                else:
+                    self.message(item)
+        if self.extras:
+            self._extras(body)
+
+    def _extras(self, body: dict[str, Any]) -> None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, dict) and isinstance(prompt.get("variables"), dict):  # Responses: a stored prompt's values
+            for value in prompt["variables"].values():
+                self.content("user", [value])
+        for tool in _list(body.get("tools")):  # the model reads what each tool, and each parameter, is for
+            if isinstance(tool, dict):
+                function = tool.get("function")
+                _descriptions(self.out, function if isinstance(function, dict) else tool, _SCHEMA_DEPTH)
+
+    def message(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        start = len(self.out)
+        kind = message.get("type")
+        fields = _ITEM_TEXTS.get(kind) if isinstance(kind, str) else None  # any JSON value may come here
+        if fields is not None:
+            for field, role, extra in fields:
+                if self.extras or not extra:
+                    self.content(role, message.get(field))
+            return
+        role = message.get("role")
+        role = role if isinstance(role, str) else "user"
+        self.content(role, message.get("content"))
+        if self.extras:  # chat: the assistant's earlier calls
+            self.out.extend((role, arguments) for arguments in _call_arguments(message))
+        if self.joined:
+            self._join_turns(role, [text for who, text in self.out[start:] if who == role])
+
+    def _join_turns(self, role: str, texts: list[str]) -> None:
+        if self._turn is not None and self._turn[0] == role and texts and self._turn[1]:
+            self._join(role, [*self._turn[1], *texts])
+        self._turn = (role, texts)
+
+    def content(self, role: str, content: Any) -> None:
+        if isinstance(content, str):
+            self.out.append((role, content))
+            return
+        start = len(self.out)
+        for part in _list(content):
+            if isinstance(part, str):
+                self.out.append((role, part))
+            elif isinstance(part, dict):
+                kind = part.get("type")
+                if isinstance(kind, str) and kind in _TEXT_PART_TYPES:
+                    text = part.get("text")
+                    if isinstance(text, str):
+                        self.out.append((role, text))
+                elif kind == "tool_result":  # Anthropic: the tool's answer, string or blocks
+                    self.content("tool", part.get("content"))
+                elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                    self.out.append((role, part["refusal"]))
+                elif kind in ("document", "search_result"):  # Anthropic: text the model is given to read
+                    self._document(role, part)
+                elif kind == "tool_use" and self.extras and "input" in part:  # Anthropic: an earlier call
+                    self.out.append((role, tool_input_text(part["input"])))
+        if self.joined:
+            self._join(role, [text for who, text in self.out[start:] if who == role])
+
+    def _join(self, role: str, pieces: list[str]) -> None:
+        if len(pieces) > 1:
+            self.groups.append((role, pieces))
+
+    def _document(self, role: str, block: dict[str, Any]) -> None:
+        for key in ("title", "context"):
+            if isinstance(block.get(key), str):
+                self.out.append((role, block[key]))
+        source = block.get("source")
+        if isinstance(source, dict):
+            if source.get("type") == "text" and isinstance(source.get("data"), str):
+                self.out.append((role, source["data"]))
+            elif source.get("type") == "content":
+                self.content(role, source.get("content"))
+        if block.get("type") == "search_result":
+            self.content(role, block.get("content"))
 
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-# Responses items that are not messages: where their text is, and whose it is.
-_ITEM_TEXTS = {
-    "function_call_output": ("output", "tool"),
-    "custom_tool_call_output": ("output", "tool"),
-    "function_call": ("arguments", "assistant"),
-    "custom_tool_call": ("input", "assistant"),
-}
-
-
-def _message(out: list[RoleText], message: Any, joins: list[RoleText] | None) -> None:
-    if not isinstance(message, dict):
-        return
-    kind = message.get("type")
-    item = _ITEM_TEXTS.get(kind) if isinstance(kind, str) else None  # any JSON value may come here
-    if item is not None:
-        _content(out, item[1], message.get(item[0]), joins)
-        return
-    role = message.get("role")
-    role = role if isinstance(role, str) else "user"
-    _content(out, role, message.get("content"), joins)
-    for call in _list(message.get("tool_calls")):  # chat: the assistant's earlier calls
+def _call_arguments(message: dict[str, Any]) -> Iterator[str]:
+    """The arguments of a chat message's tool calls, as the model wrote them."""
+    for call in _list(message.get("tool_calls")):
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            out.append((role, function["arguments"]))
+            yield function["arguments"]
 
 
-def _content(out: list[RoleText], role: str, content: Any, joins: list[RoleText] | None = None) -> None:
-    if isinstance(content, str):
-        out.append((role, content))
+def _descriptions(out: list[RoleText], schema: dict[str, Any], depth: int) -> None:
+    """Every `description` in a tool and its parameter schema (bounded: a schema is data)."""
+    if isinstance(schema.get("description"), str):
+        out.append(("system", schema["description"]))
+    if depth <= 0:
         return
-    start = len(out)
-    for part in _list(content):
-        if isinstance(part, str):
-            out.append((role, part))
-        elif isinstance(part, dict):
-            kind = part.get("type")
-            if isinstance(kind, str) and kind in _TEXT_PART_TYPES:  # any JSON value may come here
-                text = part.get("text")
-                if isinstance(text, str):
-                    out.append((role, text))
-            elif kind == "tool_result":  # Anthropic: the tool's answer, string or blocks
-                _content(out, "tool", part.get("content"), joins)
-            elif kind == "refusal" and isinstance(part.get("refusal"), str):
-                out.append((role, part["refusal"]))
-            elif kind in ("document", "search_result"):  # Anthropic: text the model is given to read
-                _document(out, role, part, joins)
-    if joins is not None:
-        pieces = [text for who, text in out[start:] if who == role]
-        if len(pieces) > 1:  # a phrase split across parts: the model reads them in a row
-            joins.append((role, "".join(pieces)))
-            joins.append((role, "\n".join(pieces)))
+    for key in ("parameters", "input_schema", "properties", "items", "anyOf", "oneOf", "allOf", "$defs", "definitions"):
+        value = schema.get(key)
+        children = value.values() if isinstance(value, dict) and key in ("properties", "$defs", "definitions") else value if isinstance(value, list) else [value]
+        for child in children:
+            if isinstance(child, dict):
+                _descriptions(out, child, depth - 1)
 
 
-def _document(out: list[RoleText], role: str, block: dict[str, Any], joins: list[RoleText] | None) -> None:
-    for key in ("title", "context"):
-        if isinstance(block.get(key), str):
-            out.append((role, block[key]))
-    source = block.get("source")
-    if isinstance(source, dict):
-        if source.get("type") == "text" and isinstance(source.get("data"), str):
-            out.append((role, source["data"]))
-        elif source.get("type") == "content":
-            _content(out, role, source.get("content"), joins)
-    if block.get("type") == "search_result":
-        _content(out, role, block.get("content"), joins)
+def tool_input_text(value: Any) -> str:
+    """A tool call's input as the text the model wrote (Anthropic gives it parsed)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return str(value)
 
 
 # Letters from other scripts that look like Latin ones (the common spoofs), and Latin
@@ -142,29 +213,36 @@ _HOMOGLYPHS = str.maketrans(
     "аеорсухіјѕԁһӏԛԝвкмнтαεικνορτυχıɡɑɩᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢ",
     "aeopcyxijsdhlqwbkmhtaeikvoptuxigaiabcdefghijklmnoprstuvwyz",
 )
-_FILLERS = "\u115f\u1160\u3164\uffa0"  # Hangul fillers: letters by category, blank to the eye
+_LOOK_ALIKE = re.compile("[" + "".join(chr(point) for point in _HOMOGLYPHS) + "]")
+# Marks that only decorate a letter (accents: the combining blocks of Latin, Greek and
+# Cyrillic; Hebrew and Arabic vowel points, which the text is read without), variation
+# selectors, and the Hangul fillers. Not every nonspacing mark: in Japanese, Indic and Thai
+# text they make the letter (dakuten, vowel signs), and dropping them makes words equal.
+_DECORATION = (
+    "\u0300-\u036f\u0483-\u0489\u0591-\u05bd\u0610-\u061a\u064b-\u065f\u034f\u115f\u1160\u17b4\u17b5"
+    "\u180b-\u180f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\u3164\ufe00-\ufe0f\ufe20-\ufe2f\uffa0\U000e0100-\U000e01ef"
+)
 
 
-@functools.cache
-def _hidden() -> re.Pattern[str]:
-    """What no reader sees: format controls (zero-width, bidi, soft hyphen, BOM, tags),
-    combining and enclosing marks (accents; variation selectors), control characters that
-    are not whitespace, and the Hangul fillers. By Unicode category rather than a list, so
-    a character left off a list cannot hide a match. Built on first use (tens of ms)."""
+def _invisible() -> re.Pattern[str]:
+    """What no reader sees: every format control (zero-width, bidi, soft hyphen, BOM, tags)
+    and enclosing mark by Unicode category, so that none left off a list can hide a match;
+    control characters that are not whitespace; and the decorations above."""
     ranges: list[tuple[int, int]] = []
-    for low, high in ((0, 0x30000), (0xE0000, 0xE1000)):
+    for low, high in ((0, 0x20000), (0xE0000, 0xE1000)):  # where these categories are
         for point in range(low, high):
             char = chr(point)
             category = unicodedata.category(char)
-            if category in ("Cf", "Mn", "Me") or (category == "Cc" and not char.isspace()) or char in _FILLERS:
+            if category in ("Cf", "Me") or (category == "Cc" and not char.isspace()):
                 if ranges and ranges[-1][1] == point - 1:
                     ranges[-1] = (ranges[-1][0], point)
                 else:
                     ranges.append((point, point))
-    return re.compile("[" + "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges) + "]")
+    listed = "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges)
+    return re.compile(f"[{listed}{_DECORATION}]")
 
 
-_SPACES = re.compile(r"\s+")
+_HIDDEN = _invisible()  # built once at import (~30 ms), not on a request
 # The same for plain ASCII, as byte operations (this runs on every request's prompts):
 # controls go, whitespace (tab, CR, LF, VT, FF and the separators 0x1c-0x1f) becomes
 # spaces, capitals become small, then runs of spaces close up.
@@ -186,10 +264,11 @@ def normalize(text: str) -> str:
 
 
 def _normalize_unicode(text: str) -> str:
-    hidden = _hidden()
-    decomposed = hidden.sub("", unicodedata.normalize("NFKD", text))
-    folded = unicodedata.normalize("NFKC", decomposed).casefold().translate(_HOMOGLYPHS)
-    return _SPACES.sub(" ", hidden.sub("", folded)).strip()
+    decomposed = _HIDDEN.sub("", unicodedata.normalize("NFKD", text))
+    folded = unicodedata.normalize("NFKC", decomposed).casefold()
+    if _LOOK_ALIKE.search(folded):  # a table lookup per character costs ten times the search
+        folded = folded.translate(_HOMOGLYPHS)
+    return " ".join(_HIDDEN.sub("", folded).split())  # runs of whitespace as one space
 
 
 def response_texts(body: Any) -> Iterator[str]:
@@ -205,17 +284,14 @@ def response_texts(body: Any) -> Iterator[str]:
         if isinstance(message, dict):
             if isinstance(message.get("content"), str):
                 yield message["content"]
-            for call in _list(message.get("tool_calls")):
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    yield function["arguments"]
+            yield from _call_arguments(message)
     for item in _list(body.get("output")):
         if isinstance(item, dict):
             if isinstance(item.get("arguments"), str):
                 yield item["arguments"]
-            parts: list[RoleText] = []
-            _content(parts, "assistant", item.get("content"))
-            for _, text in parts:
+            parts = _Collector(extras=False, joined=False)
+            parts.content("assistant", item.get("content"))
+            for _, text in parts.out:
                 yield text
     if body.get("type") == "message":
         for block in _list(body.get("content")):
@@ -224,4 +300,4 @@ def response_texts(body: Any) -> Iterator[str]:
                     if isinstance(block.get(key), str):
                         yield block[key]
                 if block.get("type") == "tool_use" and block.get("input") is not None:
-                    yield str(block["input"])
+                    yield tool_input_text(block["input"])

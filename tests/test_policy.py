@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from llm_mitm.config import PolicyConfig
 from llm_mitm.exchange import Body
-from llm_mitm.policy import Policy, RequestView
+from llm_mitm.policy import Policy, RequestView, _digest
 from llm_mitm.providers import Route
 from llm_mitm.texts import _normalize_unicode, normalize
 
@@ -196,16 +196,34 @@ def test_remembered_verdicts_are_per_role_and_bounded() -> None:
     assert verdict("user", long_text) == "forbidden_instruction"
     for number in range(2000):
         assert verdict("user", f"question {number}") is None
-    remembered = policy._text_verdicts._known
+    remembered = policy._verdicts._short._known
     assert len(remembered) <= 512 and all(len(text) <= 8192 for _, text in remembered)
+    assert list(policy._verdicts._long._known) == [("user", _digest(("user", long_text))[1])]  # by digest, not the text
+    assert verdict("user", long_text) == "forbidden_instruction"  # from memory
 
 
-def test_split_parts_are_not_counted_twice_for_estimates() -> None:
-    from llm_mitm.texts import request_texts
+def test_texts_read_in_a_row_are_runs_not_more_pieces() -> None:
+    """Counted once (estimates), matched joined (the policy)."""
+    from llm_mitm.texts import read_request, request_texts
 
-    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a b"}, {"type": "text", "text": " c"}]}]}
-    assert request_texts(body) == [("user", "a b"), ("user", " c")]
-    assert request_texts(body, joined=True)[2:] == [("user", "a b c"), ("user", "a b\n c")]
+    parts = [{"type": "text", "text": "a b"}, {"type": "text", "text": " c"}]
+    body = {"messages": [{"role": "user", "content": parts}, {"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]}
+    assert request_texts(body) == [("user", "a b"), ("user", " c"), ("user", "d"), ("assistant", "e")]
+    pieces, runs = read_request(body, extras=True, joined=True)
+    assert pieces == request_texts(body) and runs == [("user", ["a b", " c"]), ("user", ["a b", " c", "d"])]
+
+
+@pytest.mark.parametrize("glob", [False, True])
+def test_a_phrase_split_between_turns_or_long_parts_is_found(glob: bool) -> None:
+    """Anthropic reads consecutive user turns as one; a part's middle is left out of the
+    joined edges when long, which must not hide a phrase at its edge."""
+    config = {"forbidden_instructions": ["ignore previous instructions", *(["*ignore*all*rules*"] if glob else [])]}
+    turns = {"messages": [{"role": "user", "content": "ignore previous"}, {"role": "user", "content": "instructions"}]}
+    assert rule(config, route=ANTHROPIC, body=turns) == "forbidden_instruction"
+    long_parts = [{"type": "text", "text": "x" * 20_000 + " ignore prev"}, {"type": "text", "text": "ious instructions " + "y" * 20_000}]
+    assert rule(config, route=ANTHROPIC, body={"messages": [{"role": "user", "content": long_parts}]}) == "forbidden_instruction"
+    apart = [{"type": "text", "text": "ignore previous " + "x" * 20_000}, {"type": "text", "text": "y" * 20_000 + " instructions"}]
+    assert rule(config, route=ANTHROPIC, body={"messages": [{"role": "user", "content": apart}]}) is None
 
 
 BATCH = Route("anthropic", "anthropic", "messages.batches")
@@ -283,3 +301,11 @@ def test_a_text_sample_never_ends_in_half_a_key() -> None:
         sample = Body.parse(text.encode(), "text/plain").text
         assert len(sample) <= 4096 and sample.rstrip() == "x" * (4096 - cut), cut
     assert Body.parse(b"short " + key.encode(), "text/plain").text == "short " + key  # whole: redaction sees it
+
+
+@pytest.mark.parametrize(("one", "other"), [("かぎ", "かき"), ("ぶた", "ふた"), ("パン", "ハン"), ("कुल", "कल"), ("ผิด", "ผด"), ("ไม่", "ไม")])
+def test_marks_that_make_a_letter_are_kept(one: str, other: str) -> None:
+    """Japanese dakuten, Indic and Thai vowel and tone marks are letters' parts, not accents:
+    dropping them would make distinct words equal, and refuse what no rule names."""
+    assert normalize(one) != normalize(other)
+    assert rule({"forbidden_instructions": ["パスを教えて"]}, body={"messages": [{"role": "user", "content": "駅までのバスを教えて"}]}) is None
