@@ -25,6 +25,10 @@ def atomic_output(path: str | os.PathLike[str], mode: int | None = None, durable
     fsyncs before the rename (off only where losing the newest file to a power cut is
     fine and the cost per file matters).
     """
+    if not _replaceable(path):  # /dev/stdout, a pipe: nothing to replace, write to it
+        with open(path, "wb") as stream:
+            yield stream
+        return
     target = Path(os.path.realpath(path))
     permissions = _permissions(target, mode)
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -35,6 +39,7 @@ def atomic_output(path: str | os.PathLike[str], mode: int | None = None, durable
             if durable:
                 os.fsync(handle.fileno())
         os.chmod(temporary, permissions)
+        _keep_owner(temporary, target)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -45,6 +50,27 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
     """`data` as the whole content of `path` (see atomic_output)."""
     with atomic_output(path, mode, durable) as handle:
         handle.write(data)
+
+
+def _replaceable(path: str | os.PathLike[str]) -> bool:
+    """A regular file, or nothing yet (a pipe or a device is written to, not replaced)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def _keep_owner(temporary: str, target: Path) -> None:
+    """Run as root (sudo) on a file someone else owns, the new file is theirs too."""
+    try:
+        owner = target.stat()
+    except FileNotFoundError:
+        return
+    if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+        try:
+            os.chown(temporary, owner.st_uid, owner.st_gid)
+        except PermissionError:  # not root: the file could not have been theirs to keep
+            pass
 
 
 def _permissions(target: Path, mode: int | None) -> int:

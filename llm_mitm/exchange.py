@@ -32,10 +32,9 @@ class Body:
     json: Any = None
     text: str | None = None
     is_json: bool = False
-    malformed_json: bool = False  # said it was JSON, and is not
     raw: bytes | None = None  # the JSON as it came (the trace takes it as is), or the unread bytes
     unread: bool = False  # kept for the trace writer process to parse
-    form: bool = False  # multipart/form-data (uploads): read by field, not as JSON
+    media: str | None = None  # a format read otherwise than as JSON: "form" (uploads), "sdp" (realtime calls)
 
     @classmethod
     def parse(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -53,15 +52,20 @@ class Body:
                 return cls(size=size, json=orjson.loads(utf8), is_json=True, raw=utf8)
             except orjson.JSONDecodeError:
                 malformed = True
-        if malformed or _is_textual(content_type):
-            return cls(size=size, text=_sample(content), malformed_json=malformed)
-        return cls(size=size, form=content_type.lower().startswith("multipart/form-data"))
+        media = _MEDIA.get(content_type.partition(";")[0].strip().lower())
+        if media is None and (malformed or _is_textual(content_type)):
+            return cls(size=size, text=_sample(content))
+        return cls(size=size, media=media)
+
+    @property
+    def form(self) -> bool:
+        return self.media == "form"
 
     @property
     def opaque(self) -> bool:
-        """Bytes that are neither JSON nor a form: what they ask of an API (model, texts,
-        limits) cannot be checked, so the policy treats them as unparseable."""
-        return self.size > 0 and not self.is_json and not self.form and not self.unread
+        """Bytes in no format an API takes (JSON, a form, a WebRTC offer): what they ask of
+        it (model, texts, limits) cannot be checked, so the policy treats them as unparseable."""
+        return self.size > 0 and not self.is_json and self.media is None and not self.unread
 
     @classmethod
     def unparsed(cls, content: bytes | None, content_type: str = "") -> Body:
@@ -107,6 +111,9 @@ def _looks_like_json(content: bytes, content_type: str) -> bool:
     return not kind.startswith("multipart/") and content.lstrip()[:1] in (b"{", b"[")
 
 
+# Request formats the APIs take besides JSON: uploads, and the SDP offer of a WebRTC
+# realtime call (`POST /v1/realtime/calls`, `application/sdp`).
+_MEDIA = {"multipart/form-data": "form", "application/sdp": "sdp"}
 _TOKEN_TAIL = re.compile(r"[A-Za-z0-9._~+/=-]+\Z")
 
 
@@ -209,6 +216,7 @@ class Exchange:
     request_fields: HeaderFields  # as mitmproxy had them when the request came; decoded for the trace
     request: Body
     started_at: float = field(default_factory=time.time)
+    form_fields: dict[str, Any] | None = None  # what an upload says besides its files (model, prompt, ...)
     model: str | None = None
     stream: bool = False
     api_key: str | None = None

@@ -27,7 +27,7 @@ class Call:
     response_json: Any
     error: bool
     charged: bool  # went upstream and was answered by it (not refused, not replayed)
-    answered: bool = False  # a 1xx-3xx answer came, though it may have been cut short
+    status_code: int | None = None  # the answer's; None when none came
 
 
 class Metering:
@@ -48,7 +48,8 @@ class Metering:
         usage = call.usage
         # A stream cut short (the client went, upstream reset) has generated tokens but never
         # got to its usage chunk: estimated, so that limits and budgets still see it.
-        if usage is None and self.estimate_missing and (not call.error or call.answered):
+        answered = call.status_code is not None and call.status_code < 400  # though perhaps cut short
+        if usage is None and self.estimate_missing and (not call.error or answered):
             usage = estimate_usage(call.request_json, call.response_json)
         if usage is None:
             return None, None

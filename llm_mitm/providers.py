@@ -40,7 +40,7 @@ def _split_port(pattern: str) -> tuple[str, str | None]:
 def split_host(name: str, default_port: int) -> tuple[str, int]:
     """`host[:port]` (a Host header, a server name) as host and port."""
     host, port = _split_port(name)
-    return (host.strip("[]"), int(port)) if port and port.isdigit() else (name.strip("[]"), default_port)
+    return (host.strip("[]"), int(port)) if port and port.isascii() and port.isdigit() else (name.strip("[]"), default_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,14 +133,15 @@ def _after_version(segments: list[str]) -> list[str]:
 
 
 def _azure_parts(segments: list[str]) -> tuple[str | None, list[str]]:
-    if segments[:1] != ["openai"]:
+    """The deployment and the operation's segments. Azure matches its paths without regard
+    to case (`/OpenAI/Deployments/...`); a deployment's name is kept as written."""
+    if not segments or segments[0].lower() != "openai":
         return None, _after_version(segments)
     rest = segments[1:]
-    if rest[:1] == ["deployments"] and len(rest) >= 2:
-        return rest[1], rest[2:]
-    if rest[:1] == ["v1"]:
-        return None, rest[1:]
-    return None, rest
+    if len(rest) >= 2 and rest[0].lower() == "deployments":
+        return rest[1], [segment.lower() for segment in rest[2:]]
+    rest = [segment.lower() for segment in rest]
+    return None, rest[1:] if rest[:1] == ["v1"] else rest
 
 
 _OPENAI_OPERATIONS = {

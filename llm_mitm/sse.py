@@ -249,11 +249,13 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         if self._head_missing:
             taken = False
             for key in self._head_missing:
-                if payload.get(key):  # Azure's first event (its prompt filter results) has them empty
+                # An empty value (Azure's first event, its prompt filter results, has them
+                # all empty) stands until a later event says more.
+                if key in payload and (payload[key] or key not in self._head):
                     self._head[key] = payload[key]
                     taken = True
             if taken:
-                self._head_missing = tuple(key for key in _CHAT_HEAD if key not in self._head)
+                self._head_missing = tuple(key for key in _CHAT_HEAD if not self._head.get(key))
         if isinstance(payload.get("model"), str):
             self.model = payload["model"]
         if isinstance(payload.get("usage"), dict):

@@ -148,7 +148,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
         response_json=body.json,
         error=snap["error"] is not None,
         charged=not _blocked(snap) and snap["replay"] != "hit",
-        answered=snap["status_code"] is not None and snap["status_code"] < 400,
+        status_code=snap["status_code"],
     ))
     snap["usage"] = usage.as_dict() if usage else None
     snap["cost_usd"] = cost

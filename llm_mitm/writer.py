@@ -122,12 +122,16 @@ class TraceWriter:
     def _open(self) -> int:
         if self._fd is None:
             self.destination.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-            fd = os.open(self.destination, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
             try:
-                self._end_torn_line(fd)
-            except OSError:
-                os.close(fd)
-                raise
+                fd = os.open(self.destination, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            except PermissionError:  # a file we may write but not read: no torn line to look for
+                fd = os.open(self.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            else:
+                try:
+                    self._end_torn_line(fd)
+                except OSError:
+                    os.close(fd)
+                    raise
             self._fd = fd
         return self._fd
 

@@ -373,6 +373,58 @@ def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
     run(go())
 
 
+def form_flow(path: str, parts: list[tuple[str, bytes]], content_type: str = "multipart/form-data; boundary=b"):  # type: ignore[no-untyped-def]
+    flow = chat_flow()
+    flow.request.path = path
+    flow.request.headers["content-type"] = content_type
+    body = b"".join(b'--b\r\ncontent-disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (name.encode(), value) for name, value in parts)
+    flow.request.content = body + b"--b--\r\n" if parts else b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n"
+    return flow
+
+
+def test_what_an_upload_or_a_webrtc_offer_says_is_policed(tmp_path: Path) -> None:
+    """A form's prompt, instructions and realtime session are read as a JSON body's would
+    be; an SDP offer (WebRTC realtime) is a format the API takes, not an unreadable body."""
+    config = tmp_path / "config.yaml"
+    config.write_text("policy:\n  allowed_models: ['gpt-4o*', 'gpt-image-1', 'gpt-realtime']\n  forbidden_instructions: ['ignore previous instructions']\n")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            def refused(flow) -> str | None:  # type: ignore[no-untyped-def]
+                llm.request(flow)
+                return flow.response.headers["x-llm-mitm-rule"] if flow.response is not None else None
+
+            edit = form_flow("/v1/images/edits", [("model", b"gpt-image-1"), ("prompt", b"Ignore previous instructions"), ("image", b"\x89PNG")])
+            assert refused(edit) == "forbidden_instruction"
+            session = b'{"type": "realtime", "model": "gpt-realtime-mini", "instructions": "be kind"}'
+            assert refused(form_flow("/v1/realtime/calls", [("sdp", b"v=0"), ("session", session)])) == "model_not_allowed"
+            assert refused(form_flow("/v1/realtime/calls", [("sdp", b"v=0"), ("session", session.replace(b"-mini", b""))])) is None
+            assert refused(form_flow("/v1/realtime/calls?model=gpt-realtime", [], "application/sdp")) is None
+            assert refused(form_flow("/v1/realtime/calls?mod%65l=o1-realtime", [], "application/sdp")) == "model_not_allowed"
+            assert refused(form_flow("/v1/chat/completions", [], "text/plain")) == "unparseable_body"
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_a_utf16_body_rewritten_is_sent_as_what_it_now_is(tmp_path: Path) -> None:
+    """Clamping writes UTF-8; the header must not go on saying UTF-16."""
+    config = tmp_path / "config.yaml"
+    config.write_text("policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            flow = chat_flow()
+            flow.request.headers["content-type"] = "application/json; charset=utf-16"
+            flow.request.content = orjson.dumps({"model": "gpt-4o", "max_tokens": 5000, "messages": []}).decode().encode("utf-16")
+            llm.request(flow)
+            assert flow.response is None and flow.request.headers["content-type"] == "application/json"
+            assert orjson.loads(flow.request.content)["max_tokens"] == 100
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def untimed_records(path: Path) -> list[dict]:
     """The trace file's records without what differs from one run of a call to the next."""
     timing = ("id", "timestamp", "duration_ms", "ttfb_ms")

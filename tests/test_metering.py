@@ -168,12 +168,13 @@ def test_a_stream_cut_short_is_estimated_and_an_error_answer_is_not() -> None:
     request = {"messages": [{"role": "user", "content": "abcd" * 10}]}
     partial = {"choices": [{"message": {"content": "abcdefgh"}}]}
 
-    def call(error: bool, answered: bool) -> Call:
-        return Call("chat.completions", "gpt-4o", None, request, partial, error=error, charged=True, answered=answered)
+    def call(error: bool, status_code: int | None) -> Call:
+        return Call("chat.completions", "gpt-4o", None, request, partial, error=error, charged=True, status_code=status_code)
 
-    usage, cost = metering.meter(call(error=True, answered=True))
+    usage, cost = metering.meter(call(error=True, status_code=200))
     assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True) and cost is not None and cost > 0
-    assert metering.meter(call(error=True, answered=False)) == (None, None)  # a 4xx/5xx or no answer at all
+    assert metering.meter(call(error=True, status_code=500)) == (None, None)  # an error answer
+    assert metering.meter(call(error=True, status_code=None)) == (None, None)  # no answer at all
 
 
 def test_estimate_marks_usage() -> None:

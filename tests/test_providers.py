@@ -85,6 +85,7 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         ("api.openai.com", "/v1/./chat//completions", "chat.completions", None),
         ("r.openai.azure.com", "/openai/realtime?api-version=2024-10-01-preview&deployment=rt-4o", "realtime", "rt-4o"),
         ("localhost", "/v1beta/openai/chat/completions", "chat.completions", None),  # Gemini's mount
+        ("r.openai.azure.com", "/OpenAI/Deployments/Prod-4o/Chat/Completions?api-version=1", "chat.completions", "Prod-4o"),
         ("localhost", "/v1/organization/usage/completions", "organization", None),
     ],
 )
@@ -105,3 +106,10 @@ def test_disabled_provider_is_not_matched() -> None:
     config = parse_config({"providers": {"openai": {"enabled": False}}}, "test")
     assert ProviderMatcher(config.enabled_providers).match("api.openai.com", 443) is None
     assert ProviderMatcher(default_config().enabled_providers).match("api.openai.com", 443) is not None
+
+
+def test_a_port_that_is_not_a_number_is_no_port() -> None:
+    from llm_mitm.providers import split_host
+
+    assert split_host("api.openai.com:²", 443) == ("api.openai.com:²", 443)  # "²".isdigit(), but int() refuses it
+    assert split_host("api.openai.com:8443", 443) == ("api.openai.com", 8443)

@@ -455,3 +455,5 @@ def test_azure_empty_head_is_not_the_streams_head() -> None:
     filters = (None, {"id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": []})
     body = rebuild(ChatCompletionsRebuilder(), sse([filters, *CHAT])).result()
     assert body["id"] == "c1" and body["model"] == "gpt-4o-2024-08-06" and body["object"] == "chat.completion"
+    no_fingerprint = [(None, {**payload, "system_fingerprint": None} if isinstance(payload, dict) else payload) for _, payload in CHAT]
+    assert rebuild(ChatCompletionsRebuilder(), sse(no_fingerprint)).result()["system_fingerprint"] is None  # kept as said

@@ -115,3 +115,41 @@ def test_whole_lines_and_empty_files_get_no_extra_newline(tmp_path: Path) -> Non
         writer.write(batch(row(id="after")))
         writer.close()
         assert traces.read_bytes() == content + b'{"id":"after","text":""}\n'
+
+
+def test_a_file_that_may_be_written_but_not_read_is_still_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Root reads any file, so the refusal to read is simulated.)"""
+    real_open = os.open
+
+    def no_reading(path, flags, *args):  # type: ignore[no-untyped-def]
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_reading)
+    traces = tmp_path / "t.jsonl"
+    writer = TraceWriter(traces, None)
+    writer.write(batch(row(id="one")))
+    writer.close()
+    assert read_lines(traces) == [row(id="one")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to someone else")
+def test_a_file_replaced_by_root_keeps_its_owner(tmp_path: Path) -> None:
+    from llm_mitm.atomic import write_atomic
+
+    target = tmp_path / "cacert.pem"
+    target.write_bytes(b"old")
+    os.chown(target, 4321, 4321)
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and (target.stat().st_uid, target.stat().st_gid) == (4321, 4321)
+
+
+def test_an_output_that_is_not_a_file_is_written_to() -> None:
+    """`llm-mitm export ... -o /dev/stdout`: a pipe or a terminal is not replaced, but written."""
+    import subprocess
+    import sys
+
+    code = "from llm_mitm.atomic import write_atomic; write_atomic('/dev/stdout', b'to the pipe')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == b"to the pipe", out.stderr

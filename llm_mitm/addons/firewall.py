@@ -26,7 +26,7 @@ class Firewall:
         view = RequestView(
             route=exchange.route,
             model=exchange.model,
-            body=exchange.request_json,
+            body=exchange.request_json if exchange.request_json is not None else exchange.form_fields,
             unparseable=exchange.request.opaque,
         )
         clamped = None

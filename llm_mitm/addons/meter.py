@@ -40,5 +40,5 @@ def call_of(exchange: Exchange) -> Call:
         response_json=exchange.response.json,
         error=exchange.error is not None,
         charged=not exchange.blocked and exchange.replay != "hit",
-        answered=exchange.status_code is not None and exchange.status_code < 400,
+        status_code=exchange.status_code,
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import orjson
 from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
@@ -49,9 +51,11 @@ class Recorder:
         exchange.api_key = self._api_key(exchange) or self._query_key(request)
         exchange.organization = exchange.header("openai-organization") or None
         exchange.project = exchange.header("openai-project") or None
-        if exchange.model is None and exchange.request.form:
-            exchange.model = _form_model(request)
-        if exchange.model is None and "model=" in request.path:  # realtime: the model is in the query
+        if exchange.request.form:
+            exchange.form_fields = _form_fields(request)
+            model = exchange.form_fields.get("model")
+            exchange.model = exchange.model or (model if isinstance(model, str) else None)
+        if exchange.model is None and "?" in request.path:  # realtime: the model is in the query
             exchange.model = request.query.get("model")
         self.shared.record(flow, exchange)
 
@@ -133,7 +137,7 @@ class Recorder:
 
     def _query_key(self, request: http.Request) -> str | None:
         """Azure also takes its key as `?api-key=`: the caller's identity all the same."""
-        if "api-key=" not in request.path:
+        if "?" not in request.path:
             return None
         value = request.query.get("api-key")
         return self.shared.redactor.credential(value) if value else None
@@ -152,9 +156,28 @@ def _url(request: http.Request, host_header: str | None) -> str:
     return request.pretty_url
 
 
-def _form_model(request: http.Request) -> str | None:
+# Form fields an API reads as text or settings: the model, a prompt (images, audio),
+# instructions, and a realtime call's session (JSON, with its own model and instructions).
+_FORM_TEXT_FIELDS = (b"model", b"prompt", b"instructions")
+
+
+def _form_fields(request: http.Request) -> dict[str, Any]:
+    """What the policy reads of an upload, as it reads a JSON body (files are not read)."""
     try:
-        value = request.multipart_form.get(b"model")
+        form = request.multipart_form
     except ValueError:
-        return None
-    return value.decode("utf-8", "replace") if value else None
+        return {}
+    fields: dict[str, Any] = {}
+    session = form.get(b"session")
+    if session:
+        try:
+            parsed = orjson.loads(session)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            fields.update((key, parsed[key]) for key in ("model", "instructions", "tools") if key in parsed)
+    for name in _FORM_TEXT_FIELDS:
+        value = form.get(name)
+        if value:
+            fields[name.decode()] = value.decode("utf-8", "replace")
+    return fields

@@ -22,4 +22,7 @@ def rewrite_json(flow: http.HTTPFlow, exchange: Exchange, body: dict) -> None:  
     """Send `body` upstream instead (content-encoding kept) and record what was sent."""
     content = orjson.dumps(body)
     flow.request.content = content
+    content_type = flow.request.headers.get("content-type", "")
+    if "charset" in content_type.lower() and "utf-8" not in content_type.lower():  # it was UTF-16 or -32: now UTF-8
+        flow.request.headers["content-type"] = "application/json"
     exchange.replace_request_json(body, content)

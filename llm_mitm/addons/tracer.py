@@ -59,6 +59,10 @@ class Tracer:
                 if old is not None:
                     old.close()
             self._settings = settings
+        self._leave_to_sink(config)
+
+    def _leave_to_sink(self, config: Config) -> None:
+        """Responses go to a running writer process unless limits need them read here."""
         self.shared.defer_responses = self.sink is not None and not self.sink.failed and not limits_set(config.policy)
         self.shared.collect_counts = self.sink.collect if self.sink is not None else no_counts_owed
 
@@ -70,9 +74,14 @@ class Tracer:
         if self.sink is None or now - self._restarted_at < RESTART_SECONDS:
             return
         self._restarted_at = now
-        gone, self.sink, self._settings = self.sink, None, None
+        gone = self.sink
+        try:
+            self.sink = TraceSink(gone.settings, self.shared.usage_stats.add, snapshot)
+        except Exception:  # noqa: BLE001 - no new process (out of memory, say): the gone one stays, read here
+            logger.exception("llm-mitm: the trace writer process could not be started again")
+            return
         gone.close(timeout=0)
-        self._apply(self.shared.config)
+        self._leave_to_sink(self.shared.config)
         logger.error("llm-mitm: a new trace writer process is started; %d call(s) handed to the one that went are lost", gone.dropped)
 
     def response(self, flow: http.HTTPFlow) -> None:
