@@ -65,15 +65,16 @@ class _Collector:
         self.groups: list[RoleGroup] = []
         self.extras = extras
         self.joined = joined
-        self._turn: tuple[str, list[str]] | None = None  # the last message's role and texts
+        self._turn: tuple[str, int] | None = None  # the last message's role, and where its texts start
 
     def body(self, body: dict[str, Any]) -> None:
-        for field in ("prompt", "suffix"):
-            value = body.get(field)
-            if isinstance(value, str):
-                self.out.append(("user", value))
-            elif isinstance(value, list):
-                self.out.extend(("user", item) for item in value if isinstance(item, str))
+        if "prompt" in body or "suffix" in body:  # legacy completions
+            for field in ("prompt", "suffix"):
+                value = body.get(field)
+                if isinstance(value, str):
+                    self.out.append(("user", value))
+                elif isinstance(value, list):
+                    self.out.extend(("user", item) for item in value if isinstance(item, str))
         system = body.get("system")
         if system is not None:
             self.content("system", system)
@@ -85,13 +86,13 @@ class _Collector:
         items = body.get("input")
         if isinstance(items, str):
             self.out.append(("user", items))
-        else:
-            for item in _list(items):
+        elif isinstance(items, list):
+            for item in items:
                 if isinstance(item, str):
                     self.out.append(("user", item))
                 else:
                     self.message(item)
-        if self.extras:
+        if self.extras and ("tools" in body or "prompt" in body):
             self._extras(body)
 
     def _extras(self, body: dict[str, Any]) -> None:
@@ -109,7 +110,7 @@ class _Collector:
             return
         start = len(self.out)
         kind = message.get("type")
-        fields = _ITEM_TEXTS.get(kind) if isinstance(kind, str) else None  # any JSON value may come here
+        fields = _ITEM_TEXTS.get(kind) if kind is not None and isinstance(kind, str) else None  # any JSON value may come here
         if fields is not None:
             for field, role, extra in fields:
                 if self.extras or not extra:
@@ -118,15 +119,12 @@ class _Collector:
         role = message.get("role")
         role = role if isinstance(role, str) else "user"
         self.content(role, message.get("content"))
-        if self.extras:  # chat: the assistant's earlier calls
+        if self.extras and "tool_calls" in message:  # chat: the assistant's earlier calls
             self.out.extend((role, arguments) for arguments in _call_arguments(message))
         if self.joined:
-            self._join_turns(role, [text for who, text in self.out[start:] if who == role])
-
-    def _join_turns(self, role: str, texts: list[str]) -> None:
-        if self._turn is not None and self._turn[0] == role and texts and self._turn[1]:
-            self._join(role, [*self._turn[1], *texts])
-        self._turn = (role, texts)
+            if self._turn is not None and self._turn[0] == role:  # this turn and the one before
+                self._join(role, [text for who, text in self.out[self._turn[1] :] if who == role])
+            self._turn = (role, start)
 
     def content(self, role: str, content: Any) -> None:
         if isinstance(content, str):
