@@ -22,6 +22,7 @@ from llm_mitm.sse import StreamTap
 from llm_mitm.usage import Usage, normalize_usage
 
 _SAMPLE_LIMIT = 4096  # characters of a non-JSON text body kept for the trace
+FORM_OPERATIONS = ("audio", "images", "files", "uploads", "realtime", "containers", "videos")  # those that take uploads
 
 
 @dataclass(slots=True)
@@ -269,6 +270,18 @@ class Exchange:
             self.stream = payload.get("stream") is True
         if self.route.deployment:
             self.model = self.route.deployment
+
+    @property
+    def unreadable(self) -> bool:
+        """A body the policy cannot read: in no format an API takes, in one this operation
+        does not take (an SDP offer is a realtime call's, a form an upload's), or a form
+        that does not parse or names a field twice (servers differ on which one counts)."""
+        media = self.request.media
+        if media is None:
+            return self.request.opaque
+        if media == "sdp":
+            return self.route.operation != "realtime"
+        return self.route.operation not in FORM_OPERATIONS or self.form_fields is None
 
     @property
     def response_headers(self) -> list[tuple[str, str]]:

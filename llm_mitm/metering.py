@@ -50,7 +50,10 @@ class Metering:
         # got to its usage chunk: estimated, so that limits and budgets still see it.
         answered = call.status_code is not None and call.status_code < 400  # though perhaps cut short
         if usage is None and self.estimate_missing and (not call.error or answered):
-            usage = estimate_usage(call.request_json, call.response_json)
+            try:
+                usage = estimate_usage(call.request_json, call.response_json)
+            except RecursionError:  # a body nested past what can be walked: no estimate, not a failed hook
+                usage = None
         if usage is None:
             return None, None
         price = self.prices.price(call.model)

@@ -12,10 +12,9 @@ from typing import Any, Generic, TypeVar
 from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.providers import Route
-from llm_mitm.texts import normalize, read_request
+from llm_mitm.texts import ROLE_ALIASES, normalize, read_request
 
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-_ROLE_ALIASES = {"developer": "system", "function": "tool"}
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 V = TypeVar("V")
 RoleText = tuple[str, str]
@@ -93,6 +92,7 @@ class _Instruction:
     regex: re.Pattern[str]
     search: bool = False
     span: int = 0  # a searched phrase's length
+    packed: str = ""  # a searched phrase without its spaces
 
     def matches(self, text: str) -> bool:
         return bool(self.regex.search(text) if self.search else self.regex.match(text))
@@ -101,7 +101,7 @@ class _Instruction:
 def _instruction(pattern: str) -> _Instruction:
     role, sep, rest = pattern.partition(":")
     if sep and role.strip().lower() in _ROLES:
-        role_name: str | None = _ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
+        role_name: str | None = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
         glob = rest
     else:
         role_name, glob = None, pattern
@@ -111,7 +111,7 @@ def _instruction(pattern: str) -> _Instruction:
     if plain or (inner != glob and not any(ch in inner for ch in "*?[")):
         # A plain phrase (or *phrase*) matches anywhere: a substring search, which stays
         # linear where `.*phrase.*` would backtrack through a large body.
-        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True, span=len(inner))
+        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True, span=len(inner), packed=inner.replace(" ", ""))
     return _Instruction(pattern, role_name, _glob(glob))
 
 
@@ -175,11 +175,11 @@ class Policy:
             return None
         pieces, runs = read_request(body, extras=True, joined=True)
         for role, text in pieces:
-            role = _ROLE_ALIASES.get(role, role)
+            role = ROLE_ALIASES.get(role, role)
             if (rule := self._verdicts(role, text)) is not None:
                 return Violation("forbidden_instruction", f"{role} text matches forbidden_instructions pattern {rule.pattern!r}")
         for role, texts in runs:
-            role = _ROLE_ALIASES.get(role, role)
+            role = ROLE_ALIASES.get(role, role)
             if (rule := self._run_verdict(role, texts)) is not None:
                 return Violation("forbidden_instruction", f"{role} texts read in a row match forbidden_instructions pattern {rule.pattern!r}")
         return None
@@ -195,16 +195,19 @@ class Policy:
         return None
 
     def _run_verdict(self, role: str, texts: list[str]) -> _Instruction | None:
-        """A phrase split between texts read in a row (a message's parts, one role's turns):
-        their normal forms joined with nothing between them and with a space (each text's
-        own edges were stripped). Searches need only each text's edges, remembered; a glob
-        matches the whole, so with one the whole is normalised again."""
-        if self._all_searches:
-            forms = [self._edge_forms("", text) for text in texts]
-        else:
-            forms = [normalize(text) for text in texts]
-        for separator in ("", " "):
-            if (rule := self._first_match(role, separator.join(forms))) is not None:
+        """A phrase split between texts read in a row (a message's parts, one speaker's
+        turns). Where one text ends the model may read a space or none, whichever the phrase
+        needs: a search looks for its phrase without spaces in the texts joined without
+        theirs (each text's edges suffice, remembered); a glob, matching the whole, is tried
+        on the whole joined with nothing and with a space."""
+        forms = [form for form in (self._edge_forms("", text) if self._all_searches else normalize(text) for text in texts) if form]
+        if len(forms) < 2:
+            return None
+        packed = "".join(forms).replace(" ", "")
+        for rule in self._instructions:
+            if rule.role is not None and rule.role != role:
+                continue
+            if rule.packed in packed if rule.search else any(rule.matches(sep.join(forms)) for sep in ("", " ")):
                 return rule
         return None
 

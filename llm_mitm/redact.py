@@ -8,6 +8,7 @@ Only what we write is redacted; what goes upstream is never touched.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 import string
@@ -81,8 +82,12 @@ _BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
 
 
+_FINGERPRINT = re.compile(r"(?:(?:bearer|basic|token|digest) )?(?:sk-[a-z]*-?|jwt:)?…[A-Za-z0-9._~+/=-]{0,4}#[0-9a-f]{8}", re.IGNORECASE)
+
+
 def _is_fingerprint(value: str) -> bool:
-    return "…" in value and "#" in value
+    """Exactly a fingerprint (a value holding one and more is not: the rest is its own)."""
+    return _FINGERPRINT.fullmatch(value) is not None
 
 
 _SCHEME = re.compile(r"(?i)(?:bearer|basic|token|digest)[ \t]+")
@@ -105,23 +110,15 @@ def _value_span(text: str, at: int) -> tuple[int, int]:
     return start, end.start() if end else len(text)
 
 
-def _percent_decoded(text: str) -> tuple[str, list[int]]:
-    """`text` with its %XX escapes decoded (a byte a character), and for each character
-    of the result (and its end) where it starts in `text`."""
-    out: list[str] = []
-    starts: list[int] = []
-    index = 0
-    while index < len(text):
-        starts.append(index)
-        escape = text[index + 1 : index + 3]
-        if text[index] == "%" and len(escape) == 2 and all(c in string.hexdigits for c in escape):
-            out.append(chr(int(escape, 16)))
-            index += 3
-        else:
-            out.append(text[index])
-            index += 1
-    starts.append(len(text))
-    return "".join(out), starts
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _percent_decoded(text: str) -> tuple[str, Callable[[int], int]]:
+    """`text` with its %XX escapes decoded (a byte a character), and a map from a place in
+    the result to the same place in `text`."""
+    escapes = [match.start() - 2 * number for number, match in enumerate(_ESCAPE.finditer(text))]  # where each lands
+    decoded = _ESCAPE.sub(lambda match: chr(int(match.group(0)[1:], 16)), text)
+    return decoded, lambda place: place + 2 * bisect.bisect_left(escapes, place)
 
 
 def split_scheme(value: str) -> tuple[str | None, str]:
@@ -157,10 +154,10 @@ class Redactor:
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
-        # A credential's name (with any prefix: DB_PASSWORD, X-Api-Key), maybe quoted (also
+        # A credential's name (also after a prefix: DB_PASSWORD, X-Api-Key), maybe quoted (also
         # as JSON inside a string: \"password\"), then `:` or `=`: its value follows.
         names = "|".join(re.escape(name) for name in sorted(self.fields, key=len, reverse=True))
-        self._assignment = re.compile(rf"""(?i)(?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_-])*(?:{names})(?:\\?["'])?[ \t]*[:=][ \t]*""")
+        self._assignment = re.compile(rf"""(?i)(?<![A-Za-z0-9])(?:{names})(?:\\?["'])?[ \t]*[:=][ \t]*""")
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
 
@@ -242,24 +239,31 @@ class Redactor:
         return out
 
     def url(self, url: str) -> str:
+        if "%" in url:
+            return self.text(self._decoded_url(url))
+
         def param(m: re.Match[str]) -> str:
             sep, name, value = m.groups()
             if name.lower() in self.params and value and not _is_fingerprint(value):
                 return f"{sep}{name}={self.fingerprint(value)}"
             return m.group(0)
 
-        redacted = self.text(self._query.sub(param, url))
-        return self._percent_encoded(redacted) if "%" in redacted else redacted
+        return self.text(self._query.sub(param, url))
 
-    def _percent_encoded(self, url: str) -> str:
-        """Keys written percent-encoded (`sk%2Dproj%2D...`): found in the decoded text,
-        replaced where they stand, so the rest of the URL keeps its escapes (`%26` is not `&`)."""
-        decoded, starts = _percent_decoded(url)
-        spans = [(starts[m.start()], starts[m.end()], m.group(0)) for may_hold, shape in _SHAPES if may_hold(decoded) for m in shape.finditer(decoded)]
-        for start, end, secret in sorted(spans, reverse=True):
-            if "%" in url[start:end]:  # the others were found in the URL as it is
-                url = url[:start] + self.fingerprint(secret) + url[end:]
-        return url
+    def _decoded_url(self, url: str) -> str:
+        """A URL with escapes (`sk%2Dproj%2D...`, `api%2Dkey=`) read as the server reads it:
+        parameters and key shapes found in the decoded text, each replaced where it stands
+        in the URL, which keeps its other escapes (`%26` is not `&`)."""
+        decoded, original = _percent_decoded(url)
+        spans = [(m.start(3), m.end(3), m.group(3)) for m in self._query.finditer(decoded)
+                 if m.group(2).lower() in self.params and m.group(3) and not _is_fingerprint(m.group(3))]
+        spans += [(m.start(), m.end(), m.group(0)) for may_hold, shape in _SHAPES if may_hold(decoded) for m in shape.finditer(decoded)]
+        out, done = [], 0
+        for start, end, secret in sorted(spans, key=lambda span: (span[0], -span[1])):
+            if start >= done:  # a span inside one already replaced is gone with it
+                out += [url[original(done) : original(start)], self.fingerprint(secret)]
+                done = end
+        return "".join(out) + url[original(done) :]
 
     def free_text(self, value: str) -> str:
         """Text of no known structure (a text body, a line of output): secret shapes, and

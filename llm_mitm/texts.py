@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 RoleText = tuple[str, str]
+ROLE_ALIASES = {"developer": "system", "function": "tool"}  # roles the APIs read as another
 
 _TEXT_PART_TYPES = {"text", "input_text", "output_text"}
 # Responses items that are not messages: their text, whose it is, and whether it is part
@@ -65,7 +66,7 @@ class _Collector:
         self.groups: list[RoleGroup] = []
         self.extras = extras
         self.joined = joined
-        self._turn: tuple[str, int] | None = None  # the last message's role, and where its texts start
+        self._run: tuple[str, int, int] | None = None  # the speaker of the turns in a row, where their texts start, how many
 
     def body(self, body: dict[str, Any]) -> None:
         if "prompt" in body or "suffix" in body:  # legacy completions
@@ -83,6 +84,7 @@ class _Collector:
             self.out.append(("system", instructions))
         for message in _list(body.get("messages")):
             self.message(message)
+        self.end_run()
         items = body.get("input")
         if isinstance(items, str):
             self.out.append(("user", items))
@@ -92,6 +94,7 @@ class _Collector:
                     self.out.append(("user", item))
                 else:
                     self.message(item)
+            self.end_run()
         if self.extras and ("tools" in body or "prompt" in body):
             self._extras(body)
 
@@ -112,6 +115,7 @@ class _Collector:
         kind = message.get("type")
         fields = _ITEM_TEXTS.get(kind) if kind is not None and isinstance(kind, str) else None  # any JSON value may come here
         if fields is not None:
+            self.end_run()
             for field, role, extra in fields:
                 if self.extras or not extra:
                     self.content(role, message.get(field))
@@ -122,9 +126,19 @@ class _Collector:
         if self.extras and "tool_calls" in message:  # chat: the assistant's earlier calls
             self.out.extend((role, arguments) for arguments in _call_arguments(message))
         if self.joined:
-            if self._turn is not None and self._turn[0] == role:  # this turn and the one before
-                self._join(role, [text for who, text in self.out[self._turn[1] :] if who == role])
-            self._turn = (role, start)
+            speaker = ROLE_ALIASES.get(role, role)
+            if self._run is not None and self._run[0] == speaker:  # one more turn of the same speaker
+                self._run = (speaker, self._run[1], self._run[2] + 1)
+            else:
+                self.end_run()
+                self._run = (speaker, start, 1)
+
+    def end_run(self) -> None:
+        """Consecutive turns of one speaker (Anthropic reads them as one) are one run."""
+        if self._run is not None and self._run[2] > 1:
+            speaker, start, _ = self._run
+            self._join(speaker, [text for who, text in self.out[start:] if ROLE_ALIASES.get(who, who) == speaker])
+        self._run = None
 
     def content(self, role: str, content: Any) -> None:
         if isinstance(content, str):
@@ -196,13 +210,14 @@ def _descriptions(out: list[RoleText], schema: dict[str, Any], depth: int) -> No
 
 
 def tool_input_text(value: Any) -> str:
-    """A tool call's input as the text the model wrote (Anthropic gives it parsed)."""
+    """A tool call's input as the text the model wrote (Anthropic gives it parsed); ""
+    for one orjson cannot write (nested deeper than 255)."""
     if isinstance(value, str):
         return value
     try:
         return orjson.dumps(value).decode()
     except TypeError:
-        return str(value)
+        return ""
 
 
 # Letters from other scripts that look like Latin ones (the common spoofs), and Latin

@@ -402,6 +402,13 @@ def test_what_an_upload_or_a_webrtc_offer_says_is_policed(tmp_path: Path) -> Non
             assert refused(form_flow("/v1/realtime/calls?model=gpt-realtime", [], "application/sdp")) is None
             assert refused(form_flow("/v1/realtime/calls?mod%65l=o1-realtime", [], "application/sdp")) == "model_not_allowed"
             assert refused(form_flow("/v1/chat/completions", [], "text/plain")) == "unparseable_body"
+            # A format only where the API takes it, and a form only as servers all read it.
+            assert refused(form_flow("/v1/chat/completions", [], "application/sdp")) == "unparseable_body"
+            assert refused(form_flow("/v1/chat/completions", [("model", b"gpt-4o")])) == "unparseable_body"
+            twice = [("model", b"gpt-image-1"), ("model", b"dall-e-2"), ("prompt", b"a cat")]
+            assert refused(form_flow("/v1/images/edits", twice)) == "unparseable_body"
+            quoted = form_flow("/v1/images/edits", [("model", b"dall-e-2"), ("prompt", b"a cat")], 'multipart/form-data; boundary="b"')
+            assert refused(quoted) in ("unparseable_body", "model_not_allowed")  # never let through unread
 
     os.chdir(tmp_path)
     run(go())

@@ -279,3 +279,30 @@ def test_percent_decoding_changes_nothing_but_the_keys() -> None:
 
 def test_cookies_in_the_printout_keep_none_of_their_characters() -> None:
     assert Redactor().log_line("    cookie: session=abcdefSECRETTAIL").endswith(": " + Redactor().opaque("session=abcdefSECRETTAIL"))
+
+
+def test_free_text_stays_linear() -> None:
+    """A long run of words joined by _ once took the name pattern quadratic time (27 s)."""
+    import time
+
+    started = time.perf_counter()
+    Redactor().free_text("a_" * 16_000 + " x-" * 16_000)
+    Redactor().log_line("GET https://api.openai.com/v1/x?q=" + "a_" * 16_000)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_value_holding_a_key_and_more_goes_whole() -> None:
+    redactor = Redactor()
+    for text in ['password="sk-proj-TESTKEY0123456789abcdef hunter2secret"', '{"password": "Bearer abcdefghijkl hunter2secret"}',
+                 'password="x…#hunter2secret"']:
+        assert "hunter2secret" not in redactor.free_text(text), text
+
+
+def test_escaped_urls_lose_their_keys_and_keep_the_rest() -> None:
+    redactor = Redactor()
+    tail = redactor.url("https://x/v1?q=sk-proj-TESTKEY0123456789%61bcdefXYZW")
+    assert "bcdef" not in tail and "XYZW#" in tail  # the whole key, its escaped part too
+    for name in ("api%2Dkey", "ap%69-key", "access%5Ftoken", "%6Bey"):
+        assert "hunter2secret" not in redactor.url(f"https://x/v1?{name}=hunter2secret&a=1%26b"), name
+    nested = redactor.url("https://x/v1?q=sk%2Dproj%2DABCDEFGH%2D0123456789abcdef%30123456789abcdef&next=KEEP_THIS_PARAM&z=1")
+    assert nested.endswith("&next=KEEP_THIS_PARAM&z=1") and "0123456789abcdef" not in nested

@@ -27,7 +27,7 @@ class Firewall:
             route=exchange.route,
             model=exchange.model,
             body=exchange.request_json if exchange.request_json is not None else exchange.form_fields,
-            unparseable=exchange.request.opaque,
+            unparseable=exchange.unreadable,
         )
         clamped = None
         try:

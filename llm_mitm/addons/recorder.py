@@ -53,7 +53,7 @@ class Recorder:
         exchange.project = exchange.header("openai-project") or None
         if exchange.request.form:
             exchange.form_fields = _form_fields(request)
-            model = exchange.form_fields.get("model")
+            model = (exchange.form_fields or {}).get("model")
             exchange.model = exchange.model or (model if isinstance(model, str) else None)
         if exchange.model is None and "?" in request.path:  # realtime: the model is in the query
             exchange.model = request.query.get("model")
@@ -161,12 +161,15 @@ def _url(request: http.Request, host_header: str | None) -> str:
 _FORM_TEXT_FIELDS = (b"model", b"prompt", b"instructions")
 
 
-def _form_fields(request: http.Request) -> dict[str, Any]:
-    """What the policy reads of an upload, as it reads a JSON body (files are not read)."""
+def _form_fields(request: http.Request) -> dict[str, Any] | None:
+    """What the policy reads of an upload, as it reads a JSON body (files are not read);
+    None for a form that does not parse, or that names a field the policy reads twice."""
     try:
         form = request.multipart_form
     except ValueError:
-        return {}
+        return None
+    if not form or any(len(form.get_all(name)) > 1 for name in (*_FORM_TEXT_FIELDS, b"session")):
+        return None
     fields: dict[str, Any] = {}
     session = form.get(b"session")
     if session:
