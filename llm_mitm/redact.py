@@ -122,11 +122,12 @@ def _percent_decoded(text: str) -> tuple[str, Callable[[int], int]]:
 
 
 def split_scheme(value: str) -> tuple[str | None, str]:
-    """`Bearer <token>` as ("bearer", token): an HTTP auth scheme is case-insensitive and
-    any run of spaces or tabs may follow it. (None, value) when no known scheme leads."""
+    """`Bearer <token>` as ("Bearer", token), the scheme as written: an HTTP auth scheme is
+    case-insensitive and any run of spaces or tabs may follow it. (None, value) when no
+    known scheme leads."""
     parts = value.split(None, 1)
     if len(parts) == 2 and parts[0].lower() in ("bearer", "basic", "token", "digest"):
-        return parts[0].lower(), parts[1].strip()
+        return parts[0], parts[1].strip()
     return None, value.strip()
 
 
@@ -215,11 +216,10 @@ class Redactor:
 
     def _credential(self, value: str) -> str:
         scheme, token = split_scheme(value)
-        if scheme in ("bearer", "token"):
-            return f"{value.split(None, 1)[0]} {self.fingerprint(token)}"
-        if scheme in ("basic", "digest"):
-            return f"{value.split(None, 1)[0]} {self.opaque(token)}"
-        return self.fingerprint(token)
+        if scheme is None:
+            return self.fingerprint(token)
+        hidden = self.opaque(token) if scheme.lower() in ("basic", "digest") else self.fingerprint(token)
+        return f"{scheme} {hidden}"
 
     def header(self, name: str, value: str) -> str:
         name = name.lower()
@@ -269,7 +269,10 @@ class Redactor:
         """Text of no known structure (a text body, a line of output): secret shapes, and
         the value given to a name like a credential's (`"password": "..."`,
         `DB_PASSWORD=...`, `Authorization: Bearer ...`), quoted values whole."""
-        value = self.text(value)
+        return self._named_values(self.text(value))
+
+    def _named_values(self, value: str) -> str:
+        """The values given to a credential's name, each hidden whole (see `free_text`)."""
         if self._assignment.search(value) is None:
             return value
         out, done = [], 0
@@ -288,7 +291,7 @@ class Redactor:
         match = _HEADER_LINE.match(line)
         if match and (name := _ANSI.sub("", match.group(2)).lower()) in self.headers:
             return f"{match.group(1)}{match.group(2)}: {self.header(name, _ANSI.sub('', match.group(3)))}"
-        return self.free_text(self.url(line))
+        return self._named_values(self.url(line))  # `url` has looked for key shapes
 
     def json(self, value: Any) -> Any:
         """A redacted copy of parsed JSON (the original is left as it is), or the value
@@ -319,10 +322,11 @@ class Redactor:
                 parent[slot] = copy
                 for key, child in item.items():
                     if isinstance(key, str):
-                        if isinstance(child, str) and child and key.lower() in self.fields:
-                            copy[self.text(key)] = self.credential(child)
-                            continue
+                        named = key.lower() in self.fields
                         key = self.text(key)  # a key can be a secret too (`{"sk-...": ...}`)
+                        if named and isinstance(child, str) and child:
+                            copy[key] = self.credential(child)
+                            continue
                     copy[key] = None
                     stack.append((child, copy, key))
             elif isinstance(item, list):

@@ -36,6 +36,7 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "custom_tool_call": (("input", "assistant", True),),
 }
 _SCHEMA_DEPTH = 32  # how deep a tool's parameter schema is read for descriptions
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")  # schema keys whose values are schemas by name
 
 
 RoleGroup = tuple[str, list[str]]  # texts of one role the model reads in a row
@@ -113,7 +114,7 @@ class _Collector:
             return
         start = len(self.out)
         kind = message.get("type")
-        fields = _ITEM_TEXTS.get(kind) if kind is not None and isinstance(kind, str) else None  # any JSON value may come here
+        fields = _ITEM_TEXTS.get(kind) if isinstance(kind, str) else None  # any JSON value may come here
         if fields is not None:
             self.end_run()
             for field, role, extra in fields:
@@ -201,9 +202,12 @@ def _descriptions(out: list[RoleText], schema: dict[str, Any], depth: int) -> No
         out.append(("system", schema["description"]))
     if depth <= 0:
         return
-    for key in ("parameters", "input_schema", "properties", "items", "anyOf", "oneOf", "allOf", "$defs", "definitions"):
+    for key in ("parameters", "input_schema", "items", "anyOf", "oneOf", "allOf", *_SCHEMA_MAPS):
         value = schema.get(key)
-        children = value.values() if isinstance(value, dict) and key in ("properties", "$defs", "definitions") else value if isinstance(value, list) else [value]
+        if isinstance(value, dict):
+            children = list(value.values()) if key in _SCHEMA_MAPS else [value]
+        else:
+            children = _list(value)
         for child in children:
             if isinstance(child, dict):
                 _descriptions(out, child, depth - 1)

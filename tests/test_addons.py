@@ -53,6 +53,13 @@ def whole_addon(config: Path | None = None):
             addons[0].done()
 
 
+def config_file(folder: Path, text: str) -> Path:
+    """A config.yaml in `folder` holding `text`, for `whole_addon`."""
+    config = folder / "config.yaml"
+    config.write_text(text)
+    return config
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -385,8 +392,7 @@ def form_flow(path: str, parts: list[tuple[str, bytes]], content_type: str = "mu
 def test_what_an_upload_or_a_webrtc_offer_says_is_policed(tmp_path: Path) -> None:
     """A form's prompt, instructions and realtime session are read as a JSON body's would
     be; an SDP offer (WebRTC realtime) is a format the API takes, not an unreadable body."""
-    config = tmp_path / "config.yaml"
-    config.write_text("policy:\n  allowed_models: ['gpt-4o*', 'gpt-image-1', 'gpt-realtime']\n  forbidden_instructions: ['ignore previous instructions']\n")
+    config = config_file(tmp_path, "policy:\n  allowed_models: ['gpt-4o*', 'gpt-image-1', 'gpt-realtime']\n  forbidden_instructions: ['ignore previous instructions']\n")
 
     async def go() -> None:
         with whole_addon(config) as (llm, _):
@@ -416,8 +422,7 @@ def test_what_an_upload_or_a_webrtc_offer_says_is_policed(tmp_path: Path) -> Non
 
 def test_a_utf16_body_rewritten_is_sent_as_what_it_now_is(tmp_path: Path) -> None:
     """Clamping writes UTF-8; the header must not go on saying UTF-16."""
-    config = tmp_path / "config.yaml"
-    config.write_text("policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")
+    config = config_file(tmp_path, "policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")
 
     async def go() -> None:
         with whole_addon(config) as (llm, _):
@@ -532,8 +537,7 @@ def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path) ->
 
 def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
     """mitmproxy may follow `response` with `error`; traces off, so nothing else marks it."""
-    config = tmp_path / "config.yaml"
-    config.write_text("traces:\n  destination: null\n")
+    config = config_file(tmp_path, "traces:\n  destination: null\n")
 
     async def go() -> None:
         with whole_addon(config) as (llm, tctx):
@@ -554,8 +558,7 @@ def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
 
 def test_a_body_that_cannot_be_clamped_is_refused(tmp_path: Path) -> None:
     """Clamping rewrites the body; one nested deeper than orjson writes cannot go out unclamped."""
-    config = tmp_path / "config.yaml"
-    config.write_text("policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")
+    config = config_file(tmp_path, "policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")
     deep = b'{"model": "gpt-4o", "max_tokens": 99999, "messages": [], "x": ' + b"[" * 300 + b"]" * 300 + b"}"
 
     async def go() -> None:

@@ -132,7 +132,7 @@ class Recorder:
             value = exchange.header(name)
             if value:
                 scheme, token = split_scheme(value)
-                return self.shared.redactor.credential(token if scheme == "bearer" else value)
+                return self.shared.redactor.credential(token if scheme is not None and scheme.lower() == "bearer" else value)
         return None
 
     def _query_key(self, request: http.Request) -> str | None:
