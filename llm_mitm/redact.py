@@ -42,13 +42,19 @@ SENSITIVE_FIELDS = frozenset(
         "id_token",
         "client_secret",
         "password",
+        "passwd",
         "secret",
+        "secret_key",
+        "private_key",
         "authorization",
     }
 )
 # Query parameters: the same, plus names too broad for bodies (error bodies carry
 # "code": "invalid_api_key").
 SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code"}
+# In free text (`GITHUB_TOKEN=...`, `passwd: ...`, `AWS_SECRET_ACCESS_KEY=...`) also these, as
+# regex branches: a token only with a prefix, since `"token": "Hello"` is a logprob's word.
+_FREE_TEXT_NAMES = (r"(?<=[A-Za-z0-9][_-])token", "pwd", "access_key")
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 
@@ -73,6 +79,13 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),
     # JSON web tokens.
     (lambda text: "eyJ" in text, re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")),
+    # Google API keys (Gemini's OpenAI-compatible API takes them as bearer tokens).
+    (lambda text: "AIza" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})AIza[A-Za-z0-9_-]{{35}}(?![A-Za-z0-9_-])")),
+    # Microsoft's annotated keys (Azure OpenAI and AI services keys made since 2024): 84
+    # characters, their signature `JQQJ9` and kind at a fixed place.
+    (lambda text: "JQQJ9" in text, re.compile(
+        rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})[A-Za-z0-9]{{52}}JQQJ9[9DH][A-Za-z0-9][A-L][A-Za-z0-9]{{16}}[A-Za-z][A-Za-z0-9]{{7}}"
+        r"(?:[A-Za-z0-9]{2}==)?(?![A-Za-z0-9])")),
     # Azure OpenAI keys: 32 hex digits.
     (_has_hex_run, re.compile(rf"(?:(?<![0-9A-Za-z])|{_AFTER_ESCAPE})[0-9a-fA-F]{{32}}(?![0-9A-Za-z])")),
 )
@@ -157,7 +170,7 @@ class Redactor:
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
         # A credential's name (also after a prefix: DB_PASSWORD, X-Api-Key), maybe quoted (also
         # as JSON inside a string: \"password\"), then `:` or `=`: its value follows.
-        names = "|".join(re.escape(name) for name in sorted(self.fields, key=len, reverse=True))
+        names = "|".join([re.escape(name) for name in sorted(self.fields, key=len, reverse=True)] + list(_FREE_TEXT_NAMES))
         self._assignment = re.compile(rf"""(?i)(?<![A-Za-z0-9])(?:{names})(?:\\?["'])?[ \t]*[:=][ \t]*""")
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
@@ -205,7 +218,7 @@ class Redactor:
         if _HEX_RUN in blob.translate(_HEX_MARKS):
             return True
         lowered = blob.lower() if blob.isascii() else blob.decode("utf-8").lower().encode("utf-8")
-        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered:
+        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered:
             return True
         return self._quoted_field.search(lowered) is not None
 

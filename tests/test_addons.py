@@ -17,6 +17,7 @@ from mitmproxy.flow import Error as flow_error
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
+from llm_mitm import sse
 from llm_mitm.addons import OutputRedaction, Recorder, Scope, Settings, Shared, Tracer
 from tests.test_sse import through
 
@@ -485,9 +486,10 @@ def test_deferred_and_in_place_give_the_same_trace_and_counts(tmp_path: Path) ->
     run(go())
 
 
-def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path) -> None:
+def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream the writer process rebuilds from the held chunks traces and counts exactly
-    as one read as it passed: usage asked for and hidden, gzip, an error event, and a 500."""
+    as one read as it passed, or one held until it grew past the limit and then read here:
+    usage asked for and hidden, gzip, an error event, and a 500."""
     def event(payload: dict) -> bytes:
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
@@ -505,8 +507,9 @@ def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path) ->
     async def go() -> None:
         with whole_addon() as (llm, tctx):
             shared = llm.shared
-            for deferred in (True, False):
+            for deferred, hold_limit in ((True, sse.HOLD_LIMIT), (False, sse.HOLD_LIMIT), (True, 10)):
                 shared.defer_responses = deferred
+                monkeypatch.setattr(sse, "HOLD_LIMIT", hold_limit)
                 for status, encoding, chunks, client_gets in streams:
                     flow = chat_flow(body={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
                     llm.request(flow)
@@ -517,11 +520,11 @@ def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path) ->
                     sent = through(flow.response.stream, *chunks, b"")
                     assert sent == (client_gets if client_gets is not None else b"".join(chunks))
                     llm.response(flow)
-                    assert shared.exchange(flow).deferred is deferred
+                    assert shared.exchange(flow).deferred is (deferred and hold_limit > 10)
             table = stats_table(tctx, llm)
-        assert "8 calls (4 errors, 0 blocked)" in table
+        assert "12 calls (6 errors, 0 blocked)" in table
         same = untimed_records(tmp_path / "traces.jsonl")
-        assert len(same) == 8 and same[:4] == same[4:]
+        assert len(same) == 12 and same[:4] == same[4:8] == same[8:]
         assert "Z" * 8 not in (tmp_path / "traces.jsonl").read_text()
         first, zipped, errored, failed = same[:4]
         assert first["usage"]["input_tokens"] == 9 and first["usage"]["output_tokens"] == 3 and first["cost_usd"]

@@ -39,12 +39,14 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
         "in_query": rand(32, "0123456789abcdef"),
         "cookie": rand(24),
         "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ" + rand(20) + "." + rand(43),
+        "google": "AIza" + rand(35),
+        "azure_annotated": rand(52) + "JQQJ99" + rand(1) + "A" + rand(16) + "x" + rand(7),
     }
     config = {"traces": {"directory": "per-exchange"}}
     extra = ["--set", "flow_detail=4"]  # mitmdump prints headers and bodies too
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path, extra_args=extra) as proxy:
         env = proxy.client_env()
-        prompt = f"please remember {keys['in_prompt']} and {keys['jwt']}"
+        prompt = f"please remember {keys['in_prompt']} and {keys['jwt']} ({keys['google']}, {keys['azure_annotated']})"
         for stream in (False, True):
             drive({"client": "openai", "op": "chat", "api_key": keys["openai"], "headers": {"x-fake-echo": "1"},
                    "params": {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": prompt}]}}, env)

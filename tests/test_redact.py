@@ -25,6 +25,9 @@ KEYS = {
     "service": "sk-svcacct-" + token(100),
     "anthropic": "sk-ant-api03-" + token(93) + "AA",
     "azure": token(32, "0123456789abcdef"),
+    "azure-annotated": token(52, ALNUM) + "JQQJ9" + token(1, "9DH") + token(1, ALNUM) + token(1, "ABCDEFGHIJKL")
+    + token(16, ALNUM) + token(1, string.ascii_letters) + token(7, ALNUM),
+    "google": "AIza" + token(35),
     "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0." + token(43),
 }
 
@@ -166,7 +169,8 @@ def _every_pass(redactor: Redactor, text: str) -> str:
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from(["0123456789abcdef", "ABCDEF", "9", "f", "x", " ", "-", "_", "sk-", "eyJ", ".", "bearer ",
-                                 "BeArEr\t", "Bearer  ", "é", "ı", "ſ", "\u212a", "\ud800", "token1234"]), max_size=40).map("".join))
+                                 "BeArEr\t", "Bearer  ", "é", "ı", "ſ", "\u212a", "\ud800", "token1234", "AIza", "JQQJ9",
+                                 KEYS["google"], KEYS["azure-annotated"]]), max_size=40).map("".join))
 def test_first_tests_never_skip_what_a_shape_finds(text: str) -> None:
     redactor = Redactor()
     assert redactor.text(text) == _every_pass(redactor, text)
@@ -174,7 +178,7 @@ def test_first_tests_never_skip_what_a_shape_finds(text: str) -> None:
 
 _JSON_TEXT = st.lists(st.sampled_from(["plain words", "0123456789abcdef" * 2, "ABCDEF0123456789", "sk-", "SK-", "eyJ", ".",
                                        "bearer ", "BeArEr\t", "token1234token1234", "é", "\u0130", "\u212a", "\"", "\\", "\n",
-                                       KEYS["openai"], KEYS["azure"]]), max_size=6).map("".join)
+                                       KEYS["openai"], KEYS["azure"], KEYS["google"], KEYS["azure-annotated"]]), max_size=6).map("".join)
 _JSON_KEYS = st.sampled_from(["content", "role", "api_key", "API_KEY", "api\u212aey", "Password", "secret", "x", "code", "token"])
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | _JSON_TEXT,
@@ -231,6 +235,10 @@ def test_credentials_named_in_free_text_and_output() -> None:
     redactor = Redactor()
     for line in ['    "api_key": "jsonfieldSECRETvalue1",', "password: multipartSECRETvalue3", "  'refresh_token' = 'respSECRET4'"]:
         assert "SECRET" not in redactor.log_line(line), line
+    for line in ["GITHUB_TOKEN=ghpXYZZYvalue5", "export AWS_SECRET_ACCESS_KEY='awsXYZZY6'", 'passwd: "pwXYZZY7"', "x-auth-token: tXYZZY8"]:
+        assert "XYZZY" not in redactor.free_text(line), line
+    for line in ['{"token": "Hello", "logprob": -0.1}', "max_tokens=100", '"prompt_tokens": 12']:
+        assert redactor.free_text(line) == line
     text = redactor.free_text("client_secret=formfieldSECRETvalue2&grant_type=client_credentials")
     assert "SECRET" not in text and text.endswith("&grant_type=client_credentials")
     assert redactor.free_text('"code": "invalid_api_key"') == '"code": "invalid_api_key"'

@@ -255,7 +255,7 @@ def test_filter_drops_only_the_usage_chunk_and_keeps_every_other_byte() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["\n", "\r\n"]), st.lists(st.integers(min_value=1, max_value=400), max_size=12), st.booleans())
+@given(st.sampled_from(["\n", "\r\n", "\r"]), st.lists(st.integers(min_value=1, max_value=400), max_size=12), st.booleans())
 def test_filter_whatever_the_chunks(newline: str, cuts: list[int], per_event: bool) -> None:
     """Whole-event chunks (the fast way), split events and mixed: only the usage chunk goes."""
     from llm_mitm.sse import is_usage_only_chunk
@@ -359,6 +359,27 @@ def test_held_stream_reads_later_as_it_would_have_passing(encoding: str) -> None
     check_chat(rebuilder)
 
 
+@pytest.mark.parametrize("encoding", ["", "gzip"])
+def test_held_stream_past_the_limit_is_read_from_then_on(encoding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `HOLD_LIMIT` bytes the tap reads what it held and keeps nothing more: the same
+    message as read from the start, and the memory of a rebuilt message, not of the stream."""
+    import llm_mitm.sse
+
+    data = sse(CHAT)
+    wire = gzip.compress(data) if encoding else data
+    pieces = [wire[i : i + 13] for i in range(0, len(wire), 13)]
+    monkeypatch.setattr(llm_mitm.sse, "HOLD_LIMIT", 40)
+    rebuilder = ChatCompletionsRebuilder()
+    tap = StreamTap(rebuilder, encoding, hold=True)
+    assert through(tap, *pieces[:3]) == b"".join(pieces[:3])
+    assert tap.held == pieces[:3] and rebuilder.events == 0
+    assert through(tap, *pieces[3:]) == b"".join(pieces[3:])
+    assert tap.held is None and tap.hand_over() == []
+    tap.finish()
+    assert tap.size == len(data)
+    check_chat(rebuilder)
+
+
 def test_filter_reads_only_the_events_with_the_hint() -> None:
     from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
 
@@ -439,6 +460,20 @@ def test_filter_with_crlf_cut_at_every_byte() -> None:
         assert tap.drop_events(is_usage_only_chunk, USAGE_HINT)
         assert through(tap, data[:cut], data[cut:], b"") == expected, cut
         assert tap.dropped == 1 and rebuilder.result()["usage"]["total_tokens"] == 15
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_filter_passes_each_whole_event_on_as_it_comes(newline: str) -> None:
+    """No event waits for the next chunk, whatever the line ends (CR-only streams too)."""
+    from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
+
+    tap = StreamTap(ChatCompletionsRebuilder())
+    assert tap.drop_events(is_usage_only_chunk, USAGE_HINT)
+    for event in CHAT:
+        chunk = sse([event], newline)
+        usage_only = isinstance(event[1], dict) and is_usage_only_chunk(event[1])
+        assert through(tap, chunk) == (b"" if usage_only else chunk)
+    assert through(tap, b"") == b"" and tap.dropped == 1
 
 
 @pytest.mark.parametrize("together", [False, True])
