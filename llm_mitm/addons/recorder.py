@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
-
-import orjson
 from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import Body, Exchange, first_field
+from llm_mitm.forms import read_form
 from llm_mitm.providers import Route, split_host
 from llm_mitm.redact import split_scheme
 from llm_mitm.sse import StreamTap, rebuilder_for
@@ -52,7 +50,7 @@ class Recorder:
         exchange.organization = exchange.header("openai-organization") or None
         exchange.project = exchange.header("openai-project") or None
         if exchange.request.form:
-            exchange.form_fields = _form_fields(request)
+            exchange.form_fields = read_form(content or b"", content_type)
             model = (exchange.form_fields or {}).get("model")
             exchange.model = exchange.model or (model if isinstance(model, str) else None)
         if exchange.model is None and "?" in request.path:  # realtime: the model is in the query
@@ -154,33 +152,3 @@ def _url(request: http.Request, host_header: str | None) -> str:
     if host_header and ":" not in host_header and request.authority == "":
         return f"{request.scheme}://{host_header}{request.path}"
     return request.pretty_url
-
-
-# Form fields an API reads as text or settings: the model, a prompt (images, audio),
-# instructions, and a realtime call's session (JSON, with its own model and instructions).
-_FORM_TEXT_FIELDS = (b"model", b"prompt", b"instructions")
-
-
-def _form_fields(request: http.Request) -> dict[str, Any] | None:
-    """What the policy reads of an upload, as it reads a JSON body (files are not read);
-    None for a form that does not parse, or that names a field the policy reads twice."""
-    try:
-        form = request.multipart_form
-    except ValueError:
-        return None
-    if not form or any(len(form.get_all(name)) > 1 for name in (*_FORM_TEXT_FIELDS, b"session")):
-        return None
-    fields: dict[str, Any] = {}
-    session = form.get(b"session")
-    if session:
-        try:
-            parsed = orjson.loads(session)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
-            fields.update((key, parsed[key]) for key in ("model", "instructions", "tools") if key in parsed)
-    for name in _FORM_TEXT_FIELDS:
-        value = form.get(name)
-        if value:
-            fields[name.decode()] = value.decode("utf-8", "replace")
-    return fields

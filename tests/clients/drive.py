@@ -54,6 +54,9 @@ def openai_call(a):
         result = client.post(a["path"], content=a["content"].encode(), cast_to=object,
                              options={"headers": {"content-type": "application/json", **(a.get("headers") or {})}})
         return {"body": result}
+    if op == "transcription":  # an upload: multipart/form-data as the SDK writes it
+        result = client.audio.transcriptions.create(file=("a.wav", a["audio"].encode()), **a["params"], **extra)
+        return {"text": result.text}
     if op == "models":
         return {"ids": [m.id for m in client.models.list()]}
     raise ValueError(op)
