@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from llm_mitm.forms import Form
 from llm_mitm.providers import Route
 from llm_mitm.sse import StreamTap
 from llm_mitm.usage import Usage, normalize_usage
@@ -217,7 +218,7 @@ class Exchange:
     request_fields: HeaderFields  # as mitmproxy had them when the request came; decoded for the trace
     request: Body
     started_at: float = field(default_factory=time.time)
-    form_fields: dict[str, Any] | None = None  # what an upload says besides its files (model, prompt, ...)
+    form: Form | None = None  # what an upload says besides its files (model, prompt, a batch file's calls)
     model: str | None = None
     stream: bool = False
     api_key: str | None = None
@@ -281,7 +282,7 @@ class Exchange:
             return self.request.opaque
         if media == "sdp":
             return self.route.operation != "realtime"
-        return self.route.operation not in FORM_OPERATIONS or self.form_fields is None
+        return self.route.operation not in FORM_OPERATIONS or self.form is None
 
     @property
     def response_headers(self) -> list[tuple[str, str]]:

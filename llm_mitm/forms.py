@@ -1,4 +1,5 @@
-"""What an upload (`multipart/form-data`) says besides its files, read as servers read it.
+"""What an upload (`multipart/form-data`) says besides its files, read as servers read it,
+and an OpenAI batch file's calls.
 
 mitmproxy's own form reader takes a part's name only from its first header line and joins a
 value's lines without their line ends, so `Content-Type` before `Content-Disposition` hid a
@@ -6,10 +7,15 @@ part's `model` from the policy while the API still read it, and a quoted boundar
 fields at all. `multipart` (the parser of Bottle; strict mode) reads parts whatever their
 header order, values as sent, and refuses a form that is not well made: such a form is
 unreadable to the policy, not read in part.
+
+A file uploaded with `purpose=batch` is the calls of an OpenAI Batch, one JSON object a line
+(`{"custom_id", "method", "url", "body"}`): the policy checks each as if sent alone, and a
+clamp writes the file anew, so the form is kept whole for such an upload.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,19 +25,60 @@ from multipart import MultipartError, PushMultipartParser, parse_options_header
 # instructions, and a realtime call's session (JSON, with its own model and instructions).
 TEXT_FIELDS = ("model", "prompt", "instructions")
 SESSION_FIELD = "session"
-_READ = frozenset((*TEXT_FIELDS, SESSION_FIELD))
+BATCH = "batch"  # in `Form.fields`: a batch file's calls, each its line's object
+_READ = frozenset((*TEXT_FIELDS, SESSION_FIELD, "purpose"))  # each at most once
 
 
-def read_form(content: bytes, content_type: str) -> dict[str, Any] | None:
-    """The policy's fields of a form, as a JSON body would hold them (files are passed over,
-    not kept); None for a form that does not parse, or that names a field the policy reads
-    twice (servers differ on which one counts)."""
-    values = _field_values(content, content_type)
-    if values is None:
+@dataclass(slots=True)
+class Part:
+    name: str
+    headers: list[tuple[str, str]]  # as the parser gives them: names in title case
+    content: bytearray
+
+
+@dataclass(slots=True)
+class Form:
+    """An upload as the policy reads it (`fields`, as a JSON body would hold them), and for
+    a batch file every part, to write it anew."""
+
+    fields: dict[str, Any]
+    boundary: str = ""
+    parts: list[Part] | None = None
+
+    def with_batch(self, calls: list[dict[str, Any]]) -> tuple[Form, bytes]:
+        """The form with its batch file holding `calls` instead, and its bytes."""
+        if self.parts is None:
+            raise ValueError("not a batch upload")
+        file = orjson.dumps(calls[0]) + b"".join(b"\n" + orjson.dumps(call) for call in calls[1:]) + b"\n" if calls else b""
+        parts = [Part(p.name, p.headers, bytearray(file)) if p.name == "file" else p for p in self.parts]
+        out = bytearray()
+        for part in parts:
+            out += b"--" + self.boundary.encode() + b"\r\n"
+            for name, value in part.headers:
+                if name != "Content-Length":  # the file's length changed; no server needs it
+                    out += f"{name}: {value}\r\n".encode()
+            out += b"\r\n" + part.content + b"\r\n"
+        out += b"--" + self.boundary.encode() + b"--\r\n"
+        return Form({**self.fields, BATCH: calls}, self.boundary, parts), bytes(out)
+
+
+def read_form(content: bytes, content_type: str, files: bool = False) -> Form | None:
+    """The policy's view of a form (file contents are passed over, not kept, but for a batch
+    file uploaded to `files`); None for a form that does not parse, that names a field the
+    policy reads twice (servers differ on which one counts), or a batch file that is not one
+    call a line."""
+    boundary = parse_options_header(content_type)[1].get("boundary")
+    parts = _parts(content, boundary, keep_all=files) if boundary else None
+    if not parts:
         return None
+    values: dict[str, bytes] = {}
+    for part in parts:
+        if part.name in _READ:
+            if part.name in values:
+                return None
+            values[part.name] = bytes(part.content)
     fields: dict[str, Any] = {}
-    session = values.get(SESSION_FIELD)
-    if session:
+    if session := values.get(SESSION_FIELD):
         try:
             parsed = orjson.loads(session)
         except orjson.JSONDecodeError:
@@ -41,32 +88,49 @@ def read_form(content: bytes, content_type: str) -> dict[str, Any] | None:
     for name in TEXT_FIELDS:
         if value := values.get(name):
             fields[name] = value.decode("utf-8", "replace")
-    return fields
-
-
-def _field_values(content: bytes, content_type: str) -> dict[str, bytes] | None:
-    """The bytes of each field the policy reads (at most once each), or None."""
-    boundary = parse_options_header(content_type)[1].get("boundary")
-    if not boundary:
+    if not files or values.get("purpose") != b"batch":
+        return Form(fields)
+    uploaded = [part for part in parts if part.name == "file"]
+    calls = _batch_calls(uploaded[0].content) if len(uploaded) == 1 else None
+    if calls is None:
         return None
-    values: dict[str, bytearray] = {}
-    value: bytearray | None = None
-    parts = 0
+    fields[BATCH] = calls
+    return Form(fields, boundary, parts)
+
+
+def _parts(content: bytes, boundary: str, keep_all: bool) -> list[Part] | None:
+    """Every part, with its content if `keep_all` or the policy reads it; None for a form
+    that does not parse strictly."""
+    parts: list[Part] = []
+    kept: bytearray | None = None
     try:
         parser = PushMultipartParser(boundary, strict=True)
         for chunk in (content, b""):  # b"": the end, where an unfinished form fails
             for event in parser.parse(chunk):
-                if isinstance(event, bytes | bytearray):  # a part's value, or a piece of it
-                    if value is not None:
-                        value += event
+                if isinstance(event, bytes | bytearray):  # a part's content, or a piece of it
+                    if kept is not None:
+                        kept += event
                 elif event is None:  # a part ends
-                    value = None
+                    kept = None
                 else:  # a part begins: its headers
-                    parts += 1
-                    if event.name in _READ:
-                        if event.name in values:
-                            return None
-                        value = values[event.name] = bytearray()
+                    parts.append(Part(event.name or "", event.headerlist, bytearray()))
+                    kept = parts[-1].content if keep_all or event.name in _READ else None
     except MultipartError:
         return None
-    return {name: bytes(data) for name, data in values.items()} if parts else None
+    return parts
+
+
+def _batch_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:
+    """A batch file's lines, each an object with its `url` and `body`; None if any is not."""
+    calls = []
+    for line in bytes(data).splitlines():
+        if not line.strip():
+            continue
+        try:
+            call = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return None
+        if not (isinstance(call, dict) and isinstance(call.get("url"), str) and isinstance(call.get("body"), dict)):
+            return None
+        calls.append(call)
+    return calls

@@ -7,11 +7,12 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
-from llm_mitm.providers import Route
+from llm_mitm.forms import BATCH
+from llm_mitm.providers import Provider, Route, route_for
 from llm_mitm.texts import ROLE_ALIASES, normalize, read_request
 
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -135,9 +136,8 @@ class Policy:
     def check(self, request: RequestView) -> Violation | None:
         """The first rule the request breaks, or None."""
         route = request.route
-        if self._operations and not any(rx.match(route.operation) for _, rx in self._operations):
-            allowed = ", ".join(p for p, _ in self._operations)
-            return Violation("operation_not_allowed", f"operation {route.operation!r} is not allowed (allowed_operations: {allowed})")
+        if violation := self._check_operation(route.operation):
+            return violation
         if request.unparseable and self.config.on_unparseable == "reject":
             return Violation("unparseable_body", "the request body is not JSON the policy can read (on_unparseable: reject)", 400)
         if request.model is not None:
@@ -147,13 +147,24 @@ class Policy:
             return None
         if violation := self._check_call(request.body):
             return violation
-        for params in batched_calls(route, request.body):  # each call of a batch, as if sent alone
-            model = params.get("model")
-            if isinstance(model, str) and (violation := self._model_verdicts((route.provider, model))):
-                return violation
-            if violation := self._check_call(params):
-                return violation
+        for call in batched_calls(route, request.body):  # each call of a batch, as if sent alone
+            if violation := self._check_batched(call):
+                return Violation(violation.rule, f"{call.name}: {violation.detail}", violation.status)
         return None
+
+    def _check_operation(self, operation: str) -> Violation | None:
+        if self._operations and not any(rx.match(operation) for _, rx in self._operations):
+            allowed = ", ".join(p for p, _ in self._operations)
+            return Violation("operation_not_allowed", f"operation {operation!r} is not allowed (allowed_operations: {allowed})")
+        return None
+
+    def _check_batched(self, call: BatchedCall) -> Violation | None:
+        if violation := self._check_operation(call.route.operation):
+            return violation
+        model = call.params.get("model")
+        if isinstance(model, str) and (violation := self._model_verdicts((call.route.provider, model))):
+            return violation
+        return self._check_call(call.params)
 
     def _check_call(self, body: dict[str, Any]) -> Violation | None:
         if violation := self._check_instructions(body):
@@ -239,8 +250,16 @@ class Policy:
                 return None
             clamped = [_with_params(item, self._clamped(cap, item["params"], "max_tokens")) if _has_params(item) else item for item in requests]
             return {**body, "requests": clamped} if clamped != requests else None
+        if _is_batch_file(route, body):
+            calls = [self._clamped_line(cap, route, call) for call in body[BATCH]]
+            return {**body, BATCH: calls} if calls != body[BATCH] else None
         field = _limit_field(route)
         return None if field is None else self._clamped(cap, body, field)
+
+    def _clamped_line(self, cap: int, route: Route, call: dict[str, Any]) -> dict[str, Any]:
+        field = _limit_field(_line_route(route, call["url"]))
+        body = None if field is None else self._clamped(cap, call["body"], field)
+        return call if body is None else {**call, "body": body}
 
     @staticmethod
     def _clamped(cap: int, body: dict[str, Any], field: str) -> dict[str, Any] | None:
@@ -258,6 +277,23 @@ def _is_batch(route: Route) -> bool:
     return route.api == "anthropic" and route.operation == "messages.batches"
 
 
+def _is_batch_file(route: Route, body: dict[str, Any]) -> bool:
+    """An OpenAI batch file, read from its upload (`forms.read_form`)."""
+    return route.operation == "files" and isinstance(body.get(BATCH), list)
+
+
+def _line_route(route: Route, url: str) -> Route:
+    """What a batch file's line would be sent alone (`/v1/chat/completions`; Azure's
+    `/chat/completions`, its `model` the deployment)."""
+    return route_for(Provider(route.provider, route.api, upgrade_http=False), url)
+
+
+class BatchedCall(NamedTuple):
+    name: str  # where it is, for the refusal: `requests[2] (custom_id 'a')`, `line 3 (...)`
+    route: Route
+    params: dict[str, Any]
+
+
 def _has_params(item: Any) -> bool:
     return isinstance(item, dict) and isinstance(item.get("params"), dict)
 
@@ -266,12 +302,22 @@ def _with_params(item: dict[str, Any], params: dict[str, Any] | None) -> dict[st
     return item if params is None else {**item, "params": params}
 
 
-def batched_calls(route: Route, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The calls a batch request carries (none for any other request)."""
+def batched_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
+    """The calls a batch carries, each with the route it would have alone: an Anthropic
+    Message Batch's `requests`, an OpenAI batch file's lines (none for any other request)."""
+    if _is_batch_file(route, body):
+        return [BatchedCall(f"batch file line {number}{_custom_id(call)}", _line_route(route, call["url"]), call["body"])
+                for number, call in enumerate(body[BATCH], 1)]
     requests = body.get("requests")
     if not _is_batch(route) or not isinstance(requests, list):
         return []
-    return [item["params"] for item in requests if _has_params(item)]
+    alone = Route(route.provider, route.api, "messages")
+    return [BatchedCall(f"requests[{index}]{_custom_id(item)}", alone, item["params"]) for index, item in enumerate(requests) if _has_params(item)]
+
+
+def _custom_id(item: dict[str, Any]) -> str:
+    custom_id = item.get("custom_id")
+    return f" (custom_id {custom_id!r})" if isinstance(custom_id, str) else ""
 
 
 def _limit_field(route: Route) -> str | None:

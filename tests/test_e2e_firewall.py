@@ -242,6 +242,40 @@ def test_an_upload_is_read_whatever_its_form_looks_like(tmp_path: Path, provider
         assert uploads() == before + 1 + 1 + 2  # the SDK's, curl's and the hand-made forms allowed
 
 
+def test_each_call_of_an_uploaded_batch_file_is_policed(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """The Batch API's calls come in a file uploaded beforehand: each line is checked as if
+    sent alone, and clamped in the file that goes upstream."""
+    from llm_mitm.forms import read_form
+
+    config = {"policy": {"allowed_models": ["gpt-4o*"], "max_tokens": 1000, "max_tokens_action": "clamp"}}
+
+    def lines(*calls: tuple[str, dict[str, Any]]) -> str:
+        return "".join(orjson.dumps({"custom_id": f"c{n}", "method": "POST", "url": url, "body": body}).decode() + "\n"
+                       for n, (url, body) in enumerate(calls))
+
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        m = marker()
+        denied = lines(("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": m}]}),
+                       ("/v1/chat/completions", {"model": "gpt-4", "messages": []}))
+        with Blocked(provider, m):
+            result = openai_call(proxy, {}, op="file_upload", content=denied, purpose="batch")
+        assert result["error"] == "PermissionDeniedError" and "batch file line 2 (custom_id 'c1'): model 'gpt-4'" in result["message"]
+
+        m = marker()
+        over = lines(("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 9000, "messages": [{"role": "user", "content": m}]}),
+                     ("/v1/responses", {"model": "gpt-4o-mini", "input": m}))
+        assert openai_call(proxy, {}, op="file_upload", content=over, purpose="batch")["id"].startswith("file-")
+        sent = next(r for r in provider.requests if m.encode() in r.body)
+        upload = read_form(sent.body, sent.header("content-type"), files=True)
+        assert [call["body"].get("max_tokens") for call in upload.fields["batch"]] == [1000, None]
+        assert upload.fields["batch"][1]["body"]["max_output_tokens"] == 1000
+        records = proxy.wait_for_traces(2)  # an upload's trace keeps its size, not its contents
+        assert [(r["status_code"], r["policy"]["decision"]) for r in records] == [(403, "block"), (200, "clamp")]
+
+        m = marker()  # a file for another purpose is not calls
+        assert openai_call(proxy, {}, op="file_upload", content=lines(("/v1/chat/completions", {"model": m})), purpose="fine-tune")["id"]
+
+
 def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProvider) -> None:
     cases = [
         ({}, OPENAI_KEY, "org-default", "proj-default"),

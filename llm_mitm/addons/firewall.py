@@ -6,9 +6,10 @@ import logging
 
 from mitmproxy import http
 
-from llm_mitm.addons.refuse import refuse, rewrite_json
+from llm_mitm.addons.refuse import refuse, rewrite_batch_file, rewrite_json
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import ALLOWED, PolicyDecision
+from llm_mitm.forms import BATCH
 from llm_mitm.policy import RequestView
 
 logger = logging.getLogger("llm_mitm.firewall")
@@ -23,18 +24,21 @@ class Firewall:
         if exchange is None or flow.response is not None:
             return
         policy = self.shared.policy
+        form = exchange.form if exchange.request_json is None else None
         view = RequestView(
             route=exchange.route,
             model=exchange.model,
-            body=exchange.request_json if exchange.request_json is not None else exchange.form_fields,
+            body=form.fields if form is not None else exchange.request_json,
             unparseable=exchange.unreadable,
         )
         clamped = None
         try:
             violation = policy.check(view)
             if violation is None:
-                clamped = policy.clamp(exchange.route, exchange.request_json)
-                if clamped is not None:
+                clamped = policy.clamp(exchange.route, view.body)
+                if clamped is not None and form is not None:
+                    rewrite_batch_file(flow, exchange, form, clamped[BATCH])
+                elif clamped is not None:
                     rewrite_json(flow, exchange, clamped)
         except Exception:  # a request the policy cannot read or rewrite does not go out unchecked
             logger.exception("llm-mitm: the policy check failed; the request is refused")

@@ -50,8 +50,8 @@ class Recorder:
         exchange.organization = exchange.header("openai-organization") or None
         exchange.project = exchange.header("openai-project") or None
         if exchange.request.form:
-            exchange.form_fields = read_form(content or b"", content_type)
-            model = (exchange.form_fields or {}).get("model")
+            exchange.form = read_form(content or b"", content_type, files=exchange.route.operation == "files")
+            model = exchange.form.fields.get("model") if exchange.form else None
             exchange.model = exchange.model or (model if isinstance(model, str) else None)
         if exchange.model is None and "?" in request.path:  # realtime: the model is in the query
             exchange.model = request.query.get("model")

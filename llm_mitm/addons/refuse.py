@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 from mitmproxy import http
 
-from llm_mitm.exchange import Exchange, PolicyDecision
+from llm_mitm.exchange import Body, Exchange, PolicyDecision
+from llm_mitm.forms import Form
 from llm_mitm.refusal import refusal
 
 
@@ -26,3 +27,11 @@ def rewrite_json(flow: http.HTTPFlow, exchange: Exchange, body: dict) -> None:  
     if "charset" in content_type.lower() and "utf-8" not in content_type.lower():  # it was UTF-16 or -32: now UTF-8
         flow.request.headers["content-type"] = "application/json"
     exchange.replace_request_json(body, content)
+
+
+def rewrite_batch_file(flow: http.HTTPFlow, exchange: Exchange, form: Form, calls: list[dict]) -> None:  # type: ignore[type-arg]
+    """Send the upload with its batch file holding `calls` instead (content-encoding kept)
+    and record what was sent."""
+    exchange.form, content = form.with_batch(calls)
+    flow.request.content = content
+    exchange.request = Body(size=len(content), media="form")

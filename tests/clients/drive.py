@@ -57,6 +57,9 @@ def openai_call(a):
     if op == "transcription":  # an upload: multipart/form-data as the SDK writes it
         result = client.audio.transcriptions.create(file=("a.wav", a["audio"].encode()), **a["params"], **extra)
         return {"text": result.text}
+    if op == "file_upload":  # a file for the Batch API (purpose "batch") or another purpose
+        result = client.files.create(file=("calls.jsonl", a["content"].encode()), purpose=a["purpose"], **extra)
+        return {"id": result.id}
     if op == "models":
         return {"ids": [m.id for m in client.models.list()]}
     raise ValueError(op)

@@ -166,6 +166,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
         if path.endswith("/embeddings"):
             return self._json(200, _embedding(request))
+        if path.endswith("/files"):  # an upload, as OpenAI answers it
+            return self._json(200, {"id": f"file-{hashlib.sha256(body).hexdigest()[:12]}", "object": "file", "bytes": len(body),
+                                    "created_at": 0, "filename": "calls.jsonl", "purpose": "batch", "status": "processed"})
         if path.endswith("/audio/transcriptions"):  # an upload: the answer tells uploads apart
             return self._json(200, {"text": f"transcript of {hashlib.sha256(body).hexdigest()[:12]}"})
         if path.endswith("/chat/completions"):
