@@ -15,11 +15,12 @@ clamp writes the file anew, so the form is kept whole for such an upload.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from multipart import MultipartError, PushMultipartParser, parse_options_header
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
 # Form fields an API reads as text or settings: the model, a prompt (images, audio),
 # instructions, and a realtime call's session (JSON, with its own model and instructions).
@@ -27,13 +28,20 @@ TEXT_FIELDS = ("model", "prompt", "instructions")
 SESSION_FIELD = "session"
 BATCH = "batch"  # in `Form.fields`: a batch file's calls, each its line's object
 _READ = frozenset((*TEXT_FIELDS, SESSION_FIELD, "purpose"))  # each at most once
+# The one shape of a part's Content-Disposition that every client writes (httpx and so the
+# SDKs, requests, curl, browsers). Servers' parsers differ on anything else (a `"` or `\`
+# inside a parameter, a name twice, `name*=`, other parameters): python-multipart, under
+# FastAPI servers, reads `name=model; x=a"; name=y; z="` as `model` where Bottle's reads
+# `y`. A part in another shape makes the form unreadable, not read one way of several.
+_DISPOSITION = re.compile(r'form-data; name="[^"\\%\r\n]*"(?:; filename="(?:[^"\\\r\n]|\\.)*")?')
+_UTF8 = (None, "utf-8", "utf8", "us-ascii", "ascii")  # servers decode a form by its charset: UTF-7 hides words
 
 
 @dataclass(slots=True)
 class Part:
     name: str
     headers: list[tuple[str, str]]  # as the parser gives them: names in title case
-    content: bytearray
+    content: bytearray | None  # None: passed over (a file that is not a batch file)
 
 
 @dataclass(slots=True)
@@ -47,7 +55,7 @@ class Form:
 
     def with_batch(self, calls: list[dict[str, Any]]) -> tuple[Form, bytes]:
         """The form with its batch file holding `calls` instead, and its bytes."""
-        if self.parts is None:
+        if self.parts is None or any(part.content is None for part in self.parts):
             raise ValueError("not a batch upload")
         file = orjson.dumps(calls[0]) + b"".join(b"\n" + orjson.dumps(call) for call in calls[1:]) + b"\n" if calls else b""
         parts = [Part(p.name, p.headers, bytearray(file)) if p.name == "file" else p for p in self.parts]
@@ -57,23 +65,24 @@ class Form:
             for name, value in part.headers:
                 if name != "Content-Length":  # the file's length changed; no server needs it
                     out += f"{name}: {value}\r\n".encode()
-            out += b"\r\n" + part.content + b"\r\n"
+            out += b"\r\n" + (part.content or b"") + b"\r\n"
         out += b"--" + self.boundary.encode() + b"--\r\n"
         return Form({**self.fields, BATCH: calls}, self.boundary, parts), bytes(out)
 
 
 def read_form(content: bytes, content_type: str, files: bool = False) -> Form | None:
     """The policy's view of a form (file contents are passed over, not kept, but for a batch
-    file uploaded to `files`); None for a form that does not parse, that names a field the
-    policy reads twice (servers differ on which one counts), or a batch file that is not one
-    call a line."""
-    boundary = parse_options_header(content_type)[1].get("boundary")
-    parts = _parts(content, boundary, keep_all=files) if boundary else None
+    file uploaded to `files`); None for a form that does not parse, that is not UTF-8, that
+    names a field the policy reads twice (servers differ on which one counts), or a batch
+    upload whose file is not one call a line."""
+    options = parse_options_header(content_type)[1]
+    boundary = options.get("boundary")
+    parts = _parts(content, boundary, files) if boundary and options.get("charset", "utf-8").lower() in _UTF8 else None
     if not parts:
         return None
     values: dict[str, bytes] = {}
     for part in parts:
-        if part.name in _READ:
+        if part.name in _READ and part.content is not None:
             if part.name in values:
                 return None
             values[part.name] = bytes(part.content)
@@ -90,17 +99,17 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
             fields[name] = value.decode("utf-8", "replace")
     if not files or values.get("purpose") != b"batch":
         return Form(fields)
-    uploaded = [part for part in parts if part.name == "file"]
-    calls = _batch_calls(uploaded[0].content) if len(uploaded) == 1 else None
-    if calls is None:
+    uploaded = [part.content for part in parts if part.name == "file"]
+    calls = _batch_calls(uploaded[0]) if len(uploaded) == 1 and uploaded[0] is not None else None
+    if calls is None or any(part.content is None for part in parts):  # every part is needed to write it anew
         return None
     fields[BATCH] = calls
     return Form(fields, boundary, parts)
 
 
-def _parts(content: bytes, boundary: str, keep_all: bool) -> list[Part] | None:
-    """Every part, with its content if `keep_all` or the policy reads it; None for a form
-    that does not parse strictly."""
+def _parts(content: bytes, boundary: str, files: bool) -> list[Part] | None:
+    """Every part, with its content where the policy may need it (see `_keeps`); None for
+    a form that does not parse strictly, or a part in a shape servers read differently."""
     parts: list[Part] = []
     kept: bytearray | None = None
     try:
@@ -113,11 +122,35 @@ def _parts(content: bytes, boundary: str, keep_all: bool) -> list[Part] | None:
                 elif event is None:  # a part ends
                     kept = None
                 else:  # a part begins: its headers
-                    parts.append(Part(event.name or "", event.headerlist, bytearray()))
-                    kept = parts[-1].content if keep_all or event.name in _READ else None
+                    if not _plain(event):
+                        return None
+                    kept = bytearray() if _keeps(event, parts, files) else None
+                    parts.append(Part(event.name or "", event.headerlist, kept))
     except MultipartError:
         return None
     return parts
+
+
+def _plain(segment: MultipartSegment) -> bool:
+    """One Content-Disposition, in the shape all clients write, and a policy field in UTF-8."""
+    dispositions = [value for name, value in segment.headerlist if name == "Content-Disposition"]
+    if len(dispositions) != 1 or _DISPOSITION.fullmatch(dispositions[0]) is None:
+        return False
+    return segment.name not in _READ or (segment.charset.lower() if segment.charset else None) in _UTF8
+
+
+def _keeps(segment: MultipartSegment, before: list[Part], files: bool) -> bool:
+    """A field the policy reads; and on an upload to `files` what writing a batch upload anew
+    needs: its other fields, and its file unless `purpose` came first and is not "batch"
+    (the SDKs send it first: a fine-tuning file is not copied)."""
+    if segment.name in _READ:
+        return True
+    if not files:
+        return False
+    if segment.filename is None:
+        return True
+    purpose = next((part.content for part in before if part.name == "purpose"), None)
+    return segment.name == "file" and (purpose is None or purpose == b"batch")
 
 
 def _batch_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:

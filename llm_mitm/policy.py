@@ -132,6 +132,7 @@ class Policy:
         self._reach = max((rule.span for rule in self._instructions if rule.search), default=0)
         self._all_searches = all(rule.search for rule in self._instructions)
         self._edge_forms: TextMemo[str] = TextMemo(lambda role, text: self._edges(text))
+        self._checks_calls = bool(self._allowed or self._denied or self._operations or self._instructions or config.max_tokens is not None)
 
     def check(self, request: RequestView) -> Violation | None:
         """The first rule the request breaks, or None."""
@@ -140,6 +141,9 @@ class Policy:
             return violation
         if request.unparseable and self.config.on_unparseable == "reject":
             return Violation("unparseable_body", "the request body is not JSON the policy can read (on_unparseable: reject)", 400)
+        if self._checks_calls and _is_batch_in_parts(route, request.body):
+            return Violation("operation_not_allowed", "a batch file sent in parts (the Uploads API) cannot be checked line by line: "
+                             "upload it with POST /v1/files (purpose=batch)")
         if request.model is not None:
             if violation := self._model_verdicts((route.provider, request.model)):
                 return violation
@@ -280,6 +284,12 @@ def _is_batch(route: Route) -> bool:
 def _is_batch_file(route: Route, body: dict[str, Any]) -> bool:
     """An OpenAI batch file, read from its upload (`forms.read_form`)."""
     return route.operation == "files" and isinstance(body.get(BATCH), list)
+
+
+def _is_batch_in_parts(route: Route, body: Any) -> bool:
+    """An Upload (OpenAI's Uploads API) for a batch file: its parts come in calls of their
+    own, and only `/v1/files` takes the file whole, where its lines can be checked."""
+    return route.operation == "uploads" and isinstance(body, dict) and body.get("purpose") == "batch"
 
 
 def _line_route(route: Route, url: str) -> Route:

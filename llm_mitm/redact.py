@@ -52,9 +52,15 @@ SENSITIVE_FIELDS = frozenset(
 # Query parameters: the same, plus names too broad for bodies (error bodies carry
 # "code": "invalid_api_key").
 SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code"}
-# In free text (`GITHUB_TOKEN=...`, `passwd: ...`, `AWS_SECRET_ACCESS_KEY=...`) also these, as
-# regex branches: a token only with a prefix, since `"token": "Hello"` is a logprob's word.
-_FREE_TEXT_NAMES = (r"(?<=[A-Za-z0-9][_-])token", "pwd", "access_key")
+# In free text (`GITHUB_TOKEN=...`, `DB_PASS=...`, `AWS_SECRET_ACCESS_KEY=...`, `clientSecret:`)
+# also these, as regex branches. A token, `pwd` or `pass` only after a prefix (`"token":
+# "Hello"` is a logprob's word, `PWD=` a directory), and not a tokenizer's special tokens.
+_FREE_TEXT_NAMES = (
+    r"(?<=[A-Za-z0-9][_-])(?<!eos_)(?<!bos_)(?<!pad_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)(?<!next_)(?<!stop_)token",
+    r"(?<=[A-Za-z0-9][_-])(?:pwd|pass)",
+    "access_key", "access-key", "accesskey", "secret-key", "secretkey", "private-key", "privatekey",
+)
+_CAMEL_CASE_NAMES = r"(?-i:(?<=[a-z0-9])(?:Token|Secret|SecretKey|PrivateKey|AccessKey|Password|ApiKey))"
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 
@@ -171,7 +177,7 @@ class Redactor:
         # A credential's name (also after a prefix: DB_PASSWORD, X-Api-Key), maybe quoted (also
         # as JSON inside a string: \"password\"), then `:` or `=`: its value follows.
         names = "|".join([re.escape(name) for name in sorted(self.fields, key=len, reverse=True)] + list(_FREE_TEXT_NAMES))
-        self._assignment = re.compile(rf"""(?i)(?<![A-Za-z0-9])(?:{names})(?:\\?["'])?[ \t]*[:=][ \t]*""")
+        self._assignment = re.compile(rf"""(?i)(?:(?<![A-Za-z0-9])(?:{names})|{_CAMEL_CASE_NAMES})(?:\\?["'])?[ \t]*[:=][ \t]*""")
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
 

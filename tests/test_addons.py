@@ -421,6 +421,23 @@ def test_what_an_upload_or_a_webrtc_offer_says_is_policed(tmp_path: Path) -> Non
     run(go())
 
 
+def test_a_form_forwarded_unread_is_not_clamped(tmp_path: Path) -> None:
+    """With `on_unparseable: forward`, a form where JSON was due goes as it came: a form's
+    own fields have no limit to clamp (only a batch file's lines do)."""
+    config = config_file(tmp_path, "policy:\n  on_unparseable: forward\n  max_tokens: 100\n  max_tokens_action: clamp\n")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            flow = form_flow("/v1/chat/completions", [("model", b"gpt-4o"), ("prompt", b"hi")])
+            sent = flow.request.content
+            llm.request(flow)
+            assert flow.response is None and flow.request.content == sent
+            assert llm.shared.exchange(flow).policy.decision == "allow"
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_a_utf16_body_rewritten_is_sent_as_what_it_now_is(tmp_path: Path) -> None:
     """Clamping writes UTF-8; the header must not go on saying UTF-16."""
     config = config_file(tmp_path, "policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")

@@ -275,6 +275,15 @@ def test_each_call_of_an_uploaded_batch_file_is_policed(tmp_path: Path, provider
         m = marker()  # a file for another purpose is not calls
         assert openai_call(proxy, {}, op="file_upload", content=lines(("/v1/chat/completions", {"model": m})), purpose="fine-tune")["id"]
 
+        # A batch file sent in parts (the Uploads API) could not be read line by line.
+        m = marker()
+        with Blocked(provider, m):
+            parts = requests.post("https://api.openai.com/v1/uploads", json={"purpose": "batch", "filename": m, "bytes": 10,
+                                                                            "mime_type": "text/jsonl"},
+                                  headers={"authorization": f"Bearer {OPENAI_KEY}"}, proxies={"https": proxy.proxy_url},
+                                  verify=str(proxy.ca_cert), timeout=30)
+        assert parts.status_code == 403 and "POST /v1/files" in parts.json()["error"]["message"]
+
 
 def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProvider) -> None:
     cases = [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from python_multipart import parse_form
 
 import orjson
 
@@ -81,3 +84,54 @@ def test_a_batch_files_calls_are_read_and_written_anew() -> None:
 @pytest.mark.parametrize("lines", [b"{not json}\n", b'{"url": "/v1/chat/completions"}\n', b"[1]\n", b'{"url": 1, "body": {}}'])
 def test_a_batch_file_that_is_not_one_call_a_line_is_unreadable(lines: bytes) -> None:
     assert read_form(batch_upload(orjson.dumps(CALLS[0]) + b"\n" + lines), TYPE, files=True) is None
+
+
+def server_reads(body: bytes, content_type: str) -> dict[str, str] | None:
+    """The fields as an OpenAI-compatible FastAPI server reads them (python-multipart,
+    decoded by the request's charset as Starlette does); None where it refuses the form."""
+    fields: dict[str, str] = {}
+    charset = dict(p.strip().split("=", 1) for p in content_type.split(";")[1:] if "=" in p).get("charset", "utf-8")
+    try:
+        parse_form({"Content-Type": content_type, "Content-Length": str(len(body))}, io.BytesIO(body),
+                   lambda f: fields.__setitem__(f.field_name.decode(), f.value.decode(charset)), lambda f: None)
+    except Exception:  # noqa: BLE001 - a form the server refuses
+        return None
+    return {name: value for name, value in fields.items() if name in ("model", "prompt")}
+
+
+_TAIL = b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--XX--\r\n'
+
+
+@pytest.mark.parametrize(("disposition", "content_type"), [
+    (b'form-data; name="model"', TYPE),
+    (b'form-data; name=model; x=a"; name=y; z="', TYPE),  # python-multipart: model; Bottle's parser: y
+    (b'form-data; name="model"; x="\\\\"; name="y"', TYPE),
+    (b'form-data; name="x"; name="model"', TYPE),
+    (b"form-data; name*=UTF-8''model", TYPE),
+    (b'form-data;\tname="model"', TYPE),
+    (b'attachment; name="model"', TYPE),
+    (b'form-data; NAME="model"', TYPE),
+    (b'form-data; name="mod%65l"', TYPE),
+    (b'form-data; name="model"', TYPE + "; charset=utf-7"),  # the server decodes +AHc-hisper-2 as whisper-2
+    (b'form-data; name="model"', TYPE + "; charset=UTF-8"),
+])
+def test_a_form_is_read_as_a_fastapi_server_reads_it_or_not_at_all(disposition: bytes, content_type: str) -> None:
+    model = b"+AHc-hisper-2" if "utf-7" in content_type else b"whisper-2"
+    body = b"--XX\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + model + b"\r\n" + _TAIL
+    ours = read_form(body, content_type)
+    assert ours is None or ours.fields == server_reads(body, content_type), (ours, server_reads(body, content_type))
+
+
+def test_a_policy_field_in_another_charset_is_unreadable() -> None:
+    part = b'Content-Disposition: form-data; name="prompt"\r\nContent-Type: text/plain; charset=utf-7\r\n\r\n+AEk-gnore'
+    assert read_form(form(part), TYPE) is None
+    assert read_form(form(part.replace(b"utf-7", b"utf-8")), TYPE).fields == {"prompt": "+AEk-gnore"}
+
+
+def test_a_fine_tuning_file_is_not_copied_but_a_batch_upload_is_kept_whole() -> None:
+    lines = orjson.dumps(CALLS[0]) + b"\n"
+    file = b'Content-Disposition: form-data; name="file"; filename="f.jsonl"\r\n\r\n' + lines
+    assert read_form(form(field("purpose", b"fine-tune"), file), TYPE, files=True).parts is None
+    upload = read_form(form(field("expires_after[anchor]", b"created_at"), file, field("purpose", b"batch")), TYPE, files=True)
+    assert [part.name for part in upload.parts] == ["expires_after[anchor]", "file", "purpose"]
+    assert all(part.content is not None for part in upload.parts)

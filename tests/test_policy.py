@@ -288,6 +288,17 @@ def test_each_line_of_an_openai_batch_file_is_clamped_by_its_own_field() -> None
     assert clamped["batch"][2]["custom_id"] == "c3"
 
 
+def test_a_batch_file_sent_in_parts_is_refused_where_calls_are_checked() -> None:
+    """The Uploads API takes a file in parts, none of them the whole file: only /v1/files
+    lets its lines be read."""
+    uploads = Route("openai", "openai", "uploads")
+    body = {"purpose": "batch", "filename": "b.jsonl", "bytes": 100, "mime_type": "text/jsonl"}
+    violation = check({"allowed_models": ["gpt-4o"]}, route=uploads, body=body)
+    assert violation.rule == "operation_not_allowed" and "POST /v1/files" in violation.detail
+    assert rule({}, route=uploads, body=body) is None  # nothing to check a call against
+    assert rule({"allowed_models": ["gpt-4o"]}, route=uploads, body={**body, "purpose": "fine-tune"}) is None
+
+
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -235,9 +235,13 @@ def test_credentials_named_in_free_text_and_output() -> None:
     redactor = Redactor()
     for line in ['    "api_key": "jsonfieldSECRETvalue1",', "password: multipartSECRETvalue3", "  'refresh_token' = 'respSECRET4'"]:
         assert "SECRET" not in redactor.log_line(line), line
-    for line in ["GITHUB_TOKEN=ghpXYZZYvalue5", "export AWS_SECRET_ACCESS_KEY='awsXYZZY6'", 'passwd: "pwXYZZY7"', "x-auth-token: tXYZZY8"]:
+    for line in ["GITHUB_TOKEN=ghpXYZZYvalue5", "export AWS_SECRET_ACCESS_KEY='awsXYZZY6'", 'passwd: "pwXYZZY7"', "x-auth-token: tXYZZY8",
+                 "DB_PASS=XYZZY9", "DB_PWD=XYZZY10", "secret-key: XYZZY11", '{"accessToken": "XYZZY12", "clientSecret": "XYZZY13"}',
+                 '{"secretKey": "XYZZY14", "privateKey": "XYZZY15", "awsSecretKey": "XYZZY16"}']:
         assert "XYZZY" not in redactor.free_text(line), line
-    for line in ['{"token": "Hello", "logprob": -0.1}', "max_tokens=100", '"prompt_tokens": 12']:
+    for line in ['{"token": "Hello", "logprob": -0.1}', "max_tokens=100", '"prompt_tokens": 12', 'tokenizer.eos_token = "</s>"',
+                 '{"bos_token": "<s>", "pad_token": "<pad>", "sep_token": "[SEP]"}', '"next_token": "abc"', "PWD=/home/ana/src",
+                 '"maxTokens": 5, "cacheKey": "k1"', "bypass=1"]:
         assert redactor.free_text(line) == line
     text = redactor.free_text("client_secret=formfieldSECRETvalue2&grant_type=client_credentials")
     assert "SECRET" not in text and text.endswith("&grant_type=client_credentials")

@@ -35,11 +35,14 @@ class Firewall:
         try:
             violation = policy.check(view)
             if violation is None:
-                clamped = policy.clamp(exchange.route, view.body)
-                if clamped is not None and form is not None:
-                    rewrite_batch_file(flow, exchange, form, clamped[BATCH])
-                elif clamped is not None:
-                    rewrite_json(flow, exchange, clamped)
+                if form is None:
+                    clamped = policy.clamp(exchange.route, view.body)
+                    if clamped is not None:
+                        rewrite_json(flow, exchange, clamped)
+                elif BATCH in form.fields:  # a form's own fields have no limit to clamp
+                    clamped = policy.clamp(exchange.route, form.fields)
+                    if clamped is not None:
+                        rewrite_batch_file(flow, exchange, form, clamped[BATCH])
         except Exception:  # a request the policy cannot read or rewrite does not go out unchecked
             logger.exception("llm-mitm: the policy check failed; the request is refused")
             refuse(flow, exchange, 403, "policy_error", "the request could not be checked against the policy")
