@@ -29,11 +29,11 @@ SESSION_FIELD = "session"
 BATCH = "batch"  # in `Form.fields`: a batch file's calls, each its line's object
 _READ = frozenset((*TEXT_FIELDS, SESSION_FIELD, "purpose"))  # each at most once
 # The one shape of a part's Content-Disposition that every client writes (httpx and so the
-# SDKs, requests, curl, browsers). Servers' parsers differ on anything else (a `"` or `\`
+# SDKs, requests, curl, browsers; aiohttp adds `filename*=` for a name not in ASCII). Servers' parsers differ on anything else (a `"` or `\`
 # inside a parameter, a name twice, `name*=`, other parameters): python-multipart, under
 # FastAPI servers, reads `name=model; x=a"; name=y; z="` as `model` where Bottle's reads
 # `y`. A part in another shape makes the form unreadable, not read one way of several.
-_DISPOSITION = re.compile(r'form-data; name="[^"\\%\r\n]*"(?:; filename="(?:[^"\\\r\n]|\\.)*")?')
+_DISPOSITION = re.compile(r'form-data; name="[^"\\%\r\n]*"(?:; filename="(?:[^"\\\r\n]|\\.)*")?(?:; filename\*=[^"\\;\r\n]*)?')
 _UTF8 = (None, "utf-8", "utf8", "us-ascii", "ascii")  # servers decode a form by its charset: UTF-7 hides words
 
 

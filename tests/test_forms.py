@@ -53,6 +53,7 @@ def test_a_form_not_well_made_is_unreadable(body: bytes, content_type: str) -> N
 def test_files_are_passed_over_and_other_fields_ignored() -> None:
     audio = b"RIFF" + bytes(1 << 20)
     body = form(b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + audio, field("language", b"en"),
+                b"Content-Disposition: form-data; name=\"image\"; filename=\"caf%C3%A9.png\"; filename*=utf-8''caf%C3%A9.png\r\n\r\nPNG",
                 field("model", b"whisper-1"))
     assert read_form(body, TYPE).fields == {"model": "whisper-1"}
     assert read_form(body, TYPE, files=True).parts is None  # only a batch file is kept
