@@ -5,8 +5,9 @@ mitmproxy's own form reader takes a part's name only from its first header line 
 value's lines without their line ends, so `Content-Type` before `Content-Disposition` hid a
 part's `model` from the policy while the API still read it, and a quoted boundary gave no
 fields at all. `multipart` (the parser of Bottle; strict mode) reads parts whatever their
-header order, values as sent, and refuses a form that is not well made: such a form is
-unreadable to the policy, not read in part.
+header order, values as sent, and refuses a form that is not well made. Where servers'
+parsers read one form differently (a part's name written in an unusual way, a charset other
+than UTF-8), the form is unreadable to the policy rather than read one way of several.
 
 A file uploaded with `purpose=batch` is the calls of an OpenAI Batch, one JSON object a line
 (`{"custom_id", "method", "url", "body"}`): the policy checks each as if sent alone, and a
@@ -29,10 +30,10 @@ SESSION_FIELD = "session"
 BATCH = "batch"  # in `Form.fields`: a batch file's calls, each its line's object
 _READ = frozenset((*TEXT_FIELDS, SESSION_FIELD, "purpose"))  # each at most once
 # The one shape of a part's Content-Disposition that every client writes (httpx and so the
-# SDKs, requests, curl, browsers; aiohttp adds `filename*=` for a name not in ASCII). Servers' parsers differ on anything else (a `"` or `\`
-# inside a parameter, a name twice, `name*=`, other parameters): python-multipart, under
-# FastAPI servers, reads `name=model; x=a"; name=y; z="` as `model` where Bottle's reads
-# `y`. A part in another shape makes the form unreadable, not read one way of several.
+# SDKs, requests, curl, browsers; aiohttp adds `filename*=` for a name not in ASCII).
+# Servers' parsers differ on anything else (a `"` or `\` inside a parameter, a name twice,
+# `name*=`, other parameters): python-multipart, under FastAPI servers, reads
+# `name=model; x=a"; name=y; z="` as `model` where Bottle's reads `y`.
 _DISPOSITION = re.compile(r'form-data; name="[^"\\%\r\n]*"(?:; filename="(?:[^"\\\r\n]|\\.)*")?(?:; filename\*=[^"\\;\r\n]*)?')
 _UTF8 = (None, "utf-8", "utf8", "us-ascii", "ascii")  # servers decode a form by its charset: UTF-7 hides words
 
@@ -97,7 +98,7 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
     for name in TEXT_FIELDS:
         if value := values.get(name):
             fields[name] = value.decode("utf-8", "replace")
-    if not files or values.get("purpose") != b"batch":
+    if not files or values.get("purpose", b"").strip().lower() != b"batch":  # a server may be lenient: the policy is not
         return Form(fields)
     uploaded = [part.content for part in parts if part.name == "file"]
     calls = _batch_calls(uploaded[0]) if len(uploaded) == 1 and uploaded[0] is not None else None
@@ -150,7 +151,7 @@ def _keeps(segment: MultipartSegment, before: list[Part], files: bool) -> bool:
     if segment.filename is None:
         return True
     purpose = next((part.content for part in before if part.name == "purpose"), None)
-    return segment.name == "file" and (purpose is None or purpose == b"batch")
+    return segment.name == "file" and (purpose is None or purpose.strip().lower() == b"batch")
 
 
 def _batch_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:

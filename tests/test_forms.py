@@ -74,6 +74,7 @@ def test_a_batch_files_calls_are_read_and_written_anew() -> None:
     assert upload.fields == {BATCH: CALLS}
     assert read_form(batch_upload(lines), TYPE).fields == {}  # not an upload to `files`
     assert read_form(batch_upload(lines, b"fine-tune"), TYPE, files=True).fields == {}
+    assert read_form(batch_upload(lines, b" Batch\r\n"), TYPE, files=True).fields == {BATCH: CALLS}  # as a lenient server might read it
     clamped = [{**CALLS[0], "body": {**CALLS[0]["body"], "max_tokens": 100}}, CALLS[1]]
     written, content = upload.with_batch(clamped)
     assert written.fields == {BATCH: clamped}
