@@ -41,6 +41,7 @@ CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
 READ_BUFFER = 1024 * 1024  # what the process takes in one read
+HELD_WHILE_GONE = 5000  # records kept for the next writer process while none runs (10 s at 500 calls/s)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ class TraceSink:
         self._closed_by_writer = False
         self._queued = 0  # lines handed to the process (or on their way), and lines it has read
         self._seen = 0
-        self.failed = False  # the process is gone: nothing more will be written or counted
+        self.failed = False  # the process is gone: records wait for the next one (`take_unsent`)
+        self._cut = False  # the socket took part of the first line of `_outgoing`
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
@@ -112,8 +114,43 @@ class TraceSink:
         event loop far less than one cold pass per response."""
         if self._socket is None:
             return
+        if self.failed:  # kept for the next writer process, up to a point
+            if len(self._submitted) >= HELD_WHILE_GONE:
+                self._drop("no trace writer process runs, and too many records wait for one")
+                return
+            self._submitted.append(item)
+            return
         self._submitted.append(item)
         self._schedule()
+
+    def take_unsent(self) -> tuple[list[bytes], list[Any]]:
+        """What this sink holds and never handed to its process (whole lines, and records
+        not yet made into lines), for a new sink to send (`adopt`): of a writer process
+        that went, only what it had been handed is lost."""
+        outgoing = bytes(self._outgoing)
+        if self._cut:  # the rest of a line the process took the start of
+            cut = outgoing.find(b"\n") + 1
+            self._lose(1, "the trace writer process went while taking it")
+            outgoing = outgoing[cut:]
+        lines = outgoing.split(b"\n")[:-1]
+        self._queued -= len(lines)
+        submitted, self._submitted = self._submitted, []
+        self._outgoing.clear()
+        self._cut = False
+        return lines, submitted
+
+    @property
+    def handed_unread(self) -> int:
+        """Lines the process was handed and had not reported reading."""
+        return self._queued - self._seen - self._outgoing.count(b"\n")
+
+    def adopt(self, lines: list[bytes], submitted: list[Any]) -> None:
+        """Take over what a sink whose process went could not send, in order before
+        anything taken since."""
+        self._append(lines)
+        self._submitted[:0] = submitted
+        if lines or submitted:
+            self._schedule()
 
     def _serialise_submitted(self) -> None:
         """The records taken since the last round, as lines in the outgoing buffer, in
@@ -161,7 +198,9 @@ class TraceSink:
         if self._socket is not None:
             self._send(deadline)
             if self._outgoing:
-                self._lose(self._outgoing.count(b"\n"), "the trace writer did not take them before shutdown")
+                reason = f"the trace writer process is gone (exit code {self.process.exitcode})" if self.failed else \
+                    "the trace writer did not take them before shutdown"
+                self._lose(self._outgoing.count(b"\n"), reason)
                 self._outgoing.clear()
             try:
                 self._socket.shutdown(socket.SHUT_WR)  # the process reads to the end, answers, closes
@@ -188,7 +227,7 @@ class TraceSink:
 
     def _flush(self) -> None:
         self._timer = None
-        if self._socket is None:  # closed while a round was due
+        if self._socket is None or self.failed:  # closed while a round was due; or no one to send to
             return
         self._send(None)
         self._receive()
@@ -240,10 +279,11 @@ class TraceSink:
                 if readable:
                     self._receive()
                 continue
-            except OSError:
-                self._lose(self._outgoing.count(b"\n"), f"the trace writer process is gone (exit code {self.process.exitcode})")
-                self._outgoing.clear()
+            except OSError:  # the process is gone: what it did not take waits for the next one
+                self.failed = True
                 return
+            if sent:
+                self._cut = self._outgoing[sent - 1] != 0x0A  # ended inside a line
             del self._outgoing[:sent]
 
     def _receive(self) -> None:

@@ -157,6 +157,55 @@ def test_a_dead_writer_is_reported_once_and_proxying_goes_on(tmp_path: Path, cap
     assert caplog.text.count("TRACE LOST") == 1
 
 
+def test_what_a_gone_writer_was_not_handed_goes_to_the_next_one_in_order(tmp_path: Path) -> None:
+    """The records taken while no process runs, and those the socket had not taken, are the
+    next process's to write; only what the gone one was handed is lost."""
+    traces, destination = sink(tmp_path)
+    traces.submit(snapshot(0))
+    deadline = time.monotonic() + 10
+    while not (destination.exists() and destination.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    traces.process.kill()
+    traces.process.join(10)
+    for number in range(1, 4):
+        traces.submit(snapshot(number))
+    assert traces.failed
+    following = TraceSink(traces.settings)
+    following.adopt(*traces.take_unsent())
+    traces.close(timeout=1)
+    assert traces.dropped == 0 and traces.handed_unread == 0
+    following.submit(snapshot(4))
+    following.close()
+    assert ids(destination) == [f"flow-{n}" for n in range(5)]
+
+
+def test_a_line_the_gone_writer_took_the_start_of_is_lost_not_sent_torn(tmp_path: Path) -> None:
+    traces, _ = sink(tmp_path)
+    try:
+        traces._outgoing += b'{"id": "torn"}\n{"id": "whole"}\n'
+        traces._queued += 2
+        traces._cut = True
+        lines, submitted = traces.take_unsent()
+        assert lines == [b'{"id": "whole"}'] and submitted == [] and traces.dropped == 1
+    finally:
+        traces.close(timeout=1)
+
+
+def test_records_wait_for_a_new_writer_up_to_a_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llm_mitm.tracesink
+
+    monkeypatch.setattr(llm_mitm.tracesink, "HELD_WHILE_GONE", 2)
+    traces, _ = sink(tmp_path)
+    traces.process.kill()
+    traces.process.join(10)
+    traces.failed = True  # as the round that finds it gone marks it
+    for number in range(3):
+        traces.submit(snapshot(number))
+    lines, submitted = traces.take_unsent()
+    assert [item["id"] for item in submitted] == ["flow-0", "flow-1"] and traces.dropped == 1
+    traces.close(timeout=1)
+
+
 ANSWER = orjson.dumps({"model": "gpt-4o-2024-08-06", "usage": {"prompt_tokens": 10, "completion_tokens": 5},
                        "choices": [{"message": {"role": "assistant", "content": "remember sk-" + "Q" * 48}}]})
 

@@ -68,8 +68,9 @@ class Tracer:
 
     def _restart(self) -> None:
         """The writer process went (killed, out of memory): a new one, so that one loss
-        does not end tracing for the rest of the run; at most one every RESTART_SECONDS,
-        so that a process that cannot run is not started again and again."""
+        does not end tracing for the rest of the run, and it takes every call the gone one
+        had not been handed; at most one every RESTART_SECONDS, so that a process that
+        cannot run is not started again and again (calls wait meanwhile, up to a point)."""
         now = time.monotonic()
         if self.sink is None or now - self._restarted_at < RESTART_SECONDS:
             return
@@ -80,9 +81,11 @@ class Tracer:
         except Exception:  # noqa: BLE001 - no new process (out of memory, say): the gone one stays, read here
             logger.exception("llm-mitm: the trace writer process could not be started again")
             return
-        gone.close(timeout=0)
+        self.sink.adopt(*gone.take_unsent())
+        gone.close(timeout=0)  # takes the reports it sent before it went
         self._leave_to_sink(self.shared.config)
-        logger.error("llm-mitm: a new trace writer process is started; %d call(s) handed to the one that went are lost", gone.dropped)
+        logger.error("llm-mitm: a new trace writer process is started; of the calls handed to the one that went, "
+                     "%d it had not read are lost (and any it read but had not written)", gone.handed_unread)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._submit(self.shared.exchange(flow))
