@@ -30,12 +30,24 @@ SESSION_FIELD = "session"
 BATCH = "batch"  # in `Form.fields`: a batch file's calls, each its line's object
 _READ = frozenset((*TEXT_FIELDS, SESSION_FIELD, "purpose"))  # each at most once
 # The one shape of a part's Content-Disposition that every client writes (httpx and so the
-# SDKs, requests, curl, browsers; aiohttp adds `filename*=` for a name not in ASCII).
+# SDKs, requests, curl, browsers, .NET; aiohttp and .NET add `filename*=`).
 # Servers' parsers differ on anything else (a `"` or `\` inside a parameter, a name twice,
 # `name*=`, other parameters): python-multipart, under FastAPI servers, reads
 # `name=model; x=a"; name=y; z="` as `model` where Bottle's reads `y`.
-_DISPOSITION = re.compile(r'form-data; name="[^"\\%\r\n]*"(?:; filename="(?:[^"\\\r\n]|\\.)*")?(?:; filename\*=[^"\\;\r\n]*)?')
-_UTF8 = (None, "utf-8", "utf8", "us-ascii", "ascii")  # servers decode a form by its charset: UTF-7 hides words
+# Unquoted, as .NET's HttpClient writes a value that needs no quotes (no `%` in a name).
+_NAME_TOKEN = r"[!#$&'*+.^_`|~0-9A-Za-z-]+"
+_FILENAME_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_DISPOSITION = re.compile(
+    rf'form-data; name=(?:"[^"\\%\r\n]*"|{_NAME_TOKEN})(?:; filename=(?:"(?:[^"\\\r\n]|\\.)*"|{_FILENAME_TOKEN}))?'
+    r'(?:; filename\*=[^"\\;\r\n]*)?'
+)
+# The request's Content-Type in the shape clients write it: parsers split other parameter
+# lists differently (a tab, a quote inside a token), and a charset or boundary one of them
+# does not see would let the policy read one form and the server another.
+_CONTENT_TYPE = re.compile(
+    r'(?i)multipart/form-data; ?boundary=(?:"[0-9A-Za-z\'()+_,./:=? -]{1,70}"|[0-9A-Za-z\'()+_,./:=?-]{1,70})(?:; ?charset="?utf-8"?)?'
+)
+_UTF8 = (None, "utf-8", "utf8", "us-ascii", "ascii")  # servers decode a part by its charset: UTF-7 hides words
 
 
 @dataclass(slots=True)
@@ -76,9 +88,10 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
     file uploaded to `files`); None for a form that does not parse, that is not UTF-8, that
     names a field the policy reads twice (servers differ on which one counts), or a batch
     upload whose file is not one call a line."""
-    options = parse_options_header(content_type)[1]
-    boundary = options.get("boundary")
-    parts = _parts(content, boundary, files) if boundary and options.get("charset", "utf-8").lower() in _UTF8 else None
+    if _CONTENT_TYPE.fullmatch(content_type.strip()) is None:
+        return None
+    boundary = parse_options_header(content_type)[1]["boundary"]
+    parts = _parts(content, boundary, files)
     if not parts:
         return None
     values: dict[str, bytes] = {}
@@ -88,16 +101,17 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
                 return None
             values[part.name] = bytes(part.content)
     fields: dict[str, Any] = {}
-    if session := values.get(SESSION_FIELD):
-        try:
+    try:  # not UTF-8, a server falls back to Latin-1; a session orjson refuses (NaN) Python's json reads
+        if session := values.get(SESSION_FIELD):
             parsed = orjson.loads(session)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
+            if not isinstance(parsed, dict):
+                return None
             fields.update((key, parsed[key]) for key in ("model", "instructions", "tools") if key in parsed)
-    for name in TEXT_FIELDS:
-        if value := values.get(name):
-            fields[name] = value.decode("utf-8", "replace")
+        for name in TEXT_FIELDS:
+            if value := values.get(name):
+                fields[name] = value.decode("utf-8")
+    except (UnicodeDecodeError, orjson.JSONDecodeError):
+        return None
     if not files or values.get("purpose", b"").strip().lower() != b"batch":  # a server may be lenient: the policy is not
         return Form(fields)
     uploaded = [part.content for part in parts if part.name == "file"]

@@ -290,7 +290,8 @@ def _is_batch_file(route: Route, body: dict[str, Any]) -> bool:
 def _is_batch_in_parts(route: Route, body: Any) -> bool:
     """An Upload (OpenAI's Uploads API) for a batch file: its parts come in calls of their
     own, and only `/v1/files` takes the file whole, where its lines can be checked."""
-    return route.operation == "uploads" and isinstance(body, dict) and body.get("purpose") == "batch"
+    purpose = body.get("purpose") if isinstance(body, dict) else None
+    return route.operation == "uploads" and isinstance(purpose, str) and purpose.strip().lower() == "batch"
 
 
 def _line_route(route: Route, url: str) -> Route:

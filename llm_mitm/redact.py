@@ -52,15 +52,20 @@ SENSITIVE_FIELDS = frozenset(
 # Query parameters: the same, plus names too broad for bodies (error bodies carry
 # "code": "invalid_api_key").
 SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code"}
-# In free text (`GITHUB_TOKEN=...`, `DB_PASS=...`, `AWS_SECRET_ACCESS_KEY=...`, `clientSecret:`)
-# also these, as regex branches. A token, `pwd` or `pass` only after a prefix (`"token":
-# "Hello"` is a logprob's word, `PWD=` a directory), and not a tokenizer's special tokens.
+# In free text (`GITHUB_TOKEN=...`, `DB_PASS=...`, `Pwd=...`, `AWS_SECRET_ACCESS_KEY=...`,
+# `clientSecret:`) also these, as regex branches. A token or `pass` only after a prefix
+# (`"token": "Hello"` is a logprob's word), and neither a tokenizer's special tokens nor a
+# page cursor; `pwd` not when a path follows (`PWD=/home/ana`, `PWD : C:\Users`).
+_NOT_SECRET_TOKENS = "".join(f"(?<!{prefix}_)" for prefix in (
+    "eos", "bos", "pad", "unk", "sep", "cls", "mask", "eot", "boi", "eoi", "image", "video", "audio", "next", "stop", "page"))
 _FREE_TEXT_NAMES = (
-    r"(?<=[A-Za-z0-9][_-])(?<!eos_)(?<!bos_)(?<!pad_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)(?<!next_)(?<!stop_)token",
-    r"(?<=[A-Za-z0-9][_-])(?:pwd|pass)",
+    rf"(?<=[A-Za-z0-9][_-]){_NOT_SECRET_TOKENS}token",
+    r"(?<=[A-Za-z0-9][_-])pass",
+    r"""pwd(?!(?:\\?["'])?[ \t]*[:=][ \t]*["']?(?:[/~]|[A-Za-z]:\\))""",
     "access_key", "access-key", "accesskey", "secret-key", "secretkey", "private-key", "privatekey",
 )
-_CAMEL_CASE_NAMES = r"(?-i:(?<=[a-z0-9])(?:Token|Secret|SecretKey|PrivateKey|AccessKey|Password|ApiKey))"
+_CAMEL_CASE_NAMES = r"(?-i:(?<=[a-z0-9])(?:(?<!Page)(?<!Next)(?<!Continuation)Token|Secret|SecretKey|PrivateKey|AccessKey|Password|ApiKey))"
+_NOT_A_SECRET = re.compile(r"(?i:true|false|null|none)")  # `hasPassword: false`, `first_pass: true` (a number may be a PIN)
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 
@@ -300,7 +305,7 @@ class Redactor:
                 continue
             start, end = _value_span(value, match.end())
             secret = value[start:end]
-            if secret and not _is_fingerprint(secret):
+            if secret and not _is_fingerprint(secret) and _NOT_A_SECRET.fullmatch(secret.rstrip(",;}")) is None:
                 out += [value[done:start], self.opaque(secret)]
                 done = end
         return "".join(out) + value[done:]

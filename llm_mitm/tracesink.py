@@ -41,7 +41,6 @@ CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
 READ_BUFFER = 1024 * 1024  # what the process takes in one read
-HELD_WHILE_GONE = 5000  # records kept for the next writer process while none runs (10 s at 500 calls/s)
 
 
 @dataclass(frozen=True)
@@ -114,13 +113,10 @@ class TraceSink:
         event loop far less than one cold pass per response."""
         if self._socket is None:
             return
-        if self.failed:  # kept for the next writer process, up to a point
-            if len(self._submitted) >= HELD_WHILE_GONE:
-                self._drop("no trace writer process runs, and too many records wait for one")
-                return
-            self._submitted.append(item)
-            return
         self._submitted.append(item)
+        if self.failed:  # kept for the next writer process, as lines (bounded like a lagging writer's)
+            self._serialise_submitted()
+            return
         self._schedule()
 
     def take_unsent(self) -> tuple[list[bytes], list[Any]]:
@@ -134,10 +130,18 @@ class TraceSink:
             outgoing = outgoing[cut:]
         lines = outgoing.split(b"\n")[:-1]
         self._queued -= len(lines)
+        # Sync marks and settings were this process's: the new one starts with the settings
+        # of now, and a mark it answered would end a later wait before its time.
+        lines = [line for line in lines if not line.startswith(_CONTROL)]
         submitted, self._submitted = self._submitted, []
         self._outgoing.clear()
         self._cut = False
         return lines, submitted
+
+    @property
+    def waiting(self) -> bool:
+        """Records not yet handed to the process."""
+        return bool(self._outgoing or self._submitted)
 
     @property
     def handed_unread(self) -> int:
@@ -242,7 +246,8 @@ class TraceSink:
         """Records into the outgoing buffer; a round of them is dropped when the buffer is
         full already."""
         if lines and len(self._outgoing) > MAX_BUFFERED:
-            self._drop("the trace writer does not keep up", len(lines))
+            self._drop("no trace writer process runs, and too many records wait for one" if self.failed else
+                       "the trace writer does not keep up", len(lines))
             return
         self._append(lines)
 
@@ -331,6 +336,9 @@ class TraceSink:
         self.dropped += count
         if first:
             logger.error("llm-mitm: TRACE LOST: %s (proxying goes on)", reason)
+
+
+_CONTROL = (b'{"sync"', b'{"making"')  # how `collect` and `retune` lines start (orjson keeps key order)
 
 
 def _whole_lines(buffer: bytearray, chunk: bytes | memoryview) -> list[bytes]:

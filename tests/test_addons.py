@@ -555,6 +555,29 @@ def test_held_and_read_streams_give_the_same_trace_and_counts(tmp_path: Path, mo
     run(go())
 
 
+def test_calls_that_wait_for_a_new_trace_writer_are_written_at_shutdown(tmp_path: Path) -> None:
+    """The writer process went, and a new one may not start yet (one did a moment ago):
+    the calls wait, and at shutdown a last new process writes them."""
+    async def go() -> None:
+        with whole_addon() as (llm, _):
+            tracer = next(c for c in llm.concerns if isinstance(c, Tracer))
+            tracer._restarted_at = time.monotonic()
+            tracer.sink.process.kill()
+            tracer.sink.process.join(10)
+            for number in range(3):
+                flow = chat_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": f"waiting {number}"}]})
+                llm.request(flow)
+                flow.response = tutils.tresp(headers=[(b"content-type", b"application/json")], content=b'{"model": "gpt-4o"}')
+                llm.responseheaders(flow)
+                llm.response(flow)
+                await asyncio.sleep(0.06)  # a trace round: it finds the process gone
+        texts = [r["request"]["body"]["messages"][0]["content"] for r in untimed_records(tmp_path / "traces.jsonl")]
+        assert texts == ["waiting 0", "waiting 1", "waiting 2"]
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
     """mitmproxy may follow `response` with `error`; traces off, so nothing else marks it."""
     config = config_file(tmp_path, "traces:\n  destination: null\n")

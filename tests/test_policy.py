@@ -296,6 +296,7 @@ def test_a_batch_file_sent_in_parts_is_refused_where_calls_are_checked() -> None
     violation = check({"allowed_models": ["gpt-4o"]}, route=uploads, body=body)
     assert violation.rule == "operation_not_allowed" and "POST /v1/files" in violation.detail
     assert rule({}, route=uploads, body=body) is None  # nothing to check a call against
+    assert rule({"max_tokens": 10}, route=uploads, body={**body, "purpose": " Batch"}) == "operation_not_allowed"  # as forms read it
     assert rule({"allowed_models": ["gpt-4o"]}, route=uploads, body={**body, "purpose": "fine-tune"}) is None
 
 

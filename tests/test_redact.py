@@ -237,11 +237,13 @@ def test_credentials_named_in_free_text_and_output() -> None:
         assert "SECRET" not in redactor.log_line(line), line
     for line in ["GITHUB_TOKEN=ghpXYZZYvalue5", "export AWS_SECRET_ACCESS_KEY='awsXYZZY6'", 'passwd: "pwXYZZY7"', "x-auth-token: tXYZZY8",
                  "DB_PASS=XYZZY9", "DB_PWD=XYZZY10", "secret-key: XYZZY11", '{"accessToken": "XYZZY12", "clientSecret": "XYZZY13"}',
-                 '{"secretKey": "XYZZY14", "privateKey": "XYZZY15", "awsSecretKey": "XYZZY16"}']:
+                 '{"secretKey": "XYZZY14", "privateKey": "XYZZY15", "awsSecretKey": "XYZZY16"}', "Server=x;Uid=sa;Pwd=XYZZY17;",
+                 '"pwd": "XYZZY18"', "--pwd=XYZZY19", "password: 12XYZZY20"]:
         assert "XYZZY" not in redactor.free_text(line), line
     for line in ['{"token": "Hello", "logprob": -0.1}', "max_tokens=100", '"prompt_tokens": 12', 'tokenizer.eos_token = "</s>"',
                  '{"bos_token": "<s>", "pad_token": "<pad>", "sep_token": "[SEP]"}', '"next_token": "abc"', "PWD=/home/ana/src",
-                 '"maxTokens": 5, "cacheKey": "k1"', "bypass=1"]:
+                 '"maxTokens": 5, "cacheKey": "k1"', "bypass=1", "PWD : C:\\Users\\ana", '{"boi_token": "<b>", "image_token": "<image>"}',
+                 '"nextPageToken": "a", "NextToken": "b", "ContinuationToken": "c", "next_page_token": "d"', "hasPassword: false, useApiKey: true"]:
         assert redactor.free_text(line) == line
     text = redactor.free_text("client_secret=formfieldSECRETvalue2&grant_type=client_credentials")
     assert "SECRET" not in text and text.endswith("&grant_type=client_credentials")

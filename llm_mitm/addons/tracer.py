@@ -56,6 +56,8 @@ class Tracer:
                 old = self.sink
                 wanted = settings.destination is not None or settings.directory is not None
                 self.sink = TraceSink(settings, self.shared.usage_stats.add, snapshot) if wanted else None
+                if old is not None and old.failed and self.sink is not None and settings.files() == old.settings.files():
+                    self.sink.adopt(*old.take_unsent())  # what waited for a new process goes to this one
                 if old is not None:
                     old.close()
             self._settings = settings
@@ -66,13 +68,13 @@ class Tracer:
         self.shared.defer_responses = self.sink is not None and not self.sink.failed and not limits_set(config.policy)
         self.shared.collect_counts = self.sink.collect if self.sink is not None else no_counts_owed
 
-    def _restart(self) -> None:
+    def _restart(self, now_or_never: bool = False) -> None:
         """The writer process went (killed, out of memory): a new one, so that one loss
         does not end tracing for the rest of the run, and it takes every call the gone one
         had not been handed; at most one every RESTART_SECONDS, so that a process that
         cannot run is not started again and again (calls wait meanwhile, up to a point)."""
         now = time.monotonic()
-        if self.sink is None or now - self._restarted_at < RESTART_SECONDS:
+        if self.sink is None or (now - self._restarted_at < RESTART_SECONDS and not now_or_never):
             return
         self._restarted_at = now
         gone = self.sink
@@ -94,6 +96,10 @@ class Tracer:
         self._submit(self.shared.exchange(flow))
 
     def done(self) -> None:
+        if self.sink is not None and not self.sink.process.is_alive():
+            self.sink.failed = True  # gone since the last round
+        if self.sink is not None and self.sink.failed and self.sink.waiting:
+            self._restart(now_or_never=True)  # the calls that waited for a new process: one last chance
         self.shared.defer_responses = False
         self.shared.collect_counts = no_counts_owed
         if self.sink is not None:
