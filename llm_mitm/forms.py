@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
 # Form fields an API reads as text or settings: the model, a prompt (images, audio),
 # instructions, and a realtime call's session (JSON, with its own model and instructions).
@@ -45,7 +45,8 @@ _DISPOSITION = re.compile(
 # lists differently (a tab, a quote inside a token), and a charset or boundary one of them
 # does not see would let the policy read one form and the server another.
 _CONTENT_TYPE = re.compile(
-    r'(?i)multipart/form-data; ?boundary=(?:"[0-9A-Za-z\'()+_,./:=? -]{1,70}"|[0-9A-Za-z\'()+_,./:=?-]{1,70})(?:; ?charset="?utf-8"?)?'
+    r'(?i)multipart/form-data; ?boundary=(?:"(?P<quoted>[0-9A-Za-z\'()+_,./:=? -]{1,70})"|(?P<token>[0-9A-Za-z\'()+_,./:=?-]{1,70}))'
+    r'(?:; ?charset="?utf-8"?)?'
 )
 _UTF8 = (None, "utf-8", "utf8", "us-ascii", "ascii")  # servers decode a part by its charset: UTF-7 hides words
 
@@ -88,9 +89,10 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
     file uploaded to `files`); None for a form that does not parse, that is not UTF-8, that
     names a field the policy reads twice (servers differ on which one counts), or a batch
     upload whose file is not one call a line."""
-    if _CONTENT_TYPE.fullmatch(content_type.strip()) is None:
+    shape = _CONTENT_TYPE.fullmatch(content_type.strip())
+    if shape is None:
         return None
-    boundary = parse_options_header(content_type)[1]["boundary"]
+    boundary = shape["quoted"] or shape["token"]
     parts = _parts(content, boundary, files)
     if not parts:
         return None

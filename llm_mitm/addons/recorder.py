@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
