@@ -117,7 +117,7 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
     if not files or values.get("purpose", b"").strip().lower() != b"batch":  # a server may be lenient: the policy is not
         return Form(fields)
     uploaded = [part.content for part in parts if part.name == "file"]
-    calls = _batch_calls(uploaded[0]) if len(uploaded) == 1 and uploaded[0] is not None else None
+    calls = batch_file_calls(uploaded[0]) if len(uploaded) == 1 and uploaded[0] is not None else None
     if calls is None or any(part.content is None for part in parts):  # every part is needed to write it anew
         return None
     fields[BATCH] = calls
@@ -170,7 +170,7 @@ def _keeps(segment: MultipartSegment, before: list[Part], files: bool) -> bool:
     return segment.name == "file" and (purpose is None or purpose.strip().lower() == b"batch")
 
 
-def _batch_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:
+def batch_file_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:
     """A batch file's lines, each an object with its `url` and `body`; None if any is not."""
     calls = []
     for line in bytes(data).splitlines():

@@ -11,7 +11,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
-from llm_mitm.forms import BATCH
+from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
 from llm_mitm.texts import ROLE_ALIASES, normalize, read_request
 
@@ -133,7 +133,8 @@ class Policy:
         self._reach = max((rule.span for rule in self._instructions if rule.search), default=0)
         self._all_searches = all(rule.search for rule in self._instructions)
         self._edge_forms: TextMemo[str] = TextMemo(lambda role, text: self._edges(text))
-        self._checks_calls = bool(self._allowed or self._denied or self._operations or self._instructions or config.max_tokens is not None)
+        # Any rule a call can break (a batch's input file is read back from upstream only then).
+        self.checks_calls = bool(self._allowed or self._denied or self._operations or self._instructions or config.max_tokens is not None)
 
     def check(self, request: RequestView) -> Violation | None:
         """The first rule the request breaks, or None."""
@@ -142,9 +143,6 @@ class Policy:
             return violation
         if request.unparseable and self.config.on_unparseable == "reject":
             return Violation("unparseable_body", "the request body is not JSON the policy can read (on_unparseable: reject)", 400)
-        if self._checks_calls and _is_batch_in_parts(route, request.body):
-            return Violation("operation_not_allowed", "a batch file sent in parts (the Uploads API) cannot be checked line by line: "
-                             "upload it with POST /v1/files (purpose=batch)")
         if request.model is not None:
             if violation := self._model_verdicts((route.provider, request.model)):
                 return violation
@@ -155,6 +153,34 @@ class Policy:
         for call in batched_calls(route, request.body):  # each call of a batch, as if sent alone
             if violation := self._check_batched(call):
                 return Violation(violation.rule, f"{call.name}: {violation.detail}", violation.status)
+        return None
+
+    def batch_input_file(self, route: Route, body: Any) -> str | None:
+        """The file an OpenAI batch is created from, when the policy checks calls: its lines
+        are calls, and the file may have reached upstream where the proxy did not read it
+        (before the proxy was in the way, or in parts through the Uploads API)."""
+        if not self.checks_calls or route.operation != "batches" or not isinstance(body, dict):
+            return None
+        file_id = body.get("input_file_id")
+        return file_id if isinstance(file_id, str) else None
+
+    def check_batch_file(self, route: Route, file_id: str, data: bytes) -> Violation | None:
+        """A batch's input file as upstream holds it, each line checked as a call of its
+        own. A file already uploaded cannot be clamped: with `max_tokens_action: clamp` a line
+        that clamping would change (over the cap, or naming no limit) is refused."""
+        calls = batch_file_calls(data)
+        if calls is None:
+            if self.config.on_unparseable == "reject":
+                return Violation("unparseable_body", f"the batch's input file {file_id!r} is not JSON lines of calls the policy can read", 400)
+            return None
+        cap = self.config.max_tokens if self.config.max_tokens_action == "clamp" else None
+        for call in _file_calls(route, calls, f"input file {file_id!r}"):
+            if violation := self._check_batched(call):
+                return Violation(violation.rule, f"{call.name}: {violation.detail}", violation.status)
+            field = _limit_field(call.route)
+            if cap is not None and field is not None and self._clamped(cap, call.params, field) is not None:
+                return Violation("max_tokens_exceeded", f"{call.name}: its output limit is not within the cap of {cap} (max_tokens), and a "
+                                 "file already uploaded cannot be clamped: upload it through the proxy, which clamps it")
         return None
 
     def _check_operation(self, operation: str) -> Violation | None:
@@ -287,13 +313,6 @@ def _is_batch_file(route: Route, body: dict[str, Any]) -> bool:
     return route.operation == "files" and isinstance(body.get(BATCH), list)
 
 
-def _is_batch_in_parts(route: Route, body: Any) -> bool:
-    """An Upload (OpenAI's Uploads API) for a batch file: its parts come in calls of their
-    own, and only `/v1/files` takes the file whole, where its lines can be checked."""
-    purpose = body.get("purpose") if isinstance(body, dict) else None
-    return route.operation == "uploads" and isinstance(purpose, str) and purpose.strip().lower() == "batch"
-
-
 def _line_route(route: Route, url: str) -> Route:
     """What a batch file's line would be sent alone (`/v1/chat/completions`; Azure's
     `/chat/completions`, its `model` the deployment)."""
@@ -318,13 +337,18 @@ def batched_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
     """The calls a batch carries, each with the route it would have alone: an Anthropic
     Message Batch's `requests`, an OpenAI batch file's lines (none for any other request)."""
     if _is_batch_file(route, body):
-        return [BatchedCall(f"batch file line {number}{_custom_id(call)}", _line_route(route, call["url"]), call["body"])
-                for number, call in enumerate(body[BATCH], 1)]
+        return _file_calls(route, body[BATCH], "batch file")
     requests = body.get("requests")
     if not _is_batch(route) or not isinstance(requests, list):
         return []
     alone = Route(route.provider, route.api, "messages")
     return [BatchedCall(f"requests[{index}]{_custom_id(item)}", alone, item["params"]) for index, item in enumerate(requests) if _has_params(item)]
+
+
+def _file_calls(route: Route, calls: list[dict[str, Any]], where: str) -> list[BatchedCall]:
+    """An OpenAI batch file's lines as calls (`forms.batch_file_calls`), named by line."""
+    return [BatchedCall(f"{where} line {number}{_custom_id(call)}", _line_route(route, call["url"]), call["body"])
+            for number, call in enumerate(calls, 1)]
 
 
 def _custom_id(item: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from llm_mitm.config import ApiKind, ProviderConfig
 from llm_mitm.memo import Memo
@@ -180,3 +180,14 @@ def _anthropic_operation(segments: list[str]) -> str:
     if segments[0] == "complete":
         return "completions"
     return segments[0] if re.fullmatch(r"[a-z_]+", segments[0]) else "other"
+
+
+def input_file_path(batch_path: str, file_id: str) -> str | None:
+    """Where the API serves a batch's input file, from the path the batch was created at:
+    `/v1/batches` -> `/v1/files/{id}/content`, Azure's query (`api-version`) kept. None
+    for a path that does not end in `batches`."""
+    path, mark, query = batch_path.partition("?")
+    base = path.rstrip("/")
+    if not base.lower().endswith("/batches"):
+        return None
+    return f"{base[: -len('batches')]}files/{quote(file_id, safe='')}/content{mark}{query}"

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -376,6 +377,35 @@ def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
             llm.request(flow)
             assert flow.response is not None and flow.response.status_code == 403
             assert flow.response.headers["x-llm-mitm-rule"] == "policy_error"
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_a_concern_that_waits_holds_the_rest_of_the_hook(tmp_path: Path) -> None:
+    """A batch's input file is read from upstream before the batch goes: the concerns after
+    the one reading it run once it is done, and a file that cannot be read refuses the batch."""
+
+    async def go() -> None:
+        with socket.socket() as closed:  # a port nothing listens on
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        config = config_file(tmp_path, f"providers:\n  local:\n    api: openai\n    hosts: ['127.0.0.1:{port}']\n"
+                                       "policy:\n  allowed_models: ['gpt-4o*']\n")
+        with whole_addon(config) as (llm, _):
+            names = [hook.__self__.__class__.__name__ for hook in llm._hooks["request"]]
+            assert names[names.index("Firewall") + 1] == "BatchInput"
+            after: list[int | None] = []
+            llm._hooks["request"].append(lambda flow: after.append(flow.response and flow.response.status_code))
+            flow = chat_flow(host="127.0.0.1", port=port, scheme="http", body={"input_file_id": "file-1", "endpoint": "/v1/chat/completions"})
+            flow.request.path = "/v1/batches"
+            waits = llm.request(flow)
+            assert waits is not None and after == []
+            await waits
+            assert after == [403] and flow.response.headers["x-llm-mitm-rule"] == "policy_error"
+            assert b"could not be read to check its calls: upstream could not be reached" in flow.response.content
+            plain = chat_flow()
+            assert llm.request(plain) is None and after == [403, None]  # other calls do not wait
 
     os.chdir(tmp_path)
     run(go())

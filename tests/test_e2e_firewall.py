@@ -275,14 +275,70 @@ def test_each_call_of_an_uploaded_batch_file_is_policed(tmp_path: Path, provider
         m = marker()  # a file for another purpose is not calls
         assert openai_call(proxy, {}, op="file_upload", content=lines(("/v1/chat/completions", {"model": m})), purpose="fine-tune")["id"]
 
-        # A batch file sent in parts (the Uploads API) could not be read line by line.
-        m = marker()
-        with Blocked(provider, m):
-            parts = requests.post("https://api.openai.com/v1/uploads", json={"purpose": "batch", "filename": m, "bytes": 10,
-                                                                            "mime_type": "text/jsonl"},
-                                  headers={"authorization": f"Bearer {OPENAI_KEY}"}, proxies={"https": proxy.proxy_url},
-                                  verify=str(proxy.ca_cert), timeout=30)
-        assert parts.status_code == 403 and "POST /v1/files" in parts.json()["error"]["message"]
+        # A batch file sent in parts (the Uploads API) goes: its lines are read when a batch is made of it.
+        parts = requests.post("https://api.openai.com/v1/uploads", json={"purpose": "batch", "filename": "calls.jsonl", "bytes": 10,
+                                                                        "mime_type": "text/jsonl"},
+                              headers={"authorization": f"Bearer {OPENAI_KEY}"}, proxies={"https": proxy.proxy_url},
+                              verify=str(proxy.ca_cert), timeout=30)
+        assert parts.status_code == 404 and "no route" in parts.text  # the fake provider's answer: it went upstream
+
+
+def test_a_batch_is_checked_against_its_input_file(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A file uploaded before the proxy was in the way (or in parts) was never read: when a
+    batch is made of it, the proxy reads it back from upstream, with the client's own key,
+    and checks each line; a file upstream cannot be clamped, so a line clamping would change
+    is refused."""
+    config = {"policy": {"allowed_models": ["gpt-4o*"], "max_tokens": 1000, "max_tokens_action": "clamp"}}
+
+    def lines(*models_and_limits: tuple[str, int | None]) -> bytes:
+        calls = [{"custom_id": f"c{n}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": model, "messages": [{"role": "user", "content": "hi"}], **({"max_tokens": cap} if cap else {})}}
+                 for n, (model, cap) in enumerate(models_and_limits)]
+        return b"".join(orjson.dumps(call) + b"\n" for call in calls)
+
+    def batches() -> list[str]:
+        return [r.json["input_file_id"] for r in provider.requests if r.method == "POST" and r.path.endswith("/batches")]
+
+    def reads(file_id: str) -> list[Any]:
+        return [r for r in provider.requests if r.method == "GET" and f"/files/{file_id}/content" in r.path]
+
+    tag = marker()
+    denied, over, fine = f"file-{tag}-denied", f"file-{tag}-over", f"file-{tag}-fine"
+    provider.files.update({denied: lines(("gpt-4o", 10), ("gpt-4", 10)), over: lines(("gpt-4o", None)), fine: lines(("gpt-4o-mini", 500))})
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        result = openai_call(proxy, {}, op="batch_create", file_id=denied)
+        assert result["error"] == "PermissionDeniedError"
+        assert f"input file '{denied}' line 2 (custom_id 'c1'): model 'gpt-4' is not allowed" in result["message"]
+        assert [r.header("authorization") for r in reads(denied)] == [f"Bearer {OPENAI_KEY}"]
+
+        result = openai_call(proxy, {}, op="batch_create", file_id=over)
+        assert result["error"] == "PermissionDeniedError" and "max_tokens_exceeded" in result["message"]
+        assert "cannot be clamped" in result["message"]
+
+        assert openai_call(proxy, {}, op="batch_create", file_id=fine)["input_file_id"] == fine
+        assert openai_call(proxy, {}, op="batch_create", file_id=fine)["input_file_id"] == fine
+        assert len(reads(fine)) == 1  # a file does not change: its verdict is remembered
+        assert batches().count(fine) == 2 and denied not in batches() and over not in batches()
+
+        # Azure: the same, at /openai/files/{id}/content with its api-version and api-key.
+        azure = {"azure": "https://res.openai.azure.com", "api_key": "azure-key-" + "z" * 22}
+        result = openai_call(proxy, {}, op="batch_create", file_id=denied, **azure)
+        assert result["error"] == "PermissionDeniedError" and "line 2" in result["message"]
+        read = reads(denied)[-1]
+        assert read.path == f"/openai/files/{denied}/content?api-version=2024-10-21" and read.header("api-key") == azure["api_key"]
+
+        # A file upstream does not have: the batch does not go, and the refusal says why.
+        result = openai_call(proxy, {}, op="batch_create", file_id=f"file-{tag}-missing")
+        assert result["error"] == "PermissionDeniedError" and "policy_error" in result["message"]
+        assert "could not be read" in result["message"] and "404: No such File object" in result["message"]
+
+        # Uploaded through the proxy, the file was clamped on its way: a batch of it goes.
+        uploaded = openai_call(proxy, {}, op="file_upload", content=lines(("gpt-4o", 9000)).decode(), purpose="batch")["id"]
+        assert openai_call(proxy, {}, op="batch_create", file_id=uploaded)["input_file_id"] == uploaded
+        records = proxy.wait_for_traces(8)
+        refused = [r for r in records if r["operation"] == "batches" and r["status_code"] == 403]
+        assert len(refused) == 4 and all(r["policy"]["decision"] == "block" for r in refused)
+        assert OPENAI_KEY not in proxy.output and azure["api_key"] not in proxy.output
 
 
 def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProvider) -> None:

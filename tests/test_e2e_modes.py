@@ -45,6 +45,24 @@ def test_upstream_mode_behind_a_corporate_proxy(tmp_path: Path, provider: FakePr
         corp.stop()
 
 
+def test_a_batch_input_file_is_read_the_way_mitmproxy_goes_upstream(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """Behind a corporate proxy (upstream mode, no route of its own to the API), the proxy
+    reads a batch's input file through that proxy, as it sends the calls."""
+    corp = CorpProxy({"api.openai.com": provider.port})
+    file_id = f"file-{marker()}"
+    provider.files[file_id] = b'{"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4"}}\n'
+    try:
+        config = {"policy": {"allowed_models": ["gpt-4o*"]}}
+        with Mitmdump(tmp_path, config=config, modes=[f"upstream:http://127.0.0.1:{corp.port}"], upstream_ca=pki.ca_path) as proxy:
+            action = {"client": "openai", "op": "batch_create", "api_key": OPENAI_KEY, "params": {}, "file_id": file_id}
+            result = drive(action, proxy.client_env())
+            assert result["error"] == "PermissionDeniedError" and "input file" in result["message"] and "'gpt-4'" in result["message"]
+            assert any(r.path == f"/v1/files/{file_id}/content" for r in provider.requests)
+            assert "api.openai.com:443" in corp.connects
+    finally:
+        corp.stop()
+
+
 def test_openai_compatible_server_over_plain_http(tmp_path: Path) -> None:
     server = FakeProvider().start()  # no TLS, like a local vLLM
     try:

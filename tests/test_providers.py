@@ -113,3 +113,20 @@ def test_a_port_that_is_not_a_number_is_no_port() -> None:
 
     assert split_host("api.openai.com:²", 443) == ("api.openai.com:²", 443)  # "²".isdigit(), but int() refuses it
     assert split_host("api.openai.com:8443", 443) == ("api.openai.com", 8443)
+
+
+@pytest.mark.parametrize(
+    ("batch_path", "expected"),
+    [
+        ("/v1/batches", "/v1/files/file-a%2Fb/content"),
+        ("/api/v1/batches/", "/api/v1/files/file-a%2Fb/content"),
+        ("/openai/batches?api-version=2024-10-21", "/openai/files/file-a%2Fb/content?api-version=2024-10-21"),
+        ("/OpenAI/Batches?api-version=1", "/OpenAI/files/file-a%2Fb/content?api-version=1"),
+        ("/v1/batches/batch_1/cancel", None),
+        ("/v1/mybatches", None),
+    ],
+)
+def test_where_a_batch_input_file_is_read(batch_path: str, expected: str | None) -> None:
+    from llm_mitm.providers import input_file_path
+
+    assert input_file_path(batch_path, "file-a/b") == expected

@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from mitmproxy import command, exceptions, hooks
 
+from llm_mitm.addons.batch_input import BatchInput
 from llm_mitm.addons.firewall import Firewall
 from llm_mitm.addons.meter import Meter
 from llm_mitm.addons.organization import Organization
@@ -49,6 +50,7 @@ def concerns(shared: Shared) -> list[Any]:
         Recorder(shared),
         Organization(shared),
         Firewall(shared),
+        BatchInput(shared),
         Replay(shared),
         StreamUsage(shared),
         Meter(shared),
@@ -90,14 +92,34 @@ class LLMMitm:
             self._hooks[name] = hooks
             setattr(self, name, functools.partial(self._each, name) if hooks else None)
 
-    def _each(self, name: str, *args: Any) -> None:
-        for hook in self._hooks[name]:
+    def _each(self, name: str, *args: Any) -> Coroutine[Any, Any, None] | None:
+        hooks = self._hooks[name]
+        for index, hook in enumerate(hooks):
             try:
-                hook(*args)
+                waits = hook(*args)
             except exceptions.OptionsError:
                 raise
             except Exception:
-                logger.exception("llm-mitm: %s failed in %s", name, getattr(hook, "__self__", hook).__class__.__name__)
+                _failed(name, hook)
+                continue
+            if waits is not None:  # a concern that must wait (a read upstream): the rest after it
+                return self._after(name, hook, waits, hooks[index + 1 :], args)
+        return None
+
+    @staticmethod
+    async def _after(name: str, waiting: Callable[..., Any], waits: Awaitable[None], rest: list[Callable[..., Any]], args: tuple[Any, ...]) -> None:
+        """The rest of a hook's concerns, once the one that waits is done (mitmproxy holds
+        the flow until this returns)."""
+        try:
+            await waits
+        except Exception:
+            _failed(name, waiting)
+        for hook in rest:
+            try:
+                if (more := hook(*args)) is not None:
+                    await more
+            except Exception:
+                _failed(name, hook)
 
     def load(self, loader: Any) -> None:
         self._each("load", loader)
@@ -129,6 +151,10 @@ class LLMMitm:
         return self.stats.llm_stats()
 
 
+def _failed(name: str, hook: Callable[..., Any]) -> None:
+    logger.exception("llm-mitm: %s failed in %s", name, getattr(hook, "__self__", hook).__class__.__name__)
+
+
 def build() -> list[object]:
     return [LLMMitm()]
 
@@ -143,6 +169,7 @@ def unhandled_hooks(namespace: Mapping[str, Any]) -> dict[str, None]:
 
 
 __all__ = [
+    "BatchInput",
     "Firewall",
     "LLMMitm",
     "Meter",

@@ -60,6 +60,9 @@ def openai_call(a):
     if op == "file_upload":  # a file for the Batch API (purpose "batch") or another purpose
         result = client.files.create(file=("calls.jsonl", a["content"].encode()), purpose=a["purpose"], **extra)
         return {"id": result.id}
+    if op == "batch_create":  # a batch from a file uploaded beforehand
+        result = client.batches.create(input_file_id=a["file_id"], endpoint="/v1/chat/completions", completion_window="24h", **extra)
+        return {"id": result.id, "input_file_id": result.input_file_id}
     if op == "models":
         return {"ids": [m.id for m in client.models.list()]}
     raise ValueError(op)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import ssl
 import threading
 import time
@@ -24,8 +25,9 @@ import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
+import multipart
 import orjson
 
 from llm_mitm.compat import stdlib_zstd, zstandard
@@ -60,6 +62,7 @@ class FakeProvider:
     key_path: str | None = None
     host: str = "127.0.0.1"
     requests: list[Received] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)  # uploaded files by id, as the Files API keeps them
     connections: int = 0
     port: int = 0
 
@@ -167,8 +170,20 @@ class _Handler(BaseHTTPRequestHandler):
         if path.endswith("/embeddings"):
             return self._json(200, _embedding(request))
         if path.endswith("/files"):  # an upload, as OpenAI answers it
-            return self._json(200, {"id": f"file-{hashlib.sha256(body).hexdigest()[:12]}", "object": "file", "bytes": len(body),
+            file_id = f"file-{hashlib.sha256(body).hexdigest()[:12]}"
+            self.fake.files[file_id] = _uploaded(body, self.headers.get("content-type") or "")
+            return self._json(200, {"id": file_id, "object": "file", "bytes": len(body),
                                     "created_at": 0, "filename": "calls.jsonl", "purpose": "batch", "status": "processed"})
+        if path.endswith("/content") and "/files/" in path:
+            if not (self.headers.get("authorization") or self.headers.get("api-key")):
+                return self._json(401, {"error": {"message": "no key", "type": "invalid_request_error"}})
+            content = self.fake.files.get(unquote(path.split("/")[-2]))
+            if content is None:
+                return self._json(404, {"error": {"message": f"No such File object: {path.split('/')[-2]}", "type": "invalid_request_error"}})
+            return self._send(200, [("content-type", "application/octet-stream")], content)
+        if path.lower().endswith("/batches"):
+            return self._json(200, {"id": "batch_1", "object": "batch", "endpoint": request.get("endpoint"), "input_file_id": request.get("input_file_id"),
+                                    "completion_window": "24h", "status": "validating", "created_at": 0})
         if path.endswith("/audio/transcriptions"):  # an upload: the answer tells uploads apart
             return self._json(200, {"text": f"transcript of {hashlib.sha256(body).hexdigest()[:12]}"})
         if path.endswith("/chat/completions"):
@@ -383,6 +398,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.received.sent += data
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
+
+
+def _uploaded(body: bytes, content_type: str) -> bytes:
+    """The file of a Files API upload (multipart/form-data)."""
+    _, params = multipart.parse_options_header(content_type)
+    return next((part.raw for part in multipart.MultipartParser(io.BytesIO(body), params["boundary"]) if part.name == "file"), b"")
 
 
 def _pieces(text: str, count: int) -> list[str]:
