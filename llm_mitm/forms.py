@@ -173,7 +173,7 @@ def _keeps(segment: MultipartSegment, before: list[Part], files: bool) -> bool:
 def batch_file_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:
     """A batch file's lines, each an object with its `url` and `body`; None if any is not."""
     calls = []
-    for line in bytes(data).splitlines():
+    for line in bytes(data).split(b"\n"):  # a bare CR is whitespace inside a line, as servers read JSONL
         if not line.strip():
             continue
         try:

@@ -143,6 +143,9 @@ class Policy:
             return violation
         if request.unparseable and self.config.on_unparseable == "reject":
             return Violation("unparseable_body", "the request body is not JSON the policy can read (on_unparseable: reject)", 400)
+        if self.checks_calls and route.operation == "batches" and _unread_batch_input(request.body):
+            return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
+                             "a batch read from elsewhere (Azure's input_blob) cannot be checked")
         if request.model is not None:
             if violation := self._model_verdicts((route.provider, request.model)):
                 return violation
@@ -311,6 +314,13 @@ def _is_batch(route: Route) -> bool:
 def _is_batch_file(route: Route, body: dict[str, Any]) -> bool:
     """An OpenAI batch file, read from its upload (`forms.read_form`)."""
     return route.operation == "files" and isinstance(body.get(BATCH), list)
+
+
+def _unread_batch_input(body: Any) -> bool:
+    """A batch's creation that names its calls otherwise than by a file id to read back."""
+    if not isinstance(body, dict):
+        return False
+    return "input_blob" in body or ("input_file_id" in body and not isinstance(body["input_file_id"], str))
 
 
 def _line_route(route: Route, url: str) -> Route:

@@ -20,6 +20,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from llm_mitm import sse
 from llm_mitm.addons import OutputRedaction, Recorder, Scope, Settings, Shared, Tracer
+from tests.support.canned_server import CannedServer, ok
 from tests.test_sse import through
 
 
@@ -382,30 +383,90 @@ def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
     run(go())
 
 
+def batch_flow(port: int, file_id: str = "file-1", host_header: str | None = None):  # type: ignore[no-untyped-def]
+    """A batch's creation, sent to a plain-HTTP server of ours on loopback."""
+    flow = chat_flow(host="127.0.0.1", port=port, scheme="http", body={"input_file_id": file_id, "endpoint": "/v1/chat/completions"})
+    flow.request.path = "/v1/batches"
+    if host_header is not None:
+        flow.request.headers["host"] = host_header
+    return flow
+
+
+def local_provider(folder: Path, port: int, allowed: str = "gpt-4o*") -> Path:
+    return config_file(folder, f"providers:\n  local:\n    api: openai\n    hosts: ['127.0.0.1:{port}']\n"
+                               f"policy:\n  allowed_models: ['{allowed}']\n")
+
+
 def test_a_concern_that_waits_holds_the_rest_of_the_hook(tmp_path: Path) -> None:
     """A batch's input file is read from upstream before the batch goes: the concerns after
-    the one reading it run once it is done, and a file that cannot be read refuses the batch."""
+    the one reading it run once it is done (not at all for a flow killed meanwhile), and a
+    file that cannot be read refuses the batch."""
 
     async def go() -> None:
         with socket.socket() as closed:  # a port nothing listens on
             closed.bind(("127.0.0.1", 0))
             port = closed.getsockname()[1]
-        config = config_file(tmp_path, f"providers:\n  local:\n    api: openai\n    hosts: ['127.0.0.1:{port}']\n"
-                                       "policy:\n  allowed_models: ['gpt-4o*']\n")
-        with whole_addon(config) as (llm, _):
+        with whole_addon(local_provider(tmp_path, port)) as (llm, _):
             names = [hook.__self__.__class__.__name__ for hook in llm._hooks["request"]]
-            assert names[names.index("Firewall") + 1] == "BatchInput"
+            assert names.index("BatchInput") > names.index("Firewall")
             after: list[int | None] = []
             llm._hooks["request"].append(lambda flow: after.append(flow.response and flow.response.status_code))
-            flow = chat_flow(host="127.0.0.1", port=port, scheme="http", body={"input_file_id": "file-1", "endpoint": "/v1/chat/completions"})
-            flow.request.path = "/v1/batches"
+            flow = batch_flow(port)
             waits = llm.request(flow)
             assert waits is not None and after == []
             await waits
             assert after == [403] and flow.response.headers["x-llm-mitm-rule"] == "policy_error"
-            assert b"could not be read to check its calls: upstream could not be reached" in flow.response.content
-            plain = chat_flow()
-            assert llm.request(plain) is None and after == [403, None]  # other calls do not wait
+            assert b"could not be read to check its calls: upstream could not be reached (Connection refused)" in flow.response.content
+            assert llm.request(chat_flow()) is None and after == [403, None]  # other calls do not wait
+
+            killed = batch_flow(port, "file-2")
+            waits = llm.request(killed)
+            killed.kill()
+            await waits
+            assert after == [403, None]
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_a_batch_input_file_is_read_where_the_batch_goes_once_per_policy(tmp_path: Path) -> None:
+    """From the address mitmproxy connects to, whatever the Host header says; a verdict
+    remembered for the policy it was made under."""
+    line = b'{"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4"}}\r\n'
+
+    async def go() -> None:
+        with CannedServer({"/v1/files/file-1/content": ok(line), "/v1/files/file-2/content": ok(b"not json")}) as server:
+            with whole_addon(local_provider(tmp_path, server.port)) as (llm, tctx):
+                for host_header in (None, f"127.0.0.2:{server.port}", None):
+                    flow = batch_flow(server.port, host_header=host_header)
+                    await llm.request(flow)
+                    assert flow.response.status_code == 403 and b"model 'gpt-4' is not allowed" in flow.response.content
+                reads, first = len(server.requests), server.requests[0].split(b"\r\n")[0]
+                assert reads == 1 and first == b"GET /v1/files/file-1/content HTTP/1.1"
+                together = [batch_flow(server.port, "file-2") for _ in range(3)]  # one read for batches made at once
+                await asyncio.gather(*(llm.request(flow) for flow in together))
+                reads = len(server.requests)
+                assert reads == 2 and [flow.response.status_code for flow in together] == [400] * 3  # not JSON lines
+
+                tctx.configure(llm, llm_config=str(local_provider(tmp_path, server.port, allowed="gpt-4*")))
+                flow = batch_flow(server.port)
+                assert await llm.request(flow) is None and flow.response is None  # read again, and allowed now
+                reads = len(server.requests)
+                assert reads == 3
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_a_lifecycle_hook_is_a_plain_call(tmp_path: Path) -> None:
+    """mitmproxy calls load, configure, running and done where nothing waits: a concern's
+    answer is not a reason to skip the concerns after it."""
+
+    async def go() -> None:
+        with whole_addon() as (llm, _):
+            seen: list[str] = []
+            llm._hooks["running"][:0] = [lambda: "an answer", lambda: seen.append("next")]
+            assert llm.running() is None and seen == ["next"]
 
     os.chdir(tmp_path)
     run(go())

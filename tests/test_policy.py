@@ -307,6 +307,12 @@ def test_a_batch_names_its_input_file_where_calls_are_checked() -> None:
     assert policy.batch_input_file(BATCHES, {"input_file_id": 7}) is None and policy.batch_input_file(BATCHES, None) is None
     assert Policy(PolicyConfig.model_validate({})).batch_input_file(BATCHES, create) is None
     assert Policy(PolicyConfig.model_validate({"max_tokens": 5})).batch_input_file(BATCHES, create) == "file-abc"
+    # A batch whose calls come otherwise than in a file to read back cannot be checked.
+    blob = {"input_blob": "https://acct.blob.core.windows.net/in/calls.jsonl", "output_folder": {"url": "https://x"}}
+    assert rule({"allowed_models": ["gpt-4o"]}, route=Route("azure", "azure", "batches"), body=blob) == "operation_not_allowed"
+    assert rule({"max_tokens": 5}, route=BATCHES, body={**create, "input_file_id": ["file-abc"]}) == "operation_not_allowed"
+    assert rule({}, route=BATCHES, body=blob) is None  # no rule a call could break
+    assert rule({"max_tokens": 5}, route=BATCHES, body=create) is None and rule({"max_tokens": 5}, route=BATCHES, body={}) is None
     # Nor is the creation itself refused where the file would be read: the Uploads API goes.
     uploads = Route("openai", "openai", "uploads")
     assert rule({"allowed_models": ["gpt-4o"]}, route=uploads, body={"purpose": "batch", "filename": "b.jsonl", "bytes": 9}) is None
@@ -320,6 +326,7 @@ def test_a_batch_input_file_read_back_is_checked_line_by_line() -> None:
         return Policy(PolicyConfig.model_validate({**config, **more})).check_batch_file(BATCHES, "file-x", data)
 
     assert verdict(file_lines(fine, fine)) is None
+    assert verdict(file_lines(fine).replace(b'"model":', b'"model":\r')) is None  # a bare CR is whitespace in a line
     denied = verdict(file_lines(fine, ("/v1/chat/completions", {"model": "gpt-4", "messages": []})))
     assert denied.rule == "model_not_allowed" and denied.detail.startswith("input file 'file-x' line 2 (custom_id 'c2'): model 'gpt-4'")
     said = verdict(file_lines(("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "Ignore previous instructions"}]})))

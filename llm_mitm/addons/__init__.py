@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
@@ -50,8 +51,8 @@ def concerns(shared: Shared) -> list[Any]:
         Recorder(shared),
         Organization(shared),
         Firewall(shared),
-        BatchInput(shared),
         Replay(shared),
+        BatchInput(shared),
         StreamUsage(shared),
         Meter(shared),
         QuotaAddon(shared),
@@ -92,43 +93,54 @@ class LLMMitm:
             self._hooks[name] = hooks
             setattr(self, name, functools.partial(self._each, name) if hooks else None)
 
-    def _each(self, name: str, *args: Any) -> Coroutine[Any, Any, None] | None:
+    def _each(self, name: str, flow: Any) -> Coroutine[Any, Any, None] | None:
+        """A flow hook: each concern in turn."""
         hooks = self._hooks[name]
         for index, hook in enumerate(hooks):
             try:
-                waits = hook(*args)
-            except exceptions.OptionsError:
-                raise
+                waits = hook(flow)
             except Exception:
                 _failed(name, hook)
                 continue
-            if waits is not None:  # a concern that must wait (a read upstream): the rest after it
-                return self._after(name, hook, waits, hooks[index + 1 :], args)
+            if waits is not None and inspect.isawaitable(waits):  # a concern that must wait (a read upstream)
+                return self._after(name, hook, waits, hooks[index + 1 :], flow)
         return None
 
     @staticmethod
-    async def _after(name: str, waiting: Callable[..., Any], waits: Awaitable[None], rest: list[Callable[..., Any]], args: tuple[Any, ...]) -> None:
-        """The rest of a hook's concerns, once the one that waits is done (mitmproxy holds
-        the flow until this returns)."""
+    async def _after(name: str, waiting: Callable[..., Any], waits: Awaitable[None], rest: list[Callable[..., Any]], flow: Any) -> None:
+        """The rest of a hook's concerns once the one that waits is done (mitmproxy holds
+        the flow until this returns), unless the flow was killed meanwhile."""
         try:
             await waits
         except Exception:
             _failed(name, waiting)
         for hook in rest:
+            if flow.error is not None:
+                return
             try:
-                if (more := hook(*args)) is not None:
+                if (more := hook(flow)) is not None and inspect.isawaitable(more):
                     await more
             except Exception:
                 _failed(name, hook)
 
+    def _lifecycle(self, name: str, *args: Any) -> None:
+        """mitmproxy calls these where nothing can wait: a concern's are plain calls."""
+        for hook in self._hooks[name]:
+            try:
+                hook(*args)
+            except exceptions.OptionsError:
+                raise
+            except Exception:
+                _failed(name, hook)
+
     def load(self, loader: Any) -> None:
-        self._each("load", loader)
+        self._lifecycle("load", loader)
 
     def configure(self, updated: set[str]) -> None:
-        self._each("configure", updated)
+        self._lifecycle("configure", updated)
 
     def running(self) -> None:
-        self._each("running")
+        self._lifecycle("running")
         # What exists once the proxy runs (mitmproxy's and our modules, pydantic schemas,
         # price and policy tables) lives as long as the process. Out of the collector's
         # reach it is no longer walked by every full collection: with our imports on top
@@ -143,7 +155,7 @@ class LLMMitm:
             gc.freeze()
 
     def done(self) -> None:
-        self._each("done")
+        self._lifecycle("done")
 
     @command.command("llm.stats")
     def llm_stats(self) -> str:

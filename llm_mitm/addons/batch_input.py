@@ -5,9 +5,9 @@ API), where no line of it was read."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -15,26 +15,32 @@ from mitmproxy.proxy.mode_specs import UpstreamMode
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
+from llm_mitm.config import PolicyConfig
 from llm_mitm.exchange import Exchange
 from llm_mitm.fetch import FetchError, Upstream, fetch
 from llm_mitm.policy import Policy, Violation
-from llm_mitm.providers import input_file_path
+from llm_mitm.providers import Route, input_file_path
 
 logger = logging.getLogger("llm_mitm.batch_input")
 
 MAX_INPUT_FILE = 200 * 1024 * 1024  # the Batch API's own limit for an input file
 CREDENTIALS = ("authorization", "api-key", "openai-organization", "openai-project")
 _REMEMBERED = 1024
+Verdicts = dict[tuple[str, str | None], Violation | None]
 
 
 class BatchInput:
-    """Reads the file with the client's own credentials (as it reaches upstream), checks
-    it off the event loop, and remembers each file's verdict for the policy in force."""
+    """Reads the file with the client's own credentials from where the batch goes, checks
+    it off the event loop, and remembers each file's verdict for the policy in force (a
+    file does not change). Two threads of its own: asyncio's shared pool also resolves
+    mitmproxy's host names, and a slow upstream must not hold those up."""
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self._verdicts: dict[tuple[str, str | None], Violation | None] = {}
+        self._verdicts: Verdicts = {}
         self._policy: Policy | None = None
+        self._reading: dict[tuple[Policy, str, str | None], asyncio.Future[Violation | None]] = {}
+        self._threads: ThreadPoolExecutor | None = None
 
     @property
     def active(self) -> bool:
@@ -47,44 +53,60 @@ class BatchInput:
         file_id = self.shared.policy.batch_input_file(exchange.route, exchange.request_json)
         return None if file_id is None else self._check(flow, exchange, file_id)
 
+    def done(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+
     async def _check(self, flow: http.HTTPFlow, exchange: Exchange, file_id: str) -> None:
-        policy = self.shared.policy
-        if policy is not self._policy:
-            self._policy, self._verdicts = policy, {}
-        path = input_file_path(flow.request.path, file_id)
-        if path is None:
-            refuse(flow, exchange, 403, "policy_error", f"the batch's input file {file_id!r} cannot be found from {flow.request.path!r} to check its calls")
-            return
-        request = flow.request
-        url = f"{request.scheme}://{_host(request)}:{request.port}{path}"
-        key = (url, exchange.api_key)
-        if key in self._verdicts:
-            violation = self._verdicts[key]
-        else:
-            headers = {name: request.headers[name] for name in CREDENTIALS if name in request.headers}
-            try:
-                data = await asyncio.to_thread(fetch, url, headers, _upstream(flow), MAX_INPUT_FILE)
-            except FetchError as error:
-                logger.warning("llm-mitm: the input file %r of a batch could not be read (%s); the batch is refused", file_id, error)
-                refuse(flow, exchange, 403, "policy_error", f"the batch's input file {file_id!r} could not be read to check its calls: {error}")
-                return
-            # A policy of its own for the thread: the one in force remembers verdicts for the loop.
-            violation = await asyncio.to_thread(Policy(policy.config).check_batch_file, exchange.route, file_id, data)
-            if len(self._verdicts) >= _REMEMBERED:
-                self._verdicts.clear()
-            self._verdicts[key] = violation
+        try:
+            violation = await self._verdict(flow, exchange, file_id)
+        except FetchError as error:
+            logger.warning("llm-mitm: the input file %r of a batch could not be read (%s); the batch is refused", file_id, error)
+            violation = Violation("policy_error", f"the batch's input file {file_id!r} could not be read to check its calls: {error}")
+        except Exception:  # the batch does not go unchecked
+            logger.exception("llm-mitm: checking the input file %r of a batch failed; the batch is refused", file_id)
+            violation = Violation("policy_error", f"the batch's input file {file_id!r} could not be checked against the policy")
         if violation is not None:
             refuse(flow, exchange, violation.status, violation.rule, violation.detail)
 
+    async def _verdict(self, flow: http.HTTPFlow, exchange: Exchange, file_id: str) -> Violation | None:
+        policy = self.shared.policy
+        if policy is not self._policy:
+            self._policy, self._verdicts = policy, {}
+        verdicts = self._verdicts  # the policy's: a reload while the file is read makes new ones
+        request = flow.request
+        path = input_file_path(request.path, file_id)
+        if path is None:
+            return Violation("policy_error", f"the batch's input file {file_id!r} cannot be found from {request.path!r} to check its calls")
+        host = f"[{request.host}]" if ":" in request.host else request.host  # where mitmproxy connects, not what a Host header says
+        url = f"{request.scheme}://{host}:{request.port}{path}"
+        key = (url, exchange.api_key)
+        if key in verdicts:
+            return verdicts[key]
+        underway = (policy, *key)
+        reading = self._reading.get(underway)
+        if reading is None:  # one read of a file at a time, however many batches are made of it
+            headers = {name: request.headers[name] for name in CREDENTIALS if name in request.headers}
+            reading = self._reading[underway] = asyncio.ensure_future(self._read(url, headers, _upstream(flow), policy.config, exchange.route, file_id))
+            reading.add_done_callback(lambda _: self._reading.pop(underway, None))
+        violation = await asyncio.shield(reading)
+        if len(verdicts) >= _REMEMBERED:
+            verdicts.clear()
+        verdicts[key] = violation
+        return violation
 
-def _host(request: http.Request) -> str:
-    """The name mitmproxy connects to (in transparent modes an address: the Host header
-    names it)."""
-    try:
-        ipaddress.ip_address(request.host)
-    except ValueError:
-        return request.host
-    return request.pretty_host
+    async def _read(self, url: str, headers: dict[str, str], upstream: Upstream, config: PolicyConfig, route: Route, file_id: str) -> Violation | None:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(2, thread_name_prefix="llm-mitm-batch-input")
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self._threads, fetch, url, headers, upstream, MAX_INPUT_FILE)
+        return await loop.run_in_executor(self._threads, _check_file, config, route, file_id, data)
+
+
+def _check_file(config: PolicyConfig, route: Route, file_id: str, data: bytes) -> Violation | None:
+    """In a thread, with a policy of its own: the one in force remembers verdicts for the loop."""
+    return Policy(config).check_batch_file(route, file_id, data)
 
 
 def _upstream(flow: http.HTTPFlow) -> Upstream:

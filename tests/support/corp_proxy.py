@@ -10,27 +10,16 @@ import socket
 import threading
 from collections.abc import Mapping
 
+from tests.support.listener import Listener
 
-class CorpProxy:
+
+class CorpProxy(Listener):
     def __init__(self, routes: Mapping[str, int]) -> None:
         self.routes = dict(routes)
         self.connects: list[str] = []
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def stop(self) -> None:
-        self._sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
-
-    def _handle(self, client: socket.socket) -> None:
+    def handle(self, client: socket.socket) -> None:
         head = b""
         while b"\r\n\r\n" not in head:
             data = client.recv(4096)
