@@ -22,9 +22,14 @@ def client_environment(proxy_url: str, bundle: Path, no_proxy: str = DEFAULT_NO_
         "HTTP_PROXY": proxy_url,
         "HTTPS_PROXY": proxy_url,
         "NO_PROXY": no_proxy,
+        # curl takes a proxy for http:// only from the lower-case name (a CGI script's
+        # HTTP_PROXY is a request header); without it such a call, key and all, goes direct
+        "http_proxy": proxy_url,
+        "https_proxy": proxy_url,
+        "no_proxy": no_proxy,
         "OPENAI_PROXY": proxy_url,  # langchain
-        **bundle_environment(bundle),  # httpx and the SDKs, requests, Node
-        "NODE_USE_ENV_PROXY": "1",  # Node 22+ honours HTTP(S)_PROXY with this
+        **bundle_environment(bundle),  # httpx and the SDKs, requests, curl, Node
+        "NODE_USE_ENV_PROXY": "1",  # Node 24 (and late 22.x) honours HTTP(S)_PROXY with this; Node 20 does not
     }
 
 
@@ -33,6 +38,8 @@ class UnsafeValue(ValueError):
 
 
 def render(variables: dict[str, str], shell: str) -> str:
+    if shell in ("powershell", "cmd"):  # Windows names are case-insensitive: http_proxy is HTTP_PROXY
+        variables = {name: value for name, value in variables.items() if name.upper() == name or name.upper() not in variables}
     if shell == "fish":
         lines = [f"set -gx {name} {_fish_quoted(value)}" for name, value in variables.items()]
     elif shell == "powershell":

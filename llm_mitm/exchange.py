@@ -215,7 +215,7 @@ class Exchange:
     method: str
     url: str
     client: str
-    request_fields: HeaderFields  # as mitmproxy had them when the request came; decoded for the trace
+    request_fields: HeaderFields  # as the request came, then as it went upstream (the answer's head); decoded for the trace
     request: Body
     started_at: float = field(default_factory=time.time)
     form: Form | None = None  # what an upload says besides its files (model, prompt, a batch file's calls)

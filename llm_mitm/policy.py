@@ -66,9 +66,15 @@ def _glob(pattern: str) -> re.Pattern[str]:
 
 
 class _ModelRule:
-    def __init__(self, patterns: ModelPatterns) -> None:
+    """Model globs, for all providers (`"*"`) and per provider. `own_list_wins`: a
+    provider's own list replaces `"*"` for it (what `allowed_models: {azure: [prod-*],
+    "*": [gpt-4o*]}` means: on Azure only prod-*), else both apply (a model denied
+    everywhere is denied on Azure too)."""
+
+    def __init__(self, patterns: ModelPatterns, own_list_wins: bool) -> None:
         items = patterns.items() if isinstance(patterns, dict) else [("*", patterns)]
         self.by_provider = {name: [(p, _glob(p)) for p in globs] for name, globs in items}
+        self.own_list_wins = own_list_wins
 
     def __bool__(self) -> bool:
         return any(self.by_provider.values())
@@ -76,15 +82,18 @@ class _ModelRule:
     def applies(self, provider: str) -> bool:
         return provider in self.by_provider or "*" in self.by_provider
 
+    def _lists(self, provider: str) -> tuple[str, ...]:
+        return (provider,) if self.own_list_wins and provider in self.by_provider else (provider, "*")
+
     def match(self, provider: str, model: str) -> str | None:
-        for name in (provider, "*"):
+        for name in self._lists(provider):
             for pattern, regex in self.by_provider.get(name, ()):
                 if regex.match(model):
                     return pattern
         return None
 
     def listing(self, provider: str) -> str:
-        return ", ".join(p for name in (provider, "*") for p, _ in self.by_provider.get(name, ()))
+        return ", ".join(p for name in self._lists(provider) for p, _ in self.by_provider.get(name, ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +131,8 @@ class Policy:
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
-        self._allowed = _ModelRule(config.allowed_models)
-        self._denied = _ModelRule(config.denied_models)
+        self._allowed = _ModelRule(config.allowed_models, own_list_wins=True)
+        self._denied = _ModelRule(config.denied_models, own_list_wins=False)
         self._operations = [(p, _glob(p)) for p in config.allowed_operations]
         self._instructions = [_instruction(p) for p in config.forbidden_instructions]
         self._model_verdicts: Memo[tuple[str, str], Violation | None] = Memo(lambda key: self._judge_model(*key))

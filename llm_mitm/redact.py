@@ -65,6 +65,10 @@ _FREE_TEXT_NAMES = (
     "access_key", "access-key", "accesskey", "secret-key", "secretkey", "private-key", "privatekey",
 )
 _CAMEL_CASE_NAMES = r"(?-i:(?<=[a-z0-9])(?:(?<!Page)(?<!Next)(?<!Continuation)Token|Secret|SecretKey|PrivateKey|AccessKey|Password|ApiKey))"
+# Every name above and in SENSITIVE_FIELDS holds one of these (`token` is tested apart:
+# see `Redactor._names_something`); a configured name that holds none is added.
+_NAME_STEMS = ("pass", "pwd", "secret", "key", "auth")
+_A_TOKEN = re.compile(rb"token(?!s)")  # one pass: a literal prefix is searched for in C
 _NOT_A_SECRET = re.compile(r"(?i:true|false|null|none)")  # `hasPassword: false`, `first_pass: true` (a number may be a PIN)
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
@@ -73,6 +77,12 @@ _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 # one translate and one substring search, both C; the shape's regex tries every position.
 _HEX_MARKS = bytes(0x78 if chr(byte) in string.hexdigits else 0x20 for byte in range(256))
 _HEX_RUN = b"x" * 32
+
+
+def _folded(text: str) -> bytes:
+    """Text folded as a case-insensitive pattern matches it: `ſ` is an s, `K` (Kelvin) a k,
+    `ı` an i."""
+    return text.casefold().replace("\u0131", "i").encode("utf-8")
 
 
 def _has_hex_run(text: str) -> bool:
@@ -183,6 +193,9 @@ class Redactor:
         # as JSON inside a string: \"password\"), then `:` or `=`: its value follows.
         names = "|".join([re.escape(name) for name in sorted(self.fields, key=len, reverse=True)] + list(_FREE_TEXT_NAMES))
         self._assignment = re.compile(rf"""(?i)(?:(?<![A-Za-z0-9])(?:{names})|{_CAMEL_CASE_NAMES})(?:\\?["'])?[ \t]*[:=][ \t]*""")
+        # What every such name holds, for a first test in C before that (slow) pattern runs.
+        self._name_stems = tuple(stem.encode() for stem in _NAME_STEMS) + tuple(
+            sorted(name.encode("utf-8") for name in self.fields if not any(stem in name for stem in (*_NAME_STEMS, "token"))))
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
 
@@ -219,19 +232,22 @@ class Redactor:
     def _replace(self, match: re.Match[str]) -> str:
         return self.fingerprint(match.group(0))
 
-    def _may_hold_secret(self, blob: bytes) -> bool:
+    def _first_look(self, blob: bytes) -> tuple[bool, bool]:
         """Whether any text or key in the JSON `blob` passes a first test of `text` or is a
-        sensitive field name: one pass of C each over the serialised whole, instead of a
-        walk that tests every string (a tenth of the time on a chat body). orjson writes
-        text as it is but for quotes, backslashes and control characters, none of which
-        is part of a secret shape; Unicode lower-casing keeps the two characters that
-        lower-case to ASCII letters (the Kelvin sign, a dotted capital I) found."""
+        sensitive field name, and whether any names a credential (`GITHUB_TOKEN=`): a
+        few passes of C over the serialised whole, instead of a walk that tests every
+        string (a tenth of the time on a chat body). orjson writes text as it is but for
+        quotes, backslashes and control characters, none of which is part of a secret
+        shape or a name; Unicode lower-casing keeps the two characters that lower-case to
+        ASCII letters (the Kelvin sign, a dotted capital I) found."""
+        text = None if blob.isascii() else blob.decode("utf-8")
+        lowered = blob.lower() if text is None else text.lower().encode("utf-8")
+        names = self._names_something(lowered if text is None else _folded(text))
         if _HEX_RUN in blob.translate(_HEX_MARKS):
-            return True
-        lowered = blob.lower() if blob.isascii() else blob.decode("utf-8").lower().encode("utf-8")
+            return True, names
         if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered:
-            return True
-        return self._quoted_field.search(lowered) is not None
+            return True, names
+        return self._quoted_field.search(lowered) is not None, names
 
     def credential(self, value: str) -> str:
         """A whole header value that is a credential: keep the scheme, fingerprint the rest
@@ -297,7 +313,7 @@ class Redactor:
 
     def _named_values(self, value: str) -> str:
         """The values given to a credential's name, each hidden whole (see `free_text`)."""
-        if self._assignment.search(value) is None:
+        if not self._may_name_credential(value) or self._assignment.search(value) is None:
             return value
         out, done = [], 0
         for match in self._assignment.finditer(value):
@@ -310,6 +326,16 @@ class Redactor:
                 done = end
         return "".join(out) + value[done:]
 
+    def _may_name_credential(self, text: str) -> bool:
+        """Whether `text` holds a credential's name at all (see `_names_something`)."""
+        return self._names_something(text.encode("ascii").lower() if text.isascii() else _folded(text))
+
+    def _names_something(self, folded: bytes) -> bool:
+        """A few substring searches in C, where the name pattern takes ~160 ns a character.
+        `folded` as the pattern's IGNORECASE folds (the long s is an s, the Kelvin sign a
+        k); a `token` is only one when it is not `tokens` (`max_tokens`, in nearly every body)."""
+        return _A_TOKEN.search(folded) is not None or any(stem in folded for stem in self._name_stems)
+
     def log_line(self, line: str) -> str:
         """A line of proxy output: a `name: value` header line or free text with URLs."""
         match = _HEADER_LINE.match(line)
@@ -319,7 +345,7 @@ class Redactor:
 
     def json(self, value: Any) -> Any:
         """A redacted copy of parsed JSON (the original is left as it is), or the value
-        itself when nothing in it can need redacting (most bodies: see `_may_hold_secret`).
+        itself when nothing in it can need redacting (most bodies: see `_first_look`).
 
         Iterative, so that nesting deeper than Python's recursion limit is no problem.
         """
@@ -329,18 +355,21 @@ class Redactor:
             except (TypeError, RecursionError):  # not JSON orjson writes (too deep, odd text): walk it
                 pass
             else:
-                if not self._may_hold_secret(blob):
+                shapes, names = self._first_look(blob)
+                if not (shapes or names):
                     return value
+                return self._walk(value, names)
         return self._walk(value)
 
-    def _walk(self, value: Any) -> Any:
-        """Every string and key of `value` tested, into a copy."""
+    def _walk(self, value: Any, names: bool = True) -> Any:
+        """Every string and key of `value` tested, into a copy; each string also for the
+        values given to a credential's name, unless none is named anywhere (`names`)."""
         root: list[Any] = [None]
         stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
         while stack:
             item, parent, slot = stack.pop()
             if isinstance(item, str):
-                parent[slot] = self.text(item)
+                parent[slot] = self.free_text(item) if names else self.text(item)  # a prompt's `GITHUB_TOKEN=...` too
             elif isinstance(item, dict):
                 copy: dict[Any, Any] = {}
                 parent[slot] = copy

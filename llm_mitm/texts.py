@@ -4,10 +4,11 @@ The conversation: chat `messages` (string content or content-part arrays, tool m
 Responses `instructions` and `input` (a string or items: messages and tool outputs),
 Anthropic `system` (string or blocks) and `messages` (text, tool results, documents,
 search results), and the legacy `prompt` and `suffix`. Beside it, what else the model
-reads (`extras`): tool descriptions (parameters' too), the arguments of earlier tool
-calls, a stored prompt's variables. And for matching (`joined`), the runs of texts read in
-a row: a message's text parts, and consecutive messages of one role (Anthropic reads them
-as one turn), so that a phrase split in two is still one phrase.
+reads (`extras`): the texts of tools' schemas and of a structured output's (descriptions,
+titles, enum and example values), a predicted output, the arguments of earlier tool calls,
+a stored prompt's variables. And for matching (`joined`), the runs of texts read in a row:
+a message's text parts, and consecutive messages of one role (Anthropic reads them as one
+turn), so that a phrase split in two is still one phrase.
 """
 
 from __future__ import annotations
@@ -35,8 +36,24 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "function_call": (("arguments", "assistant", True),),
     "custom_tool_call": (("input", "assistant", True),),
 }
-_SCHEMA_DEPTH = 32  # how deep a tool's parameter schema is read for descriptions
-_SCHEMA_MAPS = ("properties", "$defs", "definitions")  # schema keys whose values are schemas by name
+_SCHEMA_DEPTH = 32  # how deep a schema is read for its texts
+# What each JSON Schema keyword holds that the model reads (a schema is rendered into its
+# prompt): a text; a value (its strings, in lists and objects too: `enum` is how the model
+# learns what to write); a schema or a list of them; schemas by name. A tool's own keys (its
+# `description`, `parameters`, Anthropic's `input_schema`) and a structured output format's
+# (`description`, `schema`) read as a schema's, so one walk serves them all. Looked up per
+# key a node has (a few), not per keyword known (two dozen).
+_TEXT, _VALUE, _SCHEMA, _MAP = range(4)
+_SCHEMA_KEYS = {
+    "description": _TEXT, "title": _TEXT,
+    "enum": _VALUE, "const": _VALUE, "default": _VALUE, "examples": _VALUE,
+    "parameters": _SCHEMA, "input_schema": _SCHEMA, "schema": _SCHEMA,
+    "items": _SCHEMA, "prefixItems": _SCHEMA, "additionalProperties": _SCHEMA, "contains": _SCHEMA,
+    "anyOf": _SCHEMA, "oneOf": _SCHEMA, "allOf": _SCHEMA, "not": _SCHEMA, "if": _SCHEMA, "then": _SCHEMA, "else": _SCHEMA,
+    "properties": _MAP, "$defs": _MAP, "definitions": _MAP, "patternProperties": _MAP, "dependentSchemas": _MAP,
+}
+# A body's keys for what the model reads beside the conversation.
+_EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "text", "output_config", "output_format", "prediction"))
 
 
 RoleGroup = tuple[str, list[str]]  # texts of one role the model reads in a row
@@ -96,18 +113,33 @@ class _Collector:
                 else:
                     self.message(item)
             self.end_run()
-        if self.extras and ("tools" in body or "prompt" in body):
+        if self.extras and not _EXTRA_KEYS.isdisjoint(body):  # most bodies have none: one look at their keys
             self._extras(body)
 
     def _extras(self, body: dict[str, Any]) -> None:
+        """What the model reads beside the conversation (the keys of `_EXTRA_KEYS`)."""
         prompt = body.get("prompt")
         if isinstance(prompt, dict) and isinstance(prompt.get("variables"), dict):  # Responses: a stored prompt's values
             for value in prompt["variables"].values():
                 self.content("user", [value])
-        for tool in _list(body.get("tools")):  # the model reads what each tool, and each parameter, is for
-            if isinstance(tool, dict):
-                function = tool.get("function")
-                _descriptions(self.out, function if isinstance(function, dict) else tool, _SCHEMA_DEPTH)
+        for key in ("tools", "functions"):  # chat's deprecated `functions` are still read
+            for tool in _list(body.get(key)):  # what each tool, and each parameter, is for and may be
+                if isinstance(tool, dict):
+                    function = tool.get("function")
+                    _schema_texts(self.out, function if isinstance(function, dict) else tool, _SCHEMA_DEPTH)
+        # The structured output's format and schema, read as a tool's are: chat's
+        # `response_format.json_schema`, Responses' `text.format`, Anthropic's `output_format`
+        # (beta) and `output_config.format`.
+        for outer, inner in (("response_format", "json_schema"), ("text", "format"), ("output_config", "format")):
+            holder = body.get(outer)
+            if isinstance(holder, dict) and isinstance(holder.get(inner), dict):
+                _schema_texts(self.out, holder[inner], _SCHEMA_DEPTH)
+        output_format = body.get("output_format")
+        if isinstance(output_format, dict):
+            _schema_texts(self.out, output_format, _SCHEMA_DEPTH)
+        prediction = body.get("prediction")
+        if isinstance(prediction, dict):  # chat: the output the model is told to expect of itself, read as its own
+            self.content("assistant", prediction.get("content"))
 
     def message(self, message: Any) -> None:
         if not isinstance(message, dict):
@@ -196,21 +228,38 @@ def _call_arguments(message: dict[str, Any]) -> Iterator[str]:
             yield function["arguments"]
 
 
-def _descriptions(out: list[RoleText], schema: dict[str, Any], depth: int) -> None:
-    """Every `description` in a tool and its parameter schema (bounded: a schema is data)."""
-    if isinstance(schema.get("description"), str):
-        out.append(("system", schema["description"]))
-    if depth <= 0:
-        return
-    for key in ("parameters", "input_schema", "items", "anyOf", "oneOf", "allOf", *_SCHEMA_MAPS):
-        value = schema.get(key)
-        if isinstance(value, dict):
-            children = list(value.values()) if key in _SCHEMA_MAPS else [value]
-        else:
-            children = _list(value)
-        for child in children:
-            if isinstance(child, dict):
-                _descriptions(out, child, depth - 1)
+def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> None:
+    """Every text the model reads in a tool or output format and its schema, as the
+    system's (the API writes them into its part of the prompt); bounded: a schema is data."""
+    for key, value in schema.items():
+        kind = _SCHEMA_KEYS.get(key)
+        if kind is None:
+            continue
+        if kind == _TEXT:
+            if isinstance(value, str):
+                out.append(("system", value))
+        elif kind == _VALUE:
+            _value_texts(out, value, depth)
+        elif depth > 0:
+            if isinstance(value, dict):
+                children = list(value.values()) if kind == _MAP else [value]
+            else:
+                children = _list(value) if kind == _SCHEMA else []
+            for child in children:
+                if isinstance(child, dict):
+                    _schema_texts(out, child, depth - 1)
+
+
+def _value_texts(out: list[RoleText], value: Any, depth: int) -> None:
+    """The strings in a value a schema gives (`enum`, `default`...), as the system's."""
+    if isinstance(value, str):
+        out.append(("system", value))
+    elif depth > 0 and isinstance(value, (list, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            if isinstance(item, str):
+                out.append(("system", item))
+            elif isinstance(item, (list, dict)):
+                _value_texts(out, item, depth - 1)
 
 
 def tool_input_text(value: Any) -> str:

@@ -209,7 +209,7 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
         "api_key": snap["api_key"],
         "organization": snap["organization"],
         "project": snap["project"],
-        "error": redactor.text(snap["error"]) if snap["error"] else None,
+        "error": redactor.free_text(snap["error"]) if snap["error"] else None,
     }
 
 

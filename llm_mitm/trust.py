@@ -137,7 +137,7 @@ def write_bundle(target: Path, ca: CACert, python: str | None = None) -> Path:
 def bundle_environment(bundle: Path) -> dict[str, str]:
     """The variables that point clients at a bundle (never ones that turn checks off)."""
     path = str(bundle)
-    return {"SSL_CERT_FILE": path, "REQUESTS_CA_BUNDLE": path, "NODE_EXTRA_CA_CERTS": path}
+    return {"SSL_CERT_FILE": path, "REQUESTS_CA_BUNDLE": path, "CURL_CA_BUNDLE": path, "NODE_EXTRA_CA_CERTS": path}
 
 
 def _without_blocks(text: str) -> str:

@@ -367,6 +367,10 @@ def test_override_replaces_the_clients_organization(tmp_path: Path, provider: Fa
         openai_call(proxy, chat(m), headers={"OpenAI-Organization": "org-mine"})
         received = next(r for r in provider.requests if m.encode() in r.body)
         assert received.header("openai-organization") == "org-forced"
+        # The trace records what went upstream, headers too (they were the client's).
+        headers = trace_with(proxy, m)["request"]["headers"]
+        assert headers["openai-organization"] == "org-forced"
+        assert headers["accept-encoding"] == received.header("accept-encoding")
 
 
 def test_clamp_rewrites_the_body(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:

@@ -41,12 +41,16 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
         "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ" + rand(20) + "." + rand(43),
         "google": "AIza" + rand(35),
         "azure_annotated": rand(52) + "JQQJ99" + rand(1) + "A" + rand(16) + "x" + rand(7),
+        # no key shape: found by the name given to them in the prompt
+        "named_token": "ghp_" + rand(36),
+        "named_password": rand(14),
     }
     config = {"traces": {"directory": "per-exchange"}}
     extra = ["--set", "flow_detail=4"]  # mitmdump prints headers and bodies too
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path, extra_args=extra) as proxy:
         env = proxy.client_env()
-        prompt = f"please remember {keys['in_prompt']} and {keys['jwt']} ({keys['google']}, {keys['azure_annotated']})"
+        prompt = (f"please remember {keys['in_prompt']} and {keys['jwt']} ({keys['google']}, {keys['azure_annotated']}),"
+                  f" GITHUB_TOKEN={keys['named_token']} and the config {{\"password\": \"{keys['named_password']}\"}}")
         for stream in (False, True):
             drive({"client": "openai", "op": "chat", "api_key": keys["openai"], "headers": {"x-fake-echo": "1"},
                    "params": {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": prompt}]}}, env)
@@ -83,6 +87,7 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
             assert part[i : i + 8] not in written, f"{name} key leaked: {part[i:i+8]}"
     # mitmdump did print flow details (so its output was really checked).
     assert "authorization" in proxy.output.lower()
+    assert "deprecated" not in proxy.output  # mitmproxy warns of a deprecated hook a script names
     assert "api-version=1&api-key=" in proxy.output
 
 

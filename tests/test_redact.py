@@ -6,6 +6,7 @@ import re
 import secrets
 import string
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -178,6 +179,7 @@ def test_first_tests_never_skip_what_a_shape_finds(text: str) -> None:
 
 _JSON_TEXT = st.lists(st.sampled_from(["plain words", "0123456789abcdef" * 2, "ABCDEF0123456789", "sk-", "SK-", "eyJ", ".",
                                        "bearer ", "BeArEr\t", "token1234token1234", "é", "\u0130", "\u212a", "\"", "\\", "\n",
+                                       "GITHUB_TOKEN=", "max_tokens=", "DB_PA", "\u017fS", "SWORD", ": ", "=", "\u0131", "pwd", "hunter2",
                                        KEYS["openai"], KEYS["azure"], KEYS["google"], KEYS["azure-annotated"]]), max_size=6).map("".join)
 _JSON_KEYS = st.sampled_from(["content", "role", "api_key", "API_KEY", "api\u212aey", "Password", "secret", "x", "code", "token"])
 _JSON = st.recursive(
@@ -198,7 +200,7 @@ def test_bodies_passed_over_as_clean_are_those_the_walk_leaves_alone(body: objec
 
 def test_a_clean_body_is_returned_as_it_is_and_a_dirty_one_copied() -> None:
     redactor = Redactor()
-    clean = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Summarise the build log"}]}
+    clean = {"model": "gpt-4o", "max_tokens": 9, "messages": [{"role": "user", "content": "Summarise the build log: tokens=5"}]}
     assert redactor.json(clean) is clean
     for dirty in ({"messages": [{"content": "use " + KEYS["azure"]}]}, {"api\u212aey": "short"}, {"x": ["Bearer abcdefgh12"]}):
         redacted = redactor.json(dirty)
@@ -227,6 +229,20 @@ def test_json_object_keys_are_redacted_too() -> None:
     redacted = Redactor().json({"metadata": {key: "x", "api_key": "a-short-one"}})
     assert_gone(key, str(redacted))
     assert "a-short-one" not in str(redacted)
+
+
+def test_credentials_named_inside_json_strings() -> None:
+    """A prompt, a tool's arguments or an echoed answer that names a credential: the value
+    goes, whatever its shape, as in free text; as the name pattern folds case (the long s,
+    the Kelvin sign)."""
+    redactor = Redactor()
+    body = {"messages": [{"role": "user", "content": 'GITHUB_TOKEN=ghpXYZZY1 and {"password": "XYZZY2"}'},
+                         {"role": "assistant", "tool_calls": [{"function": {"arguments": '{"db_pa\u017f\u017fword": "XYZZY3"}'}}]}],
+            "max_tokens": 5}
+    redacted = redactor.json(body)
+    assert "XYZZY" not in orjson.dumps(redacted).decode(), redacted
+    assert redacted["messages"][0]["content"].startswith("GITHUB_TOKEN=…#")
+    assert "XYZZY" in body["messages"][0]["content"]  # the original is left as it was
 
 
 def test_credentials_named_in_free_text_and_output() -> None:

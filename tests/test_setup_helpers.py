@@ -400,8 +400,11 @@ def test_env_shells(shell: str, line: str, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )
     assert line in result.stdout.splitlines()
-    for name in ("HTTP_PROXY", "NO_PROXY", "OPENAI_PROXY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "NODE_USE_ENV_PROXY"):
+    for name in ("HTTP_PROXY", "NO_PROXY", "OPENAI_PROXY", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                 "NODE_USE_ENV_PROXY"):
         assert name in result.stdout
+    # curl reads http_proxy only in lower case; on Windows the two names are one variable
+    assert ("http_proxy" in result.stdout) == (shell in ("bash", "fish"))
     for unsafe in ("NODE_TLS_REJECT_UNAUTHORIZED", "PYTHONHTTPSVERIFY", "CURL_INSECURE", "=0\n"):
         assert unsafe not in result.stdout
     assert str(tmp_path / environment.BUNDLE_NAME) in result.stdout
@@ -488,3 +491,23 @@ def test_env_output_drives_a_real_client(proxy: Mitmdump) -> None:
     assert result.returncode == 0, result.stderr
     assert orjson.loads(result.stdout)["text"] == CANNED_REPLY
     assert trace_with(proxy, m)["status_code"] == 200
+
+
+def test_env_output_sends_curl_through_the_proxy_for_http_and_https(proxy: Mitmdump) -> None:
+    """curl takes an http:// proxy only from `http_proxy` and its CA from `CURL_CA_BUNDLE`
+    before `SSL_CERT_FILE`: a plain-http call must not go direct (key in clear, untraced),
+    nor an https one fail on a CURL_CA_BUNDLE already set."""
+    llm_mitm = Path(sys.executable).with_name("llm-mitm")
+    markers = {scheme: marker() for scheme in ("http", "https")}
+    calls = " && ".join(
+        f"curl -sS --fail-with-body {scheme}://api.openai.com/v1/chat/completions -H 'Authorization: Bearer {OPENAI_KEY}'"
+        f" -H 'Content-Type: application/json' -d '{orjson.dumps(chat(m)).decode()}'"
+        for scheme, m in markers.items()
+    )
+    script = f'eval "$({llm_mitm} env --port {proxy.port} --confdir {proxy.confdir})" && {calls}'
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "CURL_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt"}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(CANNED_REPLY) == 2
+    for m in markers.values():
+        assert trace_with(proxy, m)["status_code"] == 200

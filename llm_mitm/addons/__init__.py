@@ -177,7 +177,11 @@ def unhandled_hooks(namespace: Mapping[str, Any]) -> dict[str, None]:
     of every event, eight per request; on Python 3.11 each name the module lacks costs an
     AttributeError, formatted and thrown away: 0.9 % of bare mitmdump's own instructions
     per request (callgrind), more than a third of what an addon doing nothing costs."""
-    return {name: None for name in hooks.all_hooks if name not in namespace}
+    return {name: None for name in hooks.all_hooks if name not in namespace and name not in _DEPRECATED_HOOKS}
+
+
+# Hooks mitmproxy warns about at every start when a script module has the name at all.
+_DEPRECATED_HOOKS = frozenset({"add_log"})
 
 
 __all__ = [

@@ -76,7 +76,7 @@ class Recorder:
         if exchange is None or flow.response is None:
             return
         response = flow.response
-        self._take_head(exchange, response)
+        self._take_head(exchange, flow.request, response)
         if response.stream or not first_field(exchange.response_fields, b"content-type").lower().startswith("text/event-stream"):
             return
         upstream = response.raw_content is None  # an answer of ours is whole already
@@ -94,7 +94,7 @@ class Recorder:
             return
         response = flow.response
         if exchange.status_code is None:  # answered by an addon: no responseheaders seen
-            self._take_head(exchange, response)
+            self._take_head(exchange, flow.request, response)
         exchange.finished_at = response.timestamp_end or time.time()
         if exchange.tap is not None:
             if not response.stream and response.raw_content:  # an SSE answer we made ourselves
@@ -111,7 +111,8 @@ class Recorder:
         return self.shared.defer_responses and exchange.replay is None
 
     @staticmethod
-    def _take_head(exchange: Exchange, response: http.Response) -> None:
+    def _take_head(exchange: Exchange, request: http.Request, response: http.Response) -> None:
+        exchange.request_fields = request.headers.fields  # as they went upstream: organization set, encodings we read
         exchange.status_code = response.status_code
         exchange.response_fields = response.headers.fields
         exchange.first_byte_at = response.timestamp_start
@@ -121,6 +122,7 @@ class Recorder:
         if exchange is None:
             return
         message = flow.error.msg if flow.error else "connection failed"
+        exchange.request_fields = flow.request.headers.fields  # what went upstream, if anything did
         raw = flow.response.raw_content if flow.response is not None and exchange.tap is None else None
         exchange.finish(raw, error=message, defer=self._defer(exchange))
 
