@@ -157,6 +157,12 @@ class GnomeBackend:
             self._set(schema, "port", str(settings.port))
         self._set("org.gnome.system.proxy", "ignore-hosts", "[" + ", ".join(_gvariant_string(h) for h in settings.bypass) + "]")
         self._set("org.gnome.system.proxy", "mode", "'manual'")
+        # Without a session bus gsettings writes to a memory backend of its own process and
+        # still succeeds: read the mode back rather than report a proxy that is not on.
+        mode = self.run(["gsettings", "get", "org.gnome.system.proxy", "mode"]).strip()
+        if mode != "'manual'":
+            raise StateError(f"gsettings did not keep the setting (the proxy mode is still {mode}): it has no desktop session to "
+                             "write to (no D-Bus session bus?), so nothing was changed; run this inside the desktop session")
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         for schema, key in self.KEYS:
@@ -247,7 +253,12 @@ class SystemProxy:
         already = self._saved() is not None
         if not already:
             self._save({"backend": self.backend.name, "settings": self.backend.snapshot()})
-        self.backend.apply(settings)
+        try:
+            self.backend.apply(settings)
+        except StateError:
+            if not already:  # nothing changed: no snapshot to restore later
+                self.state_file.unlink(missing_ok=True)
+            raise
         note = " (already on; the settings saved before the first start are kept)" if already else ""
         return f"system proxy ({self.backend.name}) -> {host}:{port}, bypass {';'.join(settings.bypass)}{note}"
 

@@ -511,3 +511,23 @@ def test_env_output_sends_curl_through_the_proxy_for_http_and_https(proxy: Mitmd
     assert result.stdout.count(CANNED_REPLY) == 2
     for m in markers.values():
         assert trace_with(proxy, m)["status_code"] == 200
+
+
+class MemoryBackendGsettings(FakeGsettings):
+    """gsettings without a session bus: each process writes to a memory backend of its
+    own, so a `set` succeeds and the next `get` sees nothing of it."""
+
+    def __call__(self, args: Sequence[str]) -> str:
+        if args[1] == "set":
+            self.calls.append(list(args))
+            return ""
+        return super().__call__(args)
+
+
+def test_a_gnome_start_that_does_not_take_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = MemoryBackendGsettings()
+    state = tmp_path / "state.json"
+    assert sysproxy.main(["start", "--state", str(state)], backend=sysproxy.GnomeBackend(fake)) == 2
+    err = capsys.readouterr().err
+    assert "gsettings did not keep the setting" in err and "'auto'" in err and "D-Bus" in err
+    assert not state.exists()  # nothing to restore: a later start saves the settings afresh
