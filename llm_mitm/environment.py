@@ -8,6 +8,7 @@ through untouched still need the public roots. Nothing that turns verification o
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from llm_mitm.trust import CACert, bundle_environment, ensure_ca, write_bundle
@@ -38,7 +39,7 @@ class UnsafeValue(ValueError):
 
 
 def render(variables: dict[str, str], shell: str) -> str:
-    if shell in ("powershell", "cmd"):  # Windows names are case-insensitive: http_proxy is HTTP_PROXY
+    if shell == "cmd" or (shell == "powershell" and sys.platform == "win32"):  # Windows names are case-insensitive
         variables = {name: value for name, value in variables.items() if name.upper() == name or name.upper() not in variables}
     if shell == "fish":
         lines = [f"set -gx {name} {_fish_quoted(value)}" for name, value in variables.items()]

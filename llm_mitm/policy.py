@@ -83,7 +83,7 @@ class _ModelRule:
         return provider in self.by_provider or "*" in self.by_provider
 
     def _lists(self, provider: str) -> tuple[str, ...]:
-        return (provider,) if self.own_list_wins and provider in self.by_provider else (provider, "*")
+        return (provider,) if self.own_list_wins and self.by_provider.get(provider) else (provider, "*")  # an empty list: none
 
     def match(self, provider: str, model: str) -> str | None:
         for name in self._lists(provider):

@@ -81,8 +81,8 @@ _HEX_RUN = b"x" * 32
 
 def _folded(text: str) -> bytes:
     """Text folded as a case-insensitive pattern matches it: `ſ` is an s, `K` (Kelvin) a k,
-    `ı` an i."""
-    return text.casefold().replace("\u0131", "i").encode("utf-8")
+    `ı` and `İ` an i (casefold makes the dotted capital an i and a combining dot)."""
+    return text.replace("\u0130", "i").casefold().replace("\u0131", "i").encode("utf-8")
 
 
 def _has_hex_run(text: str) -> bool:
@@ -194,8 +194,8 @@ class Redactor:
         names = "|".join([re.escape(name) for name in sorted(self.fields, key=len, reverse=True)] + list(_FREE_TEXT_NAMES))
         self._assignment = re.compile(rf"""(?i)(?:(?<![A-Za-z0-9])(?:{names})|{_CAMEL_CASE_NAMES})(?:\\?["'])?[ \t]*[:=][ \t]*""")
         # What every such name holds, for a first test in C before that (slow) pattern runs.
-        self._name_stems = tuple(stem.encode() for stem in _NAME_STEMS) + tuple(
-            sorted(name.encode("utf-8") for name in self.fields if not any(stem in name for stem in (*_NAME_STEMS, "token"))))
+        self._name_stems = tuple(stem.encode() for stem in _NAME_STEMS) + tuple(sorted(
+            _folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and _A_TOKEN.search(_folded(name)) is None))
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
 

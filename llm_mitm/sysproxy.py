@@ -160,8 +160,9 @@ class GnomeBackend:
         # Without a session bus gsettings writes to a memory backend of its own process and
         # still succeeds: read the mode back rather than report a proxy that is not on.
         mode = self.run(["gsettings", "get", "org.gnome.system.proxy", "mode"]).strip()
-        if mode != "'manual'":
-            raise StateError(f"gsettings did not keep the setting (the proxy mode is still {mode}): it has no desktop session to "
+        kept_host = self.run(["gsettings", "get", "org.gnome.system.proxy.https", "host"]).strip() == host
+        if mode != "'manual'" or not kept_host:
+            raise StateError(f"gsettings did not keep the setting (read back, the proxy mode is {mode}): it has no desktop session to "
                              "write to (no D-Bus session bus?), so nothing was changed; run this inside the desktop session")
 
     def restore(self, snapshot: dict[str, Any]) -> None:

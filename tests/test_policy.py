@@ -67,6 +67,9 @@ def test_a_providers_own_allowed_list_replaces_the_one_for_all() -> None:
     assert rule(denied, route=AZURE, model="prod-preview") == "model_not_allowed"
     assert rule(denied, route=AZURE, model="dev-4o") == "model_not_allowed"
     assert rule(denied, route=AZURE, model="prod-4o") is None
+    # An empty list of its own is no list: the one for all applies, as when it stands alone.
+    assert rule({"allowed_models": {"azure": [], "*": ["gpt-4o*"]}}, route=AZURE, model="gpt-4o") is None
+    assert rule({"allowed_models": {"azure": [], "*": ["gpt-4o*"]}}, route=AZURE, model="dev-4o") == "model_not_allowed"
 
 
 def test_requests_without_a_model_are_not_model_checked() -> None:

@@ -245,6 +245,19 @@ def test_credentials_named_inside_json_strings() -> None:
     assert "XYZZY" in body["messages"][0]["content"]  # the original is left as it was
 
 
+@pytest.mark.parametrize(
+    ("names", "text"),
+    [(["signature"], "SİGNATURE=XYZZY1"), (["session_id"], "sessİon_id=XYZZY2"), (["x_tokens"], "my x_tokens: XYZZY3"),
+     (["straße"], "Straße=XYZZY4")],
+)
+def test_configured_names_are_found_inside_json_strings_however_written(names: list[str], text: str) -> None:
+    """The first test never skips what the name pattern finds (a second review): the dotted
+    capital I, a name ending in `tokens`, a name not in ASCII."""
+    redactor = Redactor(extra_params=names)
+    assert "XYZZY" not in redactor.json({"content": text})["content"]
+    assert redactor.json({"content": text}) == redactor._walk({"content": text})
+
+
 def test_credentials_named_in_free_text_and_output() -> None:
     """What mitmdump prints of a body, and text bodies: a value named like a credential
     goes whatever its shape."""
