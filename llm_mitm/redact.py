@@ -82,6 +82,8 @@ _HEX_RUN = b"x" * 32
 def _folded(text: str) -> bytes:
     """Text folded as a case-insensitive pattern matches it: `ſ` is an s, `K` (Kelvin) a k,
     `ı` and `İ` an i (casefold makes the dotted capital an i and a combining dot)."""
+    if text.isascii():
+        return text.encode("ascii").lower()
     return text.replace("\u0130", "i").casefold().replace("\u0131", "i").encode("utf-8")
 
 
@@ -328,7 +330,7 @@ class Redactor:
 
     def _may_name_credential(self, text: str) -> bool:
         """Whether `text` holds a credential's name at all (see `_names_something`)."""
-        return self._names_something(text.encode("ascii").lower() if text.isascii() else _folded(text))
+        return self._names_something(_folded(text))
 
     def _names_something(self, folded: bytes) -> bool:
         """A few substring searches in C, where the name pattern takes ~160 ns a character.

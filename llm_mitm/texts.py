@@ -256,10 +256,7 @@ def _value_texts(out: list[RoleText], value: Any, depth: int) -> None:
         out.append(("system", value))
     elif depth > 0 and isinstance(value, (list, dict)):
         for item in value.values() if isinstance(value, dict) else value:
-            if isinstance(item, str):
-                out.append(("system", item))
-            elif isinstance(item, (list, dict)):
-                _value_texts(out, item, depth - 1)
+            _value_texts(out, item, depth - 1)
 
 
 def tool_input_text(value: Any) -> str:
