@@ -24,6 +24,7 @@ from bench.instructions import VARIANTS, variant  # noqa: E402
 from bench.run import THROUGHPUT_ROUNDS, Bench, calls_per_turn, round_ratio  # noqa: E402
 
 WARM_UP = 300
+HANDING_OVER = ("llm-mitm", "floor")  # variants with a child process, placed off the proxy's CPU
 
 
 def positive(text: str) -> int:
@@ -55,7 +56,7 @@ def main() -> int:
         for label, name in zip(labels, names):
             proxy = variant(bench, name, label.replace(" ", "-").replace(",", ""), reverse=not args.forward).start()
             proxies[label] = proxy
-            bench.pin(proxy, traced=VARIANTS[name][0] == "llm-mitm")
+            bench.pin(proxy, traced=name in HANDING_OVER)
         bench.throughput("ab", {label: bench.target(proxy, reverse=not args.forward) for label, proxy in proxies.items()},
                          {label: proxy.pid for label, proxy in proxies.items()}, (args.concurrency,), args.rounds, args.calls, WARM_UP)
     finally:

@@ -2,7 +2,9 @@
 bare mitmdump, then what llm-mitm's cost is made of, step by step. Bare with the lazy
 upstream connections llm-mitm turns on; with a script that has no addon at all (what
 mitmproxy charges any `-s` script: it walks the script and its module for every event);
-with an addon whose hooks do nothing; and llm-mitm. llm-mitm's own work is the last step.
+with an addon whose hooks do nothing; the least an addon doing llm-mitm's job here can do
+(`bench/floor_addon.py`: the job's own price); and llm-mitm, whose step past the floor is what its
+generality and guarantees cost.
 
     python -m bench.instructions [--requests 400] [--reverse]
 
@@ -52,12 +54,14 @@ class NoOp:
 addons = [NoOp()]
 ''' + NONE_HOOKS
 LAZY = ("--set", "connection_strategy=lazy")
+FLOOR = (Path(__file__).resolve().parent / "floor_addon.py").read_text()
 # name -> the script (None: none; "llm-mitm": ours, with the benchmark's config), mitmdump options
 VARIANTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "bare": (None, ()),
     "bare, lazy": (None, LAZY),
     "empty script": (EMPTY_SCRIPT, LAZY),
     "no-op addon": (NO_OP_ADDON, LAZY),
+    "floor": (FLOOR, LAZY),  # the least an addon doing llm-mitm's job here can do (bench/floor_addon.py)
     "llm-mitm": ("llm-mitm", ()),  # sets lazy itself
 }
 

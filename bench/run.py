@@ -44,6 +44,10 @@ AUTH = {"Authorization": "Bearer sk-proj-" + "b" * 48}
 LITELLM_KEY = "sk-bench-litellm-master-0123456789"
 LITELLM = ROOT / "bench" / ".venv-litellm" / "bin" / "litellm"
 SOAK_WARM_UP = 2000
+# The least an addon doing llm-mitm's job here can do (parse, police, keep, hand over): its
+# row shows what the job itself costs, apart from what llm-mitm's generality adds.
+FLOOR = ROOT / "bench" / "floor_addon.py"
+LAZY = ("connection_strategy=lazy",)  # as llm-mitm sets it
 # Throughput: many short turns. Turns next to each other see the same neighbours, so their
 # ratio cancels more of the machine's drift: two copies of bare mitmdump (with lazy
 # connections) came out 1.091 (1.008-1.124) of each other at c=32 with 20 turns of 300 calls,
@@ -230,6 +234,12 @@ class Bench:
         proxy = self.mitmdump(name, reverse, ADDON_CONFIG if addon else None, script if addon else None,
                               tuple(arg for option in options for arg in ("--set", option)), env).start()
         self.pin(proxy, addon)
+        return proxy
+
+    def floor(self, name: str, reverse: bool = False) -> Mitmdump:
+        """A started mitmdump with `bench/floor_addon.py`, pinned as llm-mitm's (its reader off the proxy's CPU)."""
+        proxy = self.mitmdump(name, reverse, None, FLOOR, tuple(arg for option in LAZY for arg in ("--set", option))).start()
+        self.pin(proxy, True)
         return proxy
 
     def pin(self, proxy: Mitmdump, traced: bool) -> None:
@@ -581,10 +591,11 @@ class Bench:
     def run(self) -> dict[str, Any]:
         self.start_upstream()
         try:
-            bare, addon = self.proxy("bare", False), self.proxy("addon", True)
+            bare, addon, floor = self.proxy("bare", False), self.proxy("addon", True), self.floor("floor")
             forward = {"direct": self.target(None), "bare": self.target(bare), "addon": self.target(addon)}
             print("forward proxy, TLS intercepted:", flush=True)
-            self.throughput("forward", forward, {"bare": bare.pid, "addon": addon.pid})
+            self.throughput("forward", {**forward, "floor": self.target(floor)}, {"bare": bare.pid, "addon": addon.pid, "floor": floor.pid})
+            floor.stop()
             self.paced("forward", {name: forward[name] for name in ("bare", "addon")})
             # mitmdump streams a body only when told to: its own per-chunk cost, for comparison.
             bare_streaming = self.proxy("bare-streaming", False, options=("stream_large_bodies=1",))
@@ -594,13 +605,16 @@ class Bench:
             print("large bodies:", flush=True)
             self.large(streams)
             bare_streaming.stop()
-            bare_r, addon_r = self.proxy("bare-reverse", False, True), self.proxy("addon-reverse", True, True)
-            reverse = {"direct": self.target(None), "bare": self.target(bare_r, True), "addon": self.target(addon_r, True)}
+            bare_r, addon_r, floor_r = self.proxy("bare-reverse", False, True), self.proxy("addon-reverse", True, True), self.floor("floor-reverse", True)
+            reverse = {"direct": self.target(None), "bare": self.target(bare_r, True), "addon": self.target(addon_r, True),
+                       "floor": self.target(floor_r, True)}
             litellm = self.start_litellm(self.litellm) if self.litellm else None
             if litellm is not None:
                 reverse["litellm"] = Target("127.0.0.1", self.litellm_port, tls=False)
             print("reverse proxy (LiteLLM's proxy, a gateway, beside it):", flush=True)
-            self.throughput("reverse", reverse, {"bare": bare_r.pid, "addon": addon_r.pid, **({"litellm": litellm.pid} if litellm else {})})
+            self.throughput("reverse", reverse, {"bare": bare_r.pid, "addon": addon_r.pid, "floor": floor_r.pid,
+                                                 **({"litellm": litellm.pid} if litellm else {})})
+            floor_r.stop()
             self.paced("reverse", {name: reverse[name] for name in ("bare", "addon")})
             if litellm is not None:
                 print("streaming through LiteLLM's proxy, beside llm-mitm in reverse mode and direct:", flush=True)
@@ -630,6 +644,11 @@ class Bench:
                 clean = no_errors(addon, bare)
                 out[f"{mode} c={c} throughput ratio"] = {"value": round(ratio, 3), "target": ">= 0.95", "pass": clean and ratio >= 0.95,
                                                          "interval_95": [round(low, 3), round(high, 3)]}
+                floor = rows[f"floor c={c}"]
+                floor_ratio, floor_low, floor_high = round_ratio(floor, bare)
+                out[f"{mode} c={c} throughput ratio of the floor addon"] = {
+                    "value": round(floor_ratio, 3), "target": "(the job's own price: bench/floor_addon.py)", "pass": no_errors(floor, bare),
+                    "interval_95": [round(floor_low, 3), round(floor_high, 3)]}
                 if c == 1:  # one call at a time: never a queue
                     out[f"{mode} c=1 p50 added ms"] = {"value": round(added, 3), "target": "<= 0.3", "pass": clean and added <= 0.3}
                 else:
