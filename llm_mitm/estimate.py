@@ -7,6 +7,7 @@ its vocabulary downloaded at first use, which an offline proxy cannot count on.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from llm_mitm.texts import request_texts, response_texts
@@ -27,3 +28,11 @@ def estimate_usage(request_body: Any, response_body: Any) -> Usage | None:
     if prompt == 0 and output == 0:
         return None
     return Usage(input_tokens=prompt, output_tokens=output, total_tokens=prompt + output, estimated=True)
+
+
+def with_estimated_output(usage: Usage, response_body: Any) -> Usage:
+    """Usage whose output count never came (an Anthropic stream cut before its
+    `message_delta`): the input as reported, the output estimated from what arrived."""
+    output = sum(count_tokens(text) for text in response_texts(response_body))
+    total = (usage.input_tokens or 0) + output
+    return replace(usage, output_tokens=output, total_tokens=total, estimated=True)

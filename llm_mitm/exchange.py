@@ -155,6 +155,14 @@ class Outcome:
     response_model: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    ended: bool = False  # a stream whose own last event came: the whole answer was given
+
+
+def call_error(transport: str | None, outcome: Outcome) -> str | None:
+    """The call's error. A connection lost after a stream's last event (a client that
+    closes as soon as it has read `[DONE]`, as the SDKs may) does not fail the call: its
+    whole answer was given, and it is counted, exported and traced as answered."""
+    return outcome.error if outcome.ended else transport or outcome.error
 
 
 def read_outcome(api: str, status_code: int | None, body: Body) -> Outcome:
@@ -177,7 +185,7 @@ def read_stream(api: str, status_code: int | None, tap: StreamTap) -> tuple[Body
     tap.finish()
     rebuilder = tap.rebuilder
     rebuilt = rebuilder.result()
-    outcome = Outcome(rebuilder.model, normalize_usage(api, rebuilder.usage))
+    outcome = Outcome(rebuilder.model, normalize_usage(api, rebuilder.usage), ended=rebuilder.ended)
     if rebuilder.error is not None:
         outcome.error = _error_message({"error": rebuilder.error}) or "stream reported an error"
     elif tap.failed:
@@ -333,7 +341,7 @@ class Exchange:
             self.error = self.error or status_error(self.status_code, self.response.json)
             return
         self.response_model, self.usage = outcome.response_model, outcome.usage
-        self.error = self.error or outcome.error
+        self.error = call_error(self.error, outcome)
 
 
 def _error_message(payload: Any) -> str | None:

@@ -7,13 +7,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from llm_mitm.estimate import estimate_usage
+from llm_mitm.estimate import estimate_usage, with_estimated_output
 from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.usage import Usage
 
 logger = logging.getLogger("llm_mitm.meter")
 
 GENERATING = ("chat.completions", "completions", "responses", "messages", "embeddings")
+WRITING = ("chat.completions", "completions", "responses", "messages")  # those whose output is tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class Call:
     error: bool
     charged: bool  # went upstream and was answered by it (not refused, not replayed)
     status_code: int | None = None  # the answer's; None when none came
+    generates: bool = True  # asked for new output (`Route.generates`), not for a stored answer
 
 
 class Metering:
@@ -43,17 +45,24 @@ class Metering:
 
     def meter(self, call: Call) -> tuple[Usage | None, float | None]:
         """(usage, cost in USD); either is None where it cannot be known."""
-        if not call.charged or call.operation not in GENERATING:
+        if call.operation not in GENERATING:
+            return call.usage, None
+        if not call.generates:  # a stored answer read back (polled, resumed) or cancelled: its usage was the creating call's
+            return None, None
+        if not call.charged:
             return call.usage, None
         usage = call.usage
         # A stream cut short (the client went, upstream reset) has generated tokens but never
         # got to its usage chunk: estimated, so that limits and budgets still see it.
         answered = call.status_code is not None and call.status_code < 400  # though perhaps cut short
-        if usage is None and self.estimate_missing and (not call.error or answered):
+        if self.estimate_missing and (not call.error or answered):
             try:
-                usage = estimate_usage(call.request_json, call.response_json)
+                if usage is None:
+                    usage = estimate_usage(call.request_json, call.response_json)
+                elif usage.output_tokens is None and call.operation in WRITING:
+                    usage = with_estimated_output(usage, call.response_json)
             except RecursionError:  # a body nested past what can be walked: no estimate, not a failed hook
-                usage = None
+                usage = call.usage
         if usage is None:
             return None, None
         price = self.prices.price(call.model)

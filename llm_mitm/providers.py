@@ -59,6 +59,14 @@ class Route:
     operation: str
     deployment: str | None = None
     api_version: str | None = None
+    # The path goes past the operation's endpoint, to a stored object or a part of one
+    # (`/responses/{id}`, `.../cancel`, `/responses/input_tokens`, `/chat/completions/{id}`):
+    # read, cancelled or counted there, never generated, so never charged.
+    subresource: bool = False
+
+    def generates(self, method: str) -> bool:
+        """Asks for new output (what the APIs bill): a POST to the operation's endpoint."""
+        return method == "POST" and not self.subresource
 
 
 class ProviderMatcher:
@@ -100,13 +108,19 @@ def route_for(provider: Provider, path: str) -> Route:
     path_only, _, query = path.partition("?")
     segments = _segments(path_only)
     if provider.api == "anthropic":
-        return Route(provider.name, provider.api, _anthropic_operation(_after_version(segments)))
+        segments = _after_version(segments)
+        operation = _anthropic_operation(segments)
+        return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments))
     if provider.api == "azure":
         params = parse_qs(query)
         deployment, rest = _azure_parts(segments)
         deployment = deployment or params.get("deployment", [None])[0]  # realtime names it in the query
-        return Route(provider.name, provider.api, _openai_operation(rest), deployment, params.get("api-version", [None])[0])
-    return Route(provider.name, provider.api, _openai_operation(_after_version(segments)))
+        rest = _openai_segments(rest)
+        operation = _openai_operation(rest)
+        return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0], _subresource(operation, rest))
+    segments = _openai_segments(_after_version(segments))
+    operation = _openai_operation(segments)
+    return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments))
 
 
 def _segments(path: str) -> list[str]:
@@ -156,9 +170,21 @@ _OPENAI_OPERATIONS = {
 }
 
 
+def _openai_segments(segments: list[str]) -> list[str]:
+    """Those of the operation: an API mounted after the version (Gemini's `/v1beta/openai/...`) without its mount."""
+    return segments[1:] if segments[:1] == ["openai"] else segments
+
+
+# Segments of each generating operation's own endpoint: a path with more goes past it.
+_ENDPOINT_LENGTH = {"chat.completions": 2, "completions": 1, "embeddings": 1, "responses": 1, "messages": 1}
+
+
+def _subresource(operation: str, segments: list[str]) -> bool:
+    length = _ENDPOINT_LENGTH.get(operation)
+    return length is not None and len(segments) > length
+
+
 def _openai_operation(segments: list[str]) -> str:
-    if segments[:1] == ["openai"]:  # an API mounted after the version (Gemini's `/v1beta/openai/...`)
-        segments = segments[1:]
     if not segments:
         return "other"
     if tuple(segments[:2]) in _OPENAI_OPERATIONS:

@@ -195,13 +195,18 @@ class StreamRebuilder:
         self.error: Any = None
         self.usage: dict[str, Any] | None = None
         self.model: str | None = None
+        # The stream's own last event came ([DONE], `response.completed` and the like,
+        # `message_stop`): the whole answer was given, whatever happens to the connection after.
+        self.ended = False
 
     def add(self, event: ServerSentEvent) -> None:
         """Take one event ([DONE] ends the stream; garbage is counted)."""
         self.events += 1
         payload = json_object(event.data)
         if payload is None:
-            if event.data != "[DONE]":
+            if event.data == "[DONE]":
+                self.ended = True
+            else:
                 self.malformed += 1
             return
         try:
@@ -359,6 +364,7 @@ class ResponsesRebuilder(StreamRebuilder):
             if not self._final:
                 self._response = response
             self._final = self._final or kind in self._FINAL
+            self.ended = self._final
             if isinstance(response.get("model"), str):
                 self.model = response["model"]
             if isinstance(response.get("usage"), dict):
@@ -409,7 +415,9 @@ class AnthropicRebuilder(StreamRebuilder):
             self._message = dict(payload.get("message") or {})
             self.model = self._message.get("model") if isinstance(self._message.get("model"), str) else None
             if isinstance(self._message.get("usage"), dict):
-                self.usage = dict(self._message["usage"])
+                # Its output count is a placeholder (1, say): the count comes with message_delta,
+                # and a stream cut before that has its output estimated, not taken as 1.
+                self.usage = {key: value for key, value in self._message["usage"].items() if key != "output_tokens"}
         elif kind == "content_block_start":
             index = int(payload.get("index", 0))
             self._blocks[index] = dict(payload.get("content_block") or {})
@@ -421,6 +429,8 @@ class AnthropicRebuilder(StreamRebuilder):
                 self._message[key] = value
             if isinstance(payload.get("usage"), dict):
                 self.usage = {**(self.usage or {}), **{k: v for k, v in payload["usage"].items() if v is not None}}
+        elif kind == "message_stop":
+            self.ended = True
         elif kind == "error":
             self.error = payload.get("error") or payload
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel
 
-from llm_mitm.exchange import Body, Exchange, first, read_outcome, read_stream
+from llm_mitm.exchange import Body, Exchange, call_error, first, read_outcome, read_stream
 from llm_mitm.metering import Call, Metering
 from llm_mitm.redact import Redactor
 from llm_mitm.sse import StreamTap, rebuilder_for
@@ -77,6 +77,7 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
         "client": exchange.client,
         "route": [exchange.route.provider, exchange.route.api, exchange.route.operation, exchange.route.deployment],
         "method": exchange.method,
+        "generates": exchange.route.generates(exchange.method),
         "url": exchange.url,
         "model": exchange.model,
         "response_model": exchange.response_model,
@@ -138,7 +139,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
         outcome = read_outcome(api, snap["status_code"], body)
     snap["response"] = _wire(body, verbatim=False)
     snap["response_model"] = outcome.response_model
-    snap["error"] = snap["error"] or outcome.error
+    snap["error"] = call_error(snap["error"], outcome)
     request = snap["request"]
     usage, cost = metering.meter(Call(
         operation=operation,
@@ -149,6 +150,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
         error=snap["error"] is not None,
         charged=not _blocked(snap) and snap["replay"] != "hit",
         status_code=snap["status_code"],
+        generates=snap["generates"],
     ))
     snap["usage"] = usage.as_dict() if usage else None
     snap["cost_usd"] = cost

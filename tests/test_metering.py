@@ -177,6 +177,40 @@ def test_a_stream_cut_short_is_estimated_and_an_error_answer_is_not() -> None:
     assert metering.meter(call(error=True, status_code=None)) == (None, None)  # no answer at all
 
 
+def test_an_anthropic_stream_cut_before_message_delta_has_its_output_estimated() -> None:
+    """message_start's output count is a placeholder: without message_delta's count the
+    output is estimated from what arrived, the input kept as reported."""
+    rebuilder = AnthropicRebuilder()
+    start = {"type": "message_start", "message": {"type": "message", "model": "claude-sonnet-4-5", "usage": {"input_tokens": 30, "cache_read_input_tokens": 10, "output_tokens": 1}}}
+    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abcd" * 5}}
+    for payload in (start, block, delta):
+        rebuilder.add(ServerSentEvent(event=payload["type"], data=orjson.dumps(payload).decode()))
+    assert not rebuilder.ended
+    usage = normalize_usage("anthropic", rebuilder.usage)
+    assert usage is not None and usage.output_tokens is None
+    call = Call("messages", "claude-sonnet-4-5", usage, {}, rebuilder.result(), error=True, charged=True, status_code=200)
+    metered, cost = Metering(PriceTable(), estimate_missing=True).meter(call)
+    assert metered == Usage(input_tokens=40, output_tokens=5, total_tokens=45, cached_input_tokens=10, estimated=True)
+    assert cost is not None and cost > 0
+    assert Metering(PriceTable(), estimate_missing=False).meter(call)[0] == usage  # estimates off: as reported
+    stop = {"type": "message_stop"}
+    rebuilder.add(ServerSentEvent(event="message_stop", data=orjson.dumps(stop).decode()))
+    assert rebuilder.ended
+
+
+def test_embeddings_report_no_output_and_none_is_estimated() -> None:
+    usage = normalize_usage("openai", {"prompt_tokens": 8, "total_tokens": 8})
+    call = Call("embeddings", "text-embedding-3-small", usage, {"input": "x"}, {"data": []}, error=False, charged=True, status_code=200)
+    assert Metering(PriceTable(), estimate_missing=True).meter(call)[0] == usage
+
+
+def test_a_stored_answer_read_back_uses_no_tokens() -> None:
+    usage = Usage(input_tokens=12, output_tokens=7, total_tokens=19)
+    call = Call("responses", "gpt-4o", usage, None, {"usage": {}}, error=False, charged=True, status_code=200, generates=False)
+    assert Metering(PriceTable(), estimate_missing=True).meter(call) == (None, None)
+
+
 def test_estimate_marks_usage() -> None:
     usage = estimate_usage({"messages": [{"role": "user", "content": "abcd" * 10}]}, {"choices": [{"message": {"content": "abcdefgh"}}]})
     assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True)

@@ -130,3 +130,30 @@ def test_where_a_batch_input_file_is_read(batch_path: str, expected: str | None)
     from llm_mitm.providers import input_file_path
 
     assert input_file_path(batch_path, "file-a/b") == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "subresource"),
+    [
+        ("api.openai.com", "/v1/chat/completions", False),
+        ("api.openai.com", "/v1/chat/completions/chatcmpl-1", True),  # a stored completion
+        ("api.openai.com", "/v1/chat/completions/chatcmpl-1/messages", True),
+        ("api.openai.com", "/v1/responses", False),
+        ("api.openai.com", "/v1/responses/resp_1", True),
+        ("api.openai.com", "/v1/responses/resp_1/cancel", True),
+        ("api.openai.com", "/v1/responses/input_tokens", True),  # counted, not generated
+        ("api.openai.com", "/v1/embeddings", False),
+        ("api.openai.com", "/v1/files/file-1", False),  # not a generating operation at all
+        ("localhost", "/v1beta/openai/responses/resp_1", True),
+        ("r.openai.azure.com", "/openai/deployments/prod-4o/chat/completions?api-version=1", False),
+        ("r.openai.azure.com", "/openai/responses/resp_1?api-version=1", True),
+        ("r.openai.azure.com", "/openai/v1/responses/resp_1", True),
+        ("api.anthropic.com", "/v1/messages", False),
+        ("api.anthropic.com", "/v1/messages/count_tokens", False),  # an operation of its own
+    ],
+)
+def test_a_path_past_an_operations_endpoint_generates_nothing(matcher: ProviderMatcher, host: str, path: str, subresource: bool) -> None:
+    route = matcher.route(host, 8000 if host == "localhost" else 443, path)
+    assert route is not None and route.subresource is subresource
+    assert route.generates("POST") is not subresource
+    assert not route.generates("GET")

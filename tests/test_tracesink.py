@@ -32,6 +32,7 @@ def snapshot(number: int, padding: int = 0) -> dict:
         "client": "127.0.0.1",
         "route": ["openai", "openai", "chat.completions", None],
         "method": "POST",
+        "generates": True,
         "url": "https://api.openai.com/v1/chat/completions",
         "model": "gpt-4o",
         "response_model": None,

@@ -41,4 +41,5 @@ def call_of(exchange: Exchange) -> Call:
         error=exchange.error is not None,
         charged=not exchange.blocked and exchange.replay != "hit",
         status_code=exchange.status_code,
+        generates=exchange.route.generates(exchange.method),
     )

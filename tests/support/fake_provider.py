@@ -8,8 +8,10 @@ Test knobs are request headers (clients send them with `extra_headers`):
   x-fake-encoding   gzip | br | zstd | deflate: compress the response, chunk by chunk
   x-fake-echo       reply with the last user text instead of the canned reply
   x-fake-status     answer with this HTTP status and an API-shaped error body
-  x-fake-fail       "reset-mid-stream": drop the connection after two events;
-                    "stall-mid-stream": go silent after two events
+  x-fake-fail       "reset-mid-stream": drop the connection after two events (or
+                    x-fake-fail-at events); "stall-mid-stream": go silent after two
+                    events; "linger-after-end": send every event, then wait 2 s before
+                    ending the response (a client that leaves after the last event goes first)
   x-fake-split      cut each streamed event into chunks of this many bytes
 """
 
@@ -190,6 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._chat(request)
         if path.endswith("/responses"):
             return self._responses(request)
+        if "/responses/" in path:  # a stored response read back (or cancelled): as it was made
+            return self._json(200, {**_stored_response(), "id": path.split("/responses/")[1].split("/")[0]})
         if path.endswith("/messages"):
             return self._anthropic(request)
         if path == "/":
@@ -241,30 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._stream([(None, e) for e in events] + [(None, "[DONE]")])
 
     def _responses(self, request: dict[str, Any]) -> None:
-        text = self._reply_text(request)
-        usage = {
-            "input_tokens": USAGE["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": USAGE["cached"]},
-            "output_tokens": USAGE["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": USAGE["reasoning"]},
-            "total_tokens": USAGE["prompt_tokens"] + USAGE["completion_tokens"],
-        }
-        item = {
-            "id": "msg_fake",
-            "type": "message",
-            "status": "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
-        }
-        final = {
-            "id": "resp_fake",
-            "object": "response",
-            "created_at": 1_700_000_000,
-            "status": "completed",
-            "model": RESPONSE_MODEL,
-            "output": [item],
-            "usage": usage,
-        }
+        final = _stored_response(self._reply_text(request))
+        item = final["output"][0]
+        text = item["content"][0]["text"]
         if not request.get("stream"):
             return self._json(200, final)
         started = {**final, "status": "in_progress", "output": [], "usage": None}
@@ -379,7 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fail == "stall-mid-stream" and number == 2:
                 time.sleep(8)  # upstream goes silent; the client gives up first
                 return
-            if fail == "reset-mid-stream" and number == 2:
+            if fail == "reset-mid-stream" and number == int(self.headers.get("x-fake-fail-at") or 2):
                 self.wfile.flush()
                 self.connection.shutdown(2)
                 self.close_connection = True
@@ -390,6 +373,8 @@ class _Handler(BaseHTTPRequestHandler):
             for start in range(0, len(piece), split or len(piece) or 1):  # events cut across chunks
                 self._chunk(piece[start : start + (split or len(piece))])
         self._chunk(encoder.end())
+        if fail == "linger-after-end":
+            time.sleep(2)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -409,6 +394,21 @@ def _uploaded(body: bytes, content_type: str) -> bytes:
 def _pieces(text: str, count: int) -> list[str]:
     size = max(1, -(-len(text) // count))
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _stored_response(text: str = CANNED_REPLY) -> dict[str, Any]:
+    """A finished Responses API answer, as made and as read back."""
+    usage = {
+        "input_tokens": USAGE["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": USAGE["cached"]},
+        "output_tokens": USAGE["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": USAGE["reasoning"]},
+        "total_tokens": USAGE["prompt_tokens"] + USAGE["completion_tokens"],
+    }
+    item = {"id": "msg_fake", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {"id": "resp_fake", "object": "response", "created_at": 1_700_000_000, "status": "completed",
+            "model": RESPONSE_MODEL, "output": [item], "usage": usage}
 
 
 def _tool_call() -> dict[str, Any]:

@@ -1,0 +1,118 @@
+"""Usage and cost as the trace records them, where a call does not end the common way:
+a stream cut before its usage, a client that leaves once it has the last event, a stored
+answer read back. Real clients, a real mitmdump, the fake provider."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+import requests
+
+from llm_mitm.estimate import count_tokens
+from llm_mitm.pricing import PriceTable, cost_usd
+from llm_mitm.usage import Usage
+from tests.support.clients import drive
+from tests.support.fake_provider import ANTHROPIC_MODEL, CANNED_REPLY
+from tests.support.mitm import Mitmdump
+from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker, trace_with
+from tests.test_e2e_streaming import STREAM_REQUESTS
+
+KEYS = {"openai": OPENAI_KEY, "responses": OPENAI_KEY, "anthropic": ANTHROPIC_KEY}
+
+
+def _headers(api: str, extra: dict[str, str]) -> dict[str, str]:
+    auth = {"x-api-key": KEYS[api], "anthropic-version": "2023-06-01"} if api == "anthropic" else {"Authorization": f"Bearer {KEYS[api]}"}
+    return {**auth, **extra}
+
+
+def test_an_anthropic_stream_cut_before_its_usage_has_its_output_estimated(proxy: Mitmdump) -> None:
+    """message_start says output_tokens 1, a placeholder: the count comes with message_delta.
+    Cut before that, the output is estimated from what arrived; the input stays as reported."""
+    m = marker()
+    url, body = STREAM_REQUESTS["anthropic"]
+    received = b""
+    # message_start, content_block_start, ping, then three of the five text deltas
+    with pytest.raises(requests.exceptions.RequestException):
+        with requests.post(url, json=body(m), headers=_headers("anthropic", {"x-fake-fail": "reset-mid-stream", "x-fake-fail-at": "6"}),
+                           proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10, stream=True) as response:
+            for chunk in response.iter_content(None):
+                received += chunk
+    assert received.count(b"event: content_block_delta") == 3
+    t = trace_with(proxy, m)
+    arrived = t["response"]["body"]["content"][0]["text"]
+    assert arrived and CANNED_REPLY.startswith(arrived) and arrived != CANNED_REPLY
+    usage = t["usage"]
+    assert usage["input_tokens"] == 12 and usage["cached_input_tokens"] == 3  # 9 uncached + 3 read, as message_start said
+    assert usage["output_tokens"] == count_tokens(arrived) and usage["estimated"] is True
+    price = PriceTable().price(ANTHROPIC_MODEL)
+    assert price is not None
+    expected = cost_usd(Usage(input_tokens=12, cached_input_tokens=3, cache_creation_input_tokens=0, output_tokens=usage["output_tokens"]), price)
+    assert t["cost_usd"] == pytest.approx(expected)
+    assert t["error"]  # the stream did break
+
+
+def test_a_whole_anthropic_stream_keeps_its_reported_output(proxy: Mitmdump) -> None:
+    m = marker()
+    url, body = STREAM_REQUESTS["anthropic"]
+    response = requests.post(url, json=body(m), headers=_headers("anthropic", {}), proxies={"https": proxy.proxy_url},
+                             verify=str(proxy.ca_cert), timeout=10)
+    assert response.status_code == 200 and b"message_stop" in response.content
+    usage = trace_with(proxy, m)["usage"]
+    assert usage["output_tokens"] == 6 and usage["estimated"] is False
+
+
+@pytest.mark.parametrize("api", list(STREAM_REQUESTS))
+def test_a_client_that_leaves_after_the_last_event_got_a_whole_answer(proxy: Mitmdump, api: str) -> None:
+    """SDKs may close the connection as soon as they have read `[DONE]` (or
+    `response.completed`, `message_stop`), before upstream has ended the response: mitmproxy
+    reports the flow as failed ("Client disconnected"), but the call was answered whole."""
+    m = marker()
+    url, body = STREAM_REQUESTS[api]
+    last = {"openai": b"[DONE]", "responses": b"response.completed", "anthropic": b"message_stop"}[api]
+    received = b""
+    with requests.post(url, json=body(m), headers=_headers(api, {"x-fake-fail": "linger-after-end"}),
+                       proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10, stream=True) as response:
+        for chunk in response.iter_content(None):
+            received += chunk
+            if last in received and received.endswith(b"\n\n"):
+                break  # leaves: the connection closes with the response, upstream still lingering
+    t = trace_with(proxy, m)
+    assert t["error"] is None, t["error"]
+    assert t["usage"] is not None and t["usage"]["estimated"] is False and t["cost_usd"]
+    assert t["status_code"] == 200
+
+
+def test_a_stream_cut_before_its_last_event_is_still_an_error(proxy: Mitmdump) -> None:
+    m = marker()
+    action = {"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat(m, stream=True),
+              "headers": {"x-fake-fail": "reset-mid-stream", "x-fake-fail-at": "4"}}
+    assert "error" in drive(action, proxy.client_env())
+    assert trace_with(proxy, m)["error"]
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/responses/resp_{m}"),  # polling a background response
+    ("GET", "/v1/responses/resp_{m}?stream=false"),
+    ("POST", "/v1/responses/resp_{m}/cancel"),
+])
+def test_reading_a_stored_response_back_is_not_charged(proxy: Mitmdump, method: str, path: str) -> None:
+    """The answer read back carries the usage of the call that made it: charging it again
+    (as a poll loop would, once a second) would spend a budget many times over."""
+    m = marker()
+    response = requests.request(method, "https://api.openai.com" + path.format(m=m), headers={"Authorization": f"Bearer {OPENAI_KEY}", "x-marker": m},
+                                proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10)
+    assert response.status_code == 200 and response.json()["usage"]["total_tokens"] == 19
+    t = trace_with(proxy, m)
+    assert t["operation"] == "responses"
+    assert t["cost_usd"] is None and t["usage"] is None
+    assert t["response"]["body"]["usage"]["total_tokens"] == 19  # what it said is kept
+
+
+def test_making_a_response_is_charged(proxy: Mitmdump) -> None:
+    m = marker()
+    response = requests.post("https://api.openai.com/v1/responses", data=orjson.dumps({"model": "gpt-4o", "input": m}),
+                             headers={"Authorization": f"Bearer {OPENAI_KEY}", "content-type": "application/json"},
+                             proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10)
+    assert response.status_code == 200
+    t = trace_with(proxy, m)
+    assert t["usage"]["total_tokens"] == 19 and t["cost_usd"] > 0
