@@ -505,9 +505,10 @@ class StreamTap:
 
     With `drop_events(predicate, hint)` (uncompressed streams only) the tap forwards whole
     events instead of raw chunks and leaves out those the predicate picks, reading only the
-    events that contain `hint`: used to hide the usage chunk that the proxy asked for and
-    the client did not. The filter failing stops the filter (every byte then goes on as it
-    came, and `on_failure` is told why), not the rebuild.
+    events that contain `hint` (and first taking out of them what `strip` matches): used to
+    hide the usage chunk that the proxy asked for and the client did not, and the
+    `"usage":null` that asking puts in every other chunk. The filter failing stops the
+    filter (every byte then goes on as it came, and `on_failure` is told why), not the rebuild.
     """
 
     def __init__(self, rebuilder: StreamRebuilder, content_encoding: str = "", hold: bool = False) -> None:
@@ -522,16 +523,18 @@ class StreamTap:
         self._decompress = incremental_decoder(content_encoding)
         self._drop: EventFilter | None = None
         self._hint = b""
+        self._strip: re.Pattern[bytes] | None = None
         self._on_failure: Callable[[str], None] | None = None
         self._pending = bytearray()
         if self._decompress is None:
             self.failed = f"unsupported content-encoding {content_encoding!r}"
 
-    def drop_events(self, predicate: EventFilter, hint: bytes = b"", on_failure: Callable[[str], None] | None = None) -> bool:
+    def drop_events(self, predicate: EventFilter, hint: bytes = b"", on_failure: Callable[[str], None] | None = None,
+                    strip: re.Pattern[bytes] | None = None) -> bool:
         """Start leaving out events; False (and no filtering) for a compressed stream."""
         if not self._identity or self._decompress is None:
             return False
-        self._drop, self._hint, self._on_failure = predicate, hint, on_failure
+        self._drop, self._hint, self._on_failure, self._strip = predicate, hint, on_failure, strip
         return True
 
     def hand_over(self) -> list[bytes]:
@@ -610,8 +613,8 @@ class StreamTap:
             for end in _EVENT_END.finditer(self._pending):
                 if chunk and end.end() == len(self._pending) and self._pending.endswith(b"\r") and not self._pending.endswith(b"\r\r"):
                     break  # perhaps the CR of a CR LF whose LF is still to come (two CRs end an event whatever comes)
-                block = bytes(self._pending[done : end.end()])
-                if self._keep(block):
+                block = self._passed(bytes(self._pending[done : end.end()]))
+                if block is not None:
                     out += block
                 else:
                     self.dropped += 1
@@ -632,23 +635,32 @@ class StreamTap:
             self._on_failure(f"{type(exc).__name__}: {exc}")
 
     def _without_dropped(self, events: list[bytes]) -> bytes:
-        kept = [event for event in events if self._keep(event)]
+        kept = [passed for event in events if (passed := self._passed(event)) is not None]
         self.dropped += len(events) - len(kept)  # counted once the whole chunk is through
         return kept[0] if len(kept) == 1 else b"".join(kept)
 
-    def _keep(self, block: bytes) -> bool:
-        """Whether a whole event goes on to the client: only one with the hint in it is read."""
+    def _passed(self, block: bytes) -> bytes | None:
+        """A whole event as it goes on to the client (None: left out). Only one with the hint
+        in it is read, once `strip` has taken out of it what the client is not to see."""
         if self._hint not in block or self._drop is None:
-            return True
+            return block
+        if self._strip is not None:
+            block = self._strip.sub(b"", block)
+            if self._hint not in block:
+                return block
         decoder = SSEDecoder()
         for event in decoder.feed(block) + decoder.flush():
             payload = json_object(event.data)
             if payload is not None and self._drop(payload):
-                return False
-        return True
+                return None
+        return block
 
 
 USAGE_HINT = b'"usage"'  # in every usage-only chunk as it comes: what `is_usage_only_chunk` needs read
+# `"usage":null`, which `include_usage` puts in every chunk but the last, as a key of the
+# chunk's object (after a comma, or first and before one). A quote inside a JSON string is
+# always escaped, so text that merely reads like it is never matched.
+NULL_USAGE = re.compile(rb'\s*,\s*"usage"\s*:\s*null\b|(?<=\{)\s*"usage"\s*:\s*null\s*,\s*')
 
 
 def is_usage_only_chunk(payload: dict[str, Any]) -> bool:

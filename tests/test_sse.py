@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import zlib
@@ -378,6 +379,28 @@ def test_held_stream_past_the_limit_is_read_from_then_on(encoding: str, monkeypa
     tap.finish()
     assert tap.size == len(data)
     check_chat(rebuilder)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["\n", "\r\n"]), st.lists(st.integers(min_value=1, max_value=400), max_size=12))
+def test_the_null_usage_asking_adds_is_taken_out_of_every_chunk(newline: str, cuts: list[int]) -> None:
+    """With `include_usage`, OpenAI puts `"usage":null` in every chunk before the usage
+    chunk: a client that did not ask gets the chunks without it, read without parsing
+    (and text that only looks like it, inside a string, stays)."""
+    from llm_mitm.sse import NULL_USAGE, USAGE_HINT, is_usage_only_chunk
+
+    asked = [(name, {**copy.deepcopy(payload), "usage": None}) for name, payload in CHAT[:-2]]
+    asked[0] = (asked[0][0], {"usage": None, **asked[0][1]})  # first, too, and in a string
+    asked[1][1]["choices"][0]["delta"]["content"] = 'say ,"usage":null'
+    data = sse([*asked, *CHAT[-2:]], newline)
+    expected = sse([*[(name, {k: v for k, v in payload.items() if k != "usage"}) for name, payload in asked], CHAT[-1]], newline)
+    points = sorted({min(c * 7, len(data)) for c in cuts} | {0, len(data)})
+    read: list[dict] = []
+    tap = StreamTap(ChatCompletionsRebuilder())
+    assert tap.drop_events(lambda payload: read.append(payload) or is_usage_only_chunk(payload), USAGE_HINT, None, NULL_USAGE)
+    out = through(tap, *[data[a:b] for a, b in zip(points, points[1:])], b"")
+    assert out == expected
+    assert read == [CHAT[-2][1]] and tap.dropped == 1
 
 
 def test_filter_reads_only_the_events_with_the_hint() -> None:

@@ -2,7 +2,8 @@
 
 A client streaming chat completions without `stream_options.include_usage` gets no
 token counts, and neither would the trace. We ask upstream for them, take them for the
-trace, and drop that extra chunk on the way back, so the client sees what it asked for.
+trace, and drop that extra chunk on the way back (and the `"usage":null` asking adds to
+every other chunk), so the client sees what it asked for.
 The drop needs an uncompressed stream, so the request asks for `identity`.
 """
 
@@ -14,7 +15,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import rewrite_json
 from llm_mitm.addons.shared import Shared
-from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
+from llm_mitm.sse import NULL_USAGE, USAGE_HINT, is_usage_only_chunk
 
 logger = logging.getLogger("llm_mitm.stream_usage")
 
@@ -44,7 +45,7 @@ class StreamUsage:
         exchange = self.shared.exchange(flow)
         if exchange is None or not exchange.injected_stream_usage or exchange.tap is None:
             return
-        if not exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed):  # compressed all the same
+        if not exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed, NULL_USAGE):  # compressed all the same
             _filter_failed("the provider compressed the stream though asked not to")
 
 

@@ -241,6 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
                 events.append({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
         events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if tools else "stop"}]})
         if (request.get("stream_options") or {}).get("include_usage"):
+            events = [{**event, "usage": None} for event in events]  # as OpenAI sends them: every chunk says it has none
             events.append({**head, "choices": [], "usage": usage})
         self._stream([(None, e) for e in events] + [(None, "[DONE]")])
 
