@@ -175,3 +175,26 @@ def test_a_stream_compressed_though_asked_not_to_keeps_its_usage_chunk_and_says_
     assert any(orjson.loads(line[6:]).get("usage") for line in events)
     assert trace_with(proxy, m)["usage"]["output_tokens"]
     assert "the provider compressed the stream though asked not to" in proxy.output
+
+
+@pytest.mark.parametrize("stream_type", ["none", "text/plain; charset=utf-8"])
+def test_a_stream_a_server_does_not_call_one_still_streams(proxy: Mitmdump, stream_type: str) -> None:
+    """An OpenAI-compatible server (or a proxy before it) that sends a requested stream with
+    no content type or as plain text: its events still pass one by one, the usage chunk the
+    proxy asked for is still hidden, and the trace has the reported usage."""
+    import requests
+
+    m = marker()
+    headers = {"authorization": f"Bearer {OPENAI_KEY}", "x-fake-delay-ms": str(DELAY_MS), "x-fake-stream-type": stream_type}
+    arrivals, received = [], b""
+    with requests.post("https://api.openai.com/v1/chat/completions", json=chat(m, stream=True), headers=headers, stream=True, timeout=10,
+                       proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert)) as response:
+        for chunk in response.iter_content(None):
+            arrivals.append(time.monotonic())
+            received += chunk
+    assert arrivals[-1] - arrivals[0] > 5 * DELAY_MS / 1000 * 0.8  # not all at once at the end
+    events = [line for line in received.split(b"\n") if line.startswith(b"data: {")]
+    assert events and all(b'"usage"' not in line for line in events)
+    t = trace_with(proxy, m)
+    assert t["usage"]["output_tokens"] == 7 and t["usage"]["estimated"] is False
+    assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY

@@ -77,7 +77,7 @@ class Recorder:
             return
         response = flow.response
         self._take_head(exchange, flow.request, response)
-        if response.stream or not first_field(exchange.response_fields, b"content-type").lower().startswith("text/event-stream"):
+        if response.stream or not _event_stream(exchange, first_field(exchange.response_fields, b"content-type").lower()):
             return
         upstream = response.raw_content is None  # an answer of ours is whole already
         exchange.tap = StreamTap(
@@ -142,6 +142,16 @@ class Recorder:
             return None
         value = request.query.get("api-key")
         return self.shared.redactor.credential(value) if value else None
+
+
+def _event_stream(exchange: Exchange, content_type: str) -> bool:
+    """An answer to read as server-sent events as it passes: one that says so, or the
+    answer to a call that asked for a stream from a server that names no type or plain
+    text (OpenAI-compatible servers do, or a proxy before them): buffered, its events would
+    reach the client all at once at the end, and its usage chunk not be hidden."""
+    if content_type.startswith("text/event-stream"):
+        return True
+    return exchange.stream and exchange.status_code == 200 and content_type.partition(";")[0].strip() in ("", "text/plain")
 
 
 def _client(flow: http.HTTPFlow) -> str:

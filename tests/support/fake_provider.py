@@ -13,6 +13,8 @@ Test knobs are request headers (clients send them with `extra_headers`):
                     events; "linger-after-end": send every event, then wait 2 s before
                     ending the response (a client that leaves after the last event goes first)
   x-fake-split      cut each streamed event into chunks of this many bytes
+  x-fake-stream-type  the content type of a stream ("none": no such header), as a
+                    misconfigured OpenAI-compatible server (or a proxy before it) sends it
 """
 
 from __future__ import annotations
@@ -351,7 +353,9 @@ class _Handler(BaseHTTPRequestHandler):
         fail = self.headers.get("x-fake-fail")
         split = int(self.headers.get("x-fake-split") or 0)
         self.send_response(200)
-        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        content_type = self.headers.get("x-fake-stream-type") or "text/event-stream; charset=utf-8"
+        if content_type != "none":
+            self.send_header("content-type", content_type)
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         if encoding:
