@@ -2,7 +2,7 @@
 
 The shipped table (`data/pricing.json`, dated) is overridden model by model by the
 `pricing.models` section of the config. A snapshot resolves to its base by a real date
-(or `-latest`, or a version) at the end of its name: `gpt-4o-2024-08-06` -> `gpt-4o`,
+(or `-latest`, `-0`, or a version) at the end of its name: `gpt-4o-2024-08-06` -> `gpt-4o`,
 `claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`. Nothing else is taken off: a
 `-preview` is a model of its own (`gpt-4-1106-preview` is GPT-4 Turbo, not `gpt-4`), and a
 snapshot priced apart from its base is in the table under its own name.
@@ -27,6 +27,7 @@ _SUFFIXES = tuple(re.compile(pattern) for pattern in (
     rf"-{_MONTH}{_DAY}$",  # older OpenAI snapshots: gpt-4-0613
     rf"-2\d{_MONTH}$",  # year and month: mistral-large-2411
     r"-latest$",  # an alias of the newest snapshot
+    r"(?<=\d)-0$",  # Anthropic's alias of a version's first snapshot: claude-sonnet-4-0
     r"-v\d+(?::\d+)?$",  # Bedrock-style versions
 ))
 

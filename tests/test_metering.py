@@ -82,6 +82,8 @@ def test_price_resolution_and_overrides() -> None:
         ("claude-3-5-sonnet-20241022", "claude-3-5-sonnet"),
         ("claude-3-haiku-20240307", "claude-3-haiku"),
         ("claude-3-7-sonnet-latest", "claude-3-7-sonnet"),
+        ("claude-sonnet-4-0", "claude-sonnet-4"),  # aliases of a version's first snapshot
+        ("claude-opus-4-0", "claude-opus-4"),
         ("text-embedding-ada-002-v2", "text-embedding-ada-002"),
         ("gpt-4-32k-0613", None),  # not gpt-4: a distinct model the table does not price
         ("gpt-4.5-preview", None),
