@@ -16,6 +16,7 @@ from llm_mitm.atomic import atomic_output
 from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_environment, prepare_bundle, render
 from llm_mitm.tracefile import ReadReport, read_records
 from llm_mitm.trust import DEFAULT_CONFDIR, TrustError
+from llm_mitm.writer import FILE_MODE
 
 
 class CommandError(Exception):
@@ -34,7 +35,7 @@ def _output(args: argparse.Namespace) -> Iterator[BinaryIO]:
     if args.output.exists() and os.path.samefile(args.output, args.traces):
         raise CommandError(f"the output {args.output} is the trace file itself: name another file with -o")
     try:
-        with atomic_output(args.output) as handle:
+        with atomic_output(args.output, FILE_MODE) as handle:  # a new file: for its owner only, as the traces it is made of
             yield handle
     except OSError as exc:
         raise CommandError(f"cannot write {args.output}: {exc.strerror or exc}") from None

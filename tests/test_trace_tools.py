@@ -97,9 +97,17 @@ def test_export_openai_chat(recorded: Path, tmp_path: Path) -> None:
     assert responses["messages"][1:] == [{"role": "user", "content": "responses question"}, {"role": "assistant", "content": CANNED_REPLY}]
     anthropic = next(e for e in examples if e["messages"][0] == {"role": "system", "content": "be kind"})
     assert anthropic["messages"][-1] == {"role": "assistant", "content": CANNED_REPLY}
+    assert out.stat().st_mode & 0o777 == 0o600  # prompts and answers, as in the traces
     only_mini = tmp_path / "mini.jsonl"
     cli("export", str(recorded), "-o", str(only_mini), "--model", "gpt-4o-mini*")
     assert [orjson.loads(line)["messages"][0]["content"] for line in only_mini.read_bytes().splitlines()] == ["mini question"]
+
+
+def test_a_report_is_its_owners_only(recorded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    result = cli("report", str(recorded), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
 
 
 def chat_record(question: str, reply: Any) -> dict[str, Any]:
