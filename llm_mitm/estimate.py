@@ -32,7 +32,10 @@ def estimate_usage(request_body: Any, response_body: Any) -> Usage | None:
 
 def with_estimated_output(usage: Usage, response_body: Any) -> Usage:
     """Usage whose output count never came (an Anthropic stream cut before its
-    `message_delta`): the input as reported, the output estimated from what arrived."""
+    `message_delta`): the input as reported, the output what a reported total leaves of it
+    (a server that gives prompt and total counts only), else estimated from what arrived."""
+    if usage.total_tokens is not None and usage.input_tokens is not None and usage.total_tokens > usage.input_tokens:
+        return replace(usage, output_tokens=usage.total_tokens - usage.input_tokens)
     output = sum(count_tokens(text) for text in response_texts(response_body))
     total = (usage.input_tokens or 0) + output
     return replace(usage, output_tokens=output, total_tokens=total, estimated=True)

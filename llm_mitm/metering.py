@@ -9,12 +9,13 @@ from typing import Any
 
 from llm_mitm.estimate import estimate_usage, with_estimated_output
 from llm_mitm.pricing import PriceTable, cost_usd
+from llm_mitm.providers import GENERATING_ENDPOINTS
 from llm_mitm.usage import Usage
 
 logger = logging.getLogger("llm_mitm.meter")
 
-GENERATING = ("chat.completions", "completions", "responses", "messages", "embeddings")
-WRITING = ("chat.completions", "completions", "responses", "messages")  # those whose output is tokens
+GENERATING = tuple(GENERATING_ENDPOINTS)
+WRITING = tuple(operation for operation in GENERATING if operation != "embeddings")  # those whose output is tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,14 +59,15 @@ class Route:
     operation: str
     deployment: str | None = None
     api_version: str | None = None
-    # The path goes past the operation's endpoint, to a stored object or a part of one
-    # (`/responses/{id}`, `.../cancel`, `/responses/input_tokens`, `/chat/completions/{id}`):
-    # read, cancelled or counted there, never generated, so never charged.
+    # The path goes past a generating operation's endpoint, to a stored object or a part of
+    # one (`/responses/{id}`, `.../cancel`, `/responses/input_tokens`, `/chat/completions/{id}`):
+    # read, cancelled, counted or updated there, never generated, so never charged.
     subresource: bool = False
 
     def generates(self, method: str) -> bool:
-        """Asks for new output (what the APIs bill): a POST to the operation's endpoint."""
-        return method == "POST" and not self.subresource
+        """Asks a model for new output (what the APIs bill): a POST to a generating
+        operation's endpoint, or to one of its actions that runs the model (`/responses/compact`)."""
+        return method == "POST" and self.operation in GENERATING_ENDPOINTS and not self.subresource
 
 
 class ProviderMatcher:
@@ -175,13 +176,16 @@ def _openai_segments(segments: list[str]) -> list[str]:
     return segments[1:] if segments[:1] == ["openai"] else segments
 
 
-# Segments of each generating operation's own endpoint: a path with more goes past it.
-_ENDPOINT_LENGTH = {"chat.completions": 2, "completions": 1, "embeddings": 1, "responses": 1, "messages": 1}
+# The operations whose calls run a model and are billed by its tokens, with the segments of
+# each one's endpoint (a path with more goes past it) and the actions past it that run the
+# model all the same (`POST /v1/responses/compact` summarises a conversation).
+GENERATING_ENDPOINTS = {"chat.completions": 2, "completions": 1, "embeddings": 1, "responses": 1, "messages": 1}
+_GENERATING_ACTIONS = {"responses": (("compact",),)}
 
 
 def _subresource(operation: str, segments: list[str]) -> bool:
-    length = _ENDPOINT_LENGTH.get(operation)
-    return length is not None and len(segments) > length
+    length = GENERATING_ENDPOINTS.get(operation)
+    return length is not None and len(segments) > length and tuple(segments[length:]) not in _GENERATING_ACTIONS.get(operation, ())
 
 
 def _openai_operation(segments: list[str]) -> str:

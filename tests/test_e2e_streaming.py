@@ -198,3 +198,21 @@ def test_a_stream_a_server_does_not_call_one_still_streams(proxy: Mitmdump, stre
     t = trace_with(proxy, m)
     assert t["usage"]["output_tokens"] == 7 and t["usage"]["estimated"] is False
     assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY
+
+
+@pytest.mark.parametrize("stream_type", ["text/event-stream", "none"])
+def test_a_stream_sent_with_a_length_reaches_the_client_whole_without_its_usage_chunk(proxy: Mitmdump, stream_type: str) -> None:
+    """Hiding the usage chunk makes the answer shorter than upstream's Content-Length: the
+    client must get a body framed another way, not wait for bytes that never come."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    headers = {"authorization": f"Bearer {OPENAI_KEY}", "x-fake-sized": "1", "x-fake-stream-type": stream_type}
+    for _ in range(2):  # the second call over the same kept-alive connection
+        m = marker()
+        response = session.post("https://api.openai.com/v1/chat/completions", json=chat(m, stream=True), headers=headers, timeout=10,
+                                proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert))
+        events = [line for line in response.content.split(b"\n") if line.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]" and all(b'"usage"' not in line for line in events)
+        assert trace_with(proxy, m)["usage"]["output_tokens"] == 7

@@ -116,3 +116,13 @@ def test_making_a_response_is_charged(proxy: Mitmdump) -> None:
     assert response.status_code == 200
     t = trace_with(proxy, m)
     assert t["usage"]["total_tokens"] == 19 and t["cost_usd"] > 0
+
+
+def test_compacting_a_conversation_runs_the_model_and_is_charged(proxy: Mitmdump) -> None:
+    m = marker()
+    response = requests.post("https://api.openai.com/v1/responses/compact", data=orjson.dumps({"model": "gpt-4o", "input": m}),
+                             headers={"Authorization": f"Bearer {OPENAI_KEY}", "content-type": "application/json"},
+                             proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10)
+    assert response.status_code == 200
+    t = trace_with(proxy, m)
+    assert t["usage"]["total_tokens"] == 19 and t["cost_usd"] > 0

@@ -201,6 +201,12 @@ def test_an_anthropic_stream_cut_before_message_delta_has_its_output_estimated()
     assert rebuilder.ended
 
 
+def test_a_reported_total_gives_the_output_count_a_server_left_out() -> None:
+    usage = normalize_usage("openai", {"prompt_tokens": 10, "total_tokens": 25})
+    call = Call("chat.completions", "gpt-4o", usage, {}, {"choices": [{"message": {"content": "abcd"}}]}, error=False, charged=True, status_code=200)
+    assert Metering(PriceTable(), estimate_missing=True).meter(call)[0] == Usage(input_tokens=10, output_tokens=15, total_tokens=25)
+
+
 def test_embeddings_report_no_output_and_none_is_estimated() -> None:
     usage = normalize_usage("openai", {"prompt_tokens": 8, "total_tokens": 8})
     call = Call("embeddings", "text-embedding-3-small", usage, {"input": "x"}, {"data": []}, error=False, charged=True, status_code=200)

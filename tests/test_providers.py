@@ -133,27 +133,31 @@ def test_where_a_batch_input_file_is_read(batch_path: str, expected: str | None)
 
 
 @pytest.mark.parametrize(
-    ("host", "path", "subresource"),
+    ("host", "path", "generates"),
     [
-        ("api.openai.com", "/v1/chat/completions", False),
-        ("api.openai.com", "/v1/chat/completions/chatcmpl-1", True),  # a stored completion
-        ("api.openai.com", "/v1/chat/completions/chatcmpl-1/messages", True),
-        ("api.openai.com", "/v1/responses", False),
-        ("api.openai.com", "/v1/responses/resp_1", True),
-        ("api.openai.com", "/v1/responses/resp_1/cancel", True),
-        ("api.openai.com", "/v1/responses/input_tokens", True),  # counted, not generated
-        ("api.openai.com", "/v1/embeddings", False),
-        ("api.openai.com", "/v1/files/file-1", False),  # not a generating operation at all
-        ("localhost", "/v1beta/openai/responses/resp_1", True),
-        ("r.openai.azure.com", "/openai/deployments/prod-4o/chat/completions?api-version=1", False),
-        ("r.openai.azure.com", "/openai/responses/resp_1?api-version=1", True),
-        ("r.openai.azure.com", "/openai/v1/responses/resp_1", True),
-        ("api.anthropic.com", "/v1/messages", False),
-        ("api.anthropic.com", "/v1/messages/count_tokens", False),  # an operation of its own
+        ("api.openai.com", "/v1/chat/completions", True),
+        ("api.openai.com", "/v1/chat/completions/chatcmpl-1", False),  # a stored completion (read, updated)
+        ("api.openai.com", "/v1/chat/completions/chatcmpl-1/messages", False),
+        ("api.openai.com", "/v1/responses", True),
+        ("api.openai.com", "/v1/responses/resp_1", False),
+        ("api.openai.com", "/v1/responses/resp_1/cancel", False),
+        ("api.openai.com", "/v1/responses/input_tokens", False),  # counted, not generated
+        ("api.openai.com", "/v1/responses/compact", True),  # runs the model to summarise
+        ("api.openai.com", "/v1/responses/compact/", True),
+        ("api.openai.com", "/v1/embeddings", True),
+        ("api.openai.com", "/v1/files", False),  # no model runs
+        ("api.openai.com", "/v1/batches", False),
+        ("localhost", "/v1beta/openai/responses/resp_1", False),
+        ("localhost", "/v1beta/openai/chat/completions", True),
+        ("r.openai.azure.com", "/openai/deployments/prod-4o/chat/completions?api-version=1", True),
+        ("r.openai.azure.com", "/openai/responses/resp_1?api-version=1", False),
+        ("r.openai.azure.com", "/openai/v1/responses/resp_1", False),
+        ("api.anthropic.com", "/v1/messages", True),
+        ("api.anthropic.com", "/v1/messages/count_tokens", False),
+        ("api.anthropic.com", "/v1/messages/batches", False),
     ],
 )
-def test_a_path_past_an_operations_endpoint_generates_nothing(matcher: ProviderMatcher, host: str, path: str, subresource: bool) -> None:
+def test_only_a_post_that_runs_a_model_generates(matcher: ProviderMatcher, host: str, path: str, generates: bool) -> None:
     route = matcher.route(host, 8000 if host == "localhost" else 443, path)
-    assert route is not None and route.subresource is subresource
-    assert route.generates("POST") is not subresource
+    assert route is not None and route.generates("POST") is generates
     assert not route.generates("GET")

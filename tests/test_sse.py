@@ -15,6 +15,7 @@ from llm_mitm.sse import (
     AnthropicRebuilder,
     ChatCompletionsRebuilder,
     ResponsesRebuilder,
+    ServerSentEvent,
     SSEDecoder,
     StreamTap,
     rebuilder_for,
@@ -387,7 +388,7 @@ def test_the_null_usage_asking_adds_is_taken_out_of_every_chunk(newline: str, cu
     """With `include_usage`, OpenAI puts `"usage":null` in every chunk before the usage
     chunk: a client that did not ask gets the chunks without it, read without parsing
     (and text that only looks like it, inside a string, stays)."""
-    from llm_mitm.sse import NULL_USAGE, USAGE_HINT, is_usage_only_chunk
+    from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk, strip_null_usage
 
     asked = [(name, {**copy.deepcopy(payload), "usage": None}) for name, payload in CHAT[:-2]]
     asked[0] = (asked[0][0], {"usage": None, **asked[0][1]})  # first, too, and in a string
@@ -397,10 +398,27 @@ def test_the_null_usage_asking_adds_is_taken_out_of_every_chunk(newline: str, cu
     points = sorted({min(c * 7, len(data)) for c in cuts} | {0, len(data)})
     read: list[dict] = []
     tap = StreamTap(ChatCompletionsRebuilder())
-    assert tap.drop_events(lambda payload: read.append(payload) or is_usage_only_chunk(payload), USAGE_HINT, None, NULL_USAGE)
+    assert tap.drop_events(lambda payload: read.append(payload) or is_usage_only_chunk(payload), USAGE_HINT, None, strip_null_usage)
     out = through(tap, *[data[a:b] for a, b in zip(points, points[1:])], b"")
     assert out == expected
     assert read == [CHAT[-2][1]] and tap.dropped == 1
+
+
+@pytest.mark.parametrize(("event", "expected"), [
+    (b'data: {"id":"a","choices":[],"usage":null}\n\n', b'data: {"id":"a","choices":[]}\n\n'),  # OpenAI's own form
+    (b'data: {"usage": null, "id": "a"}\n\n', b'data: {"id": "a"}\n\n'),
+    (b'data: {"id": "a" ,\t"usage" : null , "x": 1}\r\n\r\n', b'data: {"id": "a"  , "x": 1}\r\n\r\n'),
+    (b'data: {"usage":null}\n\n', b'data: {"usage":null}\n\n'),  # no other key: left as it is
+    # A line break inside an event separates its fields: never taken out with the key.
+    (b'data: {"usage":null,\ndata: "id":"a"}\n\n', b'data: {\ndata: "id":"a"}\n\n'),
+    (b'data: {"id":"a",\r\ndata: "usage":null}\r\n\r\n', b'data: {"id":"a",\r\ndata: "usage":null}\r\n\r\n'),
+    (b'data: {"usage":null,\n\n', b'data: {\n\n'),  # malformed: its blank line stays, so the next event is apart
+    (b'data: {"c":"x\\",\\"usage\\":null"}\n\n', b'data: {"c":"x\\",\\"usage\\":null"}\n\n'),  # in a string
+])
+def test_null_usage_is_taken_out_as_a_key_and_nothing_else(event: bytes, expected: bytes) -> None:
+    from llm_mitm.sse import strip_null_usage
+
+    assert strip_null_usage(event) == expected
 
 
 def test_filter_reads_only_the_events_with_the_hint() -> None:
@@ -515,3 +533,12 @@ def test_azure_empty_head_is_not_the_streams_head() -> None:
     assert body["id"] == "c1" and body["model"] == "gpt-4o-2024-08-06" and body["object"] == "chat.completion"
     no_fingerprint = [(None, {**payload, "system_fingerprint": None} if isinstance(payload, dict) else payload) for _, payload in CHAT]
     assert rebuild(ChatCompletionsRebuilder(), sse(no_fingerprint)).result()["system_fingerprint"] is None  # kept as said
+
+
+def test_a_response_that_failed_is_an_error_whether_or_not_it_says_which() -> None:
+    for error in ({"code": "server_error", "message": "boom"}, None):
+        rebuilder = ResponsesRebuilder()
+        failed = {"type": "response.failed", "response": {"id": "r", "status": "failed", "error": error, "usage": None}}
+        rebuilder.add(ServerSentEvent("response.failed", json.dumps(failed)))
+        assert rebuilder.ended and rebuilder.error
+        assert rebuilder.error == error or rebuilder.error["type"] == "response.failed"

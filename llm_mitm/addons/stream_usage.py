@@ -15,7 +15,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import rewrite_json
 from llm_mitm.addons.shared import Shared
-from llm_mitm.sse import NULL_USAGE, USAGE_HINT, is_usage_only_chunk
+from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk, strip_null_usage
 
 logger = logging.getLogger("llm_mitm.stream_usage")
 
@@ -45,8 +45,16 @@ class StreamUsage:
         exchange = self.shared.exchange(flow)
         if exchange is None or not exchange.injected_stream_usage or exchange.tap is None:
             return
-        if not exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed, NULL_USAGE):  # compressed all the same
+        if not exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed, strip_null_usage):  # compressed all the same
             _filter_failed("the provider compressed the stream though asked not to")
+            return
+        # The client gets fewer bytes than upstream sent: a length that counted them would
+        # leave it waiting for the rest (or cut the stream short on a kept-alive connection).
+        response = flow.response
+        if response is not None and "content-length" in response.headers:
+            del response.headers["content-length"]
+            if response.http_version.startswith("HTTP/1"):  # framed by chunks instead (HTTP/2 frames itself)
+                response.headers["transfer-encoding"] = "chunked"
 
 
 def _filter_failed(reason: str) -> None:

@@ -15,6 +15,7 @@ Test knobs are request headers (clients send them with `extra_headers`):
   x-fake-split      cut each streamed event into chunks of this many bytes
   x-fake-stream-type  the content type of a stream ("none": no such header), as a
                     misconfigured OpenAI-compatible server (or a proxy before it) sends it
+  x-fake-sized      send a stream whole with a Content-Length, not in chunks
 """
 
 from __future__ import annotations
@@ -356,6 +357,14 @@ class _Handler(BaseHTTPRequestHandler):
         content_type = self.headers.get("x-fake-stream-type") or "text/event-stream; charset=utf-8"
         if content_type != "none":
             self.send_header("content-type", content_type)
+        if self.headers.get("x-fake-sized"):
+            whole = b"".join((f"data: {e if isinstance(e, str) else orjson.dumps(e).decode()}\n\n").encode() for _, e in events)
+            self.send_header("content-length", str(len(whole)))
+            self.end_headers()
+            self.received.sent += whole
+            self.wfile.write(whole)
+            self.wfile.flush()
+            return
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         if encoding:
