@@ -1,6 +1,6 @@
 """Answers from recorded traces: the index and the replayed answer. Pure: no mitmproxy.
 
-A call matches a recorded one on provider, path and normalised body (keys sorted;
+A call matches a recorded one on provider, method, path and normalised body (keys sorted;
 `stream` and `stream_options` left out, so a recorded answer serves a streamed call as
 a stream and a plain call as JSON), and on the caller's key fingerprint, so two keys
 never share answers. Bodies are compared as traces hold them, redacted.
@@ -21,13 +21,14 @@ from llm_mitm.tracefile import read_records
 _VOLATILE = ("stream", "stream_options")
 
 
-def request_key(provider: str, url: str, tenant: str | None, body: Any) -> bytes:
+def request_key(provider: str, method: str, url: str, tenant: str | None, body: Any) -> bytes:
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k not in _VOLATILE}
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    return hashlib.blake2b(b"\n".join([provider.encode(), path.encode(), (tenant or "").encode(), canonical]), digest_size=20).digest()
+    fields = [provider.encode(), method.upper().encode(), path.encode(), (tenant or "").encode(), canonical]
+    return hashlib.blake2b(b"\n".join(fields), digest_size=20).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,7 @@ class ReplayIndex:
         sent = (record.get("request") or {}).get("size")
         if isinstance(request, str) or (request is None and sent) or not isinstance(response, (dict, list)):
             return  # a body that is not JSON is kept as a sample at most: no key tells two apart
-        key = request_key(record.get("provider", ""), record.get("url", ""), record.get("api_key"), request)
+        key = request_key(record.get("provider", ""), record.get("method", ""), record.get("url", ""), record.get("api_key"), request)
         self.answers[key] = Recorded(record.get("api", "openai"), record.get("operation", ""), status, response)
 
     def find(self, key: bytes) -> Recorded | None:

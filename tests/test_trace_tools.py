@@ -368,6 +368,20 @@ def test_replay_answers_from_traces_per_tenant(recorded: Path, tmp_path: Path, p
     assert all(r["cost_usd"] is None for r in replayed if r["replay"] == "hit")
 
 
+def test_replay_tells_methods_apart(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A DELETE of a stored response is not answered with the GET of it recorded before."""
+    with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
+        def call(method: str) -> requests.Response:
+            return requests.request(method, "https://api.openai.com/v1/responses/resp_kept", headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+                                    proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+
+        assert call("GET").headers["x-llm-mitm-replay"] == "MISS"
+        assert call("GET").headers["x-llm-mitm-replay"] == "HIT"
+        before = len(provider.requests)
+        assert call("DELETE").headers["x-llm-mitm-replay"] == "MISS"
+        assert len(provider.requests) == before + 1 and provider.requests[-1].method == "DELETE"
+
+
 def test_replay_never_gives_one_upload_the_answer_of_another(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     """A trace keeps no upload (and no more than a sample of a text body): no key tells two
     apart, so such calls always go upstream and are never recorded for replay."""
