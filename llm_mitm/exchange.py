@@ -184,6 +184,10 @@ def read_stream(api: str, status_code: int | None, tap: StreamTap) -> tuple[Body
     tap.read_held()
     tap.finish()
     rebuilder = tap.rebuilder
+    if tap.whole is not None and not rebuilder.events:  # no events, a whole JSON body: read as one
+        body = Body.parse(bytes(tap.whole), "application/json")
+        body.size = tap.size
+        return body, read_outcome(api, status_code, body)
     rebuilt = rebuilder.result()
     outcome = Outcome(rebuilder.model, normalize_usage(api, rebuilder.usage), ended=rebuilder.ended)
     if rebuilder.error is not None:

@@ -517,6 +517,9 @@ class StreamTap:
         self.finished = False
         self.dropped = 0
         self.size = 0  # bytes read, after content decoding (a held stream: those held, as sent)
+        # A JSON body where events were expected (a server that ignored `stream: true`), as
+        # read, up to HOLD_LIMIT: its first byte tells, as an event stream never starts so.
+        self.whole: bytearray | None = None
         self.held: list[bytes] | None = [] if hold else None
         self._decoder = SSEDecoder()
         self._identity = content_encoding.strip().lower() in ("", "identity")
@@ -584,6 +587,10 @@ class StreamTap:
             return
         if chunk:
             data = self._decompress(chunk)
+            if not self.size and data.lstrip()[:1] in (b"{", b"["):
+                self.whole = bytearray()
+            if self.whole is not None and len(self.whole) <= HOLD_LIMIT:
+                self.whole += data
             self.size += len(data)
             events = self._decoder.feed(data)
         else:

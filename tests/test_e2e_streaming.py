@@ -216,3 +216,19 @@ def test_a_stream_sent_with_a_length_reaches_the_client_whole_without_its_usage_
         events = [line for line in response.content.split(b"\n") if line.startswith(b"data: ")]
         assert events[-1] == b"data: [DONE]" and all(b'"usage"' not in line for line in events)
         assert trace_with(proxy, m)["usage"]["output_tokens"] == 7
+
+
+@pytest.mark.parametrize("stream_type", ["none", "text/plain"])
+def test_a_whole_answer_to_a_stream_request_keeps_its_body_and_usage(proxy: Mitmdump, stream_type: str) -> None:
+    """A server that ignores `stream: true` and answers whole, naming no type or plain text,
+    is read as the stream it would be, finds no events, and is read as the body it is."""
+    import requests
+
+    m = marker()
+    headers = {"authorization": f"Bearer {OPENAI_KEY}", "x-fake-ignore-stream": "1", "x-fake-json-type": stream_type}
+    response = requests.post("https://api.openai.com/v1/chat/completions", json=chat(m, stream=True), headers=headers, timeout=10,
+                             proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert))
+    assert response.json()["choices"][0]["message"]["content"] == CANNED_REPLY
+    t = trace_with(proxy, m)
+    assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY
+    assert t["usage"]["output_tokens"] == 7 and t["usage"]["estimated"] is False

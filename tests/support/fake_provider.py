@@ -16,6 +16,8 @@ Test knobs are request headers (clients send them with `extra_headers`):
   x-fake-stream-type  the content type of a stream ("none": no such header), as a
                     misconfigured OpenAI-compatible server (or a proxy before it) sends it
   x-fake-sized      send a stream whole with a Content-Length, not in chunks
+  x-fake-ignore-stream  answer a chat call that asks for a stream whole, as JSON
+  x-fake-json-type  the content type of a JSON answer ("none": no such header)
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
         deployment = "/deployments/" in self.path  # Azure names the model behind the deployment
         model = RESPONSE_MODEL if deployment or request.get("model") == "gpt-4o" else request.get("model", "")
         usage = _openai_usage()
-        if not request.get("stream"):
+        if not request.get("stream") or self.headers.get("x-fake-ignore-stream"):
             message: dict[str, Any] = {"role": "assistant", "content": None if tools else text, "refusal": None}
             if tools:
                 message["tool_calls"] = [_tool_call()]
@@ -334,7 +336,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, payload: Any) -> None:
         body = orjson.dumps(payload)
-        headers = [("content-type", "application/json")]
+        content_type = self.headers.get("x-fake-json-type") or "application/json"
+        headers = [("content-type", content_type)] if content_type != "none" else []
         encoding = self.headers.get("x-fake-encoding") or ("gzip" if "gzip" in (self.headers.get("accept-encoding") or "") else "")
         if encoding:
             encoder = _Encoder(encoding)
