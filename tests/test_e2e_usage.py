@@ -4,6 +4,8 @@ answer read back. Real clients, a real mitmdump, the fake provider."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import orjson
 import pytest
 import requests
@@ -11,9 +13,11 @@ import requests
 from llm_mitm.estimate import count_tokens
 from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.usage import Usage
+from tests.conftest import provider_routes
 from tests.support.clients import drive
-from tests.support.fake_provider import ANTHROPIC_MODEL, CANNED_REPLY
+from tests.support.fake_provider import ANTHROPIC_MODEL, CANNED_REPLY, FakeProvider
 from tests.support.mitm import Mitmdump
+from tests.support.pki import ServerCert
 from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker, trace_with
 from tests.test_e2e_streaming import STREAM_REQUESTS
 
@@ -80,6 +84,29 @@ def test_a_client_that_leaves_after_the_last_event_got_a_whole_answer(proxy: Mit
     assert t["error"] is None, t["error"]
     assert t["usage"] is not None and t["usage"]["estimated"] is False and t["cost_usd"]
     assert t["status_code"] == 200
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider, pki: ServerCert) -> Iterator[Mitmdump]:
+    """Streams read on the proxy's loop, as it passes (a limit needs each call's usage as it ends)."""
+    config = {"policy": {"rate_limits": [{"tokens_per_minute": 10_000_000, "per": "api_key"}]}}
+    with Mitmdump(tmp_path_factory.mktemp("limited"), config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as running:
+        yield running
+
+
+def test_a_client_that_leaves_after_the_last_event_got_a_whole_answer_read_in_the_proxy(limited: Mitmdump) -> None:
+    m = marker()
+    url, body = STREAM_REQUESTS["openai"]
+    received = b""
+    with requests.post(url, json=body(m), headers=_headers("openai", {"x-fake-fail": "linger-after-end"}),
+                       proxies={"https": limited.proxy_url}, verify=str(limited.ca_cert), timeout=10, stream=True) as response:
+        for chunk in response.iter_content(None):
+            received += chunk
+            if b"[DONE]" in received and received.endswith(b"\n\n"):
+                break
+    t = trace_with(limited, m)
+    assert t["error"] is None, t["error"]
+    assert t["usage"] is not None and t["usage"]["estimated"] is False and t["cost_usd"]
 
 
 def test_a_stream_cut_before_its_last_event_is_still_an_error(proxy: Mitmdump) -> None:
