@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import re
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -167,8 +169,120 @@ def split_scheme(value: str) -> tuple[str | None, str]:
     return None, value.strip()
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_HEADER_LINE = re.compile(r"^(\s*)((?:\x1b\[[0-9;]*m)?[A-Za-z0-9_-]+(?:\x1b\[[0-9;]*m)?): (.*)$", re.DOTALL)
+# A terminal's control sequences (mitmdump colours names and values apart on a terminal).
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# A header line, or a query parameter or form field as mitmdump lists them (`name:   value`,
+# padded; mitmproxy 12 as YAML, maybe quoted).
+_NAMED_LINE = re.compile(r"(\s*)([A-Za-z0-9_-]+):([ \t]+)(.*)", re.DOTALL)
+# A line of a hexdump: mitmproxy 11's (`0000000010 61 62 ... 6f   abc`, the hex column 47
+# wide) or 12's (`0010:   61 62 63 64  65 ...   abcde`, the pretty_hex crate's).
+_HEXDUMP_LINE = re.compile(r"\s*(?:[0-9a-f]{10} [0-9a-f ]{47}   |[0-9a-f]{4,16}:   [0-9a-f]{2}(?:  ?[0-9a-f]{2}){0,15}(?: {3}|\s*$))")
+# Where a request's own credentials are looked for everywhere (`Redactor.sent_credentials`):
+# shorter ones would be found in ordinary text.
+SHORTEST_SENT = 8
+_NOTHING_SENT: Mapping[str, str] = MappingProxyType({})
+
+
+def _through_ansi(line: str, redact: Callable[[str], str]) -> str:
+    """`redact` applied to the line's text without its control sequences (one between a name
+    and its value would hide the pair), which are put back where the text around them is
+    unchanged: those inside what was replaced come right after it, so the colour of the rest
+    of the line is as it was. Nothing of the original text comes back, only the codes."""
+    plain = _ANSI.sub("", line)
+    redacted = redact(plain)
+    if redacted == plain:
+        return line
+    head = 0
+    while head < len(plain) and head < len(redacted) and plain[head] == redacted[head]:
+        head += 1
+    tail = 0
+    while tail < len(plain) - head and tail < len(redacted) - head and plain[-1 - tail] == redacted[-1 - tail]:
+        tail += 1
+    shift, after = len(redacted) - len(plain), len(redacted) - tail  # `after`: where the change ends in `redacted`
+    out, done, removed = [], 0, 0
+    for code in _ANSI.finditer(line):
+        at = code.start() - removed  # where it stood in `plain`
+        removed += len(code.group(0))
+        place = at if at <= head else after if at < len(plain) - tail else at + shift  # never decreasing
+        out += [redacted[done:place], code.group(0)]
+        done = place
+    return "".join(out) + redacted[done:]
+
+
+def _hexdump_left_out(lines: list[str]) -> str:
+    """What stands for these lines of hexdump: one line, indented and ended as they are."""
+    first = lines[0]
+    indent = first[: len(first) - len(first.lstrip())]
+    end = "\r" if first.endswith("\r") else ""
+    return f"{indent}({len(lines)} lines of hexdump left out by llm-mitm: a key in binary content cannot be found){end}"
+
+
+def replace_sent(value: Any, sent: Mapping[str, str]) -> Any:
+    """`value` (plain data: a trace record) with every exact occurrence of a credential the
+    request sent replaced by its fingerprint (`sent`, from `Redactor.sent_credentials`): a
+    copy when one is there, else `value` itself. One serialisation and a substring search
+    per credential tell, in C; nearly always none is there (the headers were redacted)."""
+    if not sent:
+        return value
+    try:
+        blob = orjson.dumps(value)
+    except (TypeError, RecursionError):  # not JSON orjson writes: look everywhere
+        present = list(sent.items())
+    else:
+        present = [(secret, hidden) for secret, hidden in sent.items() if orjson.dumps(secret)[1:-1] in blob]
+    if not present:
+        return value
+
+    def replace(text: str) -> str:
+        for secret, hidden in present:
+            text = text.replace(secret, hidden)
+        return text
+
+    return _map_strings(value, replace)
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of plain data with `change` applied to every string, keys included. Iterative:
+    nesting deeper than Python's recursion limit is no problem."""
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+    while stack:
+        item, parent, slot = stack.pop()
+        if isinstance(item, str):
+            parent[slot] = change(item)
+        elif isinstance(item, dict):
+            copy: dict[Any, Any] = {}
+            parent[slot] = copy
+            for key, child in item.items():
+                key = change(key) if isinstance(key, str) else key
+                copy[key] = None
+                stack.append((child, copy, key))
+        elif isinstance(item, (list, tuple)):
+            items: list[Any] = [None] * len(item)
+            parent[slot] = items
+            stack.extend((child, items, index) for index, child in enumerate(item))
+        else:
+            parent[slot] = item
+    return root[0]
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts every record a log handler writes, its traceback too: on the proxy's handlers
+    (`addons.output`) and the trace writer process's. `redactor` follows config reloads."""
+
+    def __init__(self, redactor: Callable[[], Redactor]) -> None:
+        super().__init__("llm_mitm")
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redactor = self.redactor()
+        message = record.getMessage()
+        redacted = redactor.printout(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:  # the text a formatter would write, redacted (it keeps it)
+            record.exc_text = redactor.printout(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 class Redactor:
@@ -183,6 +297,7 @@ class Redactor:
     ) -> None:
         self.headers = SENSITIVE_HEADERS | {h.lower() for h in extra_headers}
         self.params = SENSITIVE_PARAMS | {p.lower() for p in extra_params}
+        self.params_or_headers = self.params | self.headers  # named on a line of mitmdump's printout
         self.fields = SENSITIVE_FIELDS | {p.lower() for p in extra_params}
         # Any field name as a key appears in JSON, quoted: one regex whose every branch
         # starts with a quote is one fast pass; a substring search per name took 1-2 µs
@@ -200,6 +315,9 @@ class Redactor:
             _folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and _A_TOKEN.search(_folded(name)) is None))
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
+        # What repeats from call to call in a trace record, redacted once.
+        self._fields: Memo[str, str] = Memo(self.free_text)
+        self._addresses: Memo[str, str] = Memo(self.url)
 
     def fingerprint(self, secret: str) -> str:
         """`<kind>…<last 4>#<8 hex of sha256>`; the same secret always gives the same text."""
@@ -281,8 +399,11 @@ class Redactor:
         return out
 
     def url(self, url: str) -> str:
+        """A URL, or a line holding one: key-like query parameters, key shapes, and values
+        given to a name like a credential's (`?q=GITHUB_TOKEN=...`), all also as the server
+        reads them, percent-decoded (`GITHUB_TOKEN%3D...`)."""
         if "%" in url:
-            return self.text(self._decoded_url(url))
+            return self._named_values(self.text(self._decoded_url(url)))
 
         def param(m: re.Match[str]) -> str:
             sep, name, value = m.groups()
@@ -290,20 +411,39 @@ class Redactor:
                 return f"{sep}{name}={self.fingerprint(value)}"
             return m.group(0)
 
-        return self.text(self._query.sub(param, url))
+        return self._named_values(self.text(self._query.sub(param, url)))
+
+    def address(self, url: str) -> str:
+        """A request's URL, which repeats from call to call: `url`, remembered."""
+        return self._addresses(url)
+
+    def field(self, value: str) -> str:
+        """A short text that repeats from call to call (a model's name, a deployment, a
+        policy's reason): `free_text`, remembered."""
+        return self._fields(value)
+
+    def form(self, text: str) -> str:
+        """An application/x-www-form-urlencoded body (or the start of one): its fields are a
+        query's parameters, read as `url` reads them (the `&` put before the first makes it
+        one as well)."""
+        return self.url("&" + text)[1:]
 
     def _decoded_url(self, url: str) -> str:
-        """A URL with escapes (`sk%2Dproj%2D...`, `api%2Dkey=`) read as the server reads it:
-        parameters and key shapes found in the decoded text, each replaced where it stands
-        in the URL, which keeps its other escapes (`%26` is not `&`)."""
+        """A URL with escapes (`sk%2Dproj%2D...`, `api%2Dkey=`, `GITHUB_TOKEN%3D...`) read as
+        the server reads it: parameters, key shapes and named values found in the decoded
+        text, each replaced where it stands in the URL, which keeps its other escapes (`%26`
+        is not `&`). A named value ends where the decoded text says (`%20`); `url` reads the
+        text as written after this, which hides the rest of it."""
         decoded, original = _percent_decoded(url)
-        spans = [(m.start(3), m.end(3), m.group(3)) for m in self._query.finditer(decoded)
+        spans = [(m.start(3), m.end(3), self.fingerprint) for m in self._query.finditer(decoded)
                  if m.group(2).lower() in self.params and m.group(3) and not _is_fingerprint(m.group(3))]
-        spans += [(m.start(), m.end(), m.group(0)) for may_hold, shape in _SHAPES if may_hold(decoded) for m in shape.finditer(decoded)]
+        spans += [(m.start(), m.end(), self.fingerprint) for may_hold, shape in _SHAPES if may_hold(decoded) for m in shape.finditer(decoded)]
+        spans += [(start, end, self.opaque) for start, end in self._named_spans(decoded)]
         out, done = [], 0
-        for start, end, secret in sorted(spans, key=lambda span: (span[0], -span[1])):
-            if start >= done:  # a span inside one already replaced is gone with it
-                out += [url[original(done) : original(start)], self.fingerprint(secret)]
+        for start, end, hide in sorted(spans, key=lambda span: (span[0], -span[1])):
+            if end > done:  # a span inside one already replaced is gone with it; one that overlaps it, its rest
+                start = max(start, done)
+                out += [url[original(done) : original(start)], hide(decoded[start:end])]
                 done = end
         return "".join(out) + url[original(done) :]
 
@@ -315,18 +455,25 @@ class Redactor:
 
     def _named_values(self, value: str) -> str:
         """The values given to a credential's name, each hidden whole (see `free_text`)."""
-        if not self._may_name_credential(value) or self._assignment.search(value) is None:
-            return value
         out, done = [], 0
+        for start, end in self._named_spans(value):
+            out += [value[done:start], self.opaque(value[start:end])]
+            done = end
+        return "".join(out) + value[done:] if out else value
+
+    def _named_spans(self, value: str) -> list[tuple[int, int]]:
+        """Where the values given to a credential's name are in `value`."""
+        if not self._may_name_credential(value):
+            return []
+        spans: list[tuple[int, int]] = []
         for match in self._assignment.finditer(value):
-            if match.start() < done:
+            if spans and match.start() < spans[-1][1]:
                 continue
             start, end = _value_span(value, match.end())
             secret = value[start:end]
             if secret and not _is_fingerprint(secret) and _NOT_A_SECRET.fullmatch(secret.rstrip(",;}")) is None:
-                out += [value[done:start], self.opaque(secret)]
-                done = end
-        return "".join(out) + value[done:]
+                spans.append((start, end))
+        return spans
 
     def _may_name_credential(self, text: str) -> bool:
         """Whether `text` holds a credential's name at all (see `_names_something`)."""
@@ -338,12 +485,76 @@ class Redactor:
         k); a `token` is only one when it is not `tokens` (`max_tokens`, in nearly every body)."""
         return _A_TOKEN.search(folded) is not None or any(stem in folded for stem in self._name_stems)
 
-    def log_line(self, line: str) -> str:
-        """A line of proxy output: a `name: value` header line or free text with URLs."""
-        match = _HEADER_LINE.match(line)
-        if match and (name := _ANSI.sub("", match.group(2)).lower()) in self.headers:
-            return f"{match.group(1)}{match.group(2)}: {self.header(name, _ANSI.sub('', match.group(3)))}"
-        return self._named_values(self.url(line))  # `url` has looked for key shapes
+    def log_line(self, line: str, sent: Mapping[str, str] = _NOTHING_SENT) -> str:
+        """A line of proxy output: a `name: value` line (a header, a query parameter or form
+        field as mitmdump lists them) or free text with URLs, read through colour codes;
+        then the credentials the request `sent` (`sent_credentials`), wherever they are."""
+        if "\x1b" in line:
+            return _through_ansi(line, lambda plain: self._plain_line(plain, sent))
+        return self._plain_line(line, sent)
+
+    def _plain_line(self, line: str, sent: Mapping[str, str]) -> str:
+        match = _NAMED_LINE.match(line)
+        line = self._listed(match) if match is not None and match.group(2).lower() in self.params_or_headers else self.url(line)
+        for secret, hidden in sent.items():  # after: a header's own value is a fingerprint already
+            line = line.replace(secret, hidden)
+        return line
+
+    def _listed(self, match: re.Match[str]) -> str:
+        """A credential header, or a parameter as `url` hides it (to the same fingerprint)."""
+        indent, name, gap, rest = match.groups()
+        value = rest.rstrip()
+        if not value:
+            return match.group(0)
+        quote = value[0] if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0] else ""  # YAML (mitmproxy 12) may quote it
+        inner, lowered = value[len(quote) : len(value) - len(quote)], name.lower()
+        hidden = self.header(lowered, inner) if lowered in self.headers else inner if _is_fingerprint(inner) else self.fingerprint(inner)
+        return f"{indent}{name}:{gap}{quote}{hidden}{quote}{rest[len(value):]}"
+
+    def printout(self, text: str, sent: Mapping[str, str] = _NOTHING_SENT) -> str:
+        """What mitmdump prints in one go (a flow's line, a header, a whole body), line by
+        line as `log_line` reads it; but a hexdump (a binary body) is left out whole: a key
+        in it is cut into 16-byte lines in both columns, and no line holds enough of it to be
+        found (nor could a key in UTF-16 or compressed be found at all)."""
+        if "\n" not in text:  # a flow's line, a header: no hexdump (one line of it has 16 bytes, no whole key)
+            return self.log_line(text, sent)
+        plain = _ANSI.sub("", text) if "\x1b" in text else text
+        if "0000000000 " not in plain and "0000:   " not in plain:  # every hexdump starts at offset 0: a search in C, not a test a line
+            return "\n".join([self.log_line(line, sent) for line in text.split("\n")])
+        out: list[str] = []
+        hidden: list[str] = []
+        for line in text.split("\n"):
+            if _HEXDUMP_LINE.match(_ANSI.sub("", line) if "\x1b" in line else line) is not None:
+                hidden.append(line)
+                continue
+            if hidden:
+                out.append(_hexdump_left_out(hidden))
+                hidden = []
+            out.append(self.log_line(line, sent))
+        if hidden:
+            out.append(_hexdump_left_out(hidden))
+        return "\n".join(out)
+
+    def sent_credentials(self, headers: Iterable[Sequence[str]], url: str) -> dict[str, str]:
+        """The credentials a request carried (its credential headers, key-like query
+        parameters), each with the fingerprint it is written as: a key that upstream echoes
+        back (an error quoting it, a header) is then found whatever its shape. Only those of
+        `SHORTEST_SENT` characters or more: a shorter one would be found in ordinary text.
+        Longest first."""
+        sent: dict[str, str] = {}
+        for name, value in headers:
+            name = name.lower()
+            if name in self.headers and name not in ("cookie", "set-cookie"):
+                scheme, token = split_scheme(value)
+                if len(token) >= SHORTEST_SENT:
+                    sent[token] = self.opaque(token) if scheme is not None and scheme.lower() in ("basic", "digest") else self.fingerprint(token)
+        query = url.partition("?")[2]
+        if query:
+            decoded = _percent_decoded("&" + query.partition("#")[0])[0]
+            for match in self._query.finditer(decoded):
+                if match.group(2).lower() in self.params and len(value := match.group(3)) >= SHORTEST_SENT and not _is_fingerprint(value):
+                    sent[value] = self.fingerprint(value)
+        return dict(sorted(sent.items(), key=lambda item: -len(item[0])))  # one holding another goes whole
 
     def json(self, value: Any) -> Any:
         """A redacted copy of parsed JSON (the original is left as it is), or the value

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from llm_mitm.exchange import Body, Exchange, call_error, first, read_outcome, read_stream
 from llm_mitm.metering import Call, Metering
-from llm_mitm.redact import Redactor
+from llm_mitm.redact import Redactor, replace_sent
 from llm_mitm.sse import StreamTap, rebuilder_for
 from llm_mitm.stats import CountRow
 from llm_mitm.usage import Usage
@@ -182,10 +182,11 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
     order): made as plain data, because validating what this module itself built cost
     the trace writer a quarter of its time per record. The tests hold every record they
     read to `TraceRecord` (`schema_checked` in tests/support/mitm.py: each trace line of an
-    end-to-end or trace-sink test)."""
+    end-to-end or trace-sink test). Last, the credentials the request sent are replaced
+    wherever they still are (upstream may echo a key of no known shape: `replace_sent`)."""
     provider, api, operation, deployment = snap["route"]
     policy = snap["policy"]
-    return {
+    record = {
         "schema_version": SCHEMA_VERSION,
         "id": snap["id"],
         "timestamp": datetime.fromtimestamp(snap["started_at"], UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -196,41 +197,50 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
         "api": api,
         "operation": operation,
         "method": snap["method"],
-        "url": redactor.url(snap["url"]),
-        "model": snap["model"],
-        "response_model": snap["response_model"],
-        "deployment": deployment,
+        "url": redactor.address(snap["url"]),
+        "model": _field(snap["model"], redactor),  # a key sent as the model (variables swapped) is a key
+        "response_model": _field(snap["response_model"], redactor),
+        "deployment": _field(deployment, redactor),
         "stream": snap["stream"],
         "status_code": snap["status_code"],
         "request": _message(snap["request_headers"], snap["request"], redactor, bodies),
         "response": _message(snap["response_headers"], snap["response"], redactor, bodies, snap["events"]),
         "usage": snap["usage"],
         "cost_usd": snap["cost_usd"],
-        "policy": {"decision": policy[0], "rule": policy[1], "detail": policy[2]} if policy else None,
+        "policy": {"decision": policy[0], "rule": policy[1], "detail": _field(policy[2], redactor)} if policy else None,
         "replay": snap["replay"],
         "api_key": snap["api_key"],
         "organization": snap["organization"],
         "project": snap["project"],
         "error": redactor.free_text(snap["error"]) if snap["error"] else None,
     }
+    return replace_sent(record, redactor.sent_credentials(snap["request_headers"], snap["url"]))
+
+
+def _field(value: str | None, redactor: Redactor) -> str | None:
+    return redactor.field(value) if value else value
 
 
 def _message(headers: list[tuple[str, str]], body: list[Any], redactor: Redactor, bodies: BodiesMode, events: int | None = None) -> dict[str, Any]:
     size, kind, value = body
     return {
         "headers": redactor.headers_dict(headers) if bodies != "none" else {},
-        "body": _body(kind, value, redactor, bodies),
+        "body": _body(kind, value, redactor, bodies, headers),
         "size": size,
         "events": events,
     }
 
 
-def _body(kind: str | None, value: Any, redactor: Redactor, bodies: BodiesMode) -> Any:
+def _body(kind: str | None, value: Any, redactor: Redactor, bodies: BodiesMode, headers: list[tuple[str, str]]) -> Any:
     if isinstance(value, orjson.Fragment):  # unparsed JSON would pass redaction untouched
         raise TypeError("a trace body must be parsed before it is redacted")
     if bodies != "full" or value is None or kind not in ("json", "text") or (kind == "text" and not value):
         return None
-    return redactor.json(value) if kind == "json" else redactor.free_text(value)
+    if kind == "json":
+        return redactor.json(value)
+    if "urlencoded" in first(headers, "content-type").lower():  # percent-encoded: read as its server reads it
+        return redactor.form(value)
+    return redactor.free_text(value)
 
 
 def _ms(start: float | None, end: float | None) -> float | None:

@@ -392,10 +392,16 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
     """Child side: complete, build and write records until the parent closes its side;
     report the counts of deferred exchanges (and answer sync marks) after each read."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from llm_mitm.redact import RedactingFilter
     from llm_mitm.trace import build_record, complete, count_row
     from llm_mitm.writer import Pending, TraceWriter
 
     making = _Making(settings.making())
+    # What this process logs (a model without a price, named as upstream wrote it) goes to
+    # mitmdump's stderr: redacted as the proxy's own log lines are.
+    redacting = RedactingFilter(lambda: making.redactor)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
     writer = TraceWriter(settings.destination, settings.directory, settings.max_bytes, settings.keep)
 
     def take(line: bytes, counts: list[CountRow], reports: list[bytes], batch: list[Pending]) -> None:

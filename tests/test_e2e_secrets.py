@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import socket
 import string
 import subprocess
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import orjson
 
 from tests.conftest import provider_routes
+from tests.support.canned_server import ok
 from tests.support.clients import drive
 from tests.support.fake_provider import FakeProvider
+from tests.support.listener import Listener
 from tests.support.mitm import Mitmdump
 from tests.support.pki import ServerCert
 
@@ -97,3 +100,88 @@ def test_upstream_still_gets_the_real_key(proxy: Mitmdump, provider: FakeProvide
            "params": {"model": "gpt-4o", "messages": [{"role": "user", "content": "k"}]}}, proxy.client_env())
     assert any(r.header("authorization") == f"Bearer {key}" for r in provider.requests)
     assert not any(key in orjson.dumps(t).decode() for t in proxy.traces())
+
+
+class Answering(Listener):
+    """A plain-HTTP server (a local vLLM, say) that answers each path with bytes given as
+    they are, after reading the request's body whole."""
+
+    def __init__(self, answers: dict[str, bytes]) -> None:
+        self.answers = answers
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data and (piece := conn.recv(65536)):
+                data += piece
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            while length and len(body) < int(length.group(1)) and (piece := conn.recv(65536)):
+                body += piece
+            conn.sendall(self.answers.get(head.split(b" ", 2)[1].decode(), ok(b"{}", status="404 Not Found")))
+
+
+def test_keys_of_no_shape_echoed_named_in_urls_hexdumped_or_sent_as_the_model(tmp_path: Path) -> None:
+    """A review's findings D4-D7, end to end: a compat server's key of no known shape that
+    upstream echoes back (body, header), whichever header or parameter sent it; the query
+    table and a binary body's hexdump in mitmdump's printout; a credential named in the
+    URL or a form, percent-encoded or not; a key sent as the model and answered as the
+    model (no price for it: the trace writer process logs its name)."""
+    keys = {
+        "bearer": "vllm-FAKE" + rand(26), "api_key": "FAKE" + rand(28), "x_api_key": "tok-FAKE" + rand(26), "in_query": "qk-FAKE" + rand(26),
+        "param_key": "vllm-FAKE" + rand(26), "param_token": "FAKE" + rand(24), "param_sig": "FAKE" + rand(24),
+        "named_raw": "ghp_FAKE" + rand(32), "named_encoded": "ghp_FAKE" + rand(32), "named_form": "ghp_FAKE" + rand(32),
+        "form_token": "FAKE" + rand(24), "binary": "sk-proj-FAKE" + rand(60), "model": "sk-proj-FAKE" + rand(60),
+        "response_model": "sk-proj-FAKE" + rand(60),
+    }
+
+    def echo(key: str) -> bytes:
+        body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error", "code": "invalid_api_key"}})
+        return ok(body, "content-type: application/json", f"x-echo: key={key}", status="401 Unauthorized")
+
+    completion = orjson.dumps({"id": "c1", "object": "chat.completion", "model": f"ft:gpt-4o:acme:{keys['response_model']}",
+                               "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    listed = ok(b'{"object": "list", "data": []}', "content-type: application/json")
+    requests: list[tuple[str, list[str]]] = [  # path, curl arguments
+        ("/v1/chat/completions?n=1", ["-H", f"Authorization: Bearer {keys['bearer']}"]),
+        ("/v1/chat/completions?n=2", ["-H", f"api-key: {keys['api_key']}"]),
+        ("/v1/chat/completions?n=3", ["-H", f"x-api-key: {keys['x_api_key']}"]),
+        (f"/v1/chat/completions?n=4&api-key={keys['in_query']}", []),
+        (f"/v1/models?key={keys['param_key']}&token={keys['param_token']}&sig={keys['param_sig']}&api-version=1", []),
+        (f"/v1/models?q=GITHUB_TOKEN={keys['named_raw']}&r=GITHUB_TOKEN%3D{keys['named_encoded']}", []),
+        ("/v1/completions?n=5", ["--data", f"model=m&prompt=GITHUB_TOKEN%3D{keys['named_form']}&token={keys['form_token']}"]),
+        ("/v1/files?n=6", ["-H", "content-type: application/octet-stream", "--data-binary", "@" + str(tmp_path / "binary")]),
+        ("/v1/chat/completions?n=7", ["-H", "content-type: application/json", "--data",
+                                      orjson.dumps({"model": keys["model"], "messages": [{"role": "user", "content": "hi"}]}).decode()]),
+    ]
+    (tmp_path / "binary").write_bytes(b"\x00\x01\x02\xfe\xff" * 30 + keys["binary"].encode() + b"\x00\xff" * 70)
+    answers = {path: echo(next(v for v in keys.values() if v in " ".join(args) + path)) for path, args in requests[:4]}
+    answers.update({requests[4][0]: listed, requests[5][0]: listed, requests[6][0]: ok(b"{}", "content-type: application/json"),
+                    requests[7][0]: ok(b"{}", "content-type: application/json"),
+                    requests[8][0]: ok(completion, "content-type: application/json")})
+    server = Answering(answers)
+    try:
+        config = {"providers": {"vllm": {"api": "openai", "hosts": [f"127.0.0.1:{server.port}"]}}, "traces": {"directory": "per-exchange"}}
+        with Mitmdump(tmp_path, config=config, extra_args=["--set", "flow_detail=4"]) as proxy:
+            for path, args in requests:
+                subprocess.run(["curl", "-sS", "-o", "/dev/null", "--proxy", proxy.proxy_url, f"http://127.0.0.1:{server.port}{path}", *args],
+                               capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True)
+            records = proxy.wait_for_traces(len(requests))
+            assert len(records) == len(requests)
+    finally:
+        server.stop()
+    files = list((tmp_path / "per-exchange").rglob("*.json"))
+    written = proxy.traces_path.read_text() + "".join(f.read_text() for f in files) + proxy.output
+    assert len(files) == len(requests)
+    for name, key in keys.items():
+        part = secret_part(key)
+        for i in range(len(part) - 8):
+            assert part[i : i + 8] not in written, f"{name} key leaked: {part[i:i+8]}"
+    # What was looked at was there: the echoes, the query table, the hexdump, the writer's log line.
+    assert sum(r["status_code"] == 401 and "Incorrect API key provided: …" in (r["error"] or "") for r in records) == 4
+    assert re.search(r"^ +key: +vllm-…", proxy.output, re.MULTILINE) is None and re.search(r"^ +key: +…", proxy.output, re.MULTILINE)
+    assert "x-echo: key=…" in proxy.output and "lines of hexdump left out by llm-mitm" in proxy.output
+    assert "no price for model 'ft:gpt-4o:acme:sk-proj-…" in proxy.output
+    assert any(r["model"] and r["model"].startswith("sk-proj-…") for r in records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -349,3 +350,174 @@ def test_escaped_urls_lose_their_keys_and_keep_the_rest() -> None:
         assert "hunter2secret" not in redactor.url(f"https://x/v1?{name}=hunter2secret&a=1%26b"), name
     nested = redactor.url("https://x/v1?q=sk%2Dproj%2DABCDEFGH%2D0123456789abcdef%30123456789abcdef&next=KEEP_THIS_PARAM&z=1")
     assert nested.endswith("&next=KEEP_THIS_PARAM&z=1") and "0123456789abcdef" not in nested
+
+
+# What mitmdump prints at flow_detail 3 and 4 (a review's findings D4 to D7).
+
+@pytest.mark.parametrize("name", ["key", "token", "sig", "signature", "code", "api-key", "KEY"])
+def test_the_query_table_of_the_printout_hides_what_the_url_hides(name: str) -> None:
+    """mitmdump lists a request's query as `name:   value` lines (padded; mitmproxy 12 as
+    YAML, quoted or not): a value of no known shape goes as the same parameter in the URL
+    goes, to the same fingerprint."""
+    redactor = Redactor()
+    value = "vllm-XYZZYnoShape0123"
+    in_url = redactor.url(f"https://h/v1/models?{name}={value}").rpartition("=")[2]
+    for line, printed in [(f"    {name}:        {value}\r", f"    {name}:        {in_url}\r"), (f"{name}: {value}", f"{name}: {in_url}"),
+                          (f"{name}: '{value}'", f"{name}: '{in_url}'")]:
+        assert redactor.log_line(line) == printed
+    assert redactor.log_line("    api-version:  2024-10-21") == "    api-version:  2024-10-21"
+
+
+def _hexdump_11(data: bytes) -> list[str]:
+    """mitmproxy 11's hexdump lines (`strutils.hexdump`, as its Hex Dump view prints them)."""
+    from mitmproxy.utils import strutils
+
+    return [f"    {offset} {hexa}   {text}" for offset, hexa, text in strutils.hexdump(data)]
+
+
+def _hexdump_12(data: bytes) -> list[str]:
+    """mitmproxy 12's (the pretty_hex crate's, in mitmproxy_rs): `0000:   61 62 63 64  65 ...   abcde`."""
+    lines = []
+    for offset in range(0, len(data), 16):
+        part = data[offset : offset + 16]
+        groups = "  ".join(" ".join(f"{byte:02x}" for byte in part[i : i + 4]) for i in range(0, len(part), 4))
+        text = "".join(chr(byte) if 32 <= byte < 127 else "." for byte in part)
+        lines.append(f"{offset:04x}:   {groups:<50}   {text}")
+    return lines
+
+
+@pytest.mark.parametrize("dump", [_hexdump_11, _hexdump_12])
+def test_a_hexdump_is_left_out_of_the_printout_whole(dump: Callable[[bytes], list[str]]) -> None:
+    """A binary body's key, cut into 16-byte lines (in hex and as text), is in no line whole:
+    no line-by-line reading finds it, so a hexdump is not printed at all (nor its hex
+    column, which spells the key as well)."""
+    key = "sk-proj-" + "XYZZY" * 12
+    data = bytes(range(256))[:150] + key.encode() + b"\x00\xff" * 70
+    lines = dump(data)
+    printed = Redactor().printout("\r\n".join(["    {", *lines, "    }"]))
+    for window in (key[i : i + 6] for i in range(8, len(key) - 6)):
+        assert window not in printed and window.encode().hex() not in printed.replace(" ", "")
+    assert printed.startswith("    {\r\n") and printed.endswith("\r\n    }")
+    assert printed.count("\n") == 2 and f"{len(lines)} lines of hexdump" in printed
+    coloured = [f"\x1b[34m{line[:14]}\x1b[0m{line[14:]}" for line in lines]
+    assert "XYZZY" not in Redactor().printout("\n".join(coloured))
+
+
+def test_ordinary_lines_are_not_taken_for_a_hexdump() -> None:
+    text = "    2024: 12 items\n    0000:   12 items, 0000000000 of them\n    deadbeef00 is a word"
+    assert Redactor().printout(text) == text
+
+
+@pytest.mark.parametrize("line", [
+    '    \x1b[32m        \x1b[0m"password"\x1b[32m: \x1b[0m"XYZZY-pw-1"\x1b[32m,\x1b[0m\r',  # mitmproxy 11's JSON view on a terminal
+    '    \x1b[33m"client_secret"\x1b[0m: \x1b[32m"XYZZY-cs-2"\x1b[0m,',  # mitmproxy 12's highlighted chunks
+    "\x1b[33mapi_key\x1b[0m:\x1b[32m XYZZY-ak-3\x1b[0m",
+    "    \x1b[34mkey\x1b[0m:     \x1b[32mXYZZY-q-4\x1b[0m",
+])
+def test_colour_codes_between_a_name_and_its_value_hide_nothing(line: str) -> None:
+    """On a terminal mitmdump colours names and values apart: the codes between them are
+    looked through, and kept where the text around them is unchanged."""
+    from llm_mitm.redact import _ANSI
+
+    redactor = Redactor()
+    printed = redactor.log_line(line)
+    assert "XYZZY" not in printed
+    assert _ANSI.sub("", printed) == redactor.log_line(_ANSI.sub("", line))
+    assert printed.startswith(line[: line.index("\x1b") + 5]) and printed.endswith(line[line.rindex("\x1b") :])
+    assert sorted(_ANSI.findall(printed)) == sorted(_ANSI.findall(line))
+    assert redactor.log_line("\x1b[32m    plain text\x1b[0m") == "\x1b[32m    plain text\x1b[0m"
+    assert redactor.log_line("a lone \x1b escape: password=XYZZY5") == "a lone \x1b escape: password=" + redactor.opaque("XYZZY5")
+
+
+def test_the_credentials_a_request_sent_are_known_whatever_their_shape() -> None:
+    """A key of no known shape that upstream echoes back (an error quoting it, a header) is
+    found by its exact value: the value the request itself sent."""
+    from llm_mitm.redact import replace_sent
+
+    redactor = Redactor()
+    bearer, azure, query, short = "vllm-XYZZY0bearer", "XYZZY1header-key", "XYZZY2query%2Fkey", "XYZZY3"
+    sent = redactor.sent_credentials(
+        [("Authorization", f"Bearer {bearer}"), ("api-key", azure), ("x-api-key", short), ("content-type", "application/json")],
+        f"https://h/v1/chat?api-version=1&api-key={query}")
+    assert sent == {bearer: redactor.fingerprint(bearer), azure: redactor.fingerprint(azure), "XYZZY2query/key": redactor.fingerprint("XYZZY2query/key")}
+    assert redactor.header("authorization", f"Bearer {bearer}") == f"Bearer {sent[bearer]}"  # as the header is written
+    assert redactor.sent_credentials([("Authorization", "Basic dXNlcjpYWVpaWTRwYXNz")], "https://h/") == {"dXNlcjpYWVpaWTRwYXNz": redactor.opaque("dXNlcjpYWVpaWTRwYXNz")}
+    record = {"error": f"Incorrect API key provided: {bearer}", "headers": {"x-echo": f"key={azure}"},
+              "body": [{"text": f"{short} and XYZZY2query/key", 3: None}], "n": 5}
+    replaced = replace_sent(record, sent)
+    assert "XYZZY0" not in str(replaced) and "XYZZY1" not in str(replaced) and "XYZZY2" not in str(replaced)
+    assert "XYZZY3" in str(replaced)  # too short to be told from ordinary text
+    assert replaced["error"] == f"Incorrect API key provided: {sent[bearer]}" and replaced["n"] == 5
+    assert "XYZZY0" in record["error"]  # the original is left as it was
+    clean = {"error": None, "body": {"text": "nothing sent is here"}}
+    assert replace_sent(clean, sent) is clean
+
+
+@pytest.mark.parametrize("url", [
+    "https://api.openai.com/v1/models?q=GITHUB_TOKEN=ghpXYZZYvalue1&a=1",
+    "https://api.openai.com/v1/models?q=GITHUB_TOKEN%3DghpXYZZYvalue1&a=1",
+    "https://api.openai.com/v1/models?q=GITHUB%5FTOKEN%3d%22ghpXYZZY%20value1%22&a=1",
+    "127.0.0.1:5: GET https://api.openai.com/v1/models?q=db_password%3AghpXYZZYvalue1 HTTP/2.0",
+])
+def test_a_value_named_like_a_credential_in_a_url(url: str) -> None:
+    """In the trace's URL and mitmdump's request line, percent-encoded or not."""
+    redactor = Redactor()
+    for redacted in (redactor.url(url), redactor.log_line(url)):
+        assert "XYZZY" not in redacted, redacted
+        assert redacted.startswith(url[:20]) and (redacted.endswith("&a=1") or redacted.endswith("HTTP/2.0"))
+    assert redactor.url("https://h/v1?q=a%26b%3Dc&max_tokens=5") == "https://h/v1?q=a%26b%3Dc&max_tokens=5"
+
+
+def test_a_form_body_is_read_as_its_server_reads_it() -> None:
+    """application/x-www-form-urlencoded: its fields are a query's parameters (`key=`,
+    `token=` of any shape), its text percent-decoded (`GITHUB_TOKEN%3D...`)."""
+    redactor = Redactor()
+    form = "grant_type=client_credentials&token=XYZZYtok1&q=GITHUB_TOKEN%3DghpXYZZY2+x&client_secret=XYZZY3&n=1"
+    redacted = redactor.form(form)
+    assert "XYZZY" not in redacted, redacted
+    assert redacted.startswith("grant_type=client_credentials&token=") and redacted.endswith("&n=1")
+    assert redactor.form("a=1&b=hello%20world") == "a=1&b=hello%20world"
+
+
+def test_log_records_are_redacted_with_their_tracebacks() -> None:
+    """The filter on the proxy's and the trace writer process's log handlers."""
+    import logging
+
+    from llm_mitm.redact import RedactingFilter
+
+    redactor = Redactor()
+    key = "sk-proj-" + "XYZZY" * 10
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "no price for model %r", (f"ft:{key}",), None)
+    try:
+        raise KeyError(f"GITHUB_TOKEN=XYZZYtb {key}")
+    except KeyError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert RedactingFilter(lambda: redactor).filter(record)
+    text = logging.Formatter().format(record)
+    assert "XYZZY" not in text and "no price for model 'ft:sk-proj-…" in text and "KeyError" in text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["\x1b[32m", "\x1b[0m", "\x1b[1m", '"password"', "password", ": ", "=", '"', " ", "key", "    ",
+                                 "XYZZY-1", "hunter2XYZZY", KEYS["project"], "Bearer ", "token", "GITHUB_TOKEN", "%3D", "é", "\x1b", "["]),
+                max_size=14).map("".join))
+def test_colour_codes_change_nothing_but_where_they_stand(line: str) -> None:
+    """A line with codes reads as the same line without them; the codes all stay."""
+    from llm_mitm.redact import _ANSI
+
+    redactor = Redactor()
+    printed = redactor.log_line(line)
+    assert _ANSI.sub("", printed) == redactor.log_line(_ANSI.sub("", line))
+    assert sorted(_ANSI.findall(printed)) == sorted(_ANSI.findall(line))
+
+
+def test_a_sent_credential_holding_another_goes_whole() -> None:
+    from llm_mitm.redact import replace_sent
+
+    redactor = Redactor()
+    sent = redactor.sent_credentials([("api-key", "XYZZYabcd"), ("authorization", "Bearer XYZZYabcdTAIL1234")], "https://h/v1?key=XYZZYab")
+    assert list(sent) == ["XYZZYabcdTAIL1234", "XYZZYabcd"]  # `key` is too short
+    for text in (replace_sent({"e": "XYZZYabcdTAIL1234 XYZZYabcd"}, sent)["e"], redactor.log_line("e: XYZZYabcdTAIL1234 XYZZYabcd", sent)):
+        assert "XYZZY" not in text and "TAIL" not in text, text

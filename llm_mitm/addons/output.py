@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from mitmproxy import ctx
 
 from llm_mitm.addons.shared import Shared
-
-
-class _RedactingFilter(logging.Filter):
-    def __init__(self, shared: Shared) -> None:
-        super().__init__("llm_mitm")
-        self.shared = shared
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = self.shared.redactor.log_line(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
+from llm_mitm.redact import RedactingFilter
 
 
 class OutputRedaction:
@@ -31,24 +20,42 @@ class OutputRedaction:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self._filter = _RedactingFilter(shared)
+        self._filter = RedactingFilter(lambda: self.shared.redactor)  # follows config reloads
         self._handlers: list[logging.Handler] = []
 
     def running(self) -> None:
         dumper = ctx.master.addons.get("dumper")
         if dumper is not None and not getattr(dumper, "_llm_mitm_redacted", False):
-            echo = dumper.echo
-            redactor = lambda: self.shared.redactor  # noqa: E731 - follows config reloads
-
-            def redacted_echo(text: str, ident: int | None = None, **style: object) -> None:
-                echo("\n".join(redactor().log_line(line) for line in text.split("\n")), ident, **style)
-
-            dumper.echo = redacted_echo
-            dumper._llm_mitm_redacted = True
+            self._wrap(dumper)
         for handler in logging.getLogger().handlers:
             if self._filter not in handler.filters:
                 handler.addFilter(self._filter)
                 self._handlers.append(handler)
+
+    def _wrap(self, dumper: Any) -> None:
+        """Every text the dumper prints goes through `Redactor.printout`. While it prints a
+        flow's headers and bodies (flow_detail 2 and up), the credentials that flow's request
+        sent are known too, so that upstream's echo of a key of no known shape is found
+        (an error quoting it, a header): what that costs is paid only where mitmdump formats
+        headers and bodies itself, never at the default flow_detail (the URL alone)."""
+        echo, echo_flow = dumper.echo, dumper.echo_flow
+        sent: dict[str, str] = {}  # of the flow being printed
+
+        def redacted_echo(text: str, ident: int | None = None, **style: object) -> None:
+            echo(self.shared.redactor.printout(text, sent), ident, **style)
+
+        def echo_flow_knowing_its_credentials(flow: Any) -> None:
+            request = getattr(flow, "request", None)
+            if request is not None and ctx.options.flow_detail >= 2:
+                sent.update(self.shared.redactor.sent_credentials(request.headers.items(multi=True), request.url))
+            try:
+                echo_flow(flow)
+            finally:
+                sent.clear()
+
+        dumper.echo = redacted_echo
+        dumper.echo_flow = echo_flow_knowing_its_credentials
+        dumper._llm_mitm_redacted = True
 
     def done(self) -> None:
         for handler in self._handlers:
