@@ -241,9 +241,13 @@ def replace_sent(value: Any, sent: Mapping[str, str]) -> Any:
     return _map_strings(value, replace)
 
 
-def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
-    """A copy of plain data with `change` applied to every string, keys included. Iterative:
-    nesting deeper than Python's recursion limit is no problem."""
+def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[[str], str] | None = None,
+                named: Callable[[str, str], str | None] | None = None) -> Any:
+    """A copy of plain data with `change` applied to every string and `change_key` (else
+    `change`) to every key; `named(key, text)` may decide a non-empty string by the key it is
+    the value of (None: `change` does). Iterative: nesting deeper than Python's recursion
+    limit is no problem."""
+    change_key = change_key or change
     root: list[Any] = [None]
     stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
     while stack:
@@ -254,7 +258,12 @@ def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
             copy: dict[Any, Any] = {}
             parent[slot] = copy
             for key, child in item.items():
-                key = change(key) if isinstance(key, str) else key
+                if isinstance(key, str):
+                    decided = named(key, child) if named is not None and isinstance(child, str) and child else None
+                    key = change_key(key)
+                    if decided is not None:
+                        copy[key] = decided
+                        continue
                 copy[key] = None
                 stack.append((child, copy, key))
         elif isinstance(item, (list, tuple)):
@@ -577,28 +586,9 @@ class Redactor:
     def _walk(self, value: Any, names: bool = True) -> Any:
         """Every string and key of `value` tested, into a copy; each string also for the
         values given to a credential's name, unless none is named anywhere (`names`)."""
-        root: list[Any] = [None]
-        stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
-        while stack:
-            item, parent, slot = stack.pop()
-            if isinstance(item, str):
-                parent[slot] = self.free_text(item) if names else self.text(item)  # a prompt's `GITHUB_TOKEN=...` too
-            elif isinstance(item, dict):
-                copy: dict[Any, Any] = {}
-                parent[slot] = copy
-                for key, child in item.items():
-                    if isinstance(key, str):
-                        named = key.lower() in self.fields
-                        key = self.text(key)  # a key can be a secret too (`{"sk-...": ...}`)
-                        if named and isinstance(child, str) and child:
-                            copy[key] = self.credential(child)
-                            continue
-                    copy[key] = None
-                    stack.append((child, copy, key))
-            elif isinstance(item, list):
-                items: list[Any] = [None] * len(item)
-                parent[slot] = items
-                stack.extend((child, items, index) for index, child in enumerate(item))
-            else:
-                parent[slot] = item
-        return root[0]
+        return _map_strings(
+            value,
+            self.free_text if names else self.text,  # a prompt's `GITHUB_TOKEN=...` too
+            change_key=self.text,  # a key can be a secret too (`{"sk-...": ...}`)
+            named=lambda key, text: self.credential(text) if key.lower() in self.fields else None,
+        )

@@ -135,19 +135,10 @@ def test_reading_a_stored_response_back_is_not_charged(proxy: Mitmdump, method: 
     assert t["response"]["body"]["usage"]["total_tokens"] == 19  # what it said is kept
 
 
-def test_making_a_response_is_charged(proxy: Mitmdump) -> None:
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/responses/compact"])  # compact runs the model to summarise
+def test_making_or_compacting_a_response_is_charged(proxy: Mitmdump, path: str) -> None:
     m = marker()
-    response = requests.post("https://api.openai.com/v1/responses", data=orjson.dumps({"model": "gpt-4o", "input": m}),
-                             headers={"Authorization": f"Bearer {OPENAI_KEY}", "content-type": "application/json"},
-                             proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10)
-    assert response.status_code == 200
-    t = trace_with(proxy, m)
-    assert t["usage"]["total_tokens"] == 19 and t["cost_usd"] > 0
-
-
-def test_compacting_a_conversation_runs_the_model_and_is_charged(proxy: Mitmdump) -> None:
-    m = marker()
-    response = requests.post("https://api.openai.com/v1/responses/compact", data=orjson.dumps({"model": "gpt-4o", "input": m}),
+    response = requests.post("https://api.openai.com" + path, data=orjson.dumps({"model": "gpt-4o", "input": m}),
                              headers={"Authorization": f"Bearer {OPENAI_KEY}", "content-type": "application/json"},
                              proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=10)
     assert response.status_code == 200
