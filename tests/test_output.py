@@ -59,7 +59,7 @@ def test_the_query_table_hides_parameters_as_the_url_does(name: str, terminal: b
     assert "XYZZY" not in text, text
     fingerprint = Redactor().fingerprint(UNSHAPED)
     assert text.count(fingerprint) == 2  # the request line, the query table
-    assert re.search(rf"^ +(\x1b\[[0-9;]*m)*{name}:", text, re.MULTILINE)
+    assert re.search(rf"^ +(\x1b\[[0-9;]*m)*{name}(\x1b\[[0-9;]*m)*:", text, re.MULTILINE)  # mitmproxy 12 colours the name alone
 
 
 @pytest.mark.parametrize("terminal", [False, True])
