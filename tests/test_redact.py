@@ -95,10 +95,10 @@ def test_configured_header_and_pattern() -> None:
 def test_url_query_parameters() -> None:
     redactor = Redactor()
     azure = KEYS["azure"]
-    url = f"https://r.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21&api-key={azure}&key=shortsecret1"
+    url = f"https://r.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-10-21&api-key={azure}&key=shortsecret1&subscription-key=apimsecret2"
     redacted = redactor.url(url)
     assert_gone(azure, redacted)
-    assert "shortsecret1" not in redacted
+    assert "shortsecret1" not in redacted and "apimsecret2" not in redacted  # the last: Azure API Management's
     assert "api-version=2024-10-21" in redacted
     path_key = KEYS["openai"]
     assert_gone(path_key, redactor.url(f"https://x/v1/{path_key}/chat"))
@@ -354,7 +354,7 @@ def test_escaped_urls_lose_their_keys_and_keep_the_rest() -> None:
 
 # What mitmdump prints at flow_detail 3 and 4 (a review's findings D4 to D7).
 
-@pytest.mark.parametrize("name", ["key", "token", "sig", "signature", "code", "api-key", "KEY"])
+@pytest.mark.parametrize("name", ["key", "token", "sig", "signature", "code", "api-key", "KEY", "subscription-key"])
 def test_the_query_table_of_the_printout_hides_what_the_url_hides(name: str) -> None:
     """mitmdump lists a request's query as `name:   value` lines (padded; mitmproxy 12 as
     YAML, quoted or not): a value of no known shape goes as the same parameter in the URL
