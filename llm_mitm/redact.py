@@ -232,13 +232,14 @@ def replace_sent(value: Any, sent: Mapping[str, str]) -> Any:
         present = [(secret, hidden) for secret, hidden in sent.items() if orjson.dumps(secret)[1:-1] in blob]
     if not present:
         return value
+    return _map_strings(value, lambda text: _replace_each(text, present))
 
-    def replace(text: str) -> str:
-        for secret, hidden in present:
-            text = text.replace(secret, hidden)
-        return text
 
-    return _map_strings(value, replace)
+def _replace_each(text: str, pairs: Iterable[tuple[str, str]]) -> str:
+    """Each secret in `text` replaced by what hides it, in the order given (longest first)."""
+    for secret, hidden in pairs:
+        text = text.replace(secret, hidden)
+    return text
 
 
 def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[[str], str] | None = None,
@@ -416,11 +417,14 @@ class Redactor:
 
         def param(m: re.Match[str]) -> str:
             sep, name, value = m.groups()
-            if name.lower() in self.params and value and not _is_fingerprint(value):
-                return f"{sep}{name}={self.fingerprint(value)}"
-            return m.group(0)
+            return f"{sep}{name}={self.fingerprint(value)}" if self._is_key_param(m) else m.group(0)
 
         return self._named_values(self.text(self._query.sub(param, url)))
+
+    def _is_key_param(self, match: re.Match[str]) -> bool:
+        """A query parameter (`_query`'s match) named like a key, whose value is not hidden yet."""
+        value = match.group(3)
+        return match.group(2).lower() in self.params and bool(value) and not _is_fingerprint(value)
 
     def address(self, url: str) -> str:
         """A request's URL, which repeats from call to call: `url`, remembered."""
@@ -444,8 +448,7 @@ class Redactor:
         is not `&`). A named value ends where the decoded text says (`%20`); `url` reads the
         text as written after this, which hides the rest of it."""
         decoded, original = _percent_decoded(url)
-        spans = [(m.start(3), m.end(3), self.fingerprint) for m in self._query.finditer(decoded)
-                 if m.group(2).lower() in self.params and m.group(3) and not _is_fingerprint(m.group(3))]
+        spans = [(m.start(3), m.end(3), self.fingerprint) for m in self._query.finditer(decoded) if self._is_key_param(m)]
         spans += [(m.start(), m.end(), self.fingerprint) for may_hold, shape in _SHAPES if may_hold(decoded) for m in shape.finditer(decoded)]
         spans += [(start, end, self.opaque) for start, end in self._named_spans(decoded)]
         out, done = [], 0
@@ -505,9 +508,7 @@ class Redactor:
     def _plain_line(self, line: str, sent: Mapping[str, str]) -> str:
         match = _NAMED_LINE.match(line)
         line = self._listed(match) if match is not None and match.group(2).lower() in self.params_or_headers else self.url(line)
-        for secret, hidden in sent.items():  # after: a header's own value is a fingerprint already
-            line = line.replace(secret, hidden)
-        return line
+        return _replace_each(line, sent.items())  # after: a header's own value is a fingerprint already
 
     def _listed(self, match: re.Match[str]) -> str:
         """A credential header, or a parameter as `url` hides it (to the same fingerprint)."""
@@ -561,7 +562,7 @@ class Redactor:
         if query:
             decoded = _percent_decoded("&" + query.partition("#")[0])[0]
             for match in self._query.finditer(decoded):
-                if match.group(2).lower() in self.params and len(value := match.group(3)) >= SHORTEST_SENT and not _is_fingerprint(value):
+                if self._is_key_param(match) and len(value := match.group(3)) >= SHORTEST_SENT:
                     sent[value] = self.fingerprint(value)
         return dict(sorted(sent.items(), key=lambda item: -len(item[0])))  # one holding another goes whole
 

@@ -505,7 +505,7 @@ class StreamTap:
 
     With `drop_events(predicate, hint)` (uncompressed streams only) the tap forwards whole
     events instead of raw chunks and leaves out those the predicate picks, reading only the
-    events that contain `hint` (and first taking out of them what `strip` matches): used to
+    events that contain `hint` (after `strip` has taken out of them what it takes): used to
     hide the usage chunk that the proxy asked for and the client did not, and the
     `"usage":null` that asking puts in every other chunk. The filter failing stops the
     filter (every byte then goes on as it came, and `on_failure` is told why), not the rebuild.

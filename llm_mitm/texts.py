@@ -130,13 +130,11 @@ class _Collector:
         # The structured output's format and schema, read as a tool's are: chat's
         # `response_format.json_schema`, Responses' `text.format`, Anthropic's `output_format`
         # (beta) and `output_config.format`.
-        for outer, inner in (("response_format", "json_schema"), ("text", "format"), ("output_config", "format")):
+        for outer, inner in (("response_format", "json_schema"), ("text", "format"), ("output_config", "format"), ("output_format", None)):
             holder = body.get(outer)
-            if isinstance(holder, dict) and isinstance(holder.get(inner), dict):
-                _schema_texts(self.out, holder[inner], _SCHEMA_DEPTH)
-        output_format = body.get("output_format")
-        if isinstance(output_format, dict):
-            _schema_texts(self.out, output_format, _SCHEMA_DEPTH)
+            schema = holder.get(inner) if inner is not None and isinstance(holder, dict) else holder
+            if isinstance(schema, dict):
+                _schema_texts(self.out, schema, _SCHEMA_DEPTH)
         prediction = body.get("prediction")
         if isinstance(prediction, dict):  # chat: the output the model is told to expect of itself, read as its own
             self.content("assistant", prediction.get("content"))
