@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from llm_mitm.redact import Redactor
@@ -504,9 +504,13 @@ def test_log_records_are_redacted_with_their_tracebacks() -> None:
                                  "XYZZY-1", "hunter2XYZZY", KEYS["project"], "Bearer ", "token", "GITHUB_TOKEN", "%3D", "é", "\x1b", "["]),
                 max_size=14).map("".join))
 def test_colour_codes_change_nothing_but_where_they_stand(line: str) -> None:
-    """A line with codes reads as the same line without them; the codes all stay."""
+    """A line with codes reads as the same line without them; the codes all stay. An escape
+    character outside a code is not what mitmdump prints (it escapes every control character
+    of a flow's text), and taking codes out around one can make another: "the same line
+    without its codes" is then no one line."""
     from llm_mitm.redact import _ANSI
 
+    assume("\x1b" not in _ANSI.sub("", line))
     redactor = Redactor()
     printed = redactor.log_line(line)
     assert _ANSI.sub("", printed) == redactor.log_line(_ANSI.sub("", line))
