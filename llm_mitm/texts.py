@@ -4,8 +4,8 @@ The conversation: chat `messages` (string content or content-part arrays, tool m
 Responses `instructions` and `input` (a string or items: messages and tool outputs),
 Anthropic `system` (string or blocks) and `messages` (text, tool results, documents,
 search results), and the legacy `prompt` and `suffix`. Beside it, what else the model
-reads (`extras`): the texts of tools' schemas and of a structured output's (descriptions,
-titles, enum and example values), a predicted output, the arguments of earlier tool calls,
+reads (`extras`): the texts of tools' schemas and of a structured output's (names,
+descriptions, titles, property names, enum and example values), a predicted output, the arguments of earlier tool calls,
 a stored prompt's variables. And for matching (`joined`), the runs of texts read in a row:
 a message's text parts, and consecutive messages of one role (Anthropic reads them as one
 turn), so that a phrase split in two is still one phrase.
@@ -38,14 +38,15 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
 }
 _SCHEMA_DEPTH = 32  # how deep a schema is read for its texts
 # What each JSON Schema keyword holds that the model reads (a schema is rendered into its
-# prompt): a text; a value (its strings, in lists and objects too: `enum` is how the model
-# learns what to write); a schema or a list of them; schemas by name. A tool's own keys (its
-# `description`, `parameters`, Anthropic's `input_schema`) and a structured output format's
-# (`description`, `schema`) read as a schema's, so one walk serves them all. Looked up per
-# key a node has (a few), not per keyword known (two dozen).
-_TEXT, _VALUE, _SCHEMA, _MAP = range(4)
+# prompt): a text; a name; a value (its strings, in lists and objects too: `enum` is how the
+# model learns what to write); a schema or a list of them; schemas by name (the names are
+# read too: a property's name tells the model what to write there). A tool's own keys (its
+# `name`, `description`, `parameters`, Anthropic's `input_schema`) and a structured output
+# format's (`name`, `description`, `schema`) read as a schema's, so one walk serves them all.
+# Looked up per key a node has (a few), not per keyword known (two dozen).
+_TEXT, _NAME, _VALUE, _SCHEMA, _MAP = range(5)
 _SCHEMA_KEYS = {
-    "description": _TEXT, "title": _TEXT,
+    "description": _TEXT, "title": _TEXT, "name": _NAME,
     "enum": _VALUE, "const": _VALUE, "default": _VALUE, "examples": _VALUE,
     "parameters": _SCHEMA, "input_schema": _SCHEMA, "schema": _SCHEMA,
     "items": _SCHEMA, "prefixItems": _SCHEMA, "additionalProperties": _SCHEMA, "contains": _SCHEMA,
@@ -236,10 +237,15 @@ def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> No
         if kind == _TEXT:
             if isinstance(value, str):
                 out.append(("system", value))
+        elif kind == _NAME:
+            if isinstance(value, str):
+                out.append(("system", name_words(value)))
         elif kind == _VALUE:
             _value_texts(out, value, depth)
         elif depth > 0:
             if isinstance(value, dict):
+                if kind == _MAP:
+                    out.extend(("system", name_words(name)) for name in value)
                 children = list(value.values()) if kind == _MAP else [value]
             else:
                 children = _list(value) if kind == _SCHEMA else []
@@ -255,6 +261,16 @@ def _value_texts(out: list[RoleText], value: Any, depth: int) -> None:
     elif depth > 0 and isinstance(value, (list, dict)):
         for item in value.values() if isinstance(value, dict) else value:
             _value_texts(out, item, depth - 1)
+
+
+_NAME_BREAKS = re.compile(r"[_\-.]+|(?<=[a-z0-9])(?=[A-Z])")
+
+
+def name_words(name: str) -> str:
+    """A name as the words the model reads in it: `ignore_previous_instructions` and
+    `ignorePreviousInstructions` say what `ignore previous instructions` says (tool names
+    allow no spaces, so a phrase there is written this way)."""
+    return _NAME_BREAKS.sub(" ", name)
 
 
 def tool_input_text(value: Any) -> str:
