@@ -1,9 +1,11 @@
 """Answers from recorded traces: the index and the replayed answer. Pure: no mitmproxy.
 
-A call matches a recorded one on provider, method, path and normalised body (keys sorted;
-`stream` and `stream_options` left out, so a recorded answer serves a streamed call as
-a stream and a plain call as JSON), and on the caller's key fingerprint, so two keys
-never share answers. Bodies are compared as traces hold them, redacted.
+A call matches a recorded one on provider, method, host, path and normalised body (keys
+sorted; `stream` and `stream_options` left out, so a recorded answer serves a streamed
+call as a stream and a plain call as JSON), and on who asks: the caller's key
+fingerprint, organization and project, so two tenants never share answers (nor two
+Azure resources, or two servers of one provider). Bodies are compared as traces hold
+them, redacted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,13 +24,15 @@ from llm_mitm.tracefile import read_records
 _VOLATILE = ("stream", "stream_options")
 
 
-def request_key(provider: str, method: str, url: str, tenant: str | None, body: Any) -> bytes:
+def request_key(provider: str, method: str, url: str, tenant: Sequence[str | None], body: Any) -> bytes:
+    """`tenant`: the key fingerprint, organization and project the call went upstream with."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k not in _VOLATILE}
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    fields = [provider.encode(), method.upper().encode(), path.encode(), (tenant or "").encode(), canonical]
+    who = orjson.dumps([parts.netloc.lower(), *tenant])
+    fields = [provider.encode(), method.upper().encode(), path.encode(), who, canonical]
     return hashlib.blake2b(b"\n".join(fields), digest_size=20).digest()
 
 
@@ -64,7 +69,8 @@ class ReplayIndex:
         sent = (record.get("request") or {}).get("size")
         if isinstance(request, str) or (request is None and sent) or not isinstance(response, (dict, list)):
             return  # a body that is not JSON is kept as a sample at most: no key tells two apart
-        key = request_key(record.get("provider", ""), record.get("method", ""), record.get("url", ""), record.get("api_key"), request)
+        key = request_key(record.get("provider", ""), record.get("method", ""), record.get("url", ""),
+                          (record.get("api_key"), record.get("organization"), record.get("project")), request)
         self.answers[key] = Recorded(record.get("api", "openai"), record.get("operation", ""), status, response)
 
     def find(self, key: bytes) -> Recorded | None:

@@ -21,7 +21,7 @@ from tests.support.clients import drive
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
 from tests.support.mitm import Mitmdump
 from tests.support.pki import ServerCert
-from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker
+from tests.test_e2e_clients import ANTHROPIC_KEY, AZURE_KEY, OPENAI_KEY, chat, marker
 from tests.test_setup_helpers import with_file_size_limit
 
 LLM_MITM = str(Path(sys.executable).with_name("llm-mitm"))
@@ -366,6 +366,39 @@ def test_replay_answers_from_traces_per_tenant(recorded: Path, tmp_path: Path, p
     replayed = [orjson.loads(line) for line in (tmp_path / "replayed.jsonl").read_bytes().splitlines()]
     assert [r["replay"] for r in replayed] == ["hit", "hit", "hit", "hit", "hit", "miss", "hit"]
     assert all(r["cost_usd"] is None for r in replayed if r["replay"] == "hit")
+
+
+def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """The same question asked by another organization, project, Azure resource or API
+    Management subscription (its key in a header or the query) is another tenant's: each
+    goes upstream once, then is its own hit."""
+    openai = "https://api.openai.com/v1/chat/completions"
+    azure = "https://{}.openai.azure.com/openai/deployments/gpt-4o/chat/completions"
+    bearer = {"Authorization": f"Bearer {OPENAI_KEY}"}
+    subscription = ["fedcba987654321" + str(n) for n in range(4)]  # API Management keys: 16 hex digits and more
+    callers: list[tuple[str, dict[str, str], dict[str, str]]] = [
+        (openai, {**bearer, "OpenAI-Organization": "org-one"}, {}),
+        (openai, {**bearer, "OpenAI-Organization": "org-two"}, {}),
+        (openai, {**bearer, "OpenAI-Organization": "org-one", "OpenAI-Project": "proj_a"}, {}),
+        (openai, {**bearer, "OpenAI-Organization": "org-one", "OpenAI-Project": "proj_b"}, {}),
+        (azure.format("east"), {"api-key": AZURE_KEY}, {}),
+        (azure.format("west"), {"api-key": AZURE_KEY}, {}),
+        (azure.format("east"), {"Ocp-Apim-Subscription-Key": subscription[0]}, {}),
+        (azure.format("east"), {"Ocp-Apim-Subscription-Key": subscription[1]}, {}),
+        (azure.format("east"), {}, {"subscription-key": subscription[2]}),
+        (azure.format("east"), {}, {"subscription-key": subscription[3]}),
+    ]
+    with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
+        def ask(url: str, headers: dict[str, str], query: dict[str, str]) -> str:
+            answer = requests.post(url, json=chat("which tenant am I"), headers=headers, params={"api-version": "2024-10-21", **query},
+                                   proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer.headers["x-llm-mitm-replay"]
+
+        before = len(provider.requests)
+        assert [ask(*caller) for caller in callers] == ["MISS"] * len(callers)
+        assert [ask(*caller) for caller in callers] == ["HIT"] * len(callers)
+        assert len(provider.requests) == before + len(callers)
 
 
 def test_replay_tells_methods_apart(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:

@@ -15,11 +15,15 @@ from llm_mitm.sse import StreamTap, rebuilder_for
 
 # Where each API takes its key from, first the header it reads first: a client that also
 # sends another (say a stray Authorization to Anthropic) is still counted by the key in use.
+# Azure API Management, often put in front of Azure OpenAI (or another API), takes its
+# subscription key as `Ocp-Apim-Subscription-Key` or `?subscription-key=`.
+_APIM_HEADER = "ocp-apim-subscription-key"
 _KEY_HEADERS = {
-    "openai": ("authorization", "api-key", "x-api-key"),
-    "azure": ("api-key", "authorization", "x-api-key"),
-    "anthropic": ("x-api-key", "authorization", "api-key"),
+    "openai": ("authorization", "api-key", "x-api-key", _APIM_HEADER),
+    "azure": ("api-key", "authorization", _APIM_HEADER, "x-api-key"),
+    "anthropic": ("x-api-key", "authorization", "api-key", _APIM_HEADER),
 }
+_KEY_PARAMS = ("api-key", "subscription-key")
 
 
 class Recorder:
@@ -137,10 +141,11 @@ class Recorder:
         return None
 
     def _query_key(self, request: http.Request) -> str | None:
-        """Azure also takes its key as `?api-key=`: the caller's identity all the same."""
+        """Azure also takes its key as `?api-key=` (API Management `?subscription-key=`):
+        the caller's identity all the same."""
         if "?" not in request.path:
             return None
-        value = request.query.get("api-key")
+        value = next(filter(None, map(request.query.get, _KEY_PARAMS)), None)
         return self.shared.redactor.credential(value) if value else None
 
 

@@ -95,4 +95,5 @@ class Replay:
         if request.size and not request.is_json:
             return None
         body = redactor.json(request.json) if request.is_json else None
-        return request_key(exchange.route.provider, exchange.method, redactor.url(exchange.url), exchange.api_key, body)
+        return request_key(exchange.route.provider, exchange.method, redactor.url(exchange.url),
+                           (exchange.api_key, exchange.organization, exchange.project), body)
