@@ -325,6 +325,7 @@ class Redactor:
             _folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and _A_TOKEN.search(_folded(name)) is None))
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
+        self._credential_headers: Memo[str, bool] = Memo(self._names_credential)
         # What repeats from call to call in a trace record, redacted once.
         self._fields: Memo[str, str] = Memo(self.free_text)
         self._addresses: Memo[str, str] = Memo(self.url)
@@ -391,11 +392,20 @@ class Redactor:
         hidden = self.opaque(token) if scheme.lower() in ("basic", "digest") else self.fingerprint(token)
         return f"{scheme} {hidden}"
 
+    def _names_credential(self, name: str) -> bool:
+        """Whether header `name` (lower-case) is a known credential header or named like a
+        credential, as gateways name theirs (`X-Portkey-Api-Key`, `x-litellm-api-key`,
+        `X-Auth-Token`): its value is a key whatever its shape."""
+        if name in self.headers:
+            return True
+        assigned = name + ":"  # as `_assignment` finds a name: given a value
+        return any(match.end() == len(assigned) for match in self._assignment.finditer(assigned))
+
     def header(self, name: str, value: str) -> str:
         name = name.lower()
         if name in ("cookie", "set-cookie"):
             return self.opaque(value.strip())
-        if name in self.headers:
+        if self._credential_headers(name):
             return self.credential(value)
         return self.text(value)
 
@@ -554,7 +564,7 @@ class Redactor:
         sent: dict[str, str] = {}
         for name, value in headers:
             name = name.lower()
-            if name in self.headers and name not in ("cookie", "set-cookie"):
+            if self._credential_headers(name) and name not in ("cookie", "set-cookie"):
                 scheme, token = split_scheme(value)
                 if len(token) >= SHORTEST_SENT:
                     sent[token] = self.opaque(token) if scheme is not None and scheme.lower() in ("basic", "digest") else self.fingerprint(token)

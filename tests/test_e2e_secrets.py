@@ -47,7 +47,13 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
         # no key shape: found by the name given to them in the prompt
         "named_token": "ghp_" + rand(36),
         "named_password": rand(14),
+        # no key shape: found by the header's name (gateways' own key headers)
+        "portkey": rand(32),
+        "litellm": rand(24),
+        "auth_token": rand(40),
+        "anthropic_header": rand(30),
     }
+    gateway_headers = {"X-Portkey-Api-Key": keys["portkey"], "x-litellm-api-key": keys["litellm"], "X-Auth-Token": keys["auth_token"]}
     config = {"traces": {"directory": "per-exchange"}}
     extra = ["--set", "flow_detail=4"]  # mitmdump prints headers and bodies too
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path, extra_args=extra) as proxy:
@@ -55,9 +61,9 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
         prompt = (f"please remember {keys['in_prompt']} and {keys['jwt']} ({keys['google']}, {keys['azure_annotated']}),"
                   f" GITHUB_TOKEN={keys['named_token']} and the config {{\"password\": \"{keys['named_password']}\"}}")
         for stream in (False, True):
-            drive({"client": "openai", "op": "chat", "api_key": keys["openai"], "headers": {"x-fake-echo": "1"},
+            drive({"client": "openai", "op": "chat", "api_key": keys["openai"], "headers": {"x-fake-echo": "1", **gateway_headers},
                    "params": {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": prompt}]}}, env)
-            drive({"client": "anthropic", "api_key": keys["anthropic"], "headers": {"x-fake-echo": "1"},
+            drive({"client": "anthropic", "api_key": keys["anthropic"], "headers": {"x-fake-echo": "1", "anthropic-api-key": keys["anthropic_header"]},
                    "params": {"model": "claude-x", "max_tokens": 5, "stream": stream, "messages": [{"role": "user", "content": prompt}]}}, env)
         # An upstream error that quotes the input back (the key in the prompt included).
         drive({"client": "openai", "op": "chat", "api_key": keys["openai"], "headers": {"x-fake-echo": "1", "x-fake-status": "400"},

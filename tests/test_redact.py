@@ -86,6 +86,27 @@ def test_sensitive_headers_are_fingerprinted_whole(name: str, value: str, secret
         assert redacted[name.lower()].startswith("Bearer ")
 
 
+@pytest.mark.parametrize(
+    ("name", "credential"),
+    [
+        ("X-Portkey-Api-Key", True), ("x-litellm-api-key", True), ("X-Auth-Token", True), ("anthropic-api-key", True),
+        ("X-Amz-Security-Token", True), ("x-client-secret", True), ("X-Goog-Api-Key", True), ("x-db-password", True),
+        ("x-ratelimit-remaining-tokens", False), ("anthropic-ratelimit-input-tokens-limit", False), ("Idempotency-Key", False),
+        ("x-api-key-id", False), ("openai-processing-ms", False), ("x-stainless-arch", False), ("x-request-id", False),
+    ],
+)
+def test_a_header_named_like_a_credential_is_one(name: str, credential: bool) -> None:
+    """Gateways take keys in headers of their own name: a value of no key shape there is
+    still hidden whole, and a header that only counts tokens is left as it is."""
+    value = "plainvalue0123456789"
+    redacted = Redactor().headers_dict([(name, value)])[name.lower()]
+    if credential:
+        assert_gone(value, redacted)
+        assert Redactor().sent_credentials([(name, value)], "https://h/") == {value: redacted}
+    else:
+        assert redacted == value
+
+
 def test_configured_header_and_pattern() -> None:
     redactor = Redactor(extra_headers=["X-Tenant-Token"], extra_patterns=[r"corp_[0-9]{6}"])
     assert_gone("abc", redactor.header("x-tenant-token", "abcdefghijkl"))
