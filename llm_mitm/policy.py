@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
 from llm_mitm.texts import ROLE_ALIASES, normalize, read_request
 
-MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions'.
+MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample")
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 V = TypeVar("V")
 RoleText = tuple[str, str]
@@ -59,6 +61,7 @@ class RequestView:
     model: str | None
     body: Any  # parsed JSON, or None
     unparseable: bool = False
+    method: str = "POST"
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -155,9 +158,8 @@ class Policy:
         if self.checks_calls and route.operation == "batches" and _unread_batch_input(request.body):
             return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
                              "a batch read from elsewhere (Azure's input_blob) cannot be checked")
-        if request.model is not None:
-            if violation := self._model_verdicts((route.provider, request.model)):
-                return violation
+        if violation := self._check_model(route, request.model, route.generates(request.method)):
+            return violation
         if not isinstance(request.body, dict):
             return None
         if violation := self._check_call(request.body):
@@ -204,10 +206,20 @@ class Policy:
     def _check_batched(self, call: BatchedCall) -> Violation | None:
         if violation := self._check_operation(call.route.operation):
             return violation
-        model = call.params.get("model")
-        if isinstance(model, str) and (violation := self._model_verdicts((call.route.provider, model))):
+        if violation := self._check_model(call.route, call.params.get("model"), call.route.generates("POST")):
             return violation
         return self._check_call(call.params)
+
+    def _check_model(self, route: Route, model: Any, generating: bool) -> Violation | None:
+        """The model's verdict; a call that generates without naming one (a Responses call
+        with a stored prompt runs the prompt's model, unseen here) fails closed where an
+        allow list applies."""
+        if isinstance(model, str):
+            return self._model_verdicts((route.provider, model))
+        if generating and self._allowed and self._allowed.applies(route.provider):
+            return Violation("model_not_allowed", "the call names no model (a stored prompt's, say), so allowed_models cannot check it: "
+                             f"name the model ({self._allowed.listing(route.provider)})")
+        return None
 
     def _check_call(self, body: dict[str, Any]) -> Violation | None:
         if violation := self._check_instructions(body):
@@ -277,8 +289,9 @@ class Policy:
             return None
         for field in MAX_TOKEN_FIELDS:
             value = body.get(field)
-            if isinstance(value, int) and not isinstance(value, bool) and value > cap:
-                return Violation("max_tokens_exceeded", f"{field} {value} exceeds the cap of {cap} (max_tokens)")
+            limit = _token_limit(value)
+            if limit is not None and limit > cap:
+                return Violation("max_tokens_exceeded", f"{field} {value!r} exceeds the cap of {cap} (max_tokens)")
         return None
 
     def clamp(self, route: Route, body: Any) -> dict[str, Any] | None:
@@ -307,12 +320,29 @@ class Policy:
     @staticmethod
     def _clamped(cap: int, body: dict[str, Any], field: str) -> dict[str, Any] | None:
         changed = dict(body)
-        present = [f for f in MAX_TOKEN_FIELDS if isinstance(body.get(f), int) and not isinstance(body.get(f), bool)]
-        for name in present:
-            changed[name] = min(body[name], cap)
+        present = {name: limit for name in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(name))) is not None}
+        for name, limit in present.items():
+            if limit > cap:
+                changed[name] = cap
         if not present:
             changed[field] = cap
         return changed if changed != body else None
+
+
+def _token_limit(value: Any) -> float | None:
+    """An output limit as a server may read it: a number, integral or not (`500.0`, `1e3`),
+    or a string of one (pydantic-based servers read `"5000"` as 5000); None when absent or
+    null. Anything else, or NaN, counts as over every cap: the policy fails closed."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return math.inf
+    if not isinstance(value, (int, float)):
+        return math.inf
+    return math.inf if value != value else float(value)
 
 
 def _is_batch(route: Route) -> bool:
@@ -378,7 +408,7 @@ def _custom_id(item: dict[str, Any]) -> str:
 def _limit_field(route: Route) -> str | None:
     """The output limit field the API names for an operation that generates tokens."""
     if route.api == "anthropic":
-        return "max_tokens" if route.operation == "messages" else None
+        return {"messages": "max_tokens", "completions": "max_tokens_to_sample"}.get(route.operation)
     if route.operation == "responses":
         return "max_output_tokens"
     if route.operation == "chat.completions":

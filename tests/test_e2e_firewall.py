@@ -28,7 +28,7 @@ FIREWALL_CONFIG = {
         "denied_models": ["gpt-4o-audio*"],
         "max_tokens": 1000,
         "forbidden_instructions": ["ignore previous instructions", "system:*you are dan*"],
-        "allowed_operations": ["chat.completions", "responses", "messages", "models"],
+        "allowed_operations": ["chat.completions", "completions", "responses", "messages", "models"],
     },
     "organization": {"default": "org-default", "project": {"default": "proj-default"}},
 }
@@ -112,6 +112,31 @@ def test_max_tokens_rejected(firewall: Mitmdump, provider: FakeProvider) -> None
         result = openai_call(firewall, chat(m, max_completion_tokens=5000))
     assert result["error"] == "PermissionDeniedError" and "max_completion_tokens 5000 exceeds the cap of 1000" in result["message"]
     assert_policy_trace(firewall, m, "max_tokens_exceeded")
+
+
+def test_limits_and_models_are_read_as_the_server_reads_them(firewall: Mitmdump, provider: FakeProvider) -> None:
+    """A limit written 5000.0 or "5000" (servers read both as 5000), Anthropic's legacy
+    max_tokens_to_sample, and a Responses call whose stored prompt picks the model: each
+    is refused before it goes."""
+    float_limit, string_limit, legacy, stored_prompt = marker(), marker(), marker(), marker()
+    with Blocked(provider, float_limit):
+        result = openai_call(firewall, chat(float_limit, max_tokens=5000.0))
+    assert result["error"] == "PermissionDeniedError" and "max_tokens 5000.0 exceeds the cap of 1000" in result["message"]
+    with Blocked(provider, string_limit):
+        result = drive({"client": "requests", "method": "POST", "url": "https://api.openai.com/v1/chat/completions",
+                        "headers": {"Authorization": f"Bearer {OPENAI_KEY}"}, "json": chat(string_limit, max_completion_tokens="5000")}, firewall.client_env())
+    assert result["status"] == 403 and "max_completion_tokens '5000' exceeds" in result["body"]
+    with Blocked(provider, legacy):
+        result = drive({"client": "requests", "method": "POST", "url": "https://api.anthropic.com/v1/complete",
+                        "headers": {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"},
+                        "json": {"model": "claude-2", "max_tokens_to_sample": 5000, "prompt": f"\n\nHuman: {legacy}\n\nAssistant:"}}, firewall.client_env())
+    assert result["status"] == 403 and "max_tokens_to_sample 5000 exceeds" in result["body"]
+    with Blocked(provider, stored_prompt):
+        result = openai_call(firewall, {"prompt": {"id": "pmpt_abc", "version": "2"}, "input": stored_prompt}, op="responses")
+    assert result["error"] == "PermissionDeniedError" and "names no model" in result["message"]
+    assert_policy_trace(firewall, stored_prompt, "model_not_allowed")
+    fine = marker()
+    assert openai_call(firewall, chat(fine, max_tokens=1000.0))["text"] == CANNED_REPLY
 
 
 @pytest.mark.parametrize(

@@ -22,12 +22,13 @@ RESPONSES = Route("openai", "openai", "responses")
 AZURE = Route("azure", "azure", "chat.completions", deployment="prod-4o")
 ANTHROPIC = Route("anthropic", "anthropic", "messages")
 LEGACY = Route("openai", "openai", "completions")
+ANTHROPIC_LEGACY = Route("anthropic", "anthropic", "completions")
 
 
-def check(config: dict, route: Route = OPENAI, body: dict | None = None, model: str | None = None, unparseable: bool = False):
+def check(config: dict, route: Route = OPENAI, body: dict | None = None, model: str | None = None, unparseable: bool = False, method: str = "POST"):
     body = body if body is not None else {}
     model = model if model is not None else body.get("model")
-    return Policy(PolicyConfig.model_validate(config)).check(RequestView(route, model, body, unparseable))
+    return Policy(PolicyConfig.model_validate(config)).check(RequestView(route, model, body, unparseable, method))
 
 
 def rule(config: dict, **kwargs) -> str | None:
@@ -72,19 +73,51 @@ def test_a_providers_own_allowed_list_replaces_the_one_for_all() -> None:
     assert rule({"allowed_models": {"azure": [], "*": ["gpt-4o*"]}}, route=AZURE, model="dev-4o") == "model_not_allowed"
 
 
-def test_requests_without_a_model_are_not_model_checked() -> None:
-    assert rule({"allowed_models": ["gpt-4o"]}, route=Route("openai", "openai", "models"), body={}) is None
+def test_requests_without_a_model_are_not_model_checked_unless_they_generate() -> None:
+    """A call that generates without naming its model (a Responses call with a stored
+    prompt runs the prompt's model) fails closed where an allow list applies."""
+    allowed = {"allowed_models": ["gpt-4o"]}
+    assert rule(allowed, route=Route("openai", "openai", "models"), body={}, method="GET") is None
+    assert rule(allowed, route=Route("openai", "openai", "responses", subresource=True), body={}, method="GET") is None
+    assert rule(allowed, route=RESPONSES, body={"prompt": {"id": "pmpt_1"}}, method="GET") is None
+    stored_prompt = check(allowed, route=RESPONSES, body={"prompt": {"id": "pmpt_1", "version": "2"}, "input": "hi"})
+    assert stored_prompt.rule == "model_not_allowed" and "names no model" in stored_prompt.detail and "gpt-4o" in stored_prompt.detail
+    assert rule(allowed, route=RESPONSES, body={"model": "gpt-4o", "prompt": {"id": "pmpt_1"}}) is None
+    assert rule(allowed, route=RESPONSES, body={"model": ["gpt-4o"], "input": "hi"}) == "model_not_allowed"  # not a name
+    assert rule(allowed, route=ANTHROPIC, body={"messages": []}) == "model_not_allowed"
+    assert rule({"allowed_models": {"azure": ["prod-*"]}}, route=RESPONSES, body={"prompt": {"id": "pmpt_1"}}) is None  # no list for openai
+    assert rule({"denied_models": ["gpt-4"]}, route=RESPONSES, body={"prompt": {"id": "pmpt_1"}}) is None  # nothing named, nothing denied
+    lines = batch_file(("/v1/responses", {"prompt": {"id": "pmpt_1"}, "input": "hi"}))
+    assert rule(allowed, route=FILES, body=lines) == "model_not_allowed"
 
 
 @pytest.mark.parametrize(
     ("route", "field"),
-    [(OPENAI, "max_tokens"), (OPENAI, "max_completion_tokens"), (RESPONSES, "max_output_tokens"), (ANTHROPIC, "max_tokens"), (LEGACY, "max_tokens")],
+    [(OPENAI, "max_tokens"), (OPENAI, "max_completion_tokens"), (RESPONSES, "max_output_tokens"), (ANTHROPIC, "max_tokens"), (LEGACY, "max_tokens"),
+     (ANTHROPIC_LEGACY, "max_tokens_to_sample")],
 )
 def test_max_tokens_reject_every_field(route: Route, field: str) -> None:
     config = {"max_tokens": 100}
     assert rule(config, route=route, body={field: 100}) is None
     violation = check(config, route=route, body={field: 101})
     assert violation.rule == "max_tokens_exceeded" and f"{field} 101" in violation.detail and "100" in violation.detail
+
+
+@pytest.mark.parametrize(
+    ("value", "over"),
+    [(100.0, False), (99.5, False), ("100", False), (" 50 ", False), (True, False), (None, False),
+     (500.0, True), (1e3, True), (100.5, True), ("500", True), ("1e3", True), ("NaN", True), ("lots", True), ([500], True), ({"n": 1}, True)],
+)
+def test_max_tokens_read_as_a_server_reads_them(value: object, over: bool) -> None:
+    """Servers take 500.0 for 500, and pydantic-based ones "500" too: each is compared as a
+    number; what no server reads as one counts as over (the policy fails closed)."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        assert (rule({"max_tokens": 100}, body={field: value}) == "max_tokens_exceeded") is over
+        clamped = Policy(PolicyConfig(max_tokens=100, max_tokens_action="clamp")).clamp(OPENAI, {"model": "m", field: value})
+        if value is None:
+            assert clamped == {"model": "m", field: None, "max_completion_tokens": 100}
+        else:
+            assert clamped == ({"model": "m", field: 100} if over else None)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +130,8 @@ def test_max_tokens_reject_every_field(route: Route, field: str) -> None:
         (RESPONSES, {}, {"max_output_tokens": 100}),
         (ANTHROPIC, {"max_tokens": 4096}, {"max_tokens": 100}),
         (LEGACY, {}, {"max_tokens": 100}),
+        (ANTHROPIC_LEGACY, {"max_tokens_to_sample": 4096}, {"max_tokens_to_sample": 100}),
+        (ANTHROPIC_LEGACY, {}, {"max_tokens_to_sample": 100}),
         (Route("openai", "openai", "embeddings"), {}, None),
     ],
 )

@@ -30,6 +30,7 @@ class Firewall:
             model=exchange.model,
             body=form.fields if form is not None else exchange.request_json,
             unparseable=exchange.unreadable,
+            method=exchange.method,
         )
         clamped = None
         try:
