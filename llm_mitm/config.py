@@ -10,9 +10,9 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ApiKind = Literal["openai", "azure", "anthropic"]
 
@@ -24,6 +24,10 @@ _HOST_PATTERN = re.compile(
     r"|^\[[0-9a-f:.]+\](?::\d{1,5})?$",
     re.IGNORECASE,
 )
+
+
+# A file or folder named in the config: `~` is the user's home, as in a shell.
+PathName = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class ConfigError(Exception):
@@ -68,8 +72,8 @@ DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
 class TracesConfig(_Section):
     """Where exchanges are written."""
 
-    destination: str | None = "traces.jsonl"
-    directory: str | None = None
+    destination: PathName | None = "traces.jsonl"
+    directory: PathName | None = None
     bodies: Literal["full", "metadata", "none"] = "full"
     max_bytes: int | None = Field(default=None, gt=0)  # rotate the file past this size
     keep: int = Field(default=5, ge=1)  # rotated files kept: traces.jsonl.1 .. .keep
@@ -169,7 +173,7 @@ class UsageConfig(_Section):
 
     request_stream_usage: bool = True
     estimate_missing: bool = True
-    spend_db: str | None = None
+    spend_db: PathName | None = None
     stats_interval: int = Field(default=300, ge=0)
 
 
@@ -177,7 +181,7 @@ class ReplayConfig(_Section):
     """Answer from recorded traces: off, on (a miss goes upstream), strict (a miss is an error)."""
 
     mode: Literal["off", "on", "strict"] = "off"
-    source: str | None = None  # default: the trace file
+    source: PathName | None = None  # default: the trace file
 
 
 class Config(_Section):
@@ -264,8 +268,37 @@ def trace_destination(config: Config, environ: Mapping[str, str] = os.environ) -
     """`GATEWAY_TRACE_DESTINATION` (local-gateway's name) wins over the config file."""
     override = environ.get(TRACE_DESTINATION_ENV)
     if override is not None:
-        return override or None
+        return os.path.expanduser(override) or None
     return config.traces.destination or None
+
+
+def check_trace_targets(config: Config, source: str | None, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse, naming the file and key (or the variable), a trace file or directory that
+    cannot be written: a directory where the file goes, a file where the directory goes, no
+    write access.
+    Taken, each record would be lost, with an error line at the first call, not at start.
+    `source`: the config file, None for the built-in defaults."""
+    where = f"{source}: " if source else "built-in defaults: "
+    destination_key = TRACE_DESTINATION_ENV if environ.get(TRACE_DESTINATION_ENV) is not None else f"{where}traces.destination"
+    for key, path, folder in (
+        (destination_key, trace_destination(config, environ), False),
+        (f"{where}traces.directory", config.traces.directory, True),
+    ):
+        problem = _unwritable(Path(path), folder) if path else None
+        if problem:
+            raise ConfigError(f"{key}: {path}: {problem}")
+
+
+def _unwritable(path: Path, folder: bool) -> str | None:
+    """Why `path` cannot be written as a file (or as a directory, made if missing), or None."""
+    if path.exists():
+        if path.is_dir() != folder:
+            return "is a file, not a directory" if folder else "is a directory, not a file"
+        return None if os.access(path, os.W_OK | (os.X_OK if folder else 0)) else "not writable"
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is a file, not a directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be made in {parent}: not writable"
 
 
 def _describe(exc: ValidationError, source: str) -> str:

@@ -55,7 +55,7 @@ class TraceWriter:
         self.keep = keep
         self.stats = WriterStats()
         self._fd: int | None = None
-        self._failing: str | None = None
+        self._failing: set[str] = set()  # reasons logged since writing last worked
 
     def write(self, batch: Iterable[Pending]) -> None:
         """Build, render and write a batch: one write to the JSONL file for all of it."""
@@ -99,8 +99,8 @@ class TraceWriter:
             for record, _ in records:
                 ok = self._write_file(record) and ok
         if ok and self._failing:
-            logger.warning("llm-mitm: trace writing works again (%s)", self._failing)
-            self._failing = None
+            logger.warning("llm-mitm: trace writing works again (%s)", "; ".join(sorted(self._failing)))
+            self._failing.clear()
 
     def _append(self, data: bytes, count: int) -> bool:
         assert self.destination is not None
@@ -181,14 +181,15 @@ class TraceWriter:
             # no fsync per exchange: one file a call, and the JSONL trace is not synced either
             write_atomic(final, orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE), FILE_MODE, durable=False)
         except OSError as exc:
-            self._fail(1, f"cannot write {final}: {exc.strerror or exc}")
+            self._fail(1, f"cannot write in {folder}: {exc.strerror or exc}")  # one line for all of them
             return False
         return True
 
     def _fail(self, count: int, reason: str) -> None:
+        """Counted; logged once for each reason until writing works again."""
         self.stats.failed += count
-        if self._failing != reason:
-            self._failing = reason
+        if reason not in self._failing:
+            self._failing.add(reason)
             logger.error("llm-mitm: TRACE LOST: %s (proxying goes on; %d records lost so far)", reason, self.stats.failed)
 
 

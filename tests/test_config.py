@@ -8,6 +8,7 @@ import pytest
 
 from llm_mitm.config import (
     ConfigError,
+    check_trace_targets,
     default_config,
     load_config,
     resolve_config_path,
@@ -87,6 +88,37 @@ def test_gateway_trace_destination_overrides_the_file() -> None:
     config = default_config()
     assert trace_destination(config, {}) == "traces.jsonl"
     assert trace_destination(config, {"GATEWAY_TRACE_DESTINATION": "/tmp/t.jsonl"}) == "/tmp/t.jsonl"
+
+
+def test_paths_expand_the_home_directory(tmp_path: Path) -> None:
+    home = str(Path.home())
+    config = load_config(write(tmp_path, "traces:\n  destination: ~/t.jsonl\n  directory: ~/per\nusage:\n  spend_db: ~/s.db\nreplay:\n  source: ~/r.jsonl\n"))
+    assert (config.traces.destination, config.traces.directory) == (f"{home}/t.jsonl", f"{home}/per")
+    assert (config.usage.spend_db, config.replay.source) == (f"{home}/s.db", f"{home}/r.jsonl")
+    assert trace_destination(default_config(), {"GATEWAY_TRACE_DESTINATION": "~/g.json"}) == f"{home}/g.json"
+
+
+def test_trace_targets_that_cannot_be_written_are_refused_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    source = str(tmp_path / "config.yaml")
+
+    def problem(text: str, environ: dict[str, str] | None = None, named: str | None = source) -> str | None:
+        config = load_config(write(tmp_path, text))
+        try:
+            check_trace_targets(config, named, environ or {})
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    assert problem(f"traces:\n  destination: {tmp_path}/new/deeper/t.jsonl\n  directory: {tmp_path}/per\n") is None  # made when first written
+    assert problem(f"traces:\n  destination: {tmp_path}/a-file\n  directory: {tmp_path}/a-dir\n") is None  # the existing ones
+    assert problem(f"traces:\n  destination: {tmp_path}/a-dir\n") == f"{source}: traces.destination: {tmp_path}/a-dir: is a directory, not a file"
+    assert problem(f"traces:\n  directory: {tmp_path}/a-file/per\n") == f"{source}: traces.directory: {tmp_path}/a-file/per: {tmp_path}/a-file is a file, not a directory"
+    assert problem("traces:\n  destination: null\n", {"GATEWAY_TRACE_DESTINATION": f"{tmp_path}/a-dir"}) == \
+        f"GATEWAY_TRACE_DESTINATION: {tmp_path}/a-dir: is a directory, not a file"
+    assert problem(f"traces:\n  destination: {tmp_path}/a-dir\n", {"GATEWAY_TRACE_DESTINATION": ""}) is None  # the variable turns the file off
+    assert problem(f"traces:\n  destination: {tmp_path}/a-dir\n", named=None) == f"built-in defaults: traces.destination: {tmp_path}/a-dir: is a directory, not a file"
 
 
 def test_example_config_is_valid_and_documents_every_key() -> None:

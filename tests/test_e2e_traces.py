@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -9,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
+import pytest
 import requests
 
 from tests.conftest import provider_routes
@@ -29,18 +32,47 @@ def post(proxy: Mitmdump, text: str) -> requests.Response:
     )
 
 
+def start(folder: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """mitmdump with the addon, run until it stops on its own (a good config: never)."""
+    return subprocess.run(
+        [str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={folder / 'conf'}", "-p", "0", "--set", "listen_host=127.0.0.1"],
+        cwd=folder, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )
+
+
 def test_bad_config_stops_mitmdump_with_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("traces:\n  bodies: everything\n")
-    result = subprocess.run(
-        [str(MITMDUMP), "-s", str(ADDON), "--set", f"confdir={tmp_path / 'conf'}", "-p", "0", "--set", "listen_host=127.0.0.1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )
+    result = start(tmp_path)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     lines = [line for line in output.splitlines() if "config.yaml" in line]
     assert len(lines) == 1, output
     assert f"{tmp_path / 'config.yaml'}: traces.bodies: Input should be 'full', 'metadata' or 'none' (got 'everything')" in lines[0]
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "expected"),
+    [
+        ("traces:\n  destination: a-dir\n", {}, "{config}: traces.destination: a-dir: is a directory, not a file"),
+        ("traces:\n  destination: a-file/traces.jsonl\n", {}, "{config}: traces.destination: a-file/traces.jsonl: {folder}/a-file is a file, not a directory"),
+        ("traces:\n  directory: a-file\n", {}, "{config}: traces.directory: a-file: is a file, not a directory"),
+        ("", {"GATEWAY_TRACE_DESTINATION": "a-dir"}, "GATEWAY_TRACE_DESTINATION: a-dir: is a directory, not a file"),
+        (None, {"GATEWAY_TRACE_DESTINATION": "{folder}/a-dir"}, "GATEWAY_TRACE_DESTINATION: {folder}/a-dir: is a directory, not a file"),
+    ],
+)
+def test_trace_files_that_cannot_be_written_stop_mitmdump_at_start(tmp_path: Path, config: str | None, env: dict[str, str], expected: str) -> None:
+    """Taken, they would lose every record, each with an error line at a call, and never
+    say which key named them."""
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
+    if config is not None:
+        (tmp_path / "config.yaml").write_text(config)
+    result = start(tmp_path, {name: value.format(folder=tmp_path) for name, value in env.items()})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert expected.format(config=tmp_path / "config.yaml", folder=tmp_path) in output
+    assert "Traceback" not in output and "TRACE LOST" not in output
 
 
 def test_live_config_edits(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
@@ -85,16 +117,30 @@ def test_gateway_trace_destination_and_concurrency(tmp_path: Path, provider: Fak
     assert not (tmp_path / "traces.jsonl").exists()
 
 
-def test_unwritable_destination_never_breaks_proxying(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
-    (tmp_path / "a-file").write_text("not a directory")
-    config = {"traces": {"destination": "a-file/traces.jsonl"}}
+def test_trace_files_that_fail_later_never_break_proxying(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """The per-exchange directory replaced by a file while running: each call still goes
+    and is still in the JSONL trace; the loss is one log line, not one per call; an edit
+    that names a directory as the trace file is refused, the running one stays."""
+    config = {"traces": {"directory": "per-exchange"}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
-        for _ in range(3):
+        assert post(proxy, marker()).status_code == 200
+        proxy.wait_for_traces(1)
+        shutil.rmtree(tmp_path / "per-exchange")
+        (tmp_path / "per-exchange").write_text("now a file")
+        for _ in range(4):
             assert post(proxy, marker()).status_code == 200
-        time.sleep(0.5)
+        proxy.wait_for_traces(5)
+        (tmp_path / "a-dir").mkdir()
+        (tmp_path / "config.yaml").write_text("traces:\n  destination: a-dir\n")
+        deadline = time.monotonic() + 10
+        while "config change refused" not in proxy.output and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"{tmp_path / 'config.yaml'}: traces.destination: a-dir: is a directory, not a file" in proxy.output
+        assert post(proxy, marker()).status_code == 200
+        assert len(proxy.wait_for_traces(6)) == 6
     lost = [line for line in proxy.lines if "TRACE LOST" in line]
     assert len(lost) == 1, proxy.output
-    assert "a-file/traces.jsonl" in lost[0]
+    assert "per-exchange" in lost[0]
 
 
 def test_runs_from_a_plain_checkout_without_install(tmp_path: Path) -> None:

@@ -74,6 +74,22 @@ def test_unwritable_destination_is_logged_once_counted_and_recovers(tmp_path: Pa
     assert read_lines(target) == [{"id": "after", "text": ""}]
 
 
+def test_each_reason_of_loss_is_logged_once_however_many_files_fail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A trace file and a per-exchange directory both failing, a file name each call: two
+    lines, not one per record or per batch."""
+    (tmp_path / "t.jsonl").mkdir()
+    (tmp_path / "per").write_text("a file where the directory goes")
+    writer = TraceWriter(tmp_path / "t.jsonl", tmp_path / "per")
+    with caplog.at_level(logging.INFO, logger="llm_mitm.traces"):
+        for i in range(5):
+            writer.write(batch(row(id=f"{i}a"), row(id=f"{i}b")))
+    writer.close()
+    errors = [r.getMessage() for r in caplog.records if "TRACE LOST" in r.getMessage()]
+    assert len(errors) == 2, errors
+    assert any(f"{tmp_path / 't.jsonl'}" in e for e in errors) and any(f"{tmp_path / 'per'}" in e for e in errors)
+    assert writer.stats.failed == 20  # each record twice: its line and its file
+
+
 def test_a_failing_record_does_not_stop_the_writer(tmp_path: Path) -> None:
     writer = TraceWriter(tmp_path / "t.jsonl", None)
 

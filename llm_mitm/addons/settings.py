@@ -10,7 +10,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions
 
 from llm_mitm.addons.shared import Shared
-from llm_mitm.config import ConfigError, default_config, load_config, resolve_config_path
+from llm_mitm.config import Config, ConfigError, check_trace_targets, default_config, load_config, resolve_config_path
 
 logger = logging.getLogger("llm_mitm.config")
 
@@ -45,7 +45,7 @@ class Settings:
             return
         path = resolve_config_path(ctx.options.llm_config)
         try:
-            config = load_config(path) if path else default_config()
+            config = _checked(load_config(path) if path else default_config(), path)
         except ConfigError as exc:
             if not self._started:
                 # At start-up: one line, and mitmdump's error check stops it.
@@ -79,13 +79,19 @@ class Settings:
             return False
         self._stamp = stamp
         try:
-            config = load_config(self.path)
+            config = _checked(load_config(self.path), self.path)
         except ConfigError as exc:
             logger.error("llm-mitm: config change refused, the previous config stays in force: %s", exc)
             return False
         self.shared.apply(config)
         logger.info("llm-mitm: reloaded %s", self.path)
         return True
+
+
+def _checked(config: Config, path: Path | None) -> Config:
+    """The config, once the trace files it names can be written (else ConfigError)."""
+    check_trace_targets(config, str(path) if path else None)
+    return config
 
 
 def _stamp(path: Path | None) -> tuple[float, int] | None:
