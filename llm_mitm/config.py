@@ -302,8 +302,14 @@ def _unwritable(path: Path, folder: bool) -> str | None:
 
 
 def _describe(exc: ValidationError, source: str) -> str:
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"]) or "top level"
+    """The first error, one line. A value of a union type (`allowed_models`: a list, or
+    lists by provider) fails once per branch: the error of the branch that got furthest
+    into the value is the one that fits what was written."""
+    errors = exc.errors()
+    stem = _before_branch(errors[0]["loc"])
+    alternatives = [e for e in errors if e["loc"][: len(stem)] == stem]
+    error = max(alternatives, key=lambda e: len(e["loc"]))
+    key = ".".join(str(part) for part in error["loc"] if not _is_branch(part)) or "top level"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
@@ -311,6 +317,15 @@ def _describe(exc: ValidationError, source: str) -> str:
         message = "required key is missing"
     elif "input" in error and error["type"] not in ("value_error",) and not isinstance(error["input"], (dict, list)):
         message = f"{message} (got {error['input']!r})"
-    more = len(exc.errors()) - 1
+    more = len(errors) - len(alternatives)
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {key}: {message}{suffix}"
+
+
+def _is_branch(part: int | str) -> bool:
+    """A union's branch as pydantic names it in an error's location (`list[str]`)."""
+    return isinstance(part, str) and "[" in part
+
+
+def _before_branch(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    return next((loc[:i] for i, part in enumerate(loc) if _is_branch(part)), loc)

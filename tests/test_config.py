@@ -56,6 +56,10 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("tracez: 1\n", "tracez: unknown key"),
         ("- a\n- b\n", "top level: expected a mapping"),
         ("traces:\n  destination: [1\n", "invalid YAML at line"),
+        # a list or lists by provider: the error of the form written, once
+        ("policy:\n  allowed_models: {azure: prod-*}\n", "policy.allowed_models.azure: Input should be a valid list (got 'prod-*')"),
+        ("policy:\n  denied_models: gpt-4o\n", "policy.denied_models: Input should be a valid list (got 'gpt-4o')"),
+        ("policy:\n  allowed_models: [gpt-4o, 4]\n", "policy.allowed_models.1: Input should be a valid string (got 4)"),
     ],
 )
 def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -65,7 +69,7 @@ def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str,
     message = str(caught.value)
     assert message.startswith(f"{path}: ")
     assert expected in message
-    assert "\n" not in message
+    assert "\n" not in message and "more error" not in message  # each of these is one error
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
