@@ -279,6 +279,9 @@ class Exchange:
         payload = body.json if body.is_json else None
         if isinstance(payload, dict):
             model = payload.get("model")
+            session = payload.get("session")
+            if model is None and isinstance(session, dict):  # a realtime session's (`/realtime/client_secrets`)
+                model = session.get("model")
             self.model = model if isinstance(model, str) else None
             self.stream = payload.get("stream") is True
         if self.route.deployment:

@@ -3,7 +3,9 @@
 The conversation: chat `messages` (string content or content-part arrays, tool messages),
 Responses `instructions` and `input` (a string or items: messages and tool outputs),
 Anthropic `system` (string or blocks) and `messages` (text, tool results, documents,
-search results), and the legacy `prompt` and `suffix`. Beside it, what else the model
+search results), the legacy `prompt` and `suffix`; Assistants' messages (one added to a
+thread, a new thread's, a run's `additional_messages` and `additional_instructions`),
+Conversations' `items`, and a realtime session's `instructions` and tools. Beside it, what else the model
 reads (`extras`): the texts of tools' schemas and of a structured output's (names,
 descriptions, titles, property names, enum and example values), a predicted output, the arguments of earlier tool calls,
 a stored prompt's variables. And for matching (`joined`), the runs of texts read in a row:
@@ -87,7 +89,7 @@ class _Collector:
         self.joined = joined
         self._run: tuple[str, int, int] | None = None  # the speaker of the turns in a row, where their texts start, how many
 
-    def body(self, body: dict[str, Any]) -> None:
+    def body(self, body: dict[str, Any], nested: bool = False) -> None:
         if "prompt" in body or "suffix" in body:  # legacy completions
             for field in ("prompt", "suffix"):
                 value = body.get(field)
@@ -98,24 +100,34 @@ class _Collector:
         system = body.get("system")
         if system is not None:
             self.content("system", system)
-        instructions = body.get("instructions")
-        if isinstance(instructions, str):
-            self.out.append(("system", instructions))
-        for message in _list(body.get("messages")):
-            self.message(message)
+        for key in ("instructions", "additional_instructions"):  # Assistants' runs add to the assistant's
+            instructions = body.get(key)
+            if isinstance(instructions, str):
+                self.out.append(("system", instructions))
+        if "role" in body and "content" in body:  # Assistants: one message added to a thread
+            self.message(body)
+        for key in ("messages", "additional_messages"):
+            for message in _list(body.get(key)):
+                self.message(message)
         self.end_run()
-        items = body.get("input")
-        if isinstance(items, str):
-            self.out.append(("user", items))
-        elif isinstance(items, list):
-            for item in items:
-                if isinstance(item, str):
-                    self.out.append(("user", item))
-                else:
-                    self.message(item)
-            self.end_run()
+        for key in ("input", "items"):  # Responses' input; Conversations' items, read the same
+            items = body.get(key)
+            if isinstance(items, str):
+                self.out.append(("user", items))
+            elif isinstance(items, list):
+                for item in items:
+                    if isinstance(item, str):
+                        self.out.append(("user", item))
+                    else:
+                        self.message(item)
+                self.end_run()
         if self.extras and not _EXTRA_KEYS.isdisjoint(body):  # most bodies have none: one look at their keys
             self._extras(body)
+        if not nested:  # a body within: a new thread's (`threads/runs`), a realtime session's; one level
+            for key in ("thread", "session"):
+                inner = body.get(key)
+                if isinstance(inner, dict):
+                    self.body(inner, nested=True)
 
     def _extras(self, body: dict[str, Any]) -> None:
         """What the model reads beside the conversation (the keys of `_EXTRA_KEYS`)."""

@@ -65,6 +65,12 @@ def openai_call(a):
         return {"id": result.id, "input_file_id": result.input_file_id}
     if op == "models":
         return {"ids": [m.id for m in client.models.list()]}
+    if op == "method":  # any SDK method by its path (`beta.threads.messages.create`), as an application calls it
+        target = client
+        for name in a["method"].split("."):
+            target = getattr(target, name)
+        result = target(**a["params"], **extra)
+        return {"body": result.model_dump() if hasattr(result, "model_dump") else None}
     raise ValueError(op)
 
 
