@@ -16,8 +16,9 @@ from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
 from llm_mitm.texts import ROLE_ALIASES, normalize, read_request
 
-# Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions'.
-MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample")
+# Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
+# `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
+MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens")
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 V = TypeVar("V")
 RoleText = tuple[str, str]

@@ -36,7 +36,7 @@ logger = logging.getLogger("llm_mitm")
 
 LIFECYCLE_HOOKS = ("load", "configure", "running", "done")
 _frozen = False  # gc.freeze() done in this process
-FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
+FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "websocket_message")
 
 
 def concerns(shared: Shared) -> list[Any]:
@@ -73,6 +73,7 @@ class LLMMitm:
     responseheaders: Callable[[Any], None] | None
     response: Callable[[Any], None] | None
     error: Callable[[Any], None] | None
+    websocket_message: Callable[[Any], None] | None
 
     def __init__(self, shared: Shared | None = None) -> None:
         self.shared = shared or Shared()

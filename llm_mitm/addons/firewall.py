@@ -1,16 +1,18 @@
-"""Applies the policy to each LLM request before anything goes upstream."""
+"""Applies the policy to each LLM request, and to each event of a realtime session, before
+anything goes upstream."""
 
 from __future__ import annotations
 
 import logging
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from llm_mitm.addons.refuse import refuse, rewrite_batch_file, rewrite_json
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import ALLOWED, PolicyDecision
 from llm_mitm.forms import BATCH
-from llm_mitm.policy import RequestView
+from llm_mitm.policy import RequestView, Violation
+from llm_mitm.realtime import error_event, read_client_event
 
 logger = logging.getLogger("llm_mitm.firewall")
 
@@ -54,3 +56,32 @@ class Firewall:
             exchange.policy = PolicyDecision("clamp", "max_tokens", f"output tokens capped at {policy.config.max_tokens}")
         else:
             exchange.policy = ALLOWED
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """A realtime client's event that sets instructions, tools or a model, or adds to
+        the conversation, is checked as a request would be; one refused is dropped and the
+        client gets the API's `error` event (the session goes on). No rule a call can
+        break, nothing is read."""
+        exchange = self.shared.exchange(flow)
+        policy = self.shared.policy
+        if exchange is None or flow.websocket is None or not policy.checks_calls:
+            return
+        message = flow.websocket.messages[-1]
+        if not message.from_client or not message.is_text:
+            return
+        event = read_client_event(message.content)
+        if event is None:
+            return
+        try:
+            violation = policy.check(RequestView(exchange.route, event.model or exchange.model, event.body, method=exchange.method))
+        except Exception:  # an event the policy cannot read does not go out unchecked
+            logger.exception("llm-mitm: the policy check of a realtime event failed; the event is refused")
+            violation = Violation("policy_error", "the event could not be checked against the policy")
+        if violation is None:
+            return
+        message.drop()
+        detail = f"llm-mitm refused this {event.kind} event ({violation.rule}): {violation.detail}"
+        ctx.master.commands.call("inject.websocket", flow, True, error_event(violation.rule, detail, event.event_id), True)
+        flow.marked = ":no_entry:"
+        flow.comment = f"llm-mitm blocked a {event.kind} event ({violation.rule}): {violation.detail}"
+        logger.warning("llm-mitm: %s", flow.comment)

@@ -65,6 +65,13 @@ def openai_call(a):
         return {"id": result.id, "input_file_id": result.input_file_id}
     if op == "models":
         return {"ids": [m.id for m in client.models.list()]}
+    if op == "realtime":  # a realtime session over a WebSocket: each event sent, and the one answer to it
+        replies = []
+        with client.realtime.connect(model=a["model"], extra_headers=a.get("headers") or {}) as connection:
+            for event in a["events"]:
+                connection.send(event)
+                replies.append(json.loads(connection.recv_bytes()))
+        return {"replies": replies}
     if op == "method":  # any SDK method by its path (`beta.threads.messages.create`), as an application calls it
         target = client
         for name in a["method"].split("."):

@@ -19,7 +19,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS_VENV = Path(os.environ.get("LLM_MITM_CLIENTS_VENV", ROOT / ".venv-clients"))
 DRIVER = ROOT / "tests" / "clients" / "drive.py"
-PACKAGES = ("openai", "anthropic", "requests")
+PACKAGES = ("openai", "anthropic", "requests", "websockets")  # websockets: the openai SDK's realtime client
 
 
 def client_python() -> Path:
@@ -29,13 +29,13 @@ def client_python() -> Path:
     CLIENTS_VENV.parent.mkdir(parents=True, exist_ok=True)
     with open(CLIENTS_VENV.parent / ".venv-clients.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
+        if not marker.exists() or marker.read_text() != " ".join(PACKAGES) + "\n":  # made for other packages
             subprocess.run([sys.executable, "-m", "venv", str(CLIENTS_VENV)], check=True)
             subprocess.run(
                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *PACKAGES],
                 check=True,
             )
-            marker.write_text("ok\n")
+            marker.write_text(" ".join(PACKAGES) + "\n")
     return python
 
 

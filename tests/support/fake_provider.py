@@ -70,6 +70,7 @@ class FakeProvider:
     host: str = "127.0.0.1"
     requests: list[Received] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # uploaded files by id, as the Files API keeps them
+    websocket_messages: list[bytes] = field(default_factory=list)  # text messages a realtime client sent
     connections: int = 0
     port: int = 0
 
@@ -312,7 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, body)
 
     def _websocket_echo(self) -> None:
-        """Like the Realtime API's socket, minimally: accept, echo one text frame, close."""
+        """Like the Realtime API's socket, minimally: accept, then echo each text message
+        (each one kept in `fake.websocket_messages`) until the client closes."""
         import base64
         import hashlib
 
@@ -324,13 +326,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("sec-websocket-accept", accept)
         self.end_headers()
         self.wfile.flush()
-        head = self.rfile.read(2)
-        length = head[1] & 0x7F
-        mask = self.rfile.read(4)
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
-        self.wfile.write(bytes([0x81, len(payload)]) + payload)
-        self.wfile.flush()
         self.close_connection = True
+        while (frame := self._read_frame()) is not None:
+            opcode, payload = frame
+            if opcode == 0x8:  # close: answered, and done
+                self._write_frame(0x8, payload[:2])
+                return
+            if opcode == 0x1:
+                self.fake.websocket_messages.append(payload)
+                self._write_frame(0x1, payload)
+
+    def _read_frame(self) -> tuple[int, bytes] | None:
+        """One whole client frame (masked, unfragmented), or None at the end of the stream."""
+        head = self.rfile.read(2)
+        if len(head) < 2:
+            return None
+        length = head[1] & 0x7F
+        if length >= 126:
+            length = int.from_bytes(self.rfile.read(2 if length == 126 else 8), "big")
+        mask = self.rfile.read(4)
+        data = self.rfile.read(length)
+        return head[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+    def _write_frame(self, opcode: int, payload: bytes) -> None:
+        size = len(payload)
+        length = bytes([size]) if size < 126 else bytes([126]) + size.to_bytes(2, "big") if size < 1 << 16 else bytes([127]) + size.to_bytes(8, "big")
+        self.wfile.write(bytes([0x80 | opcode]) + length + payload)
+        self.wfile.flush()
 
     # ------------------------------------------------------------------ wire
 
