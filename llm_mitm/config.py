@@ -275,9 +275,8 @@ def trace_destination(config: Config, environ: Mapping[str, str] = os.environ) -
 def check_trace_targets(config: Config, source: str | None, environ: Mapping[str, str] = os.environ) -> None:
     """Refuse, naming the file and key (or the variable), a trace file or directory that
     cannot be written: a directory where the file goes, a file where the directory goes, no
-    write access.
-    Taken, each record would be lost, with an error line at the first call, not at start.
-    `source`: the config file, None for the built-in defaults."""
+    write access. Taken, each record would be lost, with an error line at the first call,
+    not at start. `source`: the config file, None for the built-in defaults."""
     where = f"{source}: " if source else "built-in defaults: "
     destination_key = TRACE_DESTINATION_ENV if environ.get(TRACE_DESTINATION_ENV) is not None else f"{where}traces.destination"
     for key, path, folder in (
@@ -307,7 +306,7 @@ def _describe(exc: ValidationError, source: str) -> str:
     into the value is the one that fits what was written."""
     errors = exc.errors()
     stem = _before_branch(errors[0]["loc"])
-    alternatives = [e for e in errors if e["loc"][: len(stem)] == stem]
+    alternatives = [e for e in errors if e["loc"][: len(stem)] == stem] if stem is not None else errors[:1]
     error = max(alternatives, key=lambda e: len(e["loc"]))
     key = ".".join(str(part) for part in error["loc"] if not _is_branch(part)) or "top level"
     message = error["msg"].removeprefix("Value error, ")
@@ -327,5 +326,6 @@ def _is_branch(part: int | str) -> bool:
     return isinstance(part, str) and "[" in part
 
 
-def _before_branch(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
-    return next((loc[:i] for i, part in enumerate(loc) if _is_branch(part)), loc)
+def _before_branch(loc: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    """Where a union's value is, for an error in one of its branches; else None."""
+    return next((loc[:i] for i, part in enumerate(loc) if _is_branch(part)), None)

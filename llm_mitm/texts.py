@@ -5,12 +5,13 @@ Responses `instructions` and `input` (a string or items: messages and tool outpu
 Anthropic `system` (string or blocks) and `messages` (text, tool results, documents,
 search results), the legacy `prompt` and `suffix`; Assistants' messages (one added to a
 thread, a new thread's, a run's `additional_messages` and `additional_instructions`),
-Conversations' `items`, and a realtime session's `instructions` and tools. Beside it, what else the model
-reads (`extras`): the texts of tools' schemas and of a structured output's (names,
-descriptions, titles, property names, enum and example values), a predicted output, the arguments of earlier tool calls,
-a stored prompt's variables. And for matching (`joined`), the runs of texts read in a row:
-a message's text parts, and consecutive messages of one role (Anthropic reads them as one
-turn), so that a phrase split in two is still one phrase.
+Conversations' `items`, and a realtime session's `instructions` and tools. Beside it,
+what else the model reads (`extras`): the texts of tools' schemas and of a structured
+output's (names, descriptions, titles, property names, enum and example values), a
+predicted output, the arguments of earlier tool calls, a stored prompt's variables. And
+for matching (`joined`), the runs of texts read in a row: a message's text parts, and
+consecutive messages of one role (Anthropic reads them as one turn), so that a phrase
+split in two is still one phrase.
 """
 
 from __future__ import annotations
