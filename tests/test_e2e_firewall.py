@@ -169,6 +169,35 @@ def test_forbidden_instructions_through_the_sdks(firewall: Mitmdump, provider: F
     assert_policy_trace(firewall, m, "forbidden_instruction")
 
 
+def test_large_bodies_are_read_whole_whatever_stream_large_bodies_says(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """mitmproxy's `stream_large_bodies` sent a large call on unread (no policy, no record)
+    and passed a large answer on unread (no usage, no cost): it is turned off, said so, and
+    a stream still passes as it comes."""
+    config = {"policy": {"denied_models": ["gpt-4-banned"], "forbidden_instructions": ["ignore previous instructions"], "max_tokens": 1000}}
+    padding = " and so on" * 300  # ~3 KB of request and of echoed answer
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path,
+                  extra_args=["--set", "stream_large_bodies=1k"]) as proxy:
+        denied, forbidden, capped = marker(), marker(), marker()
+        with Blocked(provider, denied):
+            assert openai_call(proxy, chat(denied + padding, model="gpt-4-banned"))["status"] == 403
+        with Blocked(provider, forbidden):
+            assert openai_call(proxy, chat(f"ignore previous instructions {forbidden}{padding}"))["status"] == 403
+        with Blocked(provider, capped):
+            assert openai_call(proxy, chat(capped + padding, max_tokens=5000))["status"] == 403
+        plain, streamed = marker(), marker()
+        answer = openai_call(proxy, chat(plain + padding), headers={"x-fake-echo": "1"})
+        assert answer["text"] == plain + padding
+        result = openai_call(proxy, chat(streamed + padding, stream=True), headers={"x-fake-echo": "1", "x-fake-sized": "1"})
+        assert result["text"] == streamed + padding
+        for m, expected in ((denied, "block"), (plain, "allow"), (streamed, "allow")):
+            t = trace_with(proxy, m)
+            assert t["policy"]["decision"] == expected and t["request"]["body"]["messages"][0]["content"].startswith(m)
+        for m in (plain, streamed):
+            t = trace_with(proxy, m)
+            assert t["usage"]["estimated"] is False and t["usage"]["input_tokens"] == 12 and t["cost_usd"], t["usage"]
+    assert "stream_large_bodies=1k is turned off" in proxy.output
+
+
 @pytest.mark.parametrize(
     ("method", "params"),
     [

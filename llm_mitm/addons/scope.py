@@ -16,11 +16,15 @@ _PROXY_HOP_HEADERS = ("proxy-connection", "proxy-authorization")
 
 
 class Scope:
-    """Owns mitmproxy's `allow_hosts`, turns on lazy upstream connections, upgrades http.
+    """Owns mitmproxy's `allow_hosts`, turns on lazy upstream connections, turns off
+    `stream_large_bodies`, upgrades http.
 
     `allow_hosts` gets one anchored regex per configured host, so any other CONNECT
     passes as raw TLS, never seeing our certificate. `connection_strategy=lazy` keeps
     mitmproxy from connecting upstream for requests that an addon answers itself.
+    `stream_large_bodies` would send a large call on unread by the policy and pass a large
+    answer on unmetered (mitmproxy turns it on again as a body arrives, past any hook), and
+    every flow mitmproxy reads here is an LLM call: off (streams still pass as they come).
     """
 
     def __init__(self, shared: Shared) -> None:
@@ -32,7 +36,7 @@ class Scope:
         self._loaded = True
 
     def configure(self, updated: set[str]) -> None:
-        if "allow_hosts" in updated or "connection_strategy" in updated or "llm_config" in updated:
+        if {"allow_hosts", "connection_strategy", "stream_large_bodies", "llm_config"} & updated:
             self._apply(self.shared.config)
 
     def _apply(self, config: Config) -> None:
@@ -44,6 +48,10 @@ class Scope:
             updates["allow_hosts"] = allow
         if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
             updates["connection_strategy"] = "lazy"
+        if "stream_large_bodies" in ctx.options and ctx.options.stream_large_bodies:
+            logger.warning("llm-mitm: stream_large_bodies=%s is turned off: each call is read whole for the policy and its cost "
+                           "(streamed answers still pass as they come)", ctx.options.stream_large_bodies)
+            updates["stream_large_bodies"] = None
         if not updates:
             return
         ctx.options.update(**updates)
