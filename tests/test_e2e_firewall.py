@@ -583,6 +583,19 @@ def test_stream_usage_is_asked_for_and_hidden_from_the_client(proxy: Mitmdump, p
     assert asked["usage"]["total_tokens"] == 19
 
 
+@pytest.mark.parametrize(("api_version", "asked"), [("2024-02-01", False), ("2024-08-01-preview", False), ("2024-09-01-preview", True), ("2024-10-21", True)])
+def test_azure_is_asked_for_stream_usage_only_where_its_api_version_takes_it(proxy: Mitmdump, provider: FakeProvider, api_version: str, asked: bool) -> None:
+    """Older api-versions answer `stream_options` with a 400: a client streaming through the
+    proxy would fail where it works without it. There the usage is estimated instead."""
+    m = marker()
+    result = drive({"client": "openai", "op": "chat", "api_key": "0" * 32, "azure": "https://r.openai.azure.com", "api_version": api_version,
+                    "params": {"model": "prod-4o", "stream": True, "messages": [{"role": "user", "content": m}]}}, proxy.client_env())
+    assert result["text"] == CANNED_REPLY
+    received = next(r for r in provider.requests if m.encode() in r.body)
+    assert ("stream_options" in received.json) is asked and f"api-version={api_version}" in received.path
+    assert trace_with(proxy, m)["usage"]["estimated"] is not asked
+
+
 def test_costs_unknown_model_and_estimates(proxy: Mitmdump) -> None:
     m = marker()
     result = openai_call(proxy, chat(m, model="mystery-model"))

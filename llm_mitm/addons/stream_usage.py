@@ -4,7 +4,9 @@ A client streaming chat completions without `stream_options.include_usage` gets 
 token counts, and neither would the trace. We ask upstream for them, take them for the
 trace, and drop that extra chunk on the way back (and the `"usage":null` asking adds to
 every other chunk), so the client sees what it asked for.
-The drop needs an uncompressed stream, so the request asks for `identity`.
+The drop needs an uncompressed stream, so the request asks for `identity`. Azure takes
+`stream_options` from api-version 2024-09-01-preview on (its v1 API, with none, too): an
+older one answers 400, so there the stream's usage is estimated instead.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import rewrite_json
 from llm_mitm.addons.shared import Shared
+from llm_mitm.providers import Route
 from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk, strip_null_usage
 
 logger = logging.getLogger("llm_mitm.stream_usage")
 
 _OPERATIONS = ("chat.completions", "completions")
+_AZURE_FIRST_VERSION = "2024-09-01"  # the first api-version (a preview) that takes stream_options
 
 
 class StreamUsage:
@@ -31,7 +35,7 @@ class StreamUsage:
         if exchange is None or not exchange.stream or flow.response is not None or not self.shared.config.usage.request_stream_usage:
             return
         body = exchange.request_json
-        if body is None or exchange.route.operation not in _OPERATIONS:
+        if body is None or exchange.route.operation not in _OPERATIONS or not _takes_stream_options(exchange.route):
             return
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
@@ -55,6 +59,13 @@ class StreamUsage:
             del response.headers["content-length"]
             if response.http_version.startswith("HTTP/1"):  # framed by chunks instead (HTTP/2 frames itself)
                 response.headers["transfer-encoding"] = "chunked"
+
+
+def _takes_stream_options(route: Route) -> bool:
+    version = route.api_version
+    if route.api != "azure" or not version or not version[:4].isdigit():
+        return True
+    return version[:10] >= _AZURE_FIRST_VERSION
 
 
 def _filter_failed(reason: str) -> None:

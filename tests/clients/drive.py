@@ -14,7 +14,7 @@ def openai_call(a):
 
     kwargs = {"api_key": a["api_key"], "base_url": a.get("base_url"), "max_retries": 0}
     if a.get("azure"):
-        client = openai.AzureOpenAI(api_key=a["api_key"], azure_endpoint=a["azure"], api_version="2024-10-21", max_retries=0)
+        client = openai.AzureOpenAI(api_key=a["api_key"], azure_endpoint=a["azure"], api_version=a.get("api_version", "2024-10-21"), max_retries=0)
     else:
         client = openai.OpenAI(**{k: v for k, v in kwargs.items() if v is not None})
     extra = {"extra_headers": a.get("headers") or {}}
