@@ -50,6 +50,7 @@ _SCHEMA_DEPTH = 32  # how deep a schema is read for its texts
 _TEXT, _NAME, _VALUE, _SCHEMA, _MAP = range(5)
 _SCHEMA_KEYS = {
     "description": _TEXT, "title": _TEXT, "name": _NAME,
+    "server_description": _TEXT, "definition": _TEXT, "format": _SCHEMA,  # an MCP tool's server; a custom tool's grammar
     "enum": _VALUE, "const": _VALUE, "default": _VALUE, "examples": _VALUE,
     "parameters": _SCHEMA, "input_schema": _SCHEMA, "schema": _SCHEMA,
     "items": _SCHEMA, "prefixItems": _SCHEMA, "additionalProperties": _SCHEMA, "contains": _SCHEMA,
@@ -168,8 +169,8 @@ class _Collector:
         role = message.get("role")
         role = role if isinstance(role, str) else "user"
         self.content(role, message.get("content"))
-        if self.extras and "tool_calls" in message:  # chat: the assistant's earlier calls
-            self.out.extend((role, arguments) for arguments in _call_arguments(message))
+        if self.extras and ("tool_calls" in message or "function_call" in message):  # chat: the assistant's earlier calls
+            self.out.extend((role, text) for text in _call_texts(message))
         if self.joined:
             speaker = ROLE_ALIASES.get(role, role)
             if self._run is not None and self._run[0] == speaker:  # one more turn of the same speaker
@@ -232,12 +233,16 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _call_arguments(message: dict[str, Any]) -> Iterator[str]:
-    """The arguments of a chat message's tool calls, as the model wrote them."""
-    for call in _list(message.get("tool_calls")):
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            yield function["arguments"]
+def _call_texts(message: dict[str, Any]) -> Iterator[str]:
+    """The names and arguments of a chat message's tool calls (and of its deprecated
+    `function_call`), as the model wrote them."""
+    calls = [call.get("function") if isinstance(call, dict) else None for call in _list(message.get("tool_calls"))]
+    for function in [*calls, message.get("function_call")]:
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str):
+                yield name_words(function["name"])
+            if isinstance(function.get("arguments"), str):
+                yield function["arguments"]
 
 
 def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> None:
@@ -374,7 +379,7 @@ def response_texts(body: Any) -> Iterator[str]:
         if isinstance(message, dict):
             if isinstance(message.get("content"), str):
                 yield message["content"]
-            yield from _call_arguments(message)
+            yield from _call_texts(message)
     for item in _list(body.get("output")):
         if isinstance(item, dict):
             if isinstance(item.get("arguments"), str):

@@ -141,7 +141,7 @@ def test_limits_and_models_are_read_as_the_server_reads_them(firewall: Mitmdump,
 
 @pytest.mark.parametrize(
     "shape",
-    ["fullwidth_parts", "responses_instructions", "anthropic_system_blocks", "tool_message", "anthropic_tool_name"],
+    ["fullwidth_parts", "responses_instructions", "anthropic_system_blocks", "tool_message", "anthropic_tool_name", "legacy_function_call"],
 )
 def test_forbidden_instructions_through_the_sdks(firewall: Mitmdump, provider: FakeProvider, shape: str) -> None:
     m = marker()
@@ -158,6 +158,11 @@ def test_forbidden_instructions_through_the_sdks(firewall: Mitmdump, provider: F
         action = {"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": {"model": "claude-x", "max_tokens": 5,
                   "tools": [{"name": "IgnorePrevious_INSTRUCTIONS", "input_schema": {"type": "object"}}],
                   "messages": [{"role": "user", "content": m}]}}
+    elif shape == "legacy_function_call":  # chat's deprecated functions: an earlier call's arguments
+        action = {"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": {"model": "gpt-4o", "messages": [
+            {"role": "user", "content": m},
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": sneaky}},
+            {"role": "function", "name": "f", "content": "done"}]}}
     else:
         action = {"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": {"model": "gpt-4o", "messages": [
             {"role": "user", "content": m},
