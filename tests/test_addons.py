@@ -290,14 +290,47 @@ def test_bad_config_change_is_refused_and_last_good_stays(tmp_path: Path, caplog
             time.sleep(0.01)
             good.write_text("providers:\n  vllm:\n    api: openai\n    hosts: [1 2\n")
             with caplog.at_level(logging.ERROR):
+                assert not settings.reload_if_changed()  # seen changed: read once it holds still
                 assert not settings.reload_if_changed()
             assert "config change refused" in caplog.text and "good.yaml: invalid YAML" in caplog.text
             assert shared.matcher.match("localhost", 8000) is not None
             good.write_text("providers:\n  vllm:\n    api: anthropic\n    hosts: ['localhost:9000']\n")
-            assert settings.reload_if_changed()
+            assert not settings.reload_if_changed() and settings.reload_if_changed()
             assert shared.matcher.match("localhost", 8000) is None
             assert shared.matcher.match("localhost", 9000).api == "anthropic"
             assert r"^localhost\.?:9000$" in tctx.options.allow_hosts
+            settings.done()
+
+    run(go())
+
+
+def test_an_edit_caught_half_written_or_an_emptied_file_never_drops_the_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An editor that empties the file and then writes it, a poll between the two, and a
+    file emptied by mistake: the policy in force stays until a whole file holds still."""
+    path = tmp_path / "config.yaml"
+    path.write_text("policy:\n  denied_models: [gpt-4]\n")
+
+    async def go() -> None:
+        shared, addons = make_addons()
+        settings: Settings = addons[0]  # type: ignore[assignment]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(settings, llm_config=str(path))
+            settings.running()
+            path.write_text("")  # emptied, about to be written
+            assert not settings.reload_if_changed()
+            path.write_text("policy:\n  denied_models: [gpt-4, o1]\n")  # written before the next poll
+            assert not settings.reload_if_changed()
+            assert shared.config.policy.denied_models == ["gpt-4"]
+            assert settings.reload_if_changed()
+            assert shared.config.policy.denied_models == ["gpt-4", "o1"]
+            path.write_text("")  # left empty
+            with caplog.at_level(logging.ERROR):
+                assert not settings.reload_if_changed() and not settings.reload_if_changed()
+            assert "config change refused" in caplog.text and "config.yaml: the file is empty (write {} for the built-in defaults)" in caplog.text
+            assert shared.config.policy.denied_models == ["gpt-4", "o1"]
+            path.write_text("{}\n")
+            assert not settings.reload_if_changed() and settings.reload_if_changed()
+            assert shared.config.policy.denied_models == []
             settings.done()
 
     run(go())

@@ -21,13 +21,17 @@ class Settings:
     """Loads the YAML file named by `llm_config` and reloads it when it changes on disk.
 
     A bad file at start stops mitmdump (OptionsError); a bad edit later is refused with
-    the same one-line message and the last good config stays in force.
+    the same one-line message and the last good config stays in force. An edit is read once
+    the file has held still for a poll (an editor that empties the file and then writes it,
+    caught between the two, would put the built-in defaults, no policy, in force), and a file
+    emptied while running is refused: the defaults are asked for with `{}`.
     """
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.path: Path | None = None
         self._stamp: tuple[float, int] | None = None
+        self._settling: tuple[float, int] | None = None  # a change seen once, read at the next poll if it holds
         self._watcher: asyncio.Task[None] | None = None
         self._started = False
 
@@ -76,9 +80,15 @@ class Settings:
             return False
         stamp = _stamp(self.path)
         if stamp == self._stamp or stamp is None:
+            self._settling = None
             return False
-        self._stamp = stamp
+        if stamp != self._settling:
+            self._settling = stamp
+            return False
+        self._stamp, self._settling = stamp, None
         try:
+            if stamp[1] == 0:
+                raise ConfigError(f"{self.path}: the file is empty (write {{}} for the built-in defaults)")
             config = _checked(load_config(self.path), self.path)
         except ConfigError as exc:
             logger.error("llm-mitm: config change refused, the previous config stays in force: %s", exc)
