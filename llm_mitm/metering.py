@@ -50,8 +50,8 @@ class Metering:
             return call.usage, None
         if not call.generates:  # a stored answer read back (polled, resumed) or cancelled: its usage was the creating call's
             return None, None
-        if not call.charged:
-            return call.usage, None
+        if not call.charged:  # refused, or answered from a recording: nothing was used upstream
+            return None, None
         usage = call.usage
         # A stream cut short (the client went, upstream reset) has generated tokens but never
         # got to its usage chunk: estimated, so that limits and budgets still see it.

@@ -27,7 +27,7 @@ class Tally:
         self.blocked += blocked
         self.input_tokens += input_tokens or 0
         self.output_tokens += output_tokens or 0
-        if cost_usd is None:  # used tokens and has no cost: its model has no price (or a replayed answer)
+        if cost_usd is None:  # used tokens and has no cost: its model has no price
             self.unpriced += input_tokens is not None or output_tokens is not None
         else:
             self.cost_usd += cost_usd

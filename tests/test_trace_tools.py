@@ -365,7 +365,8 @@ def test_replay_answers_from_traces_per_tenant(recorded: Path, tmp_path: Path, p
         assert len(provider.requests) == before[1] + 1
     replayed = [orjson.loads(line) for line in (tmp_path / "replayed.jsonl").read_bytes().splitlines()]
     assert [r["replay"] for r in replayed] == ["hit", "hit", "hit", "hit", "hit", "miss", "hit"]
-    assert all(r["cost_usd"] is None for r in replayed if r["replay"] == "hit")
+    assert all(r["cost_usd"] is None and r["usage"] is None for r in replayed if r["replay"] == "hit")  # nothing used upstream
+    assert all(r["usage"]["input_tokens"] for r in replayed if r["replay"] == "miss")
 
 
 def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
