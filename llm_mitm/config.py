@@ -155,13 +155,15 @@ class PolicyConfig(_Section):
 
 class ModelPrice(_Section):
     """USD per 1M tokens. Cached input and cache writes default to input, 1-hour cache
-    writes to twice input (Anthropic's rule); reasoning is billed as output."""
+    writes to twice input (Anthropic's rule), audio to text; reasoning is billed as output."""
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(default=None, ge=0)
     cache_write: float | None = Field(default=None, ge=0)  # 5-minute cache writes
     cache_write_1h: float | None = Field(default=None, ge=0)
+    audio_input: float | None = Field(default=None, ge=0)
+    audio_output: float | None = Field(default=None, ge=0)
 
 
 class PricingConfig(_Section):

@@ -72,21 +72,29 @@ class PriceTable:
 
 
 def cost_usd(usage: Usage, price: ModelPrice) -> float:
-    """Input not served from cache at the input price, cache reads and writes at theirs
-    (1-hour writes apart: they cost more; without a breakdown every write is a 5-minute
-    one), and output (reasoning included, as every provider bills it) at the output price."""
+    """Input not served from cache at the input price (its audio at the audio price), cache
+    reads and writes at theirs (1-hour writes apart: they cost more; without a breakdown
+    every write is a 5-minute one), and output (reasoning included, as every provider bills
+    it) at the output price (its audio at the audio price)."""
     cached = usage.cached_input_tokens or 0
     written = usage.cache_creation_input_tokens or 0
     written_1h = min(usage.cache_creation_1h_input_tokens or 0, written)
     fresh = max(0, (usage.input_tokens or 0) - cached - written)
+    audio_in = min(usage.audio_input_tokens or 0, fresh)
+    output = usage.output_tokens or 0
+    audio_out = min(usage.audio_output_tokens or 0, output)
     cached_price = price.cached_input if price.cached_input is not None else price.input
     write_price = price.cache_write if price.cache_write is not None else price.input
     write_1h_price = price.cache_write_1h if price.cache_write_1h is not None else price.input * _ONE_HOUR_WRITE_FACTOR
+    audio_in_price = price.audio_input if price.audio_input is not None else price.input
+    audio_out_price = price.audio_output if price.audio_output is not None else price.output
     total = (
-        fresh * price.input
+        (fresh - audio_in) * price.input
+        + audio_in * audio_in_price
         + cached * cached_price
         + (written - written_1h) * write_price
         + written_1h * write_1h_price
-        + (usage.output_tokens or 0) * price.output
+        + (output - audio_out) * price.output
+        + audio_out * audio_out_price
     )
     return round(total / 1_000_000, 10)

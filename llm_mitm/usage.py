@@ -24,6 +24,8 @@ class Usage:
     cache_creation_input_tokens: int | None = None
     cache_creation_1h_input_tokens: int | None = None  # of those, 1-hour writes (Anthropic): billed higher
     reasoning_tokens: int | None = None
+    audio_input_tokens: int | None = None  # of the input, audio (billed at its own price)
+    audio_output_tokens: int | None = None  # of the output, audio
     estimated: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -35,6 +37,8 @@ class Usage:
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
             "cache_creation_1h_input_tokens": self.cache_creation_1h_input_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "audio_input_tokens": self.audio_input_tokens,
+            "audio_output_tokens": self.audio_output_tokens,
             "estimated": self.estimated,
         }
 
@@ -82,6 +86,8 @@ def _openai(usage: dict[str, Any], fields: tuple[str, str, str, str]) -> Usage:
         total_tokens=total,
         cached_input_tokens=_nested(usage, input_details, "cached_tokens"),
         reasoning_tokens=_nested(usage, output_details, "reasoning_tokens"),
+        audio_input_tokens=_nested(usage, input_details, "audio_tokens"),
+        audio_output_tokens=_nested(usage, output_details, "audio_tokens"),
     )
 
 

@@ -57,7 +57,7 @@ def test_chat_completion(proxy: Mitmdump) -> None:
     assert (t["model"], t["response_model"], t["stream"], t["status_code"]) == ("gpt-4o", RESPONSE_MODEL, False, 200)
     assert t["usage"] == {
         "input_tokens": 12, "output_tokens": 7, "total_tokens": 19, "cached_input_tokens": 2,
-        "cache_creation_input_tokens": None, "cache_creation_1h_input_tokens": None, "reasoning_tokens": 1, "estimated": False,
+        "cache_creation_input_tokens": None, "cache_creation_1h_input_tokens": None, "reasoning_tokens": 1, "audio_input_tokens": None, "audio_output_tokens": None, "estimated": False,
     }
     assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY
     assert t["api_key"].startswith("sk-proj-…")

@@ -637,5 +637,5 @@ def test_usage_is_estimated_where_the_api_gives_none(tmp_path: Path, provider: F
         t = trace_with(proxy, m)
         # 14 bytes of prompt, 29 of reply, at about four bytes a token
         assert t["usage"] == {"input_tokens": 4, "output_tokens": 8, "total_tokens": 12, "cached_input_tokens": None,
-                              "cache_creation_input_tokens": None, "cache_creation_1h_input_tokens": None, "reasoning_tokens": None, "estimated": True}
+                              "cache_creation_input_tokens": None, "cache_creation_1h_input_tokens": None, "reasoning_tokens": None, "audio_input_tokens": None, "audio_output_tokens": None, "estimated": True}
         assert t["cost_usd"] == pytest.approx((4 * 2.5 + 8 * 10) / 1e6)

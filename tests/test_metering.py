@@ -122,6 +122,26 @@ def test_cost_openai_cached_and_reasoning() -> None:
     assert cost_usd(usage, price) == pytest.approx((800 * 2.5 + 200 * 1.25 + 500 * 10) / 1e6)
 
 
+@pytest.mark.parametrize(
+    ("model", "audio_in", "audio_out"),
+    [("gpt-4o-audio-preview-2024-12-17", 40, 80), ("gpt-4o-audio-preview-2024-10-01", 100, 200), ("gpt-4o-mini-audio-preview", 10, 20)],
+)
+def test_cost_audio_tokens_at_audio_prices(model: str, audio_in: float, audio_out: float) -> None:
+    """Audio tokens cost many times text's: counted as text, a call was ~9x too cheap."""
+    usage = normalize_usage("openai", {"prompt_tokens": 1000, "completion_tokens": 500, "prompt_tokens_details": {"audio_tokens": 900, "cached_tokens": 0},
+                                       "completion_tokens_details": {"audio_tokens": 400}})
+    assert (usage.audio_input_tokens, usage.audio_output_tokens) == (900, 400)
+    price = PriceTable().price(model)
+    assert cost_usd(usage, price) == pytest.approx((100 * price.input + 900 * audio_in + 100 * price.output + 400 * audio_out) / 1e6)
+    no_audio_price = PriceTable({"plain": ModelPrice(input=1.0, output=2.0)}).price("plain")
+    assert cost_usd(usage, no_audio_price) == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)  # no audio price: text's
+
+
+def test_old_gpt_3_5_snapshots_cost_their_own_prices() -> None:
+    table = PriceTable()
+    assert (table.price("gpt-3.5-turbo-0613").input, table.price("gpt-3.5-turbo-16k-0613").input) == (1.5, 3.0)
+
+
 def test_cost_anthropic_cache_reads_and_writes() -> None:
     usage = normalize_usage("anthropic", {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 400, "output_tokens": 50})
     assert usage.input_tokens == 1500 and usage.cache_creation_1h_input_tokens is None  # no breakdown: 5-minute writes
