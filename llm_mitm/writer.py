@@ -94,7 +94,7 @@ class TraceWriter:
     def _write(self, records: list[tuple[dict[str, object], bytes]]) -> None:
         ok = True
         if self.destination is not None:
-            ok = self._append(b"".join(line for _, line in records), len(records))
+            ok = self._append([line for _, line in records])
         if self.directory is not None:
             for record, _ in records:
                 ok = self._write_file(record) and ok
@@ -102,21 +102,31 @@ class TraceWriter:
             logger.warning("llm-mitm: trace writing works again (%s)", "; ".join(sorted(self._failing)))
             self._failing.clear()
 
-    def _append(self, data: bytes, count: int) -> bool:
+    def _append(self, lines: list[bytes]) -> bool:
+        """One write per file: the batch whole, or with `max_bytes` cut at the lines where
+        the file would grow past it (a line longer than that has a file of its own)."""
         assert self.destination is not None
-        start = None
+        start, written = None, 0
         try:
             fd = self._open()
-            start = os.lseek(fd, 0, os.SEEK_END)
-            if self.max_bytes and start and start + len(data) > self.max_bytes:
-                self._rotate()
-                fd, start = self._open(), 0
-            _write_all(fd, data)
+            start = size = os.lseek(fd, 0, os.SEEK_END)
+            piece: list[bytes] = []
+            for line in lines if self.max_bytes else ():
+                if size and size + len(line) > self.max_bytes:  # type: ignore[operator]
+                    if piece:
+                        _write_all(fd, b"".join(piece))
+                        written, piece = written + len(piece), []
+                    self._rotate()
+                    fd, start, size = self._open(), 0, 0
+                piece.append(line)
+                size += len(line)
+            _write_all(fd, b"".join(piece if self.max_bytes else lines))
         except OSError as exc:
             self._undo(start)
-            self._fail(count, f"cannot write {self.destination}: {exc.strerror or exc}")
+            self._fail(len(lines) - written, f"cannot write {self.destination}: {exc.strerror or exc}")
+            self.stats.written += written
             return False
-        self.stats.written += count
+        self.stats.written += len(lines)
         return True
 
     def _open(self) -> int:

@@ -82,6 +82,20 @@ def test_rotation_by_size_loses_no_line(tmp_path: Path) -> None:
     assert all(f.stat().st_size <= 2000 for f in files if f.exists())
 
 
+def test_a_batch_larger_than_max_bytes_is_cut_across_files(tmp_path: Path) -> None:
+    """A busy round's batch landed whole in one file, up to twice max_bytes and more."""
+    target = tmp_path / "t.jsonl"
+    writer = TraceWriter(target, None, max_bytes=1000, keep=20)
+    writer.write([(lambda i=i: row(id=str(i), pad="x" * 100), None) for i in range(40)])
+    writer.write([(lambda: row(id="huge", pad="y" * 3000), None), (lambda: row(id="after", pad=""), None)])
+    writer.close()
+    files = [f for f in [target, *(target.with_name(f"t.jsonl.{n}") for n in range(1, 21))] if f.exists()]
+    ids = [r["id"] for f in reversed(files) for r in lines(f)]
+    assert ids == [str(i) for i in range(40)] + ["huge", "after"] and writer.stats.written == 42
+    assert [f.stat().st_size <= 1000 for f in files].count(False) == 1  # the huge line, on its own
+    assert lines(target.with_name("t.jsonl.1"))[0]["id"] == "huge" and len(lines(target.with_name("t.jsonl.1"))) == 1
+
+
 def test_kill_9_leaves_a_clean_trace_file(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     proxy = Mitmdump(tmp_path, routes=provider_routes(provider), upstream_ca=pki.ca_path).start()
     session = requests.Session()
