@@ -158,7 +158,15 @@ def _example(messages: list[dict[str, Any]], tools: Any, parallel: Any = None) -
 # --------------------------------------------------------------------------- Responses API
 
 
+# A Responses call whose conversation (or instructions) upstream keeps: the trace holds
+# only what the call added, so an example made of it would be missing the rest.
+_UPSTREAM_CONTEXT = ("previous_response_id", "conversation", "prompt")
+
+
 def _from_responses(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    kept = next((key for key in _UPSTREAM_CONTEXT if request.get(key)), None)
+    if kept is not None:
+        raise Skip(f"context kept upstream ({kept})")
     messages: list[dict[str, Any]] = []
     if isinstance(request.get("instructions"), str):
         messages.append({"role": "system", "content": request["instructions"]})

@@ -139,6 +139,22 @@ def test_export_skips_what_it_cannot_convert(tmp_path: Path) -> None:
     assert len(out.read_bytes().splitlines()) == 2
 
 
+def test_export_skips_a_responses_call_whose_context_upstream_keeps() -> None:
+    """Chained by previous_response_id, in a conversation, or from a stored prompt, a call's
+    record holds only what it added: as an example it would teach a reply to half a dialogue."""
+    def responses_record(**extra: Any) -> dict[str, Any]:
+        return {"status_code": 200, "operation": "responses", "api": "openai", "model": "gpt-4o",
+                "request": {"body": {"model": "gpt-4o", "input": "And tomorrow?", **extra}},
+                "response": {"body": {"output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Rain."}]}]}}}
+
+    report = ExportReport()
+    records = [responses_record(), responses_record(previous_response_id="resp_1"), responses_record(conversation="conv_1"),
+               responses_record(prompt={"id": "pmpt_1"})]
+    examples = list(export_examples(records, report=report))
+    assert [e["messages"] for e in examples] == [[{"role": "user", "content": "And tomorrow?"}, {"role": "assistant", "content": "Rain."}]]
+    assert report.skipped == {"context kept upstream (previous_response_id)": 1, "context kept upstream (conversation)": 1, "context kept upstream (prompt)": 1}
+
+
 def test_outputs_never_replace_the_trace_and_fail_in_one_line(tmp_path: Path) -> None:
     traces = tmp_path / "t.jsonl"
     traces.write_bytes(orjson.dumps(chat_record("q", {"role": "assistant", "content": "a"})) + b"\n")
