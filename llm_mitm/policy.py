@@ -290,6 +290,8 @@ class Policy:
             return None
         for field in MAX_TOKEN_FIELDS:
             value = body.get(field)
+            if value is None:  # most of them, in every call
+                continue
             limit = _token_limit(value)
             if limit is not None and limit > cap:
                 return Violation("max_tokens_exceeded", f"{field} {value!r} exceeds the cap of {cap} (max_tokens)")
