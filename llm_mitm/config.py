@@ -223,9 +223,12 @@ def default_config() -> Config:
     return Config.model_validate({})
 
 
-def parse_config(data: Any, source: str) -> Config:
-    """Validate already-loaded YAML data; `source` names the file in errors."""
+def parse_config(data: Any, source: str, allow_empty: bool = True) -> Config:
+    """Validate already-loaded YAML data; `source` names the file in errors. An empty
+    document (nothing, or only comments) is the built-in defaults, unless not allowed."""
     if data is None:
+        if not allow_empty:
+            raise ConfigError(f"{source}: the file is empty (write {{}} for the built-in defaults)")
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: top level: expected a mapping of sections, got {type(data).__name__}")
@@ -235,7 +238,7 @@ def parse_config(data: Any, source: str) -> Config:
         raise ConfigError(_describe(exc, source)) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], allow_empty: bool = True) -> Config:
     """Read and validate one YAML file."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -255,7 +258,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{source}: invalid YAML at {where}: {exc.problem}") from None
     except YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    return parse_config(data, source)
+    return parse_config(data, source, allow_empty)
 
 
 def resolve_config_path(option_value: str, cwd: Path | None = None) -> Path | None:
@@ -292,6 +295,13 @@ def check_trace_targets(config: Config, source: str | None, environ: Mapping[str
 
 def _unwritable(path: Path, folder: bool) -> str | None:
     """Why `path` cannot be written as a file (or as a directory, made if missing), or None."""
+    try:
+        return _why_unwritable(path, folder)
+    except OSError as exc:  # a directory on the way that may not be looked into, say
+        return f"cannot be checked: {exc.strerror or exc}"
+
+
+def _why_unwritable(path: Path, folder: bool) -> str | None:
     if path.exists():
         if path.is_dir() != folder:
             return "is a file, not a directory" if folder else "is a directory, not a file"
@@ -323,9 +333,13 @@ def _describe(exc: ValidationError, source: str) -> str:
     return f"{source}: {key}: {message}{suffix}"
 
 
+_BRANCH = re.compile(r"(?:list|dict)\[.*\]")
+
+
 def _is_branch(part: int | str) -> bool:
-    """A union's branch as pydantic names it in an error's location (`list[str]`)."""
-    return isinstance(part, str) and "[" in part
+    """A union's branch as pydantic names it in an error's location (`list[str]`), not a
+    key of the user's that holds a bracket (`my-model[eu]`)."""
+    return isinstance(part, str) and _BRANCH.fullmatch(part) is not None
 
 
 def _before_branch(loc: tuple[int | str, ...]) -> tuple[int | str, ...] | None:

@@ -46,11 +46,11 @@ class Metering:
 
     def meter(self, call: Call) -> tuple[Usage | None, float | None]:
         """(usage, cost in USD); either is None where it cannot be known."""
+        if not call.charged:  # refused, or answered from a recording: nothing was used upstream
+            return None, None
         if call.operation not in GENERATING:
             return call.usage, None
         if not call.generates:  # a stored answer read back (polled, resumed) or cancelled: its usage was the creating call's
-            return None, None
-        if not call.charged:  # refused, or answered from a recording: nothing was used upstream
             return None, None
         usage = call.usage
         # A stream cut short (the client went, upstream reset) has generated tokens but never

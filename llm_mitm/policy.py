@@ -159,7 +159,8 @@ class Policy:
         if self.checks_calls and route.operation == "batches" and _unread_batch_input(request.body):
             return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
                              "a batch read from elsewhere (Azure's input_blob) cannot be checked")
-        if violation := self._check_model(route, request.model, route.generates(request.method)):
+        # An unreadable body names no model: `on_unparseable: forward` has decided that case.
+        if violation := self._check_model(route, request.model, route.generates(request.method) and not request.unparseable):
             return violation
         if not isinstance(request.body, dict):
             return None
@@ -288,13 +289,15 @@ class Policy:
         cap = self.config.max_tokens
         if cap is None:
             return None
-        for field in MAX_TOKEN_FIELDS:
-            value = body.get(field)
-            if value is None:  # most of them, in every call
-                continue
-            limit = _token_limit(value)
-            if limit is not None and limit > cap:
-                return Violation("max_tokens_exceeded", f"{field} {value!r} exceeds the cap of {cap} (max_tokens)")
+        session = body.get("session")  # a realtime session's, made over HTTP (`/realtime/client_secrets`)
+        for holder, prefix in ((body, ""), (session if isinstance(session, dict) else {}, "session.")):
+            for field in MAX_TOKEN_FIELDS:
+                value = holder.get(field)
+                if value is None:  # most of them, in every call
+                    continue
+                limit = _token_limit(value)
+                if limit is not None and limit > cap:
+                    return Violation("max_tokens_exceeded", f"{prefix}{field} {value!r} exceeds the cap of {cap} (max_tokens)")
         return None
 
     def clamp(self, route: Route, body: Any) -> dict[str, Any] | None:
@@ -312,6 +315,11 @@ class Policy:
         if _is_batch_file(route, body):
             calls = [self._clamped_line(cap, route, call) for call in body[BATCH]]
             return {**body, BATCH: calls} if calls != body[BATCH] else None
+        if route.operation == "realtime":  # a session's limits, or an event's: those it names (it has its own default)
+            session = body.get("session")
+            inner = self._clamped(cap, session, None) if isinstance(session, dict) else None
+            outer = self._clamped(cap, body, None)
+            return None if inner is None and outer is None else {**(outer or body), **({"session": inner} if inner is not None else {})}
         field = _limit_field(route)
         return None if field is None else self._clamped(cap, body, field)
 
@@ -321,13 +329,15 @@ class Policy:
         return call if body is None else {**call, "body": body}
 
     @staticmethod
-    def _clamped(cap: int, body: dict[str, Any], field: str) -> dict[str, Any] | None:
+    def _clamped(cap: int, body: dict[str, Any], field: str | None) -> dict[str, Any] | None:
+        """`body` with each limit it names at most `cap`, and `field` set to it where it names
+        none (None: left so); None when nothing changes."""
         changed = dict(body)
         present = {name: limit for name in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(name))) is not None}
         for name, limit in present.items():
             if limit > cap:
                 changed[name] = cap
-        if not present:
+        if not present and field is not None:
             changed[field] = cap
         return changed if changed != body else None
 

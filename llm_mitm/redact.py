@@ -295,6 +295,11 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# Header names of gateways' keys that name no credential word (`Helicone-Auth`,
+# `x-portkey-virtual-key`).
+_GATEWAY_KEY_ENDINGS = ("-auth", "_auth", "virtual-key")
+
+
 class Redactor:
     """Replaces secrets in headers, URLs and bodies by stable fingerprints."""
 
@@ -397,6 +402,8 @@ class Redactor:
         credential, as gateways name theirs (`X-Portkey-Api-Key`, `x-litellm-api-key`,
         `X-Auth-Token`): its value is a key whatever its shape."""
         if name in self.headers:
+            return True
+        if name.endswith(_GATEWAY_KEY_ENDINGS):
             return True
         assigned = name + ":"  # as `_assignment` finds a name: given a value
         return any(match.end() == len(assigned) for match in self._assignment.finditer(assigned))

@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from llm_mitm.memo import Memo
+
 RoleText = tuple[str, str]
 ROLE_ALIASES = {"developer": "system", "function": "tool"}  # roles the APIs read as another
 
@@ -50,7 +52,8 @@ _SCHEMA_DEPTH = 32  # how deep a schema is read for its texts
 _TEXT, _NAME, _VALUE, _SCHEMA, _MAP = range(5)
 _SCHEMA_KEYS = {
     "description": _TEXT, "title": _TEXT, "name": _NAME,
-    "server_description": _TEXT, "definition": _TEXT, "format": _SCHEMA,  # an MCP tool's server; a custom tool's grammar
+    # an MCP tool's server; a custom tool's grammar (Responses: format.definition; chat: format.grammar.definition)
+    "server_description": _TEXT, "definition": _TEXT, "format": _SCHEMA, "grammar": _SCHEMA,
     "enum": _VALUE, "const": _VALUE, "default": _VALUE, "examples": _VALUE,
     "parameters": _SCHEMA, "input_schema": _SCHEMA, "schema": _SCHEMA,
     "items": _SCHEMA, "prefixItems": _SCHEMA, "additionalProperties": _SCHEMA, "contains": _SCHEMA,
@@ -140,7 +143,7 @@ class _Collector:
         for key in ("tools", "functions"):  # chat's deprecated `functions` are still read
             for tool in _list(body.get(key)):  # what each tool, and each parameter, is for and may be
                 if isinstance(tool, dict):
-                    function = tool.get("function")
+                    function = tool.get("function") or tool.get("custom")  # chat nests a tool's own keys
                     _schema_texts(self.out, function if isinstance(function, dict) else tool, _SCHEMA_DEPTH)
         # The structured output's format and schema, read as a tool's are: chat's
         # `response_format.json_schema`, Responses' `text.format`, Anthropic's `output_format`
@@ -170,7 +173,7 @@ class _Collector:
         role = role if isinstance(role, str) else "user"
         self.content(role, message.get("content"))
         if self.extras and ("tool_calls" in message or "function_call" in message):  # chat: the assistant's earlier calls
-            self.out.extend((role, text) for text in _call_texts(message))
+            self.out.extend((role, text) for text in _call_texts(message, names=True))
         if self.joined:
             speaker = ROLE_ALIASES.get(role, role)
             if self._run is not None and self._run[0] == speaker:  # one more turn of the same speaker
@@ -233,16 +236,18 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _call_texts(message: dict[str, Any]) -> Iterator[str]:
-    """The names and arguments of a chat message's tool calls (and of its deprecated
-    `function_call`), as the model wrote them."""
-    calls = [call.get("function") if isinstance(call, dict) else None for call in _list(message.get("tool_calls"))]
+def _call_texts(message: dict[str, Any], names: bool) -> Iterator[str]:
+    """The arguments (a custom tool's input) of a chat message's tool calls and of its
+    deprecated `function_call`, as the model wrote them; with `names`, their names too, as
+    words (for the policy: the model reads them, a report shows none)."""
+    calls = [call.get("function") or call.get("custom") if isinstance(call, dict) else None for call in _list(message.get("tool_calls"))]
     for function in [*calls, message.get("function_call")]:
         if isinstance(function, dict):
-            if isinstance(function.get("name"), str):
+            if names and isinstance(function.get("name"), str):
                 yield name_words(function["name"])
-            if isinstance(function.get("arguments"), str):
-                yield function["arguments"]
+            for key in ("arguments", "input"):
+                if isinstance(function.get(key), str):
+                    yield function[key]
 
 
 def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> None:
@@ -281,14 +286,20 @@ def _value_texts(out: list[RoleText], value: Any, depth: int) -> None:
             _value_texts(out, item, depth - 1)
 
 
-_NAME_BREAKS = re.compile(r"[_\-.]+|(?<=[a-z0-9])(?=[A-Z])")
+# Where a name's words meet: separators, a lower-case letter or digit before a capital, a
+# capital run before a word (`IGNOREPrevious`), a letter next to a digit.
+_NAME_BREAKS = re.compile(r"[_\-.]+|(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=[A-Za-z])(?=[0-9])|(?<=[0-9])(?=[A-Za-z])")
 
 
-def name_words(name: str) -> str:
-    """A name as the words the model reads in it: `ignore_previous_instructions` and
-    `ignorePreviousInstructions` say what `ignore previous instructions` says (tool names
-    allow no spaces, so a phrase there is written this way)."""
+def _name_words(name: str) -> str:
     return _NAME_BREAKS.sub(" ", name)
+
+
+# A name as the words the model reads in it: `ignore_previous_instructions` and
+# `ignorePreviousInstructions` say what `ignore previous instructions` says (tool names allow
+# no spaces, so a phrase there is written this way). Remembered: a request's tool and
+# property names come again with every call.
+name_words: Memo[str, str] = Memo(_name_words)
 
 
 def tool_input_text(value: Any) -> str:
@@ -379,7 +390,7 @@ def response_texts(body: Any) -> Iterator[str]:
         if isinstance(message, dict):
             if isinstance(message.get("content"), str):
                 yield message["content"]
-            yield from _call_texts(message)
+            yield from _call_texts(message, names=False)
     for item in _list(body.get("output")):
         if isinstance(item, dict):
             if isinstance(item.get("arguments"), str):

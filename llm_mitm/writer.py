@@ -106,13 +106,13 @@ class TraceWriter:
         """One write per file: the batch whole, or with `max_bytes` cut at the lines where
         the file would grow past it (a line longer than that has a file of its own)."""
         assert self.destination is not None
-        start, written = None, 0
+        start, written, most = None, 0, self.max_bytes
         try:
             fd = self._open()
             start = size = os.lseek(fd, 0, os.SEEK_END)
             piece: list[bytes] = []
-            for line in lines if self.max_bytes else ():
-                if size and size + len(line) > self.max_bytes:  # type: ignore[operator]
+            for line in lines if most else ():
+                if size and size + len(line) > most:
                     if piece:
                         _write_all(fd, b"".join(piece))
                         written, piece = written + len(piece), []
@@ -120,7 +120,7 @@ class TraceWriter:
                     fd, start, size = self._open(), 0, 0
                 piece.append(line)
                 size += len(line)
-            _write_all(fd, b"".join(piece if self.max_bytes else lines))
+            _write_all(fd, b"".join(piece if most else lines))
         except OSError as exc:
             self._undo(start)
             self._fail(len(lines) - written, f"cannot write {self.destination}: {exc.strerror or exc}")

@@ -323,11 +323,13 @@ def test_an_edit_caught_half_written_or_an_emptied_file_never_drops_the_policy(t
             assert shared.config.policy.denied_models == ["gpt-4"]
             assert settings.reload_if_changed()
             assert shared.config.policy.denied_models == ["gpt-4", "o1"]
-            path.write_text("")  # left empty
-            with caplog.at_level(logging.ERROR):
-                assert not settings.reload_if_changed() and not settings.reload_if_changed()
-            assert "config change refused" in caplog.text and "config.yaml: the file is empty (write {} for the built-in defaults)" in caplog.text
-            assert shared.config.policy.denied_models == ["gpt-4", "o1"]
+            for emptied in ("", "\n", "# all commented out\n# policy:\n"):  # left empty, or with nothing but comments
+                caplog.clear()
+                path.write_text(emptied)
+                with caplog.at_level(logging.ERROR):
+                    assert not settings.reload_if_changed() and not settings.reload_if_changed()
+                assert "config change refused" in caplog.text and "config.yaml: the file is empty (write {} for the built-in defaults)" in caplog.text
+                assert shared.config.policy.denied_models == ["gpt-4", "o1"]
             path.write_text("{}\n")
             assert not settings.reload_if_changed() and settings.reload_if_changed()
             assert shared.config.policy.denied_models == []

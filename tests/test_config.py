@@ -60,6 +60,7 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("policy:\n  allowed_models: {azure: prod-*}\n", "policy.allowed_models.azure: Input should be a valid list (got 'prod-*')"),
         ("policy:\n  denied_models: gpt-4o\n", "policy.denied_models: Input should be a valid list (got 'gpt-4o')"),
         ("policy:\n  allowed_models: [gpt-4o, 4]\n", "policy.allowed_models.1: Input should be a valid string (got 4)"),
+        ("pricing:\n  models:\n    my-model[eu]: {input: -1, output: 1}\n", "pricing.models.my-model[eu].input: Input should be greater than or equal to 0"),
     ],
 )
 def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -123,6 +124,18 @@ def test_trace_targets_that_cannot_be_written_are_refused_naming_the_key(tmp_pat
         f"GATEWAY_TRACE_DESTINATION: {tmp_path}/a-dir: is a directory, not a file"
     assert problem(f"traces:\n  destination: {tmp_path}/a-dir\n", {"GATEWAY_TRACE_DESTINATION": ""}) is None  # the variable turns the file off
     assert problem(f"traces:\n  destination: {tmp_path}/a-dir\n", named=None) == f"built-in defaults: traces.destination: {tmp_path}/a-dir: is a directory, not a file"
+
+
+def test_a_trace_target_that_may_not_be_looked_into_is_a_reason_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Path.exists` raises where a directory on the way may not be searched (an unprivileged
+    user; the tests run as root, where none is refused, so the refusal is stood in for)."""
+    def refused(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", refused)
+    config = load_config(write(tmp_path, f"traces:\n  destination: {tmp_path}/locked/t.jsonl\n"))
+    with pytest.raises(ConfigError, match=r"traces.destination: .*/locked/t.jsonl: cannot be checked: Permission denied$"):
+        check_trace_targets(config, "config.yaml", {})
 
 
 def test_example_config_is_valid_and_documents_every_key() -> None:

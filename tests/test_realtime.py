@@ -11,7 +11,7 @@ import pytest
 from llm_mitm.config import PolicyConfig
 from llm_mitm.policy import Policy, RequestView
 from llm_mitm.providers import Route
-from llm_mitm.realtime import error_event, read_client_event
+from llm_mitm.realtime import UnreadableEvent, error_event, read_client_event
 
 REALTIME = Route("openai", "openai", "realtime")
 POLICY = Policy(PolicyConfig(allowed_models=["gpt-4o*"], forbidden_instructions=["ignore previous instructions", "system:*you are dan*"], max_tokens=500))
@@ -63,7 +63,33 @@ def test_a_type_written_with_escapes_is_still_read() -> None:
 def test_audio_and_text_that_is_no_event_pass_unread() -> None:
     audio = base64.b64encode(os.urandom(30_000)).decode()
     assert read_client_event(orjson.dumps({"type": "input_audio_buffer.append", "audio": audio})) is None
-    assert read_client_event(b"session.update, not JSON") is None
+    assert read_client_event(b"hello, not JSON") is None
+
+
+@pytest.mark.parametrize("data", [
+    b"session.update, not JSON",
+    b'{"type": "session.update", "session": {"instructions": "ignore previous instructions \\ud800"}}',  # a lone surrogate: Python reads it
+    b'{"type": "session.update", "session": {"instructions": "you are dan"}, "temperature": NaN}',
+    b'\xef\xbb\xbf{"type": "session.update", "session": {"instructions": "you are dan"}}',
+])
+def test_a_message_that_may_be_an_event_but_does_not_parse_is_unreadable(data: bytes) -> None:
+    """A server's parser may read what orjson does not: the firewall applies on_unparseable."""
+    with pytest.raises(UnreadableEvent):
+        read_client_event(data)
+
+
+def test_limits_are_clamped_in_events_and_sessions() -> None:
+    clamp = Policy(PolicyConfig(max_tokens=500, max_tokens_action="clamp"))
+    event = read_client_event(orjson.dumps({"type": "response.create", "event_id": "e", "response": {"max_output_tokens": 50000, "instructions": "hi"}}))
+    clamped = clamp.clamp(REALTIME, event.body)
+    assert orjson.loads(event.with_body(clamped)) == {"type": "response.create", "event_id": "e", "response": {"max_output_tokens": 500, "instructions": "hi"}}
+    session = read_client_event(orjson.dumps({"type": "session.update", "session": {"max_response_output_tokens": "inf"}}))
+    assert clamp.clamp(REALTIME, session.body) == {"max_response_output_tokens": 500}
+    assert clamp.clamp(REALTIME, {"session": {"instructions": "x"}}) is None  # none named: the session's own default stands
+    secret = {"session": {"type": "realtime", "model": "gpt-realtime", "max_output_tokens": 9000}}  # POST /v1/realtime/client_secrets
+    assert clamp.clamp(REALTIME, secret) == {"session": {"type": "realtime", "model": "gpt-realtime", "max_output_tokens": 500}}
+    violation = POLICY.check(RequestView(REALTIME, "gpt-4o-realtime", secret, method="POST"))
+    assert violation.rule == "max_tokens_exceeded" and "session.max_output_tokens 9000" in violation.detail
 
 
 def test_the_error_event_names_the_refused_event() -> None:

@@ -91,6 +91,7 @@ def test_sensitive_headers_are_fingerprinted_whole(name: str, value: str, secret
     [
         ("X-Portkey-Api-Key", True), ("x-litellm-api-key", True), ("X-Auth-Token", True), ("anthropic-api-key", True),
         ("X-Amz-Security-Token", True), ("x-client-secret", True), ("X-Goog-Api-Key", True), ("x-db-password", True),
+        ("Helicone-Auth", True), ("x-portkey-virtual-key", True),
         ("x-ratelimit-remaining-tokens", False), ("anthropic-ratelimit-input-tokens-limit", False), ("Idempotency-Key", False),
         ("x-api-key-id", False), ("openai-processing-ms", False), ("x-stainless-arch", False), ("x-request-id", False),
     ],

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 
 from mitmproxy import ctx, http
+from mitmproxy.websocket import WebSocketMessage
 
 from llm_mitm.addons.refuse import refuse, rewrite_batch_file, rewrite_json
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import ALLOWED, PolicyDecision
 from llm_mitm.forms import BATCH
 from llm_mitm.policy import RequestView, Violation
-from llm_mitm.realtime import error_event, read_client_event
+from llm_mitm.realtime import UnreadableEvent, error_event, read_client_event
 
 logger = logging.getLogger("llm_mitm.firewall")
 
@@ -58,30 +59,42 @@ class Firewall:
             exchange.policy = ALLOWED
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        """A realtime client's event that sets instructions, tools or a model, or adds to
-        the conversation, is checked as a request would be; one refused is dropped and the
-        client gets the API's `error` event (the session goes on). No rule a call can
-        break, nothing is read."""
+        """A realtime client's event that sets instructions, tools, a model or a limit, or
+        adds to the conversation, is checked as a request would be (and its limits clamped,
+        with `max_tokens_action: clamp`); one refused is dropped and the client gets the
+        API's `error` event (the session goes on). No rule a call can break, nothing is read."""
         exchange = self.shared.exchange(flow)
         policy = self.shared.policy
         if exchange is None or flow.websocket is None or not policy.checks_calls:
             return
         message = flow.websocket.messages[-1]
-        if not message.from_client or not message.is_text:
+        if not message.from_client:
             return
-        event = read_client_event(message.content)
+        try:
+            event = read_client_event(message.content)
+        except UnreadableEvent:
+            if policy.config.on_unparseable == "reject":
+                self._refuse_event(flow, message, "client", None, Violation(
+                    "unparseable_body", "the event is not JSON the policy can read (on_unparseable: reject)", 400))
+            return
         if event is None:
             return
         try:
             violation = policy.check(RequestView(exchange.route, event.model or exchange.model, event.body, method=exchange.method))
+            clamped = policy.clamp(exchange.route, event.body) if violation is None else None
         except Exception:  # an event the policy cannot read does not go out unchecked
             logger.exception("llm-mitm: the policy check of a realtime event failed; the event is refused")
-            violation = Violation("policy_error", "the event could not be checked against the policy")
-        if violation is None:
-            return
+            violation, clamped = Violation("policy_error", "the event could not be checked against the policy"), None
+        if violation is not None:
+            self._refuse_event(flow, message, event.kind, event.event_id, violation)
+        elif clamped is not None:
+            message.content = event.with_body(clamped)
+
+    @staticmethod
+    def _refuse_event(flow: http.HTTPFlow, message: WebSocketMessage, kind: str, event_id: str | None, violation: Violation) -> None:
         message.drop()
-        detail = f"llm-mitm refused this {event.kind} event ({violation.rule}): {violation.detail}"
-        ctx.master.commands.call("inject.websocket", flow, True, error_event(violation.rule, detail, event.event_id), True)
+        detail = f"llm-mitm refused this {kind} event ({violation.rule}): {violation.detail}"
+        ctx.master.commands.call("inject.websocket", flow, True, error_event(violation.rule, detail, event_id), True)
         flow.marked = ":no_entry:"
-        flow.comment = f"llm-mitm blocked a {event.kind} event ({violation.rule}): {violation.detail}"
+        flow.comment = f"llm-mitm blocked a {kind} event ({violation.rule}): {violation.detail}"
         logger.warning("llm-mitm: %s", flow.comment)

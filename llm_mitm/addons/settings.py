@@ -24,7 +24,7 @@ class Settings:
     the same one-line message and the last good config stays in force. An edit is read once
     the file has held still for a poll (an editor that empties the file and then writes it,
     caught between the two, would put the built-in defaults, no policy, in force), and a file
-    emptied while running is refused: the defaults are asked for with `{}`.
+    emptied while running (or left with comments only) is refused: `{}` asks for the defaults.
     """
 
     def __init__(self, shared: Shared) -> None:
@@ -72,7 +72,10 @@ class Settings:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            self.reload_if_changed()
+            try:
+                self.reload_if_changed()
+            except Exception:  # noqa: BLE001 - the watch outlives any one odd edit
+                logger.exception("llm-mitm: reading the changed config failed; the previous config stays in force")
 
     def reload_if_changed(self) -> bool:
         """Reload after an edit on disk; True when a new config went into force."""
@@ -87,9 +90,7 @@ class Settings:
             return False
         self._stamp, self._settling = stamp, None
         try:
-            if stamp[1] == 0:
-                raise ConfigError(f"{self.path}: the file is empty (write {{}} for the built-in defaults)")
-            config = _checked(load_config(self.path), self.path)
+            config = _checked(load_config(self.path, allow_empty=False), self.path)
         except ConfigError as exc:
             logger.error("llm-mitm: config change refused, the previous config stays in force: %s", exc)
             return False
