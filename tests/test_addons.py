@@ -338,6 +338,32 @@ def test_an_edit_caught_half_written_or_an_emptied_file_never_drops_the_policy(t
     run(go())
 
 
+def test_a_trace_directory_gone_bad_does_not_hold_back_a_policy_edit(tmp_path: Path) -> None:
+    """Trace targets are checked on a reload only when they change: the writer logs its own
+    losses, and a tighter policy must still go into force."""
+    path = tmp_path / "config.yaml"
+    (tmp_path / "per").mkdir()
+    path.write_text(f"traces:\n  directory: {tmp_path}/per\n")
+
+    async def go() -> None:
+        shared, addons = make_addons()
+        settings: Settings = addons[0]  # type: ignore[assignment]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(settings, llm_config=str(path))
+            settings.running()
+            (tmp_path / "per").rmdir()
+            (tmp_path / "per").write_text("now a file")
+            path.write_text(f"traces:\n  directory: {tmp_path}/per\npolicy:\n  denied_models: [gpt-4]\n")
+            assert not settings.reload_if_changed() and settings.reload_if_changed()
+            assert shared.config.policy.denied_models == ["gpt-4"]
+            path.write_text(f"traces:\n  directory: {tmp_path}/per/deeper\npolicy:\n  denied_models: [gpt-4, o1]\n")  # a new target: checked
+            assert not settings.reload_if_changed() and not settings.reload_if_changed()
+            assert shared.config.policy.denied_models == ["gpt-4"]
+            settings.done()
+
+    run(go())
+
+
 def test_bad_config_at_start_logs_one_line_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("traces:\n  bodies: some\n")

@@ -90,7 +90,7 @@ class Settings:
             return False
         self._stamp, self._settling = stamp, None
         try:
-            config = _checked(load_config(self.path, allow_empty=False), self.path)
+            config = _checked(load_config(self.path, allow_empty=False), self.path, self.shared.config)
         except ConfigError as exc:
             logger.error("llm-mitm: config change refused, the previous config stays in force: %s", exc)
             return False
@@ -99,9 +99,12 @@ class Settings:
         return True
 
 
-def _checked(config: Config, path: Path | None) -> Config:
-    """The config, once the trace files it names can be written (else ConfigError)."""
-    check_trace_targets(config, str(path) if path else None)
+def _checked(config: Config, path: Path | None, previous: Config | None = None) -> Config:
+    """The config, once the trace files it names can be written (else ConfigError). On a
+    reload only if they changed: a trace directory gone bad must not hold back, say, a
+    tighter policy (the writer logs its own losses)."""
+    if previous is None or (config.traces.destination, config.traces.directory) != (previous.traces.destination, previous.traces.directory):
+        check_trace_targets(config, str(path) if path else None)
     return config
 
 

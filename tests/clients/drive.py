@@ -69,7 +69,10 @@ def openai_call(a):
         replies = []
         with client.realtime.connect(model=a["model"], extra_headers=a.get("headers") or {}) as connection:
             for event in a["events"]:
-                connection.send(event)
+                if isinstance(event, str):  # as written, not as the SDK would write it
+                    connection.send_raw(event)
+                else:
+                    connection.send(event)
                 replies.append(json.loads(connection.recv_bytes()))
         return {"replies": replies}
     if op == "method":  # any SDK method by its path (`beta.threads.messages.create`), as an application calls it
