@@ -56,6 +56,21 @@ def whole_addon(config: Path | None = None):
             addons[0].done()
 
 
+@contextlib.contextmanager
+def watched_config(path: Path):
+    """Settings watching the config at `path`, as after mitmdump's start (`running`), with
+    the concerns that react to it; stopped at the end. Inside a running loop."""
+    shared, addons = make_addons()
+    settings: Settings = addons[0]  # type: ignore[assignment]
+    with taddons.context(*addons) as tctx:
+        tctx.configure(settings, llm_config=str(path))
+        settings.running()
+        try:
+            yield shared, settings, tctx
+        finally:
+            settings.done()
+
+
 def config_file(folder: Path, text: str) -> Path:
     """A config.yaml in `folder` holding `text`, for `whole_addon`."""
     config = folder / "config.yaml"
@@ -277,11 +292,7 @@ def test_bad_config_change_is_refused_and_last_good_stays(tmp_path: Path, caplog
     bad.write_text("providers:\n  vllm:\n    api: nope\n    hosts: ['localhost:8000']\n")
 
     async def go() -> None:
-        shared, addons = make_addons()
-        settings: Settings = addons[0]  # type: ignore[assignment]
-        with taddons.context(*addons) as tctx:
-            tctx.configure(settings, llm_config=str(good))
-            settings.running()
+        with watched_config(good) as (shared, settings, tctx):
             with pytest.raises(exceptions.OptionsError, match=r"bad.yaml: providers.vllm.api: Input should be"):
                 tctx.configure(settings, llm_config=str(bad))
             assert tctx.options.llm_config == str(good)
@@ -299,7 +310,6 @@ def test_bad_config_change_is_refused_and_last_good_stays(tmp_path: Path, caplog
             assert shared.matcher.match("localhost", 8000) is None
             assert shared.matcher.match("localhost", 9000).api == "anthropic"
             assert r"^localhost\.?:9000$" in tctx.options.allow_hosts
-            settings.done()
 
     run(go())
 
@@ -311,11 +321,7 @@ def test_an_edit_caught_half_written_or_an_emptied_file_never_drops_the_policy(t
     path.write_text("policy:\n  denied_models: [gpt-4]\n")
 
     async def go() -> None:
-        shared, addons = make_addons()
-        settings: Settings = addons[0]  # type: ignore[assignment]
-        with taddons.context(*addons) as tctx:
-            tctx.configure(settings, llm_config=str(path))
-            settings.running()
+        with watched_config(path) as (shared, settings, tctx):
             path.write_text("")  # emptied, about to be written
             assert not settings.reload_if_changed()
             path.write_text("policy:\n  denied_models: [gpt-4, o1]\n")  # written before the next poll
@@ -333,7 +339,6 @@ def test_an_edit_caught_half_written_or_an_emptied_file_never_drops_the_policy(t
             path.write_text("{}\n")
             assert not settings.reload_if_changed() and settings.reload_if_changed()
             assert shared.config.policy.denied_models == []
-            settings.done()
 
     run(go())
 
@@ -346,11 +351,7 @@ def test_a_trace_directory_gone_bad_does_not_hold_back_a_policy_edit(tmp_path: P
     path.write_text(f"traces:\n  directory: {tmp_path}/per\n")
 
     async def go() -> None:
-        shared, addons = make_addons()
-        settings: Settings = addons[0]  # type: ignore[assignment]
-        with taddons.context(*addons) as tctx:
-            tctx.configure(settings, llm_config=str(path))
-            settings.running()
+        with watched_config(path) as (shared, settings, tctx):
             (tmp_path / "per").rmdir()
             (tmp_path / "per").write_text("now a file")
             path.write_text(f"traces:\n  directory: {tmp_path}/per\npolicy:\n  denied_models: [gpt-4]\n")
@@ -359,7 +360,6 @@ def test_a_trace_directory_gone_bad_does_not_hold_back_a_policy_edit(tmp_path: P
             path.write_text(f"traces:\n  directory: {tmp_path}/per/deeper\npolicy:\n  denied_models: [gpt-4, o1]\n")  # a new target: checked
             assert not settings.reload_if_changed() and not settings.reload_if_changed()
             assert shared.config.policy.denied_models == ["gpt-4"]
-            settings.done()
 
     run(go())
 
