@@ -115,9 +115,10 @@ def route_for(provider: Provider, path: str) -> Route:
     if provider.api == "azure":
         params = parse_qs(query)
         deployment, rest = _azure_parts(segments)
-        deployment = deployment or params.get("deployment", [None])[0]  # realtime names it in the query
         rest = _openai_segments(rest)
         operation = _openai_operation(rest)
+        if deployment is None and operation == "realtime":  # realtime names it in the query; elsewhere the body's model counts
+            deployment = params.get("deployment", [None])[0]
         return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0], _subresource(operation, rest))
     segments = _openai_segments(_after_version(segments))
     operation = _openai_operation(segments)

@@ -104,6 +104,12 @@ def test_azure_deployment_names_are_checked(firewall: Mitmdump, provider: FakePr
     assert result["error"] == "PermissionDeniedError"
     ok = marker()
     assert drive({**azure, "params": {"model": "prod-4o", "messages": [{"role": "user", "content": ok}]}}, firewall.client_env())["text"] == CANNED_REPLY
+    # A v1 path takes its model from the body: a `?deployment=` beside it does not stand in for it (probe).
+    by_query = marker()
+    with Blocked(provider, by_query):
+        result = drive({"client": "requests", "method": "POST", "url": "https://r.openai.azure.com/openai/v1/chat/completions?deployment=prod-4o",
+                        "headers": {"api-key": "0" * 32}, "json": chat(by_query, model="dev-4o")}, firewall.client_env())
+    assert result["status"] == 403 and "'dev-4o' is not allowed" in result["body"]
 
 
 def test_max_tokens_rejected(firewall: Mitmdump, provider: FakeProvider) -> None:
@@ -135,6 +141,11 @@ def test_limits_and_models_are_read_as_the_server_reads_them(firewall: Mitmdump,
         result = openai_call(firewall, {"prompt": {"id": "pmpt_abc", "version": "2"}, "input": stored_prompt}, op="responses")
     assert result["error"] == "PermissionDeniedError" and "names no model" in result["message"]
     assert_policy_trace(firewall, stored_prompt, "model_not_allowed")
+    queried = marker()  # a `?model=` names the model of a realtime session only: not the stored prompt's
+    with Blocked(provider, queried):
+        result = drive({"client": "requests", "method": "POST", "url": "https://api.openai.com/v1/responses?model=gpt-4o",
+                        "headers": {"Authorization": f"Bearer {OPENAI_KEY}"}, "json": {"prompt": {"id": "pmpt_abc"}, "input": queried}}, firewall.client_env())
+    assert result["status"] == 403 and "names no model" in result["body"]
     fine = marker()
     assert openai_call(firewall, chat(fine, max_tokens=1000.0))["text"] == CANNED_REPLY
 

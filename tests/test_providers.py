@@ -84,6 +84,9 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         ("api.openai.com", "/v1/chat/completions/%2e%2e/%2e%2e/embeddings", "embeddings", None),
         ("api.openai.com", "/v1/./chat//completions", "chat.completions", None),
         ("r.openai.azure.com", "/openai/realtime?api-version=2024-10-01-preview&deployment=rt-4o", "realtime", "rt-4o"),
+        # Only realtime takes its deployment from the query: a v1 call's model is its body's (probe).
+        ("r.openai.azure.com", "/openai/v1/chat/completions?deployment=prod-4o", "chat.completions", None),
+        ("r.openai.azure.com", "/openai/deployments/prod-4o/chat/completions?deployment=other", "chat.completions", "prod-4o"),
         ("localhost", "/v1beta/openai/chat/completions", "chat.completions", None),  # Gemini's mount
         ("r.openai.azure.com", "/OpenAI/Deployments/Prod-4o/Chat/Completions?api-version=1", "chat.completions", "Prod-4o"),
         ("localhost", "/v1/organization/usage/completions", "organization", None),

@@ -58,7 +58,7 @@ class Recorder:
             exchange.form = read_form(content or b"", content_type, files=exchange.route.operation == "files")
             model = exchange.form.fields.get("model") if exchange.form else None
             exchange.model = exchange.model or (model if isinstance(model, str) else None)
-        if exchange.model is None and "?" in request.path:  # realtime: the model is in the query
+        if exchange.model is None and route.operation == "realtime" and "?" in request.path:  # the model is in the query there only
             exchange.model = request.query.get("model")
         self.shared.record(flow, exchange)
 
