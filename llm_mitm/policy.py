@@ -320,8 +320,9 @@ class Policy:
             inner = self._clamped(cap, session, None) if isinstance(session, dict) else None
             outer = self._clamped(cap, body, None)
             return None if inner is None and outer is None else {**(outer or body), **({"session": inner} if inner is not None else {})}
-        field = _limit_field(route)
-        return None if field is None else self._clamped(cap, body, field)
+        # Elsewhere (an Assistants run, say) the limits a call names are lowered: none is
+        # added where the API may not take one.
+        return self._clamped(cap, body, _limit_field(route))
 
     def _clamped_line(self, cap: int, route: Route, call: dict[str, Any]) -> dict[str, Any]:
         field = _limit_field(_line_route(route, call["url"]))

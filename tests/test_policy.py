@@ -140,6 +140,8 @@ def test_max_tokens_read_as_a_server_reads_them(value: object, over: bool) -> No
         (ANTHROPIC_LEGACY, {"max_tokens_to_sample": 4096}, {"max_tokens_to_sample": 100}),
         (ANTHROPIC_LEGACY, {}, {"max_tokens_to_sample": 100}),
         (Route("openai", "openai", "embeddings"), {}, None),
+        (THREADS, {"assistant_id": "a", "max_completion_tokens": 100000}, {"assistant_id": "a", "max_completion_tokens": 100}),  # a run (probe)
+        (THREADS, {"assistant_id": "a"}, None),  # nothing added where the API may not take it
     ],
 )
 def test_max_tokens_clamp(route: Route, body: dict, expected: dict | None) -> None:
