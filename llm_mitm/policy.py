@@ -14,7 +14,7 @@ from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import ROLE_ALIASES, normalize, read_request
+from llm_mitm.texts import ROLE_ALIASES, normalize, read_request, squeeze
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
@@ -108,6 +108,7 @@ class _Instruction:
     search: bool = False
     span: int = 0  # a searched phrase's length
     packed: str = ""  # a searched phrase without its spaces
+    squeezed: str = ""  # ... and without anything between its words (`ignore_previous-instructions`)
 
     def matches(self, text: str) -> bool:
         return bool(self.regex.search(text) if self.search else self.regex.match(text))
@@ -126,7 +127,8 @@ def _instruction(pattern: str) -> _Instruction:
     if plain or (inner != glob and not any(ch in inner for ch in "*?[")):
         # A plain phrase (or *phrase*) matches anywhere: a substring search, which stays
         # linear where `.*phrase.*` would backtrack through a large body.
-        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True, span=len(inner), packed=inner.replace(" ", ""))
+        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True, span=len(inner), packed=inner.replace(" ", ""),
+                            squeezed=squeeze(inner))
     return _Instruction(pattern, role_name, _glob(glob))
 
 
@@ -241,6 +243,10 @@ class Policy:
     def _check_instructions(self, body: dict[str, Any]) -> Violation | None:
         if not self._instructions:
             return None
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and not all(isinstance(item, str) for item in prompt):
+            return Violation("forbidden_instruction", "a legacy prompt given as token ids cannot be checked against forbidden_instructions: "
+                             "send it as text")
         pieces, runs = read_request(body, extras=True, joined=True)
         for role, text in pieces:
             role = ROLE_ALIASES.get(role, role)
@@ -257,9 +263,16 @@ class Policy:
         return self._first_match(role, normalize(text))
 
     def _first_match(self, role: str, normal: str) -> _Instruction | None:
+        squeezed: str | None = None
         for rule in self._instructions:
-            if (rule.role is None or rule.role == role) and rule.matches(normal):
+            if rule.role is not None and rule.role != role:
+                continue
+            if rule.matches(normal):
                 return rule
+            if rule.squeezed:  # the words run together, or joined by what a reader skips
+                squeezed = squeeze(normal) if squeezed is None else squeezed
+                if rule.squeezed in squeezed:
+                    return rule
         return None
 
     def _run_verdict(self, role: str, texts: list[str]) -> _Instruction | None:
@@ -271,11 +284,16 @@ class Policy:
         forms = [form for form in (self._edge_forms("", text) if self._all_searches else normalize(text) for text in texts) if form]
         if len(forms) < 2:
             return None
-        packed = "".join(forms).replace(" ", "")
+        joined = "".join(forms)
+        packed, squeezed = joined.replace(" ", ""), squeeze(joined)
         for rule in self._instructions:
             if rule.role is not None and rule.role != role:
                 continue
-            if rule.packed in packed if rule.search else any(rule.matches(sep.join(forms)) for sep in ("", " ")):
+            if not rule.search:
+                found = any(rule.matches(sep.join(forms)) for sep in ("", " "))
+            else:  # a phrase of punctuation alone has no letters to squeeze
+                found = rule.squeezed in squeezed if rule.squeezed else rule.packed in packed
+            if found:
                 return rule
         return None
 

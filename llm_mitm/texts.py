@@ -16,6 +16,8 @@ split in two is still one phrase.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -41,6 +43,13 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "function_call": (("arguments", "assistant", True),),
     "custom_tool_call": (("input", "assistant", True),),
 }
+# Parts that are no text to read (media, references); any other part or item of a kind not
+# named here (a hosted tool's call or result: code, logs, a fetched page, a patch, search
+# results, an MCP server's tools) is read for every string in it: the model reads them, and
+# each API adds such kinds faster than a list could follow.
+_NOT_TEXT = frozenset(("image", "image_url", "input_image", "input_audio", "audio", "file", "input_file", "container_upload",
+                       "item_reference", "redacted_thinking", "encrypted_content"))
+_NO_TEXT_KEYS = frozenset(("id", "type", "call_id", "tool_use_id", "status", "encrypted_content", "signature"))
 _SCHEMA_DEPTH = 32  # how deep a schema is read for its texts
 # What each JSON Schema keyword holds that the model reads (a schema is rendered into its
 # prompt): a text; a name; a value (its strings, in lists and objects too: `enum` is how the
@@ -170,8 +179,15 @@ class _Collector:
                     self.content(role, message.get(field))
             return
         role = message.get("role")
-        role = role if isinstance(role, str) else "user"
+        if not isinstance(role, str):
+            if isinstance(kind, str) and kind != "message":  # a hosted tool's call or output, given back
+                self.end_run()
+                _leaf_texts(self.out, "tool", message, _SCHEMA_DEPTH)
+                return
+            role = "user"
         self.content(role, message.get("content"))
+        if self.extras and isinstance(message.get("name"), str):  # chat: a participant's name, given to the model
+            self.out.append((role, name_words(message["name"])))
         if self.extras and ("tool_calls" in message or "function_call" in message):  # chat: the assistant's earlier calls
             self.out.extend((role, text) for text in _call_texts(message, names=True))
         if self.joined:
@@ -211,6 +227,10 @@ class _Collector:
                     self._document(role, part)
                 elif kind == "tool_use" and self.extras and "input" in part:  # Anthropic: an earlier call
                     self.out.append((role, tool_input_text(part["input"])))
+                elif kind in ("file", "input_file"):  # a text file given inline is read as text
+                    self._inline_file(role, part.get("file") if kind == "file" else part)
+                elif isinstance(kind, str) and kind not in _NOT_TEXT and kind != "tool_use":
+                    _leaf_texts(self.out, role, part, _SCHEMA_DEPTH)
         if self.joined:
             self._join(role, [text for who, text in self.out[start:] if who == role])
 
@@ -228,8 +248,44 @@ class _Collector:
                 self.out.append((role, source["data"]))
             elif source.get("type") == "content":
                 self.content(role, source.get("content"))
+            elif source.get("type") == "base64" and _is_text_media(source.get("media_type")) and isinstance(source.get("data"), str):
+                self._decoded(role, source["data"])
         if block.get("type") == "search_result":
             self.content(role, block.get("content"))
+
+
+    def _inline_file(self, role: str, file: Any) -> None:
+        """Chat's `file` part and Responses' `input_file` with the file in it as a data URL
+        (`data:text/plain;base64,...`): a text file's content is text the model reads."""
+        data = file.get("file_data") if isinstance(file, dict) else None
+        if isinstance(data, str) and data.startswith("data:"):
+            media, _, encoded = data[5:].partition(",")
+            kind, _, encoding = media.partition(";")
+            if _is_text_media(kind) and encoding.lower() == "base64":
+                self._decoded(role, encoded)
+
+    def _decoded(self, role: str, encoded: str) -> None:
+        try:
+            self.out.append((role, base64.b64decode(encoded).decode("utf-8", "replace")))
+        except (ValueError, binascii.Error):
+            pass  # not base64: the API refuses it too
+
+
+def _is_text_media(media: Any) -> bool:
+    return isinstance(media, str) and media.strip().lower().startswith(("text/", "application/json", "application/xml"))
+
+
+def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int) -> None:
+    """Every string in a part or item of a kind read whole, but for ids and such."""
+    if isinstance(value, str):
+        out.append((role, value))
+    elif depth > 0 and isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _NO_TEXT_KEYS:
+                _leaf_texts(out, role, item, depth - 1)
+    elif depth > 0 and isinstance(value, list):
+        for item in value:
+            _leaf_texts(out, role, item, depth - 1)
 
 
 def _list(value: Any) -> list[Any]:
@@ -316,8 +372,8 @@ def tool_input_text(value: Any) -> str:
 # Letters from other scripts that look like Latin ones (the common spoofs), and Latin
 # letters that look like others: dotless i, script g, small capitals.
 _HOMOGLYPHS = str.maketrans(
-    "аеорсухіјѕԁһӏԛԝвкмнтαεικνορτυχıɡɑɩᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢ",
-    "aeopcyxijsdhlqwbkmhtaeikvoptuxigaiabcdefghijklmnoprstuvwyz",
+    "аеорсухіјѕԁһӏԛԝвкмнтαεικνορτυχıɡɑɩᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢօոսհ௦",
+    "aeopcyxijsdhlqwbkmhtaeikvoptuxigaiabcdefghijklmnoprstuvwyzonuho",
 )
 _LOOK_ALIKE = re.compile("[" + "".join(chr(point) for point in _HOMOGLYPHS) + "]")
 # Marks that only decorate a letter (accents: the combining blocks of Latin, Greek and
@@ -369,12 +425,33 @@ def normalize(text: str) -> str:
     return _normalize_unicode(text)
 
 
+# Look-alikes that compatibility decomposition would turn into another letter first (the
+# lunate sigma ϲ, which reads as c, into σ).
+_BEFORE_DECOMPOSING = str.maketrans("\u03f2\u03f9", "cC")
+_DECOMPOSED_AWAY = re.compile("[\u03f2\u03f9]")
+
+
 def _normalize_unicode(text: str) -> str:
+    if _DECOMPOSED_AWAY.search(text):
+        text = text.translate(_BEFORE_DECOMPOSING)
     decomposed = _HIDDEN.sub("", unicodedata.normalize("NFKD", text))
     folded = unicodedata.normalize("NFKC", decomposed).casefold()
     if _LOOK_ALIKE.search(folded):  # a table lookup per character costs ten times the search
         folded = folded.translate(_HOMOGLYPHS)
     return " ".join(_HIDDEN.sub("", folded).split())  # runs of whitespace as one space
+
+
+_BETWEEN_WORDS = re.compile(r"(?:[^\w\x00]|_)+")
+_ASCII_BETWEEN_WORDS = bytes(b for b in range(1, 128) if not chr(b).isalnum())
+
+
+def squeeze(normal: str) -> str:
+    """A normal form's letters and digits alone: words run together, or joined by `_`, `-`,
+    `.` or anything else that is no letter, still say the same to a model. A NUL stays: it
+    marks where the policy cut a long text's middle out."""
+    if normal.isascii():  # most text: one pass in C
+        return normal.encode("ascii").translate(None, _ASCII_BETWEEN_WORDS).decode("ascii")
+    return _BETWEEN_WORDS.sub("", normal)
 
 
 def response_texts(body: Any) -> Iterator[str]:
