@@ -440,7 +440,7 @@ def _custom_id(item: dict[str, Any]) -> str:
 def _limit_field(route: Route) -> str | None:
     """The output limit field the API names for an operation that generates tokens."""
     if route.api == "anthropic":
-        return {"messages": "max_tokens", "completions": "max_tokens_to_sample"}.get(route.operation)
+        return {"messages": "max_tokens", "completions": "max_tokens_to_sample", "chat.completions": "max_tokens"}.get(route.operation)
     if route.operation == "responses":
         return "max_output_tokens"
     if route.operation == "chat.completions":

@@ -70,6 +70,12 @@ class Route:
         return method == "POST" and self.operation in GENERATING_ENDPOINTS and not self.subresource
 
 
+def shapes_of(api: str, operation: str) -> str:
+    """Whose shapes a call's bodies and streams take: its API's, but for Anthropic's OpenAI
+    SDK compatibility endpoint (`/v1/chat/completions`), which speaks OpenAI's."""
+    return "openai" if api == "anthropic" and operation == "chat.completions" else api
+
+
 class ProviderMatcher:
     """Finds the configured provider for a destination host and port."""
 
@@ -210,6 +216,8 @@ def _anthropic_operation(segments: list[str]) -> str:
         return "messages"
     if segments[0] == "complete":
         return "completions"
+    if segments[:2] == ["chat", "completions"]:  # the OpenAI SDK compatibility endpoint: OpenAI's shapes
+        return "chat.completions"
     return segments[0] if re.fullmatch(r"[a-z_]+", segments[0]) else "other"
 
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from llm_mitm.providers import shapes_of
 from llm_mitm.tracefile import read_records
 
 _VOLATILE = ("stream", "stream_options")
@@ -87,7 +88,7 @@ def _event(data: Any, name: str | None = None) -> bytes:
 
 def as_stream(recorded: Recorded, include_usage: bool) -> bytes:
     """The recorded message as the SSE stream its API would have sent."""
-    if recorded.api == "anthropic":
+    if shapes_of(recorded.api, recorded.operation) == "anthropic":
         return _anthropic_stream(recorded.body)
     if recorded.operation == "responses":
         return _responses_stream(recorded.body)

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from llm_mitm.compat import stdlib_zstd, zstandard
+from llm_mitm.providers import shapes_of
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
@@ -428,7 +429,7 @@ class AnthropicRebuilder(StreamRebuilder):
             for key, value in (payload.get("delta") or {}).items():
                 self._message[key] = value
             if isinstance(payload.get("usage"), dict):
-                self.usage = {**(self.usage or {}), **{k: v for k, v in payload["usage"].items() if v is not None}}
+                self.usage = _cumulative(self.usage or {}, payload["usage"])
         elif kind == "message_stop":
             self.ended = True
         elif kind == "error":
@@ -475,8 +476,22 @@ class AnthropicRebuilder(StreamRebuilder):
         return message
 
 
+def _cumulative(usage: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`message_delta`'s usage over `message_start`'s: its counts are running totals, so a
+    count never goes down (a compatible server that sends 0 for the input it does not repeat
+    must not erase it)."""
+    merged = dict(usage)
+    for key, value in update.items():
+        if value is None:
+            continue
+        before = merged.get(key)
+        both_counts = isinstance(value, int) and isinstance(before, int) and not isinstance(value, bool) and not isinstance(before, bool)
+        merged[key] = max(before, value) if both_counts else value
+    return merged
+
+
 def rebuilder_for(api: str, operation: str) -> StreamRebuilder:
-    if api == "anthropic":
+    if shapes_of(api, operation) == "anthropic":
         return AnthropicRebuilder()
     if operation == "responses":
         return ResponsesRebuilder()

@@ -67,9 +67,9 @@ def normalize_usage(api: str, usage: Any) -> Usage | None:
     """Map a provider's `usage` object onto `Usage`; None when there is none."""
     if not isinstance(usage, dict) or not usage:
         return None
-    if api == "anthropic":
+    chat = "prompt_tokens" in usage or "completion_tokens" in usage  # chat's shape, whoever serves it (Anthropic's OpenAI-compatible endpoint)
+    if api == "anthropic" and not chat:
         return _anthropic(usage)
-    chat = "prompt_tokens" in usage or "completion_tokens" in usage
     return _openai(usage, _CHAT_FIELDS if chat else _RESPONSES_FIELDS)
 
 

@@ -144,3 +144,19 @@ def test_making_or_compacting_a_response_is_charged(proxy: Mitmdump, path: str) 
     assert response.status_code == 200
     t = trace_with(proxy, m)
     assert t["usage"]["total_tokens"] == 19 and t["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropics_openai_compatible_endpoint_is_metered(proxy: Mitmdump, stream: bool) -> None:
+    """The openai SDK pointed at api.anthropic.com/v1/ (Anthropic's OpenAI SDK compatibility
+    endpoint) gets OpenAI's shapes back: read as such, its usage and cost are the call's
+    (they were null, so the call was never charged: an audit)."""
+    m = marker()
+    result = drive({"client": "openai", "op": "chat", "api_key": ANTHROPIC_KEY, "base_url": "https://api.anthropic.com/v1/",
+                    "params": chat(m, model="claude-sonnet-4-5", stream=stream)}, proxy.client_env())
+    assert result["text"] == CANNED_REPLY
+    assert result.get("usage") is None if stream else result["usage"]["prompt_tokens"] == 12  # the stream's usage chunk asked for, then hidden
+    t = trace_with(proxy, m)
+    assert t["operation"] == "chat.completions" and t["provider"] == "anthropic"
+    assert t["usage"]["input_tokens"] == 12 and t["usage"]["output_tokens"] == 7 and t["usage"]["estimated"] is False
+    assert t["cost_usd"] is not None and t["cost_usd"] > 0

@@ -77,6 +77,7 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         ("api.anthropic.com", "/v1/messages/count_tokens", "messages.count_tokens", None),
         ("api.anthropic.com", "/v1/messages/batches", "messages.batches", None),
         ("api.anthropic.com", "/v1/complete", "completions", None),
+        ("api.anthropic.com", "/v1/chat/completions", "chat.completions", None),  # the OpenAI SDK compatibility endpoint
         ("localhost", "/v1/chat/completions", "chat.completions", None),
         # As the server resolves the path: percent-decoded, dot segments applied (review).
         ("r.openai.azure.com", "/openai/deployments/gpt%2D4o/chat/completions?api-version=1", "chat.completions", "gpt-4o"),

@@ -187,6 +187,18 @@ def test_anthropic_rebuild() -> None:
     assert body["usage"] == {"input_tokens": 10, "cache_read_input_tokens": 4, "output_tokens": 42}
 
 
+def test_anthropic_usage_counts_are_running_totals() -> None:
+    """message_delta's counts never lower message_start's: a compatible server that sends
+    0 for the input it does not repeat does not erase it (an audit); a larger one wins."""
+    start = ANTHROPIC[0][1]["message"]["usage"]
+    zeros = {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 300}
+    events = [*ANTHROPIC[:-2], ("message_delta", {"type": "message_delta", "delta": {}, "usage": zeros}), ANTHROPIC[-1]]
+    assert rebuild(AnthropicRebuilder(), sse(events)).result()["usage"] == {**start, "cache_creation_input_tokens": 0, "output_tokens": 300}
+    grown = {"input_tokens": 25, "output_tokens": 300, "server_tool_use": {"web_search_requests": 1}}
+    events = [*ANTHROPIC[:-2], ("message_delta", {"type": "message_delta", "delta": {}, "usage": grown}), ANTHROPIC[-1]]
+    assert rebuild(AnthropicRebuilder(), sse(events)).result()["usage"] == {**start, **grown}
+
+
 def test_anthropic_error_event() -> None:
     rebuilder = rebuild(AnthropicRebuilder(), sse([("error", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})]))
     assert rebuilder.error == {"type": "overloaded_error", "message": "busy"}
@@ -196,6 +208,7 @@ def test_rebuilder_choice() -> None:
     assert isinstance(rebuilder_for("anthropic", "messages"), AnthropicRebuilder)
     assert isinstance(rebuilder_for("openai", "responses"), ResponsesRebuilder)
     assert isinstance(rebuilder_for("azure", "chat.completions"), ChatCompletionsRebuilder)
+    assert isinstance(rebuilder_for("anthropic", "chat.completions"), ChatCompletionsRebuilder)  # its OpenAI-compatible endpoint
 
 
 def test_tap_survives_a_broken_stream_and_passes_bytes() -> None:

@@ -7,12 +7,13 @@ from mitmproxy import http
 
 from llm_mitm.exchange import Body, Exchange, PolicyDecision
 from llm_mitm.forms import Form
+from llm_mitm.providers import shapes_of
 from llm_mitm.refusal import refusal
 
 
 def refuse(flow: http.HTTPFlow, exchange: Exchange, status: int, rule: str, detail: str, retry_after: int | None = None) -> None:
     """Answer in the client's API dialect; nothing goes upstream (connections are lazy)."""
-    answer = refusal(exchange.route.api, status, rule, detail, retry_after)
+    answer = refusal(shapes_of(exchange.route.api, exchange.route.operation), status, rule, detail, retry_after)
     flow.response = http.Response.make(answer.status, answer.body, answer.headers)
     flow.marked = ":no_entry:"
     flow.comment = f"llm-mitm blocked ({rule}): {detail}"
