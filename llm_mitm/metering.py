@@ -31,6 +31,7 @@ class Call:
     charged: bool  # went upstream and was answered by it (not refused, not replayed)
     status_code: int | None = None  # the answer's; None when none came
     generates: bool = True  # asked for new output (`Route.generates`), not for a stored answer
+    asked: str | None = None  # the model asked for (Azure: the deployment)
 
 
 class Metering:
@@ -66,7 +67,7 @@ class Metering:
                 usage = call.usage
         if usage is None:
             return None, None
-        price = self.prices.price(call.model)
+        price = self.prices.price_for(call.asked, call.model)
         if price is None:
             if call.model and call.model not in self._unpriced:
                 self._unpriced.add(call.model)

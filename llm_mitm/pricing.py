@@ -45,7 +45,8 @@ def shipped_table() -> tuple[str, dict[str, ModelPrice]]:
 class PriceTable:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self.as_of, shipped = shipped_table()
-        self.prices = {**shipped, **{k.lower(): v for k, v in (overrides or {}).items()}}
+        self._configured = {k.lower(): v for k, v in (overrides or {}).items()}
+        self.prices = {**shipped, **self._configured}
         self._resolved: Memo[str, str | None] = Memo(self._resolve)
 
     def resolve(self, model: str) -> str | None:
@@ -69,6 +70,14 @@ class PriceTable:
     def price(self, model: str | None) -> ModelPrice | None:
         name = self.resolve(model) if model else None
         return self.prices[name] if name else None
+
+    def price_for(self, asked: str | None, answered: str | None) -> ModelPrice | None:
+        """The price of a call: one configured for the name it asked for wins (an Azure
+        deployment's: Azure answers `gpt-4` for a GPT-4 Turbo deployment), else the price of
+        the model that answered, else of the one asked for."""
+        if asked is not None and (configured := self._configured.get(asked.lower())) is not None:
+            return configured
+        return self.price(answered or asked)
 
 
 def cost_usd(usage: Usage, price: ModelPrice) -> float:

@@ -151,6 +151,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
         charged=not _blocked(snap) and snap["replay"] != "hit",
         status_code=snap["status_code"],
         generates=snap["generates"],
+        asked=snap["model"],
     ))
     snap["usage"] = usage.as_dict() if usage else None
     snap["cost_usd"] = cost

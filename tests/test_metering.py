@@ -99,6 +99,23 @@ def test_gpt_4_turbo_previews_cost_turbo_prices() -> None:
         assert PriceTable().price(preview) == turbo
 
 
+def test_a_price_configured_for_the_deployment_wins_over_the_model_azure_names() -> None:
+    """Azure answers `gpt-4` for a GPT-4 Turbo deployment: the price configured under the
+    deployment's name is the one to use (an audit: the answered name always won)."""
+    turbo = ModelPrice(input=10, output=30)
+    usage = Usage(input_tokens=10_000, output_tokens=1_000, total_tokens=11_000)
+
+    def cost(table: PriceTable, asked: str | None) -> float | None:
+        call = Call(operation="chat.completions", model="gpt-4", usage=usage, request_json={}, response_json={}, error=False,
+                    charged=True, status_code=200, asked=asked)
+        return Metering(table, estimate_missing=True).meter(call)[1]
+
+    assert cost(PriceTable({"My-GPT4-Turbo": turbo}), "my-gpt4-turbo") == pytest.approx(0.13)
+    assert cost(PriceTable(), "my-gpt4-turbo") == pytest.approx(cost(PriceTable(), None)) == pytest.approx(0.36)  # none configured: gpt-4's
+    assert cost(PriceTable({"other": turbo}), "gpt-4-turbo") == pytest.approx(0.36)  # shipped names do not stand in: what answered counts
+    assert PriceTable().price_for("gpt-4o", None) == PriceTable().price("gpt-4o")
+
+
 def test_only_a_real_date_or_alias_suffix_is_taken_off() -> None:
     table = PriceTable({"my-model": ModelPrice(input=1, output=2)})
     for dated in ("my-model-2025-04-16", "my-model-20250929", "my-model-0613", "my-model-2411", "my-model-latest", "my-model-v1:0"):

@@ -42,4 +42,5 @@ def call_of(exchange: Exchange) -> Call:
         charged=not exchange.blocked and exchange.replay != "hit",
         status_code=exchange.status_code,
         generates=exchange.route.generates(exchange.method),
+        asked=exchange.model,
     )
