@@ -160,3 +160,25 @@ def test_anthropics_openai_compatible_endpoint_is_metered(proxy: Mitmdump, strea
     assert t["operation"] == "chat.completions" and t["provider"] == "anthropic"
     assert t["usage"]["input_tokens"] == 12 and t["usage"]["output_tokens"] == 7 and t["usage"]["estimated"] is False
     assert t["cost_usd"] is not None and t["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("metered_in", ["writer", "proxy"])
+def test_an_azure_deployment_is_priced_by_its_name(tmp_path, provider: FakeProvider, pki: ServerCert, metered_in: str) -> None:
+    """The answer names another model (Azure answers `gpt-4` for GPT-4 Turbo deployments):
+    the price configured for the deployment is the call's, metered in the trace writer or,
+    with a limit that needs it at once, in the proxy."""
+    from llm_mitm.config import ModelPrice
+
+    own = {"input": 1000.0, "output": 2000.0}
+    config: dict = {"pricing": {"models": {"prod-4o": own}}}
+    if metered_in == "proxy":
+        config["policy"] = {"rate_limits": [{"tokens_per_minute": 10_000_000, "per": "api_key"}]}
+    m = marker()
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        result = drive({"client": "openai", "op": "chat", "api_key": "0" * 32, "azure": "https://r.openai.azure.com",
+                        "params": chat(m, model="prod-4o")}, proxy.client_env())
+        assert result["text"] == CANNED_REPLY
+        t = trace_with(proxy, m)
+    assert t["model"] == "prod-4o" and t["response_model"] != "prod-4o"
+    usage = Usage(**{k: v for k, v in t["usage"].items() if k != "estimated"})
+    assert t["cost_usd"] == pytest.approx(cost_usd(usage, ModelPrice(**own)))
