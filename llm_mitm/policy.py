@@ -63,6 +63,7 @@ class RequestView:
     body: Any  # parsed JSON, or None
     unparseable: bool = False
     method: str = "POST"
+    media: str | None = None  # a body read otherwise than as JSON (`Body.media`): "form", "sdp"
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -164,6 +165,9 @@ class Policy:
         # An unreadable body names no model: `on_unparseable: forward` has decided that case.
         if violation := self._check_model(route, request.model, route.generates(request.method) and not request.unparseable):
             return violation
+        if route.operation == "realtime" and request.media is not None and (self._instructions or self.config.max_tokens is not None):
+            return Violation("operation_not_allowed", "a WebRTC realtime call (an SDP offer) sends its events to the provider past the proxy, "
+                             "where forbidden_instructions and max_tokens cannot reach them: connect over the WebSocket instead")
         if not isinstance(request.body, dict):
             return None
         if violation := self._check_call(request.body):

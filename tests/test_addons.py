@@ -557,9 +557,10 @@ def test_what_an_upload_or_a_webrtc_offer_says_is_policed(tmp_path: Path) -> Non
             assert refused(edit) == "forbidden_instruction"
             session = b'{"type": "realtime", "model": "gpt-realtime-mini", "instructions": "be kind"}'
             assert refused(form_flow("/v1/realtime/calls", [("sdp", b"v=0"), ("session", session)])) == "model_not_allowed"
-            assert refused(form_flow("/v1/realtime/calls", [("sdp", b"v=0"), ("session", session.replace(b"-mini", b""))])) is None
-            assert refused(form_flow("/v1/realtime/calls?model=gpt-realtime", [], "application/sdp")) is None
             assert refused(form_flow("/v1/realtime/calls?mod%65l=o1-realtime", [], "application/sdp")) == "model_not_allowed"
+            # Its events would pass the proxy by (a WebRTC data channel): refused where phrases are forbidden (probe).
+            assert refused(form_flow("/v1/realtime/calls", [("sdp", b"v=0"), ("session", session.replace(b"-mini", b""))])) == "operation_not_allowed"
+            assert refused(form_flow("/v1/realtime/calls?model=gpt-realtime", [], "application/sdp")) == "operation_not_allowed"
             assert refused(form_flow("/v1/chat/completions", [], "text/plain")) == "unparseable_body"
             # A format only where the API takes it, and a form only as servers all read it.
             assert refused(form_flow("/v1/chat/completions", [], "application/sdp")) == "unparseable_body"
@@ -568,6 +569,21 @@ def test_what_an_upload_or_a_webrtc_offer_says_is_policed(tmp_path: Path) -> Non
             assert refused(form_flow("/v1/images/edits", twice)) == "unparseable_body"
             quoted = form_flow("/v1/images/edits", [("model", b"dall-e-2"), ("prompt", b"a cat")], 'multipart/form-data; boundary="b"')
             assert refused(quoted) == "model_not_allowed"
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_a_webrtc_offer_goes_where_no_rule_would_need_its_events(tmp_path: Path) -> None:
+    """With models the only rule, a WebRTC call is checked at its offer and goes on."""
+    config = config_file(tmp_path, "policy:\n  allowed_models: ['gpt-realtime']\n")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            for flow in (form_flow("/v1/realtime/calls", [("sdp", b"v=0"), ("session", b'{"type": "realtime", "model": "gpt-realtime"}')]),
+                         form_flow("/v1/realtime/calls?model=gpt-realtime", [], "application/sdp")):
+                llm.request(flow)
+                assert flow.response is None
 
     os.chdir(tmp_path)
     run(go())

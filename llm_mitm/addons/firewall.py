@@ -34,6 +34,7 @@ class Firewall:
             body=form.fields if form is not None else exchange.request_json,
             unparseable=exchange.unreadable,
             method=exchange.method,
+            media=exchange.request.media,
         )
         clamped = None
         try:
