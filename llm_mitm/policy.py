@@ -14,7 +14,7 @@ from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import ROLE_ALIASES, normalize, read_request, squeeze
+from llm_mitm.texts import ROLE_ALIASES, normalize, read_request, squeeze, strings_in
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
@@ -337,6 +337,8 @@ class Policy:
         if _is_batch_file(route, body):
             calls = [self._clamped_line(cap, route, call) for call in body[BATCH]]
             return {**body, BATCH: calls} if calls != body[BATCH] else None
+        if route.operation in _NESTING_OPERATIONS:
+            return self._clamped_nested(cap, body)
         if route.operation == "realtime":  # a session's limits, or an event's: those it names (it has its own default)
             session = body.get("session")
             inner = self._clamped(cap, session, None) if isinstance(session, dict) else None
@@ -345,6 +347,19 @@ class Policy:
         # Elsewhere (an Assistants run, say) the limits a call names are lowered: none is
         # added where the API may not take one.
         return self._clamped(cap, body, _limit_field(route))
+
+    def _clamped_nested(self, cap: int, body: dict[str, Any]) -> dict[str, Any] | None:
+        """An eval run's and its graders' sampling limits (those they name: the APIs' own
+        defaults stand where they name none)."""
+        def clamped(holder: Any) -> Any:
+            sampling = holder.get("sampling_params") if isinstance(holder, dict) else None
+            lowered = self._clamped(cap, sampling, None) if isinstance(sampling, dict) else None
+            return holder if lowered is None else {**holder, "sampling_params": lowered}
+
+        changed = {key: clamped(body[key]) for key in ("data_source", "grader") if key in body}
+        if isinstance(body.get("testing_criteria"), list):
+            changed["testing_criteria"] = [clamped(item) for item in body["testing_criteria"]]
+        return None if all(changed[key] is body[key] or changed[key] == body[key] for key in changed) else {**body, **changed}
 
     def _clamped_line(self, cap: int, route: Route, call: dict[str, Any]) -> dict[str, Any]:
         field = _limit_field(_line_route(route, call["url"]))
@@ -420,14 +435,56 @@ def _with_params(item: dict[str, Any], params: dict[str, Any] | None) -> dict[st
 
 def batched_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
     """The calls a batch carries, each with the route it would have alone: an Anthropic
-    Message Batch's `requests`, an OpenAI batch file's lines (none for any other request)."""
+    Message Batch's `requests`, an OpenAI batch file's lines; and the model calls an eval
+    run or a grader makes (none for any other request)."""
     if _is_batch_file(route, body):
         return _file_calls(route, body[BATCH], "batch file")
+    if route.operation in _NESTING_OPERATIONS:
+        return _nested_calls(route, body)
     requests = body.get("requests")
     if not _is_batch(route) or not isinstance(requests, list):
         return []
     alone = Route(route.provider, route.api, "messages")
     return [BatchedCall(f"requests[{index}]{_custom_id(item)}", alone, item["params"]) for index, item in enumerate(requests) if _has_params(item)]
+
+
+# Where OpenAI's APIs take the model calls they will make in a body of their own: an eval
+# run's `data_source` (its model, message template, sampling limits and the items filled
+# into the template), an eval's graders (`testing_criteria`), a grader run or validated
+# (`/fine_tuning/alpha/graders/...`), each a model with its input.
+_NESTING_OPERATIONS = frozenset(("evals", "fine_tuning"))
+
+
+def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
+    calls = []
+    source = body.get("data_source")
+    if isinstance(source, dict):
+        template = source.get("input_messages")
+        messages = template.get("template") if isinstance(template, dict) else None
+        sampling = source.get("sampling_params")
+        params = {**(sampling if isinstance(sampling, dict) else {}), "model": source.get("model"),
+                  "input": [*_list(messages), *strings_in(source.get("source"))]}
+        calls.append(BatchedCall("data_source", route, params))
+    graders = [("grader", body.get("grader"))] + [(f"testing_criteria[{index}]", item) for index, item in enumerate(_list(body.get("testing_criteria")))]
+    while graders:
+        name, grader = graders.pop()
+        if not isinstance(grader, dict):
+            continue
+        if isinstance(grader.get("graders"), dict):  # a multi grader: its graders by name
+            graders.extend((f"{name}.graders.{key}", inner) for key, inner in grader["graders"].items())
+        if "model" in grader or "input" in grader:
+            sampling = grader.get("sampling_params")
+            calls.append(BatchedCall(name, route, {**(sampling if isinstance(sampling, dict) else {}), "model": grader.get("model"),
+                                                   "input": [*_list(grader.get("input")), *_strings(grader.get("labels"))]}))
+    return calls
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _strings(value: Any) -> list[str]:
+    return [item for item in _list(value) if isinstance(item, str)]
 
 
 def _file_calls(route: Route, calls: list[dict[str, Any]], where: str) -> list[BatchedCall]:

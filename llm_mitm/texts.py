@@ -210,7 +210,7 @@ class _Collector:
             self.out.append((role, content))
             return
         start = len(self.out)
-        for part in _list(content):
+        for part in [content] if isinstance(content, dict) else _list(content):  # one part alone (an eval's template item)
             if isinstance(part, str):
                 self.out.append((role, part))
             elif isinstance(part, dict):
@@ -286,6 +286,13 @@ def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int) -> None:
     elif depth > 0 and isinstance(value, list):
         for item in value:
             _leaf_texts(out, role, item, depth - 1)
+
+
+def strings_in(value: Any) -> list[str]:
+    """Every string in a value (bounded): data the API fills into what a model reads."""
+    found: list[RoleText] = []
+    _leaf_texts(found, "user", value, _SCHEMA_DEPTH)
+    return [text for _, text in found]
 
 
 def _list(value: Any) -> list[Any]:

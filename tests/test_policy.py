@@ -667,3 +667,48 @@ def test_a_legacy_prompt_of_token_ids_is_refused_where_phrases_are_forbidden() -
     assert check({"forbidden_instructions": [BAD]}, route=LEGACY, body={**tokens, "prompt": [15342]}) is not None
     assert check({"forbidden_instructions": [BAD]}, route=LEGACY, body={**tokens, "prompt": ["fine", "text"]}) is None
     assert check({}, route=LEGACY, body=tokens) is None  # no phrase to look for
+
+
+EVALS = Route("openai", "openai", "evals")
+GRADERS = Route("openai", "openai", "fine_tuning")
+
+
+def _eval_run(**source: Any) -> dict:
+    return {"name": "r", "data_source": {"type": "completions", "source": {"type": "file_id", "id": "file-1"}, **source}}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "broken"),
+    [
+        (EVALS, _eval_run(model="o3-denied"), "model_not_allowed"),
+        (EVALS, _eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 100000}), "max_tokens_exceeded"),
+        (EVALS, _eval_run(model="gpt-4o", input_messages={"type": "template", "template": [{"role": "developer", "content": BAD}]}), "forbidden_instruction"),
+        (EVALS, _eval_run(model="gpt-4o", input_messages={"type": "template", "template": [
+            {"type": "message", "role": "user", "content": {"type": "input_text", "text": BAD}}]}), "forbidden_instruction"),
+        (EVALS, _eval_run(model="gpt-4o", source={"type": "file_content", "content": [{"item": {"question": BAD}}]}), "forbidden_instruction"),
+        (EVALS, {"name": "e", "testing_criteria": [{"type": "label_model", "model": "o3-denied", "input": [], "labels": ["a"]}]}, "model_not_allowed"),
+        (GRADERS, {"grader": {"type": "score_model", "model": "gpt-4o", "input": [{"role": "system", "content": BAD}]}}, "forbidden_instruction"),
+        (GRADERS, {"grader": {"type": "multi", "graders": {"g": {"type": "score_model", "model": "o3-denied", "input": []}}}}, "model_not_allowed"),
+    ],
+)
+def test_the_model_calls_an_eval_or_a_grader_makes_are_checked(route: Route, body: dict, broken: str) -> None:
+    """An eval run's data source and an eval's or a grader's models run calls of their own
+    (a policy probe: none of these was read)."""
+    config = {"allowed_models": ["gpt-4o*"], "max_tokens": 1000, "forbidden_instructions": [BAD]}
+    violation = check(config, route=route, body=body)
+    assert violation is not None and violation.rule == broken, violation
+    fine = _eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 10}, input_messages={"type": "item_reference", "item_reference": "item.x"})
+    assert check(config, route=EVALS, body=fine) is None
+    assert check(config, route=EVALS, body={"name": "e", "data_source_config": {"type": "custom"}, "testing_criteria": [
+        {"type": "string_check", "input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}]}) is None
+
+
+def test_eval_limits_are_clamped() -> None:
+    policy = Policy(PolicyConfig(max_tokens=100, max_tokens_action="clamp"))
+    body = {**_eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 5000, "seed": 1}),
+            "testing_criteria": [{"type": "score_model", "model": "gpt-4o", "input": [], "sampling_params": {"max_completions_tokens": 9, "max_tokens": 900}}]}
+    clamped = policy.clamp(EVALS, body)
+    assert clamped["data_source"]["sampling_params"] == {"max_completion_tokens": 100, "seed": 1}
+    assert clamped["testing_criteria"][0]["sampling_params"] == {"max_completions_tokens": 9, "max_tokens": 100}
+    assert policy.clamp(EVALS, _eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 10})) is None
+    assert policy.clamp(EVALS, _eval_run(model="gpt-4o")) is None
