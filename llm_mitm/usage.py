@@ -91,11 +91,14 @@ def _openai(usage: dict[str, Any], fields: tuple[str, str, str, str]) -> Usage:
     )
 
 
+_ANTHROPIC_COUNTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
+
+
 def _anthropic(usage: dict[str, Any]) -> Usage:
-    uncached = _int(usage.get("input_tokens"))
-    cache_read = _int(usage.get("cache_read_input_tokens"))
-    cache_write = _int(usage.get("cache_creation_input_tokens"))
-    output = _int(usage.get("output_tokens"))
+    uncached, cache_read, cache_write, output = (_int(usage.get(name)) for name in _ANTHROPIC_COUNTS)
+    for step in _compactions(usage):  # billed beside the answer's own counts, which leave them out
+        uncached, cache_read, cache_write, output = (_sum(mine, _int(step.get(name))) for mine, name in zip(
+            (uncached, cache_read, cache_write, output), _ANTHROPIC_COUNTS))
     parts = [n for n in (uncached, cache_read, cache_write) if n is not None]
     prompt = sum(parts) if parts else None
     total = prompt + (output or 0) if prompt is not None else output
@@ -107,3 +110,15 @@ def _anthropic(usage: dict[str, Any]) -> Usage:
         cache_creation_input_tokens=cache_write,
         cache_creation_1h_input_tokens=_nested(usage, "cache_creation", "ephemeral_1h_input_tokens"),
     )
+
+
+def _compactions(usage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The compaction steps of a call (beta `compact-2026-01-12`): summarising the
+    conversation is a sampling of its own, listed in `usage.iterations`, whose tokens the
+    top-level counts do not include."""
+    steps = usage.get("iterations")
+    return [step for step in steps if isinstance(step, dict) and step.get("type") == "compaction"] if isinstance(steps, list) else []
+
+
+def _sum(a: int | None, b: int | None) -> int | None:
+    return a if b is None else b if a is None else a + b

@@ -159,6 +159,16 @@ def test_old_gpt_3_5_snapshots_cost_their_own_prices() -> None:
     assert (table.price("gpt-3.5-turbo-0613").input, table.price("gpt-3.5-turbo-16k-0613").input) == (1.5, 3.0)
 
 
+def test_anthropic_compaction_steps_are_counted_beside_the_answer() -> None:
+    """With server-side compaction (beta), summarising is a sampling of its own, in
+    `usage.iterations` and not in the top-level counts, and billed (an audit: it was left out)."""
+    usage = normalize_usage("anthropic", {"input_tokens": 23000, "output_tokens": 1000, "iterations": [
+        {"type": "compaction", "input_tokens": 180000, "cache_read_input_tokens": 5000, "output_tokens": 3500},
+        {"type": "message", "input_tokens": 23000, "output_tokens": 1000}, "nonsense"]})
+    assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) == (208000, 5000, 4500)
+    assert normalize_usage("anthropic", {"input_tokens": 9, "output_tokens": 2, "iterations": None}).input_tokens == 9
+
+
 def test_cost_anthropic_cache_reads_and_writes() -> None:
     usage = normalize_usage("anthropic", {"input_tokens": 100, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 400, "output_tokens": 50})
     assert usage.input_tokens == 1500 and usage.cache_creation_1h_input_tokens is None  # no breakdown: 5-minute writes
