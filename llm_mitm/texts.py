@@ -483,6 +483,8 @@ def response_texts(body: Any) -> Iterator[str]:
             parts.content("assistant", item.get("content"))
             for _, text in parts.out:
                 yield text
+    if body.get("type") == "completion" and isinstance(body.get("completion"), str):  # Anthropic's legacy Text Completions
+        yield body["completion"]
     if body.get("type") == "message":
         for block in _list(body.get("content")):
             if isinstance(block, dict):

@@ -270,6 +270,8 @@ def test_estimate_marks_usage() -> None:
     usage = estimate_usage({"messages": [{"role": "user", "content": "abcd" * 10}]}, {"choices": [{"message": {"content": "abcdefgh"}}]})
     assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True)
     assert estimate_usage({}, None) is None
+    legacy = estimate_usage({"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"type": "completion", "completion": "abcdefgh", "stop_reason": "stop_sequence"})
+    assert legacy.output_tokens == 2  # Anthropic's legacy completion is read (an audit: its output was 0)
 
 
 def test_requests_per_minute_and_retry_after() -> None:
