@@ -49,6 +49,10 @@ SENSITIVE_FIELDS = frozenset(
         "secret_key",
         "private_key",
         "authorization",
+        "passphrase",
+        "credential",
+        "credentials",
+        "cookie",
     }
 )
 # Query parameters: the same, plus names too broad for bodies (error bodies carry
@@ -103,7 +107,7 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
     (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),
     # JSON web tokens.
-    (lambda text: "eyJ" in text, re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")),
+    (lambda text: "eyJ" in text, re.compile(rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})eyJ[A-Za-z0-9_-]{{4,}}\.eyJ[A-Za-z0-9_-]{{4,}}\.[A-Za-z0-9_-]*")),
     # Google API keys (Gemini's OpenAI-compatible API takes them as bearer tokens).
     (lambda text: "AIza" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})AIza[A-Za-z0-9_-]{{35}}(?![A-Za-z0-9_-])")),
     # Microsoft's annotated keys (Azure OpenAI and AI services keys made since 2024): 84
@@ -111,6 +115,11 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     (lambda text: "JQQJ9" in text, re.compile(
         rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})[A-Za-z0-9]{{52}}JQQJ9[9DH][A-Za-z0-9][A-L][A-Za-z0-9]{{16}}[A-Za-z][A-Za-z0-9]{{7}}"
         r"(?:[A-Za-z0-9]{2}==)?(?![A-Za-z0-9])")),
+    # OpenAI's ephemeral keys (a realtime session's client secret, `ek_...`).
+    (lambda text: "ek_" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})ek_[A-Za-z0-9_-]{{16,}}")),
+    # GitHub's tokens (`ghp_`, `gho_`, `ghu_`, `ghs_`, `ghr_`, fine-grained `github_pat_`).
+    (lambda text: "_" in text and ("gh" in text or "github_pat_" in text), re.compile(
+        rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})(?:gh[pousr]_[A-Za-z0-9]{{36,}}|github_pat_[A-Za-z0-9_]{{22,}})")),
     # Azure OpenAI keys: 32 hex digits.
     (_has_hex_run, re.compile(rf"(?:(?<![0-9A-Za-z])|{_AFTER_ESCAPE})[0-9a-fA-F]{{32}}(?![0-9A-Za-z])")),
 )
@@ -118,6 +127,8 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
 _BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
+# A password in a URL (`postgres://admin:pw@db`, `https://user:ghp_...@github.com`).
+_USERINFO_PASSWORD = re.compile(r"(?<=://)([^/\s:@\"'<>]+:)([^/\s@\"'<>]+)(?=@)")
 
 
 _FINGERPRINT = re.compile(r"(?:(?:bearer|basic|token|digest) )?(?:sk-[a-z]*-?|jwt:)?…[A-Za-z0-9._~+/=-]{0,4}#[0-9a-f]{8}", re.IGNORECASE)
@@ -157,6 +168,11 @@ def _percent_decoded(text: str) -> tuple[str, Callable[[int], int]]:
     escapes = [match.start() - 2 * number for number, match in enumerate(_ESCAPE.finditer(text))]  # where each lands
     decoded = _ESCAPE.sub(lambda match: chr(int(match.group(0)[1:], 16)), text)
     return decoded, lambda place: place + 2 * bisect.bisect_left(escapes, place)
+
+
+def _may_hold_link(text: str) -> bool:
+    """Whether text may hold a URL's parameters (`?...&sig=...`) or percent escapes."""
+    return "%" in text or ("?" in text and "=" in text)
 
 
 def split_scheme(value: str) -> tuple[str | None, str]:
@@ -243,10 +259,11 @@ def _replace_each(text: str, pairs: Iterable[tuple[str, str]]) -> str:
 
 
 def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[[str], str] | None = None,
-                named: Callable[[str, str], str | None] | None = None) -> Any:
+                named: Callable[[str, Any], Any] | None = None, reshape: Callable[[dict[Any, Any]], dict[Any, Any]] | None = None) -> Any:
     """A copy of plain data with `change` applied to every string and `change_key` (else
-    `change`) to every key; `named(key, text)` may decide a non-empty string by the key it is
-    the value of (None: `change` does). Iterative: nesting deeper than Python's recursion
+    `change`) to every key; `named(key, value)` may decide a non-empty string by the key it
+    is the value of, or give a container to walk instead (None: `change` does); `reshape`
+    gives each object to walk in its place. Iterative: nesting deeper than Python's recursion
     limit is no problem."""
     change_key = change_key or change
     root: list[Any] = [None]
@@ -258,13 +275,17 @@ def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[
         elif isinstance(item, dict):
             copy: dict[Any, Any] = {}
             parent[slot] = copy
+            if reshape is not None:
+                item = reshape(item)
             for key, child in item.items():
                 if isinstance(key, str):
-                    decided = named(key, child) if named is not None and isinstance(child, str) and child else None
+                    decided = named(key, child) if named is not None and (child or not isinstance(child, str)) else None
                     key = change_key(key)
-                    if decided is not None:
+                    if isinstance(decided, str):
                         copy[key] = decided
                         continue
+                    if decided is not None:  # a container to walk with its credentials hidden
+                        child = decided
                 copy[key] = None
                 stack.append((child, copy, key))
         elif isinstance(item, (list, tuple)):
@@ -298,6 +319,12 @@ class RedactingFilter(logging.Filter):
 # Header names of gateways' keys that name no credential word (`Helicone-Auth`,
 # `x-portkey-virtual-key`).
 _GATEWAY_KEY_ENDINGS = ("-auth", "_auth", "virtual-key")
+# Header names that say "key" or "credential" without the words free text is read for
+# (`x-functions-key`, `x-openai-key`, `x-subscription-key`, `Authentication`): a header
+# carries what its name says.
+_KEY_HEADER_ENDINGS = ("-key", "_key", "credential", "credentials")
+_KEY_HEADER_NAMES = frozenset(("key", "authentication", "x-authentication"))
+_NOT_KEY_HEADERS = frozenset(("idempotency-key", "x-idempotency-key", "sec-websocket-key"))  # a request's own id, a handshake's nonce
 
 
 class Redactor:
@@ -331,6 +358,7 @@ class Redactor:
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
         self._credential_headers: Memo[str, bool] = Memo(self._names_credential)
+        self._credential_keys: Memo[str, bool] = Memo(self._name_of_key)
         # What repeats from call to call in a trace record, redacted once.
         self._fields: Memo[str, str] = Memo(self.free_text)
         self._addresses: Memo[str, str] = Memo(self.url)
@@ -361,6 +389,8 @@ class Redactor:
                     value = shape.sub(self._replace, value)
             if "bearer" in value.lower():
                 value = _BEARER.sub(lambda m: m.group(0)[: m.start(2) - m.start(0)] + self.fingerprint(m.group(2)), value)
+            if "://" in value and "@" in value:
+                value = _USERINFO_PASSWORD.sub(lambda m: m.group(1) + (m.group(2) if _is_fingerprint(m.group(2)) else self.opaque(m.group(2))), value)
         for pattern in self._custom:
             value = pattern.sub(self._replace, value)
         return value
@@ -381,7 +411,13 @@ class Redactor:
         names = self._names_something(lowered if text is None else _folded(text))
         if _HEX_RUN in blob.translate(_HEX_MARKS):
             return True, names
-        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered:
+        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered or b"ek_" in lowered:
+            return True, names
+        if b"://" in blob and b"@" in blob:  # maybe a password in a URL
+            return True, names
+        if b"sig=" in lowered or (b"%" in blob and b"%2d" in lowered):  # a signed link; a key percent-encoded (`sk%2D...`)
+            return True, names
+        if b"ghp_" in blob or b"github_pat_" in blob:  # GitHub's personal tokens (those pasted into prompts)
             return True, names
         return self._quoted_field.search(lowered) is not None, names
 
@@ -403,7 +439,9 @@ class Redactor:
         `X-Auth-Token`): its value is a key whatever its shape."""
         if name in self.headers:
             return True
-        if name.endswith(_GATEWAY_KEY_ENDINGS):
+        if name.endswith(_GATEWAY_KEY_ENDINGS) or name in _KEY_HEADER_NAMES:
+            return True
+        if name.endswith(_KEY_HEADER_ENDINGS) and name not in _NOT_KEY_HEADERS:
             return True
         assigned = name + ":"  # as `_assignment` finds a name: given a value
         return any(match.end() == len(assigned) for match in self._assignment.finditer(assigned))
@@ -414,6 +452,8 @@ class Redactor:
             return self.opaque(value.strip())
         if self._credential_headers(name):
             return self.credential(value)
+        if "=" in value:  # a URL's key-like parameters (`Location: ...&sig=...`), a named value (`session_token=...`)
+            return self.url(value)
         return self.text(value)
 
     def headers_dict(self, pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -479,8 +519,17 @@ class Redactor:
     def free_text(self, value: str) -> str:
         """Text of no known structure (a text body, a line of output): secret shapes, and
         the value given to a name like a credential's (`"password": "..."`,
-        `DB_PASSWORD=...`, `Authorization: Bearer ...`), quoted values whole."""
+        `DB_PASSWORD=...`, `Authorization: Bearer ...`), quoted values whole; and where it
+        may hold a URL's parameters or escapes, as `url` reads them (a signed link's `sig=`,
+        `sk%2Dproj%2D...`)."""
+        if _may_hold_link(value):
+            return self.url(value)
         return self._named_values(self.text(value))
+
+    def _shapes(self, value: str) -> str:
+        """`text`, and a URL's parameters and escapes where the text may hold them (`free_text`
+        where no credential's name is anywhere)."""
+        return self.url(value) if _may_hold_link(value) else self.text(value)
 
     def _named_values(self, value: str) -> str:
         """The values given to a credential's name, each hidden whole (see `free_text`)."""
@@ -571,7 +620,13 @@ class Redactor:
         sent: dict[str, str] = {}
         for name, value in headers:
             name = name.lower()
-            if self._credential_headers(name) and name not in ("cookie", "set-cookie"):
+            if name == "cookie":  # each cookie's value, hidden with nothing of it kept, as the header is
+                for pair in value.split(";"):
+                    cookie = pair.partition("=")[2].strip()
+                    if len(cookie) >= SHORTEST_SENT:
+                        sent[cookie] = self.opaque(cookie)
+                continue
+            if self._credential_headers(name) and name != "set-cookie":
                 scheme, token = split_scheme(value)
                 if len(token) >= SHORTEST_SENT:
                     sent[token] = self.opaque(token) if scheme is not None and scheme.lower() in ("basic", "digest") else self.fingerprint(token)
@@ -606,7 +661,34 @@ class Redactor:
         values given to a credential's name, unless none is named anywhere (`names`)."""
         return _map_strings(
             value,
-            self.free_text if names else self.text,  # a prompt's `GITHUB_TOKEN=...` too
+            self.free_text if names else self._shapes,  # a prompt's `GITHUB_TOKEN=...` too
             change_key=self.text,  # a key can be a secret too (`{"sk-...": ...}`)
-            named=lambda key, text: self.credential(text) if key.lower() in self.fields else None,
+            named=self._named_value,
+            reshape=self._named_pair,
         )
+
+    def _names_key(self, key: str) -> bool:
+        """Whether a JSON key names a credential as a header or free text would (`DB_PASSWORD`,
+        `clientSecret`, `x-api-key`): remembered, keys repeat."""
+        return self._credential_keys(key)
+
+    def _name_of_key(self, key: str) -> bool:
+        return self._credential_headers(key.lower()) or any(match.end() == len(key) + 1 for match in self._assignment.finditer(key + ":"))
+
+    def _named_value(self, key: str, value: Any) -> Any:
+        """A value hidden by its key's name: a string whole; an object's `value` (a realtime
+        client secret: `"client_secret": {"value": "ek_..."}`). None: walked as it is."""
+        if isinstance(value, str):
+            return self.credential(value) if self._names_key(key) else None
+        if isinstance(value, dict) and isinstance(value.get("value"), str) and value["value"] and self._names_key(key):
+            return {**value, "value": self.credential(value["value"])}
+        return None
+
+    def _named_pair(self, item: dict[Any, Any]) -> dict[Any, Any]:
+        """A name/value pair naming a credential (`{"name": "api-key", "value": "..."}`, as
+        header lists and environments are written) with its value hidden."""
+        value = item.get("value")
+        if not isinstance(value, str) or not value:
+            return item
+        name = next((item[field] for field in ("name", "key") if isinstance(item.get(field), str)), None)
+        return {**item, "value": self.credential(value)} if name is not None and self._names_key(name) else item

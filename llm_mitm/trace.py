@@ -211,8 +211,8 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
         "policy": {"decision": policy[0], "rule": policy[1], "detail": _field(policy[2], redactor)} if policy else None,
         "replay": snap["replay"],
         "api_key": snap["api_key"],
-        "organization": snap["organization"],
-        "project": snap["project"],
+        "organization": _field(snap["organization"], redactor),  # a key sent as the organization is a key too
+        "project": _field(snap["project"], redactor),
         "error": redactor.free_text(snap["error"]) if snap["error"] else None,
     }
     return replace_sent(record, redactor.sent_credentials(snap["request_headers"], snap["url"]))

@@ -767,6 +767,27 @@ def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
     run(go())
 
 
+def test_llm_stats_shows_a_key_sent_as_the_model_only_as_its_fingerprint(tmp_path: Path) -> None:
+    """What the command returns (mitmweb and the console show it) is redacted as its log
+    line is (a secrets probe: the model column was returned as sent)."""
+    key = "sk-proj-FAKE" + "Q7w" * 15
+    config = config_file(tmp_path, "traces:\n  destination: null\n")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, tctx):
+            flow = chat_flow(body={"model": key, "messages": [{"role": "user", "content": "hi"}]})
+            llm.request(flow)
+            flow.response = tutils.tresp(headers=[(b"content-type", b"application/json")],
+                                         content=orjson.dumps({"model": "ft:gpt-4o:acme:" + key, "usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
+            llm.responseheaders(flow)
+            llm.response(flow)
+            table = tctx.master.commands.execute("llm.stats")
+            assert key[12:30] not in table and "sk-proj-…" in table, table
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_a_body_that_cannot_be_clamped_is_refused(tmp_path: Path) -> None:
     """Clamping rewrites the body; one nested deeper than orjson writes cannot go out unclamped."""
     config = config_file(tmp_path, "policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")

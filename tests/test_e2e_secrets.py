@@ -7,6 +7,7 @@ import secrets
 import socket
 import string
 import subprocess
+import time
 from pathlib import Path
 
 import orjson
@@ -52,14 +53,21 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
         "litellm": rand(24),
         "auth_token": rand(40),
         "anthropic_header": rand(30),
+        "functions_key": rand(40),  # a header named for a key (Azure Functions')
+        # a secrets probe: a key sent as the organization, a realtime client secret, a URL's password
+        "as_organization": "sk-proj-" + rand(40),
+        "ephemeral": "ek_" + rand(32),
+        "url_password": rand(18),
     }
-    gateway_headers = {"X-Portkey-Api-Key": keys["portkey"], "x-litellm-api-key": keys["litellm"], "X-Auth-Token": keys["auth_token"]}
+    gateway_headers = {"X-Portkey-Api-Key": keys["portkey"], "x-litellm-api-key": keys["litellm"], "X-Auth-Token": keys["auth_token"],
+                       "x-functions-key": keys["functions_key"], "OpenAI-Organization": keys["as_organization"]}
     config = {"traces": {"directory": "per-exchange"}}
     extra = ["--set", "flow_detail=4"]  # mitmdump prints headers and bodies too
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path, extra_args=extra) as proxy:
         env = proxy.client_env()
         prompt = (f"please remember {keys['in_prompt']} and {keys['jwt']} ({keys['google']}, {keys['azure_annotated']}),"
-                  f" GITHUB_TOKEN={keys['named_token']} and the config {{\"password\": \"{keys['named_password']}\"}}")
+                  f" GITHUB_TOKEN={keys['named_token']} and the config {{\"password\": \"{keys['named_password']}\"}}"
+                  f" with {keys['ephemeral']} for postgres://admin:{keys['url_password']}@db/app")
         for stream in (False, True):
             drive({"client": "openai", "op": "chat", "api_key": keys["openai"], "headers": {"x-fake-echo": "1", **gateway_headers},
                    "params": {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": prompt}]}}, env)
@@ -191,3 +199,18 @@ def test_keys_of_no_shape_echoed_named_in_urls_hexdumped_or_sent_as_the_model(tm
     assert "x-echo: key=…" in proxy.output and "lines of hexdump left out by llm-mitm" in proxy.output
     assert "no price for model 'ft:gpt-4o:acme:sk-proj-…" in proxy.output
     assert any(r["model"] and r["model"].startswith("sk-proj-…") for r in records)
+
+
+def test_a_key_cut_short_in_mitmdumps_url_line_leaves_nothing(proxy: Mitmdump) -> None:
+    """At the default flow_detail mitmdump cuts a long URL to the terminal's width (55
+    characters off a terminal), maybe inside a key, before the redactor sees the line: a
+    key cut short has no shape left, so the cut word goes (a secrets probe: 21 of 32 hex
+    digits stayed)."""
+    key = rand(32, "0123456789abcdef")
+    subprocess.run(["curl", "-sS", "-o", "/dev/null", "--proxy", proxy.proxy_url, f"http://api.openai.com/v1/models?s={key}"],
+                   capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True)
+    deadline = time.monotonic() + 10
+    while "/v1/models?s=" not in proxy.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in proxy.output.splitlines() if "/v1/models?s=" in line)
+    assert key[:8] not in proxy.output and "?s=…" in line, line

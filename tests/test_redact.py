@@ -547,3 +547,62 @@ def test_a_sent_credential_holding_another_goes_whole() -> None:
     assert list(sent) == ["XYZZYabcdTAIL1234", "XYZZYabcd"]  # `key` is too short
     for text in (replace_sent({"e": "XYZZYabcdTAIL1234 XYZZYabcd"}, sent)["e"], redactor.log_line("e: XYZZYabcdTAIL1234 XYZZYabcd", sent)):
         assert "XYZZY" not in text and "TAIL" not in text, text
+
+
+def _fake(prefix: str = "", size: int = 30) -> str:
+    return prefix + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(size))
+
+
+@pytest.mark.parametrize("name", ["DB_PASSWORD", "clientSecret", "OPENAI_API_KEY", "x-api-key", "auth_token", "passphrase", "credentials", "cookie"])
+def test_a_json_value_named_like_a_credential_is_hidden_as_free_text_would_hide_it(name: str) -> None:
+    """A key's name is read as a header's or free text's is (a secrets probe: only exact
+    field names were), whatever the nesting; and an object's `value` under such a name, or
+    in a name/value pair."""
+    secret = _fake()
+    body = {"tool_use": {"input": {name: secret}}, "env": [{"name": name, "value": secret}], "client_secret": {"value": secret, "expires_at": 1}}
+    out = orjson.dumps(Redactor().json(body)).decode()
+    assert secret not in out and secret[-4:] in out
+    assert Redactor().json({"usage": {"max_tokens": 5, "token": "Hello"}, "logprobs": [{"token": "Hi", "logprob": -1.0}]}) == \
+        {"usage": {"max_tokens": 5, "token": "Hello"}, "logprobs": [{"token": "Hi", "logprob": -1.0}]}  # a token is a word
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the realtime client secret ek_" + "a1B2c3D4" * 4,
+        "git clone https://ghp_" + "x" * 36 + "@github.com/acme/app",
+        "fine-grained github_pat_" + "A1_" * 10,
+        "TOKEN:\\neyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig",  # a JWT after an escape, as tool arguments hold it
+        "callback?state=sk%2Dproj%2D" + "K" * 30,  # a key percent-encoded in a body
+    ],
+)
+def test_more_secret_shapes_in_bodies(text: str) -> None:
+    out = orjson.dumps(Redactor().json({"content": text})).decode()
+    hidden = re.sub(r"%2D", "-", text).split()[-1]
+    assert hidden[8:24] not in out, out
+
+
+def test_a_password_in_a_url_and_a_signed_link_keep_nothing_of_their_secret() -> None:
+    redactor = Redactor()
+    url = redactor.json({"u": "postgres://admin:Hunter2Secret99@db:5432/x"})["u"]
+    assert "Hunter2" not in url and "99@" not in url and url.startswith("postgres://admin:…#")
+    assert redactor.json({"m": "mail bob@example.com, see https://x.com/@bob"}) == {"m": "mail bob@example.com, see https://x.com/@bob"}
+    link = redactor.json({"data": [{"url": "https://a.blob.core.windows.net/c/i.png?sv=2021&sr=b&sig=LsNq7%2Bkd8Zp0aaaabbbbcc%3D"}]})
+    assert "LsNq7" not in orjson.dumps(link).decode()
+    assert redactor.header("location", "https://h/x?sv=1&sig=74bxyzxyzxyzxyz").endswith("sig=" + redactor.fingerprint("74bxyzxyzxyzxyz"))
+    assert "kqGabc" not in redactor.header("x-debug", "session_token=kqGabcdefghij")
+    assert redactor.header("content-type", "application/json; charset=utf-8") == "application/json; charset=utf-8"
+
+
+@pytest.mark.parametrize("name", ["x-functions-key", "x-openai-key", "anthropic-key", "x-subscription-key", "x-credential", "Authentication", "x-key"])
+def test_headers_named_for_a_key_are_credentials(name: str) -> None:
+    secret = _fake()
+    assert secret[:-4] not in Redactor().header(name, secret)
+    assert Redactor().header("Idempotency-Key", "req-1234567890") == "req-1234567890"
+
+
+def test_a_cookie_upstream_echoes_is_hidden_whole() -> None:
+    redactor = Redactor()
+    cookie = _fake()
+    sent = redactor.sent_credentials([("Cookie", f"theme=dark; sid={cookie}")], "https://api.openai.com/v1/models")
+    assert sent == {cookie: redactor.opaque(cookie)}  # `dark` is too short to look for anywhere

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from mitmproxy import ctx
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.redact import RedactingFilter
+
+
+# At flow_detail 1 mitmdump cuts a long URL to the terminal's width, maybe inside a key,
+# before anything here sees it: a key cut short has no shape left to be found by, so the cut
+# word goes (`?key=3f9a…` -> `?key=…`).
+_CUT_TAIL = re.compile(r"[^\s/?&=#;…]{4,}…")
 
 
 class OutputRedaction:
@@ -42,6 +49,8 @@ class OutputRedaction:
         sent: dict[str, str] = {}  # of the flow being printed
 
         def redacted_echo(text: str, ident: int | None = None, **style: object) -> None:
+            if "…" in text and ctx.options.flow_detail == 1:  # a URL cut to the terminal's width
+                text = _CUT_TAIL.sub("…", text)
             echo(self.shared.redactor.printout(text, sent), ident, **style)
 
         def echo_flow_knowing_its_credentials(flow: Any) -> None:

@@ -35,7 +35,7 @@ class Stats:
     def llm_stats(self) -> str:
         """Spend and counts per API key and model since the proxy started."""
         self.shared.collect_counts(COMMAND_WAIT)
-        table = self.stats.table()
+        table = self.shared.redactor.printout(self.stats.table())  # a key sent as a model's name is a key (the log's copy is redacted too)
         logger.info("%s", table)
         return table
 
