@@ -52,7 +52,6 @@ SENSITIVE_FIELDS = frozenset(
         "passphrase",
         "credential",
         "credentials",
-        "cookie",
     }
 )
 # Query parameters: the same, plus names too broad for bodies (error bodies carry
@@ -353,8 +352,11 @@ class Redactor:
         names = "|".join([re.escape(name) for name in sorted(self.fields, key=len, reverse=True)] + list(_FREE_TEXT_NAMES))
         self._assignment = re.compile(rf"""(?i)(?:(?<![A-Za-z0-9])(?:{names})|{_CAMEL_CASE_NAMES})(?:\\?["'])?[ \t]*[:=][ \t]*""")
         # What every such name holds, for a first test in C before that (slow) pattern runs.
-        self._name_stems = tuple(stem.encode() for stem in _NAME_STEMS) + tuple(sorted(
-            _folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and _A_TOKEN.search(_folded(name)) is None))
+        unstemmed = sorted({_folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and _A_TOKEN.search(_folded(name)) is None},
+                           key=len)
+        # each searched once: not one that holds another (`credentials` holds `credential`)
+        self._name_stems = tuple(stem.encode() for stem in _NAME_STEMS) + tuple(
+            name for index, name in enumerate(unstemmed) if not any(shorter in name for shorter in unstemmed[:index]))
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
         self._credential_headers: Memo[str, bool] = Memo(self._names_credential)
@@ -411,13 +413,14 @@ class Redactor:
         names = self._names_something(lowered if text is None else _folded(text))
         if _HEX_RUN in blob.translate(_HEX_MARKS):
             return True, names
-        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered or b"ek_" in lowered:
+        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered:
             return True, names
-        if b"://" in blob and b"@" in blob:  # maybe a password in a URL
+        # Each rarer sign first: a one-byte search (memchr) is ~10 times as fast as a longer one.
+        if b"@" in blob and b"://" in blob:  # maybe a password in a URL
             return True, names
-        if b"sig=" in lowered or (b"%" in blob and b"%2d" in lowered):  # a signed link; a key percent-encoded (`sk%2D...`)
+        if (b"=" in blob and b"sig=" in lowered) or (b"%" in blob and b"%2d" in lowered):  # a signed link; a key percent-encoded
             return True, names
-        if b"ghp_" in blob or b"github_pat_" in blob:  # GitHub's personal tokens (those pasted into prompts)
+        if b"ek_" in blob or b"ghp_" in blob or b"github_pat_" in blob:  # an ephemeral key; a GitHub token pasted into a prompt
             return True, names
         return self._quoted_field.search(lowered) is not None, names
 
@@ -452,7 +455,7 @@ class Redactor:
             return self.opaque(value.strip())
         if self._credential_headers(name):
             return self.credential(value)
-        if "=" in value:  # a URL's key-like parameters (`Location: ...&sig=...`), a named value (`session_token=...`)
+        if "=" in value and ("?" in value or self._may_name_credential(value)):  # a URL's parameters (`Location: ...&sig=...`), `session_token=...`
             return self.url(value)
         return self.text(value)
 

@@ -553,7 +553,7 @@ def _fake(prefix: str = "", size: int = 30) -> str:
     return prefix + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(size))
 
 
-@pytest.mark.parametrize("name", ["DB_PASSWORD", "clientSecret", "OPENAI_API_KEY", "x-api-key", "auth_token", "passphrase", "credentials", "cookie"])
+@pytest.mark.parametrize("name", ["DB_PASSWORD", "clientSecret", "OPENAI_API_KEY", "x-api-key", "auth_token", "passphrase", "credentials"])
 def test_a_json_value_named_like_a_credential_is_hidden_as_free_text_would_hide_it(name: str) -> None:
     """A key's name is read as a header's or free text's is (a secrets probe: only exact
     field names were), whatever the nesting; and an object's `value` under such a name, or
