@@ -136,6 +136,43 @@ def test_kill_9_leaves_a_clean_trace_file(tmp_path: Path, provider: FakeProvider
     assert set(settled) <= traced
 
 
+@pytest.mark.parametrize("budgets", [False, True])
+def test_a_call_ending_as_the_proxy_stops_is_traced_and_charged(tmp_path: Path, provider: FakeProvider, pki: ServerCert, budgets: bool) -> None:
+    """SIGTERM (Ctrl-C) under load: mitmproxy still answers calls after its `done`, and
+    cancels others; each call that reached upstream is traced, answered or cut short, and
+    with budgets charged before the spend store closes (a probe: 1-4 answered calls a
+    shutdown went untraced, and each charge after `done` failed on the closed database)."""
+    config = {"policy": {"budgets": [{"usd_per_day": 1000, "per": "global"}]}} if budgets else None
+    proxy = Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path).start()
+    stop, run = threading.Event(), f"term{os.getpid()}{budgets}{time.monotonic_ns()}-"  # the fake provider serves every test
+
+    def load(worker: int) -> None:
+        with requests.Session() as s:
+            for i in range(500):
+                if stop.is_set():
+                    return
+                body = chat(f"{run}{worker}-{i}", stream=i % 2 == 0)
+                try:
+                    s.post("https://api.openai.com/v1/chat/completions", json=body, timeout=10, proxies={"https": proxy.proxy_url},
+                           verify=str(proxy.ca_cert), headers={"Authorization": f"Bearer {OPENAI_KEY}", "x-fake-delay-ms": "20"}).content
+                except requests.RequestException:
+                    return
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    proxy.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert proxy.process.wait(30) is not None  # type: ignore[union-attr]
+    stop.set()
+    for t in threads:
+        t.join()
+    sent = {orjson.loads(r.body)["messages"][0]["content"] for r in provider.requests if run.encode() in r.body}
+    traced = {r["request"]["body"]["messages"][0]["content"] for r in lines(proxy.traces_path) if run in str(r["request"]["body"])}
+    assert len(sent) > 20 and sent <= traced, sorted(sent - traced)
+    assert "failed in" not in proxy.output and "closed database" not in proxy.output
+
+
 def writers(pid: int) -> list[int]:
     """The trace writer processes of a mitmdump (not multiprocessing's resource tracker)."""
     found = []

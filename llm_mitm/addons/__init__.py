@@ -7,6 +7,7 @@ sees: it forwards just the hooks the concerns implement, to them, in order.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import inspect
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from mitmproxy import command, exceptions, hooks
+from mitmproxy.flow import Error as FlowError
 
 from llm_mitm.addons.batch_input import BatchInput
 from llm_mitm.addons.firewall import Firewall
@@ -35,6 +37,8 @@ from llm_mitm.addons.tracer import Tracer
 logger = logging.getLogger("llm_mitm")
 
 LIFECYCLE_HOOKS = ("load", "configure", "running", "done")
+SHUTDOWN_GRACE = 3.0  # seconds the calls in flight at shutdown have to finish, traced and charged
+SHUTDOWN_STALL = 0.25  # ... while one ends at least this often
 _frozen = False  # gc.freeze() done in this process
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "websocket_message")
 
@@ -155,7 +159,30 @@ class LLMMitm:
             gc.collect()
             gc.freeze()
 
-    def done(self) -> None:
+    def done(self) -> Awaitable[None] | None:
+        """At shutdown mitmproxy still answers the calls in flight after `done`: their
+        traces and charges would find the writer and the spend store closed. So the concerns
+        are done once those calls are (up to SHUTDOWN_GRACE seconds); at once when none is."""
+        if self.shared.open_calls():
+            return asyncio.get_running_loop().create_task(self._done_once_answered())  # awaited by mitmproxy; runs alone on a reload
+        self._lifecycle("done")
+        return None
+
+    async def _done_once_answered(self) -> None:
+        """Wait while calls still end (mitmproxy cancels some connections at shutdown: those
+        never do), then record the rest as cut short by the shutdown, with what came of
+        them (a stream whose last event came is answered all the same), and be done."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE
+        open_calls, still_since = self.shared.open_calls(), loop.time()
+        while open_calls and loop.time() < deadline and loop.time() - still_since < SHUTDOWN_STALL:
+            await asyncio.sleep(0.01)
+            if (now_open := self.shared.open_calls()) < open_calls:
+                open_calls, still_since = now_open, loop.time()
+        for flow, exchange in list(self.shared.exchanges.items()):
+            if not exchange.done:
+                flow.error = flow.error or FlowError("llm-mitm: the proxy shut down before this call ended")
+                self._each("error", flow)
         self._lifecycle("done")
 
     @command.command("llm.stats")

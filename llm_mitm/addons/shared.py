@@ -61,6 +61,10 @@ class Shared:
         self._last = (flow, exchange)
         return exchange
 
+    def open_calls(self) -> int:
+        """Calls recorded and not yet finished (at shutdown: still being answered)."""
+        return sum(not exchange.done for exchange in list(self.exchanges.values()))
+
     def record(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         self.exchanges[flow] = exchange
         self._last = (flow, exchange)
