@@ -181,8 +181,11 @@ class LLMMitm:
                 open_calls, still_since = now_open, loop.time()
         for flow, exchange in list(self.shared.exchanges.items()):
             if not exchange.done:
-                flow.error = flow.error or FlowError("llm-mitm: the proxy shut down before this call ended")
-                self._each("error", flow)
+                error, flow.error = flow.error, flow.error or FlowError("llm-mitm: the proxy shut down before this call ended")
+                try:
+                    self._each("error", flow)
+                finally:
+                    flow.error = error  # the flow's own (the script may be reloading while it goes on)
         self._lifecycle("done")
 
     @command.command("llm.stats")
