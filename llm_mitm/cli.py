@@ -89,7 +89,8 @@ def _export(args: argparse.Namespace) -> int:
 def _env(args: argparse.Namespace) -> int:
     try:
         bundle = prepare_bundle(args.confdir, args.bundle)
-        lines = render(client_environment(f"http://{args.host}:{args.port}", bundle, args.no_proxy), args.shell)
+        host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # an IPv6 address, as URLs write it
+        lines = render(client_environment(f"http://{host}:{args.port}", bundle, args.no_proxy), args.shell)
     except (TrustError, UnsafeValue) as exc:
         raise CommandError(str(exc)) from None
     print(lines)

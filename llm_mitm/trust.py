@@ -145,7 +145,9 @@ def _without_blocks(text: str) -> str:
     position = 0
     for match in _BLOCK.finditer(text):
         start = match.start()
-        if match.group("newline") == "1" and start > 0 and text[start - 1] == "\n":
+        # The newline `add` put after a last line that had none goes with the block, unless
+        # something was written after the block since: it would be glued to that line.
+        if match.group("newline") == "1" and start > 0 and text[start - 1] == "\n" and not text[match.end():].strip():
             start -= 1
         out.append(text[position:start])
         position = match.end()

@@ -167,6 +167,20 @@ def test_remove_restores_a_file_without_final_newline(tmp_path: Path) -> None:
     assert not trust.remove(bundle)
 
 
+def test_remove_keeps_a_certificate_another_tool_appended_after_ours_loadable(tmp_path: Path) -> None:
+    """The newline `add` put after a last line that had none stays when something follows
+    our block (a probe: the next certificate's BEGIN was glued to our END line)."""
+    ssl = pytest.importorskip("ssl")
+    ca = trust.CACert.load(trust.ensure_ca(tmp_path / "conf"))
+    other = trust.ensure_ca(tmp_path / "conf2").read_bytes()
+    bundle = tmp_path / "cacert.pem"
+    bundle.write_bytes(trust.ensure_ca(tmp_path / "conf3").read_bytes().rstrip(b"\n"))  # a last line without its newline
+    assert trust.add(bundle, ca)
+    bundle.write_bytes(bundle.read_bytes() + other)
+    assert trust.remove(bundle) and not trust.is_trusted(bundle, ca)
+    assert len(ssl.create_default_context(cafile=str(bundle)).get_ca_certs()) == 2
+
+
 # --------------------------------------------------------------------------- system proxy
 
 
@@ -408,6 +422,13 @@ def test_env_shells(shell: str, line: str, tmp_path: Path) -> None:
     for unsafe in ("NODE_TLS_REJECT_UNAUTHORIZED", "PYTHONHTTPSVERIFY", "CURL_INSECURE", "=0\n"):
         assert unsafe not in result.stdout
     assert str(tmp_path / environment.BUNDLE_NAME) in result.stdout
+
+
+@pytest.mark.parametrize(("host", "url"), [("::1", "http://[::1]:8080"), ("[::1]", "http://[::1]:8080"), ("localhost", "http://localhost:8080")])
+def test_env_writes_an_ipv6_proxy_address_in_brackets(host: str, url: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "llm_mitm", "env", "--host", host, "--confdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert f"export HTTPS_PROXY='{url}'" in result.stdout.splitlines()
 
 
 NASTY_VALUES = ["plain", "it's", "C:\\dir\\", "a\\'b", "\\\\'", "$HOME `id` $(id) \\n", "a b&c|d<e>f^g", "‘smart’ ‚quotes‛", "line\nbreak", ""]
