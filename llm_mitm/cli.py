@@ -14,7 +14,7 @@ import orjson
 
 from llm_mitm.atomic import atomic_output
 from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_environment, prepare_bundle, render
-from llm_mitm.tracefile import ReadReport, read_records
+from llm_mitm.tracefile import ReadReport, read_traces
 from llm_mitm.trust import DEFAULT_CONFDIR, TrustError
 from llm_mitm.writer import FILE_MODE
 
@@ -24,9 +24,9 @@ class CommandError(Exception):
 
 
 def _records(args: argparse.Namespace, report: ReadReport):  # type: ignore[no-untyped-def]
-    if not args.traces.is_file():
-        raise SystemExit(f"llm-mitm {args.command}: no trace file at {args.traces}")
-    return read_records(args.traces, report)
+    if not args.traces.exists():
+        raise SystemExit(f"llm-mitm {args.command}: no trace file or traces.directory at {args.traces}")
+    return read_traces(args.traces, report)
 
 
 @contextmanager
@@ -112,19 +112,19 @@ def parser() -> argparse.ArgumentParser:
     from llm_mitm.tracestats import GROUPINGS
 
     stats = commands.add_parser("stats", help="requests, errors, tokens, cost and latency from a trace file")
-    stats.add_argument("traces", type=Path)
+    stats.add_argument("traces", type=Path, help="a trace file (traces.destination) or a traces.directory")
     stats.add_argument("--by", choices=GROUPINGS, default="model")
     stats.add_argument("--json", action="store_true", help="JSON instead of a table")
     stats.set_defaults(run=_stats)
 
     report = commands.add_parser("report", help="a self-contained HTML report of a trace file")
-    report.add_argument("traces", type=Path)
+    report.add_argument("traces", type=Path, help="a trace file (traces.destination) or a traces.directory")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
     report.add_argument("--max-calls", type=int, default=2000, help="calls listed in the table (the latest)")
     report.set_defaults(run=_report)
 
     export = commands.add_parser("export", help="fine-tuning data from a trace file")
-    export.add_argument("traces", type=Path)
+    export.add_argument("traces", type=Path, help="a trace file (traces.destination) or a traces.directory")
     export.add_argument("--format", choices=("openai-chat",), default="openai-chat")
     export.add_argument("-o", "--output", type=Path, required=True)
     export.add_argument("--model", help="only calls to models matching this glob")

@@ -22,6 +22,7 @@ class ReadReport:
     records: int = 0
     invalid_lines: list[int] = field(default_factory=list)
     torn_last_line: bool = False
+    invalid_files: list[str] = field(default_factory=list)  # of a traces.directory: not a JSON record
 
     def problems(self) -> list[str]:
         out = []
@@ -31,6 +32,9 @@ class ReadReport:
         if others:
             shown = ", ".join(str(n) for n in others[:5]) + (" ..." if len(others) > 5 else "")
             out.append(f"{len(others)} line(s) that are not JSON records were skipped (line {shown})")
+        if self.invalid_files:
+            shown = ", ".join(self.invalid_files[:5]) + (" ..." if len(self.invalid_files) > 5 else "")
+            out.append(f"{len(self.invalid_files)} file(s) that are not JSON records were skipped ({shown})")
         return out
 
 
@@ -84,3 +88,25 @@ def read_records(path: str | os.PathLike[str], report: ReadReport | None = None,
             report.records += 1
             yield record
     bar.close()
+
+
+def read_directory(path: str | os.PathLike[str], report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
+    """Each record of a `traces.directory` (one pretty-printed JSON file per exchange, under
+    a folder per day), in the order of their names: day, then time."""
+    report = report if report is not None else ReadReport()
+    root = Path(path)
+    for file in sorted(root.rglob("*.json")):
+        try:
+            record = orjson.loads(file.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            report.invalid_files.append(str(file.relative_to(root)))
+            continue
+        report.records += 1
+        yield record
+
+
+def read_traces(path: str | os.PathLike[str], report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL trace file or of a `traces.directory`."""
+    return read_directory(path, report) if Path(path).is_dir() else read_records(path, report)

@@ -32,7 +32,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 def recorded(tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider, pki: ServerCert) -> Path:
     """A trace file with plain, streamed, tool, Responses, Anthropic, failed, blocked and repeated calls."""
     folder = tmp_path_factory.mktemp("recorded")
-    config = {"policy": {"denied_models": ["gpt-4-banned"]}}
+    config = {"policy": {"denied_models": ["gpt-4-banned"]}, "traces": {"directory": "per-exchange"}}  # a file per call beside
     with Mitmdump(folder, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
         env = proxy.client_env()
 
@@ -101,6 +101,27 @@ def test_export_openai_chat(recorded: Path, tmp_path: Path) -> None:
     only_mini = tmp_path / "mini.jsonl"
     cli("export", str(recorded), "-o", str(only_mini), "--model", "gpt-4o-mini*")
     assert [orjson.loads(line)["messages"][0]["content"] for line in only_mini.read_bytes().splitlines()] == ["mini question"]
+
+
+def test_the_tools_read_a_traces_directory_as_the_trace_file(recorded: Path, tmp_path: Path) -> None:
+    """One file per call (llm_proxy's layout, for fine-tuning sets) exports, counts and
+    reports as the JSONL file does (a probe: export said there was no trace file)."""
+    directory = recorded.parent / "per-exchange"
+    assert len(list(directory.rglob("*.json"))) == 9
+    from_file, from_directory = tmp_path / "file.jsonl", tmp_path / "dir.jsonl"
+    assert cli("export", str(recorded), "-o", str(from_file)).returncode == 0
+    result = cli("export", str(directory), "-o", str(from_directory))
+    assert result.returncode == 0, result.stderr
+    assert sorted(from_directory.read_bytes().splitlines()) == sorted(from_file.read_bytes().splitlines()) and from_file.read_bytes()
+    assert orjson.loads(cli("stats", str(directory), "--json").stdout)["total"] == orjson.loads(cli("stats", str(recorded), "--json").stdout)["total"]
+    assert cli("report", str(directory), "-o", str(tmp_path / "r.html")).returncode == 0
+    (directory / "broken.json").write_text("{not json")
+    try:
+        assert "1 file(s) that are not JSON records were skipped (broken.json)" in cli("stats", str(directory)).stderr
+    finally:
+        (directory / "broken.json").unlink()
+    missing = cli("stats", str(tmp_path / "nowhere"))
+    assert missing.returncode != 0 and "no trace file or traces.directory" in missing.stderr
 
 
 def test_a_report_is_its_owners_only(recorded: Path, tmp_path: Path) -> None:
