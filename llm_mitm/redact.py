@@ -670,20 +670,23 @@ class Redactor:
             reshape=self._named_pair,
         )
 
-    def _names_key(self, key: str) -> bool:
-        """Whether a JSON key names a credential as a header or free text would (`DB_PASSWORD`,
-        `clientSecret`, `x-api-key`): remembered, keys repeat."""
-        return self._credential_keys(key)
-
     def _name_of_key(self, key: str) -> bool:
-        return self._credential_headers(key.lower()) or any(match.end() == len(key) + 1 for match in self._assignment.finditer(key + ":"))
+        """Whether a JSON key names a credential as free text's names do (`DB_PASSWORD`,
+        `clientSecret`, `x-api-key`) or a credential header's (`authorization`, `helicone-auth`);
+        not every `..._key`, as headers' are: `prompt_cache_key` and `sort_key` are data."""
+        lowered = key.lower()
+        if lowered in self.headers or lowered.endswith(_GATEWAY_KEY_ENDINGS):
+            return True
+        return any(match.end() == len(key) + 1 for match in self._assignment.finditer(key + ":"))
 
     def _named_value(self, key: str, value: Any) -> Any:
         """A value hidden by its key's name: a string whole; an object's `value` (a realtime
         client secret: `"client_secret": {"value": "ek_..."}`). None: walked as it is."""
         if isinstance(value, str):
-            return self.credential(value) if self._names_key(key) else None
-        if isinstance(value, dict) and isinstance(value.get("value"), str) and value["value"] and self._names_key(key):
+            if not self._credential_keys(key):
+                return None
+            return self.opaque(value) if key.lower() in ("cookie", "set-cookie") else self.credential(value)  # as the headers are
+        if isinstance(value, dict) and isinstance(value.get("value"), str) and value["value"] and self._credential_keys(key):
             return {**value, "value": self.credential(value["value"])}
         return None
 
@@ -694,4 +697,4 @@ class Redactor:
         if not isinstance(value, str) or not value:
             return item
         name = next((item[field] for field in ("name", "key") if isinstance(item.get(field), str)), None)
-        return {**item, "value": self.credential(value)} if name is not None and self._names_key(name) else item
+        return {**item, "value": self.credential(value)} if name is not None and self._credential_keys(name) else item
