@@ -14,7 +14,7 @@ from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import ROLE_ALIASES, normalize, read_request, squeeze, strings_in
+from llm_mitm.texts import ROLE_ALIASES, as_list, normalize, read_request, squeeze, strings_in
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
@@ -359,7 +359,7 @@ class Policy:
         changed = {key: clamped(body[key]) for key in ("data_source", "grader") if key in body}
         if isinstance(body.get("testing_criteria"), list):
             changed["testing_criteria"] = [clamped(item) for item in body["testing_criteria"]]
-        return None if all(changed[key] is body[key] or changed[key] == body[key] for key in changed) else {**body, **changed}
+        return None if all(changed[key] == body[key] for key in changed) else {**body, **changed}
 
     def _clamped_line(self, cap: int, route: Route, call: dict[str, Any]) -> dict[str, Any]:
         field = _limit_field(_line_route(route, call["url"]))
@@ -463,9 +463,9 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
         messages = template.get("template") if isinstance(template, dict) else None
         sampling = source.get("sampling_params")
         params = {**(sampling if isinstance(sampling, dict) else {}), "model": source.get("model"),
-                  "input": [*_list(messages), *strings_in(source.get("source"))]}
+                  "input": [*as_list(messages), *strings_in(source.get("source"))]}
         calls.append(BatchedCall("data_source", route, params))
-    graders = [("grader", body.get("grader"))] + [(f"testing_criteria[{index}]", item) for index, item in enumerate(_list(body.get("testing_criteria")))]
+    graders = [("grader", body.get("grader"))] + [(f"testing_criteria[{index}]", item) for index, item in enumerate(as_list(body.get("testing_criteria")))]
     while graders:
         name, grader = graders.pop()
         if not isinstance(grader, dict):
@@ -475,16 +475,8 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
         if "model" in grader or "input" in grader:
             sampling = grader.get("sampling_params")
             calls.append(BatchedCall(name, route, {**(sampling if isinstance(sampling, dict) else {}), "model": grader.get("model"),
-                                                   "input": [*_list(grader.get("input")), *_strings(grader.get("labels"))]}))
+                                                   "input": [*as_list(grader.get("input")), *strings_in(grader.get("labels"))]}))
     return calls
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _strings(value: Any) -> list[str]:
-    return [item for item in _list(value) if isinstance(item, str)]
 
 
 def _file_calls(route: Route, calls: list[dict[str, Any]], where: str) -> list[BatchedCall]:

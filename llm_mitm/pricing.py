@@ -75,7 +75,7 @@ class PriceTable:
         """The price of a call: one configured for the name it asked for wins (an Azure
         deployment's: Azure answers `gpt-4` for a GPT-4 Turbo deployment), else the price of
         the model that answered, else of the one asked for."""
-        if asked is not None and (configured := self._configured.get(asked.lower())) is not None:
+        if self._configured and asked is not None and (configured := self._configured.get(asked.lower())) is not None:
             return configured
         return self.price(answered or asked)
 

@@ -121,7 +121,7 @@ class _Collector:
         if "role" in body and "content" in body:  # Assistants: one message added to a thread
             self.message(body)
         for key in ("messages", "additional_messages"):
-            for message in _list(body.get(key)):
+            for message in as_list(body.get(key)):
                 self.message(message)
         self.end_run()
         for key in ("input", "items"):  # Responses' input; Conversations' items, read the same
@@ -150,7 +150,7 @@ class _Collector:
             for value in prompt["variables"].values():
                 self.content("user", [value])
         for key in ("tools", "functions"):  # chat's deprecated `functions` are still read
-            for tool in _list(body.get(key)):  # what each tool, and each parameter, is for and may be
+            for tool in as_list(body.get(key)):  # what each tool, and each parameter, is for and may be
                 if isinstance(tool, dict):
                     function = tool.get("function") or tool.get("custom")  # chat nests a tool's own keys
                     _schema_texts(self.out, function if isinstance(function, dict) else tool, _SCHEMA_DEPTH)
@@ -210,7 +210,7 @@ class _Collector:
             self.out.append((role, content))
             return
         start = len(self.out)
-        for part in [content] if isinstance(content, dict) else _list(content):  # one part alone (an eval's template item)
+        for part in [content] if isinstance(content, dict) else as_list(content):  # one part alone (an eval's template item)
             if isinstance(part, str):
                 self.out.append((role, part))
             elif isinstance(part, dict):
@@ -275,17 +275,18 @@ def _is_text_media(media: Any) -> bool:
     return isinstance(media, str) and media.strip().lower().startswith(("text/", "application/json", "application/xml"))
 
 
-def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int) -> None:
-    """Every string in a part or item of a kind read whole, but for ids and such."""
+def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int, skip: frozenset[str] = _NO_TEXT_KEYS) -> None:
+    """Every string in a value (bounded), but for those under the keys to `skip` (by
+    default ids and such: a part or item of a kind read whole)."""
     if isinstance(value, str):
         out.append((role, value))
     elif depth > 0 and isinstance(value, dict):
         for key, item in value.items():
-            if key not in _NO_TEXT_KEYS:
-                _leaf_texts(out, role, item, depth - 1)
+            if key not in skip:
+                _leaf_texts(out, role, item, depth - 1, skip)
     elif depth > 0 and isinstance(value, list):
         for item in value:
-            _leaf_texts(out, role, item, depth - 1)
+            _leaf_texts(out, role, item, depth - 1, skip)
 
 
 def strings_in(value: Any) -> list[str]:
@@ -295,7 +296,8 @@ def strings_in(value: Any) -> list[str]:
     return [text for _, text in found]
 
 
-def _list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A JSON value as a list when it is one, else none: any value may stand where a list is due."""
     return value if isinstance(value, list) else []
 
 
@@ -303,7 +305,7 @@ def _call_texts(message: dict[str, Any], names: bool) -> Iterator[str]:
     """The arguments (a custom tool's input) of a chat message's tool calls and of its
     deprecated `function_call`, as the model wrote them; with `names`, their names too, as
     words (for the policy: the model reads them, a report shows none)."""
-    calls = [call.get("function") or call.get("custom") if isinstance(call, dict) else None for call in _list(message.get("tool_calls"))]
+    calls = [call.get("function") or call.get("custom") if isinstance(call, dict) else None for call in as_list(message.get("tool_calls"))]
     for function in [*calls, message.get("function_call")]:
         if isinstance(function, dict):
             if names and isinstance(function.get("name"), str):
@@ -327,26 +329,17 @@ def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> No
             if isinstance(value, str):
                 out.append(("system", name_words(value)))
         elif kind == _VALUE:
-            _value_texts(out, value, depth)
+            _leaf_texts(out, "system", value, depth, skip=frozenset())  # every string a schema's value holds (`enum`, `default`...)
         elif depth > 0:
             if isinstance(value, dict):
                 if kind == _MAP:
                     out.extend(("system", name_words(name)) for name in value)
                 children = list(value.values()) if kind == _MAP else [value]
             else:
-                children = _list(value) if kind == _SCHEMA else []
+                children = as_list(value) if kind == _SCHEMA else []
             for child in children:
                 if isinstance(child, dict):
                     _schema_texts(out, child, depth - 1)
-
-
-def _value_texts(out: list[RoleText], value: Any, depth: int) -> None:
-    """The strings in a value a schema gives (`enum`, `default`...), as the system's."""
-    if isinstance(value, str):
-        out.append(("system", value))
-    elif depth > 0 and isinstance(value, (list, dict)):
-        for item in value.values() if isinstance(value, dict) else value:
-            _value_texts(out, item, depth - 1)
 
 
 # Where a name's words meet: separators, a lower-case letter or digit before a capital, a
@@ -465,7 +458,7 @@ def response_texts(body: Any) -> Iterator[str]:
     """The generated text of a (rebuilt) response: chat, completions, Responses, Anthropic."""
     if not isinstance(body, dict):
         return
-    for choice in _list(body.get("choices")):
+    for choice in as_list(body.get("choices")):
         if not isinstance(choice, dict):
             continue
         if isinstance(choice.get("text"), str):
@@ -475,7 +468,7 @@ def response_texts(body: Any) -> Iterator[str]:
             if isinstance(message.get("content"), str):
                 yield message["content"]
             yield from _call_texts(message, names=False)
-    for item in _list(body.get("output")):
+    for item in as_list(body.get("output")):
         if isinstance(item, dict):
             if isinstance(item.get("arguments"), str):
                 yield item["arguments"]
@@ -486,7 +479,7 @@ def response_texts(body: Any) -> Iterator[str]:
     if body.get("type") == "completion" and isinstance(body.get("completion"), str):  # Anthropic's legacy Text Completions
         yield body["completion"]
     if body.get("type") == "message":
-        for block in _list(body.get("content")):
+        for block in as_list(body.get("content")):
             if isinstance(block, dict):
                 for key in ("text", "thinking"):
                     if isinstance(block.get(key), str):
