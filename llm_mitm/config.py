@@ -45,6 +45,10 @@ class ProviderConfig(_Section):
     hosts: list[str] = Field(min_length=1)
     upgrade_http: bool = False
     enabled: bool = True
+    # Ask for `stream_options.include_usage` on streamed chat calls (usage.request_stream_usage):
+    # on for the built-in providers; a server of your own may refuse the field (a 400 to a
+    # call its client never made it), so there it is asked for only when turned on.
+    stream_usage: bool = False
 
     @field_validator("hosts")
     @classmethod
@@ -59,13 +63,14 @@ class ProviderConfig(_Section):
 
 
 DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
-    "openai": {"api": "openai", "hosts": ["api.openai.com"], "upgrade_http": True},
+    "openai": {"api": "openai", "hosts": ["api.openai.com"], "upgrade_http": True, "stream_usage": True},
     "azure": {
         "api": "azure",
         "hosts": ["*.openai.azure.com", "*.cognitiveservices.azure.com"],
         "upgrade_http": True,
+        "stream_usage": True,
     },
-    "anthropic": {"api": "anthropic", "hosts": ["api.anthropic.com"], "upgrade_http": True},
+    "anthropic": {"api": "anthropic", "hosts": ["api.anthropic.com"], "upgrade_http": True, "stream_usage": True},
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.support.clients import drive
 from tests.support.corp_proxy import CorpProxy
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
@@ -76,5 +78,25 @@ def test_openai_compatible_server_over_plain_http(tmp_path: Path) -> None:
             t = trace_with(proxy, m)
             assert (t["provider"], t["model"]) == ("vllm", "llama-3")
             assert t["url"] == f"http://localhost:{server.port}/v1/chat/completions"  # not upgraded
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("stream_usage", [None, True])
+def test_a_server_of_your_own_is_asked_for_stream_usage_only_when_it_takes_it(tmp_path: Path, stream_usage: bool | None) -> None:
+    """A strict OpenAI-compatible server answers a field it does not know with a 400: a
+    `stream_options` the proxy added would fail a call its client never made so."""
+    server = FakeProvider().start()
+    try:
+        vllm = {"api": "openai", "hosts": [f"localhost:{server.port}"]} | ({} if stream_usage is None else {"stream_usage": stream_usage})
+        with Mitmdump(tmp_path, config={"providers": {"vllm": vllm}}) as proxy:
+            m = marker()
+            action = {"client": "openai", "op": "chat", "api_key": "sk-local-" + "x" * 30,
+                      "params": chat(m, model="llama-3", stream=True), "base_url": f"http://localhost:{server.port}/v1"}
+            result = drive(action, proxy.client_env())
+            assert result["text"] == CANNED_REPLY and result["usage"] is None, result
+            received = next(r for r in server.requests if m.encode() in r.body)
+            assert ("stream_options" in received.json) is bool(stream_usage)
+            assert trace_with(proxy, m)["usage"]["estimated"] is not bool(stream_usage)
     finally:
         server.stop()

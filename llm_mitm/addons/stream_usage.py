@@ -6,7 +6,8 @@ trace, and drop that extra chunk on the way back (and the `"usage":null` asking 
 every other chunk), so the client sees what it asked for.
 The drop needs an uncompressed stream, so the request asks for `identity`. Azure takes
 `stream_options` from api-version 2024-09-01-preview on (its v1 API, with none, too): an
-older one answers 400, so there the stream's usage is estimated instead.
+older one answers 400, so there the stream's usage is estimated instead, as it is for a
+provider of your own unless its `stream_usage` is on (a strict server refuses the field).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class StreamUsage:
         if exchange is None or not exchange.stream or flow.response is not None or not self.shared.config.usage.request_stream_usage:
             return
         body = exchange.request_json
-        if body is None or exchange.route.operation not in _OPERATIONS or not _takes_stream_options(exchange.route):
+        if body is None or exchange.route.operation not in _OPERATIONS or not self._takes_stream_options(exchange.route):
             return
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
@@ -60,8 +61,12 @@ class StreamUsage:
             if response.http_version.startswith("HTTP/1"):  # framed by chunks instead (HTTP/2 frames itself)
                 response.headers["transfer-encoding"] = "chunked"
 
+    def _takes_stream_options(self, route: Route) -> bool:
+        provider = self.shared.config.providers.get(route.provider)
+        return provider is not None and provider.stream_usage and _version_takes_stream_options(route)
 
-def _takes_stream_options(route: Route) -> bool:
+
+def _version_takes_stream_options(route: Route) -> bool:
     version = route.api_version
     if route.api != "azure" or not version or not version[:4].isdigit():
         return True
