@@ -449,7 +449,7 @@ class Bench:
     def micro(self) -> None:
         """Trace writer capacity, and cost per byte of redaction and SSE parsing."""
         from llm_mitm.redact import Redactor
-        from llm_mitm.sse import ChatCompletionsRebuilder, StreamTap
+        from llm_mitm.sse import USAGE_HINT, ChatCompletionsRebuilder, StreamTap, is_usage_only_chunk, strip_null_usage
 
         records_per_s = self._writer_records_per_s(5000 if self.quick else 20000)
         redactor = Redactor()
@@ -470,7 +470,15 @@ class Bench:
                 tap(stream[offset : offset + 4096])
             tap.finish()
 
-        linear: dict[str, dict[str, float]] = {"redaction_us_per_kb": {}, "sse_us_per_kb": {}}
+        def filter_one_event(event: bytes) -> None:
+            """The usage filter (a client that did not ask) on one large event in 4 KB chunks."""
+            tap = StreamTap(ChatCompletionsRebuilder(), hold=True)
+            tap.drop_events(is_usage_only_chunk, USAGE_HINT, strip=strip_null_usage)
+            for offset in range(0, len(event), 4096):
+                tap(event[offset : offset + 4096])
+            tap.finish()
+
+        linear: dict[str, dict[str, float]] = {"redaction_us_per_kb": {}, "sse_us_per_kb": {}, "sse_filter_us_per_kb": {}}
         event = b'data: {"choices":[{"index":0,"delta":{"content":"token "}}]}\n\n'
         for size_kb in (100, 1000, 4000):
             text = ("word " * (size_kb * 1024 // 5))[: size_kb * 1024]
@@ -480,6 +488,9 @@ class Bench:
             stream = event * (size_kb * 1024 // len(event))
             seconds = best_of_three(lambda: parse_stream(stream))
             linear["sse_us_per_kb"][f"{size_kb}KB"] = round(seconds * 1e6 / size_kb, 3)
+            large = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * (size_kb * 1024) + b'"}}]}\n\n'
+            seconds = best_of_three(lambda: filter_one_event(large))
+            linear["sse_filter_us_per_kb"][f"{size_kb}KB"] = round(seconds * 1e6 / size_kb, 3)
         self.results["micro"] = {"trace_writer_records_per_s": round(records_per_s), **linear, "policy_check_us": self._policy_check_us(),
                                  "hooks_us_per_call": self._hooks_us_per_call(5000 if self.quick else 20000),
                                  "hooks_in_place_us_per_request": self._hooks_in_place(1000 if self.quick else 6000)}
@@ -695,7 +706,7 @@ class Bench:
         out["llm-mitm's own work per request, timed in place under load (us)"] = {
             "value": in_place["us_per_request"]["total"], "pass": "error" not in in_place,  # measured at all
             "target": f"(that proxy's CPU per request: {in_place.get('proxy_cpu_us_per_request')}, reverse c=8)"}
-        for name in ("redaction_us_per_kb", "sse_us_per_kb"):
+        for name in ("redaction_us_per_kb", "sse_us_per_kb", "sse_filter_us_per_kb"):
             per_kb = list(self.results["micro"][name].values())
             spread = max(per_kb) / min(per_kb)
             out[f"{name} spread (100KB..4MB)"] = {"value": round(spread, 2), "target": "<= 2 (linear)", "pass": spread <= 2}

@@ -291,9 +291,12 @@ class ChatCompletionsRebuilder(StreamRebuilder):
 
     @staticmethod
     def _apply_tool_calls(state: dict[str, Any], calls: Any) -> None:
+        slots = state["tool_calls"]
         for call in calls or ():
-            slot = state["tool_calls"].setdefault(
-                int(call.get("index", 0)), {"id": None, "type": "function", "name": "", "arguments": []}
+            index = call.get("index")
+            slot = slots.setdefault(
+                _unindexed_call(slots, call.get("id")) if index is None else int(index),
+                {"id": None, "type": "function", "name": "", "arguments": []},
             )
             if call.get("id"):
                 slot["id"] = call["id"]
@@ -336,6 +339,17 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         if self.usage is not None:
             body["usage"] = self.usage
         return body
+
+
+def _unindexed_call(slots: dict[int, dict[str, Any]], call_id: Any) -> int:
+    """Where a tool call delta without an `index` goes (Gemini's OpenAI-compatible API sends
+    none): a new id is a new call, a known id or none at all continues one."""
+    if call_id:
+        for index, slot in slots.items():
+            if slot["id"] == call_id:
+                return index
+        return max(slots, default=-1) + 1
+    return max(slots, default=0)
 
 
 class ResponsesRebuilder(StreamRebuilder):
@@ -449,7 +463,9 @@ class AnthropicRebuilder(StreamRebuilder):
         elif kind == "signature_delta":
             block["signature"] = block.get("signature", "") + _text(delta.get("signature"))
         elif kind == "citations_delta":
-            block.setdefault("citations", []).append(delta.get("citation"))
+            if block.get("citations") is None:  # absent, or null in the block's start
+                block["citations"] = []
+            block["citations"].append(delta.get("citation"))
 
     def result(self) -> dict[str, Any] | None:
         if not self._message and not self._blocks:
@@ -463,7 +479,7 @@ class AnthropicRebuilder(StreamRebuilder):
                 block["text"] = block.get("text", "") + joined
             elif kind == "thinking":
                 block["thinking"] = block.get("thinking", "") + joined
-            elif kind in ("tool_use", "server_tool_use") and joined:
+            elif isinstance(kind, str) and kind.endswith("tool_use") and joined:  # tool_use, server_tool_use, mcp_tool_use
                 try:
                     block["input"] = orjson.loads(joined)
                 except orjson.JSONDecodeError:
@@ -628,11 +644,19 @@ class StreamTap:
                 except Exception as exc:  # noqa: BLE001 - the stream goes on untouched
                     self._stop_filtering(exc)
                     return chunk
+        # An event's end found anew where the buffer grew, not from its start: a large event
+        # arrives in many chunks, and rescanning it for each was quadratic (an 8 MB event:
+        # 20 s of the proxy's loop). An end (at most 4 bytes) may begin in the last 3 held,
+        # and needs a line end in this chunk unless a CR held back waits for its LF.
+        if chunk and b"\n" not in chunk and b"\r" not in chunk and not self._pending.endswith(b"\r"):
+            self._pending += chunk
+            return b""
+        scan_from = max(0, len(self._pending) - 3)
         self._pending += chunk
         out = bytearray()
         done = 0  # bytes of the buffer already sent on or left out
         try:
-            for end in _EVENT_END.finditer(self._pending):
+            for end in _EVENT_END.finditer(self._pending, scan_from):
                 if chunk and end.end() == len(self._pending) and self._pending.endswith(b"\r") and not self._pending.endswith(b"\r\r"):
                     break  # perhaps the CR of a CR LF whose LF is still to come (two CRs end an event whatever comes)
                 block = self._passed(bytes(self._pending[done : end.end()]))

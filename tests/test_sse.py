@@ -199,6 +199,42 @@ def test_anthropic_usage_counts_are_running_totals() -> None:
     assert rebuild(AnthropicRebuilder(), sse(events)).result()["usage"] == {**start, **grown}
 
 
+def test_anthropic_mcp_tool_input_and_citations_after_a_null_start() -> None:
+    """An MCP tool call's input is rebuilt as a tool_use's is; a text block that starts
+    with `"citations": null` (the SDK accepts it) keeps the citations its deltas bring."""
+    citation = {"type": "char_location", "cited_text": "c", "document_index": 0, "start_char_index": 0, "end_char_index": 1}
+    events = [
+        ANTHROPIC[0],
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": "", "citations": None}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "citations_delta", "citation": citation}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Yes"}}),
+        ("content_block_start", {"type": "content_block_start", "index": 1,
+                                 "content_block": {"type": "mcp_tool_use", "id": "m1", "name": "search", "server_name": "docs", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"q": "x"}'}}),
+        *ANTHROPIC[-2:],
+    ]
+    rebuilder = rebuild(AnthropicRebuilder(), sse(events))
+    assert rebuilder.malformed == 0
+    assert rebuilder.result()["content"] == [
+        {"type": "text", "text": "Yes", "citations": [citation]},
+        {"type": "mcp_tool_use", "id": "m1", "name": "search", "server_name": "docs", "input": {"q": "x"}},
+    ]
+
+
+def test_parallel_tool_calls_without_an_index_stay_apart() -> None:
+    """Gemini's OpenAI-compatible API sends tool call deltas without `index`: each new id
+    is a call of its own, a delta with none continues the last."""
+    def call(**fields: object) -> tuple[None, dict]:
+        return (None, {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [fields]}}]})
+
+    events = [CHAT[0], call(id="f1", type="function", function={"name": "get_weather", "arguments": '{"location":'}),
+              call(function={"arguments": '"Sydney"}'}), call(id="f2", type="function", function={"name": "get_time", "arguments": '{"tz":"AEST"}'}),
+              call(id="f1", function={"arguments": ""}), *CHAT[-3:]]
+    calls = rebuild(ChatCompletionsRebuilder(), sse(events)).result()["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("f1", "get_weather", '{"location":"Sydney"}'), ("f2", "get_time", '{"tz":"AEST"}')]
+
+
 def test_anthropic_error_event() -> None:
     rebuilder = rebuild(AnthropicRebuilder(), sse([("error", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})]))
     assert rebuilder.error == {"type": "overloaded_error", "message": "busy"}
@@ -514,6 +550,29 @@ def test_filter_with_crlf_cut_at_every_byte() -> None:
         assert tap.drop_events(is_usage_only_chunk, USAGE_HINT)
         assert through(tap, data[:cut], data[cut:], b"") == expected, cut
         assert tap.dropped == 1 and rebuilder.result()["usage"]["total_tokens"] == 15
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_filter_fed_one_byte_at_a_time(newline: str) -> None:
+    """The search for an event's end resumes where the last chunk ended (a large event is
+    not rescanned for each of its chunks): an end that arrives a byte at a time is found."""
+    from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk
+
+    long = (None, {"choices": [{"index": 0, "delta": {"content": "x" * 5000}}]})
+    events = [CHAT[0], long, *CHAT[1:]]
+    data = sse(events, newline)
+    rebuilder = ChatCompletionsRebuilder()
+    tap = StreamTap(rebuilder)
+    assert tap.drop_events(is_usage_only_chunk, USAGE_HINT)
+    out = bytearray()
+    for offset in range(len(data)):
+        piece = tap(data[offset : offset + 1])
+        out += piece if isinstance(piece, bytes) else b"".join(piece)
+        if data[: offset + 1].endswith(sse([long], newline)):
+            assert out.endswith(sse([long], newline))  # passed on once whole (a CR-only end: at the next byte)
+    out += through(tap, b"")
+    assert bytes(out) == data.replace(sse([CHAT[-2]], newline), b"")
+    assert tap.dropped == 1 and rebuilder.result()["choices"][0]["message"]["content"].startswith("x" * 5000)
 
 
 @pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
