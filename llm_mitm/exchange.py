@@ -158,6 +158,9 @@ class Outcome:
     ended: bool = False  # a stream whose own last event came: the whole answer was given
 
 
+STREAM_CUT_SHORT = "the stream ended before its last event"
+
+
 def call_error(transport: str | None, outcome: Outcome) -> str | None:
     """The call's error. A connection lost after a stream's last event (a client that
     closes as soon as it has read `[DONE]`, as the SDKs may) does not fail the call: its
@@ -189,13 +192,15 @@ def read_stream(api: str, status_code: int | None, tap: StreamTap) -> tuple[Body
         body.size = tap.size
         return body, read_outcome(api, status_code, body)
     rebuilt = rebuilder.result()
-    outcome = Outcome(rebuilder.model, normalize_usage(api, rebuilder.usage), ended=rebuilder.ended)
+    outcome = Outcome(rebuilder.model, normalize_usage(api, rebuilder.usage), ended=rebuilder.complete())
     if rebuilder.error is not None:
         outcome.error = _error_message({"error": rebuilder.error}) or "stream reported an error"
     elif tap.failed:
         outcome.error = f"stream not rebuilt: {tap.failed}"
     else:
         outcome.error = status_error(status_code, rebuilt)
+        if outcome.error is None and not outcome.ended:  # closed cleanly, but short of its end
+            outcome.error = STREAM_CUT_SHORT
     return Body(size=tap.size, json=rebuilt, is_json=rebuilt is not None), outcome
 
 

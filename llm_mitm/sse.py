@@ -221,6 +221,10 @@ class StreamRebuilder:
     def result(self) -> dict[str, Any] | None:
         raise NotImplementedError
 
+    def complete(self) -> bool:
+        """The whole answer came: the stream's own last event."""
+        return self.ended
+
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
@@ -307,6 +311,11 @@ class ChatCompletionsRebuilder(StreamRebuilder):
                 slot["name"] += function["name"]
             if isinstance(function.get("arguments"), str):
                 slot["arguments"].append(function["arguments"])
+
+    def complete(self) -> bool:
+        """[DONE], or a finish reason for every choice: a client may close as soon as it has
+        that, before the usage chunk the proxy asked for (and some servers send no [DONE])."""
+        return self.ended or (bool(self._choices) and all("finish_reason" in state for state in self._choices.values()))
 
     def result(self) -> dict[str, Any] | None:
         if not self._head and not self._choices:

@@ -614,3 +614,21 @@ def test_a_response_that_failed_is_an_error_whether_or_not_it_says_which() -> No
         rebuilder.add(ServerSentEvent("response.failed", json.dumps(failed)))
         assert rebuilder.ended and rebuilder.error
         assert rebuilder.error == error or rebuilder.error["type"] == "response.failed"
+
+
+@pytest.mark.parametrize(("api", "operation", "events", "error"), [
+    ("openai", "chat.completions", CHAT[:-1], None),  # every choice finished: a server that sends no [DONE]
+    ("openai", "chat.completions", CHAT[:3], "the stream ended before its last event"),
+    ("anthropic", "messages", ANTHROPIC[:-1], "the stream ended before its last event"),
+    ("anthropic", "messages", ANTHROPIC, None),
+])
+def test_a_stream_closed_cleanly_short_of_its_end_is_cut_short(api: str, operation: str, events: list, error: str | None) -> None:
+    """Upstream may end the body properly (a chunked terminator, a clean close) before the
+    stream's last event: that call did not give its whole answer, and is traced so."""
+    from llm_mitm.exchange import call_error, read_stream
+
+    tap = StreamTap(rebuilder_for(api, operation))
+    tap(sse(events))
+    _, outcome = read_stream(api, 200, tap)
+    assert outcome.error == error
+    assert call_error("Client disconnected.", outcome) == (None if error is None else "Client disconnected.")
