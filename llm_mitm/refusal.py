@@ -11,6 +11,9 @@ _OPENAI_TYPES = {400: "invalid_request_error", 403: "policy_violation", 404: "in
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
+SDK_RETRY_CEILING = 60  # seconds: a wait longer than a rate limit's minute is not one to retry after
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     status: int
@@ -30,4 +33,8 @@ def refusal(api: str, status: int, rule: str, message: str, retry_after: int | N
     headers = {"content-type": "application/json", "x-llm-mitm-rule": rule}
     if retry_after is not None:
         headers["retry-after"] = str(max(1, retry_after))
+        if retry_after > SDK_RETRY_CEILING:
+            # The anthropic SDK sleeps whatever Retry-After says (a spent daily budget: hours,
+            # the call hanging meanwhile); both SDKs raise at once when told not to retry.
+            headers["x-should-retry"] = "false"
     return Refusal(status, headers, orjson.dumps(payload))

@@ -594,6 +594,13 @@ def test_budget_persists_across_restart(tmp_path: Path, provider: FakeProvider, 
         assert result["error"] == "RateLimitError" and "usd_per_day" in result["message"]
         t = assert_policy_trace(proxy, m, "usd_per_day", status=429)
         assert int(t["response"]["headers"]["retry-after"]) > 0
+        # Retry-After is the rest of the day: the anthropic SDK would sleep it, the call hanging
+        # for hours, unless told that this is not a wait to retry after.
+        assert t["response"]["headers"]["x-should-retry"] == "false"
+        params = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": marker()}]}
+        started = time.monotonic()
+        result = drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": params, "max_retries": 2}, proxy.client_env(), timeout=30)
+        assert result["error"] == "RateLimitError" and time.monotonic() - started < 10
 
 
 def test_stream_usage_is_asked_for_and_hidden_from_the_client(proxy: Mitmdump, provider: FakeProvider) -> None:

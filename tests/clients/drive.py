@@ -87,7 +87,7 @@ def openai_call(a):
 def anthropic_call(a):
     import anthropic
 
-    client = anthropic.Anthropic(api_key=a["api_key"], base_url=a.get("base_url"), max_retries=0)
+    client = anthropic.Anthropic(api_key=a["api_key"], base_url=a.get("base_url"), max_retries=a.get("max_retries", 0))
     params = dict(a["params"])
     extra = {"extra_headers": a.get("headers") or {}}
     if params.pop("stream", False):
