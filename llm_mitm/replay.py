@@ -28,7 +28,9 @@ _VOLATILE = ("stream", "stream_options")
 def request_key(provider: str, method: str, url: str, tenant: Sequence[str | None], body: Any) -> bytes:
     """`tenant`: the key fingerprint, organization and project the call went upstream with."""
     parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    # A key in the query is a fingerprint once redacted ("…wxyz#3f9c2e1d"): its "#" reads as
+    # a fragment's start, which must stay in the key, or tenants' keys alike in their tail meet.
+    path = parts.path + (f"?{parts.query}" if parts.query else "") + (f"#{parts.fragment}" if parts.fragment else "")
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k not in _VOLATILE}
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)

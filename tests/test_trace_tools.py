@@ -477,3 +477,15 @@ def test_replay_strict_miss_is_a_clear_error(recorded: Path, tmp_path: Path, pro
         assert len(provider.requests) == before
         ok = drive({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat("mini question", model="gpt-4o-mini")}, proxy.client_env())
         assert ok["text"] == CANNED_REPLY
+
+
+def test_replay_keys_of_keys_in_the_query_stay_apart() -> None:
+    """A redacted query key is a fingerprint with a '#' in it: two tenants' keys that end
+    alike must not share a recorded answer."""
+    from llm_mitm.redact import Redactor
+    from llm_mitm.replay import request_key
+
+    redactor = Redactor()
+    keys = [request_key("gemini", "POST", redactor.url(f"https://h/v1/chat/completions?key={key}wxyz"), (None, None, None), {"model": "m"})
+            for key in ("AIzaSyA" + "a" * 28, "AIzaSyB" + "b" * 28)]
+    assert keys[0] != keys[1]
