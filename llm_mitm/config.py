@@ -97,9 +97,11 @@ class RedactionConfig(_Section):
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             try:
-                re.compile(pattern)
+                compiled = re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+            if compiled.match("") is not None:
+                raise ValueError(f"{pattern!r} matches the empty string: it would redact between every two characters")
         return patterns
 
     def redactor_options(self) -> dict[str, Any]:
@@ -156,6 +158,16 @@ class PolicyConfig(_Section):
     on_unparseable: Literal["reject", "forward"] = "reject"
     rate_limits: list[RateLimitConfig] = []
     budgets: list[BudgetConfig] = []
+
+    @field_validator("forbidden_instructions")
+    @classmethod
+    def _instructions_name_a_phrase(cls, entries: list[str]) -> list[str]:
+        """An empty phrase is found in every text: every call would be refused."""
+        for entry in entries:
+            role, sep, phrase = entry.partition(":")
+            if not entry.strip() or (sep and role.strip().isalpha() and not phrase.strip()):
+                raise ValueError(f"{entry!r} names no phrase: it would refuse every call")
+        return entries
 
 
 class ModelPrice(_Section):

@@ -53,6 +53,10 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("traces:\n  destinaton: x\n", "traces.destinaton: unknown key"),
         ("traces:\n  bodies: some\n", "traces.bodies: Input should be 'full', 'metadata' or 'none'"),
         ("redaction:\n  patterns: ['(']\n", "redaction.patterns: invalid regular expression '('"),
+        # valid, but they would wreck every trace or refuse every call (a config probe)
+        ("redaction:\n  patterns: ['x*']\n", "redaction.patterns: 'x*' matches the empty string"),
+        ("policy:\n  forbidden_instructions: ['  ']\n", "policy.forbidden_instructions: '  ' names no phrase"),
+        ("policy:\n  forbidden_instructions: [ok, 'user:']\n", "policy.forbidden_instructions: 'user:' names no phrase"),
         ("tracez: 1\n", "tracez: unknown key"),
         ("- a\n- b\n", "top level: expected a mapping"),
         ("traces:\n  destination: [1\n", "invalid YAML at line"),
