@@ -364,6 +364,81 @@ def test_a_trace_directory_gone_bad_does_not_hold_back_a_policy_edit(tmp_path: P
     run(go())
 
 
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        ("replay:\n  mode: 'on'\n  source: {dir}\n", "replay.source: {dir}: cannot be read: Is a directory"),
+        ("usage:\n  spend_db: {dir}\n  # a budget needs its store\npolicy:\n  budgets: [{{usd_per_day: 5}}]\n",
+         "usage.spend_db: {dir}: cannot be opened: unable to open database file"),
+    ],
+)
+def test_a_config_an_addon_cannot_take_is_refused_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: str, refusal: str) -> None:
+    """A file it names that cannot be used: none of the edit goes into force (its policy
+    did, while the log said the previous config stayed)."""
+    from llm_mitm.addons import build
+
+    path, folder = tmp_path / "config.yaml", tmp_path / "a-dir"
+    folder.mkdir()
+    path.write_text("policy:\n  denied_models: [gpt-4]\n")
+
+    async def go() -> None:
+        addons = build() + [Proxyserver()]
+        settings: Settings = addons[0].concerns[0]  # type: ignore[attr-defined]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config=str(path))
+            settings.running()
+            policy = settings.shared.policy
+            try:
+                edited = edit.format(dir=folder)
+                path.write_text(edited.replace("policy:\n", "policy:\n  denied_models: [gpt-4, o1]\n") if "policy:" in edited
+                                else edited + "policy:\n  denied_models: [gpt-4, o1]\n")
+                with caplog.at_level(logging.ERROR):
+                    assert not settings.reload_if_changed() and not settings.reload_if_changed()
+                assert f"config change refused, the previous config stays in force: {path}: {refusal.format(dir=folder)}" in caplog.text
+                assert settings.shared.config.policy.denied_models == ["gpt-4"]
+                assert settings.shared.policy is policy
+                path.write_text("policy:\n  denied_models: [gpt-4, o1]\n")
+                assert not settings.reload_if_changed() and settings.reload_if_changed()
+                assert settings.shared.config.policy.denied_models == ["gpt-4", "o1"]
+            finally:
+                addons[0].done()
+
+    run(go())
+
+
+def test_a_script_reload_while_the_file_holds_a_bad_edit_keeps_the_config_in_force(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy reloads the script (new addons, the package kept) when it changes: the new
+    addons started on the built-in defaults, no policy, and stopped following the file."""
+    from llm_mitm.addons import build
+
+    path = tmp_path / "config.yaml"
+    path.write_text("policy:\n  denied_models: [gpt-4]\n")
+
+    async def go() -> None:
+        first = build() + [Proxyserver()]
+        with taddons.context(*first) as tctx:
+            tctx.configure(first[0], llm_config=str(path))
+            first[0].done()
+        path.write_text("policy:\n  denied_models: gpt-4, o1]\n")  # a bad edit, then the script reloads
+        reloaded = build() + [Proxyserver()]
+        settings: Settings = reloaded[0].concerns[0]  # type: ignore[attr-defined]
+        with taddons.context(*reloaded) as tctx:
+            with caplog.at_level(logging.ERROR):
+                tctx.configure(reloaded[0], llm_config=str(path))
+            assert f"config change refused, the previous config stays in force: {path}: " in caplog.text
+            assert settings.shared.config.policy.denied_models == ["gpt-4"]
+            settings.running()
+            try:
+                time.sleep(0.01)
+                path.write_text("policy:\n  denied_models: [gpt-4, o1]\n")
+                assert not settings.reload_if_changed() and settings.reload_if_changed()
+                assert settings.shared.config.policy.denied_models == ["gpt-4", "o1"]
+            finally:
+                reloaded[0].done()
+
+    run(go())
+
+
 def test_bad_config_at_start_logs_one_line_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("traces:\n  bodies: some\n")

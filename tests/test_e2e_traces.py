@@ -59,9 +59,13 @@ def test_bad_config_stops_mitmdump_with_one_clear_line(tmp_path: Path) -> None:
         ("traces:\n  directory: a-file\n", {}, "{config}: traces.directory: a-file: is a file, not a directory"),
         ("", {"GATEWAY_TRACE_DESTINATION": "a-dir"}, "GATEWAY_TRACE_DESTINATION: a-dir: is a directory, not a file"),
         (None, {"GATEWAY_TRACE_DESTINATION": "{folder}/a-dir"}, "GATEWAY_TRACE_DESTINATION: {folder}/a-dir: is a directory, not a file"),
+        # files an addon opens as it takes the config (they gave a traceback)
+        ("replay:\n  mode: strict\n  source: a-dir\n", {}, "{config}: replay.source: a-dir: cannot be read: Is a directory"),
+        ("usage:\n  spend_db: a-dir\npolicy:\n  budgets: [{usd_per_day: 5}]\n", {},
+         "{config}: usage.spend_db: a-dir: cannot be opened: unable to open database file"),
     ],
 )
-def test_trace_files_that_cannot_be_written_stop_mitmdump_at_start(tmp_path: Path, config: str | None, env: dict[str, str], expected: str) -> None:
+def test_files_the_config_names_that_cannot_be_used_stop_mitmdump_at_start(tmp_path: Path, config: str | None, env: dict[str, str], expected: str) -> None:
     """Taken, they would lose every record, each with an error line at a call, and never
     say which key named them."""
     (tmp_path / "a-dir").mkdir()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from limits.storage import MemoryStorage
@@ -9,7 +12,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
-from llm_mitm.config import Config, trace_destination
+from llm_mitm.config import Config, ConfigError, trace_destination
 from llm_mitm.exchange import Exchange
 from llm_mitm.quota import Caller, Quota
 from llm_mitm.spend import SpendStore
@@ -32,15 +35,21 @@ class QuotaAddon:
         self.shared = shared
         self._windows = MemoryStorage()  # kept across config reloads
         self._spend: SpendStore | None = None
-        self.quota = Quota(shared.config.policy)
-        shared.on_config(self._apply)
+        self.quota: Quota  # set by the stage, with each config
+        shared.stage_config(self._stage)
 
-    def _apply(self, config: Config) -> None:
+    def _stage(self, config: Config) -> Callable[[], None]:
+        """Opens the spend store a config names before it goes into force."""
         spend = self._spend
         if config.policy.budgets:
             path = spend_path(config)
             if spend is None or spend.path != path:
-                spend = SpendStore(path)
+                spend = _open_spend(path, "usage.spend_db" if config.usage.spend_db else "spend store (beside the traces)")
+        return partial(self._use, config, spend)
+
+    def _use(self, config: Config, spend: SpendStore | None) -> None:
+        if self._spend is not None and self._spend is not spend:
+            self._spend.close()
         self._spend = spend
         self.quota = Quota(config.policy, self._windows, spend)
 
@@ -75,6 +84,13 @@ class QuotaAddon:
         exchange.charged = True
         tokens = exchange.usage.total_tokens if exchange.usage else None
         self.quota.charge(_caller(exchange), tokens, exchange.cost_usd)
+
+
+def _open_spend(path: Path, key: str) -> SpendStore:
+    try:
+        return SpendStore(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"{key}: {path}: cannot be opened: {exc}") from None
 
 
 def _caller(exchange: Exchange) -> Caller:

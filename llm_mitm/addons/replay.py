@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
+from functools import partial
 
 import orjson
 from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
-from llm_mitm.config import Config, trace_destination
+from llm_mitm.config import Config, ConfigError, trace_destination
 from llm_mitm.exchange import Exchange
 from llm_mitm.replay import Recorded, ReplayIndex, as_stream, request_key
 
@@ -31,18 +33,27 @@ class Replay:
         self.index = ReplayIndex()
         self._source: str | None = None
         self._misses: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = weakref.WeakKeyDictionary()  # key per flow, made once
-        shared.on_config(self._apply)
+        shared.stage_config(self._stage)
 
-    def _apply(self, config: Config) -> None:
+    def _stage(self, config: Config) -> Callable[[], None]:
+        """Reads the recorded answers a config names before it goes into force."""
         if config.replay.mode == "off":
-            self.index, self._source = ReplayIndex(), None
-            return
+            return partial(self._use, ReplayIndex(), None)
         source = config.replay.source or trace_destination(config)
-        if source != self._source:
-            self.index, self._source = ReplayIndex(), source
-            if source:
-                self.index.load(source)
-            logger.info("llm-mitm: replay %s: %d recorded answers from %s", config.replay.mode, len(self.index), source)
+        if source == self._source:
+            return lambda: None
+        index = ReplayIndex()
+        if source:
+            try:
+                index.load(source)
+            except OSError as exc:
+                key = "replay.source" if config.replay.source else "traces.destination (replay's source)"
+                raise ConfigError(f"{key}: {source}: cannot be read: {exc.strerror or exc}") from None
+        logger.info("llm-mitm: replay %s: %d recorded answers from %s", config.replay.mode, len(index), source)
+        return partial(self._use, index, source)
+
+    def _use(self, index: ReplayIndex, source: str | None) -> None:
+        self.index, self._source = index, source
 
     @property
     def active(self) -> bool:

@@ -48,18 +48,24 @@ class Settings:
         if "llm_config" not in updated:
             return
         path = resolve_config_path(ctx.options.llm_config)
+        stamp = _stamp(path)
         try:
-            config = _checked(load_config(path) if path else default_config(), path)
+            self._put_in_force(_checked(load_config(path) if path else default_config(), path), path)
         except ConfigError as exc:
-            if not self._started:
+            previous = _in_force.get(path)
+            if self._started:
+                raise exceptions.OptionsError(str(exc)) from None
+            if previous is None:
                 # At start-up: one line, and mitmdump's error check stops it.
                 logger.error("llm-mitm: %s", exc)
                 return
-            raise exceptions.OptionsError(str(exc)) from None
-        self.path = path
-        self._stamp = _stamp(path)
-        self.shared.apply(config)
-        logger.info("llm-mitm: config %s", path or "built-in defaults")
+            # The script reloaded while the file holds a bad edit: what was in force stays,
+            # and the file is still followed, as for an edit made while running.
+            logger.error("llm-mitm: config change refused, the previous config stays in force: %s", exc)
+            self._put_in_force(previous, path)
+        else:
+            logger.info("llm-mitm: config %s", path or "built-in defaults")
+        self.path, self._stamp = path, stamp
 
     def running(self) -> None:
         self._started = True
@@ -90,13 +96,25 @@ class Settings:
             return False
         self._stamp, self._settling = stamp, None
         try:
-            config = _checked(load_config(self.path, allow_empty=False), self.path, self.shared.config)
+            self._put_in_force(_checked(load_config(self.path, allow_empty=False), self.path, self.shared.config), self.path)
         except ConfigError as exc:
             logger.error("llm-mitm: config change refused, the previous config stays in force: %s", exc)
             return False
-        self.shared.apply(config)
         logger.info("llm-mitm: reloaded %s", self.path)
         return True
+
+    def _put_in_force(self, config: Config, path: Path | None) -> None:
+        """ConfigError, naming the file, when an addon cannot take it (and nothing changed)."""
+        try:
+            self.shared.apply(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{path or 'built-in defaults'}: {exc}") from None
+        _in_force[path] = config
+
+
+# The config each file last put in force, kept in this module because mitmproxy reloads the
+# script (and builds new addons) without reloading the package.
+_in_force: dict[Path | None, Config] = {}
 
 
 def _checked(config: Config, path: Path | None, previous: Config | None = None) -> Config:

@@ -16,6 +16,9 @@ from llm_mitm.redact import Redactor
 from llm_mitm.stats import UsageStats
 
 ConfigListener = Callable[[Config], None]
+# Does the part of taking a config that can fail (opening a file) and returns how to put
+# the result in force, which cannot; raises ConfigError naming the key.
+ConfigStage = Callable[[Config], Callable[[], None]]
 
 
 def no_counts_owed(wait: float) -> None:
@@ -27,6 +30,7 @@ class Shared:
 
     def __init__(self, config: Config | None = None) -> None:
         self._listeners: list[ConfigListener] = []
+        self._stages: list[ConfigStage] = []
         self.exchanges: weakref.WeakKeyDictionary[http.HTTPFlow, Exchange] = weakref.WeakKeyDictionary()
         # Each hook asks for the flow's exchange once per concern: remember the last answer.
         self._last: tuple[http.HTTPFlow | None, Exchange | None] = (None, None)
@@ -38,12 +42,16 @@ class Shared:
         self.apply(config or default_config())
 
     def apply(self, config: Config) -> None:
-        """Put a validated config in force and tell the addons that derive state from it."""
-        self.config = config
-        self.matcher = ProviderMatcher(config.enabled_providers)
-        self.redactor = Redactor(**config.redaction.redactor_options())
-        self.policy = Policy(config.policy)
-        self.prices = PriceTable(config.pricing.models)
+        """Put a validated config in force and tell the addons that derive state from it.
+
+        All or nothing: every stage runs before anything changes, so a config one of them
+        refuses (ConfigError) leaves the one in force whole."""
+        commits = [stage(config) for stage in self._stages]
+        matcher, redactor = ProviderMatcher(config.enabled_providers), Redactor(**config.redaction.redactor_options())
+        policy, prices = Policy(config.policy), PriceTable(config.pricing.models)
+        self.config, self.matcher, self.redactor, self.policy, self.prices = config, matcher, redactor, policy, prices
+        for commit in commits:
+            commit()
         for listener in self._listeners:
             listener(config)
 
@@ -52,6 +60,11 @@ class Shared:
         self._listeners.append(listener)
         if now:
             listener(self.config)
+
+    def stage_config(self, stage: ConfigStage) -> None:
+        """Run `stage` on every config before it is put in force, this one included."""
+        self._stages.append(stage)
+        stage(self.config)()
 
     def exchange(self, flow: http.HTTPFlow) -> Exchange | None:
         last_flow, last_exchange = self._last
