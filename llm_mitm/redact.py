@@ -436,6 +436,10 @@ class Redactor:
         hidden = self.opaque(token) if scheme.lower() in ("basic", "digest") else self.fingerprint(token)
         return f"{scheme} {hidden}"
 
+    def names_credential(self, name: str) -> bool:
+        """Whether a header so named (lower-case) carries a credential; remembered."""
+        return self._credential_headers(name)
+
     def _names_credential(self, name: str) -> bool:
         """Whether header `name` (lower-case) is a known credential header or named like a
         credential, as gateways name theirs (`X-Portkey-Api-Key`, `x-litellm-api-key`,

@@ -407,8 +407,8 @@ def test_replay_answers_from_traces_per_tenant(recorded: Path, tmp_path: Path, p
 
 
 def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
-    """The same question asked by another organization, project, Azure resource or API
-    Management subscription (its key in a header or the query) is another tenant's: each
+    """The same question asked by another organization, project, Azure resource, API
+    Management subscription (its key in a header or the query) or gateway key is another tenant's: each
     goes upstream once, then is its own hit."""
     openai = "https://api.openai.com/v1/chat/completions"
     azure = "https://{}.openai.azure.com/openai/deployments/gpt-4o/chat/completions"
@@ -425,6 +425,10 @@ def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(record
         (azure.format("east"), {"Ocp-Apim-Subscription-Key": subscription[1]}, {}),
         (azure.format("east"), {}, {"subscription-key": subscription[2]}),
         (azure.format("east"), {}, {"subscription-key": subscription[3]}),
+        # keys only a gateway's header carries (they were one tenant: no key)
+        (openai, {"x-portkey-api-key": "pk-team-one-0123456789abcdef"}, {}),
+        (openai, {"x-portkey-api-key": "pk-team-two-0123456789abcdef"}, {}),
+        (openai, {"Helicone-Auth": "Bearer sk-helicone-two-0123456789abcdef"}, {}),
     ]
     with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
         def ask(url: str, headers: dict[str, str], query: dict[str, str]) -> str:

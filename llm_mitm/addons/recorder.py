@@ -24,6 +24,8 @@ _KEY_HEADERS = {
     "anthropic": ("x-api-key", "authorization", "api-key", _APIM_HEADER),
 }
 _KEY_PARAMS = ("api-key", "subscription-key")
+# Credentials that are not the caller's key for the API: the proxy's own login, cookies.
+_NOT_CALLER_HEADERS = frozenset(("proxy-authorization", "cookie"))
 
 
 class Recorder:
@@ -51,7 +53,7 @@ class Recorder:
         content_type = exchange.header("content-type") or ""
         exchange.take_request(Body.parse(content, content_type))
         exchange.url = _url(request, exchange.header("host"))
-        exchange.api_key = self._api_key(exchange) or self._query_key(request)
+        exchange.api_key = self._api_key(exchange) or self._query_key(request) or self._gateway_key(exchange)
         exchange.organization = exchange.header("openai-organization") or None
         exchange.project = exchange.header("openai-project") or None
         if exchange.request.form:
@@ -136,9 +138,23 @@ class Recorder:
         for name in _KEY_HEADERS.get(exchange.route.api, _KEY_HEADERS["openai"]):
             value = exchange.header(name)
             if value:
-                scheme, token = split_scheme(value)
-                return self.shared.redactor.credential(token if scheme is not None and scheme.lower() == "bearer" else value)
+                return self._credential(value)
         return None
+
+    def _gateway_key(self, exchange: Exchange) -> str | None:
+        """A key only a gateway's header carries (`x-portkey-api-key`, `x-goog-api-key`,
+        `Helicone-Auth`): the caller all the same, else callers behind a gateway shared
+        one identity in limits, budgets and replay."""
+        redactor = self.shared.redactor
+        for raw_name, raw_value in exchange.request_fields:
+            name = raw_name.decode("latin-1").lower()
+            if raw_value and name not in _NOT_CALLER_HEADERS and redactor.names_credential(name):
+                return self._credential(raw_value.decode("utf-8", "surrogateescape"))
+        return None
+
+    def _credential(self, value: str) -> str:
+        scheme, token = split_scheme(value)
+        return self.shared.redactor.credential(token if scheme is not None and scheme.lower() == "bearer" else value)
 
     def _query_key(self, request: http.Request) -> str | None:
         """Azure also takes its key as `?api-key=` (API Management `?subscription-key=`):
