@@ -2,8 +2,12 @@
 
 Requests are counted when admitted; tokens and dollars are charged when a call ends
 (streams included), so a call that crosses a limit completes and the *next* one is
-refused. Windows are moving one-minute windows from the `limits` library; spend lives
-in a SpendStore (SQLite) so budgets survive a restart.
+refused. Windows come from the `limits` library: requests a moving one-minute window
+(one entry per request, exact); tokens a sliding window counter (this minute's count and
+the last one's, weighted by how much of it the window still covers): a moving window keeps
+one entry per unit, a token, which at 10M tokens a minute held 150 MB and the proxy's loop
+for tens of milliseconds a call. Spend lives in a SpendStore (SQLite) so budgets survive a
+restart.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from datetime import UTC, datetime
 
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage, Storage
-from limits.strategies import MovingWindowRateLimiter
+from limits.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
 
 from llm_mitm.config import BudgetConfig, PolicyConfig, RateLimitConfig
 from llm_mitm.spend import SpendStore, seconds_left
@@ -52,7 +56,11 @@ class Quota:
         self.budgets: list[BudgetConfig] = policy.budgets
         self.spend = spend
         self.active = limits_set(policy)
-        self._limiter = MovingWindowRateLimiter(storage or MemoryStorage())
+        storage = storage or MemoryStorage()
+        self._limiters: dict[str, RateLimiter] = {
+            "requests_per_minute": MovingWindowRateLimiter(storage),
+            "tokens_per_minute": SlidingWindowCounterRateLimiter(storage),
+        }
 
     def admit(self, caller: Caller) -> QuotaRefusal | None:
         """Refuse if a budget is spent or a token window is full; else count the request."""
@@ -69,26 +77,28 @@ class Quota:
                         f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
                         seconds_left(period, now),
                     )
+        tokens, requests = self._limiters["tokens_per_minute"], self._limiters["requests_per_minute"]
         for limit, item, ids in self._windows("tokens_per_minute", caller):
-            if not self._limiter.test(item, *ids):
+            if not tokens.test(item, *ids):
                 return self._refusal("tokens_per_minute", limit, item, ids)
         # Every request window is tested before any is counted: a call one rule refuses
         # must not use up the others' windows (one noisy key filling the global one).
         windows = list(self._windows("requests_per_minute", caller))
         for limit, item, ids in windows:
-            if not self._limiter.test(item, *ids):
+            if not requests.test(item, *ids):
                 return self._refusal("requests_per_minute", limit, item, ids)
         for _, item, ids in windows:
-            self._limiter.hit(item, *ids)
+            requests.hit(item, *ids)
         return None
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:
         if tokens:
+            limiter = self._limiters["tokens_per_minute"]
             for _, item, ids in self._windows("tokens_per_minute", caller):
-                remaining = self._limiter.get_window_stats(item, *ids).remaining
+                remaining = limiter.get_window_stats(item, *ids).remaining
                 # Over the limit: fill the window, so that the next call waits for it to move.
                 if remaining > 0:
-                    self._limiter.hit(item, *ids, cost=min(tokens, remaining))
+                    limiter.hit(item, *ids, cost=min(tokens, remaining))
         if usd and self.spend is not None:
             for scope in {caller.scope(budget.per) for budget in self.budgets}:
                 self.spend.add(scope, usd)
@@ -101,6 +111,6 @@ class Quota:
                 yield limit, RateLimitItemPerMinute(limit), (kind, str(index), caller.scope(rule.per))
 
     def _refusal(self, rule: str, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
-        reset = self._limiter.get_window_stats(item, *ids).reset_time
+        reset = self._limiters[rule].get_window_stats(item, *ids).reset_time
         scope = ids[-1]
         return QuotaRefusal(rule, f"rate limit {rule} {limit} for {scope} reached", int(reset - time.time()) + 1)

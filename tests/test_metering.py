@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -304,6 +305,24 @@ def test_tokens_per_minute_charged_after_the_call() -> None:
     quota.charge(caller, 500, None)  # the call that crosses the limit completes...
     refused = quota.admit(Caller("other", "c"))  # ...and the next one waits (global scope)
     assert refused is not None and refused.rule == "tokens_per_minute"
+
+
+def test_tokens_per_minute_keeps_counts_not_an_entry_per_token() -> None:
+    """A moving window keeps one entry per unit: at 10M tokens a minute it held 150 MB, and
+    the proxy's loop tens of milliseconds a call (found by a limits probe)."""
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"tokens_per_minute": 10_000_000, "per": "api_key"}]}))
+    caller = Caller("k", "c")
+    tracemalloc.start()
+    try:
+        for _ in range(100):
+            assert quota.admit(caller) is None
+            quota.charge(caller, 20_000, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak / 1e6:.1f} MB for two million tokens"
+    quota.charge(caller, 9_000_000, None)
+    assert quota.admit(caller).rule == "tokens_per_minute"
 
 
 def test_budget_survives_a_restart(tmp_path: Path) -> None:
