@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 PERIODS = ("day", "month")
+
+logger = logging.getLogger("llm_mitm.spend")
 
 
 def period_key(period: str, now: datetime) -> str:
@@ -25,22 +30,42 @@ def seconds_left(period: str, now: datetime) -> int:
 
 
 class SpendStore:
-    """Totals in memory for the checks, every charge written through to SQLite."""
+    """Totals in memory for the checks; charges written to SQLite by a thread of its own.
+
+    The proxy's loop never waits on the file: another process holding its write lock (a
+    second proxy, a shell in a transaction) held every call's answer for SQLite's 5 s
+    timeout and then lost the charge. Charges wait in memory until the file takes them, and
+    after each write (or every REFRESH_SECONDS) the totals are read back, so proxies that
+    share one file see each other's spend. The file is made private (0600): it names keys.
+    """
+
+    REFRESH_SECONDS = 1.0
+    LOCK_WAIT_SECONDS = 0.5  # one try's wait for another writer, in the thread
+    CLOSE_WAIT_SECONDS = 5.0
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._db = sqlite3.connect(self.path, timeout=self.LOCK_WAIT_SECONDS, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spend (period TEXT NOT NULL, scope TEXT NOT NULL, usd REAL NOT NULL,"
             " PRIMARY KEY (period, scope))"
         )
-        self._totals: dict[tuple[str, str], float] = {
-            (period, scope): usd for period, scope, usd in self._db.execute("SELECT period, scope, usd FROM spend")
-        }
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._close_by = 0.0
+        self._pending: list[tuple[str, str, float]] = []  # (period key, scope, usd) not yet in the file
+        self._totals: dict[tuple[str, str], float] = {}
+        self._stored = self._read()
+        self._retotal()
+        self._failing = False
+        self._writer = threading.Thread(target=self._write_loop, name="llm-mitm-spend", daemon=True)
+        self._writer.start()
 
     def add(self, scope: str, usd: float, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)
@@ -48,15 +73,75 @@ class SpendStore:
             for period in PERIODS:
                 key = (period_key(period, now), scope)
                 self._totals[key] = self._totals.get(key, 0.0) + usd
-                self._db.execute(
-                    "INSERT INTO spend (period, scope, usd) VALUES (?, ?, ?)"
-                    " ON CONFLICT (period, scope) DO UPDATE SET usd = usd + excluded.usd",
-                    (key[0], scope, usd),
-                )
+                self._pending.append((key[0], scope, usd))
+        self._wake.set()
 
     def total(self, scope: str, period: str, now: datetime | None = None) -> float:
         return self._totals.get((period_key(period, now or datetime.now(UTC)), scope), 0.0)
 
     def close(self) -> None:
+        """Writes what is pending (waiting up to CLOSE_WAIT_SECONDS for the file)."""
+        self._close_by = time.monotonic() + self.CLOSE_WAIT_SECONDS - 2 * self.LOCK_WAIT_SECONDS
+        self._closing = True
+        self._wake.set()
+        self._writer.join(self.CLOSE_WAIT_SECONDS)
         with self._lock:
+            lost = sum(usd for _, _, usd in self._pending) / len(PERIODS)
+        if lost:
+            logger.error("llm-mitm: spend store %s stayed locked: %.6f USD of charges not saved", self.path, lost)
+        if not self._writer.is_alive():
             self._db.close()
+
+    def _write_loop(self) -> None:
+        while not (self._closing and (not self._pending or time.monotonic() > self._close_by)):
+            self._wake.wait(self.REFRESH_SECONDS)
+            self._wake.clear()
+            with self._lock:
+                batch, self._pending = self._pending, []
+            try:
+                if batch:
+                    self._write(batch)
+            except sqlite3.Error as exc:
+                with self._lock:
+                    self._pending[:0] = batch  # kept, in order, for the next try
+                if not self._failing:
+                    logger.warning("llm-mitm: spend store %s cannot be written (%s): charges are kept and retried", self.path, exc)
+                self._failing = True
+                continue
+            if self._failing:
+                logger.warning("llm-mitm: spend store %s written again", self.path)
+                self._failing = False
+            try:
+                self._stored = self._read()
+            except sqlite3.Error:
+                continue  # read again at the next round
+            self._retotal()
+
+    def _write(self, batch: list[tuple[str, str, float]]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT INTO spend (period, scope, usd) VALUES (?, ?, ?)"
+                " ON CONFLICT (period, scope) DO UPDATE SET usd = usd + excluded.usd",
+                batch,
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _read(self) -> dict[tuple[str, str], float]:
+        """This day's and month's totals (older rows stay in the file, for the record)."""
+        now = datetime.now(UTC)
+        current = [period_key(period, now) for period in PERIODS]
+        rows = self._db.execute("SELECT period, scope, usd FROM spend WHERE period IN (?, ?)", current)
+        return {(period, scope): usd for period, scope, usd in rows}
+
+    def _retotal(self) -> None:
+        """The file's totals (every proxy's) and the charges still pending here."""
+        with self._lock:
+            totals = dict(self._stored)
+            for period, scope, usd in self._pending:
+                totals[(period, scope)] = totals.get((period, scope), 0.0) + usd
+            self._totals = totals

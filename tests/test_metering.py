@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import stat
+import time
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
@@ -339,6 +343,45 @@ def test_budget_survives_a_restart(tmp_path: Path) -> None:
     refused = restarted.admit(caller)
     assert refused is not None and refused.rule == "usd_per_day" and "0.0120" in refused.detail
     assert restarted.admit(Caller(None, "10.0.0.2")) is None
+
+
+def wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_spend_is_kept_while_another_process_holds_the_files_lock(tmp_path: Path) -> None:
+    """A second proxy or a shell in a transaction: the charge waited SQLite's 5 s on the
+    proxy's loop and was then lost (found by a limits probe)."""
+    path = tmp_path / "spend.sqlite"
+    store = SpendStore(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    store.add("global", 0.25)
+    assert store.total("global", "day") == 0.25  # counted at once, for the next check
+    time.sleep(2 * SpendStore.REFRESH_SECONDS)
+    assert store.total("global", "day") == 0.25  # still pending, not dropped by a read of the file
+    holder.execute("ROLLBACK")
+    assert wait_for(lambda: holder.execute("SELECT usd FROM spend WHERE scope = 'global'").fetchall() == [(0.25,), (0.25,)])
+    store.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # it names keys' fingerprints
+
+
+def test_proxies_sharing_a_spend_file_see_each_others_spend(tmp_path: Path) -> None:
+    first, second = SpendStore(tmp_path / "spend.sqlite"), SpendStore(tmp_path / "spend.sqlite")
+    try:
+        first.add("global", 1.5)
+        assert wait_for(lambda: second.total("global", "month") == 1.5)
+        second.add("global", 0.5)
+        assert second.total("global", "month") == 2.0
+        assert wait_for(lambda: first.total("global", "month") == 2.0)
+    finally:
+        first.close()
+        second.close()
 
 
 def test_period_ends() -> None:
