@@ -250,9 +250,38 @@ def parse_config(data: Any, source: str, allow_empty: bool = True) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: top level: expected a mapping of sections, got {type(data).__name__}")
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    problem = _unresolved_name(config)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return config
+
+
+def _unresolved_name(config: Config) -> str | None:
+    """`key: why` for a value that validates alone but names nothing, so that a rule would
+    quietly never apply (or refuse everything): a provider no provider is called, an
+    operation no API has, a host two providers claim (the first would take its calls)."""
+    from llm_mitm.providers import DOTTED_OPERATIONS, names_an_operation  # providers imports this module
+
+    known = sorted(config.providers)
+    for key in ("allowed_models", "denied_models"):
+        patterns = getattr(config.policy, key)
+        for name in patterns if isinstance(patterns, dict) else ():
+            if name != "*" and name not in config.providers:
+                return f"policy.{key}.{name}: no provider is called {name!r} (providers: {', '.join(known)}; \"*\": all)"
+    for entry in config.policy.allowed_operations:
+        if not any(mark in entry for mark in "*?[") and not names_an_operation(entry):
+            return (f"policy.allowed_operations: {entry!r} is no operation (named with a dot: {', '.join(DOTTED_OPERATIONS)}; "
+                    "any other is the path's first segment after the version: responses, messages, embeddings, files, ...)")
+    claimed: dict[str, str] = {}
+    for name, provider in config.enabled_providers.items():
+        for host in provider.hosts:
+            other = claimed.setdefault(host.lower(), name)
+            if other != name:
+                return f"providers.{name}.hosts: {host!r} is also {other}'s (set enabled: false on the one not meant)"
+    return None
 
 
 def load_config(path: str | os.PathLike[str], allow_empty: bool = True) -> Config:

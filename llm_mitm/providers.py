@@ -76,18 +76,26 @@ def shapes_of(api: str, operation: str) -> str:
     return "openai" if api == "anthropic" and operation == "chat.completions" else api
 
 
+def _specificity(pattern: str) -> tuple[bool, bool, int]:
+    """Sorts the most specific pattern first, so that it takes the host: a host of your own
+    (`eu.openai.azure.com`) before a wildcard (Azure's `*.openai.azure.com`), a pattern
+    with a port before one without, a longer wildcard before a shorter one."""
+    host, port = _split_port(pattern.lower())
+    return host.startswith("*."), port is None, -len(host)
+
+
 class ProviderMatcher:
     """Finds the configured provider for a destination host and port."""
 
     def __init__(self, providers: Mapping[str, ProviderConfig]) -> None:
         self._entries: list[tuple[re.Pattern[str], Provider]] = []
         self.allow_hosts: list[str] = []
-        for name, config in providers.items():
-            provider = Provider(name=name, api=config.api, upgrade_http=config.upgrade_http)
-            for pattern in config.hosts:
-                regex = host_regex(pattern)
-                self.allow_hosts.append(regex)
-                self._entries.append((re.compile(regex, re.IGNORECASE), provider))
+        claims = [(pattern, Provider(name=name, api=config.api, upgrade_http=config.upgrade_http))
+                  for name, config in providers.items() for pattern in config.hosts]
+        for pattern, provider in sorted(claims, key=lambda claim: _specificity(claim[0])):
+            regex = host_regex(pattern)
+            self.allow_hosts.append(regex)
+            self._entries.append((re.compile(regex, re.IGNORECASE), provider))
         self._routes: Memo[tuple[str, int, str], Route | None] = Memo(self._route)
 
     def match(self, host: str, port: int) -> Provider | None:
@@ -166,6 +174,17 @@ def _azure_parts(segments: list[str]) -> tuple[str | None, list[str]]:
     return None, rest[1:] if rest[:1] == ["v1"] else rest
 
 
+# The operations named with a dot; any other is a path's first segment (`files`, `batches`).
+DOTTED_OPERATIONS = ("chat.completions", "messages.batches", "messages.count_tokens")
+_OPERATION_SEGMENT = re.compile(r"[a-z_]+")
+
+
+def names_an_operation(name: str) -> bool:
+    """Whether `name` is what a route's operation can be (allowed_operations is checked)."""
+    name = name.lower()
+    return name in DOTTED_OPERATIONS or _OPERATION_SEGMENT.fullmatch(name) is not None
+
+
 _OPENAI_OPERATIONS = {
     ("chat", "completions"): "chat.completions",
     ("completions",): "completions",
@@ -202,7 +221,7 @@ def _openai_operation(segments: list[str]) -> str:
         return _OPENAI_OPERATIONS[tuple(segments[:2])]
     if (segments[0],) in _OPENAI_OPERATIONS:
         return _OPENAI_OPERATIONS[(segments[0],)]
-    return segments[0] if re.fullmatch(r"[a-z_]+", segments[0]) else "other"
+    return segments[0] if _OPERATION_SEGMENT.fullmatch(segments[0]) else "other"
 
 
 def _anthropic_operation(segments: list[str]) -> str:
@@ -218,7 +237,7 @@ def _anthropic_operation(segments: list[str]) -> str:
         return "completions"
     if segments[:2] == ["chat", "completions"]:  # the OpenAI SDK compatibility endpoint: OpenAI's shapes
         return "chat.completions"
-    return segments[0] if re.fullmatch(r"[a-z_]+", segments[0]) else "other"
+    return segments[0] if _OPERATION_SEGMENT.fullmatch(segments[0]) else "other"
 
 
 def input_file_path(batch_path: str, file_id: str) -> str | None:

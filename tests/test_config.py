@@ -57,6 +57,12 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("redaction:\n  patterns: ['x*']\n", "redaction.patterns: 'x*' matches the empty string"),
         ("policy:\n  forbidden_instructions: ['  ']\n", "policy.forbidden_instructions: '  ' names no phrase"),
         ("policy:\n  forbidden_instructions: [ok, 'user:']\n", "policy.forbidden_instructions: 'user:' names no phrase"),
+        # valid alone, but naming nothing: the rule would quietly never apply, or refuse all
+        ("policy:\n  allowed_models: {azur: [prod-*]}\n", "policy.allowed_models.azur: no provider is called 'azur' (providers: anthropic, azure, openai"),
+        ("policy:\n  denied_models: {'*': [o1], opneai: [gpt-4]}\n", "policy.denied_models.opneai: no provider is called 'opneai'"),
+        ("policy:\n  allowed_operations: [chat.completion]\n", "policy.allowed_operations: 'chat.completion' is no operation"),
+        ("policy:\n  allowed_operations: [chat/completions]\n", "policy.allowed_operations: 'chat/completions' is no operation"),
+        ("providers:\n  corp:\n    api: openai\n    hosts: [api.openai.com]\n", "providers.corp.hosts: 'api.openai.com' is also openai's"),
         ("tracez: 1\n", "tracez: unknown key"),
         ("- a\n- b\n", "top level: expected a mapping"),
         ("traces:\n  destination: [1\n", "invalid YAML at line"),

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from llm_mitm.config import default_config, parse_config
-from llm_mitm.providers import ProviderMatcher
+from llm_mitm.providers import DOTTED_OPERATIONS, ProviderMatcher
 
 
 @pytest.fixture
@@ -39,6 +39,32 @@ def matcher() -> ProviderMatcher:
 def test_hosts_are_matched_anchored(matcher: ProviderMatcher, host: str, port: int, provider: str | None) -> None:
     found = matcher.match(host, port)
     assert (found.name if found else None) == provider
+
+
+def test_the_most_specific_host_pattern_takes_the_host() -> None:
+    """A resource of your own under Azure's wildcard, a port under a host: yours took no
+    call (the built-in came first), and its per-provider policy never applied."""
+    config = parse_config({"providers": {
+        "eu-gateway": {"api": "azure", "hosts": ["eu.openai.azure.com"]},
+        "deep": {"api": "azure", "hosts": ["*.eu.openai.azure.com"]},
+        "local-openai": {"api": "openai", "hosts": ["api.openai.com:8443"]},
+    }}, "test")
+    matcher = ProviderMatcher(config.enabled_providers)
+    assert matcher.match("eu.openai.azure.com", 443).name == "eu-gateway"
+    assert matcher.match("x.eu.openai.azure.com", 443).name == "deep"
+    assert matcher.match("us.openai.azure.com", 443).name == "azure"
+    assert matcher.match("api.openai.com", 8443).name == "local-openai"
+    assert matcher.match("api.openai.com", 443).name == "openai"
+
+
+def test_allowed_operations_are_names_an_operation_can_have() -> None:
+    config = parse_config({"policy": {"allowed_operations": ["chat.completions", "Messages.Count_Tokens", "files", "responses", "chat.*"]}}, "test")
+    assert config.policy.allowed_operations[-1] == "chat.*"
+    # each of the dotted names is one a route gets
+    matcher = ProviderMatcher(default_config().enabled_providers)
+    assert {matcher.route("api.openai.com", 443, "/v1/chat/completions").operation,
+            matcher.route("api.anthropic.com", 443, "/v1/messages/batches").operation,
+            matcher.route("api.anthropic.com", 443, "/v1/messages/count_tokens").operation} == set(DOTTED_OPERATIONS)
 
 
 def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
