@@ -94,6 +94,18 @@ def certifi_bundle(python: str | None = None) -> Path:
     return Path(result.stdout.strip())
 
 
+def _own_certifi(bundle: Path, ca: CACert) -> None:
+    """A distribution's certifi (Debian's python3-certifi) names the system's bundle:
+    patched, every program on the machine would trust the CA, until the next
+    update-ca-certificates silently took it out again."""
+    if bundle.parent.name != "certifi":
+        raise TrustError(
+            f"{bundle} is not certifi's own cacert.pem but a bundle certifi only reads (a distribution's certifi): "
+            f"trust the CA system-wide (on Debian: sudo cp {ca.path} /usr/local/share/ca-certificates/mitmproxy.crt "
+            "&& sudo update-ca-certificates), or use --bundle PATH"
+        )
+
+
 def is_trusted(bundle: Path, ca: CACert) -> bool:
     return any(m.group("fp") == ca.fingerprint for m in _BLOCK.finditer(_read(bundle)))
 
@@ -203,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             trusted = is_trusted(bundle, ca)
             print(f"{'trusted' if trusted else 'NOT trusted'}: {ca.path} in {bundle}")
             return 0 if trusted else 1
+        _own_certifi(bundle, ca)
         changed = add(bundle, ca)
         print(f"{'added' if changed else 'already trusted:'} {ca.path} {'to' if changed else 'in'} {bundle}")
         print("note: upgrading certifi replaces this file; run this again afterwards (or use --bundle)")

@@ -111,6 +111,21 @@ def test_trust_ca_errors_are_one_clear_line(tmp_path: Path) -> None:
         trust.add(Path("/proc/version"), ca)
 
 
+def test_trust_ca_leaves_a_system_bundle_alone(tmp_path: Path) -> None:
+    """Debian's python3-certifi names /etc/ssl/certs/ca-certificates.crt: patched, the
+    whole machine trusted the CA (a config probe)."""
+    system = tmp_path / "etc-ssl-certs" / "ca-certificates.crt"
+    system.parent.mkdir()
+    system.write_text("# the system's roots\n")
+    python = tmp_path / "debian-python"
+    python.write_text(f"#!/bin/sh\necho {system}\n")  # answers `import certifi; print(certifi.where())` as Debian's does
+    python.chmod(0o755)
+    refused = trust_ca("--confdir", str(tmp_path / "conf"), "--python", str(python))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"{system} is not certifi's own cacert.pem" in refused.stderr and "update-ca-certificates" in refused.stderr
+    assert system.read_text() == "# the system's roots\n"
+
+
 def test_trust_writes_are_whole_or_not_at_all(tmp_path: Path) -> None:
     """A full disk part way through must leave cacert.pem (and an old bundle) as they were."""
     conf = tmp_path / "conf"
