@@ -14,7 +14,7 @@ import orjson
 
 from llm_mitm.atomic import atomic_output
 from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_environment, prepare_bundle, render
-from llm_mitm.tracefile import ReadReport, read_traces
+from llm_mitm.tracefile import ReadReport, read_traces, with_rotated
 from llm_mitm.trust import DEFAULT_CONFDIR, TrustError
 from llm_mitm.writer import FILE_MODE
 
@@ -32,8 +32,9 @@ def _records(args: argparse.Namespace, report: ReadReport):  # type: ignore[no-u
 @contextmanager
 def _output(args: argparse.Namespace) -> Iterator[BinaryIO]:
     """The output file, written whole or not at all, and never the trace file being read."""
-    if args.output.exists() and os.path.samefile(args.output, args.traces):
-        raise CommandError(f"the output {args.output} is the trace file itself: name another file with -o")
+    read = [args.traces] if args.traces.is_dir() else with_rotated(args.traces)
+    if args.output.exists() and any(os.path.samefile(args.output, file) for file in read if file.exists()):
+        raise CommandError(f"the output {args.output} is a trace file being read: name another file with -o")
     try:
         with atomic_output(args.output, FILE_MODE) as handle:  # a new file: for its owner only, as the traces it is made of
             yield handle

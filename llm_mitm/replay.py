@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from llm_mitm.providers import shapes_of
-from llm_mitm.tracefile import read_records
+from llm_mitm.tracefile import read_traces
 
 _VOLATILE = ("stream", "stream_options")
 
@@ -59,7 +59,7 @@ class ReplayIndex:
     def load(self, path: str | os.PathLike[str]) -> None:
         if not os.path.exists(path):
             return
-        for record in read_records(path, progress=False):
+        for record in read_traces(path, progress=False):
             self.add_record(record)
 
     def add_record(self, record: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ import orjson
 @dataclass
 class ReadReport:
     records: int = 0
-    invalid_lines: list[int] = field(default_factory=list)
+    invalid_lines: list[int | str] = field(default_factory=list)  # a rotated file's as `traces.jsonl.1:7`
     torn_last_line: bool = False
     invalid_files: list[str] = field(default_factory=list)  # of a traces.directory: not a JSON record
 
@@ -107,6 +107,25 @@ def read_directory(path: str | os.PathLike[str], report: ReadReport | None = Non
         yield record
 
 
-def read_traces(path: str | os.PathLike[str], report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
-    """The records of a JSONL trace file or of a `traces.directory`."""
-    return read_directory(path, report) if Path(path).is_dir() else read_records(path, report)
+def read_traces(path: str | os.PathLike[str], report: ReadReport | None = None, progress: bool | None = None) -> Iterator[dict[str, Any]]:
+    """The records of a `traces.directory`, or of a JSONL trace file and the files it was
+    rotated into (`traces.max_bytes`), oldest first."""
+    if Path(path).is_dir():
+        yield from read_directory(path, report)
+        return
+    report = report if report is not None else ReadReport()
+    *rotated, current = with_rotated(Path(path))
+    for file in rotated:  # whole files: a bad line in one is named with its file
+        own = ReadReport()
+        yield from read_records(file, own, progress)
+        report.records += own.records
+        report.invalid_lines += [f"{file.name}:{number}" for number in own.invalid_lines]
+    yield from read_records(current, report, progress)
+
+
+def with_rotated(path: Path) -> list[Path]:
+    """`path.N` .. `path.1` (those there, numbered without a gap), then `path`."""
+    rotated: list[Path] = []
+    while (older := path.with_name(f"{path.name}.{len(rotated) + 1}")).is_file():
+        rotated.append(older)
+    return [*reversed(rotated), path]

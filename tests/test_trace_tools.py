@@ -182,16 +182,18 @@ def test_outputs_never_replace_the_trace_and_fail_in_one_line(tmp_path: Path) ->
     original = traces.read_bytes()
     link = tmp_path / "link.jsonl"
     link.symlink_to(traces)
+    rotated = tmp_path / "t.jsonl.1"  # read with it
+    rotated.write_bytes(original)
     for command in ("export", "report"):
-        for output in (traces, link):
+        for output in (traces, link, rotated):
             result = cli(command, str(traces), "-o", str(output))
             assert result.returncode == 2, result.stderr
-            assert result.stderr == f"llm-mitm {command}: the output {output} is the trace file itself: name another file with -o\n"
-            assert traces.read_bytes() == original
+            assert result.stderr == f"llm-mitm {command}: the output {output} is a trace file being read: name another file with -o\n"
+            assert traces.read_bytes() == original and rotated.read_bytes() == original
         missing = cli(command, str(traces), "-o", str(tmp_path / "missing" / "out"))
         assert missing.returncode == 2
         assert missing.stderr == f"llm-mitm {command}: cannot write {tmp_path / 'missing' / 'out'}: No such file or directory\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "t.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "t.jsonl", "t.jsonl.1"]
 
 
 def test_outputs_are_whole_or_not_written(tmp_path: Path) -> None:
@@ -493,3 +495,30 @@ def test_replay_keys_of_keys_in_the_query_stay_apart() -> None:
     keys = [request_key("gemini", "POST", redactor.url(f"https://h/v1/chat/completions?key={key}wxyz"), (None, None, None), {"model": "m"})
             for key in ("AIzaSyA" + "a" * 28, "AIzaSyB" + "b" * 28)]
     assert keys[0] != keys[1]
+
+
+def test_the_tools_and_replay_read_the_files_a_trace_was_rotated_into(tmp_path: Path) -> None:
+    """`traces.max_bytes` rotates traces.jsonl into .1, .2, ...: the tools counted only the
+    newest file, and replay forgot every answer recorded before a rotation (a probe)."""
+    from llm_mitm.replay import ReplayIndex, request_key
+
+    trace = tmp_path / "traces.jsonl"
+    questions = {"traces.jsonl.2": ["oldest"], "traces.jsonl.1": ["older", "older again"], "traces.jsonl": ["newest"]}
+    for name, asked in questions.items():
+        lines = [orjson.dumps({**chat_record(q, {"role": "assistant", "content": f"re: {q}"}), "url": "https://api.openai.com/v1/chat/completions", "method": "POST"})
+                 for q in asked]
+        (tmp_path / name).write_bytes(b"\n".join(lines) + (b"\nnot json\n" if name.endswith(".1") else b"\n"))
+    (tmp_path / "traces.jsonl.4").write_bytes(b"")  # past a gap: not one of them
+    stats = cli("stats", str(trace), "--json")
+    assert orjson.loads(stats.stdout)["total"]["requests"] == 4, stats.stderr
+    assert "1 line(s) that are not JSON records were skipped (line traces.jsonl.1:3)" in stats.stderr
+    exported = tmp_path / "train.jsonl"
+    assert cli("export", str(trace), "-o", str(exported)).returncode == 0
+    assert [orjson.loads(line)["messages"][0]["content"] for line in exported.read_bytes().splitlines()] == ["oldest", "older", "older again", "newest"]
+    index = ReplayIndex()
+    index.load(trace)
+    for asked in questions.values():
+        for question in asked:
+            key = request_key("openai", "POST", "https://api.openai.com/v1/chat/completions", (None, None, None),
+                              {"model": "gpt-4o", "messages": [{"role": "user", "content": question}]})
+            assert index.find(key) is not None, question
