@@ -65,6 +65,7 @@ class Group(Tally):
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cost_usd": round(self.cost_usd, 10),
+            "unpriced": self.unpriced,  # calls that used tokens of a model with no price: not in cost_usd
             "p50_ms": _round(self.latency.percentile(0.5)),
             "p95_ms": _round(self.latency.percentile(0.95)),
             "ttfb_p50_ms": _round(self.ttfb.percentile(0.5)),
@@ -96,7 +97,7 @@ def aggregate(records: Iterable[dict[str, Any]], by: str) -> tuple[dict[str, Gro
 
 
 def render_table(groups: dict[str, Group], total: Group, by: str) -> str:
-    columns = ["requests", "errors", "blocked", "input_tokens", "output_tokens", "cost_usd", "p50_ms", "p95_ms", "ttfb_p50_ms", "ttfb_p95_ms"]
+    columns = ["requests", "errors", "blocked", "input_tokens", "output_tokens", "cost_usd", "unpriced", "p50_ms", "p95_ms", "ttfb_p50_ms", "ttfb_p95_ms"]
     ordered = sorted(groups.items(), key=lambda item: (-item[1].cost_usd, -item[1].requests, item[0]))
     rows = [[by, *columns]]
     for name, group in [*ordered, ("TOTAL", total)]:

@@ -62,7 +62,7 @@ def test_stats_table_and_json(recorded: Path) -> None:
     table = cli("stats", str(recorded))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["model", "requests", "errors", "blocked", "input_tokens", "output_tokens", "cost_usd", "p50_ms", "p95_ms", "ttfb_p50_ms", "ttfb_p95_ms"]
+    assert lines[0].split() == ["model", "requests", "errors", "blocked", "input_tokens", "output_tokens", "cost_usd", "unpriced", "p50_ms", "p95_ms", "ttfb_p50_ms", "ttfb_p95_ms"]
     assert len({len(line) for line in lines}) == 1  # aligned
     assert lines[-1].startswith("TOTAL") and lines[-1].split()[1:4] == ["9", "1", "1"]
     result = orjson.loads(cli("stats", str(recorded), "--json").stdout)
@@ -522,3 +522,17 @@ def test_the_tools_and_replay_read_the_files_a_trace_was_rotated_into(tmp_path: 
             key = request_key("openai", "POST", "https://api.openai.com/v1/chat/completions", (None, None, None),
                               {"model": "gpt-4o", "messages": [{"role": "user", "content": question}]})
             assert index.find(key) is not None, question
+
+
+def test_stats_counts_the_calls_no_price_is_known_for(tmp_path: Path) -> None:
+    """Their cost is null, not nothing: a total that left them out showed $0 for a model
+    of your own (a probe)."""
+    trace = tmp_path / "traces.jsonl"
+    priced = {**chat_record("a", {"role": "assistant", "content": "b"}), "usage": {"input_tokens": 10, "output_tokens": 5}, "cost_usd": 0.0001}
+    unpriced = {**priced, "model": "my-finetune", "cost_usd": None}
+    trace.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in (priced, unpriced, unpriced)))
+    result = orjson.loads(cli("stats", str(trace), "--json").stdout)
+    assert result["groups"]["my-finetune"]["unpriced"] == 2 and result["groups"]["gpt-4o"]["unpriced"] == 0
+    assert result["total"]["unpriced"] == 2 and result["total"]["cost_usd"] == pytest.approx(0.0001)
+    table = cli("stats", str(trace)).stdout.splitlines()
+    assert table[-1].split()[6:8] == ["0.000100", "2"]
