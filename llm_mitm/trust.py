@@ -8,6 +8,7 @@ records whether it had to add a newline before itself).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shlex
 import subprocess
@@ -147,8 +148,9 @@ def write_bundle(target: Path, ca: CACert, python: str | None = None) -> Path:
 
 
 def bundle_environment(bundle: Path) -> dict[str, str]:
-    """The variables that point clients at a bundle (never ones that turn checks off)."""
-    path = str(bundle)
+    """The variables that point clients at a bundle (never ones that turn checks off); its
+    absolute path, for clients started in another directory."""
+    path = os.path.abspath(bundle.expanduser())
     return {"SSL_CERT_FILE": path, "REQUESTS_CA_BUNDLE": path, "CURL_CA_BUNDLE": path, "NODE_EXTRA_CA_CERTS": path}
 
 

@@ -414,6 +414,16 @@ def test_powershell_script_parses() -> None:
 # --------------------------------------------------------------------------- llm-mitm env
 
 
+def test_env_names_the_bundle_by_its_absolute_path(tmp_path: Path) -> None:
+    """A relative --confdir or --bundle was printed as given: a client started in another
+    directory found no bundle (a setup probe)."""
+    for args, bundle in ((["--confdir", "conf"], tmp_path / "conf" / "llm-mitm-bundle.pem"),
+                         (["--confdir", "conf", "--bundle", "b.pem"], tmp_path / "b.pem")):
+        result = subprocess.run([sys.executable, "-m", "llm_mitm", "env", *args], capture_output=True, text=True,
+                                timeout=60, check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+        assert f"export SSL_CERT_FILE='{bundle}'" in result.stdout.splitlines() and bundle.is_file()
+
+
 @pytest.mark.parametrize(
     ("shell", "line"),
     [
