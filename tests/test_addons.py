@@ -367,7 +367,6 @@ def test_a_trace_directory_gone_bad_does_not_hold_back_a_policy_edit(tmp_path: P
 @pytest.mark.parametrize(
     ("edit", "refusal"),
     [
-        ("replay:\n  mode: 'on'\n  source: {dir}\n", "replay.source: {dir}: cannot be read: Is a directory"),
         ("usage:\n  spend_db: {dir}\n  # a budget needs its store\npolicy:\n  budgets: [{{usd_per_day: 5}}]\n",
          "usage.spend_db: {dir}: cannot be opened: unable to open database file"),
     ],
@@ -435,6 +434,32 @@ def test_a_script_reload_while_the_file_holds_a_bad_edit_keeps_the_config_in_for
                 assert settings.shared.config.policy.denied_models == ["gpt-4", "o1"]
             finally:
                 reloaded[0].done()
+
+    run(go())
+
+
+def test_a_config_yaml_made_after_start_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started without one (the built-in defaults), the proxy never looked again: a policy
+    written into ./config.yaml later was never in force (a config probe)."""
+    monkeypatch.chdir(tmp_path)
+
+    async def go() -> None:
+        shared, addons = make_addons()
+        settings: Settings = addons[0]  # type: ignore[assignment]
+        with taddons.context(*addons) as tctx:
+            tctx.configure(settings, llm_config="")
+            settings.running()
+            try:
+                assert not settings.reload_if_changed() and shared.config.policy.denied_models == []
+                (tmp_path / "config.yaml").write_text("policy:\n  denied_models: [gpt-4]\n")
+                assert not settings.reload_if_changed() and settings.reload_if_changed()
+                assert shared.config.policy.denied_models == ["gpt-4"]
+                time.sleep(0.01)
+                (tmp_path / "config.yaml").write_text("policy:\n  denied_models: [gpt-4, o1]\n")  # and followed from then on
+                assert not settings.reload_if_changed() and settings.reload_if_changed()
+                assert shared.config.policy.denied_models == ["gpt-4", "o1"]
+            finally:
+                settings.done()
 
     run(go())
 

@@ -59,8 +59,7 @@ def test_bad_config_stops_mitmdump_with_one_clear_line(tmp_path: Path) -> None:
         ("traces:\n  directory: a-file\n", {}, "{config}: traces.directory: a-file: is a file, not a directory"),
         ("", {"GATEWAY_TRACE_DESTINATION": "a-dir"}, "GATEWAY_TRACE_DESTINATION: a-dir: is a directory, not a file"),
         (None, {"GATEWAY_TRACE_DESTINATION": "{folder}/a-dir"}, "GATEWAY_TRACE_DESTINATION: {folder}/a-dir: is a directory, not a file"),
-        # files an addon opens as it takes the config (they gave a traceback)
-        ("replay:\n  mode: strict\n  source: a-dir\n", {}, "{config}: replay.source: a-dir: cannot be read: Is a directory"),
+        # a file an addon opens as it takes the config (it gave a traceback)
         ("usage:\n  spend_db: a-dir\npolicy:\n  budgets: [{usd_per_day: 5}]\n", {},
          "{config}: usage.spend_db: a-dir: cannot be opened: unable to open database file"),
     ],

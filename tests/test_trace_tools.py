@@ -522,6 +522,13 @@ def test_the_tools_and_replay_read_the_files_a_trace_was_rotated_into(tmp_path: 
             key = request_key("openai", "POST", "https://api.openai.com/v1/chat/completions", (None, None, None),
                               {"model": "gpt-4o", "messages": [{"role": "user", "content": question}]})
             assert index.find(key) is not None, question
+    folder = tmp_path / "per-exchange" / "2026-12-06"  # a traces.directory: one file per exchange
+    folder.mkdir(parents=True)
+    (folder / "120000-a.json").write_bytes(orjson.dumps({**chat_record("newest", {"role": "assistant", "content": "x"}),
+                                                        "url": "https://api.openai.com/v1/chat/completions", "method": "POST"}))
+    from_folder = ReplayIndex()
+    from_folder.load(tmp_path / "per-exchange")
+    assert len(from_folder) == 1
 
 
 def test_stats_counts_the_calls_no_price_is_known_for(tmp_path: Path) -> None:

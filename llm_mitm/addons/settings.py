@@ -10,7 +10,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions
 
 from llm_mitm.addons.shared import Shared
-from llm_mitm.config import Config, ConfigError, check_trace_targets, default_config, load_config, resolve_config_path
+from llm_mitm.config import DEFAULT_CONFIG_FILE, Config, ConfigError, check_trace_targets, default_config, load_config, resolve_config_path
 
 logger = logging.getLogger("llm_mitm.config")
 
@@ -30,6 +30,7 @@ class Settings:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.path: Path | None = None
+        self._awaited: Path | None = None  # ./config.yaml, not there at start: read once it is
         self._stamp: tuple[float, int] | None = None
         self._settling: tuple[float, int] | None = None  # a change seen once, read at the next poll if it holds
         self._watcher: asyncio.Task[None] | None = None
@@ -41,13 +42,14 @@ class Settings:
             str,
             "",
             "llm-mitm config file (YAML). Default: config.yaml in the working directory "
-            "when present, else built-in defaults. Reloaded when the file changes.",
+            "when present, else built-in defaults (and config.yaml once it is made). Reloaded when the file changes.",
         )
 
     def configure(self, updated: set[str]) -> None:
         if "llm_config" not in updated:
             return
         path = resolve_config_path(ctx.options.llm_config)
+        self._awaited = Path.cwd() / DEFAULT_CONFIG_FILE if path is None and not ctx.options.llm_config else None
         stamp = _stamp(path)
         try:
             self._put_in_force(_checked(load_config(path) if path else default_config(), path), path)
@@ -86,7 +88,9 @@ class Settings:
     def reload_if_changed(self) -> bool:
         """Reload after an edit on disk; True when a new config went into force."""
         if self.path is None:
-            return False
+            if self._awaited is None or _stamp(self._awaited) is None:
+                return False
+            self.path, self._awaited = self._awaited, None  # made since start: read as an edit of the defaults
         stamp = _stamp(self.path)
         if stamp == self._stamp or stamp is None:
             self._settling = None
