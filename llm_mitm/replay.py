@@ -98,18 +98,23 @@ def as_stream(recorded: Recorded, include_usage: bool) -> bytes:
 
 
 def _chat_stream(body: dict[str, Any], include_usage: bool) -> bytes:
-    head = {k: body[k] for k in ("id", "created", "model", "system_fingerprint") if k in body}
+    head = {k: body[k] for k in ("id", "created", "model", "system_fingerprint", "service_tier") if k in body}
     head["object"] = "chat.completion.chunk"
     out = []
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, **more: Any) -> None:
+        out.append(_event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, **more}]}))
+
     for choice in body.get("choices") or []:
         index, message = choice.get("index", 0), choice.get("message") or {}
-        out.append(_event({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+        chunk(index, {"role": "assistant", "content": None if message.get("content") is None else ""})
         if message.get("content"):
-            out.append(_event({**head, "choices": [{"index": index, "delta": {"content": message["content"]}, "finish_reason": None}]}))
+            chunk(index, {"content": message["content"]}, logprobs=choice.get("logprobs"))
+        if message.get("refusal"):
+            chunk(index, {"refusal": message["refusal"]})
         for number, call in enumerate(message.get("tool_calls") or []):
-            delta = {"tool_calls": [{"index": number, "id": call.get("id"), "type": "function", "function": call.get("function")}]}
-            out.append(_event({**head, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}))
-        out.append(_event({**head, "choices": [{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}]}))
+            chunk(index, {"tool_calls": [{"index": number, **call}]})
+        chunk(index, {}, choice.get("finish_reason"))
     if include_usage and body.get("usage"):
         out.append(_event({**head, "choices": [], "usage": body["usage"]}))
     out.append(_event("[DONE]"))
@@ -117,17 +122,46 @@ def _chat_stream(body: dict[str, Any], include_usage: bool) -> bytes:
 
 
 def _responses_stream(body: dict[str, Any]) -> bytes:
-    started = {**body, "status": "in_progress", "output": []}
-    out = [_event({"type": "response.created", "response": started}, "response.created")]
+    """As the API streams: an item added empty, its text and arguments in deltas, then done
+    whole (added whole, the SDK's snapshot held each text twice)."""
+    out: list[bytes] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        out.append(_event({"type": kind, "sequence_number": len(out), **fields}, kind))
+
+    emit("response.created", response={**body, "status": "in_progress", "output": []})
     for index, item in enumerate(body.get("output") or []):
-        out.append(_event({"type": "response.output_item.added", "output_index": index, "item": item}, "response.output_item.added"))
-        for part_index, part in enumerate(item.get("content") or [] if isinstance(item, dict) else []):
-            if isinstance(part, dict) and part.get("type") == "output_text":
-                delta = {"type": "response.output_text.delta", "output_index": index, "content_index": part_index, "delta": part.get("text", "")}
-                out.append(_event(delta, "response.output_text.delta"))
-        out.append(_event({"type": "response.output_item.done", "output_index": index, "item": item}, "response.output_item.done"))
-    out.append(_event({"type": "response.completed", "response": body}, "response.completed"))
+        if not isinstance(item, dict):
+            continue
+        kind, item_id = item.get("type"), item.get("id")
+        if kind == "message":
+            emit("response.output_item.added", output_index=index, item={**item, "status": "in_progress", "content": []})
+            for part_index, part in enumerate(item.get("content") or []):
+                where = {"item_id": item_id, "output_index": index, "content_index": part_index}
+                text_field = {"output_text": "text", "refusal": "refusal"}.get(part.get("type")) if isinstance(part, dict) else None
+                if text_field is None:
+                    emit("response.content_part.added", **where, part=part)
+                else:
+                    emit("response.content_part.added", **where, part={**part, text_field: "", **({"annotations": []} if text_field == "text" else {})})
+                    name = "response.output_text" if text_field == "text" else "response.refusal"
+                    emit(f"{name}.delta", **where, delta=part.get(text_field, ""), **({"logprobs": []} if text_field == "text" else {}))
+                    emit(f"{name}.done", **where, **{text_field: part.get(text_field, "")})
+                emit("response.content_part.done", **where, part=part)
+        elif kind == "function_call":
+            emit("response.output_item.added", output_index=index, item={**item, "status": "in_progress", "arguments": ""})
+            where = {"item_id": item_id, "output_index": index}
+            emit("response.function_call_arguments.delta", **where, delta=item.get("arguments", ""))
+            emit("response.function_call_arguments.done", **where, arguments=item.get("arguments", ""))
+        else:
+            emit("response.output_item.added", output_index=index, item=item)
+        emit("response.output_item.done", output_index=index, item=item)
+    emit("response.completed", response=body)
     return b"".join(out)
+
+
+# Anthropic blocks whose input streams as JSON deltas; text and thinking stream as their own
+# deltas; any other block (redacted thinking, a search's result) comes whole at its start.
+_INPUT_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
 
 
 def _anthropic_stream(body: dict[str, Any]) -> bytes:
@@ -136,15 +170,23 @@ def _anthropic_stream(body: dict[str, Any]) -> bytes:
     out = [_event({"type": "message_start", "message": start}, "message_start")]
     for index, block in enumerate(body.get("content") or []):
         kind = block.get("type")
-        empty = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": ""}}.get(kind, {**block, "input": {}})
-        out.append(_event({"type": "content_block_start", "index": index, "content_block": empty}, "content_block_start"))
+        deltas: list[dict[str, Any]] = []
         if kind == "text":
-            delta = {"type": "text_delta", "text": block.get("text", "")}
+            empty = {"type": "text", "text": "", **({"citations": []} if block.get("citations") else {})}
+            deltas = [{"type": "text_delta", "text": block.get("text", "")}]
+            deltas += [{"type": "citations_delta", "citation": citation} for citation in block.get("citations") or []]
         elif kind == "thinking":
-            delta = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
+            empty = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": block.get("thinking", "")}]
+            if block.get("signature"):
+                deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif kind in _INPUT_BLOCKS:
+            empty = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": orjson.dumps(block.get("input", {})).decode()}]
         else:
-            delta = {"type": "input_json_delta", "partial_json": orjson.dumps(block.get("input", {})).decode()}
-        out.append(_event({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"))
+            empty = block
+        out.append(_event({"type": "content_block_start", "index": index, "content_block": empty}, "content_block_start"))
+        out.extend(_event({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta") for delta in deltas)
         out.append(_event({"type": "content_block_stop", "index": index}, "content_block_stop"))
     final = {"stop_reason": body.get("stop_reason"), "stop_sequence": body.get("stop_sequence")}
     out.append(_event({"type": "message_delta", "delta": final, "usage": {"output_tokens": usage.get("output_tokens", 0)}}, "message_delta"))

@@ -543,3 +543,64 @@ def test_stats_counts_the_calls_no_price_is_known_for(tmp_path: Path) -> None:
     assert result["total"]["unpriced"] == 2 and result["total"]["cost_usd"] == pytest.approx(0.0001)
     table = cli("stats", str(trace)).stdout.splitlines()
     assert table[-1].split()[6:8] == ["0.000100", "2"]
+
+
+REPLAYED_CHAT = {"id": "chatcmpl-r", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+                              "finish_reason": "stop", "logprobs": None}],
+                 "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}
+REPLAYED_RESPONSE = {"id": "resp_r", "object": "response", "created_at": 1, "status": "completed", "model": "gpt-4o-2024-08-06",
+                     "output": [{"type": "message", "id": "msg_r", "status": "completed", "role": "assistant",
+                                 "content": [{"type": "output_text", "text": "Two words.", "annotations": []}]},
+                                {"type": "function_call", "id": "fc_r", "call_id": "call_r", "name": "lookup", "arguments": "{\"q\": \"x\"}", "status": "completed"}],
+                     "usage": {"input_tokens": 5, "output_tokens": 4, "total_tokens": 9}}
+REPLAYED_MESSAGE = {"id": "msg_x", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+                    "content": [{"type": "thinking", "thinking": "Let me think.", "signature": "EqQBCkgIARABGAIiQL" + "s" * 40},
+                                {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix" + "d" * 20},
+                                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "weather"}},
+                                {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+                                 "content": [{"type": "web_search_result", "url": "https://example.com", "title": "Ex", "encrypted_content": "abc", "page_age": None}]},
+                                {"type": "text", "text": "Sunny.", "citations": [{"type": "web_search_result_location", "url": "https://example.com",
+                                                                                 "title": "Ex", "encrypted_index": "ei", "cited_text": "sunny"}]}],
+                    "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 20}}
+
+
+def test_a_replayed_stream_gives_the_sdks_the_recorded_answer_whole(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """Recorded plain, asked as a stream, rebuilt by the SDKs' stream helpers: a refusal was
+    dropped, the Responses snapshot held its text twice, a thinking block lost its signature
+    (the next turn would be refused) and result blocks were given input deltas (a probe)."""
+    from llm_mitm.redact import Redactor
+
+    redactor = Redactor()
+    chat_params = {"model": "gpt-4o", "messages": [{"role": "user", "content": "something refused"}]}
+    responses_params = {"model": "gpt-4o", "input": "two words", "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]}
+    message_params = {"model": "claude-sonnet-4-5", "max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 1024},
+                      "messages": [{"role": "user", "content": "weather?"}]}
+    source = tmp_path / "source.jsonl"
+    records = [
+        ("openai", "chat.completions", "https://api.openai.com/v1/chat/completions", OPENAI_KEY, chat_params, REPLAYED_CHAT),
+        ("openai", "responses", "https://api.openai.com/v1/responses", OPENAI_KEY, responses_params, REPLAYED_RESPONSE),
+        ("anthropic", "messages", "https://api.anthropic.com/v1/messages", ANTHROPIC_KEY, message_params, REPLAYED_MESSAGE),
+    ]
+    source.write_bytes(b"".join(orjson.dumps({
+        "provider": provider_name, "api": provider_name, "operation": operation, "method": "POST", "url": url, "status_code": 200,
+        "api_key": redactor.credential(key), "request": {"body": params, "size": 10}, "response": {"body": body}}) + b"\n"
+        for provider_name, operation, url, key, params, body in records))
+    with replay_proxy(tmp_path, source, provider, pki, "strict") as proxy:
+        env, before = proxy.client_env(), len(provider.requests)
+        chat_final = drive({"client": "openai", "op": "chat_final", "api_key": OPENAI_KEY, "params": chat_params}, env)["final"]
+        assert chat_final["choices"][0]["message"]["refusal"] == "I can't help with that."
+        assert chat_final["choices"][0]["message"]["content"] is None and chat_final["choices"][0]["finish_reason"] == "stop"
+        streamed = drive({"client": "openai", "op": "responses_final", "api_key": OPENAI_KEY, "params": responses_params}, env)
+        assert streamed["snapshots"] == ["Two words."]
+        assert [item["type"] for item in streamed["final"]["output"]] == ["message", "function_call"]
+        assert streamed["final"]["output"][0]["content"][0]["text"] == "Two words."
+        assert streamed["final"]["output"][1]["arguments"] == "{\"q\": \"x\"}"
+        message = drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": {**message_params, "stream": True}}, env)["final"]
+        plain = drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": message_params}, env)["final"]
+        assert message["content"] == plain["content"]
+        assert message["content"][0]["signature"] == REPLAYED_MESSAGE["content"][0]["signature"]
+        assert message["content"][2]["input"] == {"query": "weather"} and message["content"][1]["data"].startswith("EmwK")
+        assert message["content"][3]["content"][0]["url"] == "https://example.com"
+        assert message["content"][4]["text"] == "Sunny." and message["content"][4]["citations"][0]["cited_text"] == "sunny"
+        assert len(provider.requests) == before

@@ -47,6 +47,16 @@ def openai_call(a):
             return {"text": "".join(text), "arrivals": arrivals}
         result = client.responses.create(**params, **extra)
         return {"text": result.output_text, "model": result.model}
+    if op in ("chat_final", "responses_final"):  # a stream read by the SDK's helper, which rebuilds the answer from it
+        params = {k: v for k, v in a["params"].items() if k != "stream"}
+        helper = client.chat.completions if op == "chat_final" else client.responses
+        snapshots = []
+        with helper.stream(**params, **extra) as stream:
+            for event in stream:
+                if getattr(event, "type", "") == "response.output_text.delta":
+                    snapshots.append(event.snapshot)
+            final = stream.get_final_completion() if op == "chat_final" else stream.get_final_response()
+        return {"final": final.model_dump(mode="json"), "snapshots": snapshots}
     if op == "embeddings":
         result = client.embeddings.create(**a["params"], **extra)
         return {"count": len(result.data)}
@@ -98,9 +108,10 @@ def anthropic_call(a):
                 if event.type == "content_block_delta" and event.delta.type == "text_delta":
                     text.append(event.delta.text)
             final = stream.get_final_message()
-        return {"text": "".join(text), "arrivals": arrivals, "usage": final.usage.model_dump()}
+        return {"text": "".join(text), "arrivals": arrivals, "usage": final.usage.model_dump(), "final": final.model_dump(mode="json")}
     result = client.messages.create(**params, **extra)
-    return {"text": result.content[0].text, "model": result.model, "usage": result.usage.model_dump()}
+    text = next((block.text for block in result.content if block.type == "text"), None)
+    return {"text": text, "model": result.model, "usage": result.usage.model_dump(), "final": result.model_dump(mode="json")}
 
 
 def requests_call(a):
