@@ -524,6 +524,8 @@ def rebuilder_for(api: str, operation: str) -> StreamRebuilder:
 
 
 EventFilter = Callable[[dict[str, Any]], bool]
+# An event's payload as the client is to get it, or None to pass the event as it came.
+EventEdit = Callable[[dict[str, Any]], dict[str, Any] | None]
 HOLD_LIMIT = 4 << 20  # bytes a held stream keeps; 32 such streams at once are 128 MiB
 # A blank line: two line ends, where CR LF is always one (atomic groups: no backtracking
 # into it, so a single CR LF is never read as two).
@@ -567,17 +569,19 @@ class StreamTap:
         self._drop: EventFilter | None = None
         self._hint = b""
         self._strip: Callable[[bytes], bytes] | None = None
+        self._edit: EventEdit | None = None
         self._on_failure: Callable[[str], None] | None = None
         self._pending = bytearray()
         if self._decompress is None:
             self.failed = f"unsupported content-encoding {content_encoding!r}"
 
     def drop_events(self, predicate: EventFilter, hint: bytes = b"", on_failure: Callable[[str], None] | None = None,
-                    strip: Callable[[bytes], bytes] | None = None) -> bool:
-        """Start leaving out events; False (and no filtering) for a compressed stream."""
+                    strip: Callable[[bytes], bytes] | None = None, edit: EventEdit | None = None) -> bool:
+        """Start leaving out events (and rewriting those `edit` changes, of those read);
+        False (and no filtering) for a compressed stream."""
         if not self._identity or self._decompress is None:
             return False
-        self._drop, self._hint, self._on_failure, self._strip = predicate, hint, on_failure, strip
+        self._drop, self._hint, self._on_failure, self._strip, self._edit = predicate, hint, on_failure, strip, edit
         return True
 
     def hand_over(self) -> list[bytes]:
@@ -706,8 +710,13 @@ class StreamTap:
         decoder = SSEDecoder()
         for event in decoder.feed(block) + decoder.flush():
             payload = json_object(event.data)
-            if payload is not None and self._drop(payload):
+            if payload is None:
+                continue
+            if self._drop(payload):
                 return None
+            if self._edit is not None and (edited := self._edit(payload)) is not None:
+                named = f"event: {event.event}\n".encode() if event.event != "message" else b""
+                return named + b"data: " + orjson.dumps(edited) + b"\n\n"
         return block
 
 
@@ -732,3 +741,12 @@ def strip_null_usage(event: bytes) -> bytes:
 def is_usage_only_chunk(payload: dict[str, Any]) -> bool:
     """The chat chunk `stream_options.include_usage` adds: no choices, only usage."""
     return payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
+
+
+def without_usage(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """A chunk that kept a usage the client did not ask for, without it: the `"usage":
+    null` of an event written over lines (`strip_null_usage` reads one line), or usage a
+    compatible server puts in its last chunk with choices. None: nothing to take out."""
+    if "usage" not in payload:
+        return None
+    return {key: value for key, value in payload.items() if key != "usage"}

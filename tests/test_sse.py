@@ -7,6 +7,7 @@ import gzip
 import json
 import zlib
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -632,3 +633,25 @@ def test_a_stream_closed_cleanly_short_of_its_end_is_cut_short(api: str, operati
     _, outcome = read_stream(api, 200, tap)
     assert outcome.error == error
     assert call_error("Client disconnected.", outcome) == (None if error is None else "Client disconnected.")
+
+
+def test_usage_the_client_did_not_ask_for_is_taken_out_wherever_it_is_written() -> None:
+    """An event written over lines keeps `"usage": null` past the line search, and an
+    OpenAI-compatible server puts the usage in its last chunk with choices: both reached a
+    client that did not ask (a streaming probe). The trace keeps the usage."""
+    from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk, strip_null_usage, without_usage
+
+    pretty = b'data: {\ndata:   "id": "a",\ndata:   "object": "chat.completion.chunk",\ndata:   "choices": [{"index": 0, "delta": {"content": "hi"}}],\ndata:   "usage": null\ndata: }\n\n'
+    last = (b'event: chunk\ndata: {"id":"a","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n')
+    tap = StreamTap(ChatCompletionsRebuilder())
+    assert tap.drop_events(is_usage_only_chunk, USAGE_HINT, None, strip_null_usage, without_usage)
+    out = through(tap, pretty, last, b"data: [DONE]\n\n", b"")
+    events = [block for block in out.split(b"\n\n") if block]
+    assert orjson.loads(events[0].removeprefix(b"data: ")) == {"id": "a", "object": "chat.completion.chunk",
+                                                               "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    assert events[1].startswith(b"event: chunk\ndata: ") and b"usage" not in events[1]
+    assert orjson.loads(events[1].partition(b"data: ")[2])["choices"][0]["finish_reason"] == "stop"
+    assert events[2] == b"data: [DONE]"
+    result = tap.rebuilder.result()
+    assert result["usage"]["total_tokens"] == 4 and result["choices"][0]["message"]["content"] == "hi"

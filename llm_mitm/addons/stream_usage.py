@@ -19,7 +19,7 @@ from mitmproxy import http
 from llm_mitm.addons.refuse import rewrite_json
 from llm_mitm.addons.shared import Shared
 from llm_mitm.providers import Route
-from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk, strip_null_usage
+from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk, strip_null_usage, without_usage
 
 logger = logging.getLogger("llm_mitm.stream_usage")
 
@@ -50,7 +50,7 @@ class StreamUsage:
         exchange = self.shared.exchange(flow)
         if exchange is None or not exchange.injected_stream_usage or exchange.tap is None:
             return
-        if not exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed, strip_null_usage):  # compressed all the same
+        if not exchange.tap.drop_events(is_usage_only_chunk, USAGE_HINT, _filter_failed, strip_null_usage, without_usage):  # compressed all the same
             _filter_failed("the provider compressed the stream though asked not to")
             return
         # The client gets fewer bytes than upstream sent: a length that counted them would
