@@ -267,6 +267,8 @@ class SystemProxy:
         saved = self._saved()
         if saved is None:
             return "not started by llm-mitm: nothing to restore"
+        if "winhttp" in saved:  # only the PowerShell script (run as an administrator) puts WinHTTP back
+            raise StateError("started by scripts/interception-win.ps1 -WinHttp: stop it with that script, which restores WinHTTP too")
         self.backend.restore(saved["settings"])
         self.state_file.unlink()
         return f"system proxy ({self.backend.name}) restored"
@@ -280,7 +282,7 @@ class SystemProxy:
         """The snapshot of the first start; None when there is none. One that cannot be read
         stops start and stop alike: it is the only copy of the user's own settings."""
         try:
-            saved = json.loads(self.state_file.read_text(encoding="utf-8"))
+            saved = json.loads(self.state_file.read_text(encoding="utf-8-sig"))  # PowerShell 5's UTF8 starts with a BOM
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:

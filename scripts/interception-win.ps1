@@ -10,9 +10,12 @@
 
 .NOTES
     start saves ProxyEnable, ProxyServer, ProxyOverride and AutoConfigURL (absent values
-    included) once; starting twice keeps that first snapshot. stop restores it and is
-    harmless when nothing was started. WinINet is told through InternetSetOption
-    (INTERNET_OPTION_SETTINGS_CHANGED = 39, then INTERNET_OPTION_REFRESH = 37).
+    included) once, and with -WinHttp the WinHTTP proxy as it was (the WinHttpSettings
+    value, or its absence); starting twice keeps that first snapshot. stop restores it,
+    byte for byte, and is harmless when nothing was started. WinINet is told through
+    InternetSetOption (INTERNET_OPTION_SETTINGS_CHANGED = 39, then INTERNET_OPTION_REFRESH = 37).
+    The snapshot is the file `python -m llm_mitm.sysproxy` keeps (~/.mitmproxy/llm-mitm-sysproxy.json),
+    in its format: either tool stops what the other started.
 #>
 [CmdletBinding()]
 param(
@@ -35,8 +38,9 @@ $ErrorActionPreference = 'Stop'
 
 $SettingsKey = 'HKCU:\Software\Microsoft\Windows\CurrentVersion\Internet Settings'
 $ValueNames = @('ProxyEnable', 'ProxyServer', 'ProxyOverride', 'AutoConfigURL')
-$StateDir = Join-Path $env:LOCALAPPDATA 'llm-mitm'
-$StateFile = Join-Path $StateDir 'proxy-backup.json'
+$WinHttpKey = 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Internet Settings\Connections'
+$StateDir = Join-Path $HOME '.mitmproxy'
+$StateFile = Join-Path $StateDir 'llm-mitm-sysproxy.json'
 
 function Update-WinInet {
     if (-not ('LlmMitm.WinInet' -as [type])) {
@@ -63,13 +67,31 @@ function Get-ProxyValues {
     return $values
 }
 
+function Get-WinHttpSettings {
+    # The WinHTTP proxy as netsh keeps it (binary), base64; $null when none is set.
+    $item = Get-ItemProperty -Path $WinHttpKey -Name 'WinHttpSettings' -ErrorAction SilentlyContinue
+    if ($null -eq $item) { return $null }
+    return [Convert]::ToBase64String([byte[]]$item.WinHttpSettings)
+}
+
 function Save-ProxyValues {
     $saved = [ordered]@{
-        values  = Get-ProxyValues
-        winhttp = [bool]$WinHttp
+        backend  = 'windows'
+        settings = Get-ProxyValues
+    }
+    if ($WinHttp) {
+        $saved['winhttp'] = [ordered]@{ WinHttpSettings = Get-WinHttpSettings }
     }
     New-Item -ItemType Directory -Force -Path $StateDir | Out-Null
     $saved | ConvertTo-Json -Depth 4 | Set-Content -Path $StateFile -Encoding UTF8
+}
+
+function Restore-WinHttpSettings($Encoded) {
+    if ($null -eq $Encoded) {
+        Remove-ItemProperty -Path $WinHttpKey -Name 'WinHttpSettings' -ErrorAction SilentlyContinue
+    } else {
+        Set-ItemProperty -Path $WinHttpKey -Name 'WinHttpSettings' -Value ([Convert]::FromBase64String($Encoded)) -Type Binary
+    }
 }
 
 function Set-ProxyValue([string]$Name, $Value) {
@@ -109,12 +131,16 @@ function Stop-Interception {
         return
     }
     $saved = Get-Content -Path $StateFile -Raw | ConvertFrom-Json
+    if ($saved.backend -ne 'windows' -or $null -eq $saved.settings) {
+        throw "llm-mitm: $StateFile holds no saved Windows proxy settings: set the proxy by hand, then delete that file"
+    }
     foreach ($name in $ValueNames) {
-        Set-ProxyValue $name $saved.values.$name
+        Set-ProxyValue $name $saved.settings.$name
     }
     Update-WinInet
-    if ($saved.winhttp) {
-        netsh winhttp import proxy source=ie | Out-Null
+    if ($saved.PSObject.Properties.Name -contains 'winhttp') {
+        # Put back what was there (not a copy of the restored WinINet settings, which may differ)
+        Restore-WinHttpSettings $saved.winhttp.WinHttpSettings
     }
     Remove-Item -Path $StateFile -Force
     Write-Output 'llm-mitm: system proxy restored'

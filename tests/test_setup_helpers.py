@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -312,6 +313,21 @@ def test_windows_registry_round_trip(tmp_path: Path) -> None:
     round_trip(sysproxy.WindowsBackend(registry, refresh=lambda: None), lambda: registry.values, tmp_path / "again")
 
 
+def test_the_powershell_scripts_snapshot_is_stopped_by_python_unless_it_holds_winhttp(tmp_path: Path) -> None:
+    """One state file for both tools (each said "not started" of what the other started and
+    left the proxy on): ConvertTo-Json's form of the script's snapshot, read by Python."""
+    registry = FakeRegistry({"ProxyEnable": 1, "ProxyServer": "127.0.0.1:8080"})
+    switch = sysproxy.SystemProxy(sysproxy.WindowsBackend(registry, refresh=lambda: None), tmp_path / "llm-mitm-sysproxy.json")
+    written_by_script = {"backend": "windows", "settings": {"ProxyEnable": 0, "ProxyServer": "corp:3128", "ProxyOverride": None, "AutoConfigURL": None}}
+    switch.state_file.write_text(json.dumps(written_by_script, indent=4), encoding="utf-8-sig")  # Set-Content -Encoding UTF8 writes a BOM
+    assert "restored" in switch.stop()
+    assert registry.values == {"ProxyEnable": 0, "ProxyServer": "corp:3128"} and not switch.state_file.exists()
+    switch.state_file.write_text(json.dumps({**written_by_script, "winhttp": {"WinHttpSettings": None}}), encoding="utf-8")
+    with pytest.raises(sysproxy.StateError, match="stop it with that script, which restores WinHTTP too"):
+        switch.stop()
+    assert switch.state_file.exists()
+
+
 def test_gnome_round_trip(tmp_path: Path) -> None:
     fake = FakeGsettings()
     messages = round_trip(sysproxy.GnomeBackend(fake), lambda: fake.values, tmp_path)
@@ -408,6 +424,12 @@ def test_powershell_script_parses() -> None:
     assert text.index("InternetSetOption([IntPtr]::Zero, 39") < text.index("InternetSetOption([IntPtr]::Zero, 37")
     for name in ("ProxyEnable", "ProxyServer", "ProxyOverride", "AutoConfigURL", "'<local>;localhost;127.*'", "netsh winhttp import proxy source=ie"):
         assert name in text
+    # One snapshot for both tools, in llm_mitm.sysproxy's place and format, and WinHTTP put
+    # back as it was (stop re-imported the WinINet settings into it).
+    assert "Join-Path $HOME '.mitmproxy'" in text and f"'{sysproxy.DEFAULT_STATE.name}'" in text
+    assert "backend  = 'windows'" in text and "settings = Get-ProxyValues" in text and "$saved.settings.$name" in text
+    stop = text[text.index("function Stop-Interception"):text.index("function Show-Status")]
+    assert "netsh" not in stop and "Restore-WinHttpSettings $saved.winhttp.WinHttpSettings" in stop
     assert "InternetExplorer.Application" not in text
 
 
