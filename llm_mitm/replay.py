@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,8 +25,24 @@ from llm_mitm.tracefile import read_traces
 _VOLATILE = ("stream", "stream_options")
 
 
-def request_key(provider: str, method: str, url: str, tenant: Sequence[str | None], body: Any) -> bytes:
-    """`tenant`: the key fingerprint, organization and project the call went upstream with."""
+# Headers that turn on features which change an answer's shape (`anthropic-beta:
+# output-128k-2025-02-19`, `OpenAI-Beta: assistants=v2`): part of what was asked.
+_FEATURE_HEADERS = ("anthropic-beta", "openai-beta")
+
+
+def features(headers: Iterable[tuple[str, str]]) -> str:
+    """The feature headers' values, in one canonical form (order and repeats do not count)."""
+    found: dict[str, set[str]] = {}
+    for name, value in headers:
+        name = name.lower()
+        if name in _FEATURE_HEADERS:
+            found.setdefault(name, set()).update(part.strip() for part in value.split(",") if part.strip())
+    return ";".join(f"{name}={','.join(sorted(values))}" for name, values in sorted(found.items()))
+
+
+def request_key(provider: str, method: str, url: str, tenant: Sequence[str | None], body: Any, asked_features: str = "") -> bytes:
+    """`tenant`: the key fingerprint, organization and project the call went upstream with;
+    `asked_features`: `features` of its headers."""
     parts = urlsplit(url)
     # A key in the query is a fingerprint once redacted ("…wxyz#3f9c2e1d"): its "#" reads as
     # a fragment's start, which must stay in the key, or tenants' keys alike in their tail meet.
@@ -36,6 +52,8 @@ def request_key(provider: str, method: str, url: str, tenant: Sequence[str | Non
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     who = orjson.dumps([parts.netloc.lower(), *tenant])
     fields = [provider.encode(), method.upper().encode(), path.encode(), who, canonical]
+    if asked_features:
+        fields.append(asked_features.encode())
     return hashlib.blake2b(b"\n".join(fields), digest_size=20).digest()
 
 
@@ -72,8 +90,10 @@ class ReplayIndex:
         sent = (record.get("request") or {}).get("size")
         if isinstance(request, str) or (request is None and sent) or not isinstance(response, (dict, list)):
             return  # a body that is not JSON is kept as a sample at most: no key tells two apart
+        headers = (record.get("request") or {}).get("headers")
         key = request_key(record.get("provider", ""), record.get("method", ""), record.get("url", ""),
-                          (record.get("api_key"), record.get("organization"), record.get("project")), request)
+                          (record.get("api_key"), record.get("organization"), record.get("project")), request,
+                          features(headers.items()) if isinstance(headers, dict) else "")
         self.answers[key] = Recorded(record.get("api", "openai"), record.get("operation", ""), status, response)
 
     def find(self, key: bytes) -> Recorded | None:

@@ -431,6 +431,9 @@ def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(record
         (openai, {"x-portkey-api-key": "pk-team-one-0123456789abcdef"}, {}),
         (openai, {"x-portkey-api-key": "pk-team-two-0123456789abcdef"}, {}),
         (openai, {"Helicone-Auth": "Bearer sk-helicone-two-0123456789abcdef"}, {}),
+        # a feature turned on by a header changes the answer's shape
+        (openai, {**bearer, "OpenAI-Beta": "assistants=v2"}, {}),
+        (openai, {**bearer, "OpenAI-Beta": "assistants=v1"}, {}),
     ]
     with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
         def ask(url: str, headers: dict[str, str], query: dict[str, str]) -> str:
@@ -483,6 +486,15 @@ def test_replay_strict_miss_is_a_clear_error(recorded: Path, tmp_path: Path, pro
         assert len(provider.requests) == before
         ok = drive({"client": "openai", "op": "chat", "api_key": OPENAI_KEY, "params": chat("mini question", model="gpt-4o-mini")}, proxy.client_env())
         assert ok["text"] == CANNED_REPLY
+
+
+def test_replay_reads_feature_headers_alike_live_and_from_a_trace() -> None:
+    """A trace joins a repeated header (`b, a`); a call may send it twice, in any order."""
+    from llm_mitm.replay import features
+
+    assert features([("Anthropic-Beta", "a"), ("anthropic-beta", "b"), ("x-other", "c")]) == features({"anthropic-beta": "b, a"}.items())
+    assert features([("OpenAI-Beta", "assistants=v2")]) != features([("OpenAI-Beta", "assistants=v1")])
+    assert features([("content-type", "application/json")]) == ""
 
 
 def test_replay_keys_of_keys_in_the_query_stay_apart() -> None:

@@ -20,7 +20,7 @@ from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config, ConfigError, trace_destination
 from llm_mitm.exchange import Exchange
-from llm_mitm.replay import Recorded, ReplayIndex, as_stream, request_key
+from llm_mitm.replay import Recorded, ReplayIndex, as_stream, features, request_key
 
 logger = logging.getLogger("llm_mitm.replay")
 
@@ -107,4 +107,4 @@ class Replay:
             return None
         body = redactor.json(request.json) if request.is_json else None
         return request_key(exchange.route.provider, exchange.method, redactor.url(exchange.url),
-                           (exchange.api_key, exchange.organization, exchange.project), body)
+                           (exchange.api_key, exchange.organization, exchange.project), body, features(exchange.request_headers))
