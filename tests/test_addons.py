@@ -945,3 +945,16 @@ def test_an_unpriced_model_is_named_once_across_reloads(tmp_path: Path, caplog: 
 
     os.chdir(tmp_path)
     run(go())
+
+
+def test_a_replay_source_that_does_not_exist_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A typo in replay.source answered nothing (in strict mode every call a 404), said only
+    as "0 recorded answers" at info level (a replay probe)."""
+    config = config_file(tmp_path, f"replay:\n  mode: strict\n  source: {tmp_path}/recordd.jsonl\n")
+
+    async def go() -> None:
+        with caplog.at_level(logging.WARNING), whole_addon(config):
+            pass
+
+    run(go())
+    assert f"replay.source {tmp_path}/recordd.jsonl does not exist: no recorded answers (a miss is answered 404)" in caplog.text

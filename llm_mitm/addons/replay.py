@@ -9,6 +9,7 @@ hit); `strict` answers a miss with an error. Every answer says which:
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -49,7 +50,11 @@ class Replay:
             except OSError as exc:
                 key = "replay.source" if config.replay.source else "traces.destination (replay's source)"
                 raise ConfigError(f"{key}: {source}: cannot be read: {exc.strerror or exc}") from None
-        logger.info("llm-mitm: replay %s: %d recorded answers from %s", config.replay.mode, len(index), source)
+        if config.replay.source and not os.path.exists(source):  # a typo would answer nothing (strict: every call a 404)
+            logger.warning("llm-mitm: replay.source %s does not exist: no recorded answers (a miss %s)", source,
+                           "is answered 404" if config.replay.mode == "strict" else "goes upstream and is recorded in memory")
+        else:
+            logger.info("llm-mitm: replay %s: %d recorded answers from %s", config.replay.mode, len(index), source)
         return partial(self._use, index, source)
 
     def _use(self, index: ReplayIndex, source: str | None) -> None:
