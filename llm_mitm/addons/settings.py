@@ -49,7 +49,7 @@ class Settings:
         if "llm_config" not in updated:
             return
         path = resolve_config_path(ctx.options.llm_config)
-        self._awaited = Path.cwd() / DEFAULT_CONFIG_FILE if path is None and not ctx.options.llm_config else None
+        awaited = Path.cwd() / DEFAULT_CONFIG_FILE if path is None and not ctx.options.llm_config else None
         stamp = _stamp(path)
         try:
             self._put_in_force(_checked(load_config(path) if path else default_config(), path), path)
@@ -67,7 +67,7 @@ class Settings:
             self._put_in_force(previous, path)
         else:
             logger.info("llm-mitm: config %s", path or "built-in defaults")
-        self.path, self._stamp = path, stamp
+        self.path, self._stamp, self._awaited = path, stamp, awaited
 
     def running(self) -> None:
         self._started = True
