@@ -126,6 +126,8 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
 _BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
+# How a classic GitHub token starts (`ghs_`: the GITHUB_TOKEN of Actions, pasted from CI logs).
+_GITHUB_TOKEN_START = re.compile(rb"gh[pousr]_")
 # A password in a URL (`postgres://admin:pw@db`, `https://user:ghp_...@github.com`).
 _USERINFO_PASSWORD = re.compile(r"(?<=://)([^/\s:@\"'<>]+:)([^/\s@\"'<>]+)(?=@)")
 
@@ -420,7 +422,7 @@ class Redactor:
             return True, names
         if (b"=" in blob and b"sig=" in lowered) or (b"%" in blob and b"%2d" in lowered):  # a signed link; a key percent-encoded
             return True, names
-        if b"ek_" in blob or b"ghp_" in blob or b"github_pat_" in blob:  # an ephemeral key; a GitHub token pasted into a prompt
+        if b"ek_" in blob or b"github_pat_" in blob or (b"gh" in blob and _GITHUB_TOKEN_START.search(blob) is not None):  # an ephemeral key; a GitHub token pasted into a prompt
             return True, names
         return self._quoted_field.search(lowered) is not None, names
 

@@ -203,7 +203,8 @@ def test_first_tests_never_skip_what_a_shape_finds(text: str) -> None:
 _JSON_TEXT = st.lists(st.sampled_from(["plain words", "0123456789abcdef" * 2, "ABCDEF0123456789", "sk-", "SK-", "eyJ", ".",
                                        "bearer ", "BeArEr\t", "token1234token1234", "é", "\u0130", "\u212a", "\"", "\\", "\n",
                                        "GITHUB_TOKEN=", "max_tokens=", "DB_PA", "\u017fS", "SWORD", ": ", "=", "\u0131", "pwd", "hunter2",
-                                       KEYS["openai"], KEYS["azure"], KEYS["google"], KEYS["azure-annotated"]]), max_size=6).map("".join)
+                                       "ghs_" + "Zq7" * 12, KEYS["openai"], KEYS["azure"], KEYS["google"], KEYS["azure-annotated"]]),
+                      max_size=6).map("".join)
 _JSON_KEYS = st.sampled_from(["content", "role", "api_key", "API_KEY", "api\u212aey", "Password", "secret", "x", "code", "token"])
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | _JSON_TEXT,
@@ -572,6 +573,8 @@ def test_a_json_value_named_like_a_credential_is_hidden_as_free_text_would_hide_
         "the realtime client secret ek_" + "a1B2c3D4" * 4,
         "git clone https://ghp_" + "x" * 36 + "@github.com/acme/app",
         "fine-grained github_pat_" + "A1_" * 10,
+        # every GitHub token, not only ghp_: ghs_ is the GITHUB_TOKEN of Actions, pasted from CI logs (a secrets probe)
+        *[f"git push says 403 with {prefix}" + "Zq7" * 12 for prefix in ("gho_", "ghu_", "ghs_", "ghr_")],
         "TOKEN:\\neyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig",  # a JWT after an escape, as tool arguments hold it
         "callback?state=sk%2Dproj%2D" + "K" * 30,  # a key percent-encoded in a body
     ],
