@@ -558,6 +558,27 @@ def local_provider(folder: Path, port: int, allowed: str = "gpt-4o*") -> Path:
                                f"policy:\n  allowed_models: ['{allowed}']\n")
 
 
+def test_upstream_quoting_the_key_a_batch_read_sent_is_not_logged_with_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A key of no known shape (a gateway's) that upstream quotes when it refuses the read of
+    a batch's input file reached the log whole (a secrets probe)."""
+    key = "gw-virtual-key-7Hq2Lm9Xc4Rt"
+    refusal = orjson.dumps({"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error"}})
+    with CannedServer({"/v1/files/file-1/content": ok(refusal, "Content-Type: application/json", status="401 Unauthorized")}) as server:
+
+        async def go() -> None:
+            with whole_addon(local_provider(tmp_path, server.port)) as (llm, _):
+                flow = batch_flow(server.port)
+                flow.request.headers["authorization"] = f"Bearer {key}"
+                with caplog.at_level(logging.WARNING):
+                    await llm.request(flow)
+                assert flow.response.status_code == 403
+
+        os.chdir(tmp_path)
+        run(go())
+    assert "could not be read" in caplog.text and "Incorrect API key provided" in caplog.text
+    assert key not in caplog.text
+
+
 def test_a_concern_that_waits_holds_the_rest_of_the_hook(tmp_path: Path) -> None:
     """A batch's input file is read from upstream before the batch goes: the concerns after
     the one reading it run once it is done (not at all for a flow killed meanwhile), and a

@@ -20,6 +20,7 @@ from llm_mitm.exchange import Exchange
 from llm_mitm.fetch import FetchError, Upstream, fetch
 from llm_mitm.policy import Policy, Violation
 from llm_mitm.providers import Route, input_file_path
+from llm_mitm.redact import replace_sent
 
 logger = logging.getLogger("llm_mitm.batch_input")
 
@@ -62,8 +63,11 @@ class BatchInput:
         try:
             violation = await self._verdict(flow, exchange, file_id)
         except FetchError as error:
-            logger.warning("llm-mitm: the input file %r of a batch could not be read (%s); the batch is refused", file_id, error)
-            violation = Violation("policy_error", f"the batch's input file {file_id!r} could not be read to check its calls: {error}")
+            # Upstream's own words, which may quote the key the call sent ("Incorrect API key
+            # provided: ..."): a key of no known shape would reach the log whole.
+            reason = replace_sent(str(error), self.shared.redactor.sent_credentials(exchange.request_headers, exchange.url))
+            logger.warning("llm-mitm: the input file %r of a batch could not be read (%s); the batch is refused", file_id, reason)
+            violation = Violation("policy_error", f"the batch's input file {file_id!r} could not be read to check its calls: {reason}")
         except Exception:  # the batch does not go unchecked
             logger.exception("llm-mitm: checking the input file %r of a batch failed; the batch is refused", file_id)
             violation = Violation("policy_error", f"the batch's input file {file_id!r} could not be checked against the policy")
