@@ -56,7 +56,7 @@ class Body:
                 malformed = True
         media = _MEDIA.get(content_type.partition(";")[0].strip().lower())
         if media is None and (malformed or _is_textual(content_type)):
-            return cls(size=size, text=_sample(content))
+            return cls(size=size, text=_sample(content, content_type))
         return cls(size=size, media=media)
 
     @property
@@ -119,16 +119,32 @@ _MEDIA = {"multipart/form-data": "form", "application/sdp": "sdp"}
 _TOKEN_TAIL = re.compile(r"[A-Za-z0-9._~+/=-]+\Z")
 
 
-def _sample(content: bytes) -> str:
-    """The start of a text body, for the trace. Where it is cut, a word cut in two goes:
-    half a key is too short to be known for one, and would be written down as it is."""
-    text = content[: _SAMPLE_LIMIT * 4].decode("utf-8", "replace")
+def _sample(content: bytes, content_type: str = "") -> str:
+    """The start of a text body, for the trace, read in its charset (UTF-16 read as UTF-8
+    put a NUL between every two letters, and no key was found in it). Where it is cut, a
+    word cut in two goes: half a key is too short to be known for one, and would be
+    written down as it is."""
+    head = content[: _SAMPLE_LIMIT * 4]
+    try:
+        text = head.decode(_text_encoding(head, content_type), "replace").removeprefix("\ufeff")
+    except LookupError:  # a charset Python does not know
+        text = head.decode("utf-8", "replace")
     if len(text) <= _SAMPLE_LIMIT and len(content) <= _SAMPLE_LIMIT * 4:
         return text
     return _TOKEN_TAIL.sub("", text[:_SAMPLE_LIMIT])
 
 
 _UNICODE_MARKS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # the UTF-32 ones start with these
+_CHARSET = re.compile(r';\s*charset\s*=\s*"?([^";\s]+)', re.IGNORECASE)
+
+
+def _text_encoding(content: bytes, content_type: str) -> str:
+    """The charset the type names, else the one a byte order mark or NULs tell, else UTF-8."""
+    if named := _CHARSET.search(content_type):
+        return named.group(1)
+    if content.startswith(_UNICODE_MARKS) or b"\x00" in content[:4]:
+        return json.detect_encoding(content)
+    return "utf-8"
 
 
 def _utf8_json(content: bytes) -> bytes | None:

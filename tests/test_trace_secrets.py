@@ -88,3 +88,21 @@ def test_the_writer_process_logs_through_the_redaction(tmp_path: Path, capfd: py
     err = capfd.readouterr().err
     assert "no price for model" in err and "ft:gpt-4o:acme:sk-proj-…" in err
     assert "XYZZY" not in err
+
+
+@pytest.mark.parametrize(("content_type", "encoding"), [
+    ("text/plain; charset=utf-16", "utf-16"),
+    ('text/plain; Charset="UTF-16LE"', "utf-16-le"),
+    ("text/plain", "utf-16"),  # no charset named: its byte order mark tells
+    ("application/json", "utf-32"),  # JSON that does not parse, in UTF-32
+    ("text/plain; charset=no-such-charset", "utf-8"),
+])
+def test_a_text_body_is_read_in_its_charset_before_a_key_is_looked_for(content_type: str, encoding: str) -> None:
+    """Read as UTF-8, UTF-16 put a NUL between every two letters: no key shape was found and
+    the key went into the trace, readable once the NULs are taken out (a secrets probe)."""
+    from llm_mitm.exchange import Body
+
+    key = "sk-proj-" + "U7x" * 14
+    body = Body.parse(f"my key: {key} {{".encode(encoding), content_type)
+    assert body.text is not None and body.text.startswith("my key: sk-proj-")
+    assert "U7xU7x" not in Redactor().text(body.text)
