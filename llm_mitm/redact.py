@@ -126,6 +126,8 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
 _BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
+# In a name, what says its value is a password (`password`, `passwd`, `DB_PASS`, `pwd`).
+_PASSWORD_WORDS = ("pass", "pwd")
 # How a classic GitHub token starts (`ghs_`: the GITHUB_TOKEN of Actions, pasted from CI logs).
 _GITHUB_TOKEN_START = re.compile(rb"gh[pousr]_")
 # A password in a URL (`postgres://admin:pw@db`, `https://user:ghp_...@github.com`).
@@ -438,6 +440,15 @@ class Redactor:
         hidden = self.opaque(token) if scheme.lower() in ("basic", "digest") else self.fingerprint(token)
         return f"{scheme} {hidden}"
 
+    def _hidden_as_named(self, name: str, value: str, hide: Callable[[str], str] | None = None) -> str:
+        """A value hidden by the name it is given: a password's or a cookie's with none of its
+        characters (their last ones are a password's), any other with `hide` (a key's
+        fingerprint, its last four characters kept)."""
+        lowered = name.lower()
+        if lowered in ("cookie", "set-cookie") or any(word in lowered for word in _PASSWORD_WORDS):
+            return self.opaque(value)
+        return (hide or self.fingerprint)(value)
+
     def names_credential(self, name: str) -> bool:
         """Whether a header so named (lower-case) carries a credential; remembered."""
         return self._credential_headers(name)
@@ -483,7 +494,7 @@ class Redactor:
 
         def param(m: re.Match[str]) -> str:
             sep, name, value = m.groups()
-            return f"{sep}{name}={self.fingerprint(value)}" if self._is_key_param(m) else m.group(0)
+            return f"{sep}{name}={self._hidden_as_named(name, value)}" if self._is_key_param(m) else m.group(0)
 
         return self._named_values(self.text(self._query.sub(param, url)))
 
@@ -593,7 +604,7 @@ class Redactor:
             return match.group(0)
         quote = value[0] if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0] else ""  # YAML (mitmproxy 12) may quote it
         inner, lowered = value[len(quote) : len(value) - len(quote)], name.lower()
-        hidden = self.header(lowered, inner) if lowered in self.headers else inner if _is_fingerprint(inner) else self.fingerprint(inner)
+        hidden = self.header(lowered, inner) if lowered in self.headers else inner if _is_fingerprint(inner) else self._hidden_as_named(lowered, inner)
         return f"{indent}{name}:{gap}{quote}{hidden}{quote}{rest[len(value):]}"
 
     def printout(self, text: str, sent: Mapping[str, str] = _NOTHING_SENT) -> str:
@@ -644,7 +655,7 @@ class Redactor:
             decoded = _percent_decoded("&" + query.partition("#")[0])[0]
             for match in self._query.finditer(decoded):
                 if self._is_key_param(match) and len(value := match.group(3)) >= SHORTEST_SENT:
-                    sent[value] = self.fingerprint(value)
+                    sent[value] = self._hidden_as_named(match.group(2), value)
         return dict(sorted(sent.items(), key=lambda item: -len(item[0])))  # one holding another goes whole
 
     def json(self, value: Any) -> Any:
@@ -686,12 +697,17 @@ class Redactor:
         return any(match.end() == len(key) + 1 for match in self._assignment.finditer(key + ":"))
 
     def _named_value(self, key: str, value: Any) -> Any:
-        """A value hidden by its key's name: a string whole; an object's `value` (a realtime
-        client secret: `"client_secret": {"value": "ek_..."}`). None: walked as it is."""
+        """A value hidden by its key's name: a string whole, a number (a PIN, a numeric
+        password) or a list of strings (keys to rotate through) each; an object's `value` (a
+        realtime client secret: `"client_secret": {"value": "ek_..."}`). None: walked as it is."""
         if isinstance(value, str):
             if not self._credential_keys(key):
                 return None
-            return self.opaque(value) if key.lower() in ("cookie", "set-cookie") else self.credential(value)  # as the headers are
+            return self._hidden_as_named(key, value, self.credential)  # as the headers are
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return self._hidden_as_named(key, str(value), self.credential) if self._credential_keys(key) else None
+        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            return [self._hidden_as_named(key, item, self.credential) for item in value] if self._credential_keys(key) else None
         if isinstance(value, dict) and isinstance(value.get("value"), str) and value["value"] and self._credential_keys(key):
             return {**value, "value": self.credential(value["value"])}
         return None
@@ -703,4 +719,4 @@ class Redactor:
         if not isinstance(value, str) or not value:
             return item
         name = next((item[field] for field in ("name", "key") if isinstance(item.get(field), str)), None)
-        return {**item, "value": self.credential(value)} if name is not None and self._credential_keys(name) else item
+        return {**item, "value": self._hidden_as_named(name, value, self.credential)} if name is not None and self._credential_keys(name) else item

@@ -313,6 +313,22 @@ def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
         assert re.fullmatch(r"(Basic )?…#[0-9a-f]{8}", redacted), redacted
         assert secret[-4:] not in redacted
     assert redactor.header("authorization", "bearer\t" + KEYS["project"]) == "bearer " + redactor.fingerprint(KEYS["project"])
+    # A password given by name, however it comes: a JSON field, a query or form parameter, a
+    # name/value pair, a line of the printout (they kept their last four; a secrets probe).
+    password = "correct-horse-battery-staple"
+    hidden = [
+        orjson.dumps(redactor.json({"password": password, "db": {"DB_PASS": password}, "env": [{"name": "DB_PASSWORD", "value": password}]})).decode(),
+        redactor.url(f"https://h/v1/x?password={password}&n=1"),
+        redactor.printout(f"    password: {password}"),
+        redactor.sent_credentials([], f"https://h/v1/x?password={password}")[password],
+    ]
+    for text in hidden:
+        assert "aple" not in text and re.search(r"…#[0-9a-f]{8}", text), text
+    assert redactor.json({"api_key": KEYS["project"]})["api_key"] == redactor.fingerprint(KEYS["project"])  # a key keeps its tail
+    # not a string: a list of keys, a number (their characters went whole)
+    listed = redactor.json({"api_key": ["lk-opaque-0123456789abc"], "password": 123456789, "secret": [1, {"a": "plain"}]})
+    assert "0123456789abc" not in orjson.dumps(listed).decode() and listed["password"].startswith("…#"), listed
+    assert listed["secret"] == [1, {"a": "plain"}]  # a list that is not of strings is walked as it is
 
 
 @pytest.mark.parametrize(
