@@ -56,7 +56,7 @@ SENSITIVE_FIELDS = frozenset(
 )
 # Query parameters: the same, plus names too broad for bodies (error bodies carry
 # "code": "invalid_api_key"), and Azure API Management's key (`?subscription-key=`).
-SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code", "subscription-key"}
+SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code", "subscription-key", "auth"}
 # In free text (`GITHUB_TOKEN=...`, `DB_PASS=...`, `Pwd=...`, `AWS_SECRET_ACCESS_KEY=...`,
 # `clientSecret:`) also these, as regex branches. A token or `pass` only after a prefix
 # (`"token": "Hello"` is a logprob's word), and neither a tokenizer's special tokens nor a

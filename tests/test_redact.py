@@ -393,7 +393,7 @@ def test_escaped_urls_lose_their_keys_and_keep_the_rest() -> None:
 
 # What mitmdump prints at flow_detail 3 and 4 (a review's findings D4 to D7).
 
-@pytest.mark.parametrize("name", ["key", "token", "sig", "signature", "code", "api-key", "KEY", "subscription-key"])
+@pytest.mark.parametrize("name", ["key", "token", "sig", "signature", "code", "api-key", "KEY", "subscription-key", "auth"])
 def test_the_query_table_of_the_printout_hides_what_the_url_hides(name: str) -> None:
     """mitmdump lists a request's query as `name:   value` lines (padded; mitmproxy 12 as
     YAML, quoted or not): a value of no known shape goes as the same parameter in the URL
