@@ -979,3 +979,23 @@ def test_a_replay_source_that_does_not_exist_is_named_in_a_warning(tmp_path: Pat
 
     run(go())
     assert f"replay.source {tmp_path}/recordd.jsonl does not exist: no recorded answers (a miss is answered 404)" in caplog.text
+
+
+def test_a_call_the_recorder_cannot_read_is_refused_not_passed_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is what every concern reads: without it the policy took the call for no
+    LLM call and let it go unchecked (a firewall probe: a codec that raised)."""
+    import llm_mitm.addons.recorder as recorder
+
+    def broken(*args: object) -> None:
+        raise TypeError("a body nothing foresaw")
+
+    async def go() -> None:
+        with whole_addon(config_file(tmp_path, "policy:\n  denied_models: [gpt-4o]\n")) as (llm, _):
+            monkeypatch.setattr(recorder.Body, "parse", broken)
+            flow = chat_flow()
+            llm.request(flow)
+            assert flow.response is not None and flow.response.status_code == 400
+            assert flow.response.headers["x-llm-mitm-rule"] == "policy_error"
+
+    os.chdir(tmp_path)
+    run(go())

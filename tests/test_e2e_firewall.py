@@ -331,6 +331,22 @@ def test_a_body_in_any_shape_is_policed_before_it_goes(
     assert response.status_code == status and response.json()["error"]["code"] == code
 
 
+@pytest.mark.parametrize("coding", ["rot13", "quopri", "base64", "gzip, br"])
+def test_a_body_in_a_coding_no_server_decodes_is_unparseable(firewall: Mitmdump, provider: FakeProvider, coding: str) -> None:
+    """mitmproxy decodes any Python codec named in Content-Encoding; servers ignore those
+    they do not know and run the bytes as sent. rot13 raised in the proxy, and the call went
+    upstream unchecked (a denied model, a forbidden phrase); quopri was read as another body
+    than the server runs (a firewall probe)."""
+    m = marker()
+    with Blocked(provider, m):
+        response = requests.post(
+            "https://api.openai.com/v1/chat/completions", data=orjson.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": m}]}),
+            headers={"content-type": "application/json", "content-encoding": coding, "authorization": f"Bearer {OPENAI_KEY}"},
+            proxies={"https": firewall.proxy_url}, verify=str(firewall.ca_cert), timeout=30,
+        )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unparseable_body", response.text
+
+
 def test_operation_not_allowed(firewall: Mitmdump, provider: FakeProvider) -> None:
     m = marker()
     with Blocked(provider, m):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from mitmproxy import http
 
+from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import Body, Exchange, first_field
 from llm_mitm.forms import read_form
@@ -23,6 +25,8 @@ _KEY_HEADERS = {
     "azure": ("api-key", "authorization", _APIM_HEADER, "x-api-key"),
     "anthropic": ("x-api-key", "authorization", "api-key", _APIM_HEADER),
 }
+logger = logging.getLogger("llm_mitm.recorder")
+
 _KEY_PARAMS = ("api-key", "subscription-key")
 # Credentials that are not the caller's key for the API: the proxy's own login, cookies.
 _NOT_CALLER_HEADERS = frozenset(("proxy-authorization", "cookie"))
@@ -49,9 +53,19 @@ class Recorder:
             request=Body(),
             started_at=request.timestamp_start,
         )
-        content = request.get_content(strict=False) if exchange.header("content-encoding") else request.raw_content
+        try:
+            self._read_request(request, exchange)
+        except Exception:  # noqa: BLE001 - a call the proxy cannot read must not go on unchecked
+            logger.exception("llm-mitm: reading the request failed; it is refused")
+            self.shared.record(flow, exchange)
+            refuse(flow, exchange, 400, "policy_error", "the proxy could not read the request to check it against the policy")
+            return
+        self.shared.record(flow, exchange)
+
+    def _read_request(self, request: http.Request, exchange: Exchange) -> None:
+        content = _content(request, exchange.header("content-encoding"))
         content_type = exchange.header("content-type") or ""
-        exchange.take_request(Body.parse(content, content_type))
+        exchange.take_request(Body.parse(content, content_type) if content is not None else Body(size=len(request.raw_content or b"")))
         exchange.url = _url(request, exchange.header("host"))
         exchange.api_key = self._api_key(exchange) or self._query_key(request) or self._gateway_key(exchange)
         exchange.organization = exchange.header("openai-organization") or None
@@ -60,9 +74,8 @@ class Recorder:
             exchange.form = read_form(content or b"", content_type, files=exchange.route.operation == "files")
             model = exchange.form.fields.get("model") if exchange.form else None
             exchange.model = exchange.model or (model if isinstance(model, str) else None)
-        if exchange.model is None and route.operation == "realtime" and "?" in request.path:  # the model is in the query there only
+        if exchange.model is None and exchange.route.operation == "realtime" and "?" in request.path:  # the model is in the query there only
             exchange.model = request.query.get("model")
-        self.shared.record(flow, exchange)
 
     def _route_by_name(self, flow: http.HTTPFlow) -> Route | None:
         """A provider named by the TLS server name or the Host header rather than the
@@ -108,7 +121,7 @@ class Recorder:
             exchange.finish(defer=self._defer(exchange))
         else:
             fields = exchange.response_fields
-            content = response.get_content(strict=False) if first_field(fields, b"content-encoding") else response.raw_content
+            content = _content(response, first_field(fields, b"content-encoding"))
             exchange.finish(content, first_field(fields, b"content-type"), defer=self._defer(exchange))
 
     def _defer(self, exchange: Exchange) -> bool:
@@ -163,6 +176,21 @@ class Recorder:
             return None
         value = next(filter(None, map(request.query.get, _KEY_PARAMS)), None)
         return self.shared.redactor.credential(value) if value else None
+
+
+# The content codings servers decode. mitmproxy also "decodes" any Python codec named there
+# (rot13, base64, quopri), which no server does: the policy read another body than upstream
+# ran (and rot13 raised, and the call went on unchecked).
+_SERVER_CODINGS = frozenset(("gzip", "x-gzip", "deflate", "br", "zstd", "identity"))
+
+
+def _content(message: http.Message, coding: str | None) -> bytes | None:
+    """The body as its server reads it; None when no server would decode it."""
+    if not coding:
+        return message.raw_content
+    if coding.strip().lower() not in _SERVER_CODINGS:
+        return None
+    return message.get_content(strict=False)
 
 
 def _event_stream(exchange: Exchange, content_type: str) -> bool:
