@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import unicodedata
 from collections.abc import Iterator
+from importlib import resources
 from typing import Any
 
 import orjson
@@ -369,13 +371,17 @@ def tool_input_text(value: Any) -> str:
         return ""
 
 
-# Letters from other scripts that look like Latin ones (the common spoofs), and Latin
-# letters that look like others: dotless i, script g, small capitals.
-_HOMOGLYPHS = str.maketrans(
-    "аеорсухіјѕԁһӏԛԝвкмнтαεικνορτυχıɡɑɩᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢօոսհ௦",
-    "aeopcyxijsdhlqwbkmhtaeikvoptuxigaiabcdefghijklmnoprstuvwyzonuho",
-)
-_LOOK_ALIKE = re.compile("[" + "".join(chr(point) for point in _HOMOGLYPHS) + "]")
+def _look_alikes() -> dict[int, str]:
+    """Letters of other scripts that look like Latin ones, and Latin letters that look like
+    others (dotless i, script g, small capitals), each as the letter it passes for: Unicode's
+    confusables, in `data/look_alikes.json`. A capital maps to its own look-alike (Greek Ν
+    is an N, its small ν a v), so the table is applied before case folding, and after."""
+    letters = json.loads(resources.files("llm_mitm").joinpath("data/look_alikes.json").read_text(encoding="utf-8"))["letters"]
+    return str.maketrans(letters)
+
+
+_HOMOGLYPHS = _look_alikes()
+_LOOK_ALIKE = re.compile("[" + "".join(re.escape(chr(point)) for point in _HOMOGLYPHS) + "]")
 # Marks that only decorate a letter (accents: the combining blocks of Latin, Greek and
 # Cyrillic; Hebrew and Arabic vowel points, which the text is read without), variation
 # selectors, and the Hangul fillers. Not every nonspacing mark: in Japanese, Indic and Thai
@@ -435,8 +441,11 @@ def _normalize_unicode(text: str) -> str:
     if _DECOMPOSED_AWAY.search(text):
         text = text.translate(_BEFORE_DECOMPOSING)
     decomposed = _HIDDEN.sub("", unicodedata.normalize("NFKD", text))
-    folded = unicodedata.normalize("NFKC", decomposed).casefold()
-    if _LOOK_ALIKE.search(folded):  # a table lookup per character costs ten times the search
+    composed = unicodedata.normalize("NFKC", decomposed)
+    if _LOOK_ALIKE.search(composed):  # a table lookup per character costs ten times the search
+        composed = composed.translate(_HOMOGLYPHS)
+    folded = composed.casefold()
+    if _LOOK_ALIKE.search(folded):  # what case folding made of the rest (Cherokee's small letters fold to capitals)
         folded = folded.translate(_HOMOGLYPHS)
     return " ".join(_HIDDEN.sub("", folded).split())  # runs of whitespace as one space
 
