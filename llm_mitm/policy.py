@@ -377,6 +377,11 @@ class Policy:
                 changed[name] = cap
         if not present and field is not None:
             changed[field] = cap
+        thinking = body.get("thinking")
+        budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget >= cap:
+            # Anthropic refuses a thinking budget not below max_tokens: lowered with it
+            changed["thinking"] = {**thinking, "budget_tokens": cap - 1}
         return changed if changed != body else None
 
 
@@ -497,7 +502,10 @@ def _limit_field(route: Route) -> str | None:
     if route.operation == "responses":
         return "max_output_tokens"
     if route.operation == "chat.completions":
-        return "max_completion_tokens"
+        # The older name where the newer is not known: Azure before 2024-09-01-preview, and a
+        # server of your own (OpenAI-compatible servers take max_tokens; not all the other).
+        newer = route.provider in ("openai", "azure") and route.azure_takes_2024_09_fields()
+        return "max_completion_tokens" if newer else "max_tokens"
     if route.operation == "completions":
         return "max_tokens"
     return None

@@ -64,6 +64,13 @@ class Route:
     # read, cancelled, counted or updated there, never generated, so never charged.
     subresource: bool = False
 
+    def azure_takes_2024_09_fields(self) -> bool:
+        """Whether the call's API takes what Azure's api-version 2024-09-01-preview brought
+        (`stream_options`, `max_completion_tokens`): every API but Azure's older versions (an
+        older one answers 400 "Unrecognized request argument"); its v1 API, with none, does."""
+        version = self.api_version
+        return self.api != "azure" or not version or not version[:4].isdigit() or version[:10] >= "2024-09-01"
+
     def generates(self, method: str) -> bool:
         """Asks a model for new output (what the APIs bill): a POST to a generating
         operation's endpoint, or to one of its actions that runs the model (`/responses/compact`)."""

@@ -142,6 +142,15 @@ def test_max_tokens_read_as_a_server_reads_them(value: object, over: bool) -> No
         (Route("openai", "openai", "embeddings"), {}, None),
         (THREADS, {"assistant_id": "a", "max_completion_tokens": 100000}, {"assistant_id": "a", "max_completion_tokens": 100}),  # a run (probe)
         (THREADS, {"assistant_id": "a"}, None),  # nothing added where the API may not take it
+        # the field added where a call names none, as each API knows it (a firewall probe: Azure
+        # before 2024-09-01-preview answered 400 to max_completion_tokens)
+        (Route("azure", "azure", "chat.completions", api_version="2024-02-01"), {}, {"max_tokens": 100}),
+        (Route("azure", "azure", "chat.completions", api_version="2024-10-21"), {}, {"max_completion_tokens": 100}),
+        (Route("vllm", "openai", "chat.completions"), {}, {"max_tokens": 100}),
+        # a thinking budget must stay below max_tokens (Anthropic refused the clamped call)
+        (ANTHROPIC, {"max_tokens": 16000, "thinking": {"type": "enabled", "budget_tokens": 8000}},
+         {"max_tokens": 100, "thinking": {"type": "enabled", "budget_tokens": 99}}),
+        (ANTHROPIC, {"max_tokens": 90, "thinking": {"type": "enabled", "budget_tokens": 50}}, None),
     ],
 )
 def test_max_tokens_clamp(route: Route, body: dict, expected: dict | None) -> None:

@@ -24,7 +24,6 @@ from llm_mitm.sse import USAGE_HINT, is_usage_only_chunk, strip_null_usage, with
 logger = logging.getLogger("llm_mitm.stream_usage")
 
 _OPERATIONS = ("chat.completions", "completions")
-_AZURE_FIRST_VERSION = "2024-09-01"  # the first api-version (a preview) that takes stream_options
 
 
 class StreamUsage:
@@ -63,14 +62,7 @@ class StreamUsage:
 
     def _takes_stream_options(self, route: Route) -> bool:
         provider = self.shared.config.providers.get(route.provider)
-        return provider is not None and provider.stream_usage and _version_takes_stream_options(route)
-
-
-def _version_takes_stream_options(route: Route) -> bool:
-    version = route.api_version
-    if route.api != "azure" or not version or not version[:4].isdigit():
-        return True
-    return version[:10] >= _AZURE_FIRST_VERSION
+        return provider is not None and provider.stream_usage and route.azure_takes_2024_09_fields()
 
 
 def _filter_failed(reason: str) -> None:
