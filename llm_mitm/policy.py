@@ -148,7 +148,7 @@ class Policy:
         # each text's normal form, its middle left out when long (see `_edges`).
         self._reach = max((rule.span for rule in self._instructions if rule.search), default=0)
         self._all_searches = all(rule.search for rule in self._instructions)
-        self._edge_forms: TextMemo[str] = TextMemo(lambda role, text: self._edges(text))
+        self._edge_forms: TextMemo[tuple[str, str]] = TextMemo(lambda role, text: self._edges(text))
         # Any rule a call can break (a batch's input file is read back from upstream only then).
         self.checks_calls = bool(self._allowed or self._denied or self._operations or self._instructions or config.max_tokens is not None)
 
@@ -285,11 +285,15 @@ class Policy:
         needs: a search looks for its phrase without spaces in the texts joined without
         theirs (each text's edges suffice, remembered); a glob, matching the whole, is tried
         on the whole joined with nothing and with a space."""
-        forms = [form for form in (self._edge_forms("", text) if self._all_searches else normalize(text) for text in texts) if form]
+        if self._all_searches:
+            edges = [pair for pair in (self._edge_forms("", text) for text in texts) if pair[0]]
+            forms, squeezed = [normal for normal, _ in edges], "".join(bare for _, bare in edges)
+        else:
+            forms = [form for form in map(normalize, texts) if form]
+            squeezed = squeeze("".join(forms))
         if len(forms) < 2:
             return None
-        joined = "".join(forms)
-        packed, squeezed = joined.replace(" ", ""), squeeze(joined)
+        packed = "".join(forms).replace(" ", "")
         for rule in self._instructions:
             if rule.role is not None and rule.role != role:
                 continue
@@ -301,11 +305,13 @@ class Policy:
                 return rule
         return None
 
-    def _edges(self, text: str) -> str:
-        """A text's normal form with its middle, which no phrase reaching past its edges
-        can touch, cut out (a NUL, which no phrase holds, where it was)."""
+    def _edges(self, text: str) -> tuple[str, str]:
+        """A text's normal form and its squeezed form, each with its middle, which no phrase
+        reaching past its edges can touch, cut out (a NUL, which no phrase holds, where it
+        was). Squeezed before it is cut: punctuation padding a text's end pushed the rest of a
+        phrase out of an edge cut first (a firewall probe)."""
         normal, reach = normalize(text), self._reach
-        return normal if len(normal) <= 2 * reach else f"{normal[:reach]}\x00{normal[-reach:]}"
+        return _middle_cut(normal, reach), _middle_cut(squeeze(normal), reach)
 
     def _check_max_tokens(self, body: dict[str, Any]) -> Violation | None:
         cap = self.config.max_tokens
@@ -383,6 +389,10 @@ class Policy:
             # Anthropic refuses a thinking budget not below max_tokens: lowered with it
             changed["thinking"] = {**thinking, "budget_tokens": cap - 1}
         return changed if changed != body else None
+
+
+def _middle_cut(text: str, reach: int) -> str:
+    return text if len(text) <= 2 * reach else f"{text[:reach]}\x00{text[-reach:]}"
 
 
 def _token_limit(value: Any) -> float | None:
