@@ -867,6 +867,38 @@ def test_calls_that_wait_for_a_new_trace_writer_are_written_at_shutdown(tmp_path
     run(go())
 
 
+def test_calls_that_come_while_the_proxy_stops_are_refused_and_traced(tmp_path: Path) -> None:
+    """mitmproxy takes calls until the process ends, after `done` closed the trace writer:
+    one that came then went upstream untraced (seen in CI). From the start of `done` each
+    new call is answered 503 here; one in the grace window is traced, as the call in flight is."""
+    async def go() -> None:
+        with whole_addon() as (llm, _):
+            in_flight = chat_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "in flight"}]})
+            llm.request(in_flight)
+            stopping = llm.done()
+            assert stopping is not None
+            answered = []
+            for text in ("during the grace", "after done"):
+                flow = chat_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": text}]})
+                llm.request(flow)
+                assert flow.response is not None and flow.response.status_code == 503, text
+                assert flow.response.headers["x-llm-mitm-rule"] == "proxy_stopping" and flow.response.headers["retry-after"] == "1"
+                llm.responseheaders(flow)
+                llm.response(flow)
+                answered.append(flow)
+                if text == "during the grace":
+                    in_flight.response = tutils.tresp(headers=[(b"content-type", b"application/json")], content=b'{"model": "gpt-4o"}')
+                    llm.responseheaders(in_flight)
+                    llm.response(in_flight)
+                    await stopping
+        records = {r["request"]["body"]["messages"][0]["content"]: r for r in untimed_records(tmp_path / "traces.jsonl")}
+        assert sorted(records) == ["during the grace", "in flight"]
+        assert records["during the grace"]["status_code"] == 503
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_error_after_response_counts_the_call_once(tmp_path: Path) -> None:
     """mitmproxy may follow `response` with `error`; traces off, so nothing else marks it."""
     config = config_file(tmp_path, "traces:\n  destination: null\n")

@@ -162,7 +162,10 @@ class LLMMitm:
     def done(self) -> Awaitable[None] | None:
         """At shutdown mitmproxy still answers the calls in flight after `done`: their
         traces and charges would find the writer and the spend store closed. So the concerns
-        are done once those calls are (up to SHUTDOWN_GRACE seconds); at once when none is."""
+        are done once those calls are (up to SHUTDOWN_GRACE seconds); at once when none is.
+        Calls that come meanwhile or later are refused (the Recorder): they could not be
+        traced or charged."""
+        self.shared.stopping = True
         if self.shared.open_calls():
             return asyncio.get_running_loop().create_task(self._done_once_answered())  # awaited by mitmproxy; runs alone on a reload
         self._lifecycle("done")

@@ -61,6 +61,8 @@ class Recorder:
             refuse(flow, exchange, 400, "policy_error", "the proxy could not read the request to check it against the policy")
             return
         self.shared.record(flow, exchange)
+        if self.shared.stopping:  # mitmproxy takes calls until the process ends; none may go upstream untraced
+            refuse(flow, exchange, 503, "proxy_stopping", "the proxy is shutting down; send the call again once it is back", retry_after=1)
 
     def _read_request(self, request: http.Request, exchange: Exchange) -> None:
         content = _content(request, exchange.header("content-encoding"))

@@ -39,6 +39,9 @@ class Shared:
         # them), and how to bring in the counts it has not reported yet: set by the Tracer.
         self.defer_responses = False
         self.collect_counts: Callable[[float], None] = no_counts_owed
+        # Set when the proxy begins to shut down: mitmproxy goes on taking calls until the
+        # process ends, after the trace writer and the spend store have closed.
+        self.stopping = False
         self.apply(config or default_config())
 
     def apply(self, config: Config) -> None:
