@@ -14,7 +14,7 @@ from llm_mitm.config import ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import ROLE_ALIASES, as_list, normalize, read_request, squeeze, strings_in
+from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, read_request, squeeze, strings_in
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
@@ -258,13 +258,17 @@ class Policy:
                 return Violation("forbidden_instruction", f"{role} text matches forbidden_instructions pattern {rule.pattern!r}")
         for role, texts in runs:
             role = ROLE_ALIASES.get(role, role)
-            if (rule := self._run_verdict(role, texts)) is not None:
+            if (rule := self._run_verdict(role, texts) or self._run_verdict(role, _unescaped(texts))) is not None:
                 return Violation("forbidden_instruction", f"{role} texts read in a row match forbidden_instructions pattern {rule.pattern!r}")
         return None
 
     def _first_forbidden(self, role: str, text: str) -> _Instruction | None:
-        """The first forbidden-instruction rule that a (role, text) breaks."""
-        return self._first_match(role, normalize(text))
+        """The first forbidden-instruction rule that a (role, text) breaks, as written or
+        with its JSON escapes read (a tool call's arguments, a tool's output)."""
+        found = self._first_match(role, normalize(text))
+        if found is None and "\\" in text:
+            found = self._first_match(role, normalize(json_unescaped(text)))
+        return found
 
     def _first_match(self, role: str, normal: str) -> _Instruction | None:
         squeezed: str | None = None
@@ -389,6 +393,11 @@ class Policy:
             # Anthropic refuses a thinking budget not below max_tokens: lowered with it
             changed["thinking"] = {**thinking, "budget_tokens": cap - 1}
         return changed if changed != body else None
+
+
+def _unescaped(texts: list[str]) -> list[str]:
+    """Texts read in a row with their JSON escapes read; none when no text has one."""
+    return [json_unescaped(text) for text in texts] if any("\\" in text for text in texts) else []
 
 
 def _middle_cut(text: str, reach: int) -> str:

@@ -454,6 +454,26 @@ _BETWEEN_WORDS = re.compile(r"(?:[^\w\x00]|_)+")
 _ASCII_BETWEEN_WORDS = bytes(b for b in range(1, 128) if not chr(b).isalnum())
 
 
+_JSON_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+_JSON_ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_unescaped(text: str, rounds: int = 3) -> str:
+    """A text with its JSON escapes read (`\\n` a line break, `\\u0069` an i), as a model
+    reads the JSON a tool call's arguments or a tool's output is written in: an escape
+    between two words hid a phrase from a search of the raw text (a firewall probe). JSON
+    written in a JSON string is read again (up to `rounds`). A text that is no JSON at all
+    is read the same way: an escape anywhere is undone, whole JSON or not."""
+    for _ in range(rounds):
+        if "\\" not in text:
+            break
+        text = _JSON_ESCAPE.sub(lambda m: chr(int(m[1], 16)) if m[1] else _JSON_ESCAPED[m[2]], text)
+    if _SURROGATE.search(text):  # a pair written as two escapes: the character they make
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
 def squeeze(normal: str) -> str:
     """A normal form's letters and digits alone: words run together, or joined by `_`, `-`,
     `.` or anything else that is no letter, still say the same to a model. A NUL stays: it
