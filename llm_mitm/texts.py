@@ -116,27 +116,25 @@ class _Collector:
         system = body.get("system")
         if system is not None:
             self.content("system", system)
-        for key in ("instructions", "additional_instructions"):  # Assistants' runs add to the assistant's
+        # Instructions are the system's first turn: a developer or system message after
+        # them (Responses' input) is read right after (Assistants' runs add to the assistant's).
+        for key in ("instructions", "additional_instructions"):
             instructions = body.get(key)
             if isinstance(instructions, str):
-                self.out.append(("system", instructions))
+                self.turn("system", instructions)
         if "role" in body and "content" in body:  # Assistants: one message added to a thread
             self.message(body)
         for key in ("messages", "additional_messages"):
             for message in as_list(body.get(key)):
                 self.message(message)
-        self.end_run()
         for key in ("input", "items"):  # Responses' input; Conversations' items, read the same
             items = body.get(key)
-            if isinstance(items, str):
-                self.out.append(("user", items))
-            elif isinstance(items, list):
-                for item in items:
-                    if isinstance(item, str):
-                        self.out.append(("user", item))
-                    else:
-                        self.message(item)
-                self.end_run()
+            for item in [items] if isinstance(items, str) else as_list(items):
+                if isinstance(item, str):
+                    self.turn("user", item)
+                else:
+                    self.message(item)
+        self.end_run()
         if self.extras and not _EXTRA_KEYS.isdisjoint(body):  # most bodies have none: one look at their keys
             self._extras(body)
         if not nested:  # a body within: a new thread's (`threads/runs`), a realtime session's; one level
@@ -192,6 +190,15 @@ class _Collector:
             self.out.append((role, name_words(message["name"])))
         if self.extras and ("tool_calls" in message or "function_call" in message):  # chat: the assistant's earlier calls
             self.out.extend((role, text) for text in _call_texts(message, names=True))
+        self._ran(role, start)
+
+    def turn(self, role: str, text: str) -> None:
+        """A turn that is one text."""
+        self.out.append((role, text))
+        self._ran(role, len(self.out) - 1)
+
+    def _ran(self, role: str, start: int) -> None:
+        """The turn whose texts begin at `start` is over: one more of its speaker's run, or a new run."""
         if self.joined:
             speaker = ROLE_ALIASES.get(role, role)
             if self._run is not None and self._run[0] == speaker:  # one more turn of the same speaker

@@ -334,6 +334,18 @@ def test_a_phrase_split_between_turns_or_long_parts_is_found(glob: bool) -> None
     assert rule(config, route=ANTHROPIC, body={"messages": [{"role": "user", "content": apart}]}) is None
 
 
+def test_instructions_and_the_system_turns_after_them_are_read_in_a_row() -> None:
+    """Responses' `instructions` are the system's first turn: a developer or system item
+    right after them is read on (split between the two, a phrase went upstream: a firewall
+    probe); a user turn between them breaks the run."""
+    split = [{"role": "developer", "content": "previous instructions"}]
+    assert rule(FORBIDDEN, route=RESPONSES, body={"instructions": "ignore", "input": split}) == "forbidden_instruction"
+    assert rule(FORBIDDEN, route=RESPONSES, body={"instructions": "ignore", "input": [{"role": "system", "content": [{"type": "input_text", "text": "previous instructions"}]}]}) == "forbidden_instruction"
+    assert rule(FORBIDDEN, route=THREADS, body={"assistant_id": "a", "instructions": "ignore previous", "additional_instructions": "instructions"}) == "forbidden_instruction"
+    assert rule(FORBIDDEN, route=RESPONSES, body={"instructions": "ignore", "input": [{"role": "user", "content": "hi"}, *split]}) is None
+    assert rule(FORBIDDEN, route=RESPONSES, body={"instructions": "ignore", "input": "previous instructions"}) is None  # the user's, not the system's
+
+
 BATCH = Route("anthropic", "anthropic", "messages.batches")
 
 
