@@ -170,7 +170,7 @@ class Policy:
                              "where forbidden_instructions and max_tokens cannot reach them: connect over the WebSocket instead")
         if not isinstance(request.body, dict):
             return None
-        if violation := self._check_call(request.body):
+        if violation := self._check_call(route, request.body):
             return violation
         for call in batched_calls(route, request.body):  # each call of a batch, as if sent alone
             if violation := self._check_batched(call):
@@ -200,7 +200,7 @@ class Policy:
             if violation := self._check_batched(call):
                 return Violation(violation.rule, f"{call.name}: {violation.detail}", violation.status)
             field = _limit_field(call.route)
-            if cap is not None and field is not None and self._clamped(cap, call.params, field) is not None:
+            if cap is not None and field is not None and self._clamped(cap, call.params, field, _copies(call.route, call.params)) is not None:
                 return Violation("max_tokens_exceeded", f"{call.name}: its output limit is not within the cap of {cap} (max_tokens), and a "
                                  "file already uploaded cannot be clamped: upload it through the proxy, which clamps it")
         return None
@@ -216,7 +216,7 @@ class Policy:
             return violation
         if violation := self._check_model(call.route, call.params.get("model"), call.route.generates("POST")):
             return violation
-        return self._check_call(call.params)
+        return self._check_call(call.route, call.params)
 
     def _check_model(self, route: Route, model: Any, generating: bool) -> Violation | None:
         """The model's verdict; a call that generates without naming one (a Responses call
@@ -229,11 +229,14 @@ class Policy:
                              f"name the model ({self._allowed.listing(route.provider)})")
         return None
 
-    def _check_call(self, body: dict[str, Any]) -> Violation | None:
+    def _check_call(self, route: Route, body: dict[str, Any]) -> Violation | None:
         if violation := self._check_instructions(body):
             return violation
         if self.config.max_tokens_action == "reject":
-            return self._check_max_tokens(body)
+            return self._check_max_tokens(body, _copies(route, body))
+        cap, copies = self.config.max_tokens, _copies(route, body)
+        if cap is not None and copies > cap:  # not one token each: nothing to clamp to
+            return Violation("max_tokens_exceeded", f"{_outputs(copies, body)} exceed the cap of {cap} (max_tokens) at one token each")
         return None
 
     def _judge_model(self, provider: str, model: str) -> Violation | None:
@@ -317,19 +320,20 @@ class Policy:
         normal, reach = normalize(text), self._reach
         return _middle_cut(normal, reach), _middle_cut(squeeze(normal), reach)
 
-    def _check_max_tokens(self, body: dict[str, Any]) -> Violation | None:
+    def _check_max_tokens(self, body: dict[str, Any], copies: float) -> Violation | None:
         cap = self.config.max_tokens
         if cap is None:
             return None
         session = body.get("session")  # a realtime session's, made over HTTP (`/realtime/client_secrets`)
-        for holder, prefix in ((body, ""), (session if isinstance(session, dict) else {}, "session.")):
+        for holder, prefix, each in ((body, "", copies), (session if isinstance(session, dict) else {}, "session.", 1.0)):
             for field in MAX_TOKEN_FIELDS:
                 value = holder.get(field)
                 if value is None:  # most of them, in every call
                     continue
                 limit = _token_limit(value)
-                if limit is not None and limit > cap:
-                    return Violation("max_tokens_exceeded", f"{prefix}{field} {value!r} exceeds the cap of {cap} (max_tokens)")
+                if limit is not None and limit * each > cap:
+                    times = f" × {_outputs(each, body)}" if each > 1 else ""
+                    return Violation("max_tokens_exceeded", f"{prefix}{field} {value!r}{times} exceeds the cap of {cap} (max_tokens)")
         return None
 
     def clamp(self, route: Route, body: Any) -> dict[str, Any] | None:
@@ -356,7 +360,7 @@ class Policy:
             return None if inner is None and outer is None else {**(outer or body), **({"session": inner} if inner is not None else {})}
         # Elsewhere (an Assistants run, say) the limits a call names are lowered: none is
         # added where the API may not take one.
-        return self._clamped(cap, body, _limit_field(route))
+        return self._clamped(cap, body, _limit_field(route), _copies(route, body))
 
     def _clamped_nested(self, cap: int, body: dict[str, Any]) -> dict[str, Any] | None:
         """An eval run's and its graders' sampling limits (those they name: the APIs' own
@@ -372,26 +376,29 @@ class Policy:
         return None if all(changed[key] == body[key] for key in changed) else {**body, **changed}
 
     def _clamped_line(self, cap: int, route: Route, call: dict[str, Any]) -> dict[str, Any]:
-        field = _limit_field(_line_route(route, call["url"]))
-        body = None if field is None else self._clamped(cap, call["body"], field)
+        line = _line_route(route, call["url"])
+        field = _limit_field(line)
+        body = None if field is None else self._clamped(cap, call["body"], field, _copies(line, call["body"]))
         return call if body is None else {**call, "body": body}
 
     @staticmethod
-    def _clamped(cap: int, body: dict[str, Any], field: str | None) -> dict[str, Any] | None:
-        """`body` with each limit it names at most `cap`, and `field` set to it where it names
-        none (None: left so); None when nothing changes."""
+    def _clamped(cap: int, body: dict[str, Any], field: str | None, copies: float = 1.0) -> dict[str, Any] | None:
+        """`body` with each limit it names at most its share of `cap` (the cap over the
+        outputs it asks for, `n`), and `field` set to that where it names none (None: left
+        so); None when nothing changes."""
         changed = dict(body)
+        share = max(1, int(cap // copies)) if copies > 1 and copies != math.inf else cap
         present = {name: limit for name in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(name))) is not None}
         for name, limit in present.items():
-            if limit > cap:
-                changed[name] = cap
+            if limit > share:
+                changed[name] = share
         if not present and field is not None:
-            changed[field] = cap
+            changed[field] = share
         thinking = body.get("thinking")
         budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-        if isinstance(budget, int) and not isinstance(budget, bool) and budget >= cap:
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget >= share:
             # Anthropic refuses a thinking budget not below max_tokens: lowered with it
-            changed["thinking"] = {**thinking, "budget_tokens": cap - 1}
+            changed["thinking"] = {**thinking, "budget_tokens": share - 1}
         return changed if changed != body else None
 
 
@@ -402,6 +409,29 @@ def _unescaped(texts: list[str]) -> list[str]:
 
 def _middle_cut(text: str, reach: int) -> str:
     return text if len(text) <= 2 * reach else f"{text[:reach]}\x00{text[-reach:]}"
+
+
+_MANY_OUTPUTS = frozenset(("chat.completions", "completions"))
+
+
+def _copies(route: Route, body: dict[str, Any]) -> float:
+    """How many outputs a call generates, each up to its limit: chat's and completions' `n`,
+    and completions' `best_of` (all generated, one returned); read as limits are, so what
+    is no number counts as more than any cap. (An image call's `n` is no text output.)"""
+    copies = 1.0
+    if route.operation not in _MANY_OUTPUTS:
+        return copies
+    for field in ("n", "best_of"):
+        value = body.get(field)
+        if value is not None and (count := _token_limit(value)) is not None and count > copies:
+            copies = count
+    return copies
+
+
+def _outputs(copies: float, body: dict[str, Any]) -> str:
+    """`4 outputs (n 4)`, for a refusal."""
+    fields = ", ".join(f"{field} {body[field]!r}" for field in ("n", "best_of") if body.get(field) is not None)
+    return f"{copies:g} outputs ({fields})" if copies != math.inf else f"a count of outputs that is no number ({fields})"
 
 
 def _token_limit(value: Any) -> float | None:

@@ -151,6 +151,12 @@ def test_max_tokens_read_as_a_server_reads_them(value: object, over: bool) -> No
         (ANTHROPIC, {"max_tokens": 16000, "thinking": {"type": "enabled", "budget_tokens": 8000}},
          {"max_tokens": 100, "thinking": {"type": "enabled", "budget_tokens": 99}}),
         (ANTHROPIC, {"max_tokens": 90, "thinking": {"type": "enabled", "budget_tokens": 50}}, None),
+        # the cap shared by the outputs a call asks for (n; completions' best_of are all generated)
+        (OPENAI, {"n": 4, "max_tokens": 500}, {"n": 4, "max_tokens": 25}),
+        (OPENAI, {"n": 4}, {"n": 4, "max_completion_tokens": 25}),
+        (OPENAI, {"n": 3, "max_tokens": 20}, None),
+        (LEGACY, {"n": 2, "best_of": 8, "max_tokens": 100}, {"n": 2, "best_of": 8, "max_tokens": 12}),
+        (Route("openai", "openai", "images.generations"), {"n": 10, "prompt": "p"}, None),  # images, no text
     ],
 )
 def test_max_tokens_clamp(route: Route, body: dict, expected: dict | None) -> None:
@@ -396,6 +402,24 @@ def test_each_line_of_an_openai_batch_file_is_checked_as_if_sent_alone() -> None
     # Anthropic's batches name each call too.
     violation = check({"denied_models": ["claude-opus*"]}, route=BATCH, body=batch({"model": "claude-sonnet-4-5"}, {"model": "claude-opus-4-1"}))
     assert violation.detail.startswith("requests[1] (custom_id 'r1'): model 'claude-opus-4-1'")
+
+
+def test_the_cap_counts_every_output_a_call_asks_for() -> None:
+    """`n` choices (and completions' `best_of`) each take up to the limit: four of 500 is
+    2,000 tokens over a 1,000 cap (a firewall probe: they passed)."""
+    assert rule({"max_tokens": 1000}, body={"model": "m", "n": 4, "max_tokens": 500}) == "max_tokens_exceeded"
+    assert check({"max_tokens": 1000}, body={"model": "m", "n": 4, "max_tokens": 500}).detail == (
+        "max_tokens 500 × 4 outputs (n 4) exceeds the cap of 1000 (max_tokens)")
+    assert rule({"max_tokens": 1000}, body={"model": "m", "n": 2, "max_tokens": 500}) is None
+    assert rule({"max_tokens": 1000}, route=LEGACY, body={"model": "m", "best_of": 3, "max_tokens": 500}) == "max_tokens_exceeded"
+    assert rule({"max_tokens": 1000}, body={"model": "m", "n": "many", "max_tokens": 1}) == "max_tokens_exceeded"  # fails closed
+    assert rule({"max_tokens": 1000}, body={"model": "m", "n": 4}) is None  # reject judges the limits named
+    clamp = {"max_tokens": 10, "max_tokens_action": "clamp"}
+    assert check(clamp, body={"model": "m", "n": 11}).detail == "11 outputs (n 11) exceed the cap of 10 (max_tokens) at one token each"
+    assert rule(clamp, route=Route("openai", "openai", "images.generations"), body={"prompt": "p", "n": 11}) is None
+    policy = Policy(PolicyConfig.model_validate({"max_tokens": 1000, "max_tokens_action": "clamp"}))
+    clamped = policy.clamp(FILES, batch_file(("/v1/chat/completions", {"model": "m", "n": 5})))
+    assert clamped["batch"][0]["body"] == {"model": "m", "n": 5, "max_completion_tokens": 200}
 
 
 def test_each_line_of_an_openai_batch_file_is_clamped_by_its_own_field() -> None:
