@@ -159,6 +159,9 @@ class Policy:
             return violation
         if request.unparseable and self.config.on_unparseable == "reject":
             return Violation("unparseable_body", "the request body is not JSON the policy can read (on_unparseable: reject)", 400)
+        if self.checks_calls and route.repeated is not None:
+            return Violation("ambiguous_request", f"the query names {route.repeated!r} more than once, with different values (servers differ on "
+                             "which one counts, so the policy cannot tell what runs): name it once", 400)
         if self.checks_calls and route.operation == "batches" and _unread_batch_input(request.body):
             return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
                              "a batch read from elsewhere (Azure's input_blob) cannot be checked")

@@ -63,6 +63,9 @@ class Route:
     # one (`/responses/{id}`, `.../cancel`, `/responses/input_tokens`, `/chat/completions/{id}`):
     # read, cancelled, counted or updated there, never generated, so never charged.
     subresource: bool = False
+    # A query parameter that says what runs (`model`, `deployment`, `api-version`) given
+    # more than once, with different values: servers differ on which one counts.
+    repeated: str | None = None
 
     def azure_takes_2024_09_fields(self) -> bool:
         """Whether the call's API takes what Azure's api-version 2024-09-01-preview brought
@@ -129,21 +132,26 @@ def route_for(provider: Provider, path: str) -> Route:
     """Classify a request path (query included) for a provider's API."""
     path_only, _, query = path.partition("?")
     segments = _segments(path_only)
+    params = parse_qs(query, keep_blank_values=True) if query else {}
+    repeated = next((name for name in _RUNS_WHAT if len(set(params.get(name, ()))) > 1), None)
     if provider.api == "anthropic":
         segments = _after_version(segments)
         operation = _anthropic_operation(segments)
-        return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments))
+        return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments), repeated=repeated)
     if provider.api == "azure":
-        params = parse_qs(query)
         deployment, rest = _azure_parts(segments)
         rest = _openai_segments(rest)
         operation = _openai_operation(rest)
         if deployment is None and operation == "realtime":  # realtime names it in the query; elsewhere the body's model counts
             deployment = params.get("deployment", [None])[0]
-        return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0], _subresource(operation, rest))
+        return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0], _subresource(operation, rest),
+                     repeated)
     segments = _openai_segments(_after_version(segments))
     operation = _openai_operation(segments)
-    return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments))
+    return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments), repeated=repeated)
+
+
+_RUNS_WHAT = ("model", "deployment", "api-version")  # query parameters that say what runs
 
 
 def _segments(path: str) -> list[str]:

@@ -146,8 +146,20 @@ def test_limits_and_models_are_read_as_the_server_reads_them(firewall: Mitmdump,
         result = drive({"client": "requests", "method": "POST", "url": "https://api.openai.com/v1/responses?model=gpt-4o",
                         "headers": {"Authorization": f"Bearer {OPENAI_KEY}"}, "json": {"prompt": {"id": "pmpt_abc"}, "input": queried}}, firewall.client_env())
     assert result["status"] == 403 and "names no model" in result["body"]
+    choices = marker()  # four choices of 500 tokens: 2,000 tokens of output, over the cap
+    with Blocked(provider, choices):
+        result = openai_call(firewall, chat(choices, max_tokens=500, n=4))
+    assert result["error"] == "PermissionDeniedError" and "max_tokens 500 × 4 outputs (n 4) exceeds the cap of 1000" in result["message"]
+    twice = marker()  # which api-version counts, the first or the last, is the server's to choose
+    with Blocked(provider, twice):
+        result = drive({"client": "requests", "method": "POST",
+                        "url": "https://r.openai.azure.com/openai/deployments/prod-4o/chat/completions?api-version=2024-02-01&api-version=2024-10-21",
+                        "headers": {"api-key": "0" * 32}, "json": chat(twice, model="prod-4o")}, firewall.client_env())
+    assert result["status"] == 400 and "ambiguous_request" in result["body"] and "'api-version'" in result["body"]
+    assert_policy_trace(firewall, twice, "ambiguous_request", status=400)
     fine = marker()
     assert openai_call(firewall, chat(fine, max_tokens=1000.0))["text"] == CANNED_REPLY
+    assert openai_call(firewall, chat(marker(), max_tokens=500, n=2))["text"] == CANNED_REPLY
 
 
 @pytest.mark.parametrize(

@@ -404,6 +404,13 @@ def test_each_line_of_an_openai_batch_file_is_checked_as_if_sent_alone() -> None
     assert violation.detail.startswith("requests[1] (custom_id 'r1'): model 'claude-opus-4-1'")
 
 
+def test_a_query_naming_what_runs_twice_is_refused_where_rules_apply() -> None:
+    twice = Route("openai", "openai", "realtime", repeated="model")
+    violation = check({"denied_models": ["gpt-4o*"]}, route=twice, model="gpt-realtime", method="GET")
+    assert violation is not None and violation.rule == "ambiguous_request" and violation.status == 400 and "'model'" in violation.detail
+    assert check({}, route=twice, model="gpt-realtime", method="GET") is None  # no rule to mislead: traced as it goes
+
+
 def test_the_cap_counts_every_output_a_call_asks_for() -> None:
     """`n` choices (and completions' `best_of`) each take up to the limit: four of 500 is
     2,000 tokens over a 1,000 cap (a firewall probe: they passed)."""

@@ -132,6 +132,25 @@ def test_azure_api_version_is_kept(matcher: ProviderMatcher) -> None:
     assert route is not None and route.api_version == "2024-10-21" and route.api == "azure"
 
 
+@pytest.mark.parametrize(
+    ("host", "path", "repeated"),
+    [
+        ("api.openai.com", "/v1/realtime?model=gpt-realtime&model=gpt-4o-realtime-preview", "model"),
+        ("api.openai.com", "/v1/realtime?model=gpt-realtime&model=gpt-realtime", None),  # the same twice says one thing
+        ("api.openai.com", "/v1/realtime?model=gpt-realtime&mod%65l=other", "model"),  # as the server decodes it
+        ("r.openai.azure.com", "/openai/realtime?api-version=2024-10-01-preview&deployment=a&deployment=b", "deployment"),
+        ("r.openai.azure.com", "/openai/deployments/d/chat/completions?api-version=2024-02-01&api-version=2024-10-21", "api-version"),
+        ("r.openai.azure.com", "/openai/deployments/d/chat/completions?api-version=2024-10-21&x=1&x=2", None),
+        ("api.anthropic.com", "/v1/messages?model=a&model=", "model"),
+    ],
+)
+def test_a_parameter_saying_what_runs_given_twice_is_marked(matcher: ProviderMatcher, host: str, path: str, repeated: str | None) -> None:
+    """Servers differ on which of two values counts (Starlette the last, Flask the first):
+    the route says so, for the policy to refuse it (a firewall probe: the first was judged)."""
+    route = matcher.route(host, 443, path)
+    assert route is not None and route.repeated == repeated
+
+
 def test_disabled_provider_is_not_matched() -> None:
     config = parse_config({"providers": {"openai": {"enabled": False}}}, "test")
     assert ProviderMatcher(config.enabled_providers).match("api.openai.com", 443) is None
