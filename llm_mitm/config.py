@@ -49,6 +49,10 @@ class ProviderConfig(_Section):
     # on for the built-in providers; a server of your own may refuse the field (a 400 to a
     # call its client never made it), so there it is asked for only when turned on.
     stream_usage: bool = False
+    # Set `OpenAI-Organization` / `OpenAI-Project` as the organization rules say: OpenAI's
+    # own headers, on for it; a server of your own gets them only when turned on (a gateway
+    # in front of OpenAI, say), else they would tell it of an organization it has no use for.
+    organization_headers: bool = False
 
     @field_validator("hosts")
     @classmethod
@@ -63,7 +67,7 @@ class ProviderConfig(_Section):
 
 
 DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
-    "openai": {"api": "openai", "hosts": ["api.openai.com"], "upgrade_http": True, "stream_usage": True},
+    "openai": {"api": "openai", "hosts": ["api.openai.com"], "upgrade_http": True, "stream_usage": True, "organization_headers": True},
     "azure": {
         "api": "azure",
         "hosts": ["*.openai.azure.com", "*.cognitiveservices.azure.com"],

@@ -286,6 +286,13 @@ class Exchange:
         value = self._headers.get(name.encode("latin-1"))
         return None if value is None else value.decode("utf-8", "surrogateescape")
 
+    def header_values(self, name: str) -> list[str]:
+        """Each different value a request header was sent with, in order, empty ones left out
+        (a header sent twice says both to a server that joins them, either to one that picks)."""
+        key = name.lower().encode("latin-1")
+        values = dict.fromkeys(v.decode("utf-8", "surrogateescape") for k, v in self.request_fields if k.lower() == key and v)
+        return list(values)
+
     def __post_init__(self) -> None:
         self._headers = {k.lower(): v for k, v in reversed(self.request_fields)}
         self.take_request(self.request)

@@ -544,6 +544,49 @@ def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProv
         assert t["policy"] == {"decision": "allow", "rule": None, "detail": None}
 
 
+def test_an_organization_header_sent_twice(firewall: Mitmdump, provider: FakeProvider) -> None:
+    """The same value twice goes once; two values are refused (the server picks one,
+    unseen: the trace recorded the first while both went; a firewall probe)."""
+    def curl_with(m: str, *orgs: str) -> bytes:
+        headers = [arg for org in orgs for arg in ("-H", f"OpenAI-Organization: {org}")]
+        return subprocess.run(
+            ["curl", "-sS", "--proxy", firewall.proxy_url, "--cacert", str(firewall.ca_cert), "-w", "\n%{http_code}",
+             "https://api.openai.com/v1/chat/completions", "-H", f"Authorization: Bearer {OPENAI_KEY}", *headers,
+             "-H", "Content-Type: application/json", "--data-binary", orjson.dumps(chat(m)).decode()],
+            capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+        ).stdout
+    same = marker()
+    assert curl_with(same, "org-mine", "org-mine").endswith(b"\n200")
+    received = next(r for r in provider.requests if same.encode() in r.body)
+    assert [v for k, v in received.headers if k.lower() == "openai-organization"] == ["org-mine"]
+    assert trace_with(firewall, same)["organization"] == "org-mine"
+    differing = marker()
+    with Blocked(provider, differing):
+        out = curl_with(differing, "org-mine", "org-other")
+    assert out.endswith(b"\n400") and b"ambiguous_request" in out and b"OpenAI-Organization more than once" in out
+    assert_policy_trace(firewall, differing, "ambiguous_request", status=400)["organization"] == "org-mine, org-other"
+
+
+def test_organization_headers_go_to_a_server_of_your_own_only_when_turned_on(tmp_path: Path) -> None:
+    """A vLLM has no use for OpenAI's organization: the rules added it there (a firewall probe)."""
+    server = FakeProvider().start()
+    try:
+        for turned_on in (False, True):
+            vllm = {"api": "openai", "hosts": [f"localhost:{server.port}"], "organization_headers": turned_on}
+            config = {"providers": {"vllm": vllm}, "organization": {"default": "org-default", "project": {"default": "proj-default"}}}
+            with Mitmdump(tmp_path / str(turned_on), config=config) as proxy:
+                m = marker()
+                action = {"client": "openai", "op": "chat", "api_key": "sk-local-" + "x" * 30,
+                          "params": chat(m, model="llama-3"), "base_url": f"http://localhost:{server.port}/v1"}
+                assert drive(action, proxy.client_env())["text"] == CANNED_REPLY
+                received = next(r for r in server.requests if m.encode() in r.body)
+                expected = ("org-default", "proj-default") if turned_on else (None, None)
+                assert (received.header("openai-organization"), received.header("openai-project")) == expected
+                assert (trace_with(proxy, m)["organization"], trace_with(proxy, m)["project"]) == expected
+    finally:
+        server.stop()
+
+
 def test_override_replaces_the_clients_organization(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     config = {"organization": {"default": "org-forced", "override": True}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
-from llm_mitm.organization import ORGANIZATION_HEADER, PROJECT_HEADER, choose
+from llm_mitm.organization import ORGANIZATION_HEADER, PROJECT_HEADER, choose, configured_value
 
 
 class Organization:
@@ -20,7 +21,10 @@ class Organization:
 
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
-        if exchange is None or flow.response is not None or exchange.route.api != "openai":
+        if exchange is None or flow.response is not None:
+            return
+        provider = self.shared.config.providers.get(exchange.route.provider)
+        if provider is None or not provider.organization_headers:
             return
         config = self.shared.config.organization
         headers = flow.request.headers  # case-insensitive; written only when it changes
@@ -28,9 +32,12 @@ class Organization:
             (ORGANIZATION_HEADER, config, "organization"),
             (PROJECT_HEADER, config.project, "project"),
         ):
-            sent = exchange.header(header.lower())
-            value = choose(rule, sent, exchange.api_key)
-            if value != sent:
+            sent = exchange.header_values(header)
+            value = choose(rule, sent[0] if sent else None, exchange.api_key)
+            if len(sent) > 1 and not (rule.override and configured_value(rule, exchange.api_key)):  # the client's, but which: the server's to pick
+                refuse(flow, exchange, 400, "ambiguous_request", f"the request sends {header} more than once, with different values: send it once")
+                return
+            if sent != ([value] if value is not None else []) or len(headers.get_all(header)) > 1:
                 headers.pop(header, None)
                 if value is not None:
                     headers[header] = value

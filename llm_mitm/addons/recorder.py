@@ -70,8 +70,8 @@ class Recorder:
         exchange.take_request(Body.parse(content, content_type) if content is not None else Body(size=len(request.raw_content or b"")))
         exchange.url = _url(request, exchange.header("host"))
         exchange.api_key = self._api_key(exchange) or self._query_key(request) or self._gateway_key(exchange)
-        exchange.organization = exchange.header("openai-organization") or None
-        exchange.project = exchange.header("openai-project") or None
+        exchange.organization = ", ".join(exchange.header_values("openai-organization")) or None  # as a server joining them reads them
+        exchange.project = ", ".join(exchange.header_values("openai-project")) or None
         if exchange.request.form:
             exchange.form = read_form(content or b"", content_type, files=exchange.route.operation == "files")
             model = exchange.form.fields.get("model") if exchange.form else None
