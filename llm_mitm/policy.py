@@ -243,7 +243,7 @@ class Policy:
         return None
 
     def _judge_model(self, provider: str, model: str) -> Violation | None:
-        denied = self._denied.match(provider, model)
+        denied = next(filter(None, (self._denied.match(provider, name) for name in model_readings(model))), None)
         if denied is not None:
             return Violation("model_not_allowed", f"model {model!r} is denied (denied_models: {denied})")
         if self._allowed and self._allowed.applies(provider) and self._allowed.match(provider, model) is None:
@@ -403,6 +403,22 @@ class Policy:
             # Anthropic refuses a thinking budget not below max_tokens: lowered with it
             changed["thinking"] = {**thinking, "budget_tokens": share - 1}
         return changed if changed != body else None
+
+
+def model_readings(model: str) -> list[str]:
+    """A model name and the names of the model it runs, for `denied_models`: a router's
+    provider prefix (`openai/gpt-4o`), a fine-tune's base (`ft:gpt-4o-mini:org::id`), a tag
+    or version (`llama3:70b`, `claude-sonnet-4@20250514`), spaces around it do not make a denied model another
+    (a firewall probe: they passed `gpt-4o*`). The allow list takes the name as written."""
+    readings = [model]
+    model = model.strip()  # what a lenient server makes of " gpt-4o"
+    for name in (model, model.rsplit("/", 1)[-1]):
+        if name[:3].lower() == "ft:":
+            name = name[3:]
+        for base in (name, name.split(":", 1)[0], name.split("@", 1)[0]):
+            if base and base not in readings:
+                readings.append(base)
+    return readings
 
 
 def _unescaped(texts: list[str]) -> list[str]:

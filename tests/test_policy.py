@@ -411,6 +411,23 @@ def test_a_query_naming_what_runs_twice_is_refused_where_rules_apply() -> None:
     assert check({}, route=twice, model="gpt-realtime", method="GET") is None  # no rule to mislead: traced as it goes
 
 
+@pytest.mark.parametrize("model", ["openai/gpt-4o", "ft:gpt-4o-2024-08-06:acme::abc123", "openrouter/openai/gpt-4o:free", "gpt-4o@2024-08-06",
+                                   " gpt-4o ", "FT:GPT-4o:acme::x"])
+def test_a_denied_model_is_denied_by_any_name_that_runs_it(model: str) -> None:
+    """A router's prefix, a fine-tune's base, a tag or version (a firewall probe: they passed)."""
+    assert rule({"denied_models": ["gpt-4o*"]}, body={"model": model}) == "model_not_allowed"
+    assert rule({"denied_models": ["gpt-4o*"]}, body={"model": model.replace("4o", "5")}) is None
+
+
+def test_an_allowed_model_is_allowed_only_by_its_name() -> None:
+    config = {"allowed_models": ["gpt-4o-mini"]}
+    assert rule(config, body={"model": "gpt-4o-mini"}) is None
+    assert rule(config, body={"model": "ft:gpt-4o-mini:acme::x"}) == "model_not_allowed"  # a fine-tune is no gpt-4o-mini
+    assert rule(config, body={"model": "openai/gpt-4o-mini"}) == "model_not_allowed"
+    assert rule({"denied_models": ["gpt-4o"]}, body={"model": "gpt-4o-mini"}) is None
+    assert rule({"denied_models": ["llama3"]}, body={"model": "llama3.1:8b"}) is None
+
+
 def test_the_cap_counts_every_output_a_call_asks_for() -> None:
     """`n` choices (and completions' `best_of`) each take up to the limit: four of 500 is
     2,000 tokens over a 1,000 cap (a firewall probe: they passed)."""
