@@ -290,6 +290,8 @@ class Exchange:
         """Each different value a request header was sent with, in order, empty ones left out
         (a header sent twice says both to a server that joins them, either to one that picks)."""
         key = name.lower().encode("latin-1")
+        if key not in self._headers:  # most calls send most headers asked for once or not at all: one lookup
+            return []
         values = dict.fromkeys(v.decode("utf-8", "surrogateescape") for k, v in self.request_fields if k.lower() == key and v)
         return list(values)
 
