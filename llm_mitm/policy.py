@@ -235,10 +235,12 @@ class Policy:
     def _check_call(self, route: Route, body: dict[str, Any]) -> Violation | None:
         if violation := self._check_instructions(body):
             return violation
+        cap = self.config.max_tokens
+        if cap is None:
+            return None
         if self.config.max_tokens_action == "reject":
-            return self._check_max_tokens(body, _copies(route, body))
-        cap, copies = self.config.max_tokens, _copies(route, body)
-        if cap is not None and copies > cap:  # not one token each: nothing to clamp to
+            return self._check_max_tokens(cap, body, _copies(route, body))
+        if (copies := _copies(route, body)) > cap:  # not one token each: nothing to clamp to
             return Violation("max_tokens_exceeded", f"{_outputs(copies, body)} exceed the cap of {cap} (max_tokens) at one token each")
         return None
 
@@ -323,10 +325,8 @@ class Policy:
         normal, reach = normalize(text), self._reach
         return _middle_cut(normal, reach), _middle_cut(squeeze(normal), reach)
 
-    def _check_max_tokens(self, body: dict[str, Any], copies: float) -> Violation | None:
-        cap = self.config.max_tokens
-        if cap is None:
-            return None
+    @staticmethod
+    def _check_max_tokens(cap: int, body: dict[str, Any], copies: float) -> Violation | None:
         session = body.get("session")  # a realtime session's, made over HTTP (`/realtime/client_secrets`)
         for holder, prefix, each in ((body, "", copies), (session if isinstance(session, dict) else {}, "session.", 1.0)):
             for field in MAX_TOKEN_FIELDS:
