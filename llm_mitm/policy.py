@@ -408,8 +408,9 @@ class Policy:
 def model_readings(model: str) -> list[str]:
     """A model name and the names of the model it runs, for `denied_models`: a router's
     provider prefix (`openai/gpt-4o`), a fine-tune's base (`ft:gpt-4o-mini:org::id`), a tag
-    or version (`llama3:70b`, `claude-sonnet-4@20250514`), spaces around it do not make a denied model another
-    (a firewall probe: they passed `gpt-4o*`). The allow list takes the name as written."""
+    or version (`llama3:70b`, `claude-sonnet-4@20250514`) or spaces around it do not make a
+    denied model another (a firewall probe: they passed `gpt-4o*`). The allow list takes
+    the name as written."""
     readings = [model]
     model = model.strip()  # what a lenient server makes of " gpt-4o"
     for name in (model, model.rsplit("/", 1)[-1]):

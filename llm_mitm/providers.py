@@ -143,9 +143,9 @@ def route_for(provider: Provider, path: str) -> Route:
         rest = _openai_segments(rest)
         operation = _openai_operation(rest)
         if deployment is None and operation == "realtime":  # realtime names it in the query; elsewhere the body's model counts
-            deployment = params.get("deployment", [None])[0]
-        return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0], _subresource(operation, rest),
-                     repeated)
+            deployment = params.get("deployment", [None])[0] or None
+        return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0] or None,
+                     _subresource(operation, rest), repeated)
     segments = _openai_segments(_after_version(segments))
     operation = _openai_operation(segments)
     return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments), repeated=repeated)
