@@ -130,7 +130,7 @@ class ProviderMatcher:
 
 def route_for(provider: Provider, path: str) -> Route:
     """Classify a request path (query included) for a provider's API."""
-    path_only, _, query = path.partition("?")
+    path_only, _, query = path.partition("#")[0].partition("?")  # a fragment is no part of what a server reads
     segments = _segments(path_only)
     params = parse_qs(query, keep_blank_values=True) if query else {}
     repeated = next((name for name in _RUNS_WHAT if len(set(params.get(name, ()))) > 1), None)
@@ -157,16 +157,23 @@ _RUNS_WHAT = ("model", "deployment", "api-version")  # query parameters that say
 def _segments(path: str) -> list[str]:
     """The path's segments as the server resolves them: percent-decoded, with `.` and `..`
     applied, so that `/v1/chat/completions/../../embeddings` is embeddings and
-    `deployments/gpt%2D4o` is gpt-4o to the policy as it is to the API."""
+    `deployments/gpt%2D4o` is gpt-4o to the policy as it is to the API. An encoded slash
+    (`chat%2Fcompletions`) or a backslash separates segments, as Werkzeug, uvicorn and IIS
+    read them (a firewall probe: to the proxy it was no operation it knew, so no rule
+    for chat applied, and a server of your own ran a chat completion)."""
     out: list[str] = []
     for raw in path.split("/"):
-        segment = unquote(raw) if "%" in raw else raw
-        if segment == "..":
-            if out:
-                out.pop()
-        elif segment and segment != ".":
-            out.append(segment)
+        decoded = unquote(raw) if "%" in raw else raw
+        for segment in _SEPARATORS.split(decoded) if "/" in decoded or "\\" in decoded else (decoded,):
+            if segment == "..":
+                if out:
+                    out.pop()
+            elif segment and segment != ".":
+                out.append(segment)
     return out
+
+
+_SEPARATORS = re.compile(r"[/\\]")
 
 
 def _after_version(segments: list[str]) -> list[str]:

@@ -157,6 +157,11 @@ def test_limits_and_models_are_read_as_the_server_reads_them(firewall: Mitmdump,
                         "headers": {"api-key": "0" * 32}, "json": chat(twice, model="prod-4o")}, firewall.client_env())
     assert result["status"] == 400 and "ambiguous_request" in result["body"] and "'api-version'" in result["body"]
     assert_policy_trace(firewall, twice, "ambiguous_request", status=400)
+    slashed = marker()  # an encoded slash separates segments to Werkzeug and uvicorn: a chat call all the same
+    with Blocked(provider, slashed):
+        result = drive({"client": "requests", "method": "POST", "url": "https://api.openai.com/v1/chat%2Fcompletions",
+                        "headers": {"Authorization": f"Bearer {OPENAI_KEY}"}, "json": chat(slashed, max_tokens=5000)}, firewall.client_env())
+    assert result["status"] == 403 and "max_tokens 5000 exceeds" in result["body"]
     fine = marker()
     assert openai_call(firewall, chat(fine, max_tokens=1000.0))["text"] == CANNED_REPLY
     assert openai_call(firewall, chat(marker(), max_tokens=500, n=2))["text"] == CANNED_REPLY

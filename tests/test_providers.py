@@ -151,6 +151,18 @@ def test_a_parameter_saying_what_runs_given_twice_is_marked(matcher: ProviderMat
     assert route is not None and route.repeated == repeated
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/chat%2Fcompletions", "/v1/chat%2fcompletions", "/v1/chat\\completions", "/v1/chat/completions#/../../embeddings",
+     "/v1/embeddings%2F..%2F..%2Fchat/completions", "/v1/chat/completions#x?model=a&model=b"],
+)
+def test_a_path_is_read_as_servers_read_it(matcher: ProviderMatcher, path: str) -> None:
+    """An encoded slash or a backslash separates segments (Werkzeug, uvicorn, IIS); a
+    fragment is no part of the path (a firewall probe: these were other operations)."""
+    route = matcher.route("api.openai.com", 443, path)
+    assert route is not None and route.operation == "chat.completions" and route.repeated is None
+
+
 def test_disabled_provider_is_not_matched() -> None:
     config = parse_config({"providers": {"openai": {"enabled": False}}}, "test")
     assert ProviderMatcher(config.enabled_providers).match("api.openai.com", 443) is None
