@@ -18,7 +18,9 @@ from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, rea
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
-MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens")
+# `max_completions_tokens` (so spelled) is a score_model grader's sampling limit.
+MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens",
+                    "max_completions_tokens")
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 V = TypeVar("V")
 RoleText = tuple[str, str]

@@ -787,10 +787,13 @@ def test_the_model_calls_an_eval_or_a_grader_makes_are_checked(route: Route, bod
 def test_eval_limits_are_clamped() -> None:
     policy = Policy(PolicyConfig(max_tokens=100, max_tokens_action="clamp"))
     body = {**_eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 5000, "seed": 1}),
-            "testing_criteria": [{"type": "score_model", "model": "gpt-4o", "input": [], "sampling_params": {"max_completions_tokens": 9, "max_tokens": 900}}]}
+            "testing_criteria": [{"type": "score_model", "model": "gpt-4o", "input": [], "sampling_params": {"max_completions_tokens": 9000, "seed": 2}}]}
     clamped = policy.clamp(EVALS, body)
     assert clamped["data_source"]["sampling_params"] == {"max_completion_tokens": 100, "seed": 1}
-    assert clamped["testing_criteria"][0]["sampling_params"] == {"max_completions_tokens": 9, "max_tokens": 100}
+    # a score_model grader spells it max_completions_tokens (a firewall probe: it was not read)
+    assert clamped["testing_criteria"][0]["sampling_params"] == {"max_completions_tokens": 100, "seed": 2}
+    grader = {"grader": {"type": "score_model", "name": "g", "model": "gpt-4o", "input": [], "sampling_params": {"max_completions_tokens": 50000}}}
+    assert rule({"max_tokens": 1000}, route=GRADERS, body=grader) == "max_tokens_exceeded"
     assert policy.clamp(EVALS, _eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 10})) is None
     assert policy.clamp(EVALS, _eval_run(model="gpt-4o")) is None
 
