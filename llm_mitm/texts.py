@@ -127,6 +127,9 @@ class _Collector:
         for key in ("messages", "additional_messages"):
             for message in as_list(body.get(key)):
                 self.message(message)
+        for output in as_list(body.get("tool_outputs")):  # Assistants: a run's tool outputs, submitted
+            if isinstance(output, dict):
+                self.content("tool", output.get("output"))
         for key in ("input", "items"):  # Responses' input; Conversations' items, read the same
             items = body.get(key)
             for item in [items] if isinstance(items, str) else as_list(items):
@@ -238,7 +241,7 @@ class _Collector:
                     self.out.append((role, tool_input_text(part["input"])))
                 elif kind in ("file", "input_file"):  # a text file given inline is read as text
                     self._inline_file(role, part.get("file") if kind == "file" else part)
-                elif isinstance(kind, str) and kind not in _NOT_TEXT and kind != "tool_use":
+                elif not isinstance(kind, str) or (kind not in _NOT_TEXT and kind != "tool_use"):  # untyped: a shell call's {stdout, stderr}
                     _leaf_texts(self.out, role, part, _SCHEMA_DEPTH)
         if self.joined:
             self._join(role, [text for who, text in self.out[start:] if who == role])
