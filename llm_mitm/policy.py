@@ -244,7 +244,7 @@ class Policy:
             return self._check_max_tokens(cap, body, _copies(route, body))
         if (copies := _copies(route, body)) > cap:  # not one token each: nothing to clamp to
             return Violation("max_tokens_exceeded", f"{_outputs(copies, body)} exceed the cap of {cap} (max_tokens) at one token each")
-        return None
+        return _unclampable(route, body, cap)
 
     def _judge_model(self, provider: str, model: str) -> Violation | None:
         denied = next(filter(None, (self._denied.match(provider, name) for name in model_readings(model))), None)
@@ -405,6 +405,25 @@ class Policy:
             # Anthropic refuses a thinking budget not below max_tokens: lowered with it
             changed["thinking"] = {**thinking, "budget_tokens": share - 1}
         return changed if changed != body else None
+
+
+_LEAST_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens, which must also stay below max_tokens
+_LEAST_RESPONSES_OUTPUT = 16  # the Responses API's least max_output_tokens
+
+
+def _unclampable(route: Route, body: dict[str, Any], cap: int) -> Violation | None:
+    """A call the clamp would turn into one the API refuses: a thinking budget that must be
+    at least 1,024 tokens and below max_tokens, or a Responses limit below its least, 16
+    (a firewall probe: Anthropic answered the clamped call 400)."""
+    thinking = body.get("thinking")
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if route.api == "anthropic" and isinstance(budget, int) and budget >= cap and cap <= _LEAST_THINKING_BUDGET:
+        return Violation("max_tokens_exceeded", f"extended thinking needs a budget of at least {_LEAST_THINKING_BUDGET} tokens below max_tokens, "
+                         f"and the cap of {cap} (max_tokens) leaves none: lower budget_tokens below the cap, or turn thinking off")
+    if route.operation == "responses" and cap < _LEAST_RESPONSES_OUTPUT:
+        return Violation("max_tokens_exceeded", f"the cap of {cap} (max_tokens) is below the least max_output_tokens the Responses API takes "
+                         f"({_LEAST_RESPONSES_OUTPUT})")
+    return None
 
 
 def model_readings(model: str) -> list[str]:

@@ -147,9 +147,6 @@ def test_max_tokens_read_as_a_server_reads_them(value: object, over: bool) -> No
         (Route("azure", "azure", "chat.completions", api_version="2024-02-01"), {}, {"max_tokens": 100}),
         (Route("azure", "azure", "chat.completions", api_version="2024-10-21"), {}, {"max_completion_tokens": 100}),
         (Route("vllm", "openai", "chat.completions"), {}, {"max_tokens": 100}),
-        # a thinking budget must stay below max_tokens (Anthropic refused the clamped call)
-        (ANTHROPIC, {"max_tokens": 16000, "thinking": {"type": "enabled", "budget_tokens": 8000}},
-         {"max_tokens": 100, "thinking": {"type": "enabled", "budget_tokens": 99}}),
         (ANTHROPIC, {"max_tokens": 90, "thinking": {"type": "enabled", "budget_tokens": 50}}, None),
         # the cap shared by the outputs a call asks for (n; completions' best_of are all generated)
         (OPENAI, {"n": 4, "max_tokens": 500}, {"n": 4, "max_tokens": 25}),
@@ -431,6 +428,22 @@ def test_an_allowed_model_is_allowed_only_by_its_name() -> None:
     assert rule(config, body={"model": "openai/gpt-4o-mini"}) == "model_not_allowed"
     assert rule({"denied_models": ["gpt-4o"]}, body={"model": "gpt-4o-mini"}) is None
     assert rule({"denied_models": ["llama3"]}, body={"model": "llama3.1:8b"}) is None
+
+
+def test_a_clamp_the_api_would_refuse_is_a_refusal() -> None:
+    """Anthropic takes a thinking budget of at least 1,024 below max_tokens, and Responses a
+    max_output_tokens of at least 16: a clamp below those sent a call the API answered 400."""
+    thinking = {"model": "claude-x", "max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 2000}}
+    low = {"max_tokens": 1000, "max_tokens_action": "clamp"}
+    violation = check(low, route=ANTHROPIC, body=thinking)
+    assert violation is not None and violation.rule == "max_tokens_exceeded" and "at least 1024" in violation.detail
+    assert rule(low, route=ANTHROPIC, body={**thinking, "thinking": {"type": "enabled", "budget_tokens": 999}}) is None  # already below the cap
+    assert rule({"max_tokens": 3000, "max_tokens_action": "clamp"}, route=ANTHROPIC, body=thinking) is None
+    # above 1,024 the budget is lowered below the clamped max_tokens (Anthropic refused one not below)
+    clamped = Policy(PolicyConfig(max_tokens=1500, max_tokens_action="clamp")).clamp(ANTHROPIC, thinking)
+    assert clamped == {**thinking, "max_tokens": 1500, "thinking": {"type": "enabled", "budget_tokens": 1499}}
+    assert rule({"max_tokens": 10, "max_tokens_action": "clamp"}, route=RESPONSES, body={"model": "m", "input": "hi"}) == "max_tokens_exceeded"
+    assert rule({"max_tokens": 16, "max_tokens_action": "clamp"}, route=RESPONSES, body={"model": "m", "input": "hi"}) is None
 
 
 def test_the_cap_counts_every_output_a_call_asks_for() -> None:
