@@ -168,7 +168,7 @@ class Policy:
             return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
                              "a batch read from elsewhere (Azure's input_blob) cannot be checked")
         # An unreadable body names no model: `on_unparseable: forward` has decided that case.
-        if violation := self._check_model(route, request.model, route.generates(request.method) and not request.unparseable):
+        if violation := self._check_model(route, request.model, route.runs_a_model(request.method) and not request.unparseable):
             return violation
         if route.operation == "realtime" and request.media is not None and (self._instructions or self.config.max_tokens is not None):
             return Violation("operation_not_allowed", "a WebRTC realtime call (an SDP offer) sends its events to the provider past the proxy, "
@@ -219,14 +219,14 @@ class Policy:
     def _check_batched(self, call: BatchedCall) -> Violation | None:
         if violation := self._check_operation(call.route.operation):
             return violation
-        if violation := self._check_model(call.route, call.params.get("model"), call.route.generates("POST")):
+        if violation := self._check_model(call.route, call.params.get("model"), call.route.runs_a_model("POST")):
             return violation
         return self._check_call(call.route, call.params)
 
     def _check_model(self, route: Route, model: Any, generating: bool) -> Violation | None:
-        """The model's verdict; a call that generates without naming one (a Responses call
-        with a stored prompt runs the prompt's model, unseen here) fails closed where an
-        allow list applies."""
+        """The model's verdict; a call that runs a model without naming one (a Responses call
+        with a stored prompt runs the prompt's model, a thread's run the assistant's, an image
+        call its API's default, unseen here) fails closed where an allow list applies."""
         if isinstance(model, str):
             return self._model_verdicts((route.provider, model))
         if generating and self._allowed and self._allowed.applies(route.provider):

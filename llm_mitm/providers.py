@@ -66,6 +66,10 @@ class Route:
     # A query parameter that says what runs (`model`, `deployment`, `api-version`) given
     # more than once, with different values: servers differ on which one counts.
     repeated: str | None = None
+    # An endpoint that runs a model beyond those billed by tokens (`generates`): its default
+    # where the call names none (images, audio, moderations, realtime) or an assistant's
+    # stored one (a thread's run).
+    runs_model: bool = False
 
     def azure_takes_2024_09_fields(self) -> bool:
         """Whether the call's API takes what Azure's api-version 2024-09-01-preview brought
@@ -73,6 +77,11 @@ class Route:
         older one answers 400 "Unrecognized request argument"); its v1 API, with none, does."""
         version = self.api_version
         return self.api != "azure" or not version or not version[:4].isdigit() or version[:10] >= "2024-09-01"
+
+    def runs_a_model(self, method: str) -> bool:
+        """Runs a model, named in the call or not: a POST to a generating endpoint or to one
+        of `runs_model`, or the realtime WebSocket's GET (an allow list must see which)."""
+        return self.generates(method) or (self.runs_model and (method == "POST" or (method == "GET" and self.operation == "realtime")))
 
     def generates(self, method: str) -> bool:
         """Asks a model for new output (what the APIs bill): a POST to a generating
@@ -145,10 +154,27 @@ def route_for(provider: Provider, path: str) -> Route:
         if deployment is None and operation == "realtime":  # realtime names it in the query; elsewhere the body's model counts
             deployment = params.get("deployment", [None])[0] or None
         return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0] or None,
-                     _subresource(operation, rest), repeated)
+                     _subresource(operation, rest), repeated, _runs_model(rest))
     segments = _openai_segments(_after_version(segments))
     operation = _openai_operation(segments)
-    return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments), repeated=repeated)
+    return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments), repeated=repeated,
+                 runs_model=_runs_model(segments))
+
+
+# The endpoints past those billed by tokens that run a model, its default where a call names
+# none: images, speech and transcription, moderation, the realtime WebSocket (`/realtime`),
+# its WebRTC calls and sessions; and a thread's run, the assistant's stored model (`*`: an id).
+_RUNS_MODEL = frozenset((
+    ("images", "generations"), ("images", "edits"), ("images", "variations"),
+    ("audio", "speech"), ("audio", "transcriptions"), ("audio", "translations"), ("moderations",),
+    ("realtime",), ("realtime", "calls"), ("realtime", "client_secrets"), ("realtime", "sessions"),
+    ("threads", "runs"), ("threads", "*", "runs"),
+))
+
+
+def _runs_model(segments: list[str]) -> bool:
+    shape = tuple(segments) if len(segments) != 3 else (segments[0], "*", segments[2])
+    return shape in _RUNS_MODEL
 
 
 _RUNS_WHAT = ("model", "deployment", "api-version")  # query parameters that say what runs

@@ -446,6 +446,39 @@ def test_a_clamp_the_api_would_refuse_is_a_refusal() -> None:
     assert rule({"max_tokens": 16, "max_tokens_action": "clamp"}, route=RESPONSES, body={"model": "m", "input": "hi"}) is None
 
 
+@pytest.mark.parametrize(
+    ("path", "method", "body"),
+    [
+        ("/v1/images/generations", "POST", {"prompt": "a cat"}),  # the API's default, dall-e-2
+        ("/v1/moderations", "POST", {"input": "x"}),
+        ("/v1/threads/thread_1/runs", "POST", {"assistant_id": "asst_1"}),  # the assistant's stored model
+        ("/v1/threads/runs", "POST", {"assistant_id": "asst_1"}),
+        ("/v1/realtime", "GET", None),  # the WebSocket with no ?model=
+        ("/v1/realtime/client_secrets", "POST", {"session": {"type": "realtime"}}),
+    ],
+)
+def test_a_call_that_runs_a_model_it_does_not_name_fails_closed_under_an_allow_list(path: str, method: str, body: dict | None) -> None:
+    """As a Responses call with a stored prompt does (a firewall probe: these went upstream)."""
+    from llm_mitm.providers import ProviderMatcher
+    from llm_mitm.config import default_config
+
+    route = ProviderMatcher(default_config().enabled_providers).route("api.openai.com", 443, path)
+    violation = check({"allowed_models": ["gpt-4o*"]}, route=route, body=body, method=method)
+    assert violation is not None and violation.rule == "model_not_allowed" and "names no model" in violation.detail
+    assert check({"allowed_models": ["gpt-4o*"]}, route=route, body=body, method=method, model="gpt-4o") is None
+    assert check({"denied_models": ["dall-e*"]}, route=route, body=body, method=method) is None  # no allow list: nothing to fail
+
+
+@pytest.mark.parametrize(("path", "method"), [("/v1/threads/thread_1/messages", "POST"), ("/v1/threads/thread_1/runs/run_1/cancel", "POST"),
+                                              ("/v1/images/generations", "GET"), ("/v1/realtime/calls/rtc_1/hangup", "POST")])
+def test_a_call_that_runs_no_model_needs_none_named(path: str, method: str) -> None:
+    from llm_mitm.providers import ProviderMatcher
+    from llm_mitm.config import default_config
+
+    route = ProviderMatcher(default_config().enabled_providers).route("api.openai.com", 443, path)
+    assert check({"allowed_models": ["gpt-4o*"]}, route=route, body={}, method=method) is None
+
+
 def test_the_cap_counts_every_output_a_call_asks_for() -> None:
     """`n` choices (and completions' `best_of`) each take up to the limit: four of 500 is
     2,000 tokens over a 1,000 cap (a firewall probe: they passed)."""
