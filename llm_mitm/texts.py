@@ -71,6 +71,9 @@ _SCHEMA_KEYS = {
     "anyOf": _SCHEMA, "oneOf": _SCHEMA, "allOf": _SCHEMA, "not": _SCHEMA, "if": _SCHEMA, "then": _SCHEMA, "else": _SCHEMA,
     "properties": _MAP, "$defs": _MAP, "definitions": _MAP, "patternProperties": _MAP, "dependentSchemas": _MAP,
 }
+# Keywords whose strings are the schema's own words (`"type": "string"`) or names read as
+# the properties' (`required`): nothing to read, and in every node of every schema.
+_SCHEMA_WORDS = frozenset(("type", "required", "$schema", "$ref", "$id"))
 # A body's keys for what the model reads beside the conversation.
 _EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "text", "output_config", "output_format", "prediction"))
 
@@ -332,8 +335,10 @@ def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> No
     system's (the API writes them into its part of the prompt); bounded: a schema is data."""
     for key, value in schema.items():
         kind = _SCHEMA_KEYS.get(key)
-        if kind is None:
-            continue
+        if kind is None:  # a keyword not listed (`$comment`, `pattern`, `x-*`, Anthropic's `input_examples`): the model reads it all the same
+            if key in _SCHEMA_WORDS or isinstance(value, (bool, int, float)) or value is None:
+                continue
+            kind = _VALUE
         if kind == _TEXT:
             if isinstance(value, str):
                 out.append(("system", value))
