@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import mimetypes
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -263,8 +264,8 @@ class _Collector:
                 self.out.append((role, source["data"]))
             elif source.get("type") == "content":
                 self.content(role, source.get("content"))
-            elif source.get("type") == "base64" and _is_text_media(source.get("media_type")) and isinstance(source.get("data"), str):
-                self._decoded(role, source["data"])
+            elif source.get("type") == "base64" and isinstance(source.get("data"), str):
+                self._decoded(role, source["data"], source.get("media_type"))
         if block.get("type") == "search_result":
             self.content(role, block.get("content"))
 
@@ -273,21 +274,45 @@ class _Collector:
         """Chat's `file` part and Responses' `input_file` with the file in it as a data URL
         (`data:text/plain;base64,...`): a text file's content is text the model reads."""
         data = file.get("file_data") if isinstance(file, dict) else None
-        if isinstance(data, str) and data.startswith("data:"):
-            media, _, encoded = data[5:].partition(",")
-            kind, _, encoding = media.partition(";")
-            if _is_text_media(kind) and encoding.lower() == "base64":
-                self._decoded(role, encoded)
+        if not isinstance(data, str):
+            return
+        filename = file.get("filename")
+        media, encoded = mimetypes.guess_type(filename)[0] if isinstance(filename, str) else None, data  # bare base64, as the API also takes it
+        if data[:5].lower() == "data:":
+            header, _, encoded = data[5:].partition(",")
+            media, *params = header.split(";")  # `text/plain;charset=utf-8;base64`
+            if not any(param.strip().lower() == "base64" for param in params):
+                return
+        self._decoded(role, encoded, media)
 
-    def _decoded(self, role: str, encoded: str) -> None:
+    def _decoded(self, role: str, encoded: str, media: Any) -> None:
+        """A base64 file's text: by its media type, or, whatever the type says
+        (`application/x-yaml`, none), when its bytes are UTF-8 text (a firewall probe: a
+        text file under another type, or its data URL with a charset, went unread)."""
+        if _is_binary_media(media):
+            return
         try:
-            self.out.append((role, base64.b64decode(encoded).decode("utf-8", "replace")))
+            raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4))  # unpadded too
         except (ValueError, binascii.Error):
-            pass  # not base64: the API refuses it too
+            return  # not base64: the API refuses it too
+        if _is_text_media(media):
+            self.out.append((role, raw.decode("utf-8", "replace")))
+            return
+        if b"\0" in raw[:4096]:  # binary (a PDF's, an image's bytes): no text to read here
+            return
+        try:
+            self.out.append((role, raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            pass
 
 
 def _is_text_media(media: Any) -> bool:
     return isinstance(media, str) and media.strip().lower().startswith(("text/", "application/json", "application/xml"))
+
+
+def _is_binary_media(media: Any) -> bool:
+    """A type whose bytes are no text (a PDF's text is in its compressed streams, unread)."""
+    return isinstance(media, str) and media.strip().lower().startswith(("application/pdf", "image/", "audio/", "video/", "application/zip"))
 
 
 def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int, skip: frozenset[str] = _NO_TEXT_KEYS) -> None:

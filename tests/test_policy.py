@@ -770,6 +770,11 @@ def _data_url(text: str, media: str = "text/plain") -> str:
         (OPENAI, {"messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "n.md", "file_data": _data_url(BAD, "text/markdown")}}]}]}),
         (ANTHROPIC, {"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "base64", "media_type": "text/plain",
                                                                                                   "data": _data_url(BAD)[23:]}}]}]}),
+        # A text file under another type, a data URL with a charset, bare or unpadded base64 (a firewall probe).
+        (OPENAI, {"messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "c.yaml", "file_data": _data_url(BAD, "application/x-yaml")}}]}]}),
+        (OPENAI, {"messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "n", "file_data": _data_url(BAD, "text/plain;charset=utf-8")}}]}]}),
+        (OPENAI, {"messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "n.txt", "file_data": "DATA:" + _data_url(BAD)[5:]}}]}]}),
+        (RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_file", "filename": "n.py", "file_data": _data_url(BAD + "!")[23:].rstrip("=")}]}]}),
         # Hosted tools' calls and results given back: any kind, every string in it.
         (RESPONSES, {"input": [{"type": "apply_patch_call_output", "call_id": "c", "output": BAD}]}),
         (RESPONSES, {"input": [{"type": "code_interpreter_call", "id": "ci", "code": "print(1)", "outputs": [{"type": "logs", "logs": BAD}]}]}),
@@ -795,6 +800,8 @@ def test_run_together_words_match_only_a_phrase_that_is_there() -> None:
     assert rule({"forbidden_instructions": ["!!!"]}, body={"messages": [{"role": "user", "content": "wow"}]}) is None
     images = [{"type": "image_url", "image_url": {"url": _data_url(BAD, "image/png")}}, {"type": "input_audio", "input_audio": {"data": "x"}}]
     assert rule({"forbidden_instructions": [BAD]}, body={"messages": [{"role": "user", "content": images}]}) is None
+    pdf = [{"type": "file", "file": {"filename": "a.pdf", "file_data": _data_url(BAD)[23:]}}]  # a PDF's bytes are no text read here
+    assert rule({"forbidden_instructions": [BAD]}, body={"messages": [{"role": "user", "content": pdf}]}) is None
 
 
 def test_a_legacy_prompt_of_token_ids_is_refused_where_phrases_are_forbidden() -> None:
