@@ -76,7 +76,8 @@ _SCHEMA_KEYS = {
 # the properties' (`required`): nothing to read, and in every node of every schema.
 _SCHEMA_WORDS = frozenset(("type", "required", "$schema", "$ref", "$id"))
 # A body's keys for what the model reads beside the conversation.
-_EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "text", "output_config", "output_format", "prediction"))
+_EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "text", "output_config", "output_format", "prediction",
+                         "documents", "chat_template"))
 
 
 RoleGroup = tuple[str, list[str]]  # texts of one role the model reads in a row
@@ -172,6 +173,11 @@ class _Collector:
         prediction = body.get("prediction")
         if isinstance(prediction, dict):  # chat: the output the model is told to expect of itself, read as its own
             self.content("assistant", prediction.get("content"))
+        # vLLM's and other servers' own: documents put in the prompt, and the template that
+        # writes the prompt (its literal text is the model's to read, as the system's)
+        _leaf_texts(self.out, "user", body.get("documents"), _SCHEMA_DEPTH)
+        if isinstance(body.get("chat_template"), str):
+            self.out.append(("system", body["chat_template"]))
 
     def message(self, message: Any) -> None:
         if not isinstance(message, dict):

@@ -775,6 +775,9 @@ def _data_url(text: str, media: str = "text/plain") -> str:
         (OPENAI, {"messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "n", "file_data": _data_url(BAD, "text/plain;charset=utf-8")}}]}]}),
         (OPENAI, {"messages": [{"role": "user", "content": [{"type": "file", "file": {"filename": "n.txt", "file_data": "DATA:" + _data_url(BAD)[5:]}}]}]}),
         (RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_file", "filename": "n.py", "file_data": _data_url(BAD + "!")[23:].rstrip("=")}]}]}),
+        # vLLM's documents and chat template (a firewall probe).
+        (OPENAI, {"messages": [{"role": "user", "content": "hi"}], "documents": [{"title": "t", "text": BAD}]}),
+        (OPENAI, {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{% for m in messages %}" + BAD + "{{ m.content }}{% endfor %}"}),
         # Hosted tools' calls and results given back: any kind, every string in it.
         (RESPONSES, {"input": [{"type": "apply_patch_call_output", "call_id": "c", "output": BAD}]}),
         (RESPONSES, {"input": [{"type": "code_interpreter_call", "id": "ci", "code": "print(1)", "outputs": [{"type": "logs", "logs": BAD}]}]}),
