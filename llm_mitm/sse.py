@@ -121,8 +121,8 @@ def incremental_decoder(content_encoding: str) -> Callable[[bytes], bytes] | Non
     encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
         return lambda data: data
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
+    if encoding in ("gzip", "x-gzip"):  # a member each flush, some servers: read them all, as gzip.decompress does
+        return _MultiFrame(lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)).decompress
     if encoding == "deflate":
         return _DeflateDecoder().decompress
     if encoding == "br":
@@ -156,20 +156,25 @@ def _zstd_decompressor() -> Callable[[bytes], bytes] | None:
 
 
 class _MultiFrame:
-    """`compression.zstd` decompressors stop after one frame; a stream may hold several."""
+    """`compression.zstd` and zlib's gzip decompressors stop after one frame or member; a
+    stream may hold several (a probe: usage after a gzip stream's first member was lost)."""
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         self._factory = factory
         self._obj = factory()
+        self._between = False  # one ended, the next not begun
 
     def decompress(self, data: bytes) -> bytes:
         out = []
         while data:
+            if self._between and not data.strip(b"\0"):  # padding after the last member, which gzip readers skip
+                break
             out.append(self._obj.decompress(data))
+            self._between = False
             if not self._obj.eof:
                 break
             data = self._obj.unused_data
-            self._obj = self._factory()
+            self._obj, self._between = self._factory(), True
         return b"".join(out)
 
 
@@ -266,7 +271,7 @@ class ChatCompletionsRebuilder(StreamRebuilder):
                     taken = True
             if taken:
                 self._head_missing = tuple(key for key in _CHAT_HEAD if not self._head.get(key))
-        if isinstance(payload.get("model"), str):
+        if isinstance(payload.get("model"), str) and (payload["model"] or self.model is None):  # Azure's filter chunks name none
             self.model = payload["model"]
         if isinstance(payload.get("usage"), dict):
             self.usage = payload["usage"]

@@ -590,13 +590,17 @@ def test_filter_passes_each_whole_event_on_as_it_comes(newline: str) -> None:
     assert through(tap, b"") == b"" and tap.dropped == 1
 
 
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
 @pytest.mark.parametrize("together", [False, True])
-def test_a_zstd_stream_of_several_frames_is_read_to_its_end(together: bool) -> None:
+def test_a_stream_of_several_frames_is_read_to_its_end(together: bool, encoding: str) -> None:
+    """A frame (zstd) or member (gzip) each flush: usage after the first was lost (a probe)."""
     frames = []
     for event in CHAT:
-        encoder = _Encoder("zstd")
+        encoder = _Encoder(encoding)
         frames.append(encoder.piece(sse([event])) + encoder.end())
-    check_chat(rebuild(ChatCompletionsRebuilder(), b"".join(frames), [b"".join(frames)] if together else frames, "zstd"))
+    check_chat(rebuild(ChatCompletionsRebuilder(), b"".join(frames), [b"".join(frames)] if together else frames, encoding))
+    padded = [*frames, b"\0" * 8, b"\0" * 4]  # zeros after the last member, which gzip readers skip
+    check_chat(rebuild(ChatCompletionsRebuilder(), b"".join(padded), padded, encoding)) if encoding == "gzip" else None
 
 
 def test_azure_empty_head_is_not_the_streams_head() -> None:
@@ -606,6 +610,10 @@ def test_azure_empty_head_is_not_the_streams_head() -> None:
     assert body["id"] == "c1" and body["model"] == "gpt-4o-2024-08-06" and body["object"] == "chat.completion"
     no_fingerprint = [(None, {**payload, "system_fingerprint": None} if isinstance(payload, dict) else payload) for _, payload in CHAT]
     assert rebuild(ChatCompletionsRebuilder(), sse(no_fingerprint)).result()["system_fingerprint"] is None  # kept as said
+    # its content filter's annotation after the last choice names no model either (a probe: the call went unpriced)
+    annotation = (None, {"id": "", "object": "", "created": 0, "model": "", "choices": [{"index": 0, "delta": {}, "content_filter_offsets": {}}]})
+    rebuilder = rebuild(ChatCompletionsRebuilder(), sse([*CHAT, annotation]))
+    assert rebuilder.model == "gpt-4o-2024-08-06" and rebuilder.result()["model"] == "gpt-4o-2024-08-06"
 
 
 def test_a_response_that_failed_is_an_error_whether_or_not_it_says_which() -> None:
