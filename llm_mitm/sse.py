@@ -430,13 +430,15 @@ class ResponsesRebuilder(StreamRebuilder):
 
 
 class AnthropicRebuilder(StreamRebuilder):
-    """Anthropic message events -> one `message` with its content blocks."""
+    """Anthropic message events -> one `message` with its content blocks; the legacy Text
+    Completions' `completion` events -> one `completion`."""
 
     def __init__(self) -> None:
         super().__init__()
         self._message: dict[str, Any] = {}
         self._blocks: dict[int, dict[str, Any]] = {}
         self._pieces: dict[int, list[str]] = {}
+        self._completion: list[str] = []
 
     def _apply(self, event: str, payload: dict[str, Any]) -> None:
         kind = payload.get("type") or event
@@ -460,6 +462,12 @@ class AnthropicRebuilder(StreamRebuilder):
                 self.usage = _cumulative(self.usage or {}, payload["usage"])
         elif kind == "message_stop":
             self.ended = True
+        elif kind == "completion":  # `/v1/complete`: each event a piece, the last one with its stop_reason
+            self._completion.append(_text(payload.get("completion")))
+            self._message.update((key, value) for key, value in payload.items() if key != "completion")
+            if isinstance(payload.get("model"), str) and payload["model"]:
+                self.model = payload["model"]
+            self.ended = self.ended or payload.get("stop_reason") is not None
         elif kind == "error":
             self.error = payload.get("error") or payload
 
@@ -484,6 +492,8 @@ class AnthropicRebuilder(StreamRebuilder):
     def result(self) -> dict[str, Any] | None:
         if not self._message and not self._blocks:
             return None
+        if self._message.get("type") == "completion":
+            return {**self._message, "completion": "".join(self._completion)}
         content = []
         for index in sorted(self._blocks):
             block = dict(self._blocks[index])

@@ -703,6 +703,22 @@ def test_stream_usage_is_asked_for_and_hidden_from_the_client(proxy: Mitmdump, p
     assert asked["usage"]["total_tokens"] == 19
 
 
+def test_anthropic_legacy_completions_are_not_asked_for_stream_usage(proxy: Mitmdump, provider: FakeProvider) -> None:
+    """`/v1/complete` refuses fields it does not know: stream_options made the client's call
+    fail, and its finished stream was traced as cut short (a probe)."""
+    m = marker()
+    result = drive({"client": "requests", "method": "POST", "url": "https://api.anthropic.com/v1/complete",
+                    "headers": {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"},
+                    "json": {"model": "claude-2.1", "max_tokens_to_sample": 50, "stream": True, "prompt": f"\n\nHuman: {m}\n\nAssistant:"}},
+                   proxy.client_env())
+    assert result["status"] == 200 and "event: completion" in result["body"], result
+    received = next(r for r in provider.requests if m.encode() in r.body)
+    assert "stream_options" not in received.json
+    t = trace_with(proxy, m)
+    assert t["error"] is None and t["response"]["body"]["type"] == "completion" and t["response"]["body"]["stop_reason"] == "stop_sequence"
+    assert t["response"]["body"]["completion"].startswith(CANNED_REPLY) and t["response_model"] == "claude-2.1"
+
+
 @pytest.mark.parametrize(("api_version", "asked"), [("2024-02-01", False), ("2024-08-01-preview", False), ("2024-09-01-preview", True), ("2024-10-21", True)])
 def test_azure_is_asked_for_stream_usage_only_where_its_api_version_takes_it(proxy: Mitmdump, provider: FakeProvider, api_version: str, asked: bool) -> None:
     """Older api-versions answer `stream_options` with a 400: a client streaming through the

@@ -616,6 +616,19 @@ def test_azure_empty_head_is_not_the_streams_head() -> None:
     assert rebuilder.model == "gpt-4o-2024-08-06" and rebuilder.result()["model"] == "gpt-4o-2024-08-06"
 
 
+def test_an_anthropic_legacy_completion_stream_is_rebuilt_whole() -> None:
+    """`/v1/complete` streams `completion` events, the last with its stop_reason (a probe:
+    a finished one was traced as cut short, with no body)."""
+    pieces = [(" Hello", None), (" world", None), ("", "stop_sequence")]
+    events = [("completion", {"type": "completion", "completion": text, "stop_reason": stop, "model": "claude-2.1", "log_id": "l1"})
+              for text, stop in pieces]
+    rebuilder = rebuild(AnthropicRebuilder(), sse([*events[:1], ("ping", {"type": "ping"}), *events[1:]]))
+    assert rebuilder.ended and rebuilder.error is None and rebuilder.model == "claude-2.1"
+    assert rebuilder.result() == {"type": "completion", "completion": " Hello world", "stop_reason": "stop_sequence", "model": "claude-2.1", "log_id": "l1"}
+    cut = rebuild(AnthropicRebuilder(), sse(events[:2]))
+    assert not cut.ended and cut.result()["completion"] == " Hello world"
+
+
 def test_a_response_that_failed_is_an_error_whether_or_not_it_says_which() -> None:
     for error in ({"code": "server_error", "message": "boom"}, None):
         rebuilder = ResponsesRebuilder()

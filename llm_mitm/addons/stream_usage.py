@@ -61,7 +61,11 @@ class StreamUsage:
                 response.headers["transfer-encoding"] = "chunked"
 
     def _takes_stream_options(self, route: Route) -> bool:
+        """OpenAI's and Azure's APIs, and Anthropic's OpenAI-compatible chat (its own legacy
+        completions refuse the field: a probe)."""
         provider = self.shared.config.providers.get(route.provider)
+        if route.api == "anthropic" and route.operation != "chat.completions":
+            return False
         return provider is not None and provider.stream_usage and route.azure_takes_2024_09_fields()
 
 

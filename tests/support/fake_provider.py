@@ -205,6 +205,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {**_stored_response(), "id": path.split("/responses/")[1].split("/")[0]})
         if path.endswith("/messages"):
             return self._anthropic(request)
+        if path.endswith("/v1/complete"):
+            return self._anthropic_completion(request)
         if path == "/":
             return self._send(200, [("content-type", "text/plain")], b"not an LLM server")
         return self._json(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
@@ -301,6 +303,17 @@ class _Handler(BaseHTTPRequestHandler):
             ("message_stop", {"type": "message_stop"}),
         ]
         self._stream(events)
+
+    def _anthropic_completion(self, request: dict[str, Any]) -> None:
+        """Anthropic's legacy Text Completions (`/v1/complete`), which refuses fields it does not know."""
+        if "stream_options" in request:
+            return self._json(400, {"type": "error", "error": {"type": "invalid_request_error", "message": "stream_options: Extra inputs are not permitted"}})
+        text = f"{CANNED_REPLY} {request.get('prompt', '')[-40:]}"
+        answer = {"type": "completion", "id": "compl_fake", "completion": text, "stop_reason": "stop_sequence", "model": request.get("model"), "stop": None}
+        if not request.get("stream"):
+            return self._json(200, answer)
+        events: list[tuple[str | None, Any]] = [("completion", {**answer, "completion": piece, "stop_reason": None}) for piece in _pieces(text, 3)]
+        self._stream([*events, ("ping", {"type": "ping"}), ("completion", {**answer, "completion": ""})])
 
     def _error(self, status: int, path: str, request: dict[str, Any]) -> None:
         message = f"fake error {status}"
