@@ -55,8 +55,10 @@ class Metering:
             return None, None
         usage = call.usage
         # A stream cut short (the client went, upstream reset) has generated tokens but never
-        # got to its usage chunk: estimated, so that limits and budgets still see it.
-        answered = call.status_code is not None and call.status_code < 400  # though perhaps cut short
+        # got to its usage chunk: estimated, so that limits and budgets still see it. One that
+        # failed before any of its answer came (an `overloaded_error` event first) is as an
+        # error status is: nothing to estimate (a probe: it was charged its input).
+        answered = call.status_code is not None and call.status_code < 400 and call.response_json is not None  # though perhaps cut short
         if self.estimate_missing and (not call.error or answered):
             try:
                 if usage is None:

@@ -229,6 +229,13 @@ def test_a_stream_cut_short_is_estimated_and_an_error_answer_is_not() -> None:
     assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True) and cost is not None and cost > 0
     assert metering.meter(call(error=True, status_code=500)) == (None, None)  # an error answer
     assert metering.meter(call(error=True, status_code=None)) == (None, None)  # no answer at all
+    # A stream whose first event is its error (Anthropic's overloaded_error): as an error
+    # status, nothing to estimate (a probe: it was charged its input).
+    rebuilder = AnthropicRebuilder()
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    rebuilder.add(ServerSentEvent(event="error", data=orjson.dumps(overloaded).decode()))
+    assert rebuilder.error is not None and rebuilder.result() is None
+    assert metering.meter(Call("messages", "claude-opus-4-1", None, request, rebuilder.result(), error=True, charged=True, status_code=200)) == (None, None)
 
 
 def test_an_anthropic_stream_cut_before_message_delta_has_its_output_estimated() -> None:
