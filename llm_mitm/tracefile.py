@@ -82,12 +82,43 @@ def read_records(path: str | os.PathLike[str], report: ReadReport | None = None,
                 report.invalid_lines.append(number)
                 report.torn_last_line = not line.endswith(b"\n")
                 continue
-            if not isinstance(record, dict):
+            if not is_record(record):
                 report.invalid_lines.append(number)
                 continue
             report.records += 1
             yield record
     bar.close()
+
+
+# What the trace tools read of a record, and the types it has there (None allowed where
+# the field is optional): any other JSON object is not a record, whatever file
+# it is in (a probe: a settings file in a traces directory was counted as a call, and a
+# string where `policy` is an object crashed `stats`).
+_REQUIRED = {"provider": str, "operation": str, "request": dict, "response": dict}
+_OPTIONAL = {"id": str, "timestamp": str, "usage": dict, "policy": dict, "status_code": int, "cost_usd": (int, float), "model": str,
+             "response_model": str, "api_key": str, "client": str, "error": str, "duration_ms": (int, float), "stream": bool}
+
+
+def is_record(value: Any) -> bool:
+    """A trace record as the tools read it: a JSON object with a record's fields, of their types."""
+    if not isinstance(value, dict):
+        return False
+    for name, kind in _REQUIRED.items():
+        if not isinstance(value.get(name), kind):
+            return False
+    for name, kind in _OPTIONAL.items():
+        if not _of_kind(value.get(name), kind):
+            return False
+    usage = value.get("usage") or {}
+    return all(_of_kind(usage.get(name), int) for name in _USAGE_COUNTS)
+
+
+_USAGE_COUNTS = ("input_tokens", "output_tokens", "total_tokens")
+
+
+def _of_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """None, or a value of `kind` (a count is no bool)."""
+    return value is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
 
 
 def read_directory(path: str | os.PathLike[str], report: ReadReport | None = None) -> Iterator[dict[str, Any]]:
@@ -100,7 +131,7 @@ def read_directory(path: str | os.PathLike[str], report: ReadReport | None = Non
             record = orjson.loads(file.read_bytes())
         except (OSError, orjson.JSONDecodeError):
             record = None
-        if not isinstance(record, dict):
+        if not is_record(record):
             report.invalid_files.append(str(file.relative_to(root)))
             continue
         report.records += 1

@@ -116,10 +116,17 @@ def test_the_tools_read_a_traces_directory_as_the_trace_file(recorded: Path, tmp
     assert orjson.loads(cli("stats", str(directory), "--json").stdout)["total"] == orjson.loads(cli("stats", str(recorded), "--json").stdout)["total"]
     assert cli("report", str(directory), "-o", str(tmp_path / "r.html")).returncode == 0
     (directory / "broken.json").write_text("{not json")
+    # JSON that is no record: a settings file, one with a record's names but not its types (a probe: counted, and stats crashed)
+    (directory / "settings.json").write_text('{"name": "settings", "editor.tabSize": 4}')
+    (directory / "other.json").write_text('{"provider": "x", "operation": "y", "request": {}, "response": {}, "policy": "block", "usage": [1]}')
     try:
-        assert "1 file(s) that are not JSON records were skipped (broken.json)" in cli("stats", str(directory)).stderr
+        for tool in ("stats", "report"):
+            result = cli(tool, str(directory), *(["-o", str(tmp_path / "r2.html")] if tool == "report" else []))
+            assert result.returncode == 0 and "3 file(s) that are not JSON records were skipped" in result.stderr, result.stderr
+        assert orjson.loads(cli("stats", str(directory), "--json").stdout)["total"] == orjson.loads(cli("stats", str(recorded), "--json").stdout)["total"]
     finally:
-        (directory / "broken.json").unlink()
+        for name in ("broken.json", "settings.json", "other.json"):
+            (directory / name).unlink()
     missing = cli("stats", str(tmp_path / "nowhere"))
     assert missing.returncode != 0 and "no trace file or traces.directory" in missing.stderr
 

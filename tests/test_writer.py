@@ -109,13 +109,14 @@ def test_a_torn_last_line_is_ended_before_appending(tmp_path: Path, caplog: pyte
 
     traces = tmp_path / "t.jsonl"
     torn = b'{"id": "torn", "te'
-    traces.write_bytes(orjson.dumps(row(id="before")) + b"\n" + torn)
+    call = {"provider": "openai", "operation": "chat.completions", "request": {}, "response": {}}  # what the tools read as a record
+    traces.write_bytes(orjson.dumps({**row(id="before"), **call}) + b"\n" + torn)
     with caplog.at_level(logging.WARNING, logger="llm_mitm.traces"):
         writer = TraceWriter(traces, None)
-        writer.write(batch(row(id="after")))
-        writer.write(batch(row(id="later")))
+        writer.write(batch({**row(id="after"), **call}))
+        writer.write(batch({**row(id="later"), **call}))
         writer.close()
-    assert traces.read_bytes().splitlines() == [b'{"id":"before","text":""}', torn, b'{"id":"after","text":""}', b'{"id":"later","text":""}']
+    assert [line[:20] for line in traces.read_bytes().splitlines()] == [b'{"id":"before","text', torn, b'{"id":"after","text"', b'{"id":"later","text"']
     assert sum("cut short" in r.getMessage() for r in caplog.records) == 1
     report = ReadReport()
     assert [r["id"] for r in read_records(traces, report)] == ["before", "after", "later"]
