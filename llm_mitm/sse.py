@@ -258,9 +258,12 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         self._choices: dict[int, dict[str, Any]] = {}
 
     def _apply(self, event: str, payload: dict[str, Any]) -> None:
-        if "error" in payload and "choices" not in payload:
-            self.error = payload["error"]
-            return
+        if "error" in payload:
+            if "choices" not in payload:
+                self.error = payload["error"]
+                return
+            if payload["error"]:  # OpenRouter's error mid-stream, beside a choice that finishes with "error"
+                self.error = payload["error"]
         if self._head_missing:
             taken = False
             for key in self._head_missing:

@@ -616,6 +616,17 @@ def test_azure_empty_head_is_not_the_streams_head() -> None:
     assert rebuilder.model == "gpt-4o-2024-08-06" and rebuilder.result()["model"] == "gpt-4o-2024-08-06"
 
 
+def test_an_error_beside_a_choice_is_the_streams_error() -> None:
+    """OpenRouter ends a stream that failed upstream with a chunk holding the error and a
+    choice finished with "error"; an `"error": null` beside choices is no error."""
+    failed = (None, {"id": "c1", "object": "chat.completion.chunk", "model": "m", "error": {"code": 502, "message": "provider down"},
+                     "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]})
+    rebuilder = rebuild(ChatCompletionsRebuilder(), sse([*CHAT[:2], failed]))
+    assert rebuilder.error == {"code": 502, "message": "provider down"}
+    fine = [(name, {**payload, "error": None}) if isinstance(payload, dict) else (name, payload) for name, payload in CHAT]
+    assert rebuild(ChatCompletionsRebuilder(), sse(fine)).error is None
+
+
 def test_an_anthropic_legacy_completion_stream_is_rebuilt_whole() -> None:
     """`/v1/complete` streams `completion` events, the last with its stop_reason (a probe:
     a finished one was traced as cut short, with no body)."""
