@@ -230,10 +230,10 @@ def _from_anthropic(request: dict[str, Any], response: dict[str, Any]) -> dict[s
     if not reply:
         raise Skip("no assistant reply")
     messages.extend(reply)
-    tools = [
+    tools = [  # a tool of your own; a server tool's (`web_search_20250305`) has no function to be (a probe: it was one with no parameters)
         {"type": "function", "function": {"name": t["name"], "description": t.get("description", ""), "parameters": t.get("input_schema", {})}}
         for t in request.get("tools") or []
-        if isinstance(t, dict) and "name" in t
+        if isinstance(t, dict) and "name" in t and t.get("type") in (None, "custom")
     ]
     return _example(messages, tools)
 

@@ -183,6 +183,18 @@ def test_export_skips_a_responses_call_whose_context_upstream_keeps() -> None:
     assert report.skipped == {"context kept upstream (previous_response_id)": 1, "context kept upstream (conversation)": 1, "context kept upstream (prompt)": 1}
 
 
+def test_export_makes_functions_of_an_anthropic_calls_own_tools_only() -> None:
+    """A server tool (web search) has no function to be (a probe: it was one with no parameters)."""
+    tools = [{"name": "get_weather", "description": "d", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+             {"type": "custom", "name": "lookup", "input_schema": {"type": "object"}},
+             {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
+    record = {"status_code": 200, "operation": "messages", "api": "anthropic", "model": "claude-x",
+              "request": {"body": {"model": "claude-x", "max_tokens": 10, "tools": tools, "messages": [{"role": "user", "content": "hi"}]}},
+              "response": {"body": {"type": "message", "role": "assistant", "content": [{"type": "text", "text": "hello"}]}}}
+    (example,) = export_examples([record], report=ExportReport())
+    assert [tool["function"]["name"] for tool in example["tools"]] == ["get_weather", "lookup"]
+
+
 def test_outputs_never_replace_the_trace_and_fail_in_one_line(tmp_path: Path) -> None:
     traces = tmp_path / "t.jsonl"
     traces.write_bytes(orjson.dumps(chat_record("q", {"role": "assistant", "content": "a"})) + b"\n")
