@@ -6,6 +6,7 @@ mitmdump shows it as the reason it refused to start or refused a reload.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Mapping
@@ -26,8 +27,32 @@ _HOST_PATTERN = re.compile(
 )
 
 
-# A file or folder named in the config: `~` is the user's home, as in a shell.
-PathName = Annotated[str, AfterValidator(os.path.expanduser)]
+def _path_name(value: str) -> str:
+    """`~` is the user's home, as in a shell; a NUL names no file (the OS refuses it later, with a traceback)."""
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    return os.path.expanduser(value)
+
+
+def _header_value(value: str) -> str:
+    """What can go in an HTTP header as written: printable ASCII. A line break ended the
+    headers early and made the rest the body, or a header of its own (a probe)."""
+    if not (value.isascii() and value.isprintable()) or value != value.strip():
+        raise ValueError(f"{value!r} cannot be a header's value: printable ASCII, no line breaks or surrounding spaces")
+    return value
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{value!r} is not text UTF-8 can write (a lone surrogate)") from None
+    return value
+
+
+# A file or folder named in the config.
+PathName = Annotated[str, AfterValidator(_path_name)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
 
 
 class ConfigError(Exception):
@@ -85,7 +110,7 @@ class TracesConfig(_Section):
     directory: PathName | None = None
     bodies: Literal["full", "metadata", "none"] = "full"
     max_bytes: int | None = Field(default=None, gt=0)  # rotate the file past this size
-    keep: int = Field(default=5, ge=1)  # rotated files kept: traces.jsonl.1 .. .keep
+    keep: int = Field(default=5, ge=1, le=1000)  # rotated files kept: traces.jsonl.1 .. .keep (each rotation looks at each)
 
 
 class RedactionConfig(_Section):
@@ -94,7 +119,7 @@ class RedactionConfig(_Section):
     headers: list[str] = []
     query_params: list[str] = []
     patterns: list[str] = []
-    fingerprint_salt: str = ""
+    fingerprint_salt: Annotated[str, AfterValidator(_utf8)] = ""
 
     @field_validator("patterns")
     @classmethod
@@ -104,7 +129,7 @@ class RedactionConfig(_Section):
                 compiled = re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
-            if compiled.match("") is not None:
+            if any(not found.group() for found in compiled.finditer(_PATTERN_SAMPLE)):  # `\b`, a lookahead: an empty match somewhere
                 raise ValueError(f"{pattern!r} matches the empty string: it would redact between every two characters")
         return patterns
 
@@ -118,12 +143,16 @@ class RedactionConfig(_Section):
         }
 
 
+# Text with words, keys, digits and punctuation, where a pattern that can match nothing shows it.
+_PATTERN_SAMPLE = "Authorization: Bearer sk-proj-Ab3_xY9 token=abc123&token=&key=\"q\" hello world 42 {\"api_key\": \"\"}\n é ∑"
+
+
 class HeaderRule(_Section):
     """Which value an OpenAI header gets: the client's, a key's team value, or a default."""
 
-    default: str | None = None
+    default: HeaderValue | None = None
     override: bool = False
-    by_key: dict[str, str] = {}
+    by_key: dict[str, HeaderValue] = {}
 
 
 class OrganizationConfig(HeaderRule):
@@ -140,14 +169,28 @@ class RateLimitConfig(_Section):
     tokens_per_minute: int | None = Field(default=None, gt=0)
     per: Scope = "api_key"
 
+    @model_validator(mode="after")
+    def _limits_something(self) -> RateLimitConfig:
+        if self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("a rate limit names no limit: set requests_per_minute or tokens_per_minute")
+        return self
+
 
 class BudgetConfig(_Section):
     usd_per_day: float | None = Field(default=None, gt=0)
     usd_per_month: float | None = Field(default=None, gt=0)
     per: Scope = "api_key"
 
+    @model_validator(mode="after")
+    def _limits_something(self) -> BudgetConfig:
+        if self.usd_per_day is None and self.usd_per_month is None:
+            raise ValueError("a budget names no amount: set usd_per_day or usd_per_month")
+        return self
+
 
 ModelPatterns = list[str] | dict[str, list[str]]
+# The roles a forbidden instruction may name (`system:*you are dan*`).
+INSTRUCTION_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class PolicyConfig(_Section):
@@ -166,11 +209,16 @@ class PolicyConfig(_Section):
     @field_validator("forbidden_instructions")
     @classmethod
     def _instructions_name_a_phrase(cls, entries: list[str]) -> list[str]:
-        """An empty phrase is found in every text: every call would be refused."""
+        """An empty phrase is found in every text, and a glob that matches an empty text
+        (`*`, `user:*`) matches every one: every call would be refused."""
         for entry in entries:
             role, sep, phrase = entry.partition(":")
-            if not entry.strip() or (sep and role.strip().isalpha() and not phrase.strip()):
+            if not (sep and role.strip().lower() in INSTRUCTION_ROLES):
+                phrase = entry
+            if not phrase.strip():
                 raise ValueError(f"{entry!r} names no phrase: it would refuse every call")
+            if any(ch in phrase for ch in "*?[") and fnmatch.fnmatchcase("", phrase.strip()):
+                raise ValueError(f"{entry!r} matches every text: it would refuse every call")
         return entries
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from llm_mitm.config import ModelPatterns, PolicyConfig
+from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
@@ -21,7 +21,6 @@ from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, rea
 # `max_completions_tokens` (so spelled) is a score_model grader's sampling limit.
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens",
                     "max_completions_tokens")
-_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 V = TypeVar("V")
 RoleText = tuple[str, str]
 
@@ -119,7 +118,7 @@ class _Instruction:
 
 def _instruction(pattern: str) -> _Instruction:
     role, sep, rest = pattern.partition(":")
-    if sep and role.strip().lower() in _ROLES:
+    if sep and role.strip().lower() in INSTRUCTION_ROLES:
         role_name: str | None = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
         glob = rest
     else:

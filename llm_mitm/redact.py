@@ -402,7 +402,8 @@ class Redactor:
         return value
 
     def _replace(self, match: re.Match[str]) -> str:
-        return self.fingerprint(match.group(0))
+        found = match.group(0)
+        return self.fingerprint(found) if found else found  # a pattern that matches nothing somewhere (`\b`) hides nothing there
 
     def _first_look(self, blob: bytes) -> tuple[bool, bool]:
         """Whether any text or key in the JSON `blob` passes a first test of `text` or is a

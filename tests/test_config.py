@@ -57,6 +57,20 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("redaction:\n  patterns: ['x*']\n", "redaction.patterns: 'x*' matches the empty string"),
         ("policy:\n  forbidden_instructions: ['  ']\n", "policy.forbidden_instructions: '  ' names no phrase"),
         ("policy:\n  forbidden_instructions: [ok, 'user:']\n", "policy.forbidden_instructions: 'user:' names no phrase"),
+        # what a second config probe passed: a pattern matching nothing somewhere, a glob matching
+        # all, a header value that ends the headers, a path or salt no OS or encoder takes, rules of nothing
+        ("redaction:\n  patterns: ['\\b']\n", "redaction.patterns: '\\\\b' matches the empty string"),
+        ("redaction:\n  patterns: ['(?<=token=)\\w*']\n", "matches the empty string"),
+        ("policy:\n  forbidden_instructions: ['*']\n", "policy.forbidden_instructions: '*' matches every text"),
+        ("policy:\n  forbidden_instructions: ['user:*']\n", "policy.forbidden_instructions: 'user:*' matches every text"),
+        ("organization:\n  default: |\n    org-abc\n", "organization.default: 'org-abc\\n' cannot be a header's value"),
+        ("organization:\n  project:\n    by_key: {abc: \"p\\r\\nX-Evil: 1\"}\n", "organization.project.by_key.abc: "),
+        ("usage:\n  spend_db: \"a\\0b\"\n", "usage.spend_db: a path cannot hold a NUL character"),
+        ("traces:\n  destination: \"a\\0b\"\n", "traces.destination: a path cannot hold a NUL character"),
+        ("redaction:\n  fingerprint_salt: \"\\ud800\"\n", "redaction.fingerprint_salt: "),
+        ("traces:\n  keep: 1000000\n", "traces.keep: Input should be less than or equal to 1000"),
+        ("policy:\n  rate_limits: [{}]\n", "policy.rate_limits.0: a rate limit names no limit"),
+        ("policy:\n  budgets: [{per: global}]\n", "policy.budgets.0: a budget names no amount"),
         # valid alone, but naming nothing: the rule would quietly never apply, or refuse all
         ("policy:\n  allowed_models: {azur: [prod-*]}\n", "policy.allowed_models.azur: no provider is called 'azur' (providers: anthropic, azure, openai"),
         ("policy:\n  denied_models: {'*': [o1], opneai: [gpt-4]}\n", "policy.denied_models.opneai: no provider is called 'opneai'"),

@@ -112,6 +112,8 @@ def test_configured_header_and_pattern() -> None:
     redactor = Redactor(extra_headers=["X-Tenant-Token"], extra_patterns=[r"corp_[0-9]{6}"])
     assert_gone("abc", redactor.header("x-tenant-token", "abcdefghijkl"))
     assert "corp_123456" not in redactor.text("id corp_123456 here")
+    # a pattern that matches nothing somewhere (one the config's sample text did not show) hides nothing there
+    assert Redactor(extra_patterns=[r"(?<=tok=)\w*"]).text("tok=; tok=abcdef") == f"tok=; tok={Redactor().fingerprint('abcdef')}"
 
 
 def test_url_query_parameters() -> None:
