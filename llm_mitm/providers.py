@@ -22,6 +22,8 @@ def host_regex(pattern: str) -> str:
     host, port = _split_port(pattern.lower())
     if host.startswith("*."):
         host_re = _LABELS + re.escape(host[1:])
+    elif host.startswith("["):  # mitmproxy writes an IPv6 address without its brackets (`::1:443`) where it decides what to intercept
+        host_re = f"(?:{re.escape(host)}|{re.escape(host[1:-1])})"
     else:
         host_re = re.escape(host)
     port_re = re.escape(port) if port else r"\d+"

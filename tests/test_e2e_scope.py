@@ -82,3 +82,41 @@ def test_a_request_answered_by_an_addon_opens_no_upstream_connection(tmp_path: P
         assert records and records[0]["status_code"] == 200
         assert records[0]["response"]["body"] == {"answered": "locally"}
         assert provider.connections == before
+
+
+def test_a_provider_at_an_ipv6_address_is_intercepted(tmp_path: Path, pki: ServerCert) -> None:
+    """mitmproxy decides what to intercept by `::1:PORT`, without the brackets a host
+    pattern has: a provider at `[::1]` was passed through untouched, policy and all (a probe)."""
+    server = FakeProvider(str(pki.cert_path), str(pki.key_path), host="::1").start()
+    try:
+        config = {"providers": {"v6": {"api": "openai", "hosts": [f"[::1]:{server.port}"]}}, "policy": {"denied_models": ["gpt-4"]}}
+        with Mitmdump(tmp_path, config=config, upstream_ca=pki.ca_path) as proxy:
+            m = marker()
+            url = f"https://[::1]:{server.port}/v1/chat/completions"
+            answer = curl(proxy, "--cacert", str(proxy.ca_cert), url, "-H", f"Authorization: Bearer {OPENAI_KEY}",
+                          "-H", "Content-Type: application/json", "-d", orjson.dumps(chat(m)).decode())
+            assert answer.returncode == 0 and CANNED_REPLY.encode() in answer.stdout, answer.stderr  # the proxy's certificate: intercepted
+            t = trace_with(proxy, m)
+            assert (t["provider"], t["url"]) == ("v6", url)
+            denied = curl(proxy, "--cacert", str(proxy.ca_cert), url, "-H", "Content-Type: application/json", "-d", orjson.dumps(chat(marker(), model="gpt-4")).decode())
+            assert b"model_not_allowed" in denied.stdout
+    finally:
+        server.stop()
+
+
+def test_plain_http_goes_where_it_names_whatever_its_host_header_says(tmp_path: Path) -> None:
+    """Over plain HTTP mitmproxy connects to the address the request names: a Host header
+    naming a provider does not make it that provider's call (a probe: the organization was
+    added and the call traced as OpenAI's)."""
+    server = FakeProvider().start()
+    try:
+        with Mitmdump(tmp_path, config={"organization": {"default": "org-default"}}) as proxy:
+            m = marker()
+            answer = curl(proxy, f"http://127.0.0.1:{server.port}/v1/chat/completions", "-H", "Host: api.openai.com",
+                          "-H", "Content-Type: application/json", "-d", orjson.dumps(chat(m)).decode())
+            assert answer.returncode == 0 and CANNED_REPLY.encode() in answer.stdout, answer.stderr
+            received = next(r for r in server.requests if m.encode() in r.body)
+            assert received.header("openai-organization") is None
+            assert not [t for t in proxy.traces() if m in str(t["request"]["body"])]
+    finally:
+        server.stop()

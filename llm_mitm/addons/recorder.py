@@ -82,8 +82,12 @@ class Recorder:
     def _route_by_name(self, flow: http.HTTPFlow) -> Route | None:
         """A provider named by the TLS server name or the Host header rather than the
         address connected to (`CONNECT 1.2.3.4:443` with SNI api.openai.com): mitmproxy
-        intercepts it by either name, so it is policed and traced by either name too."""
+        intercepts it by either name, so it is policed and traced by either name too. Not
+        over plain HTTP, where mitmproxy connects to the address the request names, whatever
+        its Host header says (a probe: a server of no provider's was sent the organization)."""
         request = flow.request
+        if request.scheme != "https":
+            return None
         for name in (flow.client_conn.sni, request.host_header):
             if name:
                 host, port = split_host(name, request.port)
@@ -215,4 +219,6 @@ def _url(request: http.Request, host_header: str | None) -> str:
     common case: a Host header with no port."""
     if host_header and ":" not in host_header and request.authority == "":
         return f"{request.scheme}://{host_header}{request.path}"
+    if ":" in request.host:  # an IPv6 address, which pretty_url leaves without its brackets
+        return f"{request.scheme}://[{request.host}]:{request.port}{request.path}"
     return request.pretty_url

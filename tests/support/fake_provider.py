@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import socket
 import ssl
 import threading
 import time
@@ -61,6 +62,10 @@ class Received:
         return orjson.loads(self.body)
 
 
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 @dataclass
 class FakeProvider:
     """Start with `start()`; `port`, `requests` and `stop()` are what tests use."""
@@ -80,7 +85,7 @@ class FakeProvider:
         class Handler(_Handler):
             fake = provider
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server = (_IPv6Server if ":" in self.host else ThreadingHTTPServer)((self.host, 0), Handler)
         self._server.daemon_threads = True
         if self.cert_path:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -52,7 +52,7 @@ def make_pki(folder: Path, names: tuple[str, ...] = PROVIDER_NAMES, label: str =
     )
     key = ec.generate_private_key(ec.SECP256R1())
     alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    alt_names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    alt_names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(names[0]))
