@@ -98,13 +98,35 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A number of things: 0 or more."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is fewer than none")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is no TCP port (1-65535)")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llm-mitm", description="llm-mitm tools")
     commands = root.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="print the environment a client needs for this proxy")
     env.add_argument("--shell", choices=SHELLS, default="bash")
     env.add_argument("--host", default="127.0.0.1")
-    env.add_argument("--port", type=int, default=8080)
+    env.add_argument("--port", type=_port, default=8080)
     env.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR, help="mitmproxy's confdir (default ~/.mitmproxy)")
     env.add_argument("--bundle", type=Path, help="where to write certifi + the CA (default CONFDIR/llm-mitm-bundle.pem)")
     env.add_argument("--no-proxy", default=DEFAULT_NO_PROXY, help=f"NO_PROXY (default {DEFAULT_NO_PROXY})")
@@ -121,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="a self-contained HTML report of a trace file")
     report.add_argument("traces", type=Path, help="a trace file (traces.destination) or a traces.directory")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
-    report.add_argument("--max-calls", type=int, default=2000, help="calls listed in the table (the latest)")
+    report.add_argument("--max-calls", type=_count, default=2000, help="calls listed in the table (the latest)")
     report.set_defaults(run=_report)
 
     export = commands.add_parser("export", help="fine-tuning data from a trace file")

@@ -272,7 +272,8 @@ class Config(_Section):
     def _merge_default_providers(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
-        given = data.get("providers") or {}
+        given = data.get("providers")
+        given = {} if given is None else given  # `providers:` left empty; an empty list is an error of its own
         if not isinstance(given, Mapping):
             return data
         merged: dict[str, Any] = {name: dict(entry) for name, entry in DEFAULT_PROVIDERS.items()}

@@ -71,6 +71,7 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("traces:\n  keep: 1000000\n", "traces.keep: Input should be less than or equal to 1000"),
         ("policy:\n  rate_limits: [{}]\n", "policy.rate_limits.0: a rate limit names no limit"),
         ("policy:\n  budgets: [{per: global}]\n", "policy.budgets.0: a budget names no amount"),
+        ("providers: []\n", "providers: Input should be a valid dictionary"),  # was taken as the defaults
         # valid alone, but naming nothing: the rule would quietly never apply, or refuse all
         ("policy:\n  allowed_models: {azur: [prod-*]}\n", "policy.allowed_models.azur: no provider is called 'azur' (providers: anthropic, azure, openai"),
         ("policy:\n  denied_models: {'*': [o1], opneai: [gpt-4]}\n", "policy.denied_models.opneai: no provider is called 'opneai'"),

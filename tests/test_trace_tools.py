@@ -635,3 +635,12 @@ def test_a_replayed_stream_gives_the_sdks_the_recorded_answer_whole(tmp_path: Pa
         assert message["content"][3]["content"][0]["url"] == "https://example.com"
         assert message["content"][4]["text"] == "Sunny." and message["content"][4]["citations"][0]["cited_text"] == "sunny"
         assert len(provider.requests) == before
+
+
+@pytest.mark.parametrize(("args", "said"), [(("report", "t.jsonl", "--max-calls", "-1"), "--max-calls: -1 is fewer than none"),
+                                            (("report", "t.jsonl", "--max-calls", "all"), "--max-calls: 'all' is not a whole number"),
+                                            (("env", "--port", "70000"), "--port: 70000 is no TCP port (1-65535)")])
+def test_a_number_out_of_its_range_is_a_usage_error(args: tuple[str, ...], said: str) -> None:
+    """A negative count listed no calls, without a word (a config probe)."""
+    result = cli(*args)
+    assert result.returncode == 2 and said in result.stderr, result.stderr
