@@ -56,7 +56,8 @@ SENSITIVE_FIELDS = frozenset(
 )
 # Query parameters: the same, plus names too broad for bodies (error bodies carry
 # "code": "invalid_api_key"), and Azure API Management's key (`?subscription-key=`).
-SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code", "subscription-key", "auth"}
+SENSITIVE_PARAMS = SENSITIVE_FIELDS | {"key", "token", "sig", "signature", "code", "subscription-key", "auth",
+                                      "x-amz-signature", "x-amz-security-token", "x-goog-signature"}  # S3's and Cloud Storage's signed links
 # In free text (`GITHUB_TOKEN=...`, `DB_PASS=...`, `Pwd=...`, `AWS_SECRET_ACCESS_KEY=...`,
 # `clientSecret:`) also these, as regex branches. A token or `pass` only after a prefix
 # (`"token": "Hello"` is a logprob's word), and neither a tokenizer's special tokens nor a
@@ -77,6 +78,9 @@ _A_TOKEN = re.compile(rb"token(?!s)")  # one pass: a literal prefix is searched 
 _NOT_A_SECRET = re.compile(r"(?i:true|false|null|none)")  # `hasPassword: false`, `first_pass: true` (a number may be a PIN)
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
+# Where one of the other services' keys may start (their shapes below), in one pass of C over bytes.
+_OTHER_KEY_START = re.compile(r"[sr]k_(?:live|test)_|hf_|gsk_|xai-|pplx-|xox[abposr]-|AKIA|ASIA")
+_OTHER_KEY_START_BYTES = re.compile(rb"[sr]k_(?:live|test)_|hf_|gsk_|xai-|pplx-|xox[abposr]-|AKIA|ASIA|PRIVATE KEY-----")
 
 # Every byte a hex digit ("x") or not (" "): a 32-hex key is then a run of 32 "x", found by
 # one translate and one substring search, both C; the shape's regex tries every position.
@@ -104,9 +108,10 @@ def _has_hex_run(text: str) -> bool:
 _AFTER_ESCAPE = r"(?<=\\[nrtbf])|(?<=%[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})"
 _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
-    (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),
-    # JSON web tokens.
-    (lambda text: "eyJ" in text, re.compile(rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})eyJ[A-Za-z0-9_-]{{4,}}\.eyJ[A-Za-z0-9_-]{{4,}}\.[A-Za-z0-9_-]*")),
+    (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),  # after `_` too: KEY_sk-proj-...
+    # JSON web tokens: their header and claims are JSON objects, `{"` (eyJ), or with a space or a line break after the brace (eyAi, ewo).
+    (lambda text: "eyJ" in text or ".ey" in text or ".ew" in text, re.compile(
+        rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})e[yw][A-Za-z0-9_-]{{4,}}\.e[yw][A-Za-z0-9_-]{{4,}}\.[A-Za-z0-9_-]*")),
     # Google API keys (Gemini's OpenAI-compatible API takes them as bearer tokens).
     (lambda text: "AIza" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})AIza[A-Za-z0-9_-]{{35}}(?![A-Za-z0-9_-])")),
     # Microsoft's annotated keys (Azure OpenAI and AI services keys made since 2024): 84
@@ -121,17 +126,26 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
         rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})(?:gh[pousr]_[A-Za-z0-9]{{36,}}|github_pat_[A-Za-z0-9_]{{22,}})")),
     # Azure OpenAI keys: 32 hex digits.
     (_has_hex_run, re.compile(rf"(?:(?<![0-9A-Za-z])|{_AFTER_ESCAPE})[0-9a-fA-F]{{32}}(?![0-9A-Za-z])")),
+    # Other providers' and services' keys a prompt or a tool may carry (a secrets probe):
+    # Stripe, Hugging Face, Groq, xAI, Perplexity, Slack, an AWS access key id.
+    (lambda text: _OTHER_KEY_START.search(text) is not None, re.compile(
+        rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})(?:[sr]k_(?:live|test)_[A-Za-z0-9]{{16,}}|hf_[A-Za-z0-9]{{30,}}|gsk_[A-Za-z0-9]{{40,}}"
+        r"|xai-[A-Za-z0-9]{40,}|pplx-[A-Za-z0-9]{40,}|xox[abposr]-[A-Za-z0-9-]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z]))")),
+    # A private key, PEM-armoured: the whole block.
+    (lambda text: "PRIVATE KEY-----" in text, re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL)),
 )
 # Whatever follows "Bearer" is a credential, whatever its shape (not a fingerprint already).
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
-_BEARER = re.compile(r"(?i:(bearer)[ \t]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")
+_BEARER = re.compile(r"(?i:(bearer)[ \t\u00a0]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")  # a no-break space too (a secrets probe)
 _SHORTEST_SECRET = 15  # "Bearer " and 8 characters
 # In a name, what says its value is a password (`password`, `passwd`, `DB_PASS`, `pwd`).
 _PASSWORD_WORDS = ("pass", "pwd")
 # How a classic GitHub token starts (`ghs_`: the GITHUB_TOKEN of Actions, pasted from CI logs).
 _GITHUB_TOKEN_START = re.compile(rb"gh[pousr]_")
 # A password in a URL (`postgres://admin:pw@db`, `https://user:ghp_...@github.com`).
-_USERINFO_PASSWORD = re.compile(r"(?<=://)([^/\s:@\"'<>]+:)([^/\s@\"'<>]+)(?=@)")
+# The user may be empty (`redis://:pw@cache`), and the password may hold `@`: it ends at the last
+# `@` before the host (a secrets probe: both were kept whole).
+_USERINFO_PASSWORD = re.compile(r"(?<=://)([^/\s:@\"'<>]*:)([^/\s\"'<>]+)(?=@[^/\s@\"'<>]*(?:[/\s\"'<>]|$))")
 
 
 _FINGERPRINT = re.compile(r"(?:(?:bearer|basic|token|digest) )?(?:sk-[a-z]*-?|jwt:)?…[A-Za-z0-9._~+/=-]{0,4}#[0-9a-f]{8}", re.IGNORECASE)
@@ -326,7 +340,10 @@ _GATEWAY_KEY_ENDINGS = ("-auth", "_auth", "virtual-key")
 # (`x-functions-key`, `x-openai-key`, `x-subscription-key`, `Authentication`): a header
 # carries what its name says.
 _KEY_HEADER_ENDINGS = ("-key", "_key", "credential", "credentials")
-_KEY_HEADER_NAMES = frozenset(("key", "authentication", "x-authentication"))
+_KEY_HEADER_NAMES = frozenset(("key", "authentication", "x-authentication", "token", "x-token", "jwt", "x-jwt"))
+# A header named as one of these begins (`Authorization2`, `X-Authorization-Backup`), or ending so (`X-Session-JWT`, `X-Access-Token`).
+_KEY_HEADER_STARTS = ("authorization", "x-authorization")
+_KEY_HEADER_TAILS = ("-jwt", "_jwt", "-token", "_token")
 _NOT_KEY_HEADERS = frozenset(("idempotency-key", "x-idempotency-key", "sec-websocket-key"))  # a request's own id, a handshake's nonce
 
 
@@ -418,7 +435,7 @@ class Redactor:
         names = self._names_something(lowered if text is None else _folded(text))
         if _HEX_RUN in blob.translate(_HEX_MARKS):
             return True, names
-        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered:
+        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered or b".e" in lowered:
             return True, names
         # Each rarer sign first: a one-byte search (memchr) is ~10 times as fast as a longer one.
         if b"@" in blob and b"://" in blob:  # maybe a password in a URL
@@ -426,6 +443,8 @@ class Redactor:
         if (b"=" in blob and b"sig=" in lowered) or (b"%" in blob and b"%2d" in lowered):  # a signed link; a key percent-encoded
             return True, names
         if b"ek_" in blob or b"github_pat_" in blob or (b"gh" in blob and _GITHUB_TOKEN_START.search(blob) is not None):  # an ephemeral key; a GitHub token pasted into a prompt
+            return True, names
+        if _OTHER_KEY_START_BYTES.search(blob) is not None or b"signature=" in lowered:  # another service's key; a signed link (X-Amz-Signature)
             return True, names
         return self._quoted_field.search(lowered) is not None, names
 
@@ -460,7 +479,9 @@ class Redactor:
         `X-Auth-Token`): its value is a key whatever its shape."""
         if name in self.headers:
             return True
-        if name.endswith(_GATEWAY_KEY_ENDINGS) or name in _KEY_HEADER_NAMES:
+        if name.endswith(_GATEWAY_KEY_ENDINGS) or name in _KEY_HEADER_NAMES or name.startswith(_KEY_HEADER_STARTS):
+            return True
+        if name.endswith(_KEY_HEADER_TAILS) and name not in _NOT_KEY_HEADERS:
             return True
         if name.endswith(_KEY_HEADER_ENDINGS) and name not in _NOT_KEY_HEADERS:
             return True
@@ -501,8 +522,10 @@ class Redactor:
 
     def _is_key_param(self, match: re.Match[str]) -> bool:
         """A query parameter (`_query`'s match) named like a key, whose value is not hidden yet."""
-        value = match.group(3)
-        return match.group(2).lower() in self.params and bool(value) and not _is_fingerprint(value)
+        value, name = match.group(3), match.group(2).lower()
+        if name.endswith("]"):  # `api_key[]=`, `creds[api_key]=` (PHP's and Rails' forms): the innermost name
+            name = name.rstrip("[]").rpartition("[")[2] or name.partition("[")[0]
+        return name in self.params and bool(value) and not _is_fingerprint(value)
 
     def address(self, url: str) -> str:
         """A request's URL, which repeats from call to call: `url`, remembered."""

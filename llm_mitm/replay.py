@@ -91,9 +91,10 @@ class ReplayIndex:
         if isinstance(request, str) or (request is None and sent) or not isinstance(response, (dict, list)):
             return  # a body that is not JSON is kept as a sample at most: no key tells two apart
         headers = (record.get("request") or {}).get("headers")
+        headers = headers if isinstance(headers, dict) else {}
+        caller = record.get("api_key") or headers.get("cookie")  # as `Replay` names the caller: a session's cookie where no key was sent
         key = request_key(record.get("provider", ""), record.get("method", ""), record.get("url", ""),
-                          (record.get("api_key"), record.get("organization"), record.get("project")), request,
-                          features(headers.items()) if isinstance(headers, dict) else "")
+                          (caller, record.get("organization"), record.get("project")), request, features(headers.items()))
         self.answers[key] = Recorded(record.get("api", "openai"), record.get("operation", ""), status, response)
 
     def find(self, key: bytes) -> Recorded | None:

@@ -31,6 +31,16 @@ KEYS = {
     + token(16, ALNUM) + token(1, string.ascii_letters) + token(7, ALNUM),
     "google": "AIza" + token(35),
     "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0." + token(43),
+    # other services' keys, and a JWT whose JSON has a space after the brace (a secrets probe)
+    "jwt-spaced": "eyAidHlwIjogIkpXVCJ9.eyAic3ViIjogIjEyMyJ9." + token(43),
+    "stripe": "sk_live_" + token(24, ALNUM),
+    "huggingface": "hf_" + token(34, ALNUM),
+    "groq": "gsk_" + token(52, ALNUM),
+    "xai": "xai-" + token(80, ALNUM),
+    "perplexity": "pplx-" + token(48, ALNUM),
+    "slack": "xoxb-" + token(12, string.digits) + "-" + token(24, ALNUM),
+    "aws": "AKIA" + token(16, string.ascii_uppercase + string.digits),
+    "pem": "-----BEGIN PRIVATE KEY-----\n" + token(64, ALNUM) + "\n" + token(64, ALNUM) + "\n-----END PRIVATE KEY-----",
 }
 
 
@@ -92,6 +102,7 @@ def test_sensitive_headers_are_fingerprinted_whole(name: str, value: str, secret
         ("X-Portkey-Api-Key", True), ("x-litellm-api-key", True), ("X-Auth-Token", True), ("anthropic-api-key", True),
         ("X-Amz-Security-Token", True), ("x-client-secret", True), ("X-Goog-Api-Key", True), ("x-db-password", True),
         ("Helicone-Auth", True), ("x-portkey-virtual-key", True),
+        ("Token", True), ("X-JWT", True), ("Authorization2", True), ("X-Access-Token", True), ("x-session-jwt", True),  # a secrets probe
         ("x-ratelimit-remaining-tokens", False), ("anthropic-ratelimit-input-tokens-limit", False), ("Idempotency-Key", False),
         ("x-api-key-id", False), ("openai-processing-ms", False), ("x-stainless-arch", False), ("x-request-id", False),
     ],
@@ -196,6 +207,7 @@ def _every_pass(redactor: Redactor, text: str) -> str:
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from(["0123456789abcdef", "ABCDEF", "9", "f", "x", " ", "-", "_", "sk-", "eyJ", ".", "bearer ",
                                  "BeArEr\t", "Bearer  ", "é", "ı", "ſ", "\u212a", "\ud800", "token1234", "AIza", "JQQJ9",
+                                 "ey", "ew", "sk_live_", "hf_", "xoxb-", "AKIA", "PRIVATE KEY-----", "\u00a0",
                                  KEYS["google"], KEYS["azure-annotated"]]), max_size=40).map("".join))
 def test_first_tests_never_skip_what_a_shape_finds(text: str) -> None:
     redactor = Redactor()
@@ -205,7 +217,8 @@ def test_first_tests_never_skip_what_a_shape_finds(text: str) -> None:
 _JSON_TEXT = st.lists(st.sampled_from(["plain words", "0123456789abcdef" * 2, "ABCDEF0123456789", "sk-", "SK-", "eyJ", ".",
                                        "bearer ", "BeArEr\t", "token1234token1234", "é", "\u0130", "\u212a", "\"", "\\", "\n",
                                        "GITHUB_TOKEN=", "max_tokens=", "DB_PA", "\u017fS", "SWORD", ": ", "=", "\u0131", "pwd", "hunter2",
-                                       "ghs_" + "Zq7" * 12, KEYS["openai"], KEYS["azure"], KEYS["google"], KEYS["azure-annotated"]]),
+                                       "ghs_" + "Zq7" * 12, KEYS["openai"], KEYS["azure"], KEYS["google"], KEYS["azure-annotated"],
+                                       KEYS["jwt-spaced"], KEYS["huggingface"], KEYS["slack"], "X-Amz-Signature=", "ABCDEF" * 4]),
                       max_size=6).map("".join)
 _JSON_KEYS = st.sampled_from(["content", "role", "api_key", "API_KEY", "api\u212aey", "Password", "secret", "x", "code", "token"])
 _JSON = st.recursive(
@@ -327,6 +340,17 @@ def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
     for text in hidden:
         assert "aple" not in text and re.search(r"…#[0-9a-f]{8}", text), text
     assert redactor.json({"api_key": KEYS["project"]})["api_key"] == redactor.fingerprint(KEYS["project"])  # a key keeps its tail
+    # a URL's password with no user, or holding `@`; a key after `_`, after Bearer and a no-break space;
+    # a query's name in brackets; a signed link's signature (a secrets probe: each was kept whole)
+    assert redactor.text("redis://:p4ssw0rd-xyz@cache:6379/0") == f"redis://:{redactor.opaque('p4ssw0rd-xyz')}@cache:6379/0"
+    assert redactor.text("https://alice:p@ss-w0rd-xyz@host/x") == f"https://alice:{redactor.opaque('p@ss-w0rd-xyz')}@host/x"
+    assert redactor.text("mail me at a@b.c or see https://user@host/x") == "mail me at a@b.c or see https://user@host/x"
+    assert redactor.text(f"KEY_{KEYS['project']}") == f"KEY_{redactor.fingerprint(KEYS['project'])}"
+    assert redactor.text(f"Bearer\u00a0{password}") == f"Bearer\u00a0{redactor.fingerprint(password)}"
+    assert "s3cretvalue" not in redactor.url("https://x/y?api_key[]=s3cretvalue1&creds[api_key]=s3cretvalue2&page[size]=3")
+    signed = orjson.dumps(redactor.json({"url": "https://b.s3.amazonaws.com/k?X-Amz-Signature=" + "f" * 64 + "&X-Amz-Date=1",
+                                         "gcs": "https://storage.googleapis.com/b/o?X-Goog-Signature=" + "a" * 64})).decode()
+    assert "f" * 16 not in signed and "a" * 16 not in signed and "X-Amz-Date=1" in signed
     # not a string: a list of keys, a number (their characters went whole)
     listed = redactor.json({"api_key": ["lk-opaque-0123456789abc"], "password": 123456789, "secret": [1, {"a": "plain"}]})
     assert "0123456789abc" not in orjson.dumps(listed).decode() and listed["password"].startswith("…#"), listed

@@ -450,6 +450,13 @@ def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(record
         (openai, {"x-portkey-api-key": "pk-team-one-0123456789abcdef"}, {}),
         (openai, {"x-portkey-api-key": "pk-team-two-0123456789abcdef"}, {}),
         (openai, {"Helicone-Auth": "Bearer sk-helicone-two-0123456789abcdef"}, {}),
+        # a credential in a header of no known name, or a session's cookie alone (a secrets probe: one tenant, no key)
+        (openai, {"Token": "tenantA-0123456789abcdef"}, {}),
+        (openai, {"Token": "tenantB-0123456789abcdef"}, {}),
+        (openai, {"X-JWT": "tenantD-0123456789abcdef"}, {}),
+        (openai, {"Authorization2": "tenantC-0123456789abcdef"}, {}),
+        (openai, {"Cookie": "session=tenantA-0123456789"}, {}),
+        (openai, {"Cookie": "session=tenantB-0123456789"}, {}),
         # a feature turned on by a header changes the answer's shape
         (openai, {**bearer, "OpenAI-Beta": "assistants=v2"}, {}),
         (openai, {**bearer, "OpenAI-Beta": "assistants=v1"}, {}),

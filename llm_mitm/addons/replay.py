@@ -111,5 +111,6 @@ class Replay:
         if request.size and not request.is_json:
             return None
         body = redactor.json(request.json) if request.is_json else None
+        caller = exchange.api_key or redactor.headers_dict(exchange.request_headers).get("cookie")  # a session's cookie, where no key is sent
         return request_key(exchange.route.provider, exchange.method, redactor.url(exchange.url),
-                           (exchange.api_key, exchange.organization, exchange.project), body, features(exchange.request_headers))
+                           (caller, exchange.organization, exchange.project), body, features(exchange.request_headers))
