@@ -660,6 +660,22 @@ def test_requests_per_minute(tmp_path: Path, provider: FakeProvider, pki: Server
         assert openai_call(proxy, chat(marker()), api_key="sk-proj-" + "s" * 40)["text"] == CANNED_REPLY
 
 
+def test_a_server_of_your_own_knows_its_caller_by_its_own_key_header(tmp_path: Path) -> None:
+    """Its key in a header `redaction.headers` names: a junk x-api-key beside it, which that
+    server ignores, made each call another caller's and passed per-key limits (a secrets probe)."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"vllm": {"api": "openai", "hosts": [f"localhost:{server.port}"]}}, "redaction": {"headers": ["token"]},
+                  "policy": {"rate_limits": [{"requests_per_minute": 2, "per": "api_key"}]}}
+        with Mitmdump(tmp_path, config=config) as proxy:
+            statuses = [requests.post(f"http://localhost:{server.port}/v1/chat/completions", json=chat(marker(), model="llama-3"),
+                                      headers={"Token": "team-key-0123456789", "x-api-key": f"junk-{n}-0123456789"},
+                                      proxies={"http": proxy.proxy_url}, timeout=30).status_code for n in range(4)]
+            assert statuses == [200, 200, 429, 429]
+    finally:
+        server.stop()
+
+
 def test_budget_persists_across_restart(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     config = {"policy": {"budgets": [{"usd_per_day": 0.0001, "per": "global"}]}}
     args = dict(config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path)

@@ -9,6 +9,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
+from llm_mitm.config import DEFAULT_PROVIDERS
 from llm_mitm.exchange import Body, Exchange, first_field
 from llm_mitm.forms import read_form
 from llm_mitm.providers import Route, split_host
@@ -153,8 +154,14 @@ class Recorder:
 
     def _api_key(self, exchange: Exchange) -> str | None:
         """The key's fingerprint, whatever the case of its `Bearer`: one key, one identity
-        for limits, budgets and `by_key` (HTTP auth schemes are case-insensitive)."""
-        for name in _KEY_HEADERS.get(exchange.route.api, _KEY_HEADERS["openai"]):
+        for limits, budgets and `by_key` (HTTP auth schemes are case-insensitive). A server
+        of your own takes its key where `redaction.headers` says first: else a junk
+        `x-api-key` beside it, which that server ignores, made each call another caller's
+        (a secrets probe: per-key limits were passed so)."""
+        names = _KEY_HEADERS.get(exchange.route.api, _KEY_HEADERS["openai"])
+        if exchange.route.provider not in DEFAULT_PROVIDERS:
+            names = (*(name.lower() for name in self.shared.config.redaction.headers), *names)
+        for name in names:
             value = exchange.header(name)
             if value:
                 return self._credential(value)
