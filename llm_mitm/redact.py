@@ -250,6 +250,48 @@ def _hexdump_left_out(lines: list[str]) -> str:
     return f"{indent}({len(lines)} lines of hexdump left out by llm-mitm: a key in binary content cannot be found){end}"
 
 
+def without_spelled_secrets(body: Any, redactor: Redactor, sent: Mapping[str, str]) -> Any:
+    """An answer whose logprobs spell a secret a token (a few characters) at a time, no
+    piece of it a shape or a credential sent, with those tokens' texts gone (their numbers
+    kept): chat's `logprobs.content` and `.refusal`, Responses' output text's `logprobs`,
+    legacy completions' `tokens`. `body` itself when none does (a secrets probe: a key the
+    text hid was readable, joined back from its tokens)."""
+    if not isinstance(body, dict) or not ("choices" in body or "output" in body):
+        return body
+    changed = False
+
+    def spells(texts: list[Any]) -> bool:
+        joined = "".join(text for text in texts if isinstance(text, str))
+        return redactor.text(joined) != joined or any(value in joined for value in sent)
+
+    def entries(run: Any) -> Any:
+        nonlocal changed
+        if isinstance(run, list) and spells([entry.get("token") for entry in run if isinstance(entry, dict)]):
+            changed = True
+            return [{**entry, "token": "", "bytes": None, "top_logprobs": []} if isinstance(entry, dict) else entry for entry in run]
+        return run
+
+    choices = []
+    for choice in body.get("choices") or ():
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        if isinstance(logprobs, dict):
+            if isinstance(logprobs.get("tokens"), list) and spells(logprobs["tokens"]):  # legacy completions
+                changed = True
+                logprobs = {**logprobs, "tokens": [""] * len(logprobs["tokens"]), "top_logprobs": None}
+            logprobs = {**logprobs, **{key: entries(logprobs[key]) for key in ("content", "refusal") if key in logprobs}}
+            choice = {**choice, "logprobs": logprobs}
+        choices.append(choice)
+    output = []
+    for item in body.get("output") or ():
+        if isinstance(item, dict) and isinstance(item.get("content"), list):
+            item = {**item, "content": [{**part, "logprobs": entries(part["logprobs"])} if isinstance(part, dict) and "logprobs" in part else part
+                                        for part in item["content"]]}
+        output.append(item)
+    if not changed:
+        return body
+    return {**body, **({"choices": choices} if "choices" in body else {}), **({"output": output} if "output" in body else {})}
+
+
 def replace_sent(value: Any, sent: Mapping[str, str]) -> Any:
     """`value` (plain data: a trace record) with every exact occurrence of a credential the
     request sent replaced by its fingerprint (`sent`, from `Redactor.sent_credentials`): a

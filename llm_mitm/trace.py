@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel
 
 from llm_mitm.exchange import Body, Exchange, call_error, first, read_outcome, read_stream
 from llm_mitm.metering import Call, Metering
-from llm_mitm.redact import Redactor, replace_sent
+from llm_mitm.redact import Redactor, replace_sent, without_spelled_secrets
 from llm_mitm.sse import StreamTap, rebuilder_for
 from llm_mitm.stats import CountRow
 from llm_mitm.usage import Usage
@@ -187,6 +188,7 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
     wherever they still are (upstream may echo a key of no known shape: `replace_sent`)."""
     provider, api, operation, deployment = snap["route"]
     policy = snap["policy"]
+    sent = redactor.sent_credentials(snap["request_headers"], snap["url"])
     record = {
         "schema_version": SCHEMA_VERSION,
         "id": snap["id"],
@@ -205,7 +207,7 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
         "stream": snap["stream"],
         "status_code": snap["status_code"],
         "request": _message(snap["request_headers"], snap["request"], redactor, bodies),
-        "response": _message(snap["response_headers"], snap["response"], redactor, bodies, snap["events"]),
+        "response": _message(snap["response_headers"], snap["response"], redactor, bodies, snap["events"], sent),
         "usage": snap["usage"],
         "cost_usd": snap["cost_usd"],
         "policy": {"decision": policy[0], "rule": policy[1], "detail": _field(policy[2], redactor)} if policy else None,
@@ -215,18 +217,21 @@ def build_record(snap: dict[str, Any], redactor: Redactor, bodies: BodiesMode = 
         "project": _field(snap["project"], redactor),
         "error": redactor.free_text(snap["error"]) if snap["error"] else None,
     }
-    return replace_sent(record, redactor.sent_credentials(snap["request_headers"], snap["url"]))
+    return replace_sent(record, sent)
 
 
 def _field(value: str | None, redactor: Redactor) -> str | None:
     return redactor.field(value) if value else value
 
 
-def _message(headers: list[tuple[str, str]], body: list[Any], redactor: Redactor, bodies: BodiesMode, events: int | None = None) -> dict[str, Any]:
+def _message(headers: list[tuple[str, str]], body: list[Any], redactor: Redactor, bodies: BodiesMode, events: int | None = None,
+             sent: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A request or, with the credentials its request `sent`, a response."""
     size, kind, value = body
+    redacted = _body(kind, value, redactor, bodies, headers)
     return {
         "headers": redactor.headers_dict(headers) if bodies != "none" else {},
-        "body": _body(kind, value, redactor, bodies, headers),
+        "body": without_spelled_secrets(redacted, redactor, sent) if sent is not None else redacted,
         "size": size,
         "events": events,
     }

@@ -651,3 +651,25 @@ def test_a_cookie_upstream_echoes_is_hidden_whole() -> None:
     cookie = _fake()
     sent = redactor.sent_credentials([("Cookie", f"theme=dark; sid={cookie}")], "https://api.openai.com/v1/models")
     assert sent == {cookie: redactor.opaque(cookie)}  # `dark` is too short to look for anywhere
+
+
+def test_a_secret_spelled_by_an_answers_logprobs_is_gone_from_them() -> None:
+    """Logprobs give the answer a token (a few characters) at a time: a key the text hid was
+    readable joined back from them (a secrets probe). Chat, Responses and legacy completions."""
+    from llm_mitm.redact import without_spelled_secrets
+
+    redactor, key = Redactor(), KEYS["project"]
+    tokens = ["Your key: ", *(key[i : i + 4] for i in range(0, len(key), 4))]
+    run = [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": [{"token": t, "logprob": -0.5, "bytes": []}]} for t in tokens]
+    chat = {"choices": [{"index": 0, "message": {"content": redactor.text("".join(tokens))}, "logprobs": {"content": run, "refusal": None}}]}
+    responses = {"output": [{"type": "message", "content": [{"type": "output_text", "text": "x", "logprobs": run}]}]}
+    legacy = {"choices": [{"text": "x", "logprobs": {"tokens": tokens, "token_logprobs": [-0.5] * len(tokens), "top_logprobs": [{}] * len(tokens)}}]}
+    for body in (chat, responses, legacy):
+        hidden = orjson.dumps(without_spelled_secrets(body, redactor, {})).decode()
+        assert_gone(key, hidden.replace('","', ""))  # not even joined back
+        assert "-0.5" in hidden  # the numbers stay
+    unknown = "opaque-team-credential-0123"  # a credential of no shape the request sent, spelled back
+    spelled = {"choices": [{"logprobs": {"content": [{"token": unknown[:9]}, {"token": unknown[9:]}]}}]}
+    assert unknown[:9] not in orjson.dumps(without_spelled_secrets(spelled, redactor, {unknown: "…#x"})).decode()
+    clean = {"choices": [{"logprobs": {"content": [{"token": "Hello", "logprob": -0.1}]}}]}
+    assert without_spelled_secrets(clean, redactor, {}) is clean
