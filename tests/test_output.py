@@ -80,3 +80,24 @@ def test_a_sent_key_of_no_shape_echoed_back_is_hidden(terminal: bool) -> None:
     text = printed(sent, terminal)
     assert "XYZZY" not in text, text
     assert text.count(Redactor().fingerprint(UNSHAPED)) == 3  # the request's header, the echoed header and body
+
+
+def test_a_websocket_message_echoing_a_sent_key_of_no_shape_is_hidden() -> None:
+    """The dumper prints a WebSocket's messages apart from its flow: the credentials the
+    handshake sent were not known there (a secrets probe: a realtime echo printed the key)."""
+    from mitmproxy import websocket
+
+    ws = tflow.twebsocketflow()
+    ws.request.headers["authorization"] = f"Bearer {UNSHAPED}"
+    ws.websocket.messages = [websocket.WebSocketMessage(1, True, f'{{"type": "echo", "text": "{UNSHAPED}"}}'.encode())]
+    out = io.StringIO()
+    dumper, output = Dumper(out), OutputRedaction(Shared())
+    with taddons.context(dumper, output) as tctx:
+        tctx.configure(dumper, flow_detail=3)
+        output.running()
+        dumper.websocket_message(ws)
+        ws.websocket.close_code, ws.websocket.close_reason = 4000, f"bad key {UNSHAPED}"
+        dumper.websocket_end(ws)
+        output.done()
+    text = out.getvalue()
+    assert "XYZZY" not in text and Redactor().fingerprint(UNSHAPED) in text, text

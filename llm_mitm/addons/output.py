@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx
@@ -45,7 +46,7 @@ class OutputRedaction:
         sent are known too, so that upstream's echo of a key of no known shape is found
         (an error quoting it, a header): what that costs is paid only where mitmdump formats
         headers and bodies itself, never at the default flow_detail (the URL alone)."""
-        echo, echo_flow = dumper.echo, dumper.echo_flow
+        echo = dumper.echo
         sent: dict[str, str] = {}  # of the flow being printed
 
         def redacted_echo(text: str, ident: int | None = None, **style: object) -> None:
@@ -53,17 +54,23 @@ class OutputRedaction:
                 text = _CUT_TAIL.sub("…", text)
             echo(self.shared.redactor.printout(text, sent), ident, **style)
 
-        def echo_flow_knowing_its_credentials(flow: Any) -> None:
-            request = getattr(flow, "request", None)
-            if request is not None and ctx.options.flow_detail >= 2:
-                sent.update(self.shared.redactor.sent_credentials(request.headers.items(multi=True), request.url))
-            try:
-                echo_flow(flow)
-            finally:
-                sent.clear()
+        def knowing_its_credentials(printer: Callable[[Any], None]) -> Callable[[Any], None]:
+            """`printer` of a flow, with the credentials its request sent known meanwhile: a
+            flow, and a WebSocket's messages and end, printed apart from it (a secrets probe:
+            a realtime message echoing a key of no shape was printed whole)."""
+            def printing(flow: Any) -> None:
+                request = getattr(flow, "request", None)
+                if request is not None and ctx.options.flow_detail >= 2:
+                    sent.update(self.shared.redactor.sent_credentials(request.headers.items(multi=True), request.url))
+                try:
+                    printer(flow)
+                finally:
+                    sent.clear()
+            return printing
 
         dumper.echo = redacted_echo
-        dumper.echo_flow = echo_flow_knowing_its_credentials
+        for name in ("echo_flow", "websocket_message", "websocket_end"):
+            setattr(dumper, name, knowing_its_credentials(getattr(dumper, name)))
         dumper._llm_mitm_redacted = True
 
     def done(self) -> None:
