@@ -14,9 +14,11 @@ PROJECT_HEADER = "OpenAI-Project"
 
 
 def configured_value(rule: HeaderRule, key_fingerprint: str | None) -> str | None:
-    """`by_key` accepts a full fingerprint (`sk-proj-…a1b2#3f9c2e1d`) or its hash part."""
+    """`by_key` accepts a full fingerprint (`sk-proj-…a1b2#3f9c2e1d07b4a6c5`) or its hash
+    part, also as a fingerprint had it before it had 16 hex digits (its first 8)."""
     if key_fingerprint:
-        for candidate in (key_fingerprint, key_fingerprint.rpartition("#")[2]):
+        kind, _, digest = key_fingerprint.rpartition("#")
+        for candidate in (key_fingerprint, digest, f"{kind}#{digest[:8]}", digest[:8]):
             if candidate in rule.by_key:
                 return rule.by_key[candidate]
     return rule.default

@@ -1,6 +1,6 @@
 """Secret detection and fingerprints for everything we write down.
 
-A secret is replaced whole by a fingerprint such as `sk-proj-…a1b2#3f9c2e1d`: the key's
+A secret is replaced whole by a fingerprint such as `sk-proj-…a1b2#3f9c2e1d07b4a6c5`: the key's
 kind, its last four characters (what provider dashboards show) and a hash, so traces
 still group per key while no more of the key is kept than the dashboard shows.
 Only what we write is redacted; what goes upstream is never touched.
@@ -78,6 +78,10 @@ _A_TOKEN = re.compile(rb"token(?!s)")  # one pass: a literal prefix is searched 
 _NOT_A_SECRET = re.compile(r"(?i:true|false|null|none)")  # `hasPassword: false`, `first_pass: true` (a number may be a PIN)
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
+# A fingerprint's hash, hex digits of SHA-256: 64 bits. A fingerprint is a caller's identity
+# (limits, budgets, replay, `by_key`): with 32 bits another key of the same fingerprint was
+# found in minutes on one core, and it was given the first key's recorded answers (a secrets probe).
+FINGERPRINT_HEX = 16
 # Where one of the other services' keys may start (their shapes below), in one pass of C over bytes.
 _OTHER_KEY_START = re.compile(r"[sr]k_(?:live|test)_|hf_|gsk_|xai-|pplx-|xox[abposr]-|AKIA|ASIA")
 _OTHER_KEY_START_BYTES = re.compile(rb"[sr]k_(?:live|test)_|hf_|gsk_|xai-|pplx-|xox[abposr]-|AKIA|ASIA|PRIVATE KEY-----")
@@ -148,7 +152,8 @@ _GITHUB_TOKEN_START = re.compile(rb"gh[pousr]_")
 _USERINFO_PASSWORD = re.compile(r"(?<=://)([^/\s:@\"'<>]*:)([^/\s\"'<>]+)(?=@[^/\s@\"'<>]*(?:[/\s\"'<>]|$))")
 
 
-_FINGERPRINT = re.compile(r"(?:(?:bearer|basic|token|digest) )?(?:sk-[a-z]*-?|jwt:)?…[A-Za-z0-9._~+/=-]{0,4}#[0-9a-f]{8}", re.IGNORECASE)
+# (8 hex digits: a trace written before fingerprints had 16)
+_FINGERPRINT = re.compile(r"(?:(?:bearer|basic|token|digest) )?(?:sk-[a-z]*-?|jwt:)?…[A-Za-z0-9._~+/=-]{0,4}#[0-9a-f]{8}(?:[0-9a-f]{8})?", re.IGNORECASE)
 
 
 def _is_fingerprint(value: str) -> bool:
@@ -429,7 +434,7 @@ class Redactor:
         self._addresses: Memo[str, str] = Memo(self.url)
 
     def fingerprint(self, secret: str) -> str:
-        """`<kind>…<last 4>#<8 hex of sha256>`; the same secret always gives the same text."""
+        """`<kind>…<last 4>#<16 hex of sha256>`; the same secret always gives the same text."""
         return self._fingerprints(secret)
 
     def _fingerprint(self, secret: str) -> str:
@@ -440,7 +445,7 @@ class Redactor:
         return f"{prefix}…{tail}#{self._digest(secret)}"
 
     def _digest(self, secret: str) -> str:
-        return hashlib.sha256(self._salt + secret.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return hashlib.sha256(self._salt + secret.encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX]
 
     def opaque(self, secret: str) -> str:
         """`…#<hash>` with no characters of the secret: for passwords and cookies, whose

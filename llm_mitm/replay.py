@@ -44,7 +44,7 @@ def request_key(provider: str, method: str, url: str, tenant: Sequence[str | Non
     """`tenant`: the key fingerprint, organization and project the call went upstream with;
     `asked_features`: `features` of its headers."""
     parts = urlsplit(url)
-    # A key in the query is a fingerprint once redacted ("…wxyz#3f9c2e1d"): its "#" reads as
+    # A key in the query is a fingerprint once redacted ("…wxyz#3f9c2e1d07b4a6c5"): its "#" reads as
     # a fragment's start, which must stay in the key, or tenants' keys alike in their tail meet.
     path = parts.path + (f"?{parts.query}" if parts.query else "") + (f"#{parts.fragment}" if parts.fragment else "")
     if isinstance(body, dict):

@@ -25,7 +25,7 @@ from llm_mitm.sse import AnthropicRebuilder, ServerSentEvent
 from llm_mitm.stats import UsageStats
 from llm_mitm.usage import Usage, normalize_usage
 
-FP = "sk-proj-…a1b2#3f9c2e1d"
+FP = "sk-proj-…a1b2#3f9c2e1d07b4a6c5"
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,11 @@ FP = "sk-proj-…a1b2#3f9c2e1d"
         (HeaderRule(default="org-default"), "org-client", FP, "org-client"),
         (HeaderRule(default="org-default", override=True), "org-client", FP, "org-default"),
         (HeaderRule(default="org-default", by_key={FP: "org-team"}), None, FP, "org-team"),
+        (HeaderRule(default="org-default", by_key={"3f9c2e1d07b4a6c5": "org-team"}), None, FP, "org-team"),
+        # as fingerprints were written before they had 16 hex digits
         (HeaderRule(default="org-default", by_key={"3f9c2e1d": "org-team"}), None, FP, "org-team"),
+        (HeaderRule(default="org-default", by_key={"sk-proj-…a1b2#3f9c2e1d": "org-team"}), None, FP, "org-team"),
+        (HeaderRule(default="org-default", by_key={"3f9c2e1d07b4a6c6": "org-team"}), None, FP, "org-default"),
         (HeaderRule(default="org-default", by_key={FP: "org-team"}, override=True), "org-client", FP, "org-team"),
         (HeaderRule(by_key={FP: "org-team"}), None, "other#00000000", None),
         (HeaderRule(override=True), "org-client", FP, "org-client"),
