@@ -92,10 +92,12 @@ class ProviderConfig(_Section):
 
 
 DEFAULT_PROVIDERS: dict[str, dict[str, Any]] = {
-    "openai": {"api": "openai", "hosts": ["api.openai.com"], "upgrade_http": True, "stream_usage": True, "organization_headers": True},
+    # OpenAI's data residency endpoints (eu., us.); Azure AI Foundry's resources (services.ai)
+    "openai": {"api": "openai", "hosts": ["api.openai.com", "eu.api.openai.com", "us.api.openai.com"], "upgrade_http": True, "stream_usage": True,
+               "organization_headers": True},
     "azure": {
         "api": "azure",
-        "hosts": ["*.openai.azure.com", "*.cognitiveservices.azure.com"],
+        "hosts": ["*.openai.azure.com", "*.cognitiveservices.azure.com", "*.services.ai.azure.com"],
         "upgrade_http": True,
         "stream_usage": True,
     },

@@ -27,7 +27,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_cover_the_three_providers() -> None:
     config = default_config()
     assert set(config.enabled_providers) == {"openai", "azure", "anthropic"}
-    assert config.providers["azure"].hosts == ["*.openai.azure.com", "*.cognitiveservices.azure.com"]
+    assert config.providers["azure"].hosts == ["*.openai.azure.com", "*.cognitiveservices.azure.com", "*.services.ai.azure.com"]
+    assert config.providers["openai"].hosts == ["api.openai.com", "eu.api.openai.com", "us.api.openai.com"]
     assert config.traces.destination == "traces.jsonl"
 
 

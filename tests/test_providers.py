@@ -117,6 +117,12 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         ("localhost", "/v1beta/openai/chat/completions", "chat.completions", None),  # Gemini's mount
         ("r.openai.azure.com", "/OpenAI/Deployments/Prod-4o/Chat/Completions?api-version=1", "chat.completions", "Prod-4o"),
         ("localhost", "/v1/organization/usage/completions", "organization", None),
+        # OpenAI's data residency endpoints and Azure AI Foundry's resources (a secrets probe: they passed as tunnels)
+        ("eu.api.openai.com", "/v1/chat/completions", "chat.completions", None),
+        ("us.api.openai.com", "/v1/responses", "responses", None),
+        ("r.services.ai.azure.com", "/models/chat/completions?api-version=2024-05-01-preview", "chat.completions", None),
+        ("r.services.ai.azure.com", "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21", "chat.completions", "prod-4o"),
+        ("r.services.ai.azure.com", "/openai/v1/responses", "responses", None),
     ],
 )
 def test_operations(matcher: ProviderMatcher, host: str, path: str, operation: str, deployment: str | None) -> None:
