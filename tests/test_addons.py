@@ -96,7 +96,7 @@ def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
             tctx.configure(addons[0], llm_config="")
             assert tctx.options.connection_strategy == "lazy"
             assert r"^api\.openai\.com\.?:\d+$" in tctx.options.allow_hosts  # and its fully qualified form
-            assert len(tctx.options.allow_hosts) == 4
+            assert len(tctx.options.allow_hosts) == 7  # openai 3, azure 3, anthropic 1
 
     os.chdir(tmp_path)
     run(go())
