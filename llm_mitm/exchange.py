@@ -209,6 +209,8 @@ def read_stream(api: str, status_code: int | None, tap: StreamTap) -> tuple[Body
         return body, read_outcome(api, status_code, body)
     rebuilt = rebuilder.result()
     outcome = Outcome(rebuilder.model, normalize_usage(api, rebuilder.usage), ended=rebuilder.complete())
+    if rebuilt is None and rebuilder.error is not None:  # its first event its error: that is the answer, as an error status's body is
+        rebuilt = {"error": rebuilder.error}
     if rebuilder.error is not None:
         outcome.error = _error_message({"error": rebuilder.error}) or "stream reported an error"
     elif tap.failed:

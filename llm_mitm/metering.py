@@ -55,10 +55,10 @@ class Metering:
             return None, None
         usage = call.usage
         # A stream cut short (the client went, upstream reset) has generated tokens but never
-        # got to its usage chunk: estimated, so that limits and budgets still see it. One that
-        # failed before any of its answer came (an `overloaded_error` event first) is as an
-        # error status is: nothing to estimate (a probe: it was charged its input).
-        answered = call.status_code is not None and call.status_code < 400 and call.response_json is not None  # though perhaps cut short
+        # got to its usage chunk: estimated, so that limits and budgets still see it. An answer
+        # that is its error alone (an `overloaded_error` event first, a 200 with an error body)
+        # is as an error status is: nothing to estimate (a probe: it was charged its input).
+        answered = call.status_code is not None and call.status_code < 400 and not _is_error_alone(call.response_json)  # though perhaps cut short
         if self.estimate_missing and (not call.error or answered):
             try:
                 if usage is None:
@@ -76,3 +76,11 @@ class Metering:
                 logger.warning("llm-mitm: no price for model %r: its cost is null (add it under pricing.models)", call.model)
             return usage, None
         return usage, cost_usd(usage, price)
+
+
+_ANSWER_KEYS = ("choices", "output", "content", "completion", "data")
+
+
+def _is_error_alone(body: Any) -> bool:
+    """An answer that holds an error and nothing of an answer."""
+    return isinstance(body, dict) and bool(body.get("error")) and not any(key in body for key in _ANSWER_KEYS)

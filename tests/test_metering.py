@@ -235,11 +235,19 @@ def test_a_stream_cut_short_is_estimated_and_an_error_answer_is_not() -> None:
     assert metering.meter(call(error=True, status_code=None)) == (None, None)  # no answer at all
     # A stream whose first event is its error (Anthropic's overloaded_error): as an error
     # status, nothing to estimate (a probe: it was charged its input).
-    rebuilder = AnthropicRebuilder()
+    from llm_mitm.exchange import read_stream
+    from llm_mitm.sse import StreamTap
+
     overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-    rebuilder.add(ServerSentEvent(event="error", data=orjson.dumps(overloaded).decode()))
-    assert rebuilder.error is not None and rebuilder.result() is None
-    assert metering.meter(Call("messages", "claude-opus-4-1", None, request, rebuilder.result(), error=True, charged=True, status_code=200)) == (None, None)
+    tap = StreamTap(AnthropicRebuilder(), "")
+    tap(b"event: error\ndata: " + orjson.dumps(overloaded) + b"\n\n")
+    tap(b"")
+    body, outcome = read_stream("anthropic", 200, tap)
+    assert body.json == {"error": overloaded["error"]} and outcome.error == "overloaded_error: Overloaded"  # the trace shows it
+    assert metering.meter(Call("messages", "claude-opus-4-1", None, request, body.json, error=True, charged=True, status_code=200)) == (None, None)
+    # but one cut before its first event (a client that gave up during a long prompt) used its input: estimated (a review)
+    usage, _ = metering.meter(Call("chat.completions", "gpt-4o", None, request, None, error=True, charged=True, status_code=200))
+    assert usage is not None and usage.estimated and usage.input_tokens == 10
 
 
 def test_an_anthropic_stream_cut_before_message_delta_has_its_output_estimated() -> None:
