@@ -131,7 +131,8 @@ class RedactionConfig(_Section):
                 compiled = re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
-            if any(not found.group() for found in compiled.finditer(_PATTERN_SAMPLE)):  # `\b`, a lookahead: an empty match somewhere
+            found = [match.group() for match in compiled.finditer(_PATTERN_SAMPLE)]
+            if compiled.match("") is not None or (found and not any(found)):  # `\b`, a lookahead: it only ever matches nothing
                 raise ValueError(f"{pattern!r} matches the empty string: it would redact between every two characters")
         return patterns
 
@@ -146,7 +147,7 @@ class RedactionConfig(_Section):
 
 
 # Text with words, keys, digits and punctuation, where a pattern that can match nothing shows it.
-_PATTERN_SAMPLE = "Authorization: Bearer sk-proj-Ab3_xY9 token=abc123&token=&key=\"q\" hello world 42 {\"api_key\": \"\"}\n é ∑"
+_PATTERN_SAMPLE = "Authorization: Bearer sk-proj-Ab3_xY9 token=abc123&token=&key=\"q\" hello world 42 {\"api_key\": \"v\", \"api_key\": \"\"}\n é ∑"
 
 
 class HeaderRule(_Section):

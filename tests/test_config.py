@@ -61,7 +61,7 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         # what a second config probe passed: a pattern matching nothing somewhere, a glob matching
         # all, a header value that ends the headers, a path or salt no OS or encoder takes, rules of nothing
         ("redaction:\n  patterns: ['\\b']\n", "redaction.patterns: '\\\\b' matches the empty string"),
-        ("redaction:\n  patterns: ['(?<=token=)\\w*']\n", "matches the empty string"),
+        ("redaction:\n  patterns: ['(?=sk-)']\n", "matches the empty string"),
         ("policy:\n  forbidden_instructions: ['*']\n", "policy.forbidden_instructions: '*' matches every text"),
         ("policy:\n  forbidden_instructions: ['user:*']\n", "policy.forbidden_instructions: 'user:*' matches every text"),
         ("organization:\n  default: |\n    org-abc\n", "organization.default: 'org-abc\\n' cannot be a header's value"),
@@ -97,6 +97,12 @@ def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str,
     assert message.startswith(f"{path}: ")
     assert expected in message
     assert "\n" not in message and "more error" not in message  # each of these is one error
+
+
+def test_a_pattern_that_matches_a_value_or_nothing_after_its_name_is_taken(tmp_path: Path) -> None:
+    """Such a match of nothing redacts nothing (a review: they were refused)."""
+    for pattern in ("(?<=token=)[^&\\s]*", '(?<=\"api_key\": \")[^\"]*'):
+        assert load_config(write(tmp_path, f"redaction:\n  patterns: ['{pattern}']\n")).redaction.patterns == [pattern.replace("\\\\", "\\")]
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
