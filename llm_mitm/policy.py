@@ -150,6 +150,8 @@ class Policy:
         self._reach = max((rule.span for rule in self._instructions if rule.search), default=0)
         self._all_searches = all(rule.search for rule in self._instructions)
         self._edge_forms: TextMemo[tuple[str, str]] = TextMemo(lambda role, text: self._edges(text))
+        # A text's JSON escapes read, once for its own verdict and the runs it is in (a review: twice, or more).
+        self._unescape: TextMemo[str] = TextMemo(lambda role, text: json_unescaped(text))
         # Any rule a call can break (a batch's input file is read back from upstream only then).
         self.checks_calls = bool(self._allowed or self._denied or self._operations or self._instructions or config.max_tokens is not None)
 
@@ -267,7 +269,7 @@ class Policy:
                 return Violation("forbidden_instruction", f"{role} text matches forbidden_instructions pattern {rule.pattern!r}")
         for role, texts in runs:
             role = ROLE_ALIASES.get(role, role)
-            if (rule := self._run_verdict(role, texts) or self._run_verdict(role, _unescaped(texts))) is not None:
+            if (rule := self._run_verdict(role, texts) or self._run_verdict(role, self._unescaped(texts))) is not None:
                 return Violation("forbidden_instruction", f"{role} texts read in a row match forbidden_instructions pattern {rule.pattern!r}")
         return None
 
@@ -276,8 +278,12 @@ class Policy:
         with its JSON escapes read (a tool call's arguments, a tool's output)."""
         found = self._first_match(role, normalize(text))
         if found is None and "\\" in text:
-            found = self._first_match(role, normalize(json_unescaped(text)))
+            found = self._first_match(role, normalize(self._unescape("", text)))
         return found
+
+    def _unescaped(self, texts: list[str]) -> list[str]:
+        """Texts read in a row with their JSON escapes read; none when no text has one."""
+        return [self._unescape("", text) for text in texts] if any("\\" in text for text in texts) else []
 
     def _first_match(self, role: str, normal: str) -> _Instruction | None:
         squeezed: str | None = None
@@ -419,7 +425,7 @@ def _unclampable(route: Route, body: dict[str, Any], cap: int) -> Violation | No
     if route.api == "anthropic" and isinstance(budget, int) and budget >= cap and cap <= _LEAST_THINKING_BUDGET:
         return Violation("max_tokens_exceeded", f"extended thinking needs a budget of at least {_LEAST_THINKING_BUDGET} tokens below max_tokens, "
                          f"and the cap of {cap} (max_tokens) leaves none: lower budget_tokens below the cap, or turn thinking off")
-    if route.operation == "responses" and cap < _LEAST_RESPONSES_OUTPUT:
+    if route.operation == "responses" and not route.subresource and cap < _LEAST_RESPONSES_OUTPUT:  # not a count of input tokens
         return Violation("max_tokens_exceeded", f"the cap of {cap} (max_tokens) is below the least max_output_tokens the Responses API takes "
                          f"({_LEAST_RESPONSES_OUTPUT})")
     return None
@@ -440,11 +446,6 @@ def model_readings(model: str) -> list[str]:
             if base and base not in readings:
                 readings.append(base)
     return readings
-
-
-def _unescaped(texts: list[str]) -> list[str]:
-    """Texts read in a row with their JSON escapes read; none when no text has one."""
-    return [json_unescaped(text) for text in texts] if any("\\" in text for text in texts) else []
 
 
 def _middle_cut(text: str, reach: int) -> str:

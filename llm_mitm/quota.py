@@ -44,6 +44,12 @@ class Caller:
             return f"client:{self.client}"
         return "global"
 
+    def former_scope(self, per: str) -> str | None:
+        """The key's scope as spend was kept under before fingerprints had 16 hex digits
+        (their first 8): what it spent then still counts (a review: its budget began anew)."""
+        kind, mark, digest = (self.api_key or "").rpartition("#")
+        return f"api_key:{kind}#{digest[:8]}" if per == "api_key" and mark and len(digest) == 16 else None
+
 
 def limits_set(policy: PolicyConfig) -> bool:
     """Whether the policy limits anything (then each call is charged as it ends)."""
@@ -70,7 +76,8 @@ class Quota:
             for period, limit in (("day", budget.usd_per_day), ("month", budget.usd_per_month)):
                 if limit is None or self.spend is None:
                     continue
-                spent = self.spend.total(scope, period, now)
+                former = caller.former_scope(budget.per)
+                spent = self.spend.total(scope, period, now) + (self.spend.total(former, period, now) if former else 0.0)
                 if spent >= limit:
                     return QuotaRefusal(
                         f"usd_per_{period}",

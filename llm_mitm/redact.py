@@ -83,8 +83,14 @@ _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 # found in minutes on one core, and it was given the first key's recorded answers (a secrets probe).
 FINGERPRINT_HEX = 16
 # Where one of the other services' keys may start (their shapes below), in one pass of C over bytes.
-_OTHER_KEY_START = re.compile(r"[sr]k_(?:live|test)_|hf_|gsk_|xai-|pplx-|xox[abposr]-|AKIA|ASIA")
-_OTHER_KEY_START_BYTES = re.compile(rb"[sr]k_(?:live|test)_|hf_|gsk_|xai-|pplx-|xox[abposr]-|AKIA|ASIA|PRIVATE KEY-----")
+# Where one of the other services' keys (their shapes below) may start: substring searches in C
+# (a regex of their alternatives took three times as long over a body: a review).
+_OTHER_KEY_MARKS = ("k_live_", "k_test_", "hf_", "gsk_", "xai-", "pplx-", "xox", "AKIA", "ASIA")
+_OTHER_KEY_MARK_BYTES = tuple(mark.encode() for mark in (*_OTHER_KEY_MARKS, "PRIVATE KEY-----"))
+
+
+def _may_hold_other_key(text: str) -> bool:
+    return any(mark in text for mark in _OTHER_KEY_MARKS)
 
 # Every byte a hex digit ("x") or not (" "): a 32-hex key is then a run of 32 "x", found by
 # one translate and one substring search, both C; the shape's regex tries every position.
@@ -110,12 +116,14 @@ def _has_hex_run(text: str) -> bool:
 # that ends in a letter or digit: `\n` in JSON kept as text (a tool call's arguments), `%3D`
 # in a URL, `\u00e9`.
 _AFTER_ESCAPE = r"(?<=\\[nrtbf])|(?<=%[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})"
+# How a JSON object starts in base64: `{"` (eyJ), `{ ` (eyA), `{\n` (ewo), `{\r` (ew0), `{\t` (ewk); not `eyes`.
+_JSON_OBJECT_B64 = "(?:ey[JAI]|ew[ok0])"
 _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
     (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),  # after `_` too: KEY_sk-proj-...
     # JSON web tokens: their header and claims are JSON objects, `{"` (eyJ), or with a space or a line break after the brace (eyAi, ewo).
     (lambda text: "eyJ" in text or ".ey" in text or ".ew" in text, re.compile(
-        rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})e[yw][A-Za-z0-9_-]{{4,}}\.e[yw][A-Za-z0-9_-]{{4,}}\.[A-Za-z0-9_-]*")),
+        rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE}){_JSON_OBJECT_B64}[A-Za-z0-9_-]{{3,}}\.{_JSON_OBJECT_B64}[A-Za-z0-9_-]{{3,}}\.[A-Za-z0-9_-]*")),
     # Google API keys (Gemini's OpenAI-compatible API takes them as bearer tokens).
     (lambda text: "AIza" in text, re.compile(rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})AIza[A-Za-z0-9_-]{{35}}(?![A-Za-z0-9_-])")),
     # Microsoft's annotated keys (Azure OpenAI and AI services keys made since 2024): 84
@@ -132,11 +140,14 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
     (_has_hex_run, re.compile(rf"(?:(?<![0-9A-Za-z])|{_AFTER_ESCAPE})[0-9a-fA-F]{{32}}(?![0-9A-Za-z])")),
     # Other providers' and services' keys a prompt or a tool may carry (a secrets probe):
     # Stripe, Hugging Face, Groq, xAI, Perplexity, Slack, an AWS access key id.
-    (lambda text: _OTHER_KEY_START.search(text) is not None, re.compile(
+    (_may_hold_other_key, re.compile(
         rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})(?:[sr]k_(?:live|test)_[A-Za-z0-9]{{16,}}|hf_[A-Za-z0-9]{{30,}}|gsk_[A-Za-z0-9]{{40,}}"
-        r"|xai-[A-Za-z0-9]{40,}|pplx-[A-Za-z0-9]{40,}|xox[abposr]-[A-Za-z0-9-]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z]))")),
-    # A private key, PEM-armoured: the whole block.
-    (lambda text: "PRIVATE KEY-----" in text, re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL)),
+        r"|xai-[A-Za-z0-9]{40,}|pplx-[A-Za-z0-9]{40,}|xox[abprse]-[A-Za-z0-9-]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z]))")),
+    # A private key, PEM-armoured: the whole block, once base64 follows its first line (and any
+    # `Proc-Type:` lines): a text that names the armour is no key (a review).
+    (lambda text: "PRIVATE KEY-----" in text, re.compile(
+        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:\s|\\[nr])*(?:[A-Za-z-]+: [^\n\\]*(?:\s|\\[nr])+)*[A-Za-z0-9+/=]{40}"
+        r".*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL)),
 )
 # Whatever follows "Bearer" is a credential, whatever its shape (not a fingerprint already).
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
@@ -265,24 +276,41 @@ def without_spelled_secrets(body: Any, redactor: Redactor, sent: Mapping[str, st
         return body
     changed = False
 
-    def spells(texts: list[Any]) -> bool:
-        joined = "".join(text for text in texts if isinstance(text, str))
-        return redactor.text(joined) != joined or any(value in joined for value in sent)
+    def spelling(texts: list[Any]) -> list[bool]:
+        """Which of the tokens `texts` spell part of a secret (none: an empty list)."""
+        pieces = [text if isinstance(text, str) else "" for text in texts]
+        joined = "".join(pieces)
+        spans = redactor.secret_spans(joined) + [(at, at + len(value)) for value in sent for at in _occurrences(joined, value)]
+        if not spans:
+            return []
+        marked, start = [], 0
+        for piece in pieces:
+            end = start + len(piece)
+            marked.append(any(begin < end and start < finish for begin, finish in spans))
+            start = end
+        return marked
 
     def entries(run: Any) -> Any:
         nonlocal changed
-        if isinstance(run, list) and spells([entry.get("token") for entry in run if isinstance(entry, dict)]):
-            changed = True
-            return [{**entry, "token": "", "bytes": None, "top_logprobs": []} if isinstance(entry, dict) else entry for entry in run]
-        return run
+        if not isinstance(run, list):
+            return run
+        marked = spelling([entry.get("token") if isinstance(entry, dict) else None for entry in run])
+        if not any(marked):
+            return run
+        changed = True
+        return [{**entry, "token": "", "bytes": None, "top_logprobs": []} if hide and isinstance(entry, dict) else entry
+                for entry, hide in zip(run, marked)]
 
     choices = []
     for choice in body.get("choices") or ():
         logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
         if isinstance(logprobs, dict):
-            if isinstance(logprobs.get("tokens"), list) and spells(logprobs["tokens"]):  # legacy completions
+            tokens = logprobs.get("tokens")
+            if isinstance(tokens, list) and any(marked := spelling(tokens)):  # legacy completions
                 changed = True
-                logprobs = {**logprobs, "tokens": [""] * len(logprobs["tokens"]), "top_logprobs": None}
+                tops = logprobs.get("top_logprobs")
+                logprobs = {**logprobs, "tokens": ["" if hide else token for token, hide in zip(tokens, marked)],
+                            "top_logprobs": [{} if hide else top for top, hide in zip(tops, marked)] if isinstance(tops, list) else tops}
             logprobs = {**logprobs, **{key: entries(logprobs[key]) for key in ("content", "refusal") if key in logprobs}}
             choice = {**choice, "logprobs": logprobs}
         choices.append(choice)
@@ -295,6 +323,14 @@ def without_spelled_secrets(body: Any, redactor: Redactor, sent: Mapping[str, st
     if not changed:
         return body
     return {**body, **({"choices": choices} if "choices" in body else {}), **({"output": output} if "output" in body else {})}
+
+
+def _occurrences(text: str, value: str) -> list[int]:
+    found, at = [], text.find(value)
+    while at != -1:
+        found.append(at)
+        at = text.find(value, at + 1)
+    return found
 
 
 def replace_sent(value: Any, sent: Mapping[str, str]) -> Any:
@@ -465,6 +501,16 @@ class Redactor:
             value = pattern.sub(self._replace, value)
         return value
 
+    def secret_spans(self, value: str) -> list[tuple[int, int]]:
+        """Where `text` finds secrets in `value`: key shapes, a Bearer's credential, a URL's
+        password, the configured patterns (a text's own, unchanged places)."""
+        spans = [(m.start(), m.end()) for may_hold, shape in _SHAPES if may_hold(value) for m in shape.finditer(value)]
+        if "bearer" in value.lower():
+            spans += [(m.start(2), m.end(2)) for m in _BEARER.finditer(value)]
+        if "://" in value and "@" in value:
+            spans += [(m.start(2), m.end(2)) for m in _USERINFO_PASSWORD.finditer(value)]
+        return spans + [(m.start(), m.end()) for pattern in self._custom for m in pattern.finditer(value) if m.group()]
+
     def _replace(self, match: re.Match[str]) -> str:
         found = match.group(0)
         return self.fingerprint(found) if found else found  # a pattern that matches nothing somewhere (`\b`) hides nothing there
@@ -482,7 +528,7 @@ class Redactor:
         names = self._names_something(lowered if text is None else _folded(text))
         if _HEX_RUN in blob.translate(_HEX_MARKS):
             return True, names
-        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered or b".e" in lowered:
+        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered or b".ey" in blob or b".ew" in blob:
             return True, names
         # Each rarer sign first: a one-byte search (memchr) is ~10 times as fast as a longer one.
         if b"@" in blob and b"://" in blob:  # maybe a password in a URL
@@ -491,7 +537,7 @@ class Redactor:
             return True, names
         if b"ek_" in blob or b"github_pat_" in blob or (b"gh" in blob and _GITHUB_TOKEN_START.search(blob) is not None):  # an ephemeral key; a GitHub token pasted into a prompt
             return True, names
-        if _OTHER_KEY_START_BYTES.search(blob) is not None or b"signature=" in lowered:  # another service's key; a signed link (X-Amz-Signature)
+        if any(mark in blob for mark in _OTHER_KEY_MARK_BYTES) or b"signature=" in lowered:  # another service's key; a signed link (X-Amz-Signature)
             return True, names
         return self._quoted_field.search(lowered) is not None, names
 

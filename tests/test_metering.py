@@ -364,6 +364,18 @@ def test_budget_survives_a_restart(tmp_path: Path) -> None:
     assert restarted.admit(Caller(None, "10.0.0.2")) is None
 
 
+def test_a_keys_spend_under_its_former_fingerprint_still_counts(tmp_path: Path) -> None:
+    """Fingerprints grew from 8 hex digits to 16: a key's spend kept under the old one is
+    its own still, or an upgrade would give every spent budget a fresh start (a review)."""
+    policy = PolicyConfig.model_validate({"budgets": [{"usd_per_day": 0.01, "per": "api_key"}]})
+    store = SpendStore(tmp_path / "spend.sqlite")
+    Quota(policy, spend=store).charge(Caller("sk-proj-…a1b2#3f9c2e1d", "c"), 10, 0.012)  # as an older proxy kept it
+    quota = Quota(policy, spend=store)
+    assert wait_for(lambda: quota.admit(Caller("sk-proj-…a1b2#3f9c2e1d07b4a6c5", "c")) is not None)
+    assert quota.admit(Caller("sk-proj-…a1b2#3f9c2e1e07b4a6c5", "c")) is None  # another key
+    store.close()
+
+
 def wait_for(condition, seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():
