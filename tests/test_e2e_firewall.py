@@ -595,6 +595,7 @@ def test_organization_headers_go_to_a_server_of_your_own_only_when_turned_on(tmp
                 expected = ("org-default", "proj-default") if turned_on else (None, None)
                 assert (received.header("openai-organization"), received.header("openai-project")) == expected
                 assert (trace_with(proxy, m)["organization"], trace_with(proxy, m)["project"]) == expected
+                assert ("the organization rules are not applied to vllm" in proxy.output) is not turned_on  # said, not left to be found
     finally:
         server.stop()
 

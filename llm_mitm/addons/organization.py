@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+
 from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
+from llm_mitm.config import Config
 from llm_mitm.organization import ORGANIZATION_HEADER, PROJECT_HEADER, choose, configured_value
+
+
+logger = logging.getLogger("llm_mitm.organization")
 
 
 class Organization:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        shared.on_config(self._say_who_gets_none)
+
+    def _say_who_gets_none(self, config: Config) -> None:
+        """Organization rules that a server of your own speaking OpenAI's API does not get
+        (a gateway in front of OpenAI may want them): said once a config, not left to be found."""
+        if not self.active:
+            return
+        left_out = sorted(name for name, provider in config.enabled_providers.items() if provider.api == "openai" and not provider.organization_headers)
+        if left_out:
+            logger.warning("llm-mitm: the organization rules are not applied to %s (providers.<name>.organization_headers: true applies them)",
+                           ", ".join(left_out))
 
     @property
     def active(self) -> bool:
