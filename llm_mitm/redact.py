@@ -82,7 +82,6 @@ _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 # (limits, budgets, replay, `by_key`): with 32 bits another key of the same fingerprint was
 # found in minutes on one core, and it was given the first key's recorded answers (a secrets probe).
 FINGERPRINT_HEX = 16
-# Where one of the other services' keys may start (their shapes below), in one pass of C over bytes.
 # Where one of the other services' keys (their shapes below) may start: substring searches in C
 # (a regex of their alternatives took three times as long over a body: a review).
 _OTHER_KEY_MARKS = ("k_live_", "k_test_", "hf_", "gsk_", "xai-", "pplx-", "xox", "AKIA", "ASIA")
