@@ -21,9 +21,14 @@ def count_tokens(text: str) -> int:
     return -(-size // BYTES_PER_TOKEN)
 
 
+def prompt_tokens(request_body: Any) -> int:
+    """Every text the API reads in a request, estimated."""
+    return sum(count_tokens(text) for _, text in request_texts(request_body, extras=True))
+
+
 def estimate_usage(request_body: Any, response_body: Any) -> Usage | None:
     """Input from every text the API read, output from what it generated."""
-    prompt = sum(count_tokens(text) for _, text in request_texts(request_body, extras=True))
+    prompt = prompt_tokens(request_body)
     output = sum(count_tokens(text) for text in response_texts(response_body))
     if prompt == 0 and output == 0:
         return None

@@ -455,6 +455,18 @@ def _middle_cut(text: str, reach: int) -> str:
 _MANY_OUTPUTS = frozenset(("chat.completions", "completions"))
 
 
+def output_limit(route: Route, body: Any) -> int | None:
+    """The most output tokens a call allows itself: its largest limit times its outputs;
+    None where it names no limit a server would read as a number."""
+    if not isinstance(body, dict):
+        return None
+    limits = [limit for field in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(field))) is not None]
+    if not limits:
+        return None
+    most = max(limits) * _copies(route, body)
+    return max(0, math.ceil(most)) if math.isfinite(most) else None
+
+
 def _copies(route: Route, body: dict[str, Any]) -> float:
     """How many outputs a call generates, each up to its limit: chat's and completions' `n`,
     and completions' `best_of` (all generated, one returned); read as limits are, so what

@@ -2,7 +2,9 @@
 
 Requests are counted when admitted; tokens and dollars are charged when a call ends
 (streams included), so a call that crosses a limit completes and the *next* one is
-refused. Windows come from the `limits` library: requests a moving one-minute window
+refused. Until it ends, an admitted call holds what it may cost at most (its prompt and
+the output it allows) against its budgets: else a burst of calls admitted together, each
+before any was charged, passed a budget by all they cost. Windows come from the `limits` library: requests a moving one-minute window
 (one entry per request, exact); tokens a sliding window counter (this minute's count and
 the last one's, weighted by how much of it the window still covers): a moving window keeps
 one entry per unit, a token, which at 10M tokens a minute held 150 MB and the proxy's loop
@@ -32,6 +34,10 @@ class QuotaRefusal:
     retry_after: int
 
 
+HELD_RETRY_SECONDS = 1  # a budget held by calls in flight: they end, or give back what they held, soon
+HOLD_SECONDS = 900.0  # a hold no end of its call gave back (none should stay) is let go after this
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     api_key: str | None
@@ -56,11 +62,51 @@ def limits_set(policy: PolicyConfig) -> bool:
     return bool(policy.rate_limits or policy.budgets)
 
 
+class Holds:
+    """What the calls in flight may still cost, per budget scope: held at admission, given
+    back when the call is charged (or ends without a charge)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, tuple[tuple[str, ...], float, float]] = {}  # call -> (scopes, USD, since); oldest first
+        self._held: dict[str, float] = {}
+
+    def held(self, scope: str) -> float:
+        return self._held.get(scope, 0.0)
+
+    def calls(self) -> int:
+        return len(self._calls)
+
+    def hold(self, call: str, scopes: tuple[str, ...], usd: float) -> None:
+        self.release(call)
+        self._calls[call] = (scopes, usd, time.monotonic())
+        for scope in scopes:
+            self._held[scope] = self._held.get(scope, 0.0) + usd
+
+    def release(self, call: str) -> None:
+        scopes, usd, _ = self._calls.pop(call, ((), 0.0, 0.0))
+        for scope in scopes:
+            left = self._held.get(scope, 0.0) - usd
+            if left > 1e-12:
+                self._held[scope] = left
+            else:
+                self._held.pop(scope, None)  # nothing held: no float dust left to refuse by
+
+    def expire(self, now: float) -> None:
+        """Lets go of holds older than HOLD_SECONDS (oldest first, so the loop stops early)."""
+        while self._calls:
+            call, (_, _, since) = next(iter(self._calls.items()))
+            if now - since < HOLD_SECONDS:
+                return
+            self.release(call)
+
+
 class Quota:
-    def __init__(self, policy: PolicyConfig, storage: Storage | None = None, spend: SpendStore | None = None) -> None:
+    def __init__(self, policy: PolicyConfig, storage: Storage | None = None, spend: SpendStore | None = None,
+                 holds: Holds | None = None) -> None:
         self.rate_limits: list[RateLimitConfig] = policy.rate_limits
         self.budgets: list[BudgetConfig] = policy.budgets
         self.spend = spend
+        self.holds = holds or Holds()
         self.active = limits_set(policy)
         storage = storage or MemoryStorage()
         self._limiters: dict[str, RateLimiter] = {
@@ -68,22 +114,12 @@ class Quota:
             "tokens_per_minute": SlidingWindowCounterRateLimiter(storage),
         }
 
-    def admit(self, caller: Caller) -> QuotaRefusal | None:
-        """Refuse if a budget is spent or a token window is full; else count the request."""
-        now = datetime.now(UTC)
-        for budget in self.budgets:
-            scope = caller.scope(budget.per)
-            for period, limit in (("day", budget.usd_per_day), ("month", budget.usd_per_month)):
-                if limit is None or self.spend is None:
-                    continue
-                former = caller.former_scope(budget.per)
-                spent = self.spend.total(scope, period, now) + (self.spend.total(former, period, now) if former else 0.0)
-                if spent >= limit:
-                    return QuotaRefusal(
-                        f"usd_per_{period}",
-                        f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
-                        seconds_left(period, now),
-                    )
+    def admit(self, caller: Caller, call: str | None = None, most_usd: float = 0.0) -> QuotaRefusal | None:
+        """Refuse if a budget is spent, or held by the calls in flight, or a token window is
+        full; else count the request and hold `most_usd` for `call` against its budgets."""
+        refusal = self._budget_refusal(caller)
+        if refusal is not None:
+            return refusal
         tokens, requests = self._limiters["tokens_per_minute"], self._limiters["requests_per_minute"]
         for limit, item, ids in self._windows("tokens_per_minute", caller):
             if not tokens.test(item, *ids):
@@ -96,6 +132,36 @@ class Quota:
                 return self._refusal("requests_per_minute", limit, item, ids)
         for _, item, ids in windows:
             requests.hit(item, *ids)
+        if call is not None and most_usd > 0 and self.budgets and self.spend is not None:
+            self.holds.hold(call, tuple({caller.scope(budget.per) for budget in self.budgets}), most_usd)
+        return None
+
+    def _budget_refusal(self, caller: Caller) -> QuotaRefusal | None:
+        if self.spend is None or not self.budgets:
+            return None
+        now = datetime.now(UTC)
+        self.holds.expire(time.monotonic())
+        for budget in self.budgets:
+            scope = caller.scope(budget.per)
+            for period, limit in (("day", budget.usd_per_day), ("month", budget.usd_per_month)):
+                if limit is None:
+                    continue
+                former = caller.former_scope(budget.per)
+                spent = self.spend.total(scope, period, now) + (self.spend.total(former, period, now) if former else 0.0)
+                if spent >= limit:
+                    return QuotaRefusal(
+                        f"usd_per_{period}",
+                        f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
+                        seconds_left(period, now),
+                    )
+                held = self.holds.held(scope)
+                if spent + held >= limit:
+                    return QuotaRefusal(
+                        f"usd_per_{period}",
+                        f"budget usd_per_{period} {limit:g} for {scope} is held by the calls in flight ({spent:.4f} USD spent, "
+                        f"up to {held:.4f} more on its way)",
+                        HELD_RETRY_SECONDS,
+                    )
         return None
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:

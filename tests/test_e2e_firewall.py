@@ -6,6 +6,7 @@ import gzip
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.support.fake_provider import CANNED_REPLY, FakeProvider
 from tests.support.mitm import Mitmdump
 from tests.support.pki import ServerCert
 from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker, trace_with
+from tests.test_metering import wait_for
 
 TEAM_KEY = "sk-proj-" + "T3am" * 12
 
@@ -701,6 +703,27 @@ def test_budget_persists_across_restart(tmp_path: Path, provider: FakeProvider, 
         started = time.monotonic()
         result = drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": params, "max_retries": 2}, proxy.client_env(), timeout=30)
         assert result["error"] == "RateLimitError" and time.monotonic() - started < 10
+
+
+def test_calls_in_flight_hold_their_most_against_a_budget(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A burst admitted before any of it was charged passed a budget by all it cost: each
+    call holds what it may cost at most (prompt and allowed output) until it ends."""
+    config = {"policy": {"budgets": [{"usd_per_day": 0.015, "per": "global"}]}}
+    slow = {"headers": {"x-fake-delay-ms": "400"}}  # eight events: ~3 s in flight
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy, ThreadPoolExecutor(2) as pool:
+        first, second = marker(), marker()  # each may cost 1000 output tokens at 10 USD a million: 0.01
+        streams = [pool.submit(openai_call, proxy, chat(m, stream=True, max_tokens=1000), **slow) for m in (first, second)]
+        assert wait_for(lambda: all(any(m.encode() in r.body for r in provider.requests) for m in (first, second)), seconds=30)
+        third = marker()
+        with Blocked(provider, third):
+            refused = openai_call(proxy, chat(third, max_tokens=1000))  # 0.02 held, of a budget of 0.015
+        assert refused["error"] == "RateLimitError" and "held by the calls in flight" in refused["message"], refused
+        t = assert_policy_trace(proxy, third, "usd_per_day", status=429)
+        assert t["response"]["headers"]["retry-after"] == "1" and "x-should-retry" not in t["response"]["headers"]
+        assert all(stream.result()["text"] == CANNED_REPLY for stream in streams)
+        spent = sum(trace_with(proxy, m)["cost_usd"] for m in (first, second))
+        assert spent < 0.001  # what they did cost, now charged, and their holds given back:
+        assert openai_call(proxy, chat(marker(), max_tokens=1000))["text"] == CANNED_REPLY
 
 
 def test_stream_usage_is_asked_for_and_hidden_from_the_client(proxy: Mitmdump, provider: FakeProvider) -> None:

@@ -18,7 +18,7 @@ from llm_mitm.estimate import estimate_usage
 from llm_mitm.metering import Call, Metering
 from llm_mitm.organization import choose
 from llm_mitm.pricing import PriceTable, cost_usd
-from llm_mitm.quota import Caller, Quota
+from llm_mitm.quota import HOLD_SECONDS, Caller, Holds, Quota
 from llm_mitm.refusal import refusal
 from llm_mitm.spend import SpendStore, seconds_left
 from llm_mitm.sse import AnthropicRebuilder, ServerSentEvent
@@ -362,6 +362,45 @@ def test_budget_survives_a_restart(tmp_path: Path) -> None:
     refused = restarted.admit(caller)
     assert refused is not None and refused.rule == "usd_per_day" and "0.0120" in refused.detail
     assert restarted.admit(Caller(None, "10.0.0.2")) is None
+
+
+def test_calls_in_flight_hold_what_they_may_cost_against_a_budget(tmp_path: Path) -> None:
+    """Admitted together, before any was charged, a burst of calls passed a budget by all
+    they cost: each holds its most until it ends, and gives it back then."""
+    policy = PolicyConfig.model_validate({"budgets": [{"usd_per_day": 0.01, "per": "api_key"}]})
+    quota = Quota(policy, spend=SpendStore(tmp_path / "spend.sqlite"))
+    alice, bob = Caller("alice", "c"), Caller("bob", "c")
+    assert quota.admit(alice, "call-1", 0.005) is None
+    assert quota.admit(alice, "call-2", 0.005) is None  # 0.005 held: not yet the budget
+    refused = quota.admit(alice, "call-3", 0.005)  # 0.010 held: the budget, were both to cost their most
+    assert refused is not None and refused.rule == "usd_per_day" and refused.retry_after == 1
+    assert "held by the calls in flight" in refused.detail and "0.0100" in refused.detail
+    assert quota.admit(bob, "call-4", 0.005) is None  # another key's budget holds nothing of alice's
+    quota.holds.release("call-1")  # it ended: charged what it cost, 0.001
+    quota.charge(alice, 10, 0.001)
+    assert quota.admit(alice, "call-5", 0.005) is None  # 0.001 spent + 0.005 held
+    assert quota.admit(alice, "call-7", 0.005).rule == "usd_per_day"  # 0.001 + 0.010
+    quota.holds.release("call-2")
+    quota.holds.release("call-5")
+    quota.holds.release("call-5")  # given back once only
+    assert quota.holds.held("api_key:alice") == 0 and quota.holds.calls() == 1  # bob's call-4
+    assert quota.admit(alice, "call-6", 0.0) is None  # a call that may cost nothing holds nothing
+    assert quota.holds.calls() == 1
+
+
+def test_a_hold_no_end_gave_back_is_let_go() -> None:
+    holds = Holds()
+    holds.hold("a", ("global",), 1.0)
+    holds.hold("b", ("global", "client:c"), 2.0)
+    holds.expire(time.monotonic() + HOLD_SECONDS / 2)
+    assert holds.held("global") == 3.0
+    holds.expire(time.monotonic() + HOLD_SECONDS + 1)
+    assert holds.held("global") == 0 and holds.held("client:c") == 0 and holds.calls() == 0
+
+
+def test_without_a_budget_nothing_is_held() -> None:
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"requests_per_minute": 5, "per": "global"}]}))
+    assert quota.admit(Caller("k", "c"), "call", 1.0) is None and quota.holds.calls() == 0
 
 
 def test_a_keys_spend_under_its_former_fingerprint_still_counts(tmp_path: Path) -> None:

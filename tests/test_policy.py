@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from llm_mitm.config import PolicyConfig
 from llm_mitm.exchange import Body
-from llm_mitm.policy import Policy, RequestView, Violation, _digest
+from llm_mitm.policy import Policy, RequestView, Violation, _digest, output_limit
 from llm_mitm.providers import Route
 from llm_mitm.texts import _normalize_unicode, json_unescaped, normalize
 
@@ -108,6 +108,20 @@ def test_max_tokens_reject_every_field(route: Route, field: str) -> None:
     assert rule(config, route=route, body={field: 100}) is None
     violation = check(config, route=route, body={field: 101})
     assert violation.rule == "max_tokens_exceeded" and f"{field} 101" in violation.detail and "100" in violation.detail
+
+
+@pytest.mark.parametrize(("body", "most"), [
+    ({"max_tokens": 100}, 100),
+    ({"max_completion_tokens": "250", "max_tokens": 100}, 250),  # the larger, as a server may read either
+    ({"max_tokens": 100, "n": 3}, 300),
+    ({"max_tokens": 100.5}, 101),
+    ({"messages": []}, None),  # no limit named
+    ({"max_tokens": "lots"}, None),  # no number: no most to hold
+    ({"max_tokens": -5}, 0),
+    ([{"max_tokens": 5}], None),
+])
+def test_output_limit_is_the_most_a_call_allows(body: Any, most: int | None) -> None:
+    assert output_limit(Route("openai", "openai", "chat.completions"), body) == most
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,14 @@ from mitmproxy import http
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config, ConfigError, trace_destination
+from llm_mitm.estimate import prompt_tokens
 from llm_mitm.exchange import Exchange
-from llm_mitm.quota import Caller, Quota
+from llm_mitm.metering import GENERATING
+from llm_mitm.policy import output_limit
+from llm_mitm.pricing import cost_usd
+from llm_mitm.quota import Caller, Holds, Quota
 from llm_mitm.spend import SpendStore
+from llm_mitm.usage import Usage
 
 SPEND_FILE = "llm-mitm-spend.sqlite"
 
@@ -34,6 +39,7 @@ class QuotaAddon:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self._windows = MemoryStorage()  # kept across config reloads
+        self._holds = Holds()  # ... as what the calls in flight hold against budgets
         self._spend: SpendStore | None = None
         self.quota: Quota  # set by the stage, with each config
         shared.stage_config(self._stage)
@@ -51,7 +57,9 @@ class QuotaAddon:
         if self._spend is not None and self._spend is not spend:
             self._spend.close()
         self._spend = spend
-        self.quota = Quota(config.policy, self._windows, spend)
+        if not config.policy.budgets:
+            self._holds = Holds()  # no budget to hold against: none is given back once budgets return
+        self.quota = Quota(config.policy, self._windows, spend, self._holds)
 
     @property
     def active(self) -> bool:
@@ -61,7 +69,8 @@ class QuotaAddon:
         exchange = self.shared.exchange(flow)
         if exchange is None or flow.response is not None or not self.quota.active:
             return
-        refusal = self.quota.admit(_caller(exchange))
+        most_usd = self._most_cost(exchange) if self.quota.budgets else 0.0
+        refusal = self.quota.admit(_caller(exchange), exchange.id, most_usd)
         if refusal is not None:
             refuse(flow, exchange, 429, refusal.rule, refusal.detail, refusal.retry_after)
 
@@ -76,10 +85,27 @@ class QuotaAddon:
             self._spend.close()
             self._spend = None
 
+    def _most_cost(self, exchange: Exchange) -> float:
+        """What a call may cost at most, as far as it says: its prompt (estimated) and all
+        the output it allows (none when it names no limit); nothing for a call that does not
+        generate, or an unpriced model (a budget does not charge those either)."""
+        if exchange.route.operation not in GENERATING or not exchange.route.generates(exchange.method):
+            return 0.0
+        price = self.shared.prices.price_for(exchange.model, None)
+        body = exchange.request_json
+        if price is None or body is None:
+            return 0.0
+        try:
+            usage = Usage(input_tokens=prompt_tokens(body), output_tokens=output_limit(exchange.route, body))
+        except RecursionError:  # a body nested past what can be walked: its output limit alone
+            usage = Usage(output_tokens=output_limit(exchange.route, body))
+        return cost_usd(usage, price)
+
     def _charge(self, exchange: Exchange | None) -> None:
-        if exchange is None or not exchange.done or not self.quota.active:
+        if exchange is None or not exchange.done:
             return
-        if exchange.replay == "hit" or exchange.blocked or exchange.charged:
+        self._holds.release(exchange.id)  # however it ended
+        if not self.quota.active or exchange.replay == "hit" or exchange.blocked or exchange.charged:
             return
         exchange.charged = True
         tokens = exchange.usage.total_tokens if exchange.usage else None
