@@ -136,6 +136,36 @@ class Answering(Listener):
             conn.sendall(self.answers.get(head.split(b" ", 2)[1].decode(), ok(b"{}", status="404 Not Found")))
 
 
+def test_a_key_spelled_by_logprobs_is_not_printed_token_by_token(tmp_path: Path) -> None:
+    """mitmdump prints an answer's logprobs a token a line (flow_detail 3 and up), a few
+    characters each: no line held enough of a key to be found, and the key could be read
+    down the lines (and from each token's `bytes`). Those tokens are printed without them."""
+    key = "sk-proj-" + rand(48)
+    pieces = ["Your key: ", *(key[i : i + 4] for i in range(0, len(key), 4))]
+    run = [{"token": t, "logprob": -0.25, "bytes": list(t.encode()), "top_logprobs": [{"token": t, "logprob": -0.25, "bytes": list(t.encode())}]}
+           for t in pieces]
+    answer = orjson.dumps({"id": "c1", "object": "chat.completion", "model": "llama-3",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "finish_reason": "stop",
+                                        "logprobs": {"content": run, "refusal": None}}],
+                           "usage": {"prompt_tokens": 3, "completion_tokens": len(pieces), "total_tokens": 3 + len(pieces)}})
+    server = Answering({"/v1/chat/completions": ok(answer, "content-type: application/json")})
+    try:
+        config = {"providers": {"vllm": {"api": "openai", "hosts": [f"127.0.0.1:{server.port}"]}}}
+        with Mitmdump(tmp_path, config=config, extra_args=["--set", "flow_detail=4"]) as proxy:
+            body = orjson.dumps({"model": "llama-3", "logprobs": True, "top_logprobs": 1, "messages": [{"role": "user", "content": "my key?"}]})
+            subprocess.run(["curl", "-sS", "-o", "/dev/null", "--proxy", proxy.proxy_url, f"http://127.0.0.1:{server.port}/v1/chat/completions",
+                            "-H", "content-type: application/json", "--data", body.decode()],
+                           capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True)
+            proxy.wait_for_traces(1)
+    finally:
+        server.stop()
+    printed = proxy.output
+    assert "-0.25" in printed and "Your key: " in printed, printed[-2000:]  # the logprobs were printed, the tokens spelling nothing with them
+    for piece in pieces[3:-1]:  # the secret part (not the kind, nor the last four characters a fingerprint shows)
+        assert f'"{piece}"' not in printed, f"a token of the key was printed: {piece}"
+    assert printed.count('"bytes": [') == 2  # `Your key: `'s, in its entry and its top_logprobs: no byte of the key's tokens
+
+
 def test_keys_of_no_shape_echoed_named_in_urls_hexdumped_or_sent_as_the_model(tmp_path: Path) -> None:
     """A review's findings D4-D7, end to end: a compat server's key of no known shape that
     upstream echoes back (body, header), whichever header or parameter sent it; the query

@@ -7,10 +7,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import ctx
+import orjson
+from mitmproxy import ctx, http
 
 from llm_mitm.addons.shared import Shared
-from llm_mitm.redact import RedactingFilter
+from llm_mitm.redact import RedactingFilter, without_spelled_secrets
 
 
 # At flow_detail 1 mitmdump cuts a long URL to the terminal's width, maybe inside a key,
@@ -68,10 +69,38 @@ class OutputRedaction:
                     sent.clear()
             return printing
 
+        echo_message = dumper._echo_message
+
+        def echo_message_unspelled(message: Any, flow: Any) -> None:
+            """A body (flow_detail 3 and up) as mitmdump prints it, but an answer's logprobs
+            printed without the tokens that spell a secret: they come a line each, a few
+            characters a line, where no line holds enough of a key to be found."""
+            echo_message(self._unspelled(message, sent) or message, flow)
+
         dumper.echo = redacted_echo
+        dumper._echo_message = echo_message_unspelled
         for name in ("echo_flow", "websocket_message", "websocket_end"):
             setattr(dumper, name, knowing_its_credentials(getattr(dumper, name)))
         dumper._llm_mitm_redacted = True
+
+    def _unspelled(self, message: Any, sent: dict[str, str]) -> http.Response | None:
+        """A copy of a JSON answer whose logprobs spell a secret, without those tokens' texts
+        (as its trace keeps it); None for any other message."""
+        if not isinstance(message, http.Response) or "json" not in message.headers.get("content-type", ""):
+            return None
+        content = message.get_content(strict=False)
+        if not content or b"logprobs" not in content:
+            return None
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return None
+        unspelled = without_spelled_secrets(body, self.shared.redactor, sent)
+        if unspelled is body:
+            return None
+        shown = message.copy()
+        shown.content = orjson.dumps(unspelled)
+        return shown
 
     def done(self) -> None:
         for handler in self._handlers:
