@@ -13,9 +13,9 @@ import hashlib
 import logging
 import re
 import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -119,7 +119,29 @@ def _has_hex_run(text: str) -> bool:
 _AFTER_ESCAPE = r"(?<=\\[nrtbf])|(?<=%[0-9A-Fa-f]{2})|(?<=\\u[0-9A-Fa-f]{4})"
 # How a JSON object starts in base64: `{"` (eyJ), `{ ` (eyA), `{\n` (ewo), `{\r` (ew0), `{\t` (ewk); not `eyes`.
 _JSON_OBJECT_B64 = "(?:ey[JAI]|ew[ok0])"
-_SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
+_AWS_KEY_ID = re.compile(r"(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z])")
+
+
+class _Shape(Protocol):
+    def sub(self, repl: Callable[[re.Match[str]], str], string: str) -> str: ...
+    def finditer(self, string: str) -> Iterator[re.Match[str]]: ...
+
+
+class _Beside:
+    """A shape that is a secret only in a text that also holds `companion`: a key with no
+    mark of its own, known by what it comes with."""
+
+    def __init__(self, companion: re.Pattern[str], shape: re.Pattern[str]) -> None:
+        self.companion, self.shape = companion, shape
+
+    def sub(self, repl: Callable[[re.Match[str]], str], string: str) -> str:
+        return self.shape.sub(repl, string) if self.companion.search(string) is not None else string
+
+    def finditer(self, string: str) -> Iterator[re.Match[str]]:
+        return self.shape.finditer(string) if self.companion.search(string) is not None else iter(())
+
+
+_SHAPES: tuple[tuple[Callable[[str], bool], _Shape], ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
     (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),  # after `_` too: KEY_sk-proj-...
     # JSON web tokens: their header and claims are JSON objects, `{"` (eyJ), or with a space or a line break after the brace (eyAi, ewo).
@@ -139,11 +161,18 @@ _SHAPES: tuple[tuple[Callable[[str], bool], re.Pattern[str]], ...] = (
         rf"(?:(?<![A-Za-z0-9_-])|{_AFTER_ESCAPE})(?:gh[pousr]_[A-Za-z0-9]{{36,}}|github_pat_[A-Za-z0-9_]{{22,}})")),
     # Azure OpenAI keys: 32 hex digits.
     (_has_hex_run, re.compile(rf"(?:(?<![0-9A-Za-z])|{_AFTER_ESCAPE})[0-9a-fA-F]{{32}}(?![0-9A-Za-z])")),
+    # An AWS secret access key: 40 characters of base64 and no prefix of its own, so looked
+    # for only in a text that holds an access key id, as they come (a credentials CSV, an
+    # environment dump); with both cases and a digit, as one has but a hex hash or a word
+    # run has not. Before the id's own shape, which takes the id away.
+    (lambda text: "AKIA" in text or "ASIA" in text, _Beside(_AWS_KEY_ID, re.compile(
+        rf"(?:(?<![A-Za-z0-9/+])|{_AFTER_ESCAPE})(?=[A-Za-z0-9/+]{{0,39}}[0-9])(?=[A-Za-z0-9/+]{{0,39}}[a-z])(?=[A-Za-z0-9/+]{{0,39}}[A-Z])"
+        r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"))),
     # Other providers' and services' keys a prompt or a tool may carry (a secrets probe):
     # Stripe, Hugging Face, Groq, xAI, Perplexity, Slack, an AWS access key id.
     (_may_hold_other_key, re.compile(
         rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})(?:[sr]k_(?:live|test)_[A-Za-z0-9]{{16,}}|hf_[A-Za-z0-9]{{30,}}|gsk_[A-Za-z0-9]{{40,}}"
-        r"|xai-[A-Za-z0-9]{40,}|pplx-[A-Za-z0-9]{40,}|xox[abprse]-[A-Za-z0-9-]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z]))")),
+        r"|xai-[A-Za-z0-9]{40,}|pplx-[A-Za-z0-9]{40,}|xox[abprse]-[A-Za-z0-9-]{10,}|" + _AWS_KEY_ID.pattern + ")")),
     # A private key, PEM-armoured: the whole block, once base64 follows its first line (and any
     # `Proc-Type:` lines): a text that names the armour is no key (a review).
     (lambda text: "PRIVATE KEY-----" in text, re.compile(

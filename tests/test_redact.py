@@ -63,6 +63,24 @@ def test_key_shapes_are_found_in_free_text(kind: str) -> None:
     assert text.startswith("prefix ") and text.endswith("suffix, and again:" + redactor.fingerprint(key))
 
 
+def test_an_aws_secret_access_key_is_found_beside_its_key_id() -> None:
+    """40 characters of no prefix: found where an access key id says what they are (a
+    credentials CSV or an environment dump pasted into a prompt), in JSON text too."""
+    redactor = Redactor()
+    key_id, secret = KEYS["aws"], token(18, ALNUM) + "/" + token(10, ALNUM) + "+7aZ" + token(7, ALNUM)
+    for text in (f"User name,Access key ID,Secret access key\ndeploy,{key_id},{secret}\n",
+                 f"export AWS_ACCESS_KEY_ID={key_id}\\nexport AWS_SECRET={secret}",  # as JSON kept as text
+                 f"{secret} (the secret) goes with {key_id}"):
+        hidden = redactor.text(text)
+        assert_gone(secret, hidden)
+        assert_gone(key_id, hidden)
+        assert hidden.count("#") == 2 and secret[-4:] in hidden
+        assert redactor.secret_spans(text) and all(text[start:end] in (key_id, secret) for start, end in redactor.secret_spans(text))
+    commit, words = "a" * 20 + "0123456789" * 2, "TheQuickBrownFoxJumpsOverTheLazyDogAgain"
+    assert redactor.text(f"{commit} {words} with {key_id}").startswith(f"{commit} {words} with ")  # a hex hash; a word run, no digit
+    assert redactor.text(f"{secret} alone") == f"{secret} alone"  # no key id: 40 characters could be anything
+
+
 def test_fingerprint_shape_is_stable_and_per_key() -> None:
     redactor = Redactor()
     key = KEYS["project"]
