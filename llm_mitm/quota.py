@@ -4,12 +4,12 @@ Requests are counted when admitted; tokens and dollars are charged when a call e
 (streams included), so a call that crosses a limit completes and the *next* one is
 refused. Until it ends, an admitted call holds what it may cost at most (its prompt and
 the output it allows) against its budgets: else a burst of calls admitted together, each
-before any was charged, passed a budget by all they cost. Windows come from the `limits` library: requests a moving one-minute window
-(one entry per request, exact); tokens a sliding window counter (this minute's count and
-the last one's, weighted by how much of it the window still covers): a moving window keeps
-one entry per unit, a token, which at 10M tokens a minute held 150 MB and the proxy's loop
-for tens of milliseconds a call. Spend lives in a SpendStore (SQLite) so budgets survive a
-restart.
+before any was charged, passed a budget by all they cost. Windows come from the `limits`
+library: requests a moving one-minute window (one entry per request, exact); tokens a
+sliding window counter (this minute's count and the last one's, weighted by how much of it
+the window still covers): a moving window keeps one entry per unit, a token, which at 10M
+tokens a minute held 150 MB and the proxy's loop for tens of milliseconds a call. Spend
+lives in a SpendStore (SQLite) so budgets survive a restart.
 """
 
 from __future__ import annotations
