@@ -108,6 +108,7 @@ class TraceWriter:
         assert self.destination is not None
         start, written, most = None, 0, self.max_bytes
         try:
+            self._follow_path()
             fd = self._open()
             start = size = os.lseek(fd, 0, os.SEEK_END)
             piece: list[bytes] = []
@@ -128,6 +129,23 @@ class TraceWriter:
             return False
         self.stats.written += len(lines)
         return True
+
+    def _follow_path(self) -> None:
+        """The open file was deleted or moved (by hand, by logrotate without copytruncate):
+        writing on would go where no name reaches, every record lost unsaid. Reopened at
+        its path instead, as logging's WatchedFileHandler does: one stat a batch."""
+        if self._fd is None:
+            return
+        opened = os.fstat(self._fd)
+        try:
+            named = os.stat(self.destination)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            os.close(self._fd)
+            self._fd = None
+            logger.warning("llm-mitm: %s was %s while open; traces go on in a new file of that name",
+                           self.destination, "deleted" if named is None else "moved or replaced")
 
     def _open(self) -> int:
         if self._fd is None:

@@ -152,6 +152,32 @@ def test_a_file_that_may_be_written_but_not_read_is_still_written(tmp_path: Path
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to someone else")
+@pytest.mark.parametrize("how", ["deleted", "moved", "directory deleted"])
+def test_a_trace_file_deleted_or_moved_while_open_is_made_again(tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Writes went on into the open file, which no name reached any more: every record
+    after a `rm` or a logrotate without copytruncate was lost, and nothing said so."""
+    path = tmp_path / "logs" / "t.jsonl"
+    writer = TraceWriter(path, None)
+    writer.write(batch(row("before")))
+    if how == "deleted":
+        path.unlink()
+    elif how == "moved":
+        path.rename(tmp_path / "logs" / "t.jsonl.old")
+    else:
+        import shutil
+
+        shutil.rmtree(tmp_path / "logs")
+    with caplog.at_level(logging.WARNING, logger="llm_mitm.traces"):
+        writer.write(batch(row("after-1")))
+        writer.write(batch(row("after-2")))
+    writer.close()
+    assert [r["id"] for r in read_lines(path)] == ["after-1", "after-2"] and writer.stats.written == 3
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sum("while open; traces go on in a new file" in r.message for r in caplog.records) == 1
+    if how == "moved":
+        assert [r["id"] for r in read_lines(tmp_path / "logs" / "t.jsonl.old")] == ["before"]
+
+
 def test_a_file_replaced_by_root_keeps_its_owner(tmp_path: Path) -> None:
     from llm_mitm.atomic import write_atomic
 
