@@ -2,8 +2,10 @@
 
 Chat completions, the Responses API and Anthropic messages, streamed or not (a streamed
 trace holds the rebuilt message), become `{"messages": [...], "tools": [...]}` ending
-with the assistant's reply. Failed and blocked calls are skipped, duplicates dropped,
-and every example is checked against the format's rules before it is written.
+with the assistant's reply. Failed and blocked calls are skipped, and so are replies a
+model should not learn to give: cut short by the output limit, filtered, or empty.
+Duplicates are dropped, and every example is checked against the format's rules before
+it is written.
 """
 
 from __future__ import annotations
@@ -137,13 +139,36 @@ def _chat_tool_call(call: Any) -> dict[str, Any]:
     return {"id": call.get("id"), "type": "function", "function": {"name": function.get("name"), "arguments": function.get("arguments", "")}}
 
 
+# How each API says a reply was cut short by its output limit, or filtered: no example to
+# learn from (the model would learn to stop mid-sentence, or to say nothing).
+_CUT_SHORT = {"length": "truncated reply", "max_tokens": "truncated reply", "model_context_window_exceeded": "truncated reply",
+              "content_filter": "filtered reply", "refusal": "filtered reply"}
+
+
+def _ended(reason: Any) -> None:
+    if isinstance(reason, str) and reason in _CUT_SHORT:
+        raise Skip(_CUT_SHORT[reason])
+
+
 def _from_chat(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
     choices = response.get("choices") or []
     if not choices or not isinstance(choices[0], dict) or "message" not in choices[0]:
         raise Skip("no assistant reply")
+    _ended(choices[0].get("finish_reason"))
     messages = [_chat_message(m) for m in request.get("messages") or []]
-    messages.append(_chat_message({**choices[0]["message"], "role": "assistant"}))
-    return _example(messages, request.get("tools"), request.get("parallel_tool_calls"))
+    reply = [_chat_message({**choices[0]["message"], "role": "assistant"})]
+    return _example(_with_reply(messages, reply), request.get("tools"), request.get("parallel_tool_calls"))
+
+
+def _with_reply(messages: list[dict[str, Any]], reply: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation ending with the reply: a reply with nothing in it is no example,
+    and one that goes on from an assistant message the request ended with (a prefill,
+    `{"a":`) is one assistant message with it, not a fragment after it."""
+    if not any(message.get("content") or message.get("tool_calls") for message in reply):
+        raise Skip("empty reply")
+    if messages and messages[-1]["role"] == "assistant":
+        return [*messages[:-1], *_merge_assistant([messages[-1], *reply])]
+    return [*messages, *reply]
 
 
 def _example(messages: list[dict[str, Any]], tools: Any, parallel: Any = None) -> dict[str, Any]:
@@ -167,6 +192,9 @@ def _from_responses(request: dict[str, Any], response: dict[str, Any]) -> dict[s
     kept = next((key for key in _UPSTREAM_CONTEXT if request.get(key)), None)
     if kept is not None:
         raise Skip(f"context kept upstream ({kept})")
+    if response.get("status") == "incomplete":
+        _ended((response.get("incomplete_details") or {}).get("reason"))
+        raise Skip("truncated reply")
     messages: list[dict[str, Any]] = []
     if isinstance(request.get("instructions"), str):
         messages.append({"role": "system", "content": request["instructions"]})
@@ -176,7 +204,9 @@ def _from_responses(request: dict[str, Any], response: dict[str, Any]) -> dict[s
     reply = [m for item in response.get("output") or [] for m in _responses_item(item)]
     if not reply:
         raise Skip("no assistant reply")
-    messages.extend(_merge_assistant(reply))
+    # One turn's text and calls come as items of their own, in the input as in the output:
+    # parallel calls are one assistant message, their outputs after it.
+    messages = _with_reply(_merge_assistant(messages), _merge_assistant(reply))
     tools = [
         {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
         for t in request.get("tools") or []
@@ -226,10 +256,11 @@ def _from_anthropic(request: dict[str, Any], response: dict[str, Any]) -> dict[s
         messages.append({"role": "system", "content": _text(system)})
     for message in request.get("messages") or []:
         messages.extend(_anthropic_message(message))
+    _ended(response.get("stop_reason"))
     reply = _anthropic_message({"role": "assistant", "content": response.get("content")})
     if not reply:
         raise Skip("no assistant reply")
-    messages.extend(reply)
+    messages = _with_reply(messages, reply)
     tools = [  # a tool of your own; a server tool's (`web_search_20250305`) has no function to be (a probe: it was one with no parameters)
         {"type": "function", "function": {"name": t["name"], "description": t.get("description", ""), "parameters": t.get("input_schema", {})}}
         for t in request.get("tools") or []

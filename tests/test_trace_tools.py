@@ -195,6 +195,55 @@ def test_export_makes_functions_of_an_anthropic_calls_own_tools_only() -> None:
     assert [tool["function"]["name"] for tool in example["tools"]] == ["get_weather", "lookup"]
 
 
+def test_export_skips_replies_a_model_should_not_learn() -> None:
+    """Cut short by the output limit, filtered, or empty (a reasoning model that spent its
+    limit thinking): as examples they taught a model to stop mid-sentence (a traces probe)."""
+    def anthropic(stop_reason: str) -> dict[str, Any]:
+        return {"status_code": 200, "operation": "messages", "api": "anthropic", "model": "claude-x",
+                "request": {"body": {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "an essay"}]}},
+                "response": {"body": {"type": "message", "role": "assistant", "content": [{"type": "text", "text": "The essay"}], "stop_reason": stop_reason}}}
+
+    def responses(status: str, reason: str | None = None) -> dict[str, Any]:
+        return {"status_code": 200, "operation": "responses", "api": "openai", "model": "gpt-4o",
+                "request": {"body": {"model": "gpt-4o", "input": "an essay, please"}},
+                "response": {"body": {"status": status, "incomplete_details": {"reason": reason} if reason else None,
+                                      "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "The essay"}]}]}}}
+
+    cut = chat_record("an essay", {"role": "assistant", "content": "The essay begins"})
+    cut["response"]["body"]["choices"][0]["finish_reason"] = "length"
+    filtered = chat_record("q", {"role": "assistant", "content": "partial"})
+    filtered["response"]["body"]["choices"][0]["finish_reason"] = "content_filter"
+    records = [cut, filtered, chat_record("hard", {"role": "assistant", "content": ""}), chat_record("bad", {"role": "assistant", "content": None, "refusal": "No."}),
+               anthropic("max_tokens"), anthropic("refusal"), responses("incomplete", "max_output_tokens"), responses("incomplete", "content_filter"),
+               anthropic("end_turn"), responses("completed")]
+    report = ExportReport()
+    assert len(list(export_examples(records, report=report))) == 2
+    assert report.skipped == {"truncated reply": 3, "filtered reply": 3, "empty reply": 2}
+
+
+def test_export_keeps_one_assistant_turn_where_the_api_gives_it_in_pieces() -> None:
+    """A Responses turn's parallel calls are items of their own, and an Anthropic reply goes
+    on from a prefilled assistant message: each is one assistant message, its tool answers
+    after it (they were separate turns, which the format reads as calls left unanswered)."""
+    responses = {"status_code": 200, "operation": "responses", "api": "openai", "model": "gpt-4o",
+                 "request": {"body": {"model": "gpt-4o", "input": [
+                     {"role": "user", "content": "Paris and Rome?"},
+                     {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+                     {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{}"},
+                     {"type": "function_call_output", "call_id": "c1", "output": "sun"},
+                     {"type": "function_call_output", "call_id": "c2", "output": "rain"}]}},
+                 "response": {"body": {"status": "completed", "output": [
+                     {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sun, rain."}]}]}}}
+    prefilled = {"status_code": 200, "operation": "messages", "api": "anthropic", "model": "claude-x",
+                 "request": {"body": {"model": "claude-x", "max_tokens": 50, "messages": [
+                     {"role": "user", "content": "JSON please"}, {"role": "assistant", "content": '{"a":'}]}},
+                 "response": {"body": {"type": "message", "role": "assistant", "content": [{"type": "text", "text": " 1}"}], "stop_reason": "end_turn"}}}
+    first, second = export_examples([responses, prefilled], report=ExportReport())
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [call["id"] for call in first["messages"][1]["tool_calls"]] == ["c1", "c2"]
+    assert second["messages"] == [{"role": "user", "content": "JSON please"}, {"role": "assistant", "content": '{"a": 1}'}]
+
+
 def test_outputs_never_replace_the_trace_and_fail_in_one_line(tmp_path: Path) -> None:
     traces = tmp_path / "t.jsonl"
     traces.write_bytes(orjson.dumps(chat_record("q", {"role": "assistant", "content": "a"})) + b"\n")
