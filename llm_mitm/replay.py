@@ -112,9 +112,13 @@ def _event(data: Any, name: str | None = None) -> bytes:
 def as_stream(recorded: Recorded, include_usage: bool) -> bytes:
     """The recorded message as the SSE stream its API would have sent."""
     if shapes_of(recorded.api, recorded.operation) == "anthropic":
+        if recorded.body.get("type") == "completion":  # `/v1/complete`, Text Completions
+            return _anthropic_completion_stream(recorded.body)
         return _anthropic_stream(recorded.body)
     if recorded.operation == "responses":
         return _responses_stream(recorded.body)
+    if recorded.body.get("object") == "text_completion":
+        return _completion_stream(recorded.body, include_usage)
     return _chat_stream(recorded.body, include_usage)
 
 
@@ -136,6 +140,22 @@ def _chat_stream(body: dict[str, Any], include_usage: bool) -> bytes:
         for number, call in enumerate(message.get("tool_calls") or []):
             chunk(index, {"tool_calls": [{"index": number, **call}]})
         chunk(index, {}, choice.get("finish_reason"))
+    if include_usage and body.get("usage"):
+        out.append(_event({**head, "choices": [], "usage": body["usage"]}))
+    out.append(_event("[DONE]"))
+    return b"".join(out)
+
+
+def _completion_stream(body: dict[str, Any], include_usage: bool) -> bytes:
+    """Legacy completions: `text_completion` chunks of `choices[].text`, each choice's
+    finish reason in a last chunk of its own."""
+    head = {k: body[k] for k in ("id", "created", "model", "system_fingerprint") if k in body}
+    head["object"] = "text_completion"
+    out = []
+    for choice in body.get("choices") or []:
+        index = choice.get("index", 0)
+        out.append(_event({**head, "choices": [{"text": choice.get("text") or "", "index": index, "logprobs": choice.get("logprobs"), "finish_reason": None}]}))
+        out.append(_event({**head, "choices": [{"text": "", "index": index, "logprobs": None, "finish_reason": choice.get("finish_reason")}]}))
     if include_usage and body.get("usage"):
         out.append(_event({**head, "choices": [], "usage": body["usage"]}))
     out.append(_event("[DONE]"))
@@ -177,6 +197,15 @@ def _responses_stream(body: dict[str, Any]) -> bytes:
             emit("response.output_item.added", output_index=index, item=item)
         emit("response.output_item.done", output_index=index, item=item)
     emit("response.completed", response=body)
+    return b"".join(out)
+
+
+def _anthropic_completion_stream(body: dict[str, Any]) -> bytes:
+    """Text Completions (`/v1/complete`): `completion` events of pieces of the text, the
+    last one empty with its stop reason."""
+    head = {key: value for key, value in body.items() if key not in ("completion", "stop_reason")}
+    out = [_event({**head, "completion": body.get("completion") or "", "stop_reason": None}, "completion")]
+    out.append(_event({**head, "completion": "", "stop_reason": body.get("stop_reason")}, "completion"))
     return b"".join(out)
 
 

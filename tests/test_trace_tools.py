@@ -693,6 +693,48 @@ def test_a_replayed_stream_gives_the_sdks_the_recorded_answer_whole(tmp_path: Pa
         assert len(provider.requests) == before
 
 
+LEGACY_COMPLETION = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "gpt-3.5-turbo-instruct",
+                     "choices": [{"text": "Hi there", "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}
+ANTHROPIC_COMPLETION = {"type": "completion", "id": "compl_1", "completion": " Hello there.", "stop_reason": "stop_sequence",
+                        "model": "claude-2.1", "stop": "\n\nHuman:", "log_id": "compl_1"}
+
+
+@pytest.mark.parametrize(("api", "body"), [("openai", LEGACY_COMPLETION), ("anthropic", ANTHROPIC_COMPLETION)])
+def test_a_legacy_completion_replayed_as_a_stream_is_read_back_whole(api: str, body: dict[str, Any]) -> None:
+    """Legacy completions were replayed as chat chunks (OpenAI: empty deltas, the text
+    lost) or as Messages events (Anthropic's `/v1/complete`): a traces probe."""
+    from llm_mitm.replay import Recorded, as_stream
+    from llm_mitm.sse import StreamTap, rebuilder_for
+
+    stream = as_stream(Recorded(api, "completions", 200, body), include_usage=True)
+    tap = StreamTap(rebuilder_for(api, "completions"))
+    tap(stream)
+    tap.finish()
+    rebuilt = tap.rebuilder.result()
+    if api == "openai":
+        assert stream.count(b'"object":"text_completion"') == 3 and rebuilt["usage"] == body["usage"]
+        assert [(choice["text"], choice["finish_reason"]) for choice in rebuilt["choices"]] == [("Hi there", "stop")]
+    else:
+        assert stream.startswith(b"event: completion\n") and rebuilt == body
+
+
+def test_a_legacy_completion_replays_to_the_sdk_as_a_stream(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    from llm_mitm.redact import Redactor
+
+    params = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say hi"}
+    source = tmp_path / "source.jsonl"
+    source.write_bytes(orjson.dumps({"provider": "openai", "api": "openai", "operation": "completions", "method": "POST",
+                                     "url": "https://api.openai.com/v1/completions", "status_code": 200, "api_key": Redactor().credential(OPENAI_KEY),
+                                     "request": {"body": params, "size": 10}, "response": {"body": LEGACY_COMPLETION}}) + b"\n")
+    with replay_proxy(tmp_path, source, provider, pki, "strict") as proxy:
+        result = drive({"client": "openai", "op": "method", "method": "completions.create", "api_key": OPENAI_KEY,
+                        "params": {**params, "stream": True}}, proxy.client_env())
+    chunks = result["chunks"]
+    assert "".join(choice["text"] for chunk in chunks for choice in chunk["choices"]) == "Hi there"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 @pytest.mark.parametrize(("args", "said"), [(("report", "t.jsonl", "--max-calls", "-1"), "--max-calls: -1 is fewer than none"),
                                             (("report", "t.jsonl", "--max-calls", "all"), "--max-calls: 'all' is not a whole number"),
                                             (("env", "--port", "70000"), "--port: 70000 is no TCP port (1-65535)")])

@@ -90,6 +90,8 @@ def openai_call(a):
         for name in a["method"].split("."):
             target = getattr(target, name)
         result = target(**a["params"], **extra)
+        if a["params"].get("stream"):  # each chunk as the SDK parsed it
+            return {"chunks": [chunk.model_dump() for chunk in result]}
         return {"body": result.model_dump() if hasattr(result, "model_dump") else None}
     raise ValueError(op)
 
