@@ -22,8 +22,18 @@ def count_tokens(text: str) -> int:
 
 
 def prompt_tokens(request_body: Any) -> int:
-    """Every text the API reads in a request, estimated."""
-    return sum(count_tokens(text) for _, text in request_texts(request_body, extras=True))
+    """Every text the API reads in a request, estimated, and the tokens it sends as token
+    ids (a completion's or an embedding's `prompt`/`input`, one list or a list of them)."""
+    texts = sum(count_tokens(text) for _, text in request_texts(request_body, extras=True))
+    return texts + sum(_token_ids(request_body.get(field)) for field in ("prompt", "input")) if isinstance(request_body, dict) else texts
+
+
+def _token_ids(value: Any) -> int:
+    if not isinstance(value, list) or not value:
+        return 0
+    if all(isinstance(item, int) for item in value):
+        return len(value)
+    return sum(len(item) for item in value if isinstance(item, list) and all(isinstance(token, int) for token in item))
 
 
 def estimate_usage(request_body: Any, response_body: Any) -> Usage | None:

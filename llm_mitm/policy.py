@@ -455,22 +455,23 @@ def _middle_cut(text: str, reach: int) -> str:
 _MANY_OUTPUTS = frozenset(("chat.completions", "completions"))
 
 
-def output_limit(route: Route, body: Any) -> int | None:
-    """The most output tokens a call allows itself: its largest limit times its outputs;
-    None where it names no limit a server would read as a number."""
+def output_limit(route: Route, body: Any) -> float | None:
+    """The most output tokens a call allows itself: its largest limit times its outputs
+    (`math.inf` where one of them is no number a server reads as such); None where it names
+    no limit."""
     if not isinstance(body, dict):
         return None
     limits = [limit for field in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(field))) is not None]
     if not limits:
         return None
-    most = max(limits) * _copies(route, body)
-    return max(0, math.ceil(most)) if math.isfinite(most) else None
+    return max(0.0, math.ceil(most)) if math.isfinite(most := max(limits) * _copies(route, body)) else math.inf
 
 
 def _copies(route: Route, body: dict[str, Any]) -> float:
     """How many outputs a call generates, each up to its limit: chat's and completions' `n`,
-    and completions' `best_of` (all generated, one returned); read as limits are, so what
-    is no number counts as more than any cap. (An image call's `n` is no text output.)"""
+    completions' `best_of` (all generated, one returned), for each of completions' prompts
+    (a list of them: texts, or token lists); read as limits are, so what is no number
+    counts as more than any cap. (An image call's `n` is no text output.)"""
     copies = 1.0
     if route.operation not in _MANY_OUTPUTS:
         return copies
@@ -478,13 +479,25 @@ def _copies(route: Route, body: dict[str, Any]) -> float:
         value = body.get(field)
         if value is not None and (count := _token_limit(value)) is not None and count > copies:
             copies = count
-    return copies
+    return copies * _prompts(route, body)
+
+
+def _prompts(route: Route, body: dict[str, Any]) -> int:
+    """Legacy completions' prompts: each is completed apart (a list of texts or of token
+    lists; a list of numbers is one prompt's tokens)."""
+    prompt = body.get("prompt") if route.operation == "completions" else None
+    if isinstance(prompt, list) and prompt and not all(isinstance(item, int) for item in prompt):
+        return len(prompt)
+    return 1
 
 
 def _outputs(copies: float, body: dict[str, Any]) -> str:
     """`4 outputs (n 4)`, for a refusal."""
-    fields = ", ".join(f"{field} {body[field]!r}" for field in ("n", "best_of") if body.get(field) is not None)
-    return f"{copies:g} outputs ({fields})" if copies != math.inf else f"a count of outputs that is no number ({fields})"
+    fields = [f"{field} {body[field]!r}" for field in ("n", "best_of") if body.get(field) is not None]
+    if isinstance(body.get("prompt"), list) and len(body["prompt"]) > 1 and not all(isinstance(item, int) for item in body["prompt"]):
+        fields.append(f"{len(body['prompt'])} prompts")
+    listed = ", ".join(fields)
+    return f"{copies:g} outputs ({listed})" if copies != math.inf else f"a count of outputs that is no number ({listed})"
 
 
 def _token_limit(value: Any) -> float | None:

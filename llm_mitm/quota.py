@@ -117,7 +117,7 @@ class Quota:
     def admit(self, caller: Caller, call: str | None = None, most_usd: float = 0.0) -> QuotaRefusal | None:
         """Refuse if a budget is spent, or held by the calls in flight, or a token window is
         full; else count the request and hold `most_usd` for `call` against its budgets."""
-        refusal = self._budget_refusal(caller)
+        refusal = self._budget_refusal(caller, most_usd)
         if refusal is not None:
             return refusal
         tokens, requests = self._limiters["tokens_per_minute"], self._limiters["requests_per_minute"]
@@ -136,17 +136,21 @@ class Quota:
             self.holds.hold(call, tuple({caller.scope(budget.per) for budget in self.budgets}), most_usd)
         return None
 
-    def _budget_refusal(self, caller: Caller) -> QuotaRefusal | None:
+    def _budget_refusal(self, caller: Caller, most_usd: float) -> QuotaRefusal | None:
+        """A spent budget refuses every call; one the calls in flight hold refuses a call
+        that may cost something (a list of models costs nothing and is let through). Every
+        budget is asked whether it is spent first: that answer's wait is the one to give."""
         if self.spend is None or not self.budgets:
             return None
         now = datetime.now(UTC)
         self.holds.expire(time.monotonic())
+        held: list[tuple[str, str, float, float]] = []
         for budget in self.budgets:
             scope = caller.scope(budget.per)
+            former = caller.former_scope(budget.per)
             for period, limit in (("day", budget.usd_per_day), ("month", budget.usd_per_month)):
                 if limit is None:
                     continue
-                former = caller.former_scope(budget.per)
                 spent = self.spend.total(scope, period, now) + (self.spend.total(former, period, now) if former else 0.0)
                 if spent >= limit:
                     return QuotaRefusal(
@@ -154,14 +158,16 @@ class Quota:
                         f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
                         seconds_left(period, now),
                     )
-                held = self.holds.held(scope)
-                if spent + held >= limit:
-                    return QuotaRefusal(
-                        f"usd_per_{period}",
-                        f"budget usd_per_{period} {limit:g} for {scope} is held by the calls in flight ({spent:.4f} USD spent, "
-                        f"up to {held:.4f} more on its way)",
-                        HELD_RETRY_SECONDS,
-                    )
+                held.append((period, scope, limit, spent))
+        for period, scope, limit, spent in held if most_usd > 0 else ():
+            holding = self.holds.held(scope)
+            if spent + holding >= limit:
+                return QuotaRefusal(
+                    f"usd_per_{period}",
+                    f"budget usd_per_{period} {limit:g} for {scope} is held by the calls in flight ({spent:.4f} USD spent, "
+                    f"up to {holding:.4f} more on its way)",
+                    HELD_RETRY_SECONDS,
+                )
         return None
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:

@@ -726,6 +726,29 @@ def test_calls_in_flight_hold_their_most_against_a_budget(tmp_path: Path, provid
         assert openai_call(proxy, chat(marker(), max_tokens=1000))["text"] == CANNED_REPLY
 
 
+def test_an_azure_deployment_holds_at_the_price_of_the_model_that_answers_it(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A deployment's name (`prod-chat`) has no price, the model that answers it has: the
+    calls were charged at that price but held nothing, and a burst passed the budget (a
+    limits probe). Its first answer teaches the proxy what the deployment costs."""
+    config = {"policy": {"budgets": [{"usd_per_day": 0.008, "per": "global"}]}}
+
+    def azure(text: str, **params: Any) -> dict[str, Any]:
+        return {"client": "openai", "op": "chat", "api_key": "0" * 32, "azure": "https://r.openai.azure.com",
+                "params": {"model": "prod-chat", "messages": [{"role": "user", "content": text}], **params}}
+
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy, ThreadPoolExecutor(1) as pool:
+        env = proxy.client_env()
+        assert drive(azure(marker(), max_tokens=5), env)["text"] == CANNED_REPLY  # answered by gpt-4o: 0.0001 spent
+        held = marker()
+        stream = pool.submit(drive, {**azure(held, max_tokens=1000, stream=True), "headers": {"x-fake-delay-ms": "400"}}, env)
+        assert wait_for(lambda: any(held.encode() in r.body for r in provider.requests), seconds=30)
+        refused = drive(azure(marker(), max_tokens=1000), env)  # 0.01 held, of 0.008
+        assert refused["error"] == "RateLimitError" and "held by the calls in flight" in refused["message"], refused
+        listed = drive({"client": "openai", "op": "models", "api_key": OPENAI_KEY}, env)  # meanwhile a call that costs nothing goes
+        assert "error" not in listed and stream.running(), listed
+        assert stream.result()["text"] == CANNED_REPLY
+
+
 def test_stream_usage_is_asked_for_and_hidden_from_the_client(proxy: Mitmdump, provider: FakeProvider) -> None:
     m = marker()
     result = openai_call(proxy, chat(m, stream=True))

@@ -294,6 +294,10 @@ def test_estimate_marks_usage() -> None:
     usage = estimate_usage({"messages": [{"role": "user", "content": "abcd" * 10}]}, {"choices": [{"message": {"content": "abcdefgh"}}]})
     assert usage == Usage(input_tokens=10, output_tokens=2, total_tokens=12, estimated=True)
     assert estimate_usage({}, None) is None
+    from llm_mitm.estimate import prompt_tokens
+
+    assert prompt_tokens({"prompt": [1] * 4000}) == 4000 and prompt_tokens({"prompt": [[1] * 10, [2] * 5]}) == 15  # token ids (a limits probe: 0)
+    assert prompt_tokens({"input": [[1, 2], "four"]}) == 2 + 1 and prompt_tokens({"prompt": "abcdefgh"}) == 2
     legacy = estimate_usage({"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"type": "completion", "completion": "abcdefgh", "stop_reason": "stop_sequence"})
     assert legacy.output_tokens == 2  # Anthropic's legacy completion is read (an audit: its output was 0)
 
@@ -386,6 +390,22 @@ def test_calls_in_flight_hold_what_they_may_cost_against_a_budget(tmp_path: Path
     assert quota.holds.held("api_key:alice") == 0 and quota.holds.calls() == 1  # bob's call-4
     assert quota.admit(alice, "call-6", 0.0) is None  # a call that may cost nothing holds nothing
     assert quota.holds.calls() == 1
+
+
+def test_a_held_budget_refuses_only_calls_that_may_cost_and_never_hides_a_spent_one(tmp_path: Path) -> None:
+    """A list of models costs nothing: refused while others held the budget (a limits
+    probe). And a spent monthly budget's refusal (its wait, the month's end) came second to
+    a daily one's hold (retry in a second), so the SDKs retried at once, to be refused."""
+    policy = PolicyConfig.model_validate({"budgets": [{"usd_per_day": 0.01, "per": "api_key"}, {"usd_per_month": 0.05, "per": "global"}]})
+    quota = Quota(policy, spend=SpendStore(tmp_path / "spend.sqlite"))
+    alice = Caller("alice", "c")
+    assert quota.admit(alice, "call-1", 0.02) is None
+    assert quota.admit(alice, "call-2", 0.0) is None  # costs nothing: let through
+    assert quota.admit(alice, "call-3", 0.001).detail.startswith("budget usd_per_day 0.01 for api_key:alice is held")
+    quota.charge(Caller("bob", "c"), 10, 0.05)  # the month's global budget spent by another key
+    refused = quota.admit(alice, "call-4", 0.001)
+    assert refused.rule == "usd_per_month" and "is spent" in refused.detail and refused.retry_after > 60
+    assert quota.admit(alice, "call-5", 0.0).rule == "usd_per_month"  # spent refuses every call
 
 
 def test_a_hold_no_end_gave_back_is_let_go() -> None:

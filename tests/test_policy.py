@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from typing import Any
 
 import orjson
@@ -116,12 +117,27 @@ def test_max_tokens_reject_every_field(route: Route, field: str) -> None:
     ({"max_tokens": 100, "n": 3}, 300),
     ({"max_tokens": 100.5}, 101),
     ({"messages": []}, None),  # no limit named
-    ({"max_tokens": "lots"}, None),  # no number: no most to hold
+    ({"max_tokens": "lots"}, math.inf),  # no number: no end to what it may write
+    ({"max_tokens": 1e308, "n": 2}, math.inf),
     ({"max_tokens": -5}, 0),
     ([{"max_tokens": 5}], None),
 ])
-def test_output_limit_is_the_most_a_call_allows(body: Any, most: int | None) -> None:
+def test_output_limit_is_the_most_a_call_allows(body: Any, most: float | None) -> None:
     assert output_limit(Route("openai", "openai", "chat.completions"), body) == most
+
+
+@pytest.mark.parametrize(("prompt", "most"), [("one", 500), (["a", "b", "c", "d"], 2000), ([[1, 2], [3]], 1000), ([1, 2, 3], 500)])
+def test_each_of_a_completions_prompts_is_an_output(prompt: Any, most: int) -> None:
+    """A list of prompts is completed prompt by prompt: four of them with max_tokens 500
+    may write 2000 tokens, which a cap of 1000 let through (a limits probe)."""
+    route = Route("openai", "openai", "completions")
+    assert output_limit(route, {"prompt": prompt, "max_tokens": 500}) == most
+    violation = check({"max_tokens": 1000}, route=route, body={"model": "m", "prompt": prompt, "max_tokens": 500})
+    assert (violation is not None) == (most > 1000)
+    if violation is not None:
+        assert "4 prompts" in violation.detail and violation.rule == "max_tokens_exceeded"
+        clamped = Policy(PolicyConfig(max_tokens=1000, max_tokens_action="clamp")).clamp(route, {"model": "m", "prompt": prompt, "max_tokens": 500})
+        assert clamped == {"model": "m", "prompt": prompt, "max_tokens": 250}  # the cap shared by the prompts
 
 
 @pytest.mark.parametrize(

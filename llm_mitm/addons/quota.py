@@ -23,6 +23,11 @@ from llm_mitm.spend import SpendStore
 from llm_mitm.usage import Usage
 
 SPEND_FILE = "llm-mitm-spend.sqlite"
+# The most output a hold counts for one call: more than any model writes in one (the
+# largest write 128k tokens, times `n`), where a limit of 1e9, or of no number, would hold
+# a fortune and shut everyone else out.
+HOLD_OUTPUT_CEILING = 1_000_000
+ANSWERED_NAMES = 1024  # model names (Azure deployments) remembered with the model that answered them
 
 
 def spend_path(config: Config) -> Path:
@@ -40,6 +45,9 @@ class QuotaAddon:
         self.shared = shared
         self._windows = MemoryStorage()  # kept across config reloads
         self._holds = Holds()  # ... as what the calls in flight hold against budgets
+        # The model that answered each name asked for (an Azure deployment, `prod-chat`: no
+        # price of its own, but the answer's model has one), to price the next call's hold.
+        self._answered: dict[str | None, str] = {}
         self._spend: SpendStore | None = None
         self.quota: Quota  # set by the stage, with each config
         shared.stage_config(self._stage)
@@ -91,14 +99,16 @@ class QuotaAddon:
         generate, or an unpriced model (a budget does not charge those either)."""
         if exchange.route.operation not in GENERATING or not exchange.route.generates(exchange.method):
             return 0.0
-        price = self.shared.prices.price_for(exchange.model, None)
+        price = self.shared.prices.price_for(exchange.model, self._answered.get(exchange.model))
         body = exchange.request_json
         if price is None or body is None:
             return 0.0
+        most = output_limit(exchange.route, body)
+        output = None if most is None else int(min(most, HOLD_OUTPUT_CEILING))
         try:
-            usage = Usage(input_tokens=prompt_tokens(body), output_tokens=output_limit(exchange.route, body))
+            usage = Usage(input_tokens=prompt_tokens(body), output_tokens=output)
         except RecursionError:  # a body nested past what can be walked: its output limit alone
-            usage = Usage(output_tokens=output_limit(exchange.route, body))
+            usage = Usage(output_tokens=output)
         return cost_usd(usage, price)
 
     def _charge(self, exchange: Exchange | None) -> None:
@@ -108,6 +118,10 @@ class QuotaAddon:
         if not self.quota.active or exchange.replay == "hit" or exchange.blocked or exchange.charged:
             return
         exchange.charged = True
+        if exchange.response_model and exchange.cost_usd is not None and exchange.response_model != exchange.model:
+            if len(self._answered) >= ANSWERED_NAMES:
+                self._answered.clear()
+            self._answered[exchange.model] = exchange.response_model
         tokens = exchange.usage.total_tokens if exchange.usage else None
         self.quota.charge(_caller(exchange), tokens, exchange.cost_usd)
 
