@@ -98,17 +98,34 @@ def certifi_bundle(python: str | None = None) -> Path:
 def _own_certifi(bundle: Path, ca: CACert) -> None:
     """A distribution's certifi (Debian's python3-certifi) names the system's bundle:
     patched, every program on the machine would trust the CA, until the next
-    update-ca-certificates silently took it out again."""
-    if bundle.parent.name != "certifi":
+    update-ca-certificates silently took it out again. Its link too: a cacert.pem that is a
+    link to the system's bundle (a probe: the CA went into that bundle)."""
+    real = bundle.resolve()
+    if real.parent.name != "certifi":
+        where = f" (a link to {real})" if real != bundle.absolute() else ""
         raise TrustError(
-            f"{bundle} is not certifi's own cacert.pem but a bundle certifi only reads (a distribution's certifi): "
+            f"{bundle}{where} is not certifi's own cacert.pem but a bundle certifi only reads (a distribution's certifi): "
             f"trust the CA system-wide (on Debian: sudo cp {ca.path} /usr/local/share/ca-certificates/mitmproxy.crt "
             "&& sudo update-ca-certificates), or use --bundle PATH"
         )
 
 
 def is_trusted(bundle: Path, ca: CACert) -> bool:
-    return any(m.group("fp") == ca.fingerprint for m in _BLOCK.finditer(_read(bundle)))
+    """Our block, or the certificate itself anywhere in the bundle (put there system-wide,
+    as `_own_certifi` advises, or by hand)."""
+    text = _read(bundle)
+    return any(m.group("fp") == ca.fingerprint for m in _BLOCK.finditer(text)) or any(
+        _fingerprint_or_none(m.group(0)) == ca.fingerprint for m in _PEM.finditer(text))
+
+
+def _fingerprint_or_none(pem: str) -> str | None:
+    """A bundle's certificate's fingerprint; None for one that is no base64 at all."""
+    import binascii
+
+    try:
+        return _fingerprint(pem)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def add(bundle: Path, ca: CACert) -> bool:
@@ -206,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             bundle = certifi_bundle(args.python)
             print(f"removed the mitmproxy CA from {bundle}" if remove(bundle) else f"{bundle} holds no CA of ours")
             return 0
-        ca = CACert.load(args.ca.expanduser() if args.ca else ensure_ca(args.confdir))
+        # A check makes no CA: a mistyped --confdir got a new one, private key and all.
+        ca_path = args.ca.expanduser() if args.ca else args.confdir.expanduser() / CA_CERT_NAME if args.check else ensure_ca(args.confdir)
+        ca = CACert.load(ca_path)
         if args.bundle:
             target = write_bundle(args.bundle, ca, args.python)
             for name, value in bundle_environment(target).items():

@@ -127,6 +127,39 @@ def test_trust_ca_leaves_a_system_bundle_alone(tmp_path: Path) -> None:
     assert system.read_text() == "# the system's roots\n"
 
 
+def test_trust_ca_leaves_a_system_bundle_certifi_links_to_alone(tmp_path: Path) -> None:
+    """certifi's cacert.pem may be a link to the system's bundle (a distribution's package):
+    the CA went into the file the link named (a setup probe)."""
+    system = tmp_path / "etc" / "ca-certificates.crt"
+    system.parent.mkdir()
+    system.write_text("# the system's roots\n")
+    link = tmp_path / "site-packages" / "certifi" / "cacert.pem"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(system)
+    python = tmp_path / "linked-python"
+    python.write_text(f"#!/bin/sh\necho {link}\n")
+    python.chmod(0o755)
+    refused = trust_ca("--confdir", str(tmp_path / "conf"), "--python", str(python))
+    assert refused.returncode == 2 and f"(a link to {system})" in refused.stderr, refused.stderr
+    assert system.read_text() == "# the system's roots\n" and link.is_symlink()
+
+
+def test_trust_ca_check_finds_the_ca_put_in_by_hand_and_makes_none(tmp_path: Path) -> None:
+    """After the system-wide advice (update-ca-certificates) the CA is in the bundle with
+    no block of ours: it was "NOT trusted". And a check with a mistyped --confdir made a
+    new CA, private key and all."""
+    ca = trust.CACert.load(trust.ensure_ca(tmp_path / "conf"))
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n" + ca.pem)
+    python = tmp_path / "system-python"
+    python.write_text(f"#!/bin/sh\necho {bundle}\n")
+    python.chmod(0o755)
+    checked = trust_ca("--confdir", str(tmp_path / "conf"), "--python", str(python), "--check")
+    assert checked.returncode == 0 and checked.stdout.startswith("trusted:"), checked.stdout + checked.stderr
+    typo = trust_ca("--confdir", str(tmp_path / "typo"), "--python", str(python), "--check")
+    assert typo.returncode == 2 and "no CA certificate at" in typo.stderr and not (tmp_path / "typo").exists()
+
+
 def test_trust_writes_are_whole_or_not_at_all(tmp_path: Path) -> None:
     """A full disk part way through must leave cacert.pem (and an old bundle) as they were."""
     conf = tmp_path / "conf"
