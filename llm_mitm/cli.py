@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import orjson
 
+from llm_mitm.arguments import count_of, port_number
 from llm_mitm.atomic import atomic_output
 from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_environment, prepare_bundle, render
 from llm_mitm.tracefile import ReadReport, read_traces, with_rotated
@@ -25,7 +26,7 @@ class CommandError(Exception):
 
 def _records(args: argparse.Namespace, report: ReadReport):  # type: ignore[no-untyped-def]
     if not args.traces.exists():
-        raise SystemExit(f"llm-mitm {args.command}: no trace file or traces.directory at {args.traces}")
+        raise CommandError(f"no trace file or traces.directory at {args.traces}")
     return read_traces(args.traces, report)
 
 
@@ -98,35 +99,13 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    """A number of things: 0 or more."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is fewer than none")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _integer(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is no TCP port (1-65535)")
-    return value
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llm-mitm", description="llm-mitm tools")
     commands = root.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="print the environment a client needs for this proxy")
     env.add_argument("--shell", choices=SHELLS, default="bash")
     env.add_argument("--host", default="127.0.0.1")
-    env.add_argument("--port", type=_port, default=8080)
+    env.add_argument("--port", type=port_number, default=8080)
     env.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR, help="mitmproxy's confdir (default ~/.mitmproxy)")
     env.add_argument("--bundle", type=Path, help="where to write certifi + the CA (default CONFDIR/llm-mitm-bundle.pem)")
     env.add_argument("--no-proxy", default=DEFAULT_NO_PROXY, help=f"NO_PROXY (default {DEFAULT_NO_PROXY})")
@@ -143,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="a self-contained HTML report of a trace file")
     report.add_argument("traces", type=Path, help="a trace file (traces.destination) or a traces.directory")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
-    report.add_argument("--max-calls", type=_count, default=2000, help="calls listed in the table (the latest)")
+    report.add_argument("--max-calls", type=count_of, default=2000, help="calls listed in the table (the latest)")
     report.set_defaults(run=_report)
 
     export = commands.add_parser("export", help="fine-tuning data from a trace file")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from llm_mitm.arguments import port_number
 from llm_mitm.atomic import write_atomic
 
 DEFAULT_STATE = Path("~/.mitmproxy/llm-mitm-sysproxy.json")
@@ -320,7 +321,7 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
     parser = argparse.ArgumentParser(prog="python -m llm_mitm.sysproxy", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=port_number, default=8080)
     parser.add_argument("--bypass", nargs="+", help="hosts that skip the proxy (default: local addresses)")
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="where the saved settings go")
     args = parser.parse_args(argv)
@@ -334,6 +335,13 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
             print(switch.status())
     except StateError as exc:
         print(f"sysproxy: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:  # gsettings with no desktop's schemas, networksetup refusing a value
+        said = (exc.stderr or "").strip().splitlines()
+        print(f"sysproxy: {' '.join(map(str, exc.cmd))} failed: {said[-1] if said else f'exit status {exc.returncode}'}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sysproxy: {exc.filename or 'a command'} could not be run: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 

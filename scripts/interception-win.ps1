@@ -86,6 +86,15 @@ function Save-ProxyValues {
     $saved | ConvertTo-Json -Depth 4 | Set-Content -Path $StateFile -Encoding UTF8
 }
 
+function Add-WinHttpToSaved {
+    # An earlier start (by either tool) saved no WinHTTP proxy: it is saved now, before the
+    # import changes it, or stop would leave WinHTTP pointing at a proxy that is gone.
+    $saved = Get-Content -Path $StateFile -Raw | ConvertFrom-Json
+    if ($saved.PSObject.Properties.Name -contains 'winhttp') { return }
+    $saved | Add-Member -NotePropertyName 'winhttp' -NotePropertyValue ([ordered]@{ WinHttpSettings = Get-WinHttpSettings })
+    $saved | ConvertTo-Json -Depth 4 | Set-Content -Path $StateFile -Encoding UTF8
+}
+
 function Restore-WinHttpSettings($Encoded) {
     if ($null -eq $Encoded) {
         Remove-ItemProperty -Path $WinHttpKey -Name 'WinHttpSettings' -ErrorAction SilentlyContinue
@@ -108,6 +117,8 @@ function Start-Interception {
     $already = Test-Path $StateFile
     if (-not $already) {
         Save-ProxyValues
+    } elseif ($WinHttp) {
+        Add-WinHttpToSaved
     }
     Set-ProxyValue 'ProxyEnable' 1
     Set-ProxyValue 'ProxyServer' "${ProxyHost}:${Port}"

@@ -376,6 +376,23 @@ def test_macos_round_trip(tmp_path: Path) -> None:
     assert not any("Bluetooth PAN" in call for call in fake.calls)
 
 
+def test_sysproxy_says_in_one_line_what_a_failing_command_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """gsettings with no desktop's schemas ended `status` in a traceback, its own message lost
+    (a setup probe); a port of 99999 was written into Windows' proxy setting."""
+    def no_schemas(args: list[str]) -> str:
+        raise subprocess.CalledProcessError(1, args, "", "No such schema \u201corg.gnome.system.proxy\u201d\n")
+
+    state = ["--state", str(tmp_path / "state.json")]
+    assert sysproxy.main(["status", *state], backend=sysproxy.GnomeBackend(no_schemas)) == 2
+    said = capsys.readouterr().err
+    assert said == "sysproxy: gsettings get org.gnome.system.proxy mode failed: No such schema \u201corg.gnome.system.proxy\u201d\n", said
+    registry = FakeRegistry({"ProxyEnable": 0})
+    with pytest.raises(SystemExit) as usage:
+        sysproxy.main(["start", "--port", "99999", *state], backend=sysproxy.WindowsBackend(registry, refresh=lambda: None))
+    assert usage.value.code == 2 and "--port: 99999 is no TCP port (1-65535)" in capsys.readouterr().err
+    assert registry.values == {"ProxyEnable": 0} and not (tmp_path / "state.json").exists()
+
+
 def test_sysproxy_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeGsettings()
     state = ["--state", str(tmp_path / "s.json")]
@@ -463,6 +480,11 @@ def test_powershell_script_parses() -> None:
     assert "backend  = 'windows'" in text and "settings = Get-ProxyValues" in text and "$saved.settings.$name" in text
     stop = text[text.index("function Stop-Interception"):text.index("function Show-Status")]
     assert "netsh" not in stop and "Restore-WinHttpSettings $saved.winhttp.WinHttpSettings" in stop
+    # A second start with -WinHttp, after one without, saves WinHTTP before importing into it
+    # (a setup probe: stop left WinHTTP on a proxy that was gone).
+    start = text[text.index("function Start-Interception"):text.index("function Stop-Interception")]
+    assert start.index("Add-WinHttpToSaved") < start.index("netsh winhttp import proxy source=ie")
+    assert "-NotePropertyName 'winhttp'" in text[text.index("function Add-WinHttpToSaved"):text.index("function Restore-WinHttpSettings")]
     assert "InternetExplorer.Application" not in text
 
 

@@ -128,7 +128,7 @@ def test_the_tools_read_a_traces_directory_as_the_trace_file(recorded: Path, tmp
         for name in ("broken.json", "settings.json", "other.json"):
             (directory / name).unlink()
     missing = cli("stats", str(tmp_path / "nowhere"))
-    assert missing.returncode != 0 and "no trace file or traces.directory" in missing.stderr
+    assert missing.returncode == 2 and "no trace file or traces.directory" in missing.stderr
 
 
 def test_a_report_is_its_owners_only(recorded: Path, tmp_path: Path) -> None:
