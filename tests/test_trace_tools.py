@@ -131,6 +131,26 @@ def test_the_tools_read_a_traces_directory_as_the_trace_file(recorded: Path, tmp
     assert missing.returncode == 2 and "no trace file or traces.directory" in missing.stderr
 
 
+def test_a_report_keeps_each_calls_latest_messages_only() -> None:
+    """Each listed call kept every message: 150 agent calls of 200 messages made a report
+    of 120 MB, the default 2000 one no browser opens (a traces probe)."""
+    from llm_mitm.report import CONVERSATION_LIMIT, collect, render
+
+    text = "lorem ipsum dolor sit amet " * 200
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} {text}"} for i in range(200)]
+    record = {"provider": "openai", "api": "openai", "operation": "chat.completions", "status_code": 200, "model": "gpt-4o",
+              "request": {"body": {"model": "gpt-4o", "messages": messages}},
+              "response": {"body": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "the answer"}}]}}}
+    data = collect([record] * 20)
+    conversation = data.calls[0]["conversation"]
+    assert conversation[0] == ["note", f"{201 - len(conversation) + 1} earlier messages left out"]
+    assert conversation[-1] == ["assistant", "the answer"] and conversation[-2][1].startswith("turn 199 ")
+    assert sum(len(message[1]) for message in conversation[1:]) <= CONVERSATION_LIMIT
+    assert len(render(data)) < 20 * 2 * CONVERSATION_LIMIT
+    short = collect([{**record, "request": {"body": {"model": "gpt-4o", "messages": messages[:2]}}}]).calls[0]["conversation"]
+    assert [role for role, _ in short] == ["user", "assistant", "assistant"]  # all of it, no note
+
+
 def test_a_report_is_its_owners_only(recorded: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.html"
     result = cli("report", str(recorded), "-o", str(out))
