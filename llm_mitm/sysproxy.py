@@ -270,6 +270,9 @@ class SystemProxy:
             return "not started by llm-mitm: nothing to restore"
         if "winhttp" in saved:  # only the PowerShell script (run as an administrator) puts WinHTTP back
             raise StateError("started by scripts/interception-win.ps1 -WinHttp: stop it with that script, which restores WinHTTP too")
+        if saved.get("backend") != self.backend.name:  # a home shared between machines: those settings are another system's
+            raise StateError(f"{self.state_file} holds {saved.get('backend')}'s settings, not {self.backend.name}'s: stop there, "
+                             "or set the proxy here by hand and delete that file")
         self.backend.restore(saved["settings"])
         self.state_file.unlink()
         return f"system proxy ({self.backend.name}) restored"

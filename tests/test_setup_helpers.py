@@ -391,6 +391,9 @@ def test_sysproxy_says_in_one_line_what_a_failing_command_said(tmp_path: Path, c
         sysproxy.main(["start", "--port", "99999", *state], backend=sysproxy.WindowsBackend(registry, refresh=lambda: None))
     assert usage.value.code == 2 and "--port: 99999 is no TCP port (1-65535)" in capsys.readouterr().err
     assert registry.values == {"ProxyEnable": 0} and not (tmp_path / "state.json").exists()
+    (tmp_path / "state.json").write_text(json.dumps({"backend": "gnome", "settings": {"org.gnome.system.proxy mode": "'none'"}}))
+    assert sysproxy.main(["stop", *state], backend=sysproxy.WindowsBackend(registry, refresh=lambda: None)) == 2  # another system's settings
+    assert "holds gnome's settings, not windows'" in capsys.readouterr().err and (tmp_path / "state.json").exists()
 
 
 def test_sysproxy_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
