@@ -18,9 +18,13 @@ from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, rea
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
-# `max_completions_tokens` (so spelled) is a score_model grader's sampling limit.
+# `max_completions_tokens` (so spelled) is a score_model grader's sampling limit. Servers of
+# your own: llama.cpp's `n_predict` (it wins over max_tokens there, -1 is none), and in a
+# holder of their own (`LIMIT_HOLDERS`) Ollama's `options.num_predict` and TGI's
+# `parameters.max_new_tokens` (a firewall probe: they passed the cap).
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens",
-                    "max_completions_tokens")
+                    "max_completions_tokens", "n_predict", "num_predict", "max_new_tokens")
+LIMIT_HOLDERS = ("options", "parameters")
 V = TypeVar("V")
 RoleText = tuple[str, str]
 
@@ -335,7 +339,9 @@ class Policy:
     @staticmethod
     def _check_max_tokens(cap: int, body: dict[str, Any], copies: float) -> Violation | None:
         session = body.get("session")  # a realtime session's, made over HTTP (`/realtime/client_secrets`)
-        for holder, prefix, each in ((body, "", copies), (session if isinstance(session, dict) else {}, "session.", 1.0)):
+        holders = [(body, "", copies), (session if isinstance(session, dict) else {}, "session.", 1.0)]
+        holders += [(inner, f"{name}.", copies) for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict)]
+        for holder, prefix, each in holders:
             for field in MAX_TOKEN_FIELDS:
                 value = holder.get(field)
                 if value is None:  # most of them, in every call
@@ -402,6 +408,11 @@ class Policy:
         for name, limit in present.items():
             if limit > share:
                 changed[name] = share
+        for name in LIMIT_HOLDERS:  # Ollama's options, TGI's parameters: the limits they name
+            inner = body.get(name)
+            if isinstance(inner, dict) and (lowered := {key: share for key in MAX_TOKEN_FIELDS if (limit := _token_limit(inner.get(key))) is not None and limit > share}):
+                changed[name] = {**inner, **lowered}
+                present[name] = share
         if not present and field is not None:
             changed[field] = share
         thinking = body.get("thinking")
@@ -461,10 +472,11 @@ def output_limit(route: Route, body: Any) -> float | None:
     no limit."""
     if not isinstance(body, dict):
         return None
-    limits = [limit for field in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(field))) is not None]
+    holders = [body, *(inner for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict))]
+    limits = [limit for holder in holders for field in MAX_TOKEN_FIELDS if (limit := _token_limit(holder.get(field))) is not None]
     if not limits:
         return None
-    return max(0.0, math.ceil(most)) if math.isfinite(most := max(limits) * _copies(route, body)) else math.inf
+    return float(math.ceil(most)) if math.isfinite(most := max(limits) * _copies(route, body)) else math.inf
 
 
 def _copies(route: Route, body: dict[str, Any]) -> float:
@@ -513,7 +525,8 @@ def _token_limit(value: Any) -> float | None:
             return math.inf
     if not isinstance(value, (int, float)):
         return math.inf
-    return math.inf if value != value else float(value)
+    # NaN; a negative limit: llama.cpp's and Ollama's for none (-1, -2), refused by the others
+    return math.inf if value != value or value < 0 else float(value)
 
 
 def _is_batch(route: Route) -> bool:

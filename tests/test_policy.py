@@ -119,7 +119,8 @@ def test_max_tokens_reject_every_field(route: Route, field: str) -> None:
     ({"messages": []}, None),  # no limit named
     ({"max_tokens": "lots"}, math.inf),  # no number: no end to what it may write
     ({"max_tokens": 1e308, "n": 2}, math.inf),
-    ({"max_tokens": -5}, 0),
+    ({"max_tokens": -5}, math.inf),  # llama.cpp's n_predict -1: no limit
+    ({"n_predict": 300}, 300), ({"options": {"num_predict": 400}}, 400), ({"parameters": {"max_new_tokens": 500}}, 500),
     ([{"max_tokens": 5}], None),
 ])
 def test_output_limit_is_the_most_a_call_allows(body: Any, most: float | None) -> None:
@@ -140,10 +141,21 @@ def test_each_of_a_completions_prompts_is_an_output(prompt: Any, most: int) -> N
         assert clamped == {"model": "m", "prompt": prompt, "max_tokens": 250}  # the cap shared by the prompts
 
 
+@pytest.mark.parametrize("body", [{"max_tokens": 50, "n_predict": 100_000}, {"n_predict": -1}, {"options": {"num_predict": 5000}},
+                                  {"options": {"num_predict": -2}}, {"parameters": {"max_new_tokens": 5000}}])
+def test_limits_of_servers_of_your_own_are_capped(body: dict[str, Any]) -> None:
+    """llama.cpp's `n_predict` wins over max_tokens there (-1: none), Ollama takes
+    `options.num_predict`, TGI `parameters.max_new_tokens`: they passed the cap (a firewall probe)."""
+    assert rule({"max_tokens": 100}, body={"model": "m", "prompt": "x", **body}) == "max_tokens_exceeded"
+    clamped = Policy(PolicyConfig(max_tokens=100, max_tokens_action="clamp")).clamp(OPENAI, {"model": "m", **body})
+    assert output_limit(OPENAI, clamped) == 100 and rule({"max_tokens": 100}, body=clamped) is None
+
+
 @pytest.mark.parametrize(
     ("value", "over"),
     [(100.0, False), (99.5, False), ("100", False), (" 50 ", False), (True, False), (None, False),
-     (500.0, True), (1e3, True), (100.5, True), ("500", True), ("1e3", True), ("NaN", True), ("lots", True), ([500], True), ({"n": 1}, True)],
+     (500.0, True), (1e3, True), (100.5, True), ("500", True), ("1e3", True), ("NaN", True), ("lots", True), ([500], True), ({"n": 1}, True),
+     (-1, True)],
 )
 def test_max_tokens_read_as_a_server_reads_them(value: object, over: bool) -> None:
     """Servers take 500.0 for 500, and pydantic-based ones "500" too: each is compared as a
