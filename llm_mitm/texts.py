@@ -478,9 +478,16 @@ def normalize(text: str) -> str:
 
 
 # Look-alikes that compatibility decomposition would turn into another letter first (the
-# lunate sigma ϲ, which reads as c, into σ).
-_BEFORE_DECOMPOSING = str.maketrans("\u03f2\u03f9", "cC")
-_DECOMPOSED_AWAY = re.compile("[\u03f2\u03f9]")
+# lunate sigma ϲ, which reads as c, into σ); and letters with no compatibility form, each
+# as the ASCII it spells: tag characters (invisible, yet models read them: "ASCII
+# smuggling"), negative circled and squared letters, regional indicators (a firewall probe).
+_SPELLED = {
+    0x03F2: "c", 0x03F9: "C",
+    **{0xE0000 + point: chr(point) for point in range(0x20, 0x7F)},
+    **{start + offset: chr(ord("a") + offset) for start in (0x1F150, 0x1F170, 0x1F1E6) for offset in range(26)},
+}
+_BEFORE_DECOMPOSING = str.maketrans(_SPELLED)
+_DECOMPOSED_AWAY = re.compile("[\u03f2\u03f9\U000e0020-\U000e007e\U0001f150-\U0001f169\U0001f170-\U0001f189\U0001f1e6-\U0001f1ff]")
 
 
 def _normalize_unicode(text: str) -> str:
