@@ -164,12 +164,13 @@ def route_for(provider: Provider, path: str) -> Route:
 
 
 # The endpoints past those billed by tokens that run a model, its default where a call names
-# none: images, speech and transcription, moderation, the realtime WebSocket (`/realtime`),
-# its WebRTC calls and sessions; and a thread's run, the assistant's stored model (`*`: an id).
+# none: images, videos (and a video's remix), speech and transcription, moderation, the
+# realtime WebSocket (`/realtime`), its WebRTC calls and sessions, transcription sessions;
+# and a thread's run, the assistant's stored model (`*`: an id).
 _RUNS_MODEL = frozenset((
-    ("images", "generations"), ("images", "edits"), ("images", "variations"),
+    ("images", "generations"), ("images", "edits"), ("images", "variations"), ("videos",), ("videos", "*", "remix"),
     ("audio", "speech"), ("audio", "transcriptions"), ("audio", "translations"), ("moderations",),
-    ("realtime",), ("realtime", "calls"), ("realtime", "client_secrets"), ("realtime", "sessions"),
+    ("realtime",), ("realtime", "calls"), ("realtime", "client_secrets"), ("realtime", "sessions"), ("realtime", "transcription_sessions"),
     ("threads", "runs"), ("threads", "*", "runs"),
 ))
 

@@ -509,6 +509,9 @@ def test_a_clamp_the_api_would_refuse_is_a_refusal() -> None:
         ("/v1/threads/runs", "POST", {"assistant_id": "asst_1"}),
         ("/v1/realtime", "GET", None),  # the WebSocket with no ?model=
         ("/v1/realtime/client_secrets", "POST", {"session": {"type": "realtime"}}),
+        ("/v1/videos", "POST", {"prompt": "a cat"}),  # the API's default, sora-2 (a firewall probe)
+        ("/v1/videos/video_1/remix", "POST", {"prompt": "a dog"}),
+        ("/v1/realtime/transcription_sessions", "POST", {"input_audio_format": "pcm16"}),
     ],
 )
 def test_a_call_that_runs_a_model_it_does_not_name_fails_closed_under_an_allow_list(path: str, method: str, body: dict | None) -> None:
