@@ -389,6 +389,10 @@ class Policy:
         changed = {key: clamped(body[key]) for key in ("data_source", "grader") if key in body}
         if isinstance(body.get("testing_criteria"), list):
             changed["testing_criteria"] = [clamped(item) for item in body["testing_criteria"]]
+        if "grader" in (reinforcement := _reinforcement(body)):  # a reinforcement fine-tuning job's grader
+            grader = clamped(reinforcement["grader"])
+            if grader != reinforcement["grader"]:
+                changed["method"] = {**body["method"], "reinforcement": {**reinforcement, "grader": grader}}
         return None if all(changed[key] == body[key] for key in changed) else {**body, **changed}
 
     def _clamped_line(self, cap: int, route: Route, call: dict[str, Any]) -> dict[str, Any]:
@@ -598,7 +602,8 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
         params = {**(sampling if isinstance(sampling, dict) else {}), "model": source.get("model"),
                   "input": [*as_list(messages), *strings_in(source.get("source"))]}
         calls.append(BatchedCall("data_source", route, params))
-    graders = [("grader", body.get("grader"))] + [(f"testing_criteria[{index}]", item) for index, item in enumerate(as_list(body.get("testing_criteria")))]
+    graders = [("grader", body.get("grader")), ("method.reinforcement.grader", _reinforcement(body).get("grader"))]
+    graders += [(f"testing_criteria[{index}]", item) for index, item in enumerate(as_list(body.get("testing_criteria")))]
     while graders:
         name, grader = graders.pop()
         if not isinstance(grader, dict):
@@ -610,6 +615,13 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
             calls.append(BatchedCall(name, route, {**(sampling if isinstance(sampling, dict) else {}), "model": grader.get("model"),
                                                    "input": [*as_list(grader.get("input")), *strings_in(grader.get("labels"))]}))
     return calls
+
+
+def _reinforcement(body: dict[str, Any]) -> dict[str, Any]:
+    """A reinforcement fine-tuning job's method (`method.reinforcement`: its grader); {} for any other."""
+    method = body.get("method")
+    reinforcement = method.get("reinforcement") if isinstance(method, dict) else None
+    return reinforcement if isinstance(reinforcement, dict) else {}
 
 
 def _file_calls(route: Route, calls: list[dict[str, Any]], where: str) -> list[BatchedCall]:

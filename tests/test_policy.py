@@ -872,6 +872,14 @@ EVALS = Route("openai", "openai", "evals")
 GRADERS = Route("openai", "openai", "fine_tuning")
 
 
+FINE_TUNING = Route("openai", "openai", "fine_tuning")
+
+
+def _rft(**grader: Any) -> dict:
+    return {"model": "gpt-4o-mini", "training_file": "file-1", "method": {"type": "reinforcement", "reinforcement": {
+        "grader": {"type": "score_model", "name": "g", **grader}, "hyperparameters": {"n_epochs": 1}}}}
+
+
 def _eval_run(**source: Any) -> dict:
     return {"name": "r", "data_source": {"type": "completions", "source": {"type": "file_id", "id": "file-1"}, **source}}
 
@@ -888,6 +896,10 @@ def _eval_run(**source: Any) -> dict:
         (EVALS, {"name": "e", "testing_criteria": [{"type": "label_model", "model": "o3-denied", "input": [], "labels": ["a"]}]}, "model_not_allowed"),
         (GRADERS, {"grader": {"type": "score_model", "model": "gpt-4o", "input": [{"role": "system", "content": BAD}]}}, "forbidden_instruction"),
         (GRADERS, {"grader": {"type": "multi", "graders": {"g": {"type": "score_model", "model": "o3-denied", "input": []}}}}, "model_not_allowed"),
+        # a reinforcement fine-tuning job's grader (a firewall probe: its model, input and limit passed)
+        (FINE_TUNING, _rft(model="o3-denied", input=[]), "model_not_allowed"),
+        (FINE_TUNING, _rft(model="gpt-4o", input=[{"role": "system", "content": BAD}]), "forbidden_instruction"),
+        (FINE_TUNING, _rft(model="gpt-4o", input=[], sampling_params={"max_completions_tokens": 50000}), "max_tokens_exceeded"),
     ],
 )
 def test_the_model_calls_an_eval_or_a_grader_makes_are_checked(route: Route, body: dict, broken: str) -> None:
@@ -913,6 +925,9 @@ def test_eval_limits_are_clamped() -> None:
     grader = {"grader": {"type": "score_model", "name": "g", "model": "gpt-4o", "input": [], "sampling_params": {"max_completions_tokens": 50000}}}
     assert rule({"max_tokens": 1000}, route=GRADERS, body=grader) == "max_tokens_exceeded"
     assert policy.clamp(EVALS, _eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 10})) is None
+    job = policy.clamp(FINE_TUNING, _rft(model="gpt-4o", input=[], sampling_params={"max_completions_tokens": 50000}))
+    assert job["method"]["reinforcement"]["grader"]["sampling_params"] == {"max_completions_tokens": 100}
+    assert job["method"]["reinforcement"]["hyperparameters"] == {"n_epochs": 1} and job["training_file"] == "file-1"
     assert policy.clamp(EVALS, _eval_run(model="gpt-4o")) is None
 
 
