@@ -145,10 +145,13 @@ def route_for(provider: Provider, path: str) -> Route:
     segments = _segments(path_only)
     params = parse_qs(query, keep_blank_values=True) if query else {}
     repeated = next((name for name in _RUNS_WHAT if len(set(params.get(name, ()))) > 1), None)
-    if provider.api == "anthropic":
-        segments = _after_version(segments)
+    # Claude on Azure AI Foundry: Anthropic's own API under `/anthropic` (its bodies, streams,
+    # errors and limits are Anthropic's: read as OpenAI's, a stream was rebuilt as nothing).
+    claude_on_azure = provider.api == "azure" and segments[:1] == ["anthropic"]
+    if provider.api == "anthropic" or claude_on_azure:
+        segments = _after_version(segments[1:] if claude_on_azure else segments)
         operation = _anthropic_operation(segments)
-        return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments), repeated=repeated)
+        return Route(provider.name, "anthropic", operation, subresource=_subresource(operation, segments), repeated=repeated)
     if provider.api == "azure":
         deployment, rest = _azure_parts(segments)
         rest = _openai_segments(rest)

@@ -14,7 +14,7 @@ from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.mitm import Mitmdump  # noqa: E402
 from tests.support.pki import ServerCert, make_pki  # noqa: E402
 
-PROVIDER_HOSTS = ("api.openai.com", "*.openai.azure.com", "api.anthropic.com")
+PROVIDER_HOSTS = ("api.openai.com", "*.openai.azure.com", "*.services.ai.azure.com", "api.anthropic.com")
 
 
 @pytest.fixture(scope="session")

@@ -123,6 +123,7 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         ("r.services.ai.azure.com", "/models/chat/completions?api-version=2024-05-01-preview", "chat.completions", None),
         ("r.services.ai.azure.com", "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21", "chat.completions", "prod-4o"),
         ("r.services.ai.azure.com", "/openai/v1/responses", "responses", None),
+        ("r.services.ai.azure.com", "/anthropic/v1/messages", "messages", None),  # Claude, in Anthropic's API
     ],
 )
 def test_operations(matcher: ProviderMatcher, host: str, path: str, operation: str, deployment: str | None) -> None:

@@ -16,6 +16,7 @@ PROVIDER_NAMES = (
     "api.openai.com",
     "*.openai.azure.com",
     "*.cognitiveservices.azure.com",
+    "*.services.ai.azure.com",
     "api.anthropic.com",
     "localhost",
 )
