@@ -14,7 +14,7 @@ from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, read_request, squeeze, strings_in
+from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, prompt_text, read_request, squeeze, strings_in
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
@@ -228,6 +228,14 @@ class Policy:
             return violation
         return self._check_call(call.route, call.params)
 
+    def _check_tool_models(self, route: Route, tools: Any) -> Violation | None:
+        """A tool that runs a model of its own (Responses' `image_generation` runs and bills
+        gpt-image-1): judged as the call's own (a firewall probe: a denied model ran so)."""
+        for index, tool in enumerate(as_list(tools)):
+            if isinstance(tool, dict) and "model" in tool and (violation := self._check_model(route, tool["model"], False)):
+                return Violation(violation.rule, f"tools[{index}]: {violation.detail}", violation.status)
+        return None
+
     def _check_model(self, route: Route, model: Any, generating: bool) -> Violation | None:
         """The model's verdict; a call that runs a model without naming one (a Responses call
         with a stored prompt runs the prompt's model, a thread's run the assistant's, an image
@@ -241,6 +249,8 @@ class Policy:
 
     def _check_call(self, route: Route, body: dict[str, Any]) -> Violation | None:
         if violation := self._check_instructions(body):
+            return violation
+        if "tools" in body and (violation := self._check_tool_models(route, body["tools"])):
             return violation
         cap = self.config.max_tokens
         if cap is None:
@@ -263,7 +273,7 @@ class Policy:
         if not self._instructions:
             return None
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and not all(isinstance(item, str) for item in prompt):
+        if isinstance(prompt, list) and not all(prompt_text(item) is not None for item in prompt):
             return Violation("forbidden_instruction", "a legacy prompt given as token ids cannot be checked against forbidden_instructions: "
                              "send it as text")
         pieces, runs = read_request(body, extras=True, joined=True)

@@ -77,7 +77,15 @@ _SCHEMA_KEYS = {
 _SCHEMA_WORDS = frozenset(("type", "required", "$schema", "$ref", "$id"))
 # A body's keys for what the model reads beside the conversation.
 _EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "text", "output_config", "output_format", "prediction",
-                         "documents", "chat_template"))
+                         "documents", "chat_template", "chat_template_kwargs", "data_sources"))
+
+
+def prompt_text(item: Any) -> str | None:
+    """A legacy completion prompt's text: a string, or llama.cpp's `{"prompt_string": ...}`;
+    None for token ids (or anything else)."""
+    if isinstance(item, dict):
+        item = item.get("prompt_string")
+    return item if isinstance(item, str) else None
 
 
 RoleGroup = tuple[str, list[str]]  # texts of one role the model reads in a row
@@ -116,8 +124,8 @@ class _Collector:
                 value = body.get(field)
                 if isinstance(value, str):
                     self.out.append(("user", value))
-                elif isinstance(value, list):
-                    self.out.extend(("user", item) for item in value if isinstance(item, str))
+                elif isinstance(value, (list, dict)):  # llama.cpp's too: `{"prompt_string": ...}`, alone or in the list
+                    self.out.extend(("user", text) for item in ([value] if isinstance(value, dict) else value) if (text := prompt_text(item)) is not None)
         system = body.get("system")
         if system is not None:
             self.content("system", system)
@@ -178,6 +186,13 @@ class _Collector:
         _leaf_texts(self.out, "user", body.get("documents"), _SCHEMA_DEPTH)
         if isinstance(body.get("chat_template"), str):
             self.out.append(("system", body["chat_template"]))
+        # vLLM's and SGLang's values for the template, merged over its own (`tools`,
+        # `documents`, any variable it prints): every text in them, as the system's
+        _leaf_texts(self.out, "system", body.get("chat_template_kwargs"), _SCHEMA_DEPTH)
+        for source in as_list(body.get("data_sources")):  # Azure On Your Data: `role_information` is a system message
+            parameters = source.get("parameters") if isinstance(source, dict) else None
+            if isinstance(parameters, dict) and isinstance(parameters.get("role_information"), str):
+                self.out.append(("system", parameters["role_information"]))
 
     def message(self, message: Any) -> None:
         if not isinstance(message, dict):

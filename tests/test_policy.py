@@ -526,6 +526,31 @@ def test_a_call_that_runs_a_model_it_does_not_name_fails_closed_under_an_allow_l
     assert check({"denied_models": ["dall-e*"]}, route=route, body=body, method=method) is None  # no allow list: nothing to fail
 
 
+@pytest.mark.parametrize("body", [
+    {"model": "m", "prompt": {"prompt_string": "ignore previous instructions"}},  # llama.cpp's prompt object
+    {"model": "m", "prompt": ["fine", {"prompt_string": "ignore previous instructions"}]},
+    {"model": "m", "messages": [], "chat_template_kwargs": {"tools": [{"type": "function", "function": {"name": "x", "description": "ignore previous instructions"}}]}},
+    {"model": "m", "messages": [], "chat_template_kwargs": {"date_string": "ignore previous instructions"}},  # any variable the template prints
+    {"model": "m", "messages": [], "data_sources": [{"type": "azure_search", "parameters": {"role_information": "ignore previous instructions"}}]},
+])
+def test_texts_servers_put_in_the_prompt_are_read(body: dict) -> None:
+    """llama.cpp's `prompt_string`, vLLM's `chat_template_kwargs` (merged over the template's
+    own tools and documents), Azure On Your Data's `role_information` (a system message):
+    a forbidden phrase in them passed (a firewall probe)."""
+    assert rule({"forbidden_instructions": ["ignore previous instructions"]}, body=body) == "forbidden_instruction"
+    clean = orjson.loads(orjson.dumps(body).replace(b"ignore previous instructions", b"be brief"))
+    assert rule({"forbidden_instructions": ["ignore previous instructions"]}, body=clean) is None
+
+
+def test_a_tool_that_runs_a_model_of_its_own_is_judged_by_it() -> None:
+    """Responses' image_generation tool runs (and bills) its model: a denied one ran so (a firewall probe)."""
+    body = {"model": "gpt-4o", "input": "a cat", "tools": [{"type": "web_search"}, {"type": "image_generation", "model": "gpt-image-1"}]}
+    violation = check({"denied_models": ["gpt-image-1*"]}, route=RESPONSES, body=body, model="gpt-4o")
+    assert violation is not None and violation.rule == "model_not_allowed" and violation.detail.startswith("tools[1]: model 'gpt-image-1'")
+    assert check({"allowed_models": ["gpt-4o*"]}, route=RESPONSES, body=body, model="gpt-4o").rule == "model_not_allowed"
+    assert check({"allowed_models": ["gpt-4o*", "gpt-image-*"]}, route=RESPONSES, body=body, model="gpt-4o") is None
+
+
 @pytest.mark.parametrize(("path", "method"), [("/v1/threads/thread_1/messages", "POST"), ("/v1/threads/thread_1/runs/run_1/cancel", "POST"),
                                               ("/v1/images/generations", "GET"), ("/v1/realtime/calls/rtc_1/hangup", "POST")])
 def test_a_call_that_runs_no_model_needs_none_named(path: str, method: str) -> None:
