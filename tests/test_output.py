@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 
+import orjson
 import pytest
 from mitmproxy.addons.dumper import Dumper
 from mitmproxy.test import taddons, tflow, tutils
@@ -101,3 +102,29 @@ def test_a_websocket_message_echoing_a_sent_key_of_no_shape_is_hidden() -> None:
         output.done()
     text = out.getvalue()
     assert "XYZZY" not in text and Redactor().fingerprint(UNSHAPED) in text, text
+
+
+def test_a_mitmproxy_that_prints_bodies_another_way_still_has_its_printout_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    """`Dumper._echo_message` is mitmproxy's own, not its API: without it the wrap failed
+    whole, and nothing of the printout was redacted (a review)."""
+    out = io.StringIO()
+    dumper, output = Dumper(out), OutputRedaction(Shared())
+    dumper._echo_message = None  # type: ignore[assignment,method-assign]
+    with taddons.context(dumper, output) as tctx:
+        tctx.configure(dumper, flow_detail=2)
+        output.running()
+        dumper.response(flow(b"/v1/models"))
+        output.done()
+    assert "K" * 12 not in out.getvalue() and "authorization" in out.getvalue().lower()
+    assert "logprobs that spell a secret are printed as they came" in caplog.text
+
+
+@pytest.mark.parametrize("content_type", [b"Application/JSON", b"text/plain"])
+def test_logprobs_spelling_a_key_are_hidden_whatever_type_the_answer_says(content_type: bytes) -> None:
+    key = "sk-proj-" + "Zq7x" * 12
+    run = [{"token": key[i : i + 4], "logprob": -0.5} for i in range(0, len(key), 4)]
+    answer = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "logprobs": {"content": run}}]})
+    called = flow(b"/v1/chat/completions", b"{}", response=answer)
+    called.response.headers["content-type"] = content_type.decode()
+    text = printed(called)
+    assert '"Zq7x"' not in text and "-0.5" in text and content_type.decode() in text

@@ -151,7 +151,6 @@ def test_a_file_that_may_be_written_but_not_read_is_still_written(tmp_path: Path
     assert read_lines(traces) == [row(id="one")]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to someone else")
 @pytest.mark.parametrize("how", ["deleted", "moved", "directory deleted"])
 def test_a_trace_file_deleted_or_moved_while_open_is_made_again(tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
     """Writes went on into the open file, which no name reached any more: every record
@@ -178,6 +177,7 @@ def test_a_trace_file_deleted_or_moved_while_open_is_made_again(tmp_path: Path, 
         assert [r["id"] for r in read_lines(tmp_path / "logs" / "t.jsonl.old")] == ["before"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to someone else")
 def test_a_file_replaced_by_root_keeps_its_owner(tmp_path: Path) -> None:
     from llm_mitm.atomic import write_atomic
 

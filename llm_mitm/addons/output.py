@@ -14,6 +14,8 @@ from llm_mitm.addons.shared import Shared
 from llm_mitm.redact import RedactingFilter, without_spelled_secrets
 
 
+logger = logging.getLogger("llm_mitm")
+
 # At flow_detail 1 mitmdump cuts a long URL to the terminal's width, maybe inside a key,
 # before anything here sees it: a key cut short has no shape left to be found by, so the cut
 # word goes (`?key=3f9a…` -> `?key=…`).
@@ -69,7 +71,15 @@ class OutputRedaction:
                     sent.clear()
             return printing
 
-        echo_message = dumper._echo_message
+        dumper.echo = redacted_echo
+        for name in ("echo_flow", "websocket_message", "websocket_end"):
+            setattr(dumper, name, knowing_its_credentials(getattr(dumper, name)))
+        dumper._llm_mitm_redacted = True
+        echo_message = getattr(dumper, "_echo_message", None)  # mitmproxy's own, not its API: looked for, not counted on
+        if not callable(echo_message):
+            logger.warning("llm-mitm: this mitmproxy prints bodies in a way llm-mitm does not know: an answer's logprobs that spell "
+                           "a secret are printed as they came at flow_detail 3 and 4")
+            return
 
         def echo_message_unspelled(message: Any, flow: Any) -> None:
             """A body (flow_detail 3 and up) as mitmdump prints it, but an answer's logprobs
@@ -77,19 +87,15 @@ class OutputRedaction:
             characters a line, where no line holds enough of a key to be found."""
             echo_message(self._unspelled(message, sent) or message, flow)
 
-        dumper.echo = redacted_echo
         dumper._echo_message = echo_message_unspelled
-        for name in ("echo_flow", "websocket_message", "websocket_end"):
-            setattr(dumper, name, knowing_its_credentials(getattr(dumper, name)))
-        dumper._llm_mitm_redacted = True
 
     def _unspelled(self, message: Any, sent: dict[str, str]) -> http.Response | None:
         """A copy of a JSON answer whose logprobs spell a secret, without those tokens' texts
         (as its trace keeps it); None for any other message."""
-        if not isinstance(message, http.Response) or "json" not in message.headers.get("content-type", ""):
+        if not isinstance(message, http.Response):
             return None
         content = message.get_content(strict=False)
-        if not content or b"logprobs" not in content:
+        if not content or b"logprobs" not in content:  # whatever its type says: some servers send JSON as text/plain
             return None
         try:
             body = orjson.loads(content)
