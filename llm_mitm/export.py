@@ -157,16 +157,20 @@ def _from_chat(request: dict[str, Any], response: dict[str, Any]) -> dict[str, A
     _ended(choices[0].get("finish_reason"))
     messages = [_chat_message(m) for m in request.get("messages") or []]
     reply = [_chat_message({**choices[0]["message"], "role": "assistant"})]
-    return _example(_with_reply(messages, reply), request.get("tools"), request.get("parallel_tool_calls"))
+    # Servers that go on from a last assistant message say so (vLLM's `continue_final_message`,
+    # DeepSeek's and Mistral's `prefix`); else the reply is a turn of its own.
+    last = (request.get("messages") or [None])[-1]
+    prefilled = bool(request.get("continue_final_message")) or (isinstance(last, dict) and last.get("prefix") is True)
+    return _example(_with_reply(messages, reply, prefilled), request.get("tools"), request.get("parallel_tool_calls"))
 
 
-def _with_reply(messages: list[dict[str, Any]], reply: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _with_reply(messages: list[dict[str, Any]], reply: list[dict[str, Any]], prefilled: bool) -> list[dict[str, Any]]:
     """The conversation ending with the reply: a reply with nothing in it is no example,
     and one that goes on from an assistant message the request ended with (a prefill,
     `{"a":`) is one assistant message with it, not a fragment after it."""
     if not any(message.get("content") or message.get("tool_calls") for message in reply):
         raise Skip("empty reply")
-    if messages and messages[-1]["role"] == "assistant":
+    if prefilled and messages and messages[-1]["role"] == "assistant":
         return [*messages[:-1], *_merge_assistant([messages[-1], *reply])]
     return [*messages, *reply]
 
@@ -206,7 +210,7 @@ def _from_responses(request: dict[str, Any], response: dict[str, Any]) -> dict[s
         raise Skip("no assistant reply")
     # One turn's text and calls come as items of their own, in the input as in the output:
     # parallel calls are one assistant message, their outputs after it.
-    messages = _with_reply(_merge_assistant(messages), _merge_assistant(reply))
+    messages = _with_reply(_merge_assistant(messages, calls_only=True), _merge_assistant(reply), prefilled=False)
     tools = [
         {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
         for t in request.get("tools") or []
@@ -231,11 +235,13 @@ def _responses_item(item: Any) -> list[dict[str, Any]]:
     raise Skip(f"unsupported item {kind}")
 
 
-def _merge_assistant(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consecutive assistant pieces (text, tool calls) become one assistant message."""
+def _merge_assistant(messages: list[dict[str, Any]], calls_only: bool = False) -> list[dict[str, Any]]:
+    """Consecutive assistant pieces (text, tool calls) become one assistant message; with
+    `calls_only`, only calls join the message before them (two texts are two turns)."""
     merged: list[dict[str, Any]] = []
     for message in messages:
-        if merged and message["role"] == "assistant" and merged[-1]["role"] == "assistant":
+        joins = not calls_only or not message.get("content")
+        if merged and message["role"] == "assistant" and merged[-1]["role"] == "assistant" and joins:
             last = merged[-1]
             if message.get("content"):
                 last["content"] = (last.get("content") or "") + message["content"]
@@ -260,7 +266,7 @@ def _from_anthropic(request: dict[str, Any], response: dict[str, Any]) -> dict[s
     reply = _anthropic_message({"role": "assistant", "content": response.get("content")})
     if not reply:
         raise Skip("no assistant reply")
-    messages = _with_reply(messages, reply)
+    messages = _with_reply(messages, reply, prefilled=True)  # Anthropic goes on from a last assistant message
     tools = [  # a tool of your own; a server tool's (`web_search_20250305`) has no function to be (a probe: it was one with no parameters)
         {"type": "function", "function": {"name": t["name"], "description": t.get("description", ""), "parameters": t.get("input_schema", {})}}
         for t in request.get("tools") or []

@@ -262,6 +262,18 @@ def test_export_keeps_one_assistant_turn_where_the_api_gives_it_in_pieces() -> N
     assert [m["role"] for m in first["messages"]] == ["user", "assistant", "tool", "tool", "assistant"]
     assert [call["id"] for call in first["messages"][1]["tool_calls"]] == ["c1", "c2"]
     assert second["messages"] == [{"role": "user", "content": "JSON please"}, {"role": "assistant", "content": '{"a": 1}'}]
+    # Elsewhere an assistant message is a turn of its own: OpenAI's APIs answer after it (a review:
+    # "Hello!" and the reply were glued into one), unless the server is told to go on from it.
+    history = chat_record("hi", {"role": "assistant", "content": "How can I help?"})
+    history["request"]["body"]["messages"].append({"role": "assistant", "content": "Hello!"})
+    go_on = chat_record("hi", {"role": "assistant", "content": " world"})
+    go_on["request"]["body"]["messages"].append({"role": "assistant", "content": "Hello", "prefix": True})
+    texts = {**responses, "request": {"body": {"model": "gpt-4o", "input": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}]}}}
+    third, fourth, fifth = export_examples([history, go_on, texts], report=ExportReport())
+    assert [m["content"] for m in third["messages"]] == ["hi", "Hello!", "How can I help?"]
+    assert [m["content"] for m in fourth["messages"]] == ["hi", "Hello world"]
+    assert [m["content"] for m in fifth["messages"]] == ["q", "A", "B", "Sun, rain."]
 
 
 def test_outputs_never_replace_the_trace_and_fail_in_one_line(tmp_path: Path) -> None:
