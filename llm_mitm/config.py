@@ -183,6 +183,9 @@ class BudgetConfig(_Section):
     usd_per_day: float | None = Field(default=None, gt=0)
     usd_per_month: float | None = Field(default=None, gt=0)
     per: Scope = "api_key"
+    # Calls in flight hold what they may cost at most against the budget (false: spend alone
+    # is checked, so more calls run at once near the limit, and a burst can pass it).
+    hold_in_flight: bool = True
 
     @model_validator(mode="after")
     def _limits_something(self) -> BudgetConfig:

@@ -132,8 +132,9 @@ class Quota:
                 return self._refusal("requests_per_minute", limit, item, ids)
         for _, item, ids in windows:
             requests.hit(item, *ids)
-        if call is not None and most_usd > 0 and self.budgets and self.spend is not None:
-            self.holds.hold(call, tuple({caller.scope(budget.per) for budget in self.budgets}), most_usd)
+        scopes = tuple({caller.scope(budget.per) for budget in self.budgets if budget.hold_in_flight})
+        if call is not None and most_usd > 0 and scopes and self.spend is not None:
+            self.holds.hold(call, scopes, most_usd)
         return None
 
     def _budget_refusal(self, caller: Caller, most_usd: float) -> QuotaRefusal | None:
@@ -158,7 +159,8 @@ class Quota:
                         f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
                         seconds_left(period, now),
                     )
-                held.append((period, scope, limit, spent))
+                if budget.hold_in_flight:
+                    held.append((period, scope, limit, spent))
         for period, scope, limit, spent in held if most_usd > 0 else ():
             holding = self.holds.held(scope)
             if spent + holding >= limit:

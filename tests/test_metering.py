@@ -408,6 +408,17 @@ def test_a_held_budget_refuses_only_calls_that_may_cost_and_never_hides_a_spent_
     assert quota.admit(alice, "call-5", 0.0).rule == "usd_per_month"  # spent refuses every call
 
 
+def test_a_budget_that_holds_nothing_checks_spend_alone(tmp_path: Path) -> None:
+    """`hold_in_flight: false`: near its limit more calls run at once (a worst-case hold of a
+    long agent call held several times what it cost: a review), and a burst can pass it."""
+    policy = PolicyConfig.model_validate({"budgets": [{"usd_per_day": 0.01, "per": "global", "hold_in_flight": False}]})
+    quota = Quota(policy, spend=SpendStore(tmp_path / "spend.sqlite"))
+    caller = Caller("k", "c")
+    assert all(quota.admit(caller, f"call-{n}", 0.02) is None for n in range(3)) and quota.holds.calls() == 0
+    quota.charge(caller, 10, 0.01)
+    assert quota.admit(caller, "call-4", 0.0).rule == "usd_per_day"
+
+
 def test_a_hold_no_end_gave_back_is_let_go() -> None:
     holds = Holds()
     holds.hold("a", ("global",), 1.0)
