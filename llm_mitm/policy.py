@@ -256,9 +256,9 @@ class Policy:
         if cap is None:
             return None
         if self.config.max_tokens_action == "reject":
-            return self._check_max_tokens(cap, body, _copies(route, body))
+            return self._check_max_tokens(cap, route, body)
         if (copies := _copies(route, body)) > cap:  # not one token each: nothing to clamp to
-            return Violation("max_tokens_exceeded", f"{_outputs(copies, body)} exceed the cap of {cap} (max_tokens) at one token each")
+            return Violation("max_tokens_exceeded", f"{_outputs(copies, route, body)} exceed the cap of {cap} (max_tokens) at one token each")
         return _unclampable(route, body, cap)
 
     def _judge_model(self, provider: str, model: str) -> Violation | None:
@@ -347,7 +347,8 @@ class Policy:
         return _middle_cut(normal, reach), _middle_cut(squeeze(normal), reach)
 
     @staticmethod
-    def _check_max_tokens(cap: int, body: dict[str, Any], copies: float) -> Violation | None:
+    def _check_max_tokens(cap: int, route: Route, body: dict[str, Any]) -> Violation | None:
+        copies = _copies(route, body)
         session = body.get("session")  # a realtime session's, made over HTTP (`/realtime/client_secrets`)
         holders = [(body, "", copies), (session if isinstance(session, dict) else {}, "session.", 1.0)]
         holders += [(inner, f"{name}.", copies) for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict)]
@@ -358,7 +359,7 @@ class Policy:
                     continue
                 limit = _token_limit(value)
                 if limit is not None and limit * each > cap:
-                    times = f" × {_outputs(each, body)}" if each > 1 else ""
+                    times = f" × {_outputs(each, route, body)}" if each > 1 else ""
                     return Violation("max_tokens_exceeded", f"{prefix}{field} {value!r}{times} exceeds the cap of {cap} (max_tokens)")
         return None
 
@@ -517,11 +518,11 @@ def _prompts(route: Route, body: dict[str, Any]) -> int:
     return 1
 
 
-def _outputs(copies: float, body: dict[str, Any]) -> str:
+def _outputs(copies: float, route: Route, body: dict[str, Any]) -> str:
     """`4 outputs (n 4)`, for a refusal."""
     fields = [f"{field} {body[field]!r}" for field in ("n", "best_of") if body.get(field) is not None]
-    if isinstance(body.get("prompt"), list) and len(body["prompt"]) > 1 and not all(isinstance(item, int) for item in body["prompt"]):
-        fields.append(f"{len(body['prompt'])} prompts")
+    if (prompts := _prompts(route, body)) > 1:
+        fields.append(f"{prompts} prompts")
     listed = ", ".join(fields)
     return f"{copies:g} outputs ({listed})" if copies != math.inf else f"a count of outputs that is no number ({listed})"
 

@@ -98,16 +98,21 @@ def _call(record: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def _latest(conversation: list[list[str]]) -> list[list[str]]:
-    """The messages that fit in CONVERSATION_LIMIT, from the last one back (the last always),
-    after a note of how many earlier ones are left out."""
-    kept, size = [], 0
-    for message in reversed(conversation):
+    """The first message (the task, or the system's words: what a call is found by) and the
+    latest that fit in CONVERSATION_LIMIT with it (the last always), a note of how many
+    between them are left out."""
+    if sum(len(text) for _, text in conversation) <= CONVERSATION_LIMIT:
+        return conversation
+    first, rest = conversation[0], conversation[1:]
+    kept, size = [], len(first[1])
+    for message in reversed(rest):
         size += len(message[1])
         if kept and size > CONVERSATION_LIMIT:
             break
         kept.append(message)
-    left_out = len(conversation) - len(kept)
-    return ([["note", f"{left_out} earlier message{'s' if left_out != 1 else ''} left out"]] if left_out else []) + kept[::-1]
+    left_out = len(rest) - len(kept)
+    note = [["note", f"{left_out} message{'s' if left_out != 1 else ''} left out"]] if left_out else []
+    return [first, *note, *kept[::-1]]
 
 
 def collect(records: Iterable[dict[str, Any]], max_calls: int = 2000) -> ReportData:

@@ -343,8 +343,8 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
         said = (exc.stderr or "").strip().splitlines()
         print(f"sysproxy: {' '.join(map(str, exc.cmd))} failed: {said[-1] if said else f'exit status {exc.returncode}'}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"sysproxy: {exc.filename or 'a command'} could not be run: {exc.strerror or exc}", file=sys.stderr)
+    except OSError as exc:  # a command that is not there, a state file or registry key it may not touch
+        print(f"sysproxy: {exc.filename}: {exc.strerror or exc}" if exc.filename else f"sysproxy: {exc}", file=sys.stderr)
         return 2
     return 0
 

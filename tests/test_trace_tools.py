@@ -143,9 +143,10 @@ def test_a_report_keeps_each_calls_latest_messages_only() -> None:
               "response": {"body": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "the answer"}}]}}}
     data = collect([record] * 20)
     conversation = data.calls[0]["conversation"]
-    assert conversation[0] == ["note", f"{201 - len(conversation) + 1} earlier messages left out"]
+    assert conversation[0][1].startswith("turn 0 ")  # the task, which the table's search finds the call by
+    assert conversation[1] == ["note", f"{201 - (len(conversation) - 1)} messages left out"]  # all but the first and the kept
     assert conversation[-1] == ["assistant", "the answer"] and conversation[-2][1].startswith("turn 199 ")
-    assert sum(len(message[1]) for message in conversation[1:]) <= CONVERSATION_LIMIT
+    assert sum(len(text) for role, text in conversation if role != "note") <= CONVERSATION_LIMIT
     assert len(render(data)) < 20 * 2 * CONVERSATION_LIMIT
     short = collect([{**record, "request": {"body": {"model": "gpt-4o", "messages": messages[:2]}}}]).calls[0]["conversation"]
     assert [role for role, _ in short] == ["user", "assistant", "assistant"]  # all of it, no note
