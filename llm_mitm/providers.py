@@ -161,8 +161,13 @@ def route_for(provider: Provider, path: str) -> Route:
         return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0] or None,
                      _subresource(operation, rest), repeated, _runs_model(rest))
     segments = _openai_segments(_after_version(segments))
+    deployment = None
+    if len(segments) > 2 and segments[0] in ("deployments", "engines"):
+        # The model named in the path, as LiteLLM's proxy serves Azure's and OpenAI's old paths:
+        # it runs whatever the body's says (a firewall probe: a denied one passed so).
+        deployment, segments = segments[1], segments[2:]
     operation = _openai_operation(segments)
-    return Route(provider.name, provider.api, operation, subresource=_subresource(operation, segments), repeated=repeated,
+    return Route(provider.name, provider.api, operation, deployment, subresource=_subresource(operation, segments), repeated=repeated,
                  runs_model=_runs_model(segments))
 
 

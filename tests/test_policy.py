@@ -542,6 +542,20 @@ def test_texts_servers_put_in_the_prompt_are_read(body: dict) -> None:
     assert rule({"forbidden_instructions": ["ignore previous instructions"]}, body=clean) is None
 
 
+def test_a_model_named_in_the_path_is_the_one_judged() -> None:
+    """LiteLLM's `/openai/deployments/{model}/...` runs the path's model whatever the body
+    names: an allowed body model let a denied one run (a firewall probe)."""
+    from llm_mitm.exchange import Exchange
+    from llm_mitm.providers import Provider, route_for
+
+    route = route_for(Provider("litellm", "openai", False), "/openai/deployments/o1-pro/chat/completions")
+    exchange = Exchange(id="x", route=route, method="POST", url="", client="", request_fields=(),
+                        request=Body.parse(orjson.dumps({"model": "gpt-4o-mini", "messages": []}), "application/json"))
+    assert exchange.model == "o1-pro"
+    violation = check({"denied_models": ["o1-pro*"]}, route=route, body=exchange.request_json, model=exchange.model)
+    assert violation is not None and violation.rule == "model_not_allowed"
+
+
 def test_a_tool_that_runs_a_model_of_its_own_is_judged_by_it() -> None:
     """Responses' image_generation tool runs (and bills) its model: a denied one ran so (a firewall probe)."""
     body = {"model": "gpt-4o", "input": "a cat", "tools": [{"type": "web_search"}, {"type": "image_generation", "model": "gpt-image-1"}]}
