@@ -6,7 +6,7 @@ import fnmatch
 import hashlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -14,7 +14,7 @@ from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, prompt_text, read_request, squeeze, strings_in
+from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, prompt_text, read_request, squeeze, strings_in, transcriptions
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
@@ -228,12 +228,15 @@ class Policy:
             return violation
         return self._check_call(call.route, call.params)
 
-    def _check_tool_models(self, route: Route, tools: Any) -> Violation | None:
-        """A tool that runs a model of its own (Responses' `image_generation` runs and bills
-        gpt-image-1): judged as the call's own (a firewall probe: a denied model ran so)."""
-        for index, tool in enumerate(as_list(tools)):
-            if isinstance(tool, dict) and "model" in tool and (violation := self._check_model(route, tool["model"], False)):
-                return Violation(violation.rule, f"tools[{index}]: {violation.detail}", violation.status)
+    def _check_other_models(self, route: Route, body: dict[str, Any]) -> Violation | None:
+        """Models a call runs beside its own, judged as its own (a firewall probe: denied ones
+        ran so): a tool's (Responses' `image_generation` runs and bills gpt-image-1), a
+        realtime session's transcription model."""
+        if _OTHER_MODEL_KEYS.isdisjoint(body):  # most bodies: one look at their keys
+            return None
+        for where, model in _other_models(body):
+            if violation := self._check_model(route, model, False):
+                return Violation(violation.rule, f"{where}: {violation.detail}", violation.status)
         return None
 
     def _check_model(self, route: Route, model: Any, generating: bool) -> Violation | None:
@@ -250,7 +253,7 @@ class Policy:
     def _check_call(self, route: Route, body: dict[str, Any]) -> Violation | None:
         if violation := self._check_instructions(body):
             return violation
-        if "tools" in body and (violation := self._check_tool_models(route, body["tools"])):
+        if violation := self._check_other_models(route, body):
             return violation
         cap = self.config.max_tokens
         if cap is None:
@@ -626,6 +629,21 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
             calls.append(BatchedCall(name, route, {**(sampling if isinstance(sampling, dict) else {}), "model": grader.get("model"),
                                                    "input": [*as_list(grader.get("input")), *strings_in(grader.get("labels"))]}))
     return calls
+
+
+_OTHER_MODEL_KEYS = frozenset(("tools", "session", "input_audio_transcription", "audio"))
+
+
+def _other_models(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(where, model) of each model a body names beside its own (see `_check_other_models`)."""
+    for index, tool in enumerate(as_list(body.get("tools"))):
+        if isinstance(tool, dict) and "model" in tool:
+            yield f"tools[{index}]", tool["model"]
+    for prefix, holder in (("", body), ("session.", body.get("session"))):
+        if isinstance(holder, dict):
+            for where, transcription in transcriptions(holder):
+                if "model" in transcription:
+                    yield f"{prefix}{where}", transcription["model"]
 
 
 def _reinforcement(body: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,19 @@ _EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "tex
                          "documents", "chat_template", "chat_template_kwargs", "data_sources"))
 
 
+def transcriptions(session: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A realtime session's transcription settings: the beta's `input_audio_transcription`,
+    the GA's `audio.input.transcription`."""
+    beta = session.get("input_audio_transcription")
+    if isinstance(beta, dict):
+        yield "input_audio_transcription", beta
+    audio = session.get("audio")
+    given = audio.get("input") if isinstance(audio, dict) else None
+    transcription = given.get("transcription") if isinstance(given, dict) else None
+    if isinstance(transcription, dict):
+        yield "audio.input.transcription", transcription
+
+
 def prompt_text(item: Any) -> str | None:
     """A legacy completion prompt's text: a string, or llama.cpp's `{"prompt_string": ...}`;
     None for token ids (or anything else)."""
@@ -135,6 +148,10 @@ class _Collector:
             instructions = body.get(key)
             if isinstance(instructions, str):
                 self.turn("system", instructions)
+        if "input_audio_transcription" in body or "audio" in body:  # a realtime session's: what its transcription model is told
+            for _, transcription in transcriptions(body):
+                if isinstance(transcription.get("prompt"), str):
+                    self.turn("system", transcription["prompt"])
         if "role" in body and "content" in body:  # Assistants: one message added to a thread
             self.message(body)
         for key in ("messages", "additional_messages"):
