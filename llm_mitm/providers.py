@@ -224,6 +224,8 @@ def _after_version(segments: list[str]) -> list[str]:
 def _azure_parts(segments: list[str]) -> tuple[str | None, list[str]]:
     """The deployment and the operation's segments. Azure matches its paths without regard
     to case (`/OpenAI/Deployments/...`); a deployment's name is kept as written."""
+    if len(segments) > 3 and [segment.lower() for segment in segments[:2]] == ["api", "projects"]:  # a Foundry project's endpoint
+        segments = segments[3:]
     if segments[:1] == ["models"] and len(segments) > 1:  # Azure AI Foundry's model inference (`/models/chat/completions`)
         return None, [segment.lower() for segment in segments[1:]]
     if not segments or segments[0].lower() != "openai":
