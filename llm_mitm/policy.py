@@ -14,7 +14,19 @@ from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import ROLE_ALIASES, as_list, json_unescaped, normalize, prompt_text, read_request, squeeze, strings_in, transcriptions
+from llm_mitm.texts import (
+    ROLE_ALIASES,
+    SCHEMA_DEPTH,
+    TooDeep,
+    as_list,
+    json_unescaped,
+    normalize,
+    prompt_text,
+    read_request,
+    squeeze,
+    strings_in,
+    transcriptions,
+)
 
 # Output limits by name; `max_tokens_to_sample` is Anthropic's legacy Text Completions',
 # `max_response_output_tokens` a realtime session's (beta; an integer or "inf").
@@ -279,7 +291,11 @@ class Policy:
         if isinstance(prompt, list) and not all(prompt_text(item) is not None for item in prompt):
             return Violation("forbidden_instruction", "a legacy prompt given as token ids cannot be checked against forbidden_instructions: "
                              "send it as text")
-        pieces, runs = read_request(body, extras=True, joined=True)
+        try:
+            pieces, runs = read_request(body, extras=True, joined=True, whole=True)
+        except TooDeep:
+            return Violation("forbidden_instruction", f"a text nested deeper than {SCHEMA_DEPTH} levels cannot be checked against "
+                             "forbidden_instructions (a server would still write it into the prompt)")
         for role, text in pieces:
             role = ROLE_ALIASES.get(role, role)
             if (rule := self._verdicts(role, text)) is not None:

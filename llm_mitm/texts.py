@@ -53,7 +53,12 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
 _NOT_TEXT = frozenset(("image", "image_url", "input_image", "input_audio", "audio", "file", "input_file", "container_upload",
                        "item_reference", "redacted_thinking", "encrypted_content"))
 _NO_TEXT_KEYS = frozenset(("id", "type", "call_id", "tool_use_id", "status", "encrypted_content", "signature"))
-_SCHEMA_DEPTH = 32  # how deep a schema is read for its texts
+SCHEMA_DEPTH = 64  # how deep a schema (or any value read whole) is read for its texts
+
+
+class TooDeep(ValueError):
+    """A text nested deeper than is read: a server writes it into the prompt all the same
+    (a firewall probe: a tool description 33 levels deep was never read)."""
 # What each JSON Schema keyword holds that the model reads (a schema is rendered into its
 # prompt): a text; a name; a value (its strings, in lists and objects too: `enum` is how the
 # model learns what to write); a schema or a list of them; schemas by name (the names are
@@ -110,13 +115,18 @@ def request_texts(body: Any, extras: bool = False) -> list[RoleText]:
     return read_request(body, extras, joined=False)[0]
 
 
-def read_request(body: Any, extras: bool, joined: bool) -> tuple[list[RoleText], list[RoleGroup]]:
+def read_request(body: Any, extras: bool, joined: bool, whole: bool = False) -> tuple[list[RoleText], list[RoleGroup]]:
     """The pieces of `request_texts`, and with `joined` the runs of pieces the model reads
     in a row: a message's parts, consecutive messages of one role (for matching a phrase
-    split between them)."""
+    split between them). With `whole`, TooDeep where a text is nested past what is read;
+    else what was read up to it (an estimate, a report)."""
     collector = _Collector(extras, joined)
     if isinstance(body, dict):
-        collector.body(body)
+        try:
+            collector.body(body)
+        except TooDeep:
+            if whole:
+                raise
     return collector.out, collector.groups
 
 
@@ -186,7 +196,7 @@ class _Collector:
             for tool in as_list(body.get(key)):  # what each tool, and each parameter, is for and may be
                 if isinstance(tool, dict):
                     function = tool.get("function") or tool.get("custom")  # chat nests a tool's own keys
-                    _schema_texts(self.out, function if isinstance(function, dict) else tool, _SCHEMA_DEPTH)
+                    _schema_texts(self.out, function if isinstance(function, dict) else tool, SCHEMA_DEPTH)
         # The structured output's format and schema, read as a tool's are: chat's
         # `response_format.json_schema`, Responses' `text.format`, Anthropic's `output_format`
         # (beta) and `output_config.format`.
@@ -194,18 +204,18 @@ class _Collector:
             holder = body.get(outer)
             schema = holder.get(inner) if inner is not None and isinstance(holder, dict) else holder
             if isinstance(schema, dict):
-                _schema_texts(self.out, schema, _SCHEMA_DEPTH)
+                _schema_texts(self.out, schema, SCHEMA_DEPTH)
         prediction = body.get("prediction")
         if isinstance(prediction, dict):  # chat: the output the model is told to expect of itself, read as its own
             self.content("assistant", prediction.get("content"))
         # vLLM's and other servers' own: documents put in the prompt, and the template that
         # writes the prompt (its literal text is the model's to read, as the system's)
-        _leaf_texts(self.out, "user", body.get("documents"), _SCHEMA_DEPTH)
+        _leaf_texts(self.out, "user", body.get("documents"), SCHEMA_DEPTH)
         if isinstance(body.get("chat_template"), str):
             self.out.append(("system", body["chat_template"]))
         # vLLM's and SGLang's values for the template, merged over its own (`tools`,
         # `documents`, any variable it prints): every text in them, as the system's
-        _leaf_texts(self.out, "system", body.get("chat_template_kwargs"), _SCHEMA_DEPTH)
+        _leaf_texts(self.out, "system", body.get("chat_template_kwargs"), SCHEMA_DEPTH)
         for source in as_list(body.get("data_sources")):  # Azure On Your Data: `role_information` is a system message
             parameters = source.get("parameters") if isinstance(source, dict) else None
             if isinstance(parameters, dict) and isinstance(parameters.get("role_information"), str):
@@ -227,7 +237,7 @@ class _Collector:
         if not isinstance(role, str):
             if isinstance(kind, str) and kind != "message":  # a hosted tool's call or output, given back
                 self.end_run()
-                _leaf_texts(self.out, "tool", message, _SCHEMA_DEPTH)
+                _leaf_texts(self.out, "tool", message, SCHEMA_DEPTH)
                 return
             role = "user"
         self.content(role, message.get("content"))
@@ -284,7 +294,7 @@ class _Collector:
                 elif kind in ("file", "input_file"):  # a text file given inline is read as text
                     self._inline_file(role, part.get("file") if kind == "file" else part)
                 elif not isinstance(kind, str) or (kind not in _NOT_TEXT and kind != "tool_use"):  # untyped: a shell call's {stdout, stderr}
-                    _leaf_texts(self.out, role, part, _SCHEMA_DEPTH)
+                    _leaf_texts(self.out, role, part, SCHEMA_DEPTH)
         if self.joined:
             self._join(role, [text for who, text in self.out[start:] if who == role])
 
@@ -358,11 +368,13 @@ def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int, skip: fr
     default ids and such: a part or item of a kind read whole)."""
     if isinstance(value, str):
         out.append((role, value))
-    elif depth > 0 and isinstance(value, dict):
+    elif isinstance(value, (dict, list)) and value and depth <= 0:
+        raise TooDeep
+    elif isinstance(value, dict):
         for key, item in value.items():
             if key not in skip:
                 _leaf_texts(out, role, item, depth - 1, skip)
-    elif depth > 0 and isinstance(value, list):
+    elif isinstance(value, list):
         for item in value:
             _leaf_texts(out, role, item, depth - 1, skip)
 
@@ -370,7 +382,7 @@ def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int, skip: fr
 def strings_in(value: Any) -> list[str]:
     """Every string in a value (bounded): data the API fills into what a model reads."""
     found: list[RoleText] = []
-    _leaf_texts(found, "user", value, _SCHEMA_DEPTH)
+    _leaf_texts(found, "user", value, SCHEMA_DEPTH)
     return [text for _, text in found]
 
 
@@ -410,7 +422,9 @@ def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> No
                 out.append(("system", name_words(value)))
         elif kind == _VALUE:
             _leaf_texts(out, "system", value, depth, skip=frozenset())  # every string a schema's value holds (`enum`, `default`...)
-        elif depth > 0:
+        elif isinstance(value, (dict, list)) and value and depth <= 0:
+            raise TooDeep
+        else:
             if isinstance(value, dict):
                 if kind == _MAP:
                     out.extend(("system", name_words(name)) for name in value)
@@ -445,8 +459,12 @@ def tool_input_text(value: Any) -> str:
         return value
     try:
         return orjson.dumps(value).decode()
-    except TypeError:
-        return ""
+    except TypeError:  # nested deeper than orjson writes (255)
+        pass
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (RecursionError, TypeError, ValueError):
+        raise TooDeep from None
 
 
 def _look_alikes() -> dict[int, str]:
@@ -587,7 +605,10 @@ def response_texts(body: Any) -> Iterator[str]:
             if isinstance(item.get("arguments"), str):
                 yield item["arguments"]
             parts = _Collector(extras=False, joined=False)
-            parts.content("assistant", item.get("content"))
+            try:
+                parts.content("assistant", item.get("content"))
+            except TooDeep:  # what was read up to it: an answer is counted, not policed
+                pass
             for _, text in parts.out:
                 yield text
     if body.get("type") == "completion" and isinstance(body.get("completion"), str):  # Anthropic's legacy Text Completions
@@ -599,4 +620,7 @@ def response_texts(body: Any) -> Iterator[str]:
                     if isinstance(block.get(key), str):
                         yield block[key]
                 if block.get("type") == "tool_use" and block.get("input") is not None:
-                    yield tool_input_text(block["input"])
+                    try:
+                        yield tool_input_text(block["input"])
+                    except TooDeep:
+                        pass

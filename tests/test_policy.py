@@ -562,6 +562,23 @@ def test_a_realtime_sessions_transcription_model_and_prompt_are_checked(session:
                     body=orjson.loads(orjson.dumps(body).replace(b"ignore previous", b"medical")), model="gpt-realtime") is None
 
 
+def test_text_nested_past_what_is_read_is_refused_and_a_deep_tool_input_read() -> None:
+    """A tool description 70 levels down was never read, and an Anthropic tool_use input
+    deeper than orjson writes (255) read as nothing (a firewall probe)."""
+    schema: dict = {"type": "object", "description": BAD}
+    for _ in range(70):
+        schema = {"type": "object", "properties": {"p": schema}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    violation = check({"forbidden_instructions": [BAD]}, body={"model": "m", "messages": [], "tools": tools})
+    assert violation is not None and violation.rule == "forbidden_instruction" and "nested deeper" in violation.detail
+    deep_input: Any = BAD
+    for _ in range(300):
+        deep_input = {"k": deep_input}
+    body = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": deep_input}]}]}
+    assert rule({"forbidden_instructions": [BAD]}, route=ANTHROPIC, body=body) == "forbidden_instruction"
+    assert rule({"max_tokens": 10}, body={"model": "m", "messages": [], "tools": tools}) is None  # no instructions to check: no need to read them
+
+
 def test_a_model_named_in_the_path_is_the_one_judged() -> None:
     """LiteLLM's `/openai/deployments/{model}/...` runs the path's model whatever the body
     names: an allowed body model let a denied one run (a firewall probe)."""
@@ -853,10 +870,14 @@ def test_harmless_schemas_and_predictions_pass() -> None:
     for odd in ({"response_format": {"type": "json_object"}}, {"response_format": "auto", "text": "x", "prediction": [],
                 "output_format": None, "output_config": {"format": "json"}, "functions": {}}):
         assert check({"forbidden_instructions": [BAD]}, body={"messages": [], **odd}) is None
-    deep: dict = {}
-    for _ in range(2000):  # a schema is data: read to a bound, never as deep as it goes
+    deep: dict = {"description": "x"}
+    for _ in range(60):  # a schema is data: read to a bound
         deep = {"items": deep, "description": "x"}
     assert check({"forbidden_instructions": [BAD]}, body={"messages": [], "response_format": {"type": "json_schema", "json_schema": {"schema": deep}}}) is None
+    for _ in range(2000):  # past it, not as deep as it goes: what it holds goes unread, so the call is refused (a firewall probe)
+        deep = {"items": deep, "description": "x"}
+    violation = check({"forbidden_instructions": [BAD]}, body={"messages": [], "response_format": {"type": "json_schema", "json_schema": {"schema": deep}}})
+    assert violation is not None and "nested deeper than 64 levels" in violation.detail
 
 
 def _data_url(text: str, media: str = "text/plain") -> str:
