@@ -37,6 +37,10 @@ from llm_mitm.texts import (
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens",
                     "max_completions_tokens", "n_predict", "num_predict", "max_new_tokens")
 LIMIT_HOLDERS = ("options", "parameters")
+_LIMIT_FIELDS = frozenset(MAX_TOKEN_FIELDS)
+_INNER_LIMITS = ("session", *LIMIT_HOLDERS)
+_INNER_LIMIT_SET = frozenset(_INNER_LIMITS)
+_LIMIT_HOLDER_SET = frozenset(LIMIT_HOLDERS)
 V = TypeVar("V")
 RoleText = tuple[str, str]
 
@@ -368,10 +372,12 @@ class Policy:
     @staticmethod
     def _check_max_tokens(cap: int, route: Route, body: dict[str, Any]) -> Violation | None:
         copies = _copies(route, body)
-        session = body.get("session")  # a realtime session's, made over HTTP (`/realtime/client_secrets`)
-        holders = [(body, "", copies), (session if isinstance(session, dict) else {}, "session.", 1.0)]
-        holders += [(inner, f"{name}.", copies) for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict)]
+        holders = [(body, "", copies)]
+        if not _INNER_LIMIT_SET.isdisjoint(body):  # a realtime session's (`/realtime/client_secrets`), Ollama's options, TGI's parameters
+            holders += [(inner, f"{name}.", 1.0 if name == "session" else copies) for name in _INNER_LIMITS if isinstance(inner := body.get(name), dict)]
         for holder, prefix, each in holders:
+            if _LIMIT_FIELDS.isdisjoint(holder):  # one look at a holder's keys, where most name no limit
+                continue
             for field in MAX_TOKEN_FIELDS:
                 value = holder.get(field)
                 if value is None:  # most of them, in every call
@@ -438,11 +444,11 @@ class Policy:
         so); None when nothing changes."""
         changed = dict(body)
         share = max(1, int(cap // copies)) if copies > 1 and copies != math.inf else cap
-        present = {name: limit for name in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(name))) is not None}
+        present = {} if _LIMIT_FIELDS.isdisjoint(body) else {name: limit for name in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(name))) is not None}
         for name, limit in present.items():
             if limit > share:
                 changed[name] = share
-        for name in LIMIT_HOLDERS:  # Ollama's options, TGI's parameters: the limits they name
+        for name in LIMIT_HOLDERS if not _LIMIT_HOLDER_SET.isdisjoint(body) else ():  # Ollama's options, TGI's parameters: the limits they name
             inner = body.get(name)
             if isinstance(inner, dict) and (lowered := {key: share for key in MAX_TOKEN_FIELDS if (limit := _token_limit(inner.get(key))) is not None and limit > share}):
                 changed[name] = {**inner, **lowered}
