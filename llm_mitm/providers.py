@@ -147,7 +147,7 @@ def route_for(provider: Provider, path: str) -> Route:
     repeated = next((name for name in _RUNS_WHAT if len(set(params.get(name, ()))) > 1), None)
     # Claude on Azure AI Foundry: Anthropic's own API under `/anthropic` (its bodies, streams,
     # errors and limits are Anthropic's: read as OpenAI's, a stream was rebuilt as nothing).
-    claude_on_azure = provider.api == "azure" and segments[:1] == ["anthropic"]
+    claude_on_azure = provider.api == "azure" and bool(segments) and segments[0].lower() == "anthropic"  # Azure's paths match in any case
     if provider.api == "anthropic" or claude_on_azure:
         segments = _after_version(segments[1:] if claude_on_azure else segments)
         operation = _anthropic_operation(segments)

@@ -140,6 +140,12 @@ def test_operations(matcher: ProviderMatcher, host: str, path: str, operation: s
     assert route.deployment == deployment
 
 
+@pytest.mark.parametrize("path", ["/anthropic/v1/messages", "/Anthropic/v1/messages?beta=true"])
+def test_claude_on_azure_speaks_anthropics_api(matcher: ProviderMatcher, path: str) -> None:
+    route = matcher.route("r.services.ai.azure.com", 443, path)
+    assert route is not None and (route.provider, route.api, route.operation) == ("azure", "anthropic", "messages")
+
+
 def test_azure_api_version_is_kept(matcher: ProviderMatcher) -> None:
     route = matcher.route("r.openai.azure.com", 443, "/openai/deployments/d/chat/completions?api-version=2024-10-21")
     assert route is not None and route.api_version == "2024-10-21" and route.api == "azure"
