@@ -189,7 +189,9 @@ class Policy:
             return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
                              "a batch read from elsewhere (Azure's input_blob) cannot be checked")
         # An unreadable body names no model: `on_unparseable: forward` has decided that case.
-        if violation := self._check_model(route, request.model, route.runs_a_model(request.method) and not request.unparseable):
+        # A transcription session names its model in its transcription settings only.
+        unnamed = route.runs_a_model(request.method) and not request.unparseable and not _names_transcription_model(request.body)
+        if violation := self._check_model(route, request.model, unnamed):
             return violation
         if route.operation == "realtime" and request.media is not None and (self._instructions or self.config.max_tokens is not None):
             return Violation("operation_not_allowed", "a WebRTC realtime call (an SDP offer) sends its events to the provider past the proxy, "
@@ -420,7 +422,12 @@ class Policy:
         def clamped(holder: Any) -> Any:
             sampling = holder.get("sampling_params") if isinstance(holder, dict) else None
             lowered = self._clamped(cap, sampling, None) if isinstance(sampling, dict) else None
-            return holder if lowered is None else {**holder, "sampling_params": lowered}
+            holder = holder if lowered is None else {**holder, "sampling_params": lowered}
+            inner = holder.get("graders") if isinstance(holder, dict) else None
+            if isinstance(inner, dict):  # a multi grader: each of its graders (a review: their limits passed the clamp)
+                graders = {name: clamped(grader) for name, grader in inner.items()}
+                holder = holder if graders == inner else {**holder, "graders": graders}
+            return holder
 
         changed = {key: clamped(body[key]) for key in ("data_source", "grader") if key in body}
         if isinstance(body.get("testing_criteria"), list):
@@ -512,8 +519,11 @@ def output_limit(route: Route, body: Any) -> float | None:
     no limit."""
     if not isinstance(body, dict):
         return None
-    holders = [body, *(inner for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict))]
-    limits = [limit for holder in holders for field in MAX_TOKEN_FIELDS if (limit := _token_limit(holder.get(field))) is not None]
+    holders = [body]
+    if not _LIMIT_HOLDER_SET.isdisjoint(body):
+        holders += [inner for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict)]
+    limits = [limit for holder in holders if not _LIMIT_FIELDS.isdisjoint(holder)
+              for field in MAX_TOKEN_FIELDS if (limit := _token_limit(holder.get(field))) is not None]
     if not limits:
         return None
     return float(math.ceil(most)) if math.isfinite(most := max(limits) * _copies(route, body)) else math.inf
@@ -654,6 +664,10 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
 
 
 _OTHER_MODEL_KEYS = frozenset(("tools", "session", "input_audio_transcription", "audio"))
+
+
+def _names_transcription_model(body: Any) -> bool:
+    return isinstance(body, dict) and any(where.endswith("transcription") for where, model in _other_models(body) if isinstance(model, str))
 
 
 def _other_models(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:

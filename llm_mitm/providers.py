@@ -164,23 +164,30 @@ def route_for(provider: Provider, path: str) -> Route:
     deployment = None
     if len(segments) > 2 and segments[0] in ("deployments", "engines"):
         # The model named in the path, as LiteLLM's proxy serves Azure's and OpenAI's old paths:
-        # it runs whatever the body's says (a firewall probe: a denied one passed so).
-        deployment, segments = segments[1], segments[2:]
+        # it runs whatever the body's says (a firewall probe: a denied one passed so). Its
+        # name may hold slashes (`openai/o1-pro`): it ends where an operation's path begins.
+        start = next((index for index in range(2, len(segments)) if segments[index] in _MODEL_PATH_ENDS), None)
+        if start is not None:
+            deployment, segments = "/".join(segments[1:start]), segments[start:]
     operation = _openai_operation(segments)
     return Route(provider.name, provider.api, operation, deployment, subresource=_subresource(operation, segments), repeated=repeated,
                  runs_model=_runs_model(segments))
 
 
 # The endpoints past those billed by tokens that run a model, its default where a call names
-# none: images, videos (and a video's remix), speech and transcription, moderation, the
+# none: images, videos (a remix runs the model its video was made with), speech and transcription, moderation, the
 # realtime WebSocket (`/realtime`), its WebRTC calls and sessions, transcription sessions;
 # and a thread's run, the assistant's stored model (`*`: an id).
 _RUNS_MODEL = frozenset((
-    ("images", "generations"), ("images", "edits"), ("images", "variations"), ("videos",), ("videos", "*", "remix"),
+    ("images", "generations"), ("images", "edits"), ("images", "variations"), ("videos",),
     ("audio", "speech"), ("audio", "transcriptions"), ("audio", "translations"), ("moderations",),
     ("realtime",), ("realtime", "calls"), ("realtime", "client_secrets"), ("realtime", "sessions"), ("realtime", "transcription_sessions"),
     ("threads", "runs"), ("threads", "*", "runs"),
 ))
+
+
+# Where an operation's path begins after a model named in the path.
+_MODEL_PATH_ENDS = frozenset(("chat", "completions", "embeddings", "responses", "images", "audio", "moderations", "messages"))
 
 
 def _runs_model(segments: list[str]) -> bool:

@@ -59,6 +59,11 @@ SCHEMA_DEPTH = 64  # how deep a schema (or any value read whole) is read for its
 class TooDeep(ValueError):
     """A text nested deeper than is read: a server writes it into the prompt all the same
     (a firewall probe: a tool description 33 levels deep was never read)."""
+
+
+# The piece left where a value goes deeper than is read: the policy refuses a body with one
+# (`read_request(whole=True)`); an estimate or a report reads the rest around it.
+_UNREAD: tuple[str, str] = ("", "")
 # What each JSON Schema keyword holds that the model reads (a schema is rendered into its
 # prompt): a text; a name; a value (its strings, in lists and objects too: `enum` is how the
 # model learns what to write); a schema or a list of them; schemas by name (the names are
@@ -122,11 +127,11 @@ def read_request(body: Any, extras: bool, joined: bool, whole: bool = False) -> 
     else what was read up to it (an estimate, a report)."""
     collector = _Collector(extras, joined)
     if isinstance(body, dict):
-        try:
-            collector.body(body)
-        except TooDeep:
-            if whole:
-                raise
+        collector.body(body)
+    if _UNREAD in collector.out:
+        if whole:
+            raise TooDeep
+        collector.out = [piece for piece in collector.out if piece is not _UNREAD]
     return collector.out, collector.groups
 
 
@@ -290,7 +295,10 @@ class _Collector:
                 elif kind in ("document", "search_result"):  # Anthropic: text the model is given to read
                     self._document(role, part)
                 elif kind == "tool_use" and self.extras and "input" in part:  # Anthropic: an earlier call
-                    self.out.append((role, tool_input_text(part["input"])))
+                    try:
+                        self.out.append((role, tool_input_text(part["input"])))
+                    except TooDeep:
+                        self.out.append(_UNREAD)
                 elif kind in ("file", "input_file"):  # a text file given inline is read as text
                     self._inline_file(role, part.get("file") if kind == "file" else part)
                 elif not isinstance(kind, str) or (kind not in _NOT_TEXT and kind != "tool_use"):  # untyped: a shell call's {stdout, stderr}
@@ -369,7 +377,7 @@ def _leaf_texts(out: list[RoleText], role: str, value: Any, depth: int, skip: fr
     if isinstance(value, str):
         out.append((role, value))
     elif isinstance(value, (dict, list)) and value and depth <= 0:
-        raise TooDeep
+        out.append(_UNREAD)
     elif isinstance(value, dict):
         for key, item in value.items():
             if key not in skip:
@@ -383,7 +391,7 @@ def strings_in(value: Any) -> list[str]:
     """Every string in a value (bounded): data the API fills into what a model reads."""
     found: list[RoleText] = []
     _leaf_texts(found, "user", value, SCHEMA_DEPTH)
-    return [text for _, text in found]
+    return [piece[1] for piece in found if piece is not _UNREAD]
 
 
 def as_list(value: Any) -> list[Any]:
@@ -423,7 +431,7 @@ def _schema_texts(out: list[RoleText], schema: dict[str, Any], depth: int) -> No
         elif kind == _VALUE:
             _leaf_texts(out, "system", value, depth, skip=frozenset())  # every string a schema's value holds (`enum`, `default`...)
         elif isinstance(value, (dict, list)) and value and depth <= 0:
-            raise TooDeep
+            out.append(_UNREAD)
         else:
             if isinstance(value, dict):
                 if kind == _MAP:
@@ -605,12 +613,10 @@ def response_texts(body: Any) -> Iterator[str]:
             if isinstance(item.get("arguments"), str):
                 yield item["arguments"]
             parts = _Collector(extras=False, joined=False)
-            try:
-                parts.content("assistant", item.get("content"))
-            except TooDeep:  # what was read up to it: an answer is counted, not policed
-                pass
-            for _, text in parts.out:
-                yield text
+            parts.content("assistant", item.get("content"))
+            for piece in parts.out:
+                if piece is not _UNREAD:  # an answer is counted, not policed: what could be read
+                    yield piece[1]
     if body.get("type") == "completion" and isinstance(body.get("completion"), str):  # Anthropic's legacy Text Completions
         yield body["completion"]
     if body.get("type") == "message":

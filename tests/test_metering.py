@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -298,6 +299,11 @@ def test_estimate_marks_usage() -> None:
 
     assert prompt_tokens({"prompt": [1] * 4000}) == 4000 and prompt_tokens({"prompt": [[1] * 10, [2] * 5]}) == 15  # token ids (a limits probe: 0)
     assert prompt_tokens({"input": [[1, 2], "four"]}) == 2 + 1 and prompt_tokens({"prompt": "abcdefgh"}) == 2
+    deep: Any = ["x"]
+    for _ in range(70):
+        deep = [deep]
+    # a value nested past what is read leaves the rest read (a review: the text after it counted 0)
+    assert prompt_tokens({"input": [{"type": "web_search_call", "action": {"q": deep}}, {"role": "user", "content": "A" * 400}]}) == 100
     legacy = estimate_usage({"prompt": "\n\nHuman: hi\n\nAssistant:"}, {"type": "completion", "completion": "abcdefgh", "stop_reason": "stop_sequence"})
     assert legacy.output_tokens == 2  # Anthropic's legacy completion is read (an audit: its output was 0)
 

@@ -510,7 +510,6 @@ def test_a_clamp_the_api_would_refuse_is_a_refusal() -> None:
         ("/v1/realtime", "GET", None),  # the WebSocket with no ?model=
         ("/v1/realtime/client_secrets", "POST", {"session": {"type": "realtime"}}),
         ("/v1/videos", "POST", {"prompt": "a cat"}),  # the API's default, sora-2 (a firewall probe)
-        ("/v1/videos/video_1/remix", "POST", {"prompt": "a dog"}),
         ("/v1/realtime/transcription_sessions", "POST", {"input_audio_format": "pcm16"}),
     ],
 )
@@ -577,6 +576,20 @@ def test_text_nested_past_what_is_read_is_refused_and_a_deep_tool_input_read() -
     body = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": deep_input}]}]}
     assert rule({"forbidden_instructions": [BAD]}, route=ANTHROPIC, body=body) == "forbidden_instruction"
     assert rule({"max_tokens": 10}, body={"model": "m", "messages": [], "tools": tools}) is None  # no instructions to check: no need to read them
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/realtime/transcription_sessions", {"input_audio_transcription": {"model": "gpt-4o-transcribe"}}),
+    ("/v1/realtime/client_secrets", {"session": {"type": "transcription", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}}),
+])
+def test_a_transcription_session_is_judged_by_its_transcription_model(path: str, body: dict) -> None:
+    """It names no model but in its transcription settings: it was refused as naming none (a review)."""
+    from llm_mitm.config import default_config
+    from llm_mitm.providers import ProviderMatcher
+
+    route = ProviderMatcher(default_config().enabled_providers).route("api.openai.com", 443, path)
+    assert check({"allowed_models": ["gpt-4o-transcribe", "gpt-realtime"]}, route=route, body=body) is None
+    assert check({"allowed_models": ["gpt-realtime"]}, route=route, body=body).rule == "model_not_allowed"
 
 
 def test_a_model_named_in_the_path_is_the_one_judged() -> None:
@@ -1005,6 +1018,8 @@ def test_eval_limits_are_clamped() -> None:
     grader = {"grader": {"type": "score_model", "name": "g", "model": "gpt-4o", "input": [], "sampling_params": {"max_completions_tokens": 50000}}}
     assert rule({"max_tokens": 1000}, route=GRADERS, body=grader) == "max_tokens_exceeded"
     assert policy.clamp(EVALS, _eval_run(model="gpt-4o", sampling_params={"max_completion_tokens": 10})) is None
+    multi = {"grader": {"type": "multi", "graders": {"s": {"type": "score_model", "model": "gpt-4o", "input": [], "sampling_params": {"max_completions_tokens": 50000}}}}}
+    assert policy.clamp(GRADERS, multi)["grader"]["graders"]["s"]["sampling_params"] == {"max_completions_tokens": 100}
     job = policy.clamp(FINE_TUNING, _rft(model="gpt-4o", input=[], sampling_params={"max_completions_tokens": 50000}))
     assert job["method"]["reinforcement"]["grader"]["sampling_params"] == {"max_completions_tokens": 100}
     assert job["method"]["reinforcement"]["hyperparameters"] == {"n_epochs": 1} and job["training_file"] == "file-1"

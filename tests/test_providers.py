@@ -129,6 +129,9 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         # LiteLLM's proxy serves Azure's and OpenAI's old paths: the model in the path runs (a firewall probe)
         ("localhost", "/openai/deployments/o1-pro/chat/completions", "chat.completions", "o1-pro"),
         ("localhost", "/engines/o1-pro/chat/completions", "chat.completions", "o1-pro"),
+        ("localhost", "/engines/openai/o1-pro/chat/completions", "chat.completions", "openai/o1-pro"),  # a router's name (a review)
+        ("localhost", "/openai/deployments/anthropic/claude-opus-4/completions", "completions", "anthropic/claude-opus-4"),
+        ("localhost", "/deployments/d1/unknown/thing", "deployments", None),  # no operation after it: the body's model is judged
         ("localhost", "/v1/deployments", "deployments", None),
     ],
 )
