@@ -19,9 +19,12 @@ from typing import Any
 
 import orjson
 
+from llm_mitm.redact import Redactor
+
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "weight"}
 EXAMPLE_KEYS = {"messages", "tools", "parallel_tool_calls"}
+_REDACTOR = Redactor()
 
 
 class Skip(Exception):
@@ -110,8 +113,14 @@ def _text(content: Any) -> str | None:
                 texts.append(part["text"])
             else:
                 raise Skip("non-text content")
-        return "".join(texts)
+        return _joined(texts)
     raise Skip("non-text content")
+
+
+def _joined(texts: list[str]) -> str:
+    """Texts traced one by one, joined: a key cut across two is whole again, and is looked
+    for once more."""
+    return _REDACTOR.free_text("".join(texts)) if len(texts) > 1 else "".join(texts)
 
 
 def _chat_message(message: Any) -> dict[str, Any]:
@@ -244,7 +253,7 @@ def _merge_assistant(messages: list[dict[str, Any]], calls_only: bool = False) -
         if merged and message["role"] == "assistant" and merged[-1]["role"] == "assistant" and joins:
             last = merged[-1]
             if message.get("content"):
-                last["content"] = (last.get("content") or "") + message["content"]
+                last["content"] = _joined([last.get("content") or "", message["content"]])
             if message.get("tool_calls"):
                 last["tool_calls"] = [*last.get("tool_calls", []), *message["tool_calls"]]
         else:
@@ -298,7 +307,7 @@ def _anthropic_message(message: Any) -> list[dict[str, Any]]:
         else:
             raise Skip("non-text content")
     if texts or calls:
-        message_out: dict[str, Any] = {"role": role, "content": "".join(texts) or None}
+        message_out: dict[str, Any] = {"role": role, "content": _joined(texts) or None}
         if calls:
             message_out["tool_calls"] = calls
         out.append(message_out)

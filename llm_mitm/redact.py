@@ -141,6 +141,17 @@ class _Beside:
         return self.shape.finditer(string) if self.companion.search(string) is not None else iter(())
 
 
+# A private key, PEM-armoured: the whole block, once base64 follows its first line (and any
+# `Proc-Type:` lines): a text that names the armour is no key (a review).
+_PRIVATE_KEY_BLOCK = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:\s|\\[nr])*(?:[A-Za-z-]+: [^\n\\]*(?:\s|\\[nr])+)*[A-Za-z0-9+/=]{40}"
+    r".*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL)
+
+
+def _may_hold_private_key(text: str) -> bool:
+    return "PRIVATE KEY-----" in text
+
+
 _SHAPES: tuple[tuple[Callable[[str], bool], _Shape], ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-...) keys.
     (lambda text: "sk-" in text, re.compile(rf"(?:(?<![A-Za-z0-9-])|{_AFTER_ESCAPE})sk-[A-Za-z0-9_-]{{16,}}")),  # after `_` too: KEY_sk-proj-...
@@ -173,11 +184,7 @@ _SHAPES: tuple[tuple[Callable[[str], bool], _Shape], ...] = (
     (_may_hold_other_key, re.compile(
         rf"(?:(?<![A-Za-z0-9])|{_AFTER_ESCAPE})(?:[sr]k_(?:live|test)_[A-Za-z0-9]{{16,}}|hf_[A-Za-z0-9]{{30,}}|gsk_[A-Za-z0-9]{{40,}}"
         r"|xai-[A-Za-z0-9]{40,}|pplx-[A-Za-z0-9]{40,}|xox[abprse]-[A-Za-z0-9-]{10,}|" + _AWS_KEY_ID.pattern + ")")),
-    # A private key, PEM-armoured: the whole block, once base64 follows its first line (and any
-    # `Proc-Type:` lines): a text that names the armour is no key (a review).
-    (lambda text: "PRIVATE KEY-----" in text, re.compile(
-        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:\s|\\[nr])*(?:[A-Za-z-]+: [^\n\\]*(?:\s|\\[nr])+)*[A-Za-z0-9+/=]{40}"
-        r".*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.DOTALL)),
+    (_may_hold_private_key, _PRIVATE_KEY_BLOCK),
 )
 # Whatever follows "Bearer" is a credential, whatever its shape (not a fingerprint already).
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
@@ -611,12 +618,17 @@ class Redactor:
         assigned = name + ":"  # as `_assignment` finds a name: given a value
         return any(match.end() == len(assigned) for match in self._assignment.finditer(assigned))
 
+    def named_credential(self, name: str, value: str) -> str:
+        """A credential sent under `name` (a header's, a custom header's): a password's
+        with none of its characters kept, any other's as `credential` hides it."""
+        return self._hidden_as_named(name, value, self.credential)
+
     def header(self, name: str, value: str) -> str:
         name = name.lower()
         if name in ("cookie", "set-cookie"):
             return self.opaque(value.strip())
         if self._credential_headers(name):
-            return self.credential(value)
+            return self.named_credential(name, value)
         if "=" in value and ("?" in value or self._may_name_credential(value)):  # a URL's parameters (`Location: ...&sig=...`), `session_token=...`
             return self.url(value)
         return self.text(value)
@@ -759,6 +771,8 @@ class Redactor:
         line as `log_line` reads it; but a hexdump (a binary body) is left out whole: a key
         in it is cut into 16-byte lines in both columns, and no line holds enough of it to be
         found (nor could a key in UTF-16 or compressed be found at all)."""
+        if _may_hold_private_key(text):  # a key block spans lines, which are read one at a time below
+            text = _PRIVATE_KEY_BLOCK.sub(self._replace, _ANSI.sub("", text) if "\x1b" in text else text)
         if "\n" not in text:  # a flow's line, a header: no hexdump (one line of it has 16 bytes, no whole key)
             return self.log_line(text, sent)
         plain = _ANSI.sub("", text) if "\x1b" in text else text
@@ -796,7 +810,7 @@ class Redactor:
             if self._credential_headers(name) and name != "set-cookie":
                 scheme, token = split_scheme(value)
                 if len(token) >= SHORTEST_SENT:
-                    sent[token] = self.opaque(token) if scheme is not None and scheme.lower() in ("basic", "digest") else self.fingerprint(token)
+                    sent[token] = self.opaque(token) if scheme is not None and scheme.lower() in ("basic", "digest") else self._hidden_as_named(name, token)
         query = url.partition("?")[2]
         if query:
             decoded = _percent_decoded("&" + query.partition("#")[0])[0]
@@ -854,10 +868,18 @@ class Redactor:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return self._hidden_as_named(key, str(value), self.credential) if self._credential_keys(key) else None
         if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-            return [self._hidden_as_named(key, item, self.credential) for item in value] if self._credential_keys(key) else None
+            return [self._hidden_as_named(key, item, self.credential) for item in value] if self._names_credentials(key) else None
         if isinstance(value, dict) and isinstance(value.get("value"), str) and value["value"] and self._credential_keys(key):
-            return {**value, "value": self.credential(value["value"])}
+            return {**value, "value": self._hidden_as_named(key, value["value"], self.credential)}
         return None
+
+    def _names_credentials(self, key: str) -> bool:
+        """Whether a list's key names credentials, also in the plural (`passwords`,
+        `api_keys`, `secrets`); not `tokens`, a tokenizer's words."""
+        if self._credential_keys(key):
+            return True
+        lowered = key.lower()
+        return lowered.endswith("s") and not lowered.endswith("tokens") and self._credential_keys(key[:-1])
 
     def _named_pair(self, item: dict[Any, Any]) -> dict[Any, Any]:
         """A name/value pair naming a credential (`{"name": "api-key", "value": "..."}`, as

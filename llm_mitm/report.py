@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from llm_mitm.redact import Redactor
 from llm_mitm.texts import request_texts, response_texts
 from llm_mitm.tracestats import group_key
 
@@ -24,6 +25,9 @@ TEXT_LIMIT = 4000  # characters of one message kept
 # call is kept whole in memory and in the page: an agent's call of 200 messages made 0.8 MB
 # of report, and 2000 of them a page no browser opens (a traces probe).
 CONVERSATION_LIMIT = 20_000
+# The texts a call's conversation is read as are not all as the trace holds them: a text file
+# sent as base64 is decoded, and a message's parts are read joined (a key cut across two).
+_REDACTOR = Redactor()
 
 
 @dataclass
@@ -76,8 +80,8 @@ def _latency_label(index: int) -> str:
 def _call(record: dict[str, Any], model: str) -> dict[str, Any]:
     request = (record.get("request") or {}).get("body")
     response = (record.get("response") or {}).get("body")
-    conversation = [[role, text[:TEXT_LIMIT]] for role, text in request_texts(request) if text]
-    conversation += [["assistant", text[:TEXT_LIMIT]] for text in response_texts(response) if text]
+    conversation = [[role, _REDACTOR.free_text(text)[:TEXT_LIMIT]] for role, text in request_texts(request) if text]
+    conversation += [["assistant", _REDACTOR.free_text(text)[:TEXT_LIMIT]] for text in response_texts(response) if text]
     usage = record.get("usage") or {}
     policy = record.get("policy") or {}
     return {

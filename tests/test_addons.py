@@ -210,6 +210,9 @@ def test_one_key_is_one_identity_however_it_is_sent(tmp_path: Path) -> None:
     assert key_of(azure, deployment + b"&api-key=" + b"f" * 32) != key_of(azure, deployment + b"&api-key=" + b"e" * 32)
     anthropic = key_of("api.anthropic.com", b"/v1/messages", x_api_key=key, authorization=b"Bearer junk-" + b"j" * 20)
     assert anthropic == key_of("api.anthropic.com", b"/v1/messages", x_api_key=key)
+    # a gateway's password header: the caller as its header is traced, with none of its characters (it kept its last four)
+    password = key_of(x_gateway_password=b"hunter2-but-longer-Zq9!")
+    assert password is not None and password.startswith("…#") and "Zq9!" not in password
 
 
 def test_a_provider_named_only_by_server_name_or_host_header_is_recorded(tmp_path: Path) -> None:

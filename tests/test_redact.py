@@ -354,6 +354,11 @@ def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
         redactor.url(f"https://h/v1/x?password={password}&n=1"),
         redactor.printout(f"    password: {password}"),
         redactor.sent_credentials([], f"https://h/v1/x?password={password}")[password],
+        # a header named for a password, as traced and as found when echoed; a named object's value; a plural list
+        redactor.header("X-Db-Password", password),
+        redactor.sent_credentials([("X-Password", password)], "https://h/v1/x")[password],
+        orjson.dumps(redactor.json({"password": {"value": password}})).decode(),
+        orjson.dumps(redactor.json({"passwords": [password]})).decode(),
     ]
     for text in hidden:
         assert "aple" not in text and re.search(r"…#[0-9a-f]{16}", text), text
@@ -373,6 +378,9 @@ def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
     listed = redactor.json({"api_key": ["lk-opaque-0123456789abc"], "password": 123456789, "secret": [1, {"a": "plain"}]})
     assert "0123456789abc" not in orjson.dumps(listed).decode() and listed["password"].startswith("…#"), listed
     assert listed["secret"] == [1, {"a": "plain"}]  # a list that is not of strings is walked as it is
+    plural = redactor.json({"secrets": ["a-plural-secret-1234"], "tokens": ["Hello", " world"], "keys": ["sort", "id"], "max_tokens": 5})
+    assert plural["secrets"] == [redactor.fingerprint("a-plural-secret-1234")] and plural["tokens"] == ["Hello", " world"]
+    assert plural["keys"] == ["sort", "id"] and plural["max_tokens"] == 5  # a tokenizer's words, a sort order are data
 
 
 @pytest.mark.parametrize(
@@ -402,6 +410,18 @@ def test_percent_decoding_changes_nothing_but_the_keys() -> None:
     encoded = redactor.url(f"https://r.openai.azure.com/openai/deployments/gpt%2D4o/x?api-version=1&api-key={azure}")
     assert encoded.rpartition("api-key=")[2] == plain.rpartition("api-key=")[2]  # one key, one fingerprint
     assert redactor.url("https://x/v1/x?q=a%26b%3Dc") == "https://x/v1/x?q=a%26b%3Dc"  # %26 is not &
+
+
+@pytest.mark.parametrize("indent", ["", "    "])
+def test_a_private_key_block_is_found_across_the_printout_s_lines(indent: str) -> None:
+    """A text body is printed a line at a time, and the block's armour and base64 are each a
+    line of their own: the block is looked for in the whole first (it was printed whole)."""
+    block = KEYS["pem"].replace("\n", "\n" + indent)
+    printed = Redactor().printout(f"{indent}before\n{indent}{block}\n{indent}after")
+    assert_gone(KEYS["pem"].split("\n")[1], printed)
+    assert printed.startswith(f"{indent}before\n") and printed.endswith(f"\n{indent}after")
+    coloured = Redactor().printout(f"\x1b[32m{indent}{block}\x1b[0m\n{indent}after")
+    assert_gone(KEYS["pem"].split("\n")[2], coloured)
 
 
 def test_cookies_in_the_printout_keep_none_of_their_characters() -> None:

@@ -152,6 +152,28 @@ def test_a_report_keeps_each_calls_latest_messages_only() -> None:
     assert [role for role, _ in short] == ["user", "assistant", "assistant"]  # all of it, no note
 
 
+def test_a_report_hides_keys_in_what_it_decodes_or_joins() -> None:
+    """A text file sent inline is traced as the base64 it came as, and the report shows it
+    decoded (it showed the key inside in clear: a secrets probe); an answer's text parts too."""
+    import base64
+
+    from llm_mitm.report import collect, render
+
+    key = "sk-proj-" + "Q7" * 30
+    encoded = base64.b64encode(f"OPENAI_API_KEY={key}\n".encode()).decode()
+    parts = [{"type": "text", "text": "read this"}, {"type": "file", "file": {"filename": "a.txt", "file_data": f"data:text/plain;base64,{encoded}"}}]
+    document = {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": encoded}}
+    records = [
+        {**chat_record("unused", {"role": "assistant", "content": "ok"}), "request": {"body": {"model": "gpt-4o", "messages": [{"role": "user", "content": parts}]}}},
+        {"provider": "anthropic", "api": "anthropic", "operation": "messages", "model": "claude-sonnet-4-5", "status_code": 200,
+         "request": {"body": {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": [document]}]}},
+         "response": {"body": {"content": [{"type": "text", "text": f"your key is {key}"}]}}},
+    ]
+    data = collect(records)
+    assert any("OPENAI_API_KEY=sk-proj-…" in text for call in data.calls for _, text in call["conversation"])  # decoded, then hidden
+    assert "Q7Q7Q7Q7" not in render(data)
+
+
 def test_a_report_is_its_owners_only(recorded: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.html"
     result = cli("report", str(recorded), "-o", str(out))
@@ -164,6 +186,18 @@ def chat_record(question: str, reply: Any) -> dict[str, Any]:
     return {"provider": "openai", "api": "openai", "operation": "chat.completions", "model": "gpt-4o", "status_code": 200,
             "request": {"body": {"model": "gpt-4o", "messages": [{"role": "user", "content": question}]}},
             "response": {"body": {"choices": [{"index": 0, "message": reply, "finish_reason": "stop"}]}}}
+
+
+def test_export_hides_a_key_cut_across_text_parts() -> None:
+    """The trace redacts each string by itself, and the export joins a message's parts:
+    a key cut across two came out whole (a secrets probe)."""
+    key = "sk-proj-" + "R8" * 30
+    split = [{"type": "text", "text": f"my key: {key[:12]}"}, {"type": "text", "text": f"{key[12:]} please store it"}]
+    record = chat_record("unused", {"role": "assistant", "content": [{"type": "text", "text": key[:20]}, {"type": "text", "text": key[20:]}]})
+    record["request"]["body"]["messages"] = [{"role": "user", "content": split}]
+    [example] = list(export_examples([record]))
+    written = orjson.dumps(example).decode()
+    assert "R8R8R8R8" not in written and written.count("sk-proj-…R8R8#") == 2, written
 
 
 def test_export_skips_what_it_cannot_convert(tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ class Recorder:
         for name in names:
             value = exchange.header(name)
             if value:
-                return self._credential(value)
+                return self._credential(name, value)
         return None
 
     def _gateway_key(self, exchange: Exchange) -> str | None:
@@ -175,12 +175,14 @@ class Recorder:
         for raw_name, raw_value in exchange.request_fields:
             name = raw_name.decode("latin-1").lower()
             if raw_value and name not in _NOT_CALLER_HEADERS and redactor.names_credential(name):
-                return self._credential(raw_value.decode("utf-8", "surrogateescape"))
+                return self._credential(name, raw_value.decode("utf-8", "surrogateescape"))
         return None
 
-    def _credential(self, value: str) -> str:
+    def _credential(self, name: str, value: str) -> str:
+        """The caller's identity as its header is traced (a password's with none of its
+        characters), a Bearer's token whatever the case of its scheme."""
         scheme, token = split_scheme(value)
-        return self.shared.redactor.credential(token if scheme is not None and scheme.lower() == "bearer" else value)
+        return self.shared.redactor.named_credential(name, token if scheme is not None and scheme.lower() == "bearer" else value)
 
     def _query_key(self, request: http.Request) -> str | None:
         """Azure also takes its key as `?api-key=` (API Management `?subscription-key=`):
