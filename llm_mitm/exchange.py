@@ -45,6 +45,8 @@ class Body:
         size = len(content)
         malformed = False
         if _looks_like_json(content, content_type):
+            if "charset" in content_type.lower() and _read_otherwise(content, content_type):
+                return cls(size=size, text=_sample(content, content_type))  # opaque: the policy cannot tell what a server reads
             try:
                 return cls(size=size, json=orjson.loads(content), is_json=True, raw=content)
             except orjson.JSONDecodeError:
@@ -145,6 +147,23 @@ def _text_encoding(content: bytes, content_type: str) -> str:
     if content.startswith(_UNICODE_MARKS) or b"\x00" in content[:4]:
         return json.detect_encoding(content)
     return "utf-8"
+
+
+_UNICODE_CHARSETS = frozenset(("utf-8", "utf8", "us-ascii", "ascii", "utf-16", "utf-16le", "utf-16be", "utf-32", "utf-32le", "utf-32be"))
+
+
+def _read_otherwise(content: bytes, content_type: str) -> bool:
+    """Whether a JSON body's declared charset reads its bytes as another text than UTF-8
+    does: a server that decodes by it (aiohttp's `request.json()`) reads UTF-7's `+AGk-` as
+    an `i`, and a forbidden phrase so written passed (a firewall probe). A charset no
+    server can decode by (unknown, or not fitting the bytes) leaves nothing to hide."""
+    named = _CHARSET.search(content_type)
+    if named is None or named.group(1).lower() in _UNICODE_CHARSETS:
+        return False
+    try:
+        return content.decode(named.group(1)) != content.decode("utf-8")
+    except (LookupError, UnicodeError):
+        return False
 
 
 def _utf8_json(content: bytes) -> bytes | None:

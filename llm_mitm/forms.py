@@ -108,7 +108,7 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
             parsed = orjson.loads(session)
             if not isinstance(parsed, dict):
                 return None
-            fields.update((key, parsed[key]) for key in ("model", "instructions", "tools") if key in parsed)
+            fields.update(parsed)  # all of it: its transcription model too (a firewall probe: only three fields were read)
         for name in TEXT_FIELDS:
             if value := values.get(name):
                 fields[name] = value.decode("utf-8")

@@ -12,6 +12,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
+from llm_mitm.pricing import snapshot_bases
 from llm_mitm.forms import BATCH, batch_file_calls
 from llm_mitm.providers import Provider, Route, route_for
 from llm_mitm.texts import (
@@ -253,7 +254,7 @@ class Policy:
         if _OTHER_MODEL_KEYS.isdisjoint(body):  # most bodies: one look at their keys
             return None
         for where, model in _other_models(body):
-            if violation := self._check_model(route, model, False):
+            if violation := self._check_model(route, model, where.startswith("tools")):
                 return Violation(violation.rule, f"{where}: {violation.detail}", violation.status)
         return None
 
@@ -492,17 +493,19 @@ def _unclampable(route: Route, body: dict[str, Any], cap: int) -> Violation | No
 def model_readings(model: str) -> list[str]:
     """A model name and the names of the model it runs, for `denied_models`: a router's
     provider prefix (`openai/gpt-4o`), a fine-tune's base (`ft:gpt-4o-mini:org::id`), a tag
-    or version (`llama3:70b`, `claude-sonnet-4@20250514`) or spaces around it do not make a
-    denied model another (a firewall probe: they passed `gpt-4o*`). The allow list takes
-    the name as written."""
+    or version (`llama3:70b`, `claude-sonnet-4@20250514`), a snapshot's date
+    (`gpt-4o-2024-08-06`, `ft:gpt-4o-2024-08-06:org::id`, `claude-opus-4-1-20250805`) or
+    spaces around it do not make a denied model another (a firewall probe: they passed
+    `gpt-4o*`). The allow list takes the name as written."""
     readings = [model]
     model = model.strip()  # what a lenient server makes of " gpt-4o"
     for name in (model, model.rsplit("/", 1)[-1]):
         if name[:3].lower() == "ft:":
             name = name[3:]
         for base in (name, name.split(":", 1)[0], name.split("@", 1)[0]):
-            if base and base not in readings:
-                readings.append(base)
+            for reading in snapshot_bases(base):
+                if reading not in readings:
+                    readings.append(reading)
     return readings
 
 
@@ -664,6 +667,7 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
 
 
 _OTHER_MODEL_KEYS = frozenset(("tools", "session", "input_audio_transcription", "audio"))
+_TOOLS_RUNNING_A_MODEL = frozenset(("image_generation",))
 
 
 def _names_transcription_model(body: Any) -> bool:
@@ -671,10 +675,11 @@ def _names_transcription_model(body: Any) -> bool:
 
 
 def _other_models(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """(where, model) of each model a body names beside its own (see `_check_other_models`)."""
+    """(where, model) of each model a body names beside its own (see `_check_other_models`);
+    a tool that runs its default where it names none (`image_generation`: gpt-image-1) with None."""
     for index, tool in enumerate(as_list(body.get("tools"))):
-        if isinstance(tool, dict) and "model" in tool:
-            yield f"tools[{index}]", tool["model"]
+        if isinstance(tool, dict) and ("model" in tool or tool.get("type") in _TOOLS_RUNNING_A_MODEL):
+            yield f"tools[{index}]", tool.get("model")
     for prefix, holder in (("", body), ("session.", body.get("session"))):
         if isinstance(holder, dict):
             for where, transcription in transcriptions(holder):

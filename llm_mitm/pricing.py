@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
 
@@ -42,6 +42,16 @@ def shipped_table() -> tuple[str, dict[str, ModelPrice]]:
     return data["as_of"], {name: ModelPrice.model_validate(price) for name, price in data["models"].items()}
 
 
+def snapshot_bases(name: str) -> Iterator[str]:
+    """`name`, then the names of the model it is a snapshot of, a suffix taken off at a time
+    (`gpt-4o-2024-08-06` -> `gpt-4o`; `claude-sonnet-4-0` -> `claude-sonnet-4`)."""
+    seen = set()
+    while name and name not in seen:
+        yield name
+        seen.add(name)
+        name = next((shorter for suffix in _SUFFIXES if (shorter := suffix.sub("", name)) != name), name)
+
+
 class PriceTable:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self.as_of, shipped = shipped_table()
@@ -55,17 +65,7 @@ class PriceTable:
 
     def _resolve(self, model: str) -> str | None:
         name = model.lower().rpartition("/")[2]  # "openai/gpt-4o" on some compatible servers
-        seen = set()
-        while name and name not in seen:
-            if name in self.prices:
-                return name
-            seen.add(name)
-            for suffix in _SUFFIXES:
-                shorter = suffix.sub("", name)
-                if shorter != name:
-                    name = shorter
-                    break
-        return None
+        return next((shorter for shorter in snapshot_bases(name) if shorter in self.prices), None)
 
     def price(self, model: str | None) -> ModelPrice | None:
         name = self.resolve(model) if model else None

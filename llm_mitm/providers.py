@@ -149,7 +149,7 @@ def route_for(provider: Provider, path: str) -> Route:
     # errors and limits are Anthropic's: read as OpenAI's, a stream was rebuilt as nothing).
     claude_on_azure = provider.api == "azure" and bool(segments) and segments[0].lower() == "anthropic"  # Azure's paths match in any case
     if provider.api == "anthropic" or claude_on_azure:
-        segments = _after_version(segments[1:] if claude_on_azure else segments)
+        segments = _after_version([segment.lower() for segment in segments[1:]] if claude_on_azure else segments)
         operation = _anthropic_operation(segments)
         return Route(provider.name, "anthropic", operation, subresource=_subresource(operation, segments), repeated=repeated)
     if provider.api == "azure":
@@ -233,10 +233,11 @@ def _azure_parts(segments: list[str]) -> tuple[str | None, list[str]]:
     to case (`/OpenAI/Deployments/...`); a deployment's name is kept as written."""
     if len(segments) > 3 and [segment.lower() for segment in segments[:2]] == ["api", "projects"]:  # a Foundry project's endpoint
         segments = segments[3:]
-    if segments[:1] == ["models"] and len(segments) > 1:  # Azure AI Foundry's model inference (`/models/chat/completions`)
-        return None, [segment.lower() for segment in segments[1:]]
-    if not segments or segments[0].lower() != "openai":
-        return None, _after_version(segments)
+    lowered = [segment.lower() for segment in segments]
+    if lowered[:1] == ["models"] and len(segments) > 1:  # Azure AI Foundry's model inference (`/models/chat/completions`)
+        return None, lowered[1:]
+    if lowered[:1] != ["openai"]:
+        return None, _after_version(lowered)
     rest = segments[1:]
     if len(rest) >= 2 and rest[0].lower() == "deployments":
         return rest[1], [segment.lower() for segment in rest[2:]]

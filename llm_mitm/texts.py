@@ -239,12 +239,15 @@ class _Collector:
                     self.content(role, message.get(field))
             return
         role = message.get("role")
-        if not isinstance(role, str):
-            if isinstance(kind, str) and kind != "message":  # a hosted tool's call or output, given back
-                self.end_run()
+        if isinstance(kind, str) and kind != "message":  # a hosted tool's call or output, given back
+            self.end_run()
+            if not isinstance(role, str):
                 _leaf_texts(self.out, "tool", message, SCHEMA_DEPTH)
                 return
-            role = "user"
+            # with a role too: a lenient server may read its content as that speaker's (a firewall probe: the rest went unread)
+            _leaf_texts(self.out, "tool", {key: value for key, value in message.items() if key not in ("content", "role")}, SCHEMA_DEPTH)
+        # a role as a lenient server takes it (vLLM passes any to a chat template, which prints it): `User` is the user
+        role = role.strip().lower() if isinstance(role, str) else "user"
         self.content(role, message.get("content"))
         if self.extras and isinstance(message.get("name"), str):  # chat: a participant's name, given to the model
             self.out.append((role, name_words(message["name"])))

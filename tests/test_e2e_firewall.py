@@ -341,6 +341,9 @@ def test_forbidden_instruction_in_a_gzip_request_body(firewall: Mitmdump, provid
     (lambda body: b"\xef\xbb\xbf" + body, "text/plain", 403, "model_not_allowed"),  # a byte order mark, a type not JSON's
     (lambda body: body.decode().encode("utf-16"), "", 403, "model_not_allowed"),
     (lambda body: b"model=gpt-4&prompt=hi", "application/x-www-form-urlencoded", 400, "unparseable_body"),
+    # a charset that reads the bytes as another text (UTF-7's `+AC0-` is `-`): aiohttp's request.json() decodes by it (a firewall probe)
+    (lambda body: body.replace(b"-", b"+AC0-"), "application/json; charset=utf-7", 400, "unparseable_body"),
+    (lambda body: body, "application/json; charset=ISO-8859-1", 403, "model_not_allowed"),  # the same text by either: read
 ])
 def test_a_body_in_any_shape_is_policed_before_it_goes(
     firewall: Mitmdump, provider: FakeProvider, encode: Any, content_type: str, status: int, code: str,
@@ -355,6 +358,19 @@ def test_a_body_in_any_shape_is_policed_before_it_goes(
             proxies={"https": firewall.proxy_url}, verify=str(firewall.ca_cert), timeout=30,
         )
     assert response.status_code == status and response.json()["error"]["code"] == code
+
+
+def test_a_body_in_x_gzip_is_read_as_gzip(firewall: Mitmdump, provider: FakeProvider) -> None:
+    """`x-gzip` is gzip (RFC 9110), which servers decode; mitmproxy knows no such coding, and
+    the call was refused as unreadable (a firewall probe)."""
+    m = marker()
+    with Blocked(provider, m):
+        response = requests.post(
+            "https://api.openai.com/v1/chat/completions", data=gzip.compress(orjson.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": m}]})),
+            headers={"content-type": "application/json", "content-encoding": "x-gzip", "authorization": f"Bearer {OPENAI_KEY}"},
+            proxies={"https": firewall.proxy_url}, verify=str(firewall.ca_cert), timeout=30,
+        )
+    assert response.status_code == 403 and response.json()["error"]["code"] == "model_not_allowed", response.text
 
 
 @pytest.mark.parametrize("coding", ["rot13", "quopri", "base64", "gzip, br"])

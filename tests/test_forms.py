@@ -32,9 +32,29 @@ def test_fields_are_read_whatever_the_header_order_and_values_kept_as_sent() -> 
 
 def test_a_realtime_session_is_read_as_json() -> None:
     session = b'{"type": "realtime", "model": "gpt-realtime", "instructions": "be brief", "voice": "x"}'
-    assert read_form(form(field("sdp", b"v=0"), field("session", session)), TYPE).fields == {"model": "gpt-realtime", "instructions": "be brief"}
+    assert read_form(form(field("sdp", b"v=0"), field("session", session)), TYPE).fields == orjson.loads(session)
     for session in (b"not json", b'{"model": NaN}', b"[1]"):  # Python's json (a server's) reads NaN; orjson does not
         assert read_form(form(field("session", session)), TYPE) is None
+
+
+def test_a_webrtc_calls_session_is_judged_as_the_same_session_sent_as_json() -> None:
+    """Its transcription model ran unjudged, and a transcription-only session was refused as
+    naming no model, where the same session as JSON was judged by it (a firewall probe)."""
+    from llm_mitm.config import PolicyConfig, default_config
+    from llm_mitm.policy import Policy, RequestView
+    from llm_mitm.providers import ProviderMatcher
+
+    routes = ProviderMatcher(default_config().enabled_providers)
+    calls, secrets = (routes.route("api.openai.com", 443, path) for path in ("/v1/realtime/calls", "/v1/realtime/client_secrets"))
+    allowed = Policy(PolicyConfig(allowed_models=["gpt-realtime", "gpt-4o-mini-transcribe"], denied_models=["whisper-1"]))
+    for transcriber, verdict in (("gpt-4o-mini-transcribe", None), ("gpt-4o-transcribe", "model_not_allowed"), ("whisper-1", "model_not_allowed")):
+        for session in ({"type": "realtime", "model": "gpt-realtime", "audio": {"input": {"transcription": {"model": transcriber}}}},
+                        {"type": "transcription", "audio": {"input": {"transcription": {"model": transcriber}}}}):
+            fields = read_form(form(field("sdp", b"v=0"), field("session", orjson.dumps(session))), TYPE).fields
+            found = allowed.check(RequestView(calls, fields.get("model"), fields, media="form"))
+            assert (found.rule if found else None) == verdict, (transcriber, session)
+            found = allowed.check(RequestView(secrets, session.get("model"), {"session": session}))
+            assert (found.rule if found else None) == verdict, (transcriber, session)
 
 
 @pytest.mark.parametrize(("body", "content_type"), [

@@ -124,6 +124,9 @@ def test_allow_hosts_regexes_are_anchored(matcher: ProviderMatcher) -> None:
         ("r.services.ai.azure.com", "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21", "chat.completions", "prod-4o"),
         ("r.services.ai.azure.com", "/openai/v1/responses", "responses", None),
         ("r.services.ai.azure.com", "/anthropic/v1/messages", "messages", None),  # Claude, in Anthropic's API
+        # Azure matches every segment in any case (a firewall probe: these were no operation, unchecked)
+        ("r.services.ai.azure.com", "/Models/Chat/Completions?api-version=2024-05-01-preview", "chat.completions", None),
+        ("r.services.ai.azure.com", "/anthropic/V1/Messages/Batches", "messages.batches", None),
         # a Foundry project's endpoint, as the AzureOpenAI client builds its paths (a firewall probe: operation `api`)
         ("r.services.ai.azure.com", "/api/projects/p1/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21", "chat.completions", "prod-4o"),
         # LiteLLM's proxy serves Azure's and OpenAI's old paths: the model in the path runs (a firewall probe)

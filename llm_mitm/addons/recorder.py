@@ -6,6 +6,7 @@ import logging
 import time
 
 from mitmproxy import http
+from mitmproxy.net import encoding
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
@@ -203,8 +204,11 @@ def _content(message: http.Message, coding: str | None) -> bytes | None:
     """The body as its server reads it; None when no server would decode it."""
     if not coding:
         return message.raw_content
-    if coding.strip().lower() not in _SERVER_CODINGS:
+    coding = coding.strip().lower()
+    if coding not in _SERVER_CODINGS:
         return None
+    if coding == "x-gzip":  # gzip by its old name (RFC 9110), which mitmproxy does not know
+        return encoding.decode(message.raw_content, "gzip") if message.raw_content else message.raw_content
     return message.get_content(strict=False)
 
 
