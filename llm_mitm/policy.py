@@ -37,10 +37,13 @@ from llm_mitm.texts import (
 # `parameters.max_new_tokens` (a firewall probe: they passed the cap).
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens",
                     "max_completions_tokens", "n_predict", "num_predict", "max_new_tokens")
-LIMIT_HOLDERS = ("options", "parameters")
+LIMIT_HOLDERS = ("options", "parameters", "sampling_params")  # Ollama's, TGI's, SGLang's
 _LIMIT_FIELDS = frozenset(MAX_TOKEN_FIELDS)
 _INNER_LIMITS = ("session", *LIMIT_HOLDERS)
 _INNER_LIMIT_SET = frozenset(_INNER_LIMITS)
+# Prompts as token ids, which no text check can read: SGLang's `input_ids`, Ollama's `context`
+# (the conversation so far, as the server returned it: a client can send any).
+_TOKEN_ID_PROMPTS = frozenset(("input_ids", "context"))
 _LIMIT_HOLDER_SET = frozenset(LIMIT_HOLDERS)
 V = TypeVar("V")
 RoleText = tuple[str, str]
@@ -298,6 +301,9 @@ class Policy:
         if isinstance(prompt, list) and not all(prompt_text(item) is not None for item in prompt):
             return Violation("forbidden_instruction", "a legacy prompt given as token ids cannot be checked against forbidden_instructions: "
                              "send it as text")
+        if not _TOKEN_ID_PROMPTS.isdisjoint(body) and (key := next((key for key in sorted(_TOKEN_ID_PROMPTS) if _token_ids(body.get(key))), None)):
+            return Violation("forbidden_instruction", f"a prompt given as token ids ({key!r}) cannot be checked against forbidden_instructions: "
+                             "send it as text")
         try:
             pieces, runs = read_request(body, extras=True, joined=True, whole=True)
         except TooDeep:
@@ -507,6 +513,10 @@ def model_readings(model: str) -> list[str]:
                 if reading not in readings:
                     readings.append(reading)
     return readings
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, int) for item in value)
 
 
 def _middle_cut(text: str, reach: int) -> str:

@@ -86,6 +86,11 @@ _SCHEMA_KEYS = {
 # the properties' (`required`): nothing to read, and in every node of every schema.
 _SCHEMA_WORDS = frozenset(("type", "required", "$schema", "$ref", "$id"))
 # A body's keys for what the model reads beside the conversation.
+# The prompt fields of servers' own endpoints, as their roles: TGI's `inputs` and SGLang's
+# `text` (`/generate`), llama.cpp's `/infill` (the code around the gap, other files), and
+# Ollama's `template`, which its prompt is written into (a firewall probe: none was read).
+_NATIVE_PROMPTS = {"inputs": "user", "text": "user", "input_prefix": "user", "input_suffix": "user", "input_extra": "user", "template": "system"}
+_NATIVE_PROMPT_KEYS = frozenset(_NATIVE_PROMPTS)
 _EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "text", "output_config", "output_format", "prediction",
                          "documents", "chat_template", "chat_template_kwargs", "data_sources"))
 
@@ -154,6 +159,8 @@ class _Collector:
                     self.out.append(("user", value))
                 elif isinstance(value, (list, dict)):  # llama.cpp's too: `{"prompt_string": ...}`, alone or in the list
                     self.out.extend(("user", text) for item in ([value] if isinstance(value, dict) else value) if (text := prompt_text(item)) is not None)
+        if not _NATIVE_PROMPT_KEYS.isdisjoint(body):
+            self._native_prompt(body)
         system = body.get("system")
         if system is not None:
             self.content("system", system)
@@ -190,6 +197,16 @@ class _Collector:
                 inner = body.get(key)
                 if isinstance(inner, dict):
                     self.body(inner, nested=True)
+
+    def _native_prompt(self, body: dict[str, Any]) -> None:
+        """The prompt of a server's own endpoint (see `_NATIVE_PROMPTS`)."""
+        for key, role in _NATIVE_PROMPTS.items():
+            value = body.get(key)
+            for item in [value] if isinstance(value, str) else as_list(value):
+                if isinstance(item, str):
+                    self.out.append((role, item))
+                elif isinstance(item, dict) and isinstance(item.get("text"), str):  # `input_extra`: files, `{"filename", "text"}`
+                    self.out.append((role, item["text"]))
 
     def _extras(self, body: dict[str, Any]) -> None:
         """What the model reads beside the conversation (the keys of `_EXTRA_KEYS`)."""
