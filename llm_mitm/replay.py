@@ -135,8 +135,9 @@ def _chat_stream(body: dict[str, Any], include_usage: bool) -> bytes:
         chunk(index, {"role": "assistant", "content": None if message.get("content") is None else ""})
         if message.get("content"):
             chunk(index, {"content": message["content"]}, logprobs=choice.get("logprobs"))
-        if message.get("refusal"):
-            chunk(index, {"refusal": message["refusal"]})
+        for field in ("refusal", "reasoning_content", "reasoning", "function_call", "audio", "annotations"):  # as they came in one piece
+            if message.get(field):
+                chunk(index, {field: message[field]})
         for number, call in enumerate(message.get("tool_calls") or []):
             chunk(index, {"tool_calls": [{"index": number, **call}]})
         chunk(index, {}, choice.get("finish_reason"))

@@ -139,10 +139,15 @@ class _DeflateDecoder:
 
     def __init__(self) -> None:
         self._obj: Any = None
+        self._head = b""  # the first byte, when a chunk of one came first: the zlib header is two
 
     def decompress(self, data: bytes) -> bytes:
         if self._obj is None:
-            wrapped = len(data) >= 2 and (data[0] & 0x0F) == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return b""
+            wrapped = (data[0] & 0x0F) == 8 and ((data[0] << 8) | data[1]) % 31 == 0
             self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         return self._obj.decompress(data)
 
@@ -246,6 +251,19 @@ def _append(parts: dict[Any, list[str]], key: Any, text: str) -> None:
 
 _CHAT_HEAD = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
 _CHAT_TEXT_FIELDS = frozenset(("content", "refusal", "reasoning_content", "reasoning"))
+# Delta fields that come as objects whose strings arrive in pieces (the others stand as
+# last sent): chat's deprecated `function_call`, and an audio answer (`modalities: ["audio"]`).
+_CHAT_PIECED_FIELDS = {"function_call": frozenset(("name", "arguments")), "audio": frozenset(("data", "transcript"))}
+
+
+def _apply_pieces(slot: dict[str, Any], delta: dict[str, Any], pieced: frozenset[str]) -> None:
+    for key, value in delta.items():
+        if key in pieced:
+            if isinstance(value, str):
+                slot.setdefault(key, []).append(value)
+        elif value is not None:
+            slot[key] = value
+
 
 
 class ChatCompletionsRebuilder(StreamRebuilder):
@@ -300,6 +318,10 @@ class ChatCompletionsRebuilder(StreamRebuilder):
                     state["role"] = value
             elif field == "tool_calls":
                 self._apply_tool_calls(state, value)
+            elif isinstance(value, dict) and field in _CHAT_PIECED_FIELDS:  # a deprecated function call's, an audio answer's pieces
+                _apply_pieces(state.setdefault(field, {}), value, _CHAT_PIECED_FIELDS[field])
+            elif field == "annotations" and isinstance(value, list):  # a search model's citations
+                state.setdefault("annotations", []).extend(value)
 
     @staticmethod
     def _apply_tool_calls(state: dict[str, Any], calls: Any) -> None:
@@ -340,6 +362,11 @@ class ChatCompletionsRebuilder(StreamRebuilder):
             for field in ("refusal", "reasoning_content", "reasoning"):
                 if field in parts:
                     message[field] = parts[field]
+            for field, pieced in _CHAT_PIECED_FIELDS.items():
+                if field in state:
+                    message[field] = {key: "".join(value) if key in pieced else value for key, value in state[field].items()}
+            if "annotations" in state:
+                message["annotations"] = state["annotations"]
             if state["tool_calls"]:
                 message["tool_calls"] = [
                     {

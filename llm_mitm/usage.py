@@ -61,6 +61,8 @@ def _nested(usage: dict[str, Any], outer: str, inner: str) -> int | None:
 # (input, output, input details, output details) as each OpenAI API names them
 _CHAT_FIELDS = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
 _RESPONSES_FIELDS = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+# a transcription's (gpt-4o-transcribe) and the realtime API's: the details' names in the singular
+_TRANSCRIPTION_FIELDS = ("input_tokens", "output_tokens", "input_token_details", "output_token_details")
 
 
 def normalize_usage(api: str, usage: Any) -> Usage | None:
@@ -70,7 +72,11 @@ def normalize_usage(api: str, usage: Any) -> Usage | None:
     chat = "prompt_tokens" in usage or "completion_tokens" in usage  # chat's shape, whoever serves it (Anthropic's OpenAI-compatible endpoint)
     if api == "anthropic" and not chat:
         return _anthropic(usage)
-    return _openai(usage, _CHAT_FIELDS if chat else _RESPONSES_FIELDS)
+    if chat:
+        return _openai(usage, _CHAT_FIELDS)
+    if usage.get("type") == "duration":  # whisper's: billed by the second, no tokens counted
+        return None
+    return _openai(usage, _TRANSCRIPTION_FIELDS if "input_token_details" in usage else _RESPONSES_FIELDS)
 
 
 def _openai(usage: dict[str, Any], fields: tuple[str, str, str, str]) -> Usage:

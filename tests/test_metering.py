@@ -279,6 +279,16 @@ def test_a_reported_total_gives_the_output_count_a_server_left_out() -> None:
     assert Metering(PriceTable(), estimate_missing=True).meter(call)[0] == Usage(input_tokens=10, output_tokens=15, total_tokens=25)
 
 
+def test_a_transcriptions_usage_is_read_with_its_audio_tokens() -> None:
+    """gpt-4o-transcribe names its details in the singular (`input_token_details`), and
+    whisper counts seconds, not tokens: its audio tokens were lost, and whisper's usage was
+    a record of nothing (a usage probe)."""
+    usage = normalize_usage("openai", {"type": "tokens", "input_tokens": 50, "output_tokens": 3, "total_tokens": 53,
+                                       "input_token_details": {"audio_tokens": 48, "text_tokens": 2}})
+    assert usage == Usage(input_tokens=50, output_tokens=3, total_tokens=53, audio_input_tokens=48)
+    assert normalize_usage("openai", {"type": "duration", "seconds": 9}) is None
+
+
 def test_embeddings_report_no_output_and_none_is_estimated() -> None:
     usage = normalize_usage("openai", {"prompt_tokens": 8, "total_tokens": 8})
     call = Call("embeddings", "text-embedding-3-small", usage, {"input": "x"}, {"data": []}, error=False, charged=True, status_code=200)

@@ -110,6 +110,15 @@ def test_raw_deflate_is_accepted() -> None:
     check_chat(rebuild(ChatCompletionsRebuilder(), data, [data[:7], data[7:]], "deflate"))
 
 
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS])
+def test_deflate_whose_first_chunk_is_one_byte_is_read(wbits: int) -> None:
+    """Wrapped or raw is told by the first two bytes; told by one, a zlib stream was read as
+    raw and its usage lost (a usage probe)."""
+    obj = zlib.compressobj(wbits=wbits)
+    data = obj.compress(sse(CHAT)) + obj.flush()
+    check_chat(rebuild(ChatCompletionsRebuilder(), data, [data[:1], data[1:2], data[2:]], "deflate"))
+
+
 def test_malformed_events_are_counted_not_fatal() -> None:
     data = b"data: {not json\n\n" + b": comment\n\n" + b"data: [1,2]\n\n" + sse(CHAT)
     rebuilder = rebuild(ChatCompletionsRebuilder(), data)
@@ -234,6 +243,23 @@ def test_parallel_tool_calls_without_an_index_stay_apart() -> None:
     calls = rebuild(ChatCompletionsRebuilder(), sse(events)).result()["choices"][0]["message"]["tool_calls"]
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         ("f1", "get_weather", '{"location":"Sydney"}'), ("f2", "get_time", '{"tz":"AEST"}')]
+
+
+def test_a_function_call_and_an_audio_answer_are_rebuilt_from_their_pieces() -> None:
+    """Chat's deprecated `function_call` and an audio answer's `audio` come in pieces as tool
+    calls do; they were left out of the rebuilt answer (a usage probe)."""
+    def delta(**fields: object) -> tuple[None, dict]:
+        return (None, {"id": "c1", "choices": [{"index": 0, "delta": fields}]})
+
+    events = [delta(role="assistant", content=None, function_call={"name": "get_weather", "arguments": ""}),
+              delta(function_call={"arguments": '{"city":'}), delta(function_call={"arguments": '"Paris"}'}),
+              (None, {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "function_call"}]}), (None, "[DONE]")]
+    message = rebuild(ChatCompletionsRebuilder(), sse(events)).result()["choices"][0]["message"]
+    assert message["function_call"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    events = [delta(role="assistant", audio={"id": "audio_1", "transcript": "Hello "}), delta(audio={"data": "AAAA", "transcript": "world"}),
+              delta(audio={"data": "BBBB", "expires_at": 1700000000}), (None, "[DONE]")]
+    message = rebuild(ChatCompletionsRebuilder(), sse(events)).result()["choices"][0]["message"]
+    assert message["audio"] == {"id": "audio_1", "transcript": "Hello world", "data": "AAAABBBB", "expires_at": 1700000000}
 
 
 def test_anthropic_error_event() -> None:

@@ -786,6 +786,27 @@ def test_a_legacy_completion_replayed_as_a_stream_is_read_back_whole(api: str, b
         assert stream.startswith(b"event: completion\n") and rebuilt == body
 
 
+def test_a_chat_answer_of_every_kind_goes_to_a_stream_and_back_whole() -> None:
+    """A deprecated function call, an audio answer, reasoning and citations were left out of
+    a replayed stream and of a stream's rebuilt trace (its estimate then 0 tokens, its export
+    and its replay empty): a usage probe."""
+    from llm_mitm.replay import Recorded, as_stream
+    from llm_mitm.sse import StreamTap, rebuilder_for
+
+    citation = {"type": "url_citation", "url_citation": {"url": "https://example.org", "title": "e", "start_index": 0, "end_index": 2}}
+    messages = [
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+        {"role": "assistant", "content": None, "audio": {"id": "audio_1", "data": "UklGRg==", "expires_at": 1700000000, "transcript": "Hello world"}},
+        {"role": "assistant", "content": "ok", "reasoning_content": "thought it through", "annotations": [citation]},
+    ]
+    body = {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+            "choices": [{"index": i, "message": m, "finish_reason": "stop"} for i, m in enumerate(messages)]}
+    tap = StreamTap(rebuilder_for("openai", "chat.completions"))
+    tap(as_stream(Recorded("openai", "chat.completions", 200, body), include_usage=False))
+    tap.finish()
+    assert [choice["message"] for choice in tap.rebuilder.result()["choices"]] == messages
+
+
 def test_a_legacy_completion_replays_to_the_sdk_as_a_stream(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     from llm_mitm.redact import Redactor
 
