@@ -560,11 +560,59 @@ def _cumulative(usage: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+class FinalEventRebuilder(StreamRebuilder):
+    """The streams of OpenAI's other operations, events of their own whose last holds the
+    answer: a transcription's `transcript.text.done`, an image's `image_generation.completed`
+    (or `image_edit.completed`), each the non-streamed answer with a `type`; an Assistants
+    run's `thread.*` events, ended by [DONE], whose answer is the run as it last stood with
+    the messages it completed. Read as chat chunks, none of them ever ended, and their
+    answers were lost (a usage probe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._final: dict[str, Any] | None = None
+        self._run: dict[str, Any] | None = None
+        self._messages: list[dict[str, Any]] = []
+
+    def _apply(self, event: str, payload: dict[str, Any]) -> None:
+        kind = payload.get("type") if isinstance(payload.get("type"), str) else event
+        if kind == "error" or event == "error":
+            self.error = payload.get("error", payload)
+            return
+        if event.startswith("thread."):  # ended by [DONE] only
+            if event.startswith("thread.run.") and not event.startswith("thread.run.step."):  # a step's usage is the step's alone
+                self._run = payload
+                self._take_usage(payload)
+            elif event == "thread.message.completed":
+                self._messages.append(payload)
+            return
+        self._take_usage(payload)
+        if kind.endswith((".done", ".completed")):
+            self._final = {key: value for key, value in payload.items() if key != "type"}
+            self.ended = True
+
+    def _take_usage(self, payload: dict[str, Any]) -> None:
+        if isinstance(payload.get("usage"), dict):
+            self.usage = payload["usage"]
+        if isinstance(payload.get("model"), str) and payload["model"]:
+            self.model = payload["model"]
+
+    def result(self) -> dict[str, Any] | None:
+        if self._run is not None or self._messages:
+            return {**(self._run or {}), "messages": self._messages}
+        return self._final
+
+
+_FINAL_EVENT_OPERATIONS = frozenset(("audio", "images", "threads"))
+
+
 def rebuilder_for(api: str, operation: str) -> StreamRebuilder:
     if shapes_of(api, operation) == "anthropic":
         return AnthropicRebuilder()
     if operation == "responses":
         return ResponsesRebuilder()
+    if operation in _FINAL_EVENT_OPERATIONS:
+        return FinalEventRebuilder()
     return ChatCompletionsRebuilder()
 
 

@@ -262,6 +262,40 @@ def test_a_function_call_and_an_audio_answer_are_rebuilt_from_their_pieces() -> 
     assert message["audio"] == {"id": "audio_1", "transcript": "Hello world", "data": "AAAABBBB", "expires_at": 1700000000}
 
 
+@pytest.mark.parametrize(("operation", "events", "answer", "usage"), [
+    ("audio", [(None, {"type": "transcript.text.delta", "delta": "Hel"}), (None, {"type": "transcript.text.delta", "delta": "lo"}),
+               (None, {"type": "transcript.text.done", "text": "Hello", "usage": {"type": "tokens", "input_tokens": 50, "output_tokens": 3,
+                                                                                  "total_tokens": 53, "input_token_details": {"audio_tokens": 50}}})],
+     {"text": "Hello"}, {"input_tokens": 50, "output_tokens": 3, "audio_input_tokens": 50}),
+    ("images", [(None, {"type": "image_generation.partial_image", "b64_json": "AA", "partial_image_index": 0}),
+                (None, {"type": "image_generation.completed", "b64_json": "BB", "usage": {"input_tokens": 10, "output_tokens": 4160, "total_tokens": 4170}})],
+     {"b64_json": "BB"}, {"input_tokens": 10, "output_tokens": 4160}),
+    ("threads", [("thread.run.created", {"id": "run_1", "object": "thread.run", "status": "queued", "model": "gpt-4o", "usage": None}),
+                 ("thread.run.step.completed", {"id": "step_1", "object": "thread.run.step", "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}),
+                 ("thread.message.delta", {"id": "msg_1", "delta": {"content": [{"index": 0, "type": "text", "text": {"value": "Hi"}}]}}),
+                 ("thread.message.completed", {"id": "msg_1", "object": "thread.message", "role": "assistant", "content": [{"type": "text", "text": {"value": "Hi"}}]}),
+                 ("thread.run.completed", {"id": "run_1", "object": "thread.run", "status": "completed", "model": "gpt-4o",
+                                           "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}),
+                 ("done", "[DONE]")],
+     {"id": "run_1", "status": "completed", "messages": [{"id": "msg_1", "object": "thread.message", "role": "assistant", "content": [{"type": "text", "text": {"value": "Hi"}}]}]},
+     {"input_tokens": 5, "output_tokens": 2}),
+])
+def test_the_other_operations_streams_end_with_their_answer(operation: str, events: list, answer: dict, usage: dict) -> None:
+    """A streamed transcription, image or Assistants run was read as chat chunks: traced as
+    cut short, its answer none (a usage probe)."""
+    from llm_mitm.exchange import read_stream
+
+    tap = StreamTap(rebuilder_for("openai", operation), "")
+    tap(sse(events))
+    body, outcome = read_stream("openai", 200, tap)
+    assert outcome.error is None and outcome.ended
+    assert answer.items() <= body.json.items()
+    assert outcome.usage is not None and usage.items() <= outcome.usage.as_dict().items()
+    cut = StreamTap(rebuilder_for("openai", operation), "")
+    cut(sse(events[:-1]))
+    assert read_stream("openai", 200, cut)[1].error is not None  # short of its last event: cut short
+
+
 def test_anthropic_error_event() -> None:
     rebuilder = rebuild(AnthropicRebuilder(), sse([("error", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})]))
     assert rebuilder.error == {"type": "overloaded_error", "message": "busy"}
