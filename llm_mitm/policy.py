@@ -12,8 +12,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
-from llm_mitm.pricing import snapshot_bases
 from llm_mitm.forms import BATCH, batch_file_calls
+from llm_mitm.pricing import snapshot_bases
 from llm_mitm.providers import Provider, Route, route_for
 from llm_mitm.texts import (
     ROLE_ALIASES,
