@@ -815,8 +815,12 @@ class Redactor:
         if query:
             decoded = _percent_decoded("&" + query.partition("#")[0])[0]
             for match in self._query.finditer(decoded):
-                if self._is_key_param(match) and len(value := match.group(3)) >= SHORTEST_SENT:
+                if len(value := match.group(3)) < SHORTEST_SENT or _is_fingerprint(value):
+                    continue
+                if self._is_key_param(match):
                     sent[value] = self._hidden_as_named(match.group(2), value)
+                elif self._credential_headers(match.group(2).lower()):  # `?x-api-key=`: `url` hides it as a named value
+                    sent[value] = self.opaque(value)
         return dict(sorted(sent.items(), key=lambda item: -len(item[0])))  # one holding another goes whole
 
     def json(self, value: Any) -> Any:

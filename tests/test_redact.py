@@ -556,6 +556,20 @@ def test_the_credentials_a_request_sent_are_known_whatever_their_shape() -> None
     assert replace_sent(clean, sent) is clean
 
 
+def test_a_key_sent_in_a_parameter_named_like_a_credential_header_is_known_when_echoed() -> None:
+    """`?x-api-key=` is no query parameter of the list, but `url` hides it as a named value:
+    upstream quoting it back must find it hidden the same way."""
+    from llm_mitm.redact import replace_sent
+
+    redactor = Redactor()
+    url = "https://h/v1/messages?x-api-key=XYZZY4noshape&x-goog-api-key=XYZZY5noshape&q=ordinaryvalue"
+    sent = redactor.sent_credentials([], url)
+    assert sent == {"XYZZY4noshape": redactor.opaque("XYZZY4noshape"), "XYZZY5noshape": redactor.opaque("XYZZY5noshape")}
+    assert sent["XYZZY4noshape"] in redactor.url(url)  # as the URL is written in the trace
+    echoed = replace_sent({"error": "bad key XYZZY4noshape, XYZZY5noshape"}, sent)
+    assert "XYZZY" not in str(echoed)
+
+
 @pytest.mark.parametrize("url", [
     "https://api.openai.com/v1/models?q=GITHUB_TOKEN=ghpXYZZYvalue1&a=1",
     "https://api.openai.com/v1/models?q=GITHUB_TOKEN%3DghpXYZZYvalue1&a=1",
