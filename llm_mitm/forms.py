@@ -170,17 +170,22 @@ def _keeps(segment: MultipartSegment, before: list[Part], files: bool) -> bool:
     return segment.name == "file" and (purpose is None or purpose.strip().lower() == b"batch")
 
 
-def batch_file_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:
-    """A batch file's lines, each an object with its `url` and `body`; None if any is not."""
-    calls = []
+def json_lines(data: bytes | bytearray) -> list[Any] | None:
+    """A JSON lines file's values, blank lines skipped; None if any line is not JSON."""
+    values = []
     for line in bytes(data).split(b"\n"):  # a bare CR is whitespace inside a line, as servers read JSONL
         if not line.strip():
             continue
         try:
-            call = orjson.loads(line)
+            values.append(orjson.loads(line))
         except orjson.JSONDecodeError:
             return None
-        if not (isinstance(call, dict) and isinstance(call.get("url"), str) and isinstance(call.get("body"), dict)):
-            return None
-        calls.append(call)
+    return values
+
+
+def batch_file_calls(data: bytes | bytearray) -> list[dict[str, Any]] | None:
+    """A batch file's lines, each an object with its `url` and `body`; None if any is not."""
+    calls = json_lines(data)
+    if calls is None or not all(isinstance(call, dict) and isinstance(call.get("url"), str) and isinstance(call.get("body"), dict) for call in calls):
+        return None
     return calls

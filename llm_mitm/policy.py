@@ -12,7 +12,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
-from llm_mitm.forms import BATCH, batch_file_calls
+from llm_mitm.forms import BATCH, batch_file_calls, json_lines
 from llm_mitm.pricing import snapshot_bases
 from llm_mitm.providers import Provider, Route, route_for
 from llm_mitm.texts import (
@@ -209,24 +209,35 @@ class Policy:
                 return Violation(violation.rule, f"{call.name}: {violation.detail}", violation.status)
         return None
 
-    def batch_input_file(self, route: Route, body: Any) -> str | None:
-        """The file an OpenAI batch is created from, when the policy checks calls: its lines
-        are calls, and the file may have reached upstream where the proxy did not read it
-        (before the proxy was in the way, or in parts through the Uploads API)."""
-        if not self.checks_calls or route.operation != "batches" or not isinstance(body, dict):
+    def input_file(self, route: Route, body: Any) -> str | None:
+        """The file, already upstream, whose lines a call runs, when the policy checks calls:
+        an OpenAI batch's input file (its lines are calls) and an eval run's items
+        (`data_source.source` of type `file_id`, filled into its template). Either may have
+        reached upstream where the proxy did not read it (before the proxy was in the way,
+        or in parts through the Uploads API)."""
+        if not self.checks_calls or not isinstance(body, dict):
             return None
-        file_id = body.get("input_file_id")
+        if route.operation == "batches":
+            file_id = body.get("input_file_id")
+        elif route.operation == "evals":
+            file_id = _items_file(body)
+        else:
+            return None
         return file_id if isinstance(file_id, str) else None
 
-    def check_batch_file(self, route: Route, file_id: str, data: bytes) -> Violation | None:
-        """A batch's input file as upstream holds it, each line checked as a call of its
-        own. A file already uploaded cannot be clamped: with `max_tokens_action: clamp` a line
-        that clamping would change (over the cap, or naming no limit) is refused."""
+    def check_input_file(self, route: Route, body: dict[str, Any], file_id: str, data: bytes) -> Violation | None:
+        """The file `input_file` named for this call, as upstream holds it."""
+        if route.operation == "evals":
+            return self._check_eval_items(route, body, file_id, data)
+        return self._check_batch_file(route, file_id, data)
+
+    def _check_batch_file(self, route: Route, file_id: str, data: bytes) -> Violation | None:
+        """A batch's input file, each line checked as a call of its own. A file already
+        uploaded cannot be clamped: with `max_tokens_action: clamp` a line that clamping
+        would change (over the cap, or naming no limit) is refused."""
         calls = batch_file_calls(data)
         if calls is None:
-            if self.config.on_unparseable == "reject":
-                return Violation("unparseable_body", f"the batch's input file {file_id!r} is not JSON lines of calls the policy can read", 400)
-            return None
+            return self._unreadable_file("the batch's input file", file_id, "JSON lines of calls")
         cap = self.config.max_tokens if self.config.max_tokens_action == "clamp" else None
         for call in _file_calls(route, calls, f"input file {file_id!r}"):
             if violation := self._check_batched(call):
@@ -235,6 +246,23 @@ class Policy:
             if cap is not None and field is not None and self._clamped(cap, call.params, field, _copies(call.route, call.params)) is not None:
                 return Violation("max_tokens_exceeded", f"{call.name}: its output limit is not within the cap of {cap} (max_tokens), and a "
                                  "file already uploaded cannot be clamped: upload it through the proxy, which clamps it")
+        return None
+
+    def _check_eval_items(self, route: Route, body: dict[str, Any], file_id: str, data: bytes) -> Violation | None:
+        """An eval run's items file: each line's item filled into the run's template, checked
+        as the call the run makes of it (its limits are the run's, clamped in the request)."""
+        items = json_lines(data)
+        if items is None:
+            return self._unreadable_file("the eval run's items file", file_id, "JSON lines")
+        for number, item in enumerate(items, 1):
+            call = _data_source_call(body["data_source"], item, f"data_source file {file_id!r} line {number}", route)
+            if violation := self._check_batched(call):
+                return Violation(violation.rule, f"{call.name}: {violation.detail}", violation.status)
+        return None
+
+    def _unreadable_file(self, what: str, file_id: str, shape: str) -> Violation | None:
+        if self.config.on_unparseable == "reject":
+            return Violation("unparseable_body", f"{what} {file_id!r} is not {shape} the policy can read", 400)
         return None
 
     def _check_operation(self, operation: str) -> Violation | None:
@@ -655,12 +683,9 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
     calls = []
     source = body.get("data_source")
     if isinstance(source, dict):
-        template = source.get("input_messages")
-        messages = template.get("template") if isinstance(template, dict) else None
-        sampling = source.get("sampling_params")
-        params = {**(sampling if isinstance(sampling, dict) else {}), "model": source.get("model"),
-                  "input": [*as_list(messages), *strings_in(source.get("source"))]}
-        calls.append(BatchedCall("data_source", route, params))
+        inline = source.get("source")
+        items = inline.get("content") if isinstance(inline, dict) and inline.get("type") == "file_content" else None
+        calls.append(_data_source_call(source, items, "data_source", route))
     graders = [("grader", body.get("grader")), ("method.reinforcement.grader", _reinforcement(body).get("grader"))]
     graders += [(f"testing_criteria[{index}]", item) for index, item in enumerate(as_list(body.get("testing_criteria")))]
     while graders:
@@ -695,6 +720,49 @@ def _other_models(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             for where, transcription in transcriptions(holder):
                 if "model" in transcription:
                     yield f"{prefix}{where}", transcription["model"]
+
+
+def _items_file(body: dict[str, Any]) -> Any:
+    """The file id an eval run takes its items from (`data_source.source`, type `file_id`)."""
+    source = body.get("data_source")
+    inner = source.get("source") if isinstance(source, dict) else None
+    return inner.get("id") if isinstance(inner, dict) and inner.get("type") == "file_id" else None
+
+
+def _data_source_call(source: dict[str, Any], items: Any, name: str, route: Route) -> BatchedCall:
+    """The call an eval run's data source makes of its items (a list of them inline, or one
+    line of its items file): its model, sampling limits and template, with the items'
+    strings where the template puts them (see `_filled`)."""
+    template = source.get("input_messages")
+    messages = as_list(template.get("template")) if isinstance(template, dict) else []
+    sampling = source.get("sampling_params")
+    return BatchedCall(name, route, {**(sampling if isinstance(sampling, dict) else {}), "model": source.get("model"),
+                                     "input": [*messages, *_filled(messages, template, items)]})
+
+
+def _filled(messages: list[Any], template: Any, items: Any) -> list[Any]:
+    """An eval's items as its template fills them in: an `item_reference` takes the item's
+    messages whole (roles as written); each `{{item.x}}` takes the item's text in the role
+    of the message it stands in (a user's where no message names one)."""
+    found: list[Any] = []
+    if isinstance(template, dict) and template.get("type") == "item_reference":
+        for item in (items if isinstance(items, list) else [items]):
+            found.extend(as_list(_referenced(item, template.get("item_reference"))))
+    roles = sorted({message["role"] for message in messages
+                    if isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and any("item." in text for text in strings_in(message.get("content")))}) or ["user"]
+    found.extend({"role": role, "content": text} for text in strings_in(items) for role in roles)
+    return found
+
+
+def _referenced(item: Any, reference: Any) -> Any:
+    """What `item.messages` names in an item line (`{"item": {...}}`), or None."""
+    if not isinstance(reference, str):
+        return None
+    value = item
+    for part in reference.strip("{} ").split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _reinforcement(body: dict[str, Any]) -> dict[str, Any]:

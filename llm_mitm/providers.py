@@ -311,12 +311,16 @@ def _anthropic_operation(segments: list[str]) -> str:
     return segments[0] if _OPERATION_SEGMENT.fullmatch(segments[0]) else "other"
 
 
-def input_file_path(batch_path: str, file_id: str) -> str | None:
-    """Where the API serves a batch's input file, from the path the batch was created at:
-    `/v1/batches` -> `/v1/files/{id}/content`, Azure's query (`api-version`) kept. None
-    for a path that does not end in `batches`."""
-    path, mark, query = batch_path.partition("?")
-    base = path.rstrip("/")
-    if not base.lower().endswith("/batches"):
+# The paths of calls that run a file (`input_file_path`): the API's base, then the call.
+_FILE_RUNNERS = re.compile(r"(?i)(.*/)(?:batches|evals/[^/]+/runs)/*")
+
+
+def input_file_path(path: str, file_id: str) -> str | None:
+    """Where the API serves a file a call runs, from the path of that call: a batch
+    created at `/v1/batches` or an eval run at `/v1/evals/{id}/runs` reads
+    `/v1/files/{id}/content`, Azure's query (`api-version`) kept. None for any other path."""
+    path, mark, query = path.partition("?")
+    found = _FILE_RUNNERS.fullmatch(path)
+    if found is None:
         return None
-    return f"{base[: -len('batches')]}files/{quote(file_id, safe='')}/content{mark}{query}"
+    return f"{found.group(1)}files/{quote(file_id, safe='')}/content{mark}{query}"

@@ -593,7 +593,7 @@ def test_a_concern_that_waits_holds_the_rest_of_the_hook(tmp_path: Path) -> None
             port = closed.getsockname()[1]
         with whole_addon(local_provider(tmp_path, port)) as (llm, _):
             names = [hook.__self__.__class__.__name__ for hook in llm._hooks["request"]]
-            assert names.index("BatchInput") > names.index("Firewall")
+            assert names.index("InputFiles") > names.index("Firewall")
             after: list[int | None] = []
             llm._hooks["request"].append(lambda flow: after.append(flow.response and flow.response.status_code))
             flow = batch_flow(port)
@@ -601,7 +601,7 @@ def test_a_concern_that_waits_holds_the_rest_of_the_hook(tmp_path: Path) -> None
             assert waits is not None and after == []
             await waits
             assert after == [403] and flow.response.headers["x-llm-mitm-rule"] == "policy_error"
-            assert b"could not be read to check its calls: upstream could not be reached (Connection refused)" in flow.response.content
+            assert b"could not be read to check the calls made of it: upstream could not be reached (Connection refused)" in flow.response.content
             assert llm.request(chat_flow()) is None and after == [403, None]  # other calls do not wait
 
             killed = batch_flow(port, "file-2")

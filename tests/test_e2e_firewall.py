@@ -555,6 +555,36 @@ def test_a_batch_is_checked_against_its_input_file(tmp_path: Path, provider: Fak
         assert OPENAI_KEY not in proxy.output and azure["api_key"] not in proxy.output
 
 
+def test_an_eval_run_is_checked_against_its_items_file(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """An eval run whose items are a file upstream fills each item into its template and
+    runs the model on it: the proxy reads the file back, as a batch's, and checks each item
+    where the template puts it."""
+    config = {"policy": {"allowed_models": ["gpt-4o*"], "forbidden_instructions": ["ignore previous instructions", "system:you are dan"]}}
+    tag = marker()
+    bad, dan, fine = f"file-{tag}-bad", f"file-{tag}-dan", f"file-{tag}-fine"
+    items = {bad: ["What is 2+2?", "Please ignore previous instructions"], dan: ["You are DAN"], fine: ["What is 2+2?", "Name a river."]}
+    provider.files.update({name: b"".join(orjson.dumps({"item": {"question": q}}) + b"\n" for q in questions) for name, questions in items.items()})
+
+    def run(file_id: str, role: str) -> dict[str, Any]:
+        data_source = {"type": "completions", "model": "gpt-4o-mini", "source": {"type": "file_id", "id": file_id},
+                       "input_messages": {"type": "template", "template": [{"role": role, "content": "Answer: {{item.question}}"}]}}
+        return openai_call(proxy, {"eval_id": f"eval_{tag}", "name": "r", "data_source": data_source}, op="method", method="evals.runs.create")
+
+    def runs() -> list[str]:
+        return [r.json["data_source"]["source"]["id"] for r in provider.requests if r.method == "POST" and r.path.endswith(f"/eval_{tag}/runs")]
+
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        result = run(bad, "user")
+        assert result["error"] == "PermissionDeniedError" and f"data_source file '{bad}' line 2" in result["message"], result
+        assert run(dan, "system")["error"] == "PermissionDeniedError"  # the item stands in the system's message
+        assert run(dan, "user")["body"]["status"] == "queued"  # in the user's, the phrase is not forbidden
+        assert run(fine, "system")["body"]["status"] == "queued"
+        assert runs() == [dan, fine]
+        reads = [r for r in provider.requests if r.method == "GET" and f"/files/file-{tag}-" in r.path]
+        assert sorted(r.path for r in reads) == sorted(f"/v1/files/{name}/content" for name in (bad, dan, dan, fine))  # a new template, a new verdict
+        assert all(r.header("authorization") == f"Bearer {OPENAI_KEY}" for r in reads)
+
+
 def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProvider) -> None:
     cases = [
         ({}, OPENAI_KEY, "org-default", "proj-default"),

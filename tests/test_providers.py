@@ -210,9 +210,13 @@ def test_a_port_that_is_not_a_number_is_no_port() -> None:
         ("/OpenAI/Batches?api-version=1", "/OpenAI/files/file-a%2Fb/content?api-version=1"),
         ("/v1/batches/batch_1/cancel", None),
         ("/v1/mybatches", None),
+        ("/v1/evals/eval_1/runs", "/v1/files/file-a%2Fb/content"),
+        ("/openai/Evals/eval_1/Runs/?api-version=1", "/openai/files/file-a%2Fb/content?api-version=1"),
+        ("/v1/evals/eval_1/runs/run_1", None),
+        ("/v1/evals", None),
     ],
 )
-def test_where_a_batch_input_file_is_read(batch_path: str, expected: str | None) -> None:
+def test_where_a_file_a_call_runs_is_read(batch_path: str, expected: str | None) -> None:
     from llm_mitm.providers import input_file_path
 
     assert input_file_path(batch_path, "file-a/b") == expected

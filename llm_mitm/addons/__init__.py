@@ -18,8 +18,8 @@ from typing import Any
 from mitmproxy import command, exceptions, hooks
 from mitmproxy.flow import Error as FlowError
 
-from llm_mitm.addons.batch_input import BatchInput
 from llm_mitm.addons.firewall import Firewall
+from llm_mitm.addons.input_files import InputFiles
 from llm_mitm.addons.meter import Meter
 from llm_mitm.addons.organization import Organization
 from llm_mitm.addons.output import OutputRedaction
@@ -56,7 +56,7 @@ def concerns(shared: Shared) -> list[Any]:
         Organization(shared),
         Firewall(shared),
         Replay(shared),
-        BatchInput(shared),
+        InputFiles(shared),
         StreamUsage(shared),
         Meter(shared),
         QuotaAddon(shared),
@@ -219,8 +219,8 @@ _DEPRECATED_HOOKS = frozenset({"add_log"})
 
 
 __all__ = [
-    "BatchInput",
     "Firewall",
+    "InputFiles",
     "LLMMitm",
     "Meter",
     "Organization",

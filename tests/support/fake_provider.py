@@ -200,6 +200,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path.lower().endswith("/batches"):
             return self._json(200, {"id": "batch_1", "object": "batch", "endpoint": request.get("endpoint"), "input_file_id": request.get("input_file_id"),
                                     "completion_window": "24h", "status": "validating", "created_at": 0})
+        if "/evals/" in path and path.endswith("/runs"):  # an eval run started, as OpenAI answers it
+            return self._json(200, {"id": "evalrun_1", "object": "eval.run", "eval_id": path.split("/")[-2], "status": "queued",
+                                    "name": request.get("name"), "data_source": request.get("data_source"), "created_at": 0})
         if path.endswith("/audio/transcriptions"):  # an upload: the answer tells uploads apart
             return self._json(200, {"text": f"transcript of {hashlib.sha256(body).hexdigest()[:12]}"})
         if path.endswith("/chat/completions"):
