@@ -209,9 +209,10 @@ def read_outcome(api: str, status_code: int | None, body: Body) -> Outcome:
     outcome = Outcome()
     payload = body.json if body.is_json else None
     if isinstance(payload, dict):
-        if isinstance(payload.get("model"), str):
-            outcome.response_model = payload["model"]
-        outcome.usage = normalize_usage(api, payload.get("usage"))
+        model = payload.get("model", payload.get("modelVersion"))  # Gemini's own API names them so
+        if isinstance(model, str):
+            outcome.response_model = model
+        outcome.usage = normalize_usage(api, payload.get("usage", payload.get("usageMetadata")))
     outcome.error = status_error(status_code, payload)
     return outcome
 

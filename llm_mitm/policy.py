@@ -34,10 +34,11 @@ from llm_mitm.texts import (
 # `max_completions_tokens` (so spelled) is a score_model grader's sampling limit. Servers of
 # your own: llama.cpp's `n_predict` (it wins over max_tokens there, -1 is none), and in a
 # holder of their own (`LIMIT_HOLDERS`) Ollama's `options.num_predict` and TGI's
-# `parameters.max_new_tokens` (a firewall probe: they passed the cap).
+# `parameters.max_new_tokens` (a firewall probe: they passed the cap); Gemini's
+# `generationConfig.maxOutputTokens`.
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_tokens_to_sample", "max_response_output_tokens",
-                    "max_completions_tokens", "n_predict", "num_predict", "max_new_tokens")
-LIMIT_HOLDERS = ("options", "parameters", "sampling_params")  # Ollama's, TGI's, SGLang's
+                    "max_completions_tokens", "n_predict", "num_predict", "max_new_tokens", "maxOutputTokens")
+LIMIT_HOLDERS = ("options", "parameters", "sampling_params", "generationConfig", "generation_config")  # Ollama's, TGI's, SGLang's, Gemini's
 _LIMIT_FIELDS = frozenset(MAX_TOKEN_FIELDS)
 _INNER_LIMITS = ("session", *LIMIT_HOLDERS)
 _INNER_LIMIT_SET = frozenset(_INNER_LIMITS)
@@ -192,6 +193,9 @@ class Policy:
         if self.checks_calls and route.operation == "batches" and _unread_batch_input(request.body):
             return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
                              "a batch read from elsewhere (Azure's input_blob) cannot be checked")
+        if self.checks_calls and route.operation == "batch_generate_content":
+            return Violation("operation_not_allowed", "a Gemini batch (batchGenerateContent) is not read call by call by the policy: "
+                             "send its calls one by one, or allow them where no rule checks calls")
         # An unreadable body names no model: `on_unparseable: forward` has decided that case.
         # A transcription session names its model in its transcription settings only.
         unnamed = route.runs_a_model(request.method) and not request.unparseable and not _names_transcription_model(request.body)
@@ -551,7 +555,7 @@ def _middle_cut(text: str, reach: int) -> str:
     return text if len(text) <= 2 * reach else f"{text[:reach]}\x00{text[-reach:]}"
 
 
-_MANY_OUTPUTS = frozenset(("chat.completions", "completions"))
+_MANY_OUTPUTS = frozenset(("chat.completions", "completions", "generate_content"))
 
 
 def output_limit(route: Route, body: Any) -> float | None:
@@ -578,11 +582,19 @@ def _copies(route: Route, body: dict[str, Any]) -> float:
     copies = 1.0
     if route.operation not in _MANY_OUTPUTS:
         return copies
-    for field in ("n", "best_of"):
-        value = body.get(field)
-        if value is not None and (count := _token_limit(value)) is not None and count > copies:
+    for field, value in _output_counts(route, body):
+        if (count := _token_limit(value)) is not None and count > copies:
             copies = count
     return copies * _prompts(route, body)
+
+
+def _output_counts(route: Route, body: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, value) of each count of outputs a call names: `n`, `best_of`, Gemini's `candidateCount`."""
+    if route.operation == "generate_content":
+        config = body.get("generationConfig", body.get("generation_config"))
+        config = config if isinstance(config, dict) else {}
+        return [(f"generationConfig.{name}", config[name]) for name in ("candidateCount", "candidate_count") if config.get(name) is not None]
+    return [(field, body[field]) for field in ("n", "best_of") if body.get(field) is not None]
 
 
 def _prompts(route: Route, body: dict[str, Any]) -> int:
@@ -596,7 +608,7 @@ def _prompts(route: Route, body: dict[str, Any]) -> int:
 
 def _outputs(copies: float, route: Route, body: dict[str, Any]) -> str:
     """`4 outputs (n 4)`, for a refusal."""
-    fields = [f"{field} {body[field]!r}" for field in ("n", "best_of") if body.get(field) is not None]
+    fields = [f"{field} {value!r}" for field, value in _output_counts(route, body)]
     if (prompts := _prompts(route, body)) > 1:
         fields.append(f"{prompts} prompts")
     listed = ", ".join(fields)

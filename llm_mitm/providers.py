@@ -161,6 +161,9 @@ def route_for(provider: Provider, path: str) -> Route:
         return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0] or None,
                      _subresource(operation, rest), repeated, _runs_model(rest))
     segments = _openai_segments(_after_version(segments))
+    if gemini := _gemini_call(segments):
+        operation, model = gemini
+        return Route(provider.name, provider.api, operation, model, repeated=repeated, runs_model=True)
     deployment = None
     if len(segments) > 2 and segments[0] in ("deployments", "engines"):
         # The model named in the path, as LiteLLM's proxy serves Azure's and OpenAI's old paths:
@@ -172,6 +175,28 @@ def route_for(provider: Provider, path: str) -> Route:
     operation = _openai_operation(segments)
     return Route(provider.name, provider.api, operation, deployment, subresource=_subresource(operation, segments), repeated=repeated,
                  runs_model=_runs_model(segments))
+
+
+# Gemini's own API, which gateways pass through (LiteLLM's `/gemini/v1beta/...`) and
+# Google serves beside its OpenAI-compatible endpoint: the model in the path, then the
+# action (`models/gemini-2.5-pro:streamGenerateContent`, Vertex's
+# `projects/.../publishers/google/models/...:predict`). Read as OpenAI's, each was
+# `models`, a call no rule applied to (a review: a denied model and forbidden phrases passed).
+_GEMINI_ACTIONS = {
+    "generatecontent": "generate_content", "streamgeneratecontent": "generate_content", "generateanswer": "generate_content",
+    "counttokens": "count_tokens", "embedcontent": "embed_content", "batchembedcontents": "embed_content",
+    "predict": "predict", "predictlongrunning": "predict", "batchgeneratecontent": "batch_generate_content",
+}
+_GEMINI_MODELS = frozenset(("models", "tunedmodels"))
+
+
+def _gemini_call(segments: list[str]) -> tuple[str, str] | None:
+    """(operation, model) of a call to Gemini's own API, or None for any other path."""
+    if len(segments) < 2 or ":" not in segments[-1] or segments[-2].lower() not in _GEMINI_MODELS:
+        return None
+    model, _, action = segments[-1].rpartition(":")
+    operation = _GEMINI_ACTIONS.get(action.lower(), "gemini")  # an action not known here still runs the model named
+    return operation, (model if segments[-2].lower() == "models" else f"{segments[-2]}/{model}")
 
 
 # The endpoints past those billed by tokens that run a model, its default where a call names
@@ -276,7 +301,7 @@ def _openai_segments(segments: list[str]) -> list[str]:
 # The operations whose calls run a model and are billed by its tokens, with the segments of
 # each one's endpoint (a path with more goes past it) and the actions past it that run the
 # model all the same (`POST /v1/responses/compact` summarises a conversation).
-GENERATING_ENDPOINTS = {"chat.completions": 2, "completions": 1, "embeddings": 1, "responses": 1, "messages": 1}
+GENERATING_ENDPOINTS = {"chat.completions": 2, "completions": 1, "embeddings": 1, "responses": 1, "messages": 1, "generate_content": 2}
 _GENERATING_ACTIONS = {"responses": (("compact",),)}
 
 

@@ -603,6 +603,61 @@ class FinalEventRebuilder(StreamRebuilder):
         return self._final
 
 
+class GeminiRebuilder(StreamRebuilder):
+    """Gemini's own API streamed (`streamGenerateContent?alt=sse`, passed through by
+    gateways): each event a response holding the next parts of each candidate; the last
+    of a candidate names its `finishReason`, and the usage is the last event's. No [DONE]:
+    the stream has ended when every candidate it began has finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._candidates: dict[Any, dict[str, Any]] = {}
+        self._parts: dict[Any, list[dict[str, Any]]] = {}
+        self._head: dict[str, Any] = {}
+
+    def _apply(self, event: str, payload: dict[str, Any]) -> None:
+        if "error" in payload:
+            self.error = payload["error"]
+            return
+        if isinstance(payload.get("usageMetadata"), dict):
+            self.usage = payload["usageMetadata"]
+        if isinstance(payload.get("modelVersion"), str) and payload["modelVersion"]:
+            self.model = payload["modelVersion"]
+        self._head.update((key, payload[key]) for key in ("responseId", "modelVersion", "promptFeedback") if key in payload)
+        for candidate in payload.get("candidates") or ():
+            index = candidate.get("index", 0)
+            kept = self._candidates.setdefault(index, {"index": index})
+            kept.update((key, value) for key, value in candidate.items() if key not in ("content", "index"))
+            content = candidate.get("content")
+            if isinstance(content, dict):
+                kept.setdefault("role", content.get("role"))
+                self._add_parts(index, content.get("parts") or ())
+        self.ended = bool(self._candidates) and all("finishReason" in kept for kept in self._candidates.values())
+
+    def _add_parts(self, index: Any, parts: Any) -> None:
+        """A text part goes on the last part of its kind (a thought's or the answer's); any
+        other (a function call, code) is a part of its own."""
+        kept = self._parts.setdefault(index, [])
+        for part in parts:
+            text = part.get("text")
+            last = kept[-1] if kept else None
+            if isinstance(text, str) and last is not None and isinstance(last.get("text"), list) and last.get("thought") == part.get("thought"):
+                last["text"].append(text)
+            elif isinstance(text, str):
+                kept.append({**part, "text": [text]})
+            else:
+                kept.append(part)
+
+    def result(self) -> dict[str, Any] | None:
+        if not self._candidates and not self._head:
+            return None
+        candidates = []
+        for index, kept in self._candidates.items():
+            parts = [{**part, "text": "".join(part["text"])} if isinstance(part.get("text"), list) else part for part in self._parts.get(index, ())]
+            candidates.append({"content": {"parts": parts, "role": kept.get("role")}, **{key: value for key, value in kept.items() if key != "role"}})
+        return {"candidates": candidates, **({"usageMetadata": self.usage} if self.usage is not None else {}), **self._head}
+
+
 _FINAL_EVENT_OPERATIONS = frozenset(("audio", "images", "threads"))
 
 
@@ -613,6 +668,8 @@ def rebuilder_for(api: str, operation: str) -> StreamRebuilder:
         return ResponsesRebuilder()
     if operation in _FINAL_EVENT_OPERATIONS:
         return FinalEventRebuilder()
+    if operation == "generate_content":
+        return GeminiRebuilder()
     return ChatCompletionsRebuilder()
 
 

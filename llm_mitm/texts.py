@@ -78,6 +78,8 @@ _SCHEMA_KEYS = {
     "server_description": _TEXT, "definition": _TEXT, "format": _SCHEMA, "grammar": _SCHEMA,
     "enum": _VALUE, "const": _VALUE, "default": _VALUE, "examples": _VALUE,
     "parameters": _SCHEMA, "input_schema": _SCHEMA, "schema": _SCHEMA,
+    # Gemini's tools: functions declared in a list, their parameters also as JSON Schema
+    "functionDeclarations": _SCHEMA, "function_declarations": _SCHEMA, "parametersJsonSchema": _SCHEMA, "parameters_json_schema": _SCHEMA,
     "items": _SCHEMA, "prefixItems": _SCHEMA, "additionalProperties": _SCHEMA, "contains": _SCHEMA,
     "anyOf": _SCHEMA, "oneOf": _SCHEMA, "allOf": _SCHEMA, "not": _SCHEMA, "if": _SCHEMA, "then": _SCHEMA, "else": _SCHEMA,
     "properties": _MAP, "$defs": _MAP, "definitions": _MAP, "patternProperties": _MAP, "dependentSchemas": _MAP,
@@ -92,7 +94,13 @@ _SCHEMA_WORDS = frozenset(("type", "required", "$schema", "$ref", "$id"))
 _NATIVE_PROMPTS = {"inputs": "user", "text": "user", "input_prefix": "user", "input_suffix": "user", "input_extra": "user", "template": "system"}
 _NATIVE_PROMPT_KEYS = frozenset(_NATIVE_PROMPTS)
 _EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "text", "output_config", "output_format", "prediction",
-                         "documents", "chat_template", "chat_template_kwargs", "data_sources"))
+                         "documents", "chat_template", "chat_template_kwargs", "data_sources", "generationConfig", "generation_config"))
+# Gemini's own API (`providers._gemini_call`): the conversation, its system instruction, an
+# embedding's content, Imagen's and Veo's `instances`, the request whose tokens are counted.
+_GEMINI_KEYS = frozenset(("contents", "systemInstruction", "system_instruction", "instances", "requests", "generateContentRequest",
+                          "generate_content_request"))
+_GEMINI_ROLES = {"model": "assistant", "function": "tool"}
+_GEMINI_BINARY = frozenset(("inlineData", "inline_data", "fileData", "file_data"))  # a part's media: its data is base64, its uri a name
 
 
 def transcriptions(session: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -161,6 +169,8 @@ class _Collector:
                     self.out.extend(("user", text) for item in ([value] if isinstance(value, dict) else value) if (text := prompt_text(item)) is not None)
         if not _NATIVE_PROMPT_KEYS.isdisjoint(body):
             self._native_prompt(body)
+        if not _GEMINI_KEYS.isdisjoint(body) or _is_gemini_content(body.get("content")):
+            self._gemini(body, nested)
         system = body.get("system")
         if system is not None:
             self.content("system", system)
@@ -208,6 +218,41 @@ class _Collector:
                 elif isinstance(item, dict) and isinstance(item.get("text"), str):  # `input_extra`: files, `{"filename", "text"}`
                     self.out.append((role, item["text"]))
 
+    def _gemini(self, body: dict[str, Any], nested: bool) -> None:
+        """A body of Gemini's own API: `contents` (its roles `user`, `model`, `function`),
+        `systemInstruction`, an embedding's `content` (batched: each of `requests`),
+        Imagen's and Veo's `instances`, and a counted request within."""
+        system = body.get("systemInstruction", body.get("system_instruction"))
+        if system is not None:
+            self.gemini_content("system", system)
+        contents = body.get("contents")
+        for item in [contents] if isinstance(contents, (str, dict)) else as_list(contents):
+            role = item.get("role") if isinstance(item, dict) else None
+            role = role.strip().lower() if isinstance(role, str) else "user"
+            self.gemini_content(_GEMINI_ROLES.get(role, role), item)
+        for request in [body] + [item for item in as_list(body.get("requests")) if isinstance(item, dict)]:
+            if _is_gemini_content(request.get("content")):
+                self.gemini_content("user", request["content"])
+        _leaf_texts(self.out, "user", body.get("instances"), SCHEMA_DEPTH)
+        inner = body.get("generateContentRequest", body.get("generate_content_request"))
+        if isinstance(inner, dict) and not nested:
+            self.body(inner, nested=True)
+
+    def gemini_content(self, role: str, content: Any) -> None:
+        """A Gemini `Content` (its `parts`; a lenient server takes a text or a list of parts)."""
+        start = len(self.out)
+        parts = content.get("parts") if isinstance(content, dict) else content
+        for part in [parts] if isinstance(parts, (str, dict)) else as_list(parts):
+            if isinstance(part, str):
+                self.out.append((role, part))
+            elif isinstance(part, dict):
+                if isinstance(part.get("text"), str):
+                    self.out.append((role, part["text"]))
+                rest = {key: value for key, value in part.items() if key != "text" and key not in _GEMINI_BINARY}
+                if rest:  # a function's call or response, executable code and its result: what the model reads
+                    _leaf_texts(self.out, role, rest, SCHEMA_DEPTH)
+        self._ran(role, start)
+
     def _extras(self, body: dict[str, Any]) -> None:
         """What the model reads beside the conversation (the keys of `_EXTRA_KEYS`)."""
         prompt = body.get("prompt")
@@ -222,7 +267,9 @@ class _Collector:
         # The structured output's format and schema, read as a tool's are: chat's
         # `response_format.json_schema`, Responses' `text.format`, Anthropic's `output_format`
         # (beta) and `output_config.format`.
-        for outer, inner in (("response_format", "json_schema"), ("text", "format"), ("output_config", "format"), ("output_format", None)):
+        for outer, inner in (("response_format", "json_schema"), ("text", "format"), ("output_config", "format"), ("output_format", None),
+                             ("generationConfig", "responseSchema"), ("generationConfig", "responseJsonSchema"),
+                             ("generation_config", "response_schema"), ("generation_config", "response_json_schema")):
             holder = body.get(outer)
             schema = holder.get(inner) if inner is not None and isinstance(holder, dict) else holder
             if isinstance(schema, dict):
@@ -380,6 +427,11 @@ class _Collector:
             self.out.append((role, raw.decode("utf-8")))
         except UnicodeDecodeError:
             pass
+
+
+def _is_gemini_content(value: Any) -> bool:
+    """A Gemini `Content` where a body's `content` stands (an embedding's): one with `parts`."""
+    return isinstance(value, dict) and "parts" in value
 
 
 def _is_text_media(media: Any) -> bool:
@@ -615,7 +667,7 @@ def squeeze(normal: str) -> str:
 
 
 def response_texts(body: Any) -> Iterator[str]:
-    """The generated text of a (rebuilt) response: chat, completions, Responses, Anthropic."""
+    """The generated text of a (rebuilt) response: chat, completions, Responses, Anthropic, Gemini."""
     if not isinstance(body, dict):
         return
     for choice in as_list(body.get("choices")):
@@ -650,3 +702,8 @@ def response_texts(body: Any) -> Iterator[str]:
                         yield tool_input_text(block["input"])
                     except TooDeep:
                         pass
+    for candidate in as_list(body.get("candidates")):  # Gemini's own API
+        if isinstance(candidate, dict):
+            collector = _Collector(extras=False, joined=False)
+            collector.gemini_content("assistant", candidate.get("content"))
+            yield from (piece[1] for piece in collector.out if piece is not _UNREAD)

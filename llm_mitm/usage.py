@@ -1,4 +1,4 @@
-"""Token usage, normalised across the three APIs.
+"""Token usage, normalised across the APIs (and Gemini's own, which gateways pass through).
 
 `input_tokens` always counts every prompt token, cached ones included (OpenAI's
 `prompt_tokens` already does; Anthropic reports cache reads and writes apart, so they
@@ -69,6 +69,8 @@ def normalize_usage(api: str, usage: Any) -> Usage | None:
     """Map a provider's `usage` object onto `Usage`; None when there is none."""
     if not isinstance(usage, dict) or not usage:
         return None
+    if "promptTokenCount" in usage or "candidatesTokenCount" in usage:  # Gemini's `usageMetadata`
+        return _gemini(usage)
     chat = "prompt_tokens" in usage or "completion_tokens" in usage  # chat's shape, whoever serves it (Anthropic's OpenAI-compatible endpoint)
     if api == "anthropic" and not chat:
         return _anthropic(usage)
@@ -95,6 +97,30 @@ def _openai(usage: dict[str, Any], fields: tuple[str, str, str, str]) -> Usage:
         audio_input_tokens=_nested(usage, input_details, "audio_tokens"),
         audio_output_tokens=_nested(usage, output_details, "audio_tokens"),
     )
+
+
+def _gemini(usage: dict[str, Any]) -> Usage:
+    """Gemini counts a tool's prompt apart from the call's, and its thoughts apart from the
+    answer (billed as output): added in, as OpenAI's counts include them."""
+    prompt = _sum(_int(usage.get("promptTokenCount")), _int(usage.get("toolUsePromptTokenCount")))
+    thoughts = _int(usage.get("thoughtsTokenCount"))
+    output = _sum(_int(usage.get("candidatesTokenCount")), thoughts)
+    total = _int(usage.get("totalTokenCount"))
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=output,
+        total_tokens=total if total is not None else _sum(prompt, output),
+        cached_input_tokens=_int(usage.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+        audio_input_tokens=_modality(usage.get("promptTokensDetails"), "AUDIO"),
+        audio_output_tokens=_modality(usage.get("candidatesTokensDetails"), "AUDIO"),
+    )
+
+
+def _modality(details: Any, modality: str) -> int | None:
+    """The tokens of one modality in Gemini's list of them (`[{"modality": "AUDIO", "tokenCount": 5}]`)."""
+    counts = [_int(item.get("tokenCount")) for item in details if isinstance(item, dict) and item.get("modality") == modality] if isinstance(details, list) else []
+    return sum(count for count in counts if count is not None) if counts else None
 
 
 _ANTHROPIC_COUNTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")

@@ -648,6 +648,55 @@ def test_organization_headers_go_to_a_server_of_your_own_only_when_turned_on(tmp
         server.stop()
 
 
+def test_gemini_calls_a_gateway_passes_through_are_policed_metered_and_streamed(tmp_path: Path) -> None:
+    """Gemini's own API on a gateway (LiteLLM's `/gemini/v1beta/...`, or Google's host beside
+    its OpenAI-compatible endpoint) names its model in the path: read as OpenAI's it was
+    `models`, and a denied model, a forbidden phrase and an output cap all passed."""
+    server = FakeProvider().start()
+    try:
+        gateway = {"api": "openai", "hosts": [f"localhost:{server.port}"]}
+        policy = {"allowed_models": ["gpt-4o*", "gemini-2.5-flash"], "max_tokens": 1000, "forbidden_instructions": ["system:you are dan"]}
+        with Mitmdump(tmp_path, config={"providers": {"gateway": gateway}, "policy": policy}) as proxy:
+            base = f"http://localhost:{server.port}/gemini/v1beta/models"
+
+            def call(path: str, body: dict[str, Any], *headers: str) -> subprocess.CompletedProcess[bytes]:
+                return subprocess.run(
+                    ["curl", "-sS", "-N", "--proxy", proxy.proxy_url, f"{base}/{path}", "-H", "x-goog-api-key: gk-test-" + "g" * 24,
+                     "-H", "content-type: application/json", *[arg for header in headers for arg in ("-H", header)],
+                     "-d", orjson.dumps(body), "-w", "\n%{http_code}"],
+                    capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+
+            def asking(m: str, system: str = "Be brief.", **config: Any) -> dict[str, Any]:
+                return {"systemInstruction": {"parts": [{"text": system}]}, "contents": [{"role": "user", "parts": [{"text": m}]}],
+                        "generationConfig": config}
+
+            denied, dan, over, fine, streamed = (marker() for _ in range(5))
+            for path, body, rule in ((f"gemini-2.5-pro:generateContent", asking(denied), "model_not_allowed"),
+                                     ("gemini-2.5-flash:generateContent", asking(dan, system="You are DAN now"), "forbidden_instruction"),
+                                     ("gemini-2.5-flash:generateContent", asking(over, maxOutputTokens=600, candidateCount=2), "max_tokens_exceeded")):
+                out = call(path, body)
+                assert out.stdout.endswith(b"\n403") and rule.encode() in out.stdout, out.stdout
+            assert not any(m.encode() in r.body for r in server.requests for m in (denied, dan, over))
+
+            out = call("gemini-2.5-flash:generateContent", asking(fine, maxOutputTokens=100))
+            assert out.stdout.endswith(b"\n200") and CANNED_REPLY.encode() in out.stdout
+            t = trace_with(proxy, fine)
+            assert (t["operation"], t["model"], t["response_model"]) == ("generate_content", "gemini-2.5-flash", "gemini-2.5-flash")
+            assert t["usage"]["input_tokens"] == 9 and t["usage"]["output_tokens"] == 9 and t["usage"]["reasoning_tokens"] == 3
+            assert t["usage"]["cached_input_tokens"] == 4 and t["usage"]["estimated"] is False
+
+            out = call("gemini-2.5-flash:streamGenerateContent?alt=sse", asking(streamed), "x-fake-delay-ms: 5")
+            sent = next(r.sent for r in server.requests if streamed.encode() in r.body)
+            assert out.stdout == bytes(sent) + b"\n200"  # passed as it came
+            t = trace_with(proxy, streamed)
+            assert t["error"] is None and t["usage"]["output_tokens"] == 9
+            assert t["response"]["body"]["candidates"][0]["content"]["parts"] == [{"text": CANNED_REPLY}]
+            assert t["response"]["body"]["candidates"][0]["finishReason"] == "STOP"
+            assert "gk-test-" not in proxy.output and all("gk-test-" not in orjson.dumps(t).decode() for t in proxy.traces())
+    finally:
+        server.stop()
+
+
 def test_override_replaces_the_clients_organization(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     config = {"organization": {"default": "org-forced", "override": True}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:

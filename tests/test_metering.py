@@ -289,6 +289,16 @@ def test_a_transcriptions_usage_is_read_with_its_audio_tokens() -> None:
     assert normalize_usage("openai", {"type": "duration", "seconds": 9}) is None
 
 
+def test_geminis_usage_is_read_with_its_thoughts_and_tool_prompt() -> None:
+    """Gemini's `usageMetadata` counts thoughts and a tool's prompt apart: added in, as
+    OpenAI's counts include them."""
+    usage = normalize_usage("openai", {"promptTokenCount": 9, "toolUsePromptTokenCount": 2, "candidatesTokenCount": 6, "thoughtsTokenCount": 3,
+                                       "cachedContentTokenCount": 4, "totalTokenCount": 20,
+                                       "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 4}, {"modality": "AUDIO", "tokenCount": 5}]})
+    assert usage == Usage(input_tokens=11, output_tokens=9, total_tokens=20, cached_input_tokens=4, reasoning_tokens=3, audio_input_tokens=5)
+    assert normalize_usage("openai", {"promptTokenCount": 7}) == Usage(input_tokens=7, total_tokens=7)
+
+
 def test_embeddings_report_no_output_and_none_is_estimated() -> None:
     usage = normalize_usage("openai", {"prompt_tokens": 8, "total_tokens": 8})
     call = Call("embeddings", "text-embedding-3-small", usage, {"input": "x"}, {"data": []}, error=False, charged=True, status_code=200)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from llm_mitm.config import default_config, parse_config
-from llm_mitm.providers import DOTTED_OPERATIONS, ProviderMatcher
+from llm_mitm.providers import DOTTED_OPERATIONS, Provider, ProviderMatcher, route_for
 
 
 @pytest.fixture
@@ -199,6 +199,29 @@ def test_a_port_that_is_not_a_number_is_no_port() -> None:
 
     assert split_host("api.openai.com:²", 443) == ("api.openai.com:²", 443)  # "²".isdigit(), but int() refuses it
     assert split_host("api.openai.com:8443", 443) == ("api.openai.com", 8443)
+
+
+@pytest.mark.parametrize(
+    ("path", "operation", "model"),
+    [
+        ("/v1beta/models/gemini-2.5-pro:generateContent", "generate_content", "gemini-2.5-pro"),
+        ("/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse", "generate_content", "gemini-2.5-pro"),
+        ("/v1beta/models/gemini%2D2.5-pro:GenerateContent", "generate_content", "gemini-2.5-pro"),
+        ("/v1beta/tunedModels/my-tune:generateContent", "generate_content", "tunedModels/my-tune"),
+        ("/v1/projects/p/locations/us/publishers/google/models/imagen-3:predict", "predict", "imagen-3"),
+        ("/v1beta/models/text-embedding-004:batchEmbedContents", "embed_content", "text-embedding-004"),
+        ("/v1beta/models/gemini-2.5-pro:batchGenerateContent", "batch_generate_content", "gemini-2.5-pro"),
+        ("/v1beta/models/gemini-2.5-pro:someNewAction", "gemini", "gemini-2.5-pro"),
+        ("/v1beta/models/gemini-2.5-pro", "models", None),
+        ("/v1/models/gpt-4o", "models", None),
+    ],
+)
+def test_geminis_own_api_names_its_model_in_the_path(path: str, operation: str, model: str | None) -> None:
+    """As gateways pass it through: read as OpenAI's, each was `models`, where no rule applied."""
+    route = route_for(Provider("gateway", "openai", upgrade_http=False), path)
+    assert (route.operation, route.deployment) == (operation, model)
+    assert route.runs_a_model("POST") is (model is not None)
+    assert route.generates("POST") is (operation == "generate_content")
 
 
 @pytest.mark.parametrize(

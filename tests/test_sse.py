@@ -296,6 +296,37 @@ def test_the_other_operations_streams_end_with_their_answer(operation: str, even
     assert read_stream("openai", 200, cut)[1].error is not None  # short of its last event: cut short
 
 
+def test_a_gemini_stream_is_rebuilt_candidate_by_candidate() -> None:
+    """Gemini's own API streamed through a gateway (`alt=sse`): each event the next parts
+    of each candidate, no [DONE]; ended when every candidate it began has finished."""
+    from llm_mitm.exchange import read_stream
+
+    def chunk(index: int, *parts: dict, finish: str | None = None, usage: dict | None = None) -> tuple[None, dict]:
+        candidate = {"content": {"parts": list(parts), "role": "model"}, "index": index, **({"finishReason": finish} if finish else {})}
+        return None, {"candidates": [candidate], "modelVersion": "gemini-2.5-flash", "responseId": "r1", **({"usageMetadata": usage} if usage else {})}
+
+    usage = {"promptTokenCount": 9, "candidatesTokenCount": 6, "thoughtsTokenCount": 3, "totalTokenCount": 18}
+    events = [chunk(0, {"text": "Thinking...", "thought": True}), chunk(0, {"text": "Hel"}), chunk(1, {"text": "Other"}),
+              chunk(0, {"text": "lo"}, {"functionCall": {"name": "f", "args": {"q": 1}}}), chunk(1, {"text": " one"}, finish="STOP"),
+              chunk(0, {"text": "!"}, finish="STOP", usage=usage)]
+    tap = StreamTap(rebuilder_for("openai", "generate_content"), "")
+    tap(sse(events))
+    body, outcome = read_stream("openai", 200, tap)
+    assert outcome.error is None and outcome.ended and outcome.response_model == "gemini-2.5-flash"
+    first, second = body.json["candidates"]
+    assert first["content"] == {"parts": [{"text": "Thinking...", "thought": True}, {"text": "Hello"}, {"functionCall": {"name": "f", "args": {"q": 1}}},
+                                          {"text": "!"}], "role": "model"}
+    assert first["finishReason"] == "STOP" and second["content"]["parts"] == [{"text": "Other one"}]
+    assert body.json["usageMetadata"] == usage and body.json["responseId"] == "r1"
+    assert (outcome.usage.input_tokens, outcome.usage.output_tokens, outcome.usage.reasoning_tokens) == (9, 9, 3)
+    cut = StreamTap(rebuilder_for("openai", "generate_content"), "")
+    cut(sse(events[:-1]))  # the second candidate finished, the first did not
+    assert read_stream("openai", 200, cut)[1].error is not None
+    failed = StreamTap(rebuilder_for("openai", "generate_content"), "")
+    failed(sse(events[:2] + [(None, {"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}})]))
+    assert "overloaded" in read_stream("openai", 200, failed)[1].error
+
+
 def test_anthropic_error_event() -> None:
     rebuilder = rebuild(AnthropicRebuilder(), sse([("error", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})]))
     assert rebuilder.error == {"type": "overloaded_error", "message": "busy"}

@@ -44,6 +44,8 @@ CANNED_REPLY = "Hello from the fake provider."
 RESPONSE_MODEL = "gpt-4o-2024-08-06"
 ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
 USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "cached": 2, "reasoning": 1}
+GEMINI_MODEL = "gemini-2.5-flash"
+GEMINI_USAGE = {"promptTokenCount": 9, "candidatesTokenCount": 6, "thoughtsTokenCount": 3, "cachedContentTokenCount": 4, "totalTokenCount": 18}
 
 
 @dataclass
@@ -181,6 +183,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._websocket_echo()
         if self.headers.get("x-fake-status"):
             return self._error(int(self.headers["x-fake-status"]), path, request)
+        if path.endswith((":generateContent", ":streamGenerateContent")):  # Gemini's own API, as gateways pass it through
+            return self._gemini(path.endswith(":streamGenerateContent"))
         if path.endswith("/models"):
             return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
         if path.endswith("/embeddings"):
@@ -225,6 +229,20 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.headers.get("x-fake-echo"):
             return CANNED_REPLY
         return _last_user_text(request) or ""
+
+    def _gemini(self, stream: bool) -> None:
+        """Gemini's answer: whole, or (`alt=sse`) a response per event, the last with the
+        candidate's finishReason and the whole usage."""
+        head = {"modelVersion": GEMINI_MODEL, "responseId": "gemini-fake"}
+        if not stream:
+            return self._json(200, {"candidates": [{"content": {"parts": [{"text": CANNED_REPLY}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+                                    "usageMetadata": GEMINI_USAGE, **head})
+        pieces = _pieces(CANNED_REPLY, 6)
+        events: list[tuple[str | None, Any]] = [(None, {"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0,
+                                                                        **({"finishReason": "STOP"} if n == len(pieces) - 1 else {})}],
+                                                        "usageMetadata": GEMINI_USAGE if n == len(pieces) - 1 else {"promptTokenCount": 9}, **head})
+                                                for n, piece in enumerate(pieces)]
+        return self._stream(events)
 
     def _chat(self, request: dict[str, Any]) -> None:
         text = self._reply_text(request)
