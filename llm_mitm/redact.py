@@ -209,6 +209,11 @@ def _is_fingerprint(value: str) -> bool:
     return _FINGERPRINT.fullmatch(value) is not None
 
 
+def holds_fingerprint(value: str) -> bool:
+    """Whether a redacted value hides something (a credential header as traced)."""
+    return "…" in value and _FINGERPRINT.search(value) is not None
+
+
 _SCHEME = re.compile(r"(?i)(?:bearer|basic|token|digest)[ \t]+")
 _UNQUOTED_END = re.compile(r"""[\s"'&\\]|\Z""")  # not `,` or `;`: a password may hold them
 

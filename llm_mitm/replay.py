@@ -3,16 +3,16 @@
 A call matches a recorded one on provider, method, host, path and normalised body (keys
 sorted; `stream` and `stream_options` left out, so a recorded answer serves a streamed
 call as a stream and a plain call as JSON), and on who asks: the caller's key
-fingerprint, organization and project, so two tenants never share answers (nor two
-Azure resources, or two servers of one provider). Bodies are compared as traces hold
-them, redacted.
+fingerprint, every other credential it sent, organization and project, so two tenants
+never share answers (nor two Azure resources, or two servers of one provider). Bodies
+are compared as traces hold them, redacted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from llm_mitm.providers import shapes_of
+from llm_mitm.redact import holds_fingerprint
 from llm_mitm.tracefile import read_traces
 
 _VOLATILE = ("stream", "stream_options")
@@ -38,6 +39,17 @@ def features(headers: Iterable[tuple[str, str]]) -> str:
         if name in _FEATURE_HEADERS:
             found.setdefault(name, set()).update(part.strip() for part in value.split(",") if part.strip())
     return ";".join(f"{name}={','.join(sorted(values))}" for name, values in sorted(found.items()))
+
+
+def tenant(caller: str | None, organization: str | None, project: str | None, headers: Mapping[str, str]) -> list[str | None]:
+    """Who asks, from the headers as traced (`Redactor.headers_dict`): the caller, and each
+    credential header sent beside the one it is named by, as its fingerprint. A gateway may
+    tell tenants apart by a header the API does not read first (API Management's
+    subscription key beside a shared `api-key`, a user's Bearer beside a shared
+    `x-api-key`): two such callers shared answers (a tenancy probe)."""
+    others = sorted(f"{name}: {value}" for name, value in headers.items()
+                    if name != "proxy-authorization" and holds_fingerprint(value) and not (caller and caller in value))
+    return [caller, organization, project, *others]
 
 
 def request_key(provider: str, method: str, url: str, tenant: Sequence[str | None], body: Any, asked_features: str = "") -> bytes:
@@ -94,7 +106,7 @@ class ReplayIndex:
         headers = headers if isinstance(headers, dict) else {}
         caller = record.get("api_key") or headers.get("cookie")  # as `Replay` names the caller: a session's cookie where no key was sent
         key = request_key(record.get("provider", ""), record.get("method", ""), record.get("url", ""),
-                          (caller, record.get("organization"), record.get("project")), request, features(headers.items()))
+                          tenant(caller, record.get("organization"), record.get("project"), headers), request, features(headers.items()))
         self.answers[key] = Recorded(record.get("api", "openai"), record.get("operation", ""), status, response)
 
     def find(self, key: bytes) -> Recorded | None:

@@ -508,24 +508,32 @@ def test_blocked_flow_is_marked_and_commented_and_stats_count_it(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    "host_header, authority, scheme, port",
+    "host, host_header, scheme, port, url",
     [
-        (b"api.openai.com", b"", "https", 443),  # the usual case: the short way
-        (b"api.openai.com:8443", b"", "https", 8443),
-        (b"API.OpenAI.com", b"", "https", 443),
-        (b"[::1]:8080", b"", "http", 8080),
-        (None, b"", "https", 443),  # HTTP/2: no Host header
-        (b"api.openai.com", b"api.openai.com:443", "https", 443),  # absolute-form target
+        ("api.openai.com", b"api.openai.com", "https", 443, "https://api.openai.com/v1/chat/completions"),
+        ("api.openai.com", b"api.openai.com:8443", "https", 8443, "https://api.openai.com:8443/v1/chat/completions"),
+        ("api.openai.com", None, "https", 443, "https://api.openai.com/v1/chat/completions"),  # HTTP/2: no Host header
+        ("::1", b"api.openai.com", "https", 443, "https://api.openai.com/v1/chat/completions"),
+        # a Host naming another resource than the CONNECT: the call went where the CONNECT said (a review)
+        ("res-a.openai.azure.com", b"res-b.openai.azure.com", "https", 443, "https://res-a.openai.azure.com/v1/chat/completions"),
+        # transparent mode: the connection names an address, the Host header the host
+        ("203.0.113.7", b"api.openai.com", "https", 443, "https://api.openai.com/v1/chat/completions"),
     ],
 )
-def test_recorded_url_is_mitmproxys_pretty_url(host_header: bytes | None, authority: bytes, scheme: str, port: int) -> None:
+def test_recorded_url_names_where_the_call_went(host: str, host_header: bytes | None, scheme: str, port: int, url: str) -> None:
     headers = [(b"host", host_header)] if host_header else []
-    flow = chat_flow(scheme=scheme, port=port)
+    flow = chat_flow(host=host, scheme=scheme, port=port)
     flow.request.headers = type(flow.request.headers)([(k, v) for k, v in flow.request.headers.fields if k != b"host"] + headers)
-    flow.request.authority = authority.decode()
     shared = Shared()
     Recorder(shared).request(flow)
-    assert shared.exchange(flow).url == flow.request.pretty_url
+    assert shared.exchange(flow).url == url
+
+
+def test_a_recorded_urls_ipv6_host_keeps_its_brackets() -> None:
+    from llm_mitm.addons.recorder import _url
+
+    flow = chat_flow(host="::1", scheme="http", port=8080)
+    assert _url(flow.request, None) == "http://[::1]:8080/v1/chat/completions"
 
 
 def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:

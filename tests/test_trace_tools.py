@@ -573,6 +573,12 @@ def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(record
         (openai, {"Authorization2": "tenantC-0123456789abcdef"}, {}),
         (openai, {"Cookie": "session=tenantA-0123456789"}, {}),
         (openai, {"Cookie": "session=tenantB-0123456789"}, {}),
+        # tenants told apart by a credential beside a shared key: API Management's subscription
+        # key beside a placeholder `api-key`, a user's Bearer beside a shared `x-api-key` (a tenancy probe)
+        (azure.format("east"), {"api-key": "shared-placeholder-0000", "Ocp-Apim-Subscription-Key": "aaaa0000111122223333"}, {}),
+        (azure.format("east"), {"api-key": "shared-placeholder-0000", "Ocp-Apim-Subscription-Key": "bbbb0000111122223333"}, {}),
+        ("https://api.anthropic.com/v1/messages", {"x-api-key": ANTHROPIC_KEY, "Authorization": "Bearer user-alice-0123456789"}, {}),
+        ("https://api.anthropic.com/v1/messages", {"x-api-key": ANTHROPIC_KEY, "Authorization": "Bearer user-bob-0123456789"}, {}),
         # a feature turned on by a header changes the answer's shape
         (openai, {**bearer, "OpenAI-Beta": "assistants=v2"}, {}),
         (openai, {**bearer, "OpenAI-Beta": "assistants=v1"}, {}),
@@ -637,6 +643,27 @@ def test_replay_reads_feature_headers_alike_live_and_from_a_trace() -> None:
     assert features([("Anthropic-Beta", "a"), ("anthropic-beta", "b"), ("x-other", "c")]) == features({"anthropic-beta": "b, a"}.items())
     assert features([("OpenAI-Beta", "assistants=v2")]) != features([("OpenAI-Beta", "assistants=v1")])
     assert features([("content-type", "application/json")]) == ""
+
+
+def test_replay_names_a_tenant_alike_live_and_from_a_trace() -> None:
+    """Every credential header sent is part of who asks, read the same from the headers as
+    the proxy redacts them and as a restart reads them back from the trace."""
+    from llm_mitm.redact import Redactor
+    from llm_mitm.replay import ReplayIndex, request_key, tenant
+
+    redactor = Redactor()
+    url, body = "https://res.openai.azure.com/openai/deployments/d/chat/completions", {"model": "d", "messages": []}
+    index = ReplayIndex()
+    for subscription in ("aaaa0000111122223333", "bbbb0000111122223333"):
+        pairs = [("api-key", "shared-placeholder-0000"), ("Ocp-Apim-Subscription-Key", subscription), ("Content-Type", "application/json")]
+        headers = redactor.headers_dict(pairs)
+        caller = redactor.credential("shared-placeholder-0000")
+        live = request_key("azure", "POST", url, tenant(caller, None, None, headers), body)
+        record = {"provider": "azure", "method": "POST", "url": url, "api_key": caller, "status_code": 200, "api": "openai",
+                  "operation": "chat.completions", "request": {"body": body, "headers": headers}, "response": {"body": {"id": subscription}}}
+        index.add_record(orjson.loads(orjson.dumps(record)))  # as a trace line reads back
+        assert index.find(live).body == {"id": subscription}
+    assert len(index) == 2
 
 
 def test_replay_keys_of_keys_in_the_query_stay_apart() -> None:

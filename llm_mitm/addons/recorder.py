@@ -228,10 +228,23 @@ def _client(flow: http.HTTPFlow) -> str:
 
 
 def _url(request: http.Request, host_header: str | None) -> str:
-    """mitmproxy's `pretty_url` (the URL as the client named it), the short way for the
-    common case: a Host header with no port."""
-    if host_header and ":" not in host_header and request.authority == "":
-        return f"{request.scheme}://{host_header}{request.path}"
-    if ":" in request.host:  # an IPv6 address, which pretty_url leaves without its brackets
-        return f"{request.scheme}://[{request.host}]:{request.port}{request.path}"
-    return request.pretty_url
+    """The URL the call went to: the host mitmproxy connects to (a CONNECT's, an
+    absolute-form target's, a reverse proxy's), whatever the Host header says (a review: a
+    `Host` naming another resource than the CONNECT put that resource in the trace, and
+    in the replay key, whose answers another caller then got). Where the connection
+    names only an address (transparent and local modes), the Host header names the host,
+    as in mitmproxy's `pretty_url`."""
+    host = request.host
+    if host_header and _is_address(host):
+        return request.pretty_url
+    if ":" in host:  # an IPv6 address, written with its brackets
+        host = f"[{host}]"
+    default = (request.scheme == "https" and request.port == 443) or (request.scheme == "http" and request.port == 80)
+    return f"{request.scheme}://{host}{request.path}" if default else f"{request.scheme}://{host}:{request.port}{request.path}"
+
+
+def _is_address(host: str) -> bool:
+    """An IP address, not a name (a name's last label is never all digits)."""
+    if ":" in host:
+        return True
+    return host.rstrip(".").rpartition(".")[2].isdigit()

@@ -21,7 +21,7 @@ from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config, ConfigError, trace_destination
 from llm_mitm.exchange import Exchange
-from llm_mitm.replay import Recorded, ReplayIndex, as_stream, features, request_key
+from llm_mitm.replay import Recorded, ReplayIndex, as_stream, features, request_key, tenant
 
 logger = logging.getLogger("llm_mitm.replay")
 
@@ -111,6 +111,7 @@ class Replay:
         if request.size and not request.is_json:
             return None
         body = redactor.json(request.json) if request.is_json else None
-        caller = exchange.api_key or redactor.headers_dict(exchange.request_headers).get("cookie")  # a session's cookie, where no key is sent
+        headers = redactor.headers_dict(exchange.request_headers)  # as the trace holds them, which a restart reads back
+        caller = exchange.api_key or headers.get("cookie")  # a session's cookie, where no key is sent
         return request_key(exchange.route.provider, exchange.method, redactor.url(exchange.url),
-                           (caller, exchange.organization, exchange.project), body, features(exchange.request_headers))
+                           tenant(caller, exchange.organization, exchange.project, headers), body, features(exchange.request_headers))
