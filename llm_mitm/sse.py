@@ -266,6 +266,10 @@ def _apply_pieces(slot: dict[str, Any], delta: dict[str, Any], pieced: frozenset
 
 
 
+# The keys every choice of a chunk may have, read apart (`_apply_choice`).
+_CHAT_CHOICE_KEYS = frozenset(("index", "delta", "finish_reason", "text"))
+
+
 class ChatCompletionsRebuilder(StreamRebuilder):
     """`chat.completion.chunk` (and legacy `text_completion`) deltas -> one completion."""
 
@@ -309,6 +313,8 @@ class ChatCompletionsRebuilder(StreamRebuilder):
             state["finish_reason"] = choice["finish_reason"]
         if "text" in choice:
             _append(parts, "text", _text(choice["text"]))
+        if len(choice) > len(_CHAT_CHOICE_KEYS & choice.keys()):  # logprobs, Azure's content filter results: most chunks have none
+            self._apply_choice_extras(state, choice)
         for field, value in (choice.get("delta") or {}).items():  # most deltas hold one field
             if field in _CHAT_TEXT_FIELDS:
                 if isinstance(value, str):
@@ -322,6 +328,25 @@ class ChatCompletionsRebuilder(StreamRebuilder):
                 _apply_pieces(state.setdefault(field, {}), value, _CHAT_PIECED_FIELDS[field])
             elif field == "annotations" and isinstance(value, list):  # a search model's citations
                 state.setdefault("annotations", []).extend(value)
+
+    @staticmethod
+    def _apply_choice_extras(state: dict[str, Any], choice: dict[str, Any]) -> None:
+        """A choice's logprobs, each list of them (chat's `content` and `refusal`, a legacy
+        completion's `tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) joined
+        across chunks; any other key of its own (Azure's `content_filter_results`) as it
+        last stood, not emptied. The trace kept none, and a replay of it gave none (a streaming probe)."""
+        for key, value in choice.items():
+            if key in _CHAT_CHOICE_KEYS:
+                continue
+            if key == "logprobs" and isinstance(value, dict):
+                joined = state.setdefault("logprobs", {})
+                for name, items in value.items():
+                    if isinstance(items, list):
+                        joined.setdefault(name, []).extend(items)
+                    else:
+                        joined.setdefault(name, items)
+            elif value or key not in state.setdefault("extras", {}):  # an empty one (Azure's last chunk) does not undo what came
+                state["extras"][key] = value
 
     @staticmethod
     def _apply_tool_calls(state: dict[str, Any], calls: Any) -> None:
@@ -355,8 +380,9 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         for index in sorted(self._choices):
             state = self._choices[index]
             parts = {name: "".join(chunks) for name, chunks in state["parts"].items()}
+            extras = {**state.get("extras", {}), **({"logprobs": state["logprobs"]} if "logprobs" in state else {})}
             if legacy:
-                choices.append({"index": index, "text": parts.get("text", ""), "finish_reason": state.get("finish_reason")})
+                choices.append({"index": index, "text": parts.get("text", ""), "finish_reason": state.get("finish_reason"), **extras})
                 continue
             message: dict[str, Any] = {"role": state.get("role", "assistant"), "content": parts.get("content")}
             for field in ("refusal", "reasoning_content", "reasoning"):
@@ -376,7 +402,7 @@ class ChatCompletionsRebuilder(StreamRebuilder):
                     }
                     for _, call in sorted(state["tool_calls"].items())
                 ]
-            choices.append({"index": index, "message": message, "finish_reason": state.get("finish_reason")})
+            choices.append({"index": index, "message": message, "finish_reason": state.get("finish_reason"), **extras})
         body = dict(self._head)
         body["object"] = "text_completion" if legacy else "chat.completion"
         body["choices"] = choices

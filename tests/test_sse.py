@@ -296,6 +296,33 @@ def test_the_other_operations_streams_end_with_their_answer(operation: str, even
     assert read_stream("openai", 200, cut)[1].error is not None  # short of its last event: cut short
 
 
+def test_a_streams_logprobs_and_filter_results_are_kept_and_replayed() -> None:
+    """A stream's logprobs come a token or two per chunk: the rebuilt answer kept none, and a
+    replay of it gave the client none (a streaming probe). Azure's content filter results
+    are kept as they last stood, not emptied by its last chunk."""
+    from llm_mitm.replay import Recorded, as_stream
+
+    def chat_chunk(delta: dict, tokens: list[str] | None, finish: str | None = None, **more: object) -> tuple[None, dict]:
+        logprobs = {"content": [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []} for t in tokens], "refusal": None} if tokens else None
+        return None, {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o",
+                      "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **more}]}
+
+    filtered = {"hate": {"filtered": False, "severity": "safe"}}
+    events = [chat_chunk({"role": "assistant", "content": ""}, None), chat_chunk({"content": "Hel"}, ["Hel"], content_filter_results=filtered),
+              chat_chunk({"content": "lo!"}, ["lo", "!"]), chat_chunk({}, None, "stop", content_filter_results={}), (None, "[DONE]")]
+    choice = rebuild(ChatCompletionsRebuilder(), sse(events)).result()["choices"][0]
+    assert [item["token"] for item in choice["logprobs"]["content"]] == ["Hel", "lo", "!"] and choice["logprobs"]["refusal"] is None
+    assert choice["content_filter_results"] == filtered and choice["message"]["content"] == "Hello!"
+    replayed = rebuild(ChatCompletionsRebuilder(), as_stream(Recorded("openai", "chat.completions", 200, {"object": "chat.completion", "choices": [choice]}), False))
+    assert replayed.result()["choices"][0]["logprobs"] == choice["logprobs"]
+    legacy = [(None, {"id": "cmpl", "object": "text_completion", "model": "gpt-3.5-turbo-instruct",
+                      "choices": [{"index": 0, "text": text, "finish_reason": None,
+                                   "logprobs": {"tokens": [text], "token_logprobs": [-0.1], "top_logprobs": [{text: -0.1}], "text_offset": [offset]}}]})
+              for text, offset in (("Hel", 0), ("lo", 3))] + [(None, "[DONE]")]
+    logprobs = rebuild(ChatCompletionsRebuilder(), sse(legacy)).result()["choices"][0]["logprobs"]
+    assert logprobs == {"tokens": ["Hel", "lo"], "token_logprobs": [-0.1, -0.1], "top_logprobs": [{"Hel": -0.1}, {"lo": -0.1}], "text_offset": [0, 3]}
+
+
 def test_a_gemini_stream_is_rebuilt_candidate_by_candidate() -> None:
     """Gemini's own API streamed through a gateway (`alt=sse`): each event the next parts
     of each candidate, no [DONE]; ended when every candidate it began has finished."""
