@@ -4,6 +4,7 @@ Meter addon runs it in the proxy, the trace writer process for responses it read
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ class Call:
     status_code: int | None = None  # the answer's; None when none came
     generates: bool = True  # asked for new output (`Route.generates`), not for a stored answer
     asked: str | None = None  # the model asked for (Azure: the deployment)
+    # A text as the trace shows it, a credential the request sent hidden (a model's name may
+    # hold one: it was logged whole where the trace hid it); asked for only to log it.
+    shown: Callable[[str], str] | None = None
 
 
 class Metering:
@@ -73,7 +77,8 @@ class Metering:
         if price is None:
             if call.model and call.model not in self._unpriced:
                 self._unpriced.add(call.model)
-                logger.warning("llm-mitm: no price for model %r: its cost is null (add it under pricing.models)", call.model)
+                name = call.shown(call.model) if call.shown is not None else call.model
+                logger.warning("llm-mitm: no price for model %r: its cost is null (add it under pricing.models)", name)
             return usage, None
         return usage, cost_usd(usage, price)
 

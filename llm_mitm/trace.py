@@ -122,7 +122,7 @@ def _held_stream(exchange: Exchange) -> list[Any]:
     return [exchange.response.size, "events", [chunk.decode("latin-1") for chunk in held]]
 
 
-def complete(snap: dict[str, Any], metering: Metering) -> None:
+def complete(snap: dict[str, Any], metering: Metering, redactor: Redactor) -> None:
     """Read and meter the response of a deferred snapshot, as the proxy would have."""
     size, kind, unread = snap["response"]
     _, api, operation, _ = snap["route"]
@@ -153,6 +153,7 @@ def complete(snap: dict[str, Any], metering: Metering) -> None:
         status_code=snap["status_code"],
         generates=snap["generates"],
         asked=snap["model"],
+        shown=lambda text: replace_sent(redactor.field(text), redactor.sent_credentials(snap["request_headers"], snap["url"])),
     ))
     snap["usage"] = usage.as_dict() if usage else None
     snap["cost_usd"] = cost

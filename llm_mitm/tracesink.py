@@ -416,7 +416,7 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
             making.retune(message["making"])
             return
         if message["deferred"]:
-            complete(message, making.metering)
+            complete(message, making.metering, making.redactor)
             counts.append(count_row(message))
         # A body too deep for orjson to write costs the record its bodies, not the record.
         redactor, bodies = making.redactor, making.bodies

@@ -177,7 +177,7 @@ def test_keys_of_no_shape_echoed_named_in_urls_hexdumped_or_sent_as_the_model(tm
         "param_key": "vllm-FAKE" + rand(26), "param_token": "FAKE" + rand(24), "param_sig": "FAKE" + rand(24),
         "named_raw": "ghp_FAKE" + rand(32), "named_encoded": "ghp_FAKE" + rand(32), "named_form": "ghp_FAKE" + rand(32),
         "form_token": "FAKE" + rand(24), "binary": "sk-proj-FAKE" + rand(60), "model": "sk-proj-FAKE" + rand(60),
-        "response_model": "sk-proj-FAKE" + rand(60),
+        "response_model": "sk-proj-FAKE" + rand(60), "model_no_shape": "tenant-FAKE" + rand(24),
     }
 
     def echo(key: str) -> bytes:
@@ -187,6 +187,9 @@ def test_keys_of_no_shape_echoed_named_in_urls_hexdumped_or_sent_as_the_model(tm
     completion = orjson.dumps({"id": "c1", "object": "chat.completion", "model": f"ft:gpt-4o:acme:{keys['response_model']}",
                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
                                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    no_shape = orjson.dumps({"id": "c2", "object": "chat.completion", "model": f"ft:gpt-4o:{keys['model_no_shape']}",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
     listed = ok(b'{"object": "list", "data": []}', "content-type: application/json")
     requests: list[tuple[str, list[str]]] = [  # path, curl arguments
         ("/v1/chat/completions?n=1", ["-H", f"Authorization: Bearer {keys['bearer']}"]),
@@ -199,25 +202,38 @@ def test_keys_of_no_shape_echoed_named_in_urls_hexdumped_or_sent_as_the_model(tm
         ("/v1/files?n=6", ["-H", "content-type: application/octet-stream", "--data-binary", "@" + str(tmp_path / "binary")]),
         ("/v1/chat/completions?n=7", ["-H", "content-type: application/json", "--data",
                                       orjson.dumps({"model": keys["model"], "messages": [{"role": "user", "content": "hi"}]}).decode()]),
+        # a key of no known shape, sent as the Bearer and in the model's name: the log line naming the unpriced model hid it as the trace does
+        ("/v1/chat/completions?n=8", ["-H", f"Authorization: Bearer {keys['model_no_shape']}", "-H", "content-type: application/json", "--data",
+                                      orjson.dumps({"model": f"ft:gpt-4o:{keys['model_no_shape']}", "messages": []}).decode()]),
     ]
     (tmp_path / "binary").write_bytes(b"\x00\x01\x02\xfe\xff" * 30 + keys["binary"].encode() + b"\x00\xff" * 70)
     answers = {path: echo(next(v for v in keys.values() if v in " ".join(args) + path)) for path, args in requests[:4]}
     answers.update({requests[4][0]: listed, requests[5][0]: listed, requests[6][0]: ok(b"{}", "content-type: application/json"),
                     requests[7][0]: ok(b"{}", "content-type: application/json"),
-                    requests[8][0]: ok(completion, "content-type: application/json")})
+                    requests[8][0]: ok(completion, "content-type: application/json"), requests[9][0]: ok(no_shape, "content-type: application/json")})
     server = Answering(answers)
+
+    def ask(proxy: Mitmdump, path: str, args: list[str]) -> None:
+        subprocess.run(["curl", "-sS", "-o", "/dev/null", "--proxy", proxy.proxy_url, f"http://127.0.0.1:{server.port}{path}", *args],
+                       capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True)
+
     try:
         config = {"providers": {"vllm": {"api": "openai", "hosts": [f"127.0.0.1:{server.port}"]}}, "traces": {"directory": "per-exchange"}}
         with Mitmdump(tmp_path, config=config, extra_args=["--set", "flow_detail=4"]) as proxy:
             for path, args in requests:
-                subprocess.run(["curl", "-sS", "-o", "/dev/null", "--proxy", proxy.proxy_url, f"http://127.0.0.1:{server.port}{path}", *args],
-                               capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, check=True)
+                ask(proxy, path, args)
             records = proxy.wait_for_traces(len(requests))
             assert len(records) == len(requests)
+        # metered in the proxy (a rate limit on tokens reads the answer there), not in the writer process
+        metered_here = {"providers": config["providers"], "policy": {"rate_limits": [{"tokens_per_minute": 100000}]}}
+        with Mitmdump(tmp_path / "here", config=metered_here) as here:
+            ask(here, *requests[9])
+            assert here.wait_for_traces(1) and "no price for model 'ft:gpt-4o:tenant-FAKE" not in here.output
+            assert "no price for model 'ft:gpt-4o:…" in here.output
     finally:
         server.stop()
     files = list((tmp_path / "per-exchange").rglob("*.json"))
-    written = proxy.traces_path.read_text() + "".join(f.read_text() for f in files) + proxy.output
+    written = proxy.traces_path.read_text() + "".join(f.read_text() for f in files) + proxy.output + here.output
     assert len(files) == len(requests)
     for name, key in keys.items():
         part = secret_part(key)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config
 from llm_mitm.exchange import Exchange
 from llm_mitm.metering import Call, Metering
+from llm_mitm.redact import replace_sent
 
 
 class Meter:
@@ -28,10 +31,14 @@ class Meter:
     def _meter(self, exchange: Exchange | None) -> None:
         if exchange is None or not exchange.done or exchange.deferred or exchange.cost_usd is not None:
             return
-        exchange.usage, exchange.cost_usd = self.metering.meter(call_of(exchange))
+        exchange.usage, exchange.cost_usd = self.metering.meter(call_of(exchange, self._shown(exchange)))
+
+    def _shown(self, exchange: Exchange) -> Callable[[str], str]:
+        redactor = self.shared.redactor
+        return lambda text: replace_sent(redactor.field(text), redactor.sent_credentials(exchange.request_headers, exchange.url))
 
 
-def call_of(exchange: Exchange) -> Call:
+def call_of(exchange: Exchange, shown: Callable[[str], str] | None = None) -> Call:
     return Call(
         operation=exchange.route.operation,
         model=exchange.response_model or exchange.model,
@@ -43,4 +50,5 @@ def call_of(exchange: Exchange) -> Call:
         status_code=exchange.status_code,
         generates=exchange.route.generates(exchange.method),
         asked=exchange.model,
+        shown=shown,
     )
