@@ -52,6 +52,9 @@ def snapshot_bases(name: str) -> Iterator[str]:
         name = next((shorter for suffix in _SUFFIXES if (shorter := suffix.sub("", name)) != name), name)
 
 
+_AZURE_GPT_35 = "gpt-35-"
+
+
 class PriceTable:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self.as_of, shipped = shipped_table()
@@ -65,6 +68,8 @@ class PriceTable:
 
     def _resolve(self, model: str) -> str | None:
         name = model.lower().rpartition("/")[2]  # "openai/gpt-4o" on some compatible servers
+        if name.startswith(_AZURE_GPT_35):  # Azure's name for GPT-3.5 (`gpt-35-turbo`, `gpt-35-turbo-16k`): no dot
+            name = "gpt-3.5-" + name[len(_AZURE_GPT_35):]
         return next((shorter for shorter in snapshot_bases(name) if shorter in self.prices), None)
 
     def price(self, model: str | None) -> ModelPrice | None:

@@ -95,6 +95,9 @@ def test_price_resolution_and_overrides() -> None:
         ("claude-sonnet-4-0", "claude-sonnet-4"),  # aliases of a version's first snapshot
         ("claude-opus-4-0", "claude-opus-4"),
         ("text-embedding-ada-002-v2", "text-embedding-ada-002"),
+        ("gpt-35-turbo", "gpt-3.5-turbo"),  # Azure's names for GPT-3.5, as its answers give them (a usage probe: unpriced)
+        ("gpt-35-turbo-16k", "gpt-3.5-turbo-16k"),
+        ("gpt-35-turbo-instruct", "gpt-3.5-turbo-instruct"),
         ("gpt-4-32k-0613", None),  # not gpt-4: a distinct model the table does not price
         ("gpt-4.5-preview", None),
     ],
