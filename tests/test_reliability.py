@@ -239,8 +239,15 @@ def test_duplicate_json_keys_last_one_wins() -> None:
 
 
 def test_unsafe_setups_are_recognised(tmp_path: Path) -> None:
+    from llm_mitm.addons.safety import open_listen_hosts
+
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("") and not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
+    # a mode's own address counts, not listen_host (a review: an open one passed unwarned, a loopback one was warned of)
+    assert open_listen_hosts(["regular"], "") == [""] and open_listen_hosts(["regular"], "127.0.0.1") == []
+    assert open_listen_hosts(["regular@0.0.0.0:18099"], "127.0.0.1") == ["0.0.0.0"]
+    assert open_listen_hosts(["reverse:https://api.openai.com@127.0.0.1:8000", "regular@[::1]:9", "local", "wireguard"], "") == []
+    assert open_listen_hosts(["reverse:https://api.openai.com@8000"], "") == [""]
     key = tmp_path / "mitmproxy-ca.pem"
     key.write_text("k")
     key.chmod(0o644)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from mitmproxy import ctx
+from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode, WireGuardMode
 
 logger = logging.getLogger("llm_mitm.safety")
 
@@ -34,15 +36,33 @@ def ca_key_problem(confdir: Path) -> str | None:
     return None
 
 
+def open_listen_hosts(modes: Sequence[str], listen_host: str) -> list[str]:
+    """The addresses the proxy's modes listen on that are not loopback: each mode's own
+    (`regular@0.0.0.0:8080`, `reverse:...@127.0.0.1:8000`) or else `listen_host` ("" is
+    every interface). Local mode listens on no port; WireGuard lets in only its peers' keys."""
+    hosts = []
+    for spec in modes or ["regular"]:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:  # mitmproxy refuses it itself
+            continue
+        if isinstance(mode, (LocalMode, WireGuardMode)):
+            continue
+        host = mode.listen_host(listen_host)
+        if not is_loopback(host.strip("[]")) and host not in hosts:
+            hosts.append(host)
+    return hosts
+
+
 class Safety:
     def running(self) -> None:
-        host = ctx.options.listen_host
         proxyauth = ctx.options.proxyauth if "proxyauth" in ctx.options else None
-        if not is_loopback(host) and not proxyauth:
+        hosts = open_listen_hosts(ctx.options.mode, ctx.options.listen_host)
+        if hosts and not proxyauth:
             logger.warning(
                 "llm-mitm: listening on %s without proxyauth: anyone who can reach this port can use the proxy "
-                "and its decrypted traffic; use --set listen_host=127.0.0.1 or --set proxyauth=USER:PASS",
-                host or "every interface",
+                "and its decrypted traffic; use --set listen_host=127.0.0.1 (or a mode's @127.0.0.1:PORT) or --set proxyauth=USER:PASS",
+                ", ".join(host or "every interface" for host in hosts),
             )
         if problem := ca_key_problem(Path(ctx.options.confdir)):
             logger.warning("llm-mitm: %s", problem)
