@@ -604,9 +604,13 @@ def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProv
         assert t["policy"] == {"decision": "allow", "rule": None, "detail": None}
 
 
-def test_an_organization_header_sent_twice(firewall: Mitmdump, provider: FakeProvider) -> None:
+@pytest.mark.parametrize("rules", [True, False], ids=["with rules", "without rules"])
+def test_an_organization_header_sent_twice(request: pytest.FixtureRequest, provider: FakeProvider, rules: bool) -> None:
     """The same value twice goes once; two values are refused (the server picks one,
-    unseen: the trace recorded the first while both went; a firewall probe)."""
+    unseen: the trace recorded the first while both went; a firewall probe), with
+    organization rules or none (a review: without rules both went)."""
+    firewall: Mitmdump = request.getfixturevalue("firewall" if rules else "proxy")
+
     def curl_with(m: str, *orgs: str) -> bytes:
         headers = [arg for org in orgs for arg in ("-H", f"OpenAI-Organization: {org}")]
         return subprocess.run(

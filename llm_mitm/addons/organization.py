@@ -23,7 +23,7 @@ class Organization:
     def _say_who_gets_none(self, config: Config) -> None:
         """Organization rules that a server of your own speaking OpenAI's API does not get
         (a gateway in front of OpenAI may want them): said once a config, not left to be found."""
-        if not self.active:
+        if not self._has_rules:
             return
         left_out = sorted(name for name, provider in config.enabled_providers.items() if provider.api == "openai" and not provider.organization_headers)
         if left_out:
@@ -31,8 +31,10 @@ class Organization:
                            ", ".join(left_out))
 
     @property
-    def active(self) -> bool:
-        """Without rules the client's headers go as sent (the exchange already has them)."""
+    def _has_rules(self) -> bool:
+        """Without rules the client's headers still go once each, and twice with different
+        values are refused: which one a server reads is its own choice (a review: with no
+        rules, both went upstream and the trace named the two)."""
         config = self.shared.config.organization
         return any(rule.default or rule.by_key for rule in (config, config.project))
 
