@@ -108,7 +108,7 @@ def test_mitmproxy_sees_only_the_hooks_working_concerns_implement(tmp_path: Path
     async def go() -> None:
         with whole_addon() as (llm, tctx):
             assert llm.requestheaders is None
-            assert [hook.__self__.__class__.__name__ for hook in llm._hooks["request"]] == ["Scope", "Recorder", "Firewall", "StreamUsage"]
+            assert [hook.__self__.__class__.__name__ for hook in llm._hooks["request"]] == ["Scope", "Recorder", "Organization", "Firewall", "StreamUsage"]
             assert llm.request.func == llm._each
             flow = chat_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
             llm.request(flow)
