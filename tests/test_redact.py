@@ -377,6 +377,8 @@ def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
     # not a string: a list of keys, a number (their characters went whole)
     listed = redactor.json({"api_key": ["lk-opaque-0123456789abc"], "password": 123456789, "secret": [1, {"a": "plain"}]})
     assert "0123456789abc" not in orjson.dumps(listed).decode() and listed["password"].startswith("…#"), listed
+    pins = [redactor.json({"password": value})["password"] for value in (12345678, "12345678", 1234)]
+    assert len(set(pins)) == 3 and all(pin.startswith("…#") for pin in pins[::2])  # a number keeps no digit, and is not its digits as a string
     assert listed["secret"] == [1, {"a": "plain"}]  # a list that is not of strings is walked as it is
     plural = redactor.json({"secrets": ["a-plural-secret-1234"], "tokens": ["Hello", " world"], "keys": ["sort", "id"], "max_tokens": 5})
     assert plural["secrets"] == [redactor.fingerprint("a-plural-secret-1234")] and plural["tokens"] == ["Hello", " world"]
