@@ -36,11 +36,19 @@ def _output(args: argparse.Namespace) -> Iterator[BinaryIO]:
     read = [args.traces] if args.traces.is_dir() else with_rotated(args.traces)
     if args.output.exists() and any(os.path.samefile(args.output, file) for file in read if file.exists()):
         raise CommandError(f"the output {args.output} is a trace file being read: name another file with -o")
+    if args.traces.is_dir() and _inside(args.output, args.traces):
+        raise CommandError(f"the output {args.output} is inside the traces directory {args.traces} being read: name another file with -o")
     try:
         with atomic_output(args.output, FILE_MODE) as handle:  # a new file: for its owner only, as the traces it is made of
             yield handle
     except OSError as exc:
         raise CommandError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """A traces.directory's record, or a file that would join them: each of its `*.json`
+    files is a record read (one written over was lost). Found through links, by identity."""
+    return any(folder.exists() and os.path.samefile(folder, directory) for folder in Path(os.path.realpath(path)).parents)
 
 
 def _problems(command: str, report: ReadReport) -> None:

@@ -331,6 +331,30 @@ def test_outputs_never_replace_the_trace_and_fail_in_one_line(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "t.jsonl", "t.jsonl.1"]
 
 
+def test_outputs_never_replace_a_record_of_a_traces_directory_being_read(tmp_path: Path) -> None:
+    """`export DIR -o DIR/<record>.json` wrote over a record it was reading (a review); a
+    trace file named so was refused. Any output inside the directory read is refused, the
+    directory itself too, through a link as well; outside it the tools still write."""
+    directory = tmp_path / "traces" / "2025-01-01"
+    directory.mkdir(parents=True)
+    record = directory / "120000-abc.json"
+    record.write_bytes(orjson.dumps(chat_record("q", {"role": "assistant", "content": "a"})))
+    original = record.read_bytes()
+    (tmp_path / "link").symlink_to(tmp_path / "traces")
+    traces = tmp_path / "traces"
+    for command in ("export", "report"):
+        for output in (record, directory / "new.json", tmp_path / "link" / "2025-01-01" / record.name):
+            result = cli(command, str(traces), "-o", str(output))
+            assert result.returncode == 2, result.stderr
+            assert result.stderr == (f"llm-mitm {command}: the output {output} is inside the traces directory {traces} "
+                                     "being read: name another file with -o\n")
+        itself = cli(command, str(traces), "-o", str(traces))
+        assert itself.returncode == 2
+        assert itself.stderr == f"llm-mitm {command}: the output {traces} is a trace file being read: name another file with -o\n"
+        assert record.read_bytes() == original and sorted(p.name for p in directory.iterdir()) == [record.name]
+        assert cli(command, str(tmp_path / "link"), "-o", str(tmp_path / f"{command}.out")).returncode == 0
+
+
 def test_outputs_are_whole_or_not_written(tmp_path: Path) -> None:
     """A disk that fills up part way: the previous output stays as it was, and no half file."""
     traces = tmp_path / "t.jsonl"
