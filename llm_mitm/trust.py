@@ -26,6 +26,7 @@ _BLOCK = re.compile(
     r".*?# llm-mitm: mitmproxy CA sha256=(?P=fp) END\n",
     re.DOTALL,
 )
+_BUNDLE_MARK = re.compile(r"^# mitmproxy CA sha256=[0-9a-f]{64}\n-----BEGIN CERTIFICATE-----", re.MULTILINE)  # write_bundle's
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----\s*", re.DOTALL)
 
 
@@ -151,17 +152,35 @@ def remove(bundle: Path) -> bool:
 
 
 def write_bundle(target: Path, ca: CACert, python: str | None = None) -> Path:
-    """certifi's roots plus the CA, as a new file (certifi itself untouched)."""
+    """certifi's roots plus the CA, as a new file (certifi itself untouched), or over a
+    bundle written so before (`llm-mitm env` refreshes it for a new CA); never over
+    anything else: a mistyped --bundle replaced whatever the file held."""
+    target = target.expanduser()
+    _replaceable_bundle(target)
     roots = _without_blocks(_read(certifi_bundle(python)))
     if roots and not roots.endswith("\n"):
         roots += "\n"
-    target = target.expanduser()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrustError(f"cannot make the folder {target.parent}: {exc.strerror}") from None
-    _write(target, roots + f"# mitmproxy CA sha256={ca.fingerprint}\n" + ca.pem, hint="")
+    _write(target, roots + f"# mitmproxy CA sha256={ca.fingerprint}\n" + ca.pem, hint="")  # the mark _BUNDLE_MARK finds
     return target
+
+
+def _replaceable_bundle(target: Path) -> None:
+    """Nothing there, an empty file, something not a regular file (/dev/stdout), or a
+    bundle of ours: our marker, and besides it only certificates and comment lines."""
+    if not target.is_file():
+        return
+    try:
+        text = target.read_bytes().decode("utf-8", "replace")
+    except OSError as exc:
+        raise TrustError(f"cannot read {target}: {exc.strerror}") from None
+    rest = _PEM.sub("", text)
+    ours = _BUNDLE_MARK.search(text) is not None and all(not line.strip() or line.startswith("#") for line in rest.splitlines())
+    if text.strip() and not ours:
+        raise TrustError(f"{target} exists and is not a bundle written by llm-mitm: left as it is (name a new file with --bundle)")
 
 
 def bundle_environment(bundle: Path) -> dict[str, str]:
@@ -216,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--check", action="store_true", help="exit 1 when the CA is not trusted")
     action.add_argument("--remove", action="store_true", help="restore cacert.pem as it was")
-    action.add_argument("--bundle", type=Path, help="write certifi + CA to this new file instead")
+    action.add_argument("--bundle", type=Path, help="write certifi + CA to this new file (or a bundle it wrote before) instead")
     args = parser.parse_args(argv)
     try:
         if args.remove:

@@ -169,7 +169,8 @@ def test_trust_writes_are_whole_or_not_at_all(tmp_path: Path) -> None:
     bundle, old_bundle = folder / "cacert.pem", folder / "bundle.pem"
     original = b"# roots\n" + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n" * 20
     bundle.write_bytes(original)
-    old_bundle.write_bytes(b"an older bundle\n")
+    older = b"# roots\n" + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n" + b"# mitmproxy CA sha256=" + b"0" * 64 + b"\n"
+    old_bundle.write_bytes(older + b"-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n")  # one write_bundle wrote
     for path in (bundle, old_bundle):
         path.chmod(0o640)
     code = (
@@ -182,7 +183,7 @@ def test_trust_writes_are_whole_or_not_at_all(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == [f"cannot write {bundle}", f"cannot write {old_bundle}"]
     assert "File too large" in result.stdout
-    assert bundle.read_bytes() == original and old_bundle.read_bytes() == b"an older bundle\n"
+    assert bundle.read_bytes() == original and old_bundle.read_bytes().startswith(older)
     assert sorted(p.name for p in folder.iterdir()) == ["bundle.pem", "cacert.pem"]  # no temporary file left
     # With room to write, the files keep their permissions, and a symlinked bundle stays a link.
     link = folder / "link.pem"
@@ -192,6 +193,28 @@ def test_trust_writes_are_whole_or_not_at_all(tmp_path: Path) -> None:
     for path in (bundle, old_bundle):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert trust.remove(link) and bundle.read_bytes() == original
+
+
+def test_a_bundle_is_written_over_only_a_bundle_written_before(tmp_path: Path) -> None:
+    """`--bundle F` replaced whatever F held (a notes file, a review) with a PEM bundle, for
+    trust-ca and `llm-mitm env` alike: now refused in one line, F untouched. A bundle written
+    before is still refreshed (env does at each run, and must take a new CA)."""
+    notes = tmp_path / "notes.txt"
+    for held in (b"my notes\n", b"\xff\xfe binary", b"notes\n# mitmproxy CA sha256=" + b"0" * 64 + b"\n-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----\n"):
+        notes.write_bytes(held)
+        env = subprocess.run([sys.executable, "-m", "llm_mitm", "env", "--confdir", str(tmp_path / "conf"), "--bundle", str(notes)],
+                             capture_output=True, text=True, timeout=60)
+        for result, tool in ((trust_ca("--confdir", str(tmp_path / "conf"), "--bundle", str(notes)), "trust-ca"), (env, "llm-mitm env")):
+            assert result.returncode == 2 and result.stdout == "", result.stdout
+            assert result.stderr == f"{tool}: {notes} exists and is not a bundle written by llm-mitm: left as it is (name a new file with --bundle)\n"
+            assert notes.read_bytes() == held
+    first, second = (trust.CACert.load(trust.ensure_ca(tmp_path / name)) for name in ("conf", "other"))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"")  # made empty beforehand (mktemp): nothing to lose
+    for ca in (first, first, second):
+        assert trust.write_bundle(bundle, ca) == bundle and trust.is_trusted(bundle, ca)
+    assert not trust.is_trusted(bundle, first)
+    assert environment.prepare_bundle(tmp_path / "conf", bundle) == bundle and trust.is_trusted(bundle, first)
 
 
 def test_trust_ca_bundle_is_quoted_for_the_shell(tmp_path: Path) -> None:
