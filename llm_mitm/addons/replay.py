@@ -28,15 +28,48 @@ logger = logging.getLogger("llm_mitm.replay")
 HEADER = "X-LLM-Mitm-Replay"
 
 
+def _set_up_warnings(config: Config) -> tuple[str, ...]:
+    """Set-ups that take no error yet answer nothing from a file: strict with nothing to
+    read (every call a 404), and traces without bodies as the source (the README: replay
+    needs traces.bodies: full; what they record now is never answered after a restart)."""
+    mode, destination = config.replay.mode, trace_destination(config)
+    if mode == "off":
+        return ()
+    source = config.replay.source or destination
+    warnings: list[str] = []
+    if source is None and mode == "strict":
+        warnings.append("llm-mitm: replay.mode strict has no recorded answers to read (no replay.source, traces.destination null): "
+                        "every call is answered 404 replay_miss; name a trace file or traces.directory in replay.source")
+    written = {os.path.abspath(path) for path in (destination, config.traces.directory) if path}
+    if config.traces.bodies != "full" and source is not None and os.path.abspath(source) in written:
+        warnings.append(f"llm-mitm: replay.mode {mode} with traces.bodies: {config.traces.bodies}: the calls traced keep no bodies to "
+                        "answer from, so none of them is replayed after a restart (replay needs traces.bodies: full)")
+    return tuple(warnings)
+
+
 class Replay:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.index = ReplayIndex()
         self._source: str | None = None
         self._misses: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = weakref.WeakKeyDictionary()  # key per flow, made once
+        self._warned: tuple[str, ...] = ()  # the set-up warnings of the config in force, named once
         shared.stage_config(self._stage)
 
     def _stage(self, config: Config) -> Callable[[], None]:
+        """Reads the recorded answers a config names, and names a set-up that cannot answer."""
+        use, warnings = self._stage_index(config), _set_up_warnings(config)
+
+        def commit() -> None:
+            use()
+            for line in warnings:
+                if line not in self._warned:  # a reload of the same set-up says it again no more
+                    logger.warning(line)
+            self._warned = warnings
+
+        return commit
+
+    def _stage_index(self, config: Config) -> Callable[[], None]:
         """Reads the recorded answers a config names before it goes into force."""
         if config.replay.mode == "off":
             return partial(self._use, ReplayIndex(), None)
