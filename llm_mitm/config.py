@@ -11,9 +11,11 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 ApiKind = Literal["openai", "azure", "anthropic"]
 
@@ -61,6 +63,22 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic takes `true` as 1 for an int or float: `max_tokens: true` was a cap of
+        one token, `usd_per_day: true` a $1 budget. Every number of every section refuses it."""
+        if isinstance(value, bool) and info.field_name is not None and _is_number(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
+        return value
+
+
+@cache
+def _is_number(annotation: Any) -> bool:
+    """A field of an int or float (optional or not), not one that takes a bool as such."""
+    kinds = get_args(annotation) or (annotation,)
+    return bool not in kinds and any(kind in (int, float) for kind in kinds)
 
 
 class ProviderConfig(_Section):

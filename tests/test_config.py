@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from llm_mitm.config import (
+    Config,
     ConfigError,
     check_trace_targets,
     default_config,
@@ -87,6 +90,12 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("policy:\n  denied_models: gpt-4o\n", "policy.denied_models: Input should be a valid list (got 'gpt-4o')"),
         ("policy:\n  allowed_models: [gpt-4o, 4]\n", "policy.allowed_models.1: Input should be a valid string (got 4)"),
         ("pricing:\n  models:\n    my-model[eu]: {input: -1, output: 1}\n", "pricing.models.my-model[eu].input: Input should be greater than or equal to 0"),
+        # a YAML boolean is no number (pydantic took `true` as 1: a cap of one token, a $1 budget)
+        ("policy:\n  max_tokens: true\n", "policy.max_tokens: Input should be a number, not true or false (got True)"),
+        ("traces:\n  max_bytes: true\n", "traces.max_bytes: Input should be a number, not true or false (got True)"),
+        ("policy:\n  budgets: [{usd_per_day: true}]\n", "policy.budgets.0.usd_per_day: Input should be a number, not true or false"),
+        ("policy:\n  rate_limits: [{requests_per_minute: true}]\n", "policy.rate_limits.0.requests_per_minute: Input should be a number"),
+        ("pricing:\n  models:\n    m: {input: 1, output: false}\n", "pricing.models.m.output: Input should be a number, not true or false (got False)"),
     ],
 )
 def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -97,6 +106,46 @@ def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str,
     assert message.startswith(f"{path}: ")
     assert expected in message
     assert "\n" not in message and "more error" not in message  # each of these is one error
+
+
+def _sections() -> list[type[BaseModel]]:
+    """Every model of config.py, however deep: each holds its own fields."""
+    found: list[type[BaseModel]] = []
+    todo: list[type[BaseModel]] = [Config]
+    while todo:
+        model = todo.pop()
+        if model not in found:
+            found.append(model)
+            todo.extend(model.__subclasses__())
+            for field in model.model_fields.values():
+                todo.extend(kind for kind in (field.annotation, *_deep_args(field.annotation)) if isinstance(kind, type) and issubclass(kind, BaseModel))
+    return found
+
+
+def _deep_args(annotation: object) -> list[object]:
+    args = list(get_args(annotation))
+    return [*args, *(inner for arg in args for inner in _deep_args(arg))]
+
+
+def test_every_number_in_every_section_refuses_a_boolean() -> None:
+    numbers = 0
+    for model in _sections():
+        for name, field in model.model_fields.items():
+            kinds = get_args(field.annotation) or (field.annotation,)
+            if bool in kinds or not any(kind in (int, float) for kind in kinds):
+                continue
+            numbers += 1
+            for value in (True, False):
+                with pytest.raises(ValidationError) as caught:
+                    model.model_validate({name: value})
+                assert any(e["loc"] == (name,) and e["type"] == "bool_for_number" for e in caught.value.errors()), f"{model.__name__}.{name}"
+    assert numbers >= 15  # max_tokens, the rate limits and budgets, the prices, max_bytes, keep, stats_interval
+
+
+def test_numbers_are_still_taken_as_before(tmp_path: Path) -> None:
+    """An int where a float goes, an int written as a float or a string."""
+    config = load_config(write(tmp_path, "policy:\n  max_tokens: 100.0\n  budgets: [{usd_per_day: 5}]\nusage:\n  stats_interval: '60'\n"))
+    assert (config.policy.max_tokens, config.policy.budgets[0].usd_per_day, config.usage.stats_interval) == (100, 5.0, 60)
 
 
 def test_a_pattern_that_matches_a_value_or_nothing_after_its_name_is_taken(tmp_path: Path) -> None:
