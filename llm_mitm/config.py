@@ -27,6 +27,7 @@ _HOST_PATTERN = re.compile(
     r"|^\[[0-9a-f:.]+\](?::\d{1,5})?$",
     re.IGNORECASE,
 )
+_PORT = re.compile(r":(\d+)$")  # a pattern's port, once it matched (an IPv6 address ends in `]`)
 
 
 def _path_name(value: str) -> str:
@@ -106,6 +107,9 @@ class ProviderConfig(_Section):
                     f"invalid host pattern {host!r}: expected a host name, optionally with "
                     "a leading '*.' and a ':port' (like '*.openai.azure.com' or 'localhost:8000')"
                 )
+            port = _PORT.search(host)
+            if port and not 1 <= int(port.group(1)) <= 65535:
+                raise ValueError(f"invalid host pattern {host!r}: port {port.group(1)} is not in 1..65535 (no call goes to it)")
         return [host.lower() for host in hosts]
 
 

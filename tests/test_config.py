@@ -43,6 +43,8 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         )
     )
     assert config.providers["vllm"].hosts == ["localhost:8000"]
+    ports = "providers:\n  vllm:\n    api: openai\n    hosts: ['localhost:1', 'localhost:65535', '[::1]', '[::1]:8080']\n"
+    assert load_config(write(tmp_path, ports)).providers["vllm"].hosts == ["localhost:1", "localhost:65535", "[::1]", "[::1]:8080"]
     assert config.providers["vllm"].upgrade_http is False
     assert "anthropic" not in config.enabled_providers
     assert config.providers["anthropic"].hosts == ["api.anthropic.com"]
@@ -54,6 +56,8 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("providers:\n  vllm:\n    api: openaii\n    hosts: [x]\n", "providers.vllm.api: Input should be"),
         ("providers:\n  vllm:\n    api: openai\n", "providers.vllm.hosts: required key is missing"),
         ("providers:\n  vllm:\n    api: openai\n    hosts: ['a b']\n", "providers.vllm.hosts: invalid host pattern 'a b'"),
+        ("providers:\n  vllm:\n    api: openai\n    hosts: ['localhost:99999']\n", "providers.vllm.hosts: invalid host pattern 'localhost:99999': port 99999 is not in 1..65535"),
+        ("providers:\n  vllm:\n    api: openai\n    hosts: ['[::1]:0']\n", "providers.vllm.hosts: invalid host pattern '[::1]:0': port 0 is not in 1..65535"),
         ("traces:\n  destinaton: x\n", "traces.destinaton: unknown key"),
         ("traces:\n  bodies: some\n", "traces.bodies: Input should be 'full', 'metadata' or 'none'"),
         ("redaction:\n  patterns: ['(']\n", "redaction.patterns: invalid regular expression '('"),
