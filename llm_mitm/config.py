@@ -65,6 +65,15 @@ class ConfigError(Exception):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_is_its_defaults(cls, data: Any) -> Any:
+        """A section or list whose entries are all commented out (`policy:` alone) is null
+        in YAML: it means the defaults, as a file of only comments does (it was refused)."""
+        if not isinstance(data, Mapping):
+            return data
+        return {key: value for key, value in data.items() if value is not None or not _defaults_when_null(cls, key)}
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
@@ -73,6 +82,13 @@ class _Section(BaseModel):
         if isinstance(value, bool) and info.field_name is not None and _is_number(cls.model_fields[info.field_name].annotation):
             raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
         return value
+
+
+def _defaults_when_null(model: type[BaseModel], key: str) -> bool:
+    """A key whose default is a section, a mapping or a list, and where null means nothing else."""
+    field = model.model_fields.get(key)
+    return (field is not None and isinstance(field.default, (BaseModel, dict, list))
+            and type(None) not in get_args(field.annotation))
 
 
 @cache
@@ -306,6 +322,7 @@ class Config(_Section):
             return data
         merged: dict[str, Any] = {name: dict(entry) for name, entry in DEFAULT_PROVIDERS.items()}
         for name, entry in given.items():
+            entry = {} if entry is None else entry  # `anthropic:` with its keys commented out
             if isinstance(entry, Mapping) and name in merged:
                 merged[name].update(entry)
             else:

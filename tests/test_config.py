@@ -80,6 +80,7 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("policy:\n  rate_limits: [{}]\n", "policy.rate_limits.0: a rate limit names no limit"),
         ("policy:\n  budgets: [{per: global}]\n", "policy.budgets.0: a budget names no amount"),
         ("providers: []\n", "providers: Input should be a valid dictionary"),  # was taken as the defaults
+        ("providers:\n  vllm:\n    api: openai\n    hosts:\n", "providers.vllm.hosts: Input should be a valid list"),  # no default to fall back on
         # valid alone, but naming nothing: the rule would quietly never apply, or refuse all
         ("policy:\n  allowed_models: {azur: [prod-*]}\n", "policy.allowed_models.azur: no provider is called 'azur' (providers: anthropic, azure, openai"),
         ("policy:\n  denied_models: {'*': [o1], opneai: [gpt-4]}\n", "policy.denied_models.opneai: no provider is called 'opneai'"),
@@ -165,6 +166,25 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "")) == default_config()
+
+
+def test_a_section_left_empty_is_its_defaults(tmp_path: Path) -> None:
+    """Its keys all commented out, YAML reads the section as null: the defaults, as for a
+    file of only comments and for `providers:` (the others were refused)."""
+    every = "".join(f"{section}:\n  # nothing\n" for section in ("providers", "traces", "redaction", "organization", "policy", "pricing", "usage", "replay"))
+    assert load_config(write(tmp_path, every)) == default_config()
+    nested = (
+        "providers:\n  anthropic:\n    # enabled: false\n"
+        "organization:\n  by_key:\n  project:\n"
+        "policy:\n  allowed_models:\n  denied_models:\n  forbidden_instructions:\n  allowed_operations:\n  rate_limits:\n  budgets:\n"
+        "pricing:\n  models:\n"
+        "redaction:\n  headers:\n  query_params:\n  patterns:\n"
+    )
+    assert load_config(write(tmp_path, nested)) == default_config()
+    # where null means something of its own, it still does
+    assert load_config(write(tmp_path, "traces:\n  destination:\n")).traces.destination is None
+    with pytest.raises(ConfigError, match="providers.vllm.api: required key is missing"):  # a provider of your own has none
+        load_config(write(tmp_path, "providers:\n  vllm:\n"))
 
 
 def test_config_path_defaults_to_working_directory_file(tmp_path: Path) -> None:
