@@ -195,6 +195,37 @@ class HeaderRule(_Section):
     override: bool = False
     by_key: dict[str, HeaderValue] = {}
 
+    @field_validator("by_key")
+    @classmethod
+    def _keys_are_fingerprints(cls, by_key: dict[str, str]) -> dict[str, str]:
+        """An entry is matched against the caller's key fingerprint (organization.py): one
+        in no fingerprint's form never matches. Only what holds a fingerprint's `…` or `#`
+        is shown in the error; any other entry is named by its value, as it may be a key
+        (a secret in the file, not to be copied into logs)."""
+        for entry, value in by_key.items():
+            if _is_key_fingerprint(entry):
+                continue
+            if "…" in entry or "#" in entry:
+                raise ValueError(f"{entry!r} is no key fingerprint: expected {_FINGERPRINT_FORMS}")
+            looks_like_key = entry.startswith(_KEY_STARTS) or len(entry) >= 20
+            why = "is a key itself, not its fingerprint: never put a key in the config" if looks_like_key else "is no key fingerprint"
+            raise ValueError(f"the entry for {value!r} {why}; expected {_FINGERPRINT_FORMS}")
+        return by_key
+
+
+_FINGERPRINT_FORMS = ("a fingerprint as traces show it ('sk-proj-…a1b2#3f9c2e1d07b4a6c5', its '…' one character) "
+                      "or the 16 lower-case hex digits after its '#'")
+_KEY_STARTS = ("sk-", "eyJ")  # an OpenAI or Anthropic key, a JWT
+_DIGEST = re.compile(r"[0-9a-f]{8}(?:[0-9a-f]{8})?")  # 16 hex digits, or 8 as fingerprints had before
+
+
+def _is_key_fingerprint(entry: str) -> bool:
+    """A full fingerprint or its hash: what `organization.configured_value` looks up."""
+    from llm_mitm.redact import _is_fingerprint  # the redactor's own definition of one
+
+    _, sep, digest = entry.rpartition("#")
+    return _DIGEST.fullmatch(digest) is not None and (not sep or _is_fingerprint(entry))
+
 
 class OrganizationConfig(HeaderRule):
     """`OpenAI-Organization` (the fields above) and `OpenAI-Project` (`project`)."""

@@ -72,7 +72,7 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("policy:\n  forbidden_instructions: ['*']\n", "policy.forbidden_instructions: '*' matches every text"),
         ("policy:\n  forbidden_instructions: ['user:*']\n", "policy.forbidden_instructions: 'user:*' matches every text"),
         ("organization:\n  default: |\n    org-abc\n", "organization.default: 'org-abc\\n' cannot be a header's value"),
-        ("organization:\n  project:\n    by_key: {abc: \"p\\r\\nX-Evil: 1\"}\n", "organization.project.by_key.abc: "),
+        ("organization:\n  project:\n    by_key: {3f9c2e1d07b4a6c5: \"p\\r\\nX-Evil: 1\"}\n", "organization.project.by_key.3f9c2e1d07b4a6c5: "),
         ("usage:\n  spend_db: \"a\\0b\"\n", "usage.spend_db: a path cannot hold a NUL character"),
         ("traces:\n  destination: \"a\\0b\"\n", "traces.destination: a path cannot hold a NUL character"),
         ("redaction:\n  fingerprint_salt: \"\\ud800\"\n", "redaction.fingerprint_salt: "),
@@ -185,6 +185,37 @@ def test_a_section_left_empty_is_its_defaults(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "traces:\n  destination:\n")).traces.destination is None
     with pytest.raises(ConfigError, match="providers.vllm.api: required key is missing"):  # a provider of your own has none
         load_config(write(tmp_path, "providers:\n  vllm:\n"))
+
+
+@pytest.mark.parametrize("entry", [
+    "sk-proj-…a1b2#3f9c2e1d07b4a6c5", "3f9c2e1d07b4a6c5",  # a fingerprint as traces show it, its hash
+    "sk-proj-…a1b2#3f9c2e1d", "3f9c2e1d",  # as fingerprints were, with 8 hex digits (organization.py still matches them)
+    "…cdef#3eb1bd439947eb76", "Basic …#0e9d220616f08345", "Token …qrst#dd65eea0329dcb94", "jwt:….abc#38b930c605ce1182",
+])
+def test_by_key_takes_each_form_of_fingerprint(tmp_path: Path, entry: str) -> None:
+    config = load_config(write(tmp_path, f"organization:\n  by_key: {{'{entry}': org-a}}\n"))
+    assert config.organization.by_key == {entry: "org-a"}
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ("sk-proj-...a1b2#3f9c2e1d07b4a6c5", "organization.by_key: 'sk-proj-...a1b2#3f9c2e1d07b4a6c5' is no key fingerprint: expected a fingerprint"),
+    ("sk-proj-…a1b2#3f9c2e1d07b4a6c", "organization.by_key: 'sk-proj-…a1b2#3f9c2e1d07b4a6c' is no key fingerprint"),
+    ("sk-proj-…a1b2#3F9C2E1D07B4A6C5", "is no key fingerprint"),
+    ("alice", "organization.by_key: the entry for 'org-a' is no key fingerprint; expected a fingerprint as traces show it"),
+])
+def test_by_key_refuses_an_entry_that_can_never_match(tmp_path: Path, entry: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"organization:\n  by_key: {{'{entry}': org-a}}\n"))
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["sk-proj-Ab3xY9Ab3xY9Ab3xY9Ab3xY9Ab3xY9", "0123456789abcdef0123456789abcdef"])  # OpenAI's, Azure's
+def test_by_key_refuses_a_key_itself_without_echoing_it(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"organization:\n  project:\n    by_key: {{{key}: proj-a}}\n"))
+    message = str(caught.value)
+    assert "organization.project.by_key: the entry for 'proj-a' is a key itself, not its fingerprint: never put a key in the config" in message
+    assert key not in message and key[-8:] not in message
 
 
 def test_config_path_defaults_to_working_directory_file(tmp_path: Path) -> None:
