@@ -382,7 +382,7 @@ def parse_config(data: Any, source: str, allow_empty: bool = True) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    problem = _unresolved_name(config)
+    problem = _unresolved_name(config) or _spend_store_on_traces(config)
     if problem:
         raise ConfigError(f"{source}: {problem}")
     return config
@@ -411,6 +411,29 @@ def _unresolved_name(config: Config) -> str | None:
             if other != name:
                 return f"providers.{name}.hosts: {host!r} is also {other}'s (set enabled: false on the one not meant)"
     return None
+
+
+def _spend_store_on_traces(config: Config, environ: Mapping[str, str] = os.environ) -> str | None:
+    """`usage.spend_db: why` when the spend store is a trace target: the trace file (as
+    `trace_destination` has it), one it is rotated into, or the trace directory or a file
+    in it. SQLite and the trace writer would write over each other, and every trace be lost."""
+    if not config.usage.spend_db:
+        return None
+    spend = _real(config.usage.spend_db)
+    destination, directory = trace_destination(config, environ), config.traces.directory
+    key = _destination_key(environ)
+    if destination and spend == _real(destination):
+        return f"usage.spend_db: {config.usage.spend_db} is the trace file ({key}): the spend store would write over the traces"
+    if destination and spend.parent == _real(destination).parent and re.fullmatch(re.escape(_real(destination).name) + r"\.\d+", spend.name):
+        return f"usage.spend_db: {config.usage.spend_db} is a file the trace file ({key}) is rotated into: the spend store would write over the traces"
+    if directory and (spend == _real(directory) or _real(directory) in spend.parents):
+        return f"usage.spend_db: {config.usage.spend_db} is in traces.directory ({directory}): the spend store would sit among the traces"
+    return None
+
+
+def _real(path: str) -> Path:
+    """A path as the OS will open it: absolute, `..` and symbolic links resolved (never raises)."""
+    return Path(os.path.realpath(path))
 
 
 def load_config(path: str | os.PathLike[str], allow_empty: bool = True) -> Config:
@@ -458,7 +481,7 @@ def check_trace_targets(config: Config, source: str | None, environ: Mapping[str
     write access. Taken, each record would be lost, with an error line at the first call,
     not at start. `source`: the config file, None for the built-in defaults."""
     where = f"{source}: " if source else "built-in defaults: "
-    destination_key = TRACE_DESTINATION_ENV if environ.get(TRACE_DESTINATION_ENV) is not None else f"{where}traces.destination"
+    destination_key = _destination_key(environ, where)
     for key, path, folder in (
         (destination_key, trace_destination(config, environ), False),
         (f"{where}traces.directory", config.traces.directory, True),
@@ -466,6 +489,11 @@ def check_trace_targets(config: Config, source: str | None, environ: Mapping[str
         problem = _unwritable(Path(path), folder) if path else None
         if problem:
             raise ConfigError(f"{key}: {path}: {problem}")
+
+
+def _destination_key(environ: Mapping[str, str], where: str = "") -> str:
+    """What names the trace file in force: the variable, else the key (after `where`)."""
+    return TRACE_DESTINATION_ENV if environ.get(TRACE_DESTINATION_ENV) is not None else f"{where}traces.destination"
 
 
 def _unwritable(path: Path, folder: bool) -> str | None:

@@ -262,6 +262,37 @@ def test_trace_targets_that_cannot_be_written_are_refused_naming_the_key(tmp_pat
     assert problem(f"traces:\n  destination: {tmp_path}/a-dir\n", named=None) == f"built-in defaults: traces.destination: {tmp_path}/a-dir: is a directory, not a file"
 
 
+def test_a_spend_store_on_a_trace_target_is_refused_naming_both_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite would write over the traces (or they over it): every trace lost, silently."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GATEWAY_TRACE_DESTINATION", raising=False)
+    (tmp_path / "link").symlink_to(tmp_path)
+
+    def problem(text: str) -> str | None:
+        try:
+            load_config(write(tmp_path, text))
+        except ConfigError as exc:
+            return str(exc).removeprefix(f"{tmp_path / 'config.yaml'}: ")
+        return None
+
+    assert problem("usage:\n  spend_db: traces.jsonl\n") == \
+        "usage.spend_db: traces.jsonl is the trace file (traces.destination): the spend store would write over the traces"
+    assert problem(f"traces:\n  destination: ./t/../t.jsonl\nusage:\n  spend_db: {tmp_path}/link/t.jsonl\n") is not None  # the same file, however named
+    assert problem("usage:\n  spend_db: traces.jsonl.3\n") == \
+        "usage.spend_db: traces.jsonl.3 is a file the trace file (traces.destination) is rotated into: the spend store would write over the traces"
+    assert problem("traces:\n  directory: per\nusage:\n  spend_db: per/2025-01-01/spend.db\n") == \
+        "usage.spend_db: per/2025-01-01/spend.db is in traces.directory (per): the spend store would sit among the traces"
+    assert problem("traces:\n  directory: per\nusage:\n  spend_db: per\n") is not None
+    monkeypatch.setenv("GATEWAY_TRACE_DESTINATION", "g.jsonl")  # the file in force
+    assert problem("usage:\n  spend_db: g.jsonl\n") == \
+        "usage.spend_db: g.jsonl is the trace file (GATEWAY_TRACE_DESTINATION): the spend store would write over the traces"
+    assert problem("usage:\n  spend_db: traces.jsonl\n") is None  # no trace file is written there now
+    # beside the traces, or of a similar name, it is its own file
+    monkeypatch.delenv("GATEWAY_TRACE_DESTINATION")
+    for spend_db in ("spend.db", "traces.jsonl.db", "traces.jsonl.1x", "per-spend.db"):
+        assert problem(f"traces:\n  directory: per\nusage:\n  spend_db: {spend_db}\n") is None
+
+
 def test_a_trace_target_that_may_not_be_looked_into_is_a_reason_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`Path.exists` raises where a directory on the way may not be searched (an unprivileged
     user; the tests run as root, where none is refused, so the refusal is stood in for)."""
