@@ -221,10 +221,10 @@ _DIGEST = re.compile(r"[0-9a-f]{8}(?:[0-9a-f]{8})?")  # 16 hex digits, or 8 as f
 
 def _is_key_fingerprint(entry: str) -> bool:
     """A full fingerprint or its hash: what `organization.configured_value` looks up."""
-    from llm_mitm.redact import _is_fingerprint  # the redactor's own definition of one
+    from llm_mitm.redact import is_fingerprint  # the redactor's own definition of one
 
     _, sep, digest = entry.rpartition("#")
-    return _DIGEST.fullmatch(digest) is not None and (not sep or _is_fingerprint(entry))
+    return _DIGEST.fullmatch(digest) is not None and (not sep or is_fingerprint(entry))
 
 
 class OrganizationConfig(HeaderRule):

@@ -204,7 +204,7 @@ _USERINFO_PASSWORD = re.compile(r"(?<=://)([^/\s:@\"'<>]*:)([^/\s\"'<>]+)(?=@[^/
 _FINGERPRINT = re.compile(r"(?:(?:bearer|basic|token|digest) )?(?:sk-[a-z]*-?|jwt:)?…[A-Za-z0-9._~+/=-]{0,4}#[0-9a-f]{8}(?:[0-9a-f]{8})?", re.IGNORECASE)
 
 
-def _is_fingerprint(value: str) -> bool:
+def is_fingerprint(value: str) -> bool:
     """Exactly a fingerprint (a value holding one and more is not: the rest is its own)."""
     return _FINGERPRINT.fullmatch(value) is not None
 
@@ -538,7 +538,7 @@ class Redactor:
             if "bearer" in value.lower():
                 value = _BEARER.sub(lambda m: m.group(0)[: m.start(2) - m.start(0)] + self.fingerprint(m.group(2)), value)
             if "://" in value and "@" in value:
-                value = _USERINFO_PASSWORD.sub(lambda m: m.group(1) + (m.group(2) if _is_fingerprint(m.group(2)) else self.opaque(m.group(2))), value)
+                value = _USERINFO_PASSWORD.sub(lambda m: m.group(1) + (m.group(2) if is_fingerprint(m.group(2)) else self.opaque(m.group(2))), value)
         for pattern in self._custom:
             value = pattern.sub(self._replace, value)
         return value
@@ -665,7 +665,7 @@ class Redactor:
         value, name = match.group(3), match.group(2).lower()
         if name.endswith("]"):  # `api_key[]=`, `creds[api_key]=` (PHP's and Rails' forms): the innermost name
             name = name.rstrip("[]").rpartition("[")[2] or name.partition("[")[0]
-        return name in self.params and bool(value) and not _is_fingerprint(value)
+        return name in self.params and bool(value) and not is_fingerprint(value)
 
     def address(self, url: str) -> str:
         """A request's URL, which repeats from call to call: `url`, remembered."""
@@ -733,7 +733,7 @@ class Redactor:
                 continue
             start, end = _value_span(value, match.end())
             secret = value[start:end]
-            if secret and not _is_fingerprint(secret) and _NOT_A_SECRET.fullmatch(secret.rstrip(",;}")) is None:
+            if secret and not is_fingerprint(secret) and _NOT_A_SECRET.fullmatch(secret.rstrip(",;}")) is None:
                 spans.append((start, end))
         return spans
 
@@ -768,7 +768,7 @@ class Redactor:
             return match.group(0)
         quote = value[0] if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0] else ""  # YAML (mitmproxy 12) may quote it
         inner, lowered = value[len(quote) : len(value) - len(quote)], name.lower()
-        hidden = self.header(lowered, inner) if lowered in self.headers else inner if _is_fingerprint(inner) else self._hidden_as_named(lowered, inner)
+        hidden = self.header(lowered, inner) if lowered in self.headers else inner if is_fingerprint(inner) else self._hidden_as_named(lowered, inner)
         return f"{indent}{name}:{gap}{quote}{hidden}{quote}{rest[len(value):]}"
 
     def printout(self, text: str, sent: Mapping[str, str] = _NOTHING_SENT) -> str:
@@ -820,7 +820,7 @@ class Redactor:
         if query:
             decoded = _percent_decoded("&" + query.partition("#")[0])[0]
             for match in self._query.finditer(decoded):
-                if len(value := match.group(3)) < SHORTEST_SENT or _is_fingerprint(value):
+                if len(value := match.group(3)) < SHORTEST_SENT or is_fingerprint(value):
                     continue
                 if self._is_key_param(match):
                     sent[value] = self._hidden_as_named(match.group(2), value)
