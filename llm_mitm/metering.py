@@ -32,6 +32,7 @@ class Call:
     charged: bool  # went upstream and was answered by it (not refused, not replayed)
     status_code: int | None = None  # the answer's; None when none came
     generates: bool = True  # asked for new output (`Route.generates`), not for a stored answer
+    runs_model: bool = True  # ran a model (`Route.runs_a_model`): not a stored run or batch read back
     asked: str | None = None  # the model asked for (Azure: the deployment)
     # A text as the trace shows it, a credential the request sent hidden (a model's name may
     # hold one: it was logged whole where the trace hid it); asked for only to log it.
@@ -54,7 +55,9 @@ class Metering:
         if not call.charged:  # refused, or answered from a recording: nothing was used upstream
             return None, None
         if call.operation not in GENERATING:
-            return call.usage, None
+            # an image's, a transcription's tokens; a stored run's or batch's usage read back
+            # (polled) was the call's that ran it, not this one's (a review: polls were charged)
+            return (call.usage if call.runs_model else None), None
         if not call.generates:  # a stored answer read back (polled, resumed) or cancelled: its usage was the creating call's
             return None, None
         usage = call.usage

@@ -208,6 +208,7 @@ _RUNS_MODEL = frozenset((
     ("audio", "speech"), ("audio", "transcriptions"), ("audio", "translations"), ("moderations",),
     ("realtime",), ("realtime", "calls"), ("realtime", "client_secrets"), ("realtime", "sessions"), ("realtime", "transcription_sessions"),
     ("threads", "runs"), ("threads", "*", "runs"),
+    ("realtime", "calls", "*", "accept"),  # a SIP call accepted: its session runs a model, the API's default where it names none
 ))
 
 
@@ -216,8 +217,12 @@ _MODEL_PATH_ENDS = frozenset(("chat", "completions", "embeddings", "responses", 
 
 
 def _runs_model(segments: list[str]) -> bool:
-    shape = tuple(segments) if len(segments) != 3 else (segments[0], "*", segments[2])
-    return shape in _RUNS_MODEL
+    """The path's shape, its id (the second segment of three, the third of four) as `*`."""
+    if len(segments) == 3:
+        return (segments[0], "*", segments[2]) in _RUNS_MODEL
+    if len(segments) == 4:
+        return (segments[0], segments[1], "*", segments[3]) in _RUNS_MODEL
+    return tuple(segments) in _RUNS_MODEL
 
 
 _RUNS_WHAT = ("model", "deployment", "api-version")  # query parameters that say what runs

@@ -79,6 +79,7 @@ def snapshot(exchange: Exchange) -> dict[str, Any]:
         "route": [exchange.route.provider, exchange.route.api, exchange.route.operation, exchange.route.deployment],
         "method": exchange.method,
         "generates": exchange.route.generates(exchange.method),
+        "runs_model": exchange.route.runs_a_model(exchange.method),
         "url": exchange.url,
         "model": exchange.model,
         "response_model": exchange.response_model,
@@ -152,6 +153,7 @@ def complete(snap: dict[str, Any], metering: Metering, redactor: Redactor) -> No
         charged=not _blocked(snap) and snap["replay"] != "hit",
         status_code=snap["status_code"],
         generates=snap["generates"],
+        runs_model=snap["runs_model"],
         asked=snap["model"],
         shown=lambda text: replace_sent(redactor.field(text), redactor.sent_credentials(snap["request_headers"], snap["url"])),
     ))

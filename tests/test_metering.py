@@ -312,6 +312,12 @@ def test_a_stored_answer_read_back_uses_no_tokens() -> None:
     usage = Usage(input_tokens=12, output_tokens=7, total_tokens=19)
     call = Call("responses", "gpt-4o", usage, None, {"usage": {}}, error=False, charged=True, status_code=200, generates=False)
     assert Metering(PriceTable(), estimate_missing=True).meter(call) == (None, None)
+    # a stored run or batch read back (polled) carries the usage of what ran it: none of this call's (a review: polls were charged)
+    for operation in ("threads", "batches"):
+        polled = Call(operation, "gpt-4o", usage, None, {"usage": {}}, error=False, charged=True, status_code=200, generates=False, runs_model=False)
+        assert Metering(PriceTable(), estimate_missing=True).meter(polled) == (None, None)
+    image = Call("images", "gpt-image-1", usage, None, {"usage": {}}, error=False, charged=True, status_code=200, generates=False)
+    assert Metering(PriceTable(), estimate_missing=True).meter(image)[0] == usage  # an image's tokens are this call's
 
 
 def test_estimate_marks_usage() -> None:

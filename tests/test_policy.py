@@ -548,6 +548,7 @@ def test_a_clamp_the_api_would_refuse_is_a_refusal() -> None:
         ("/v1/realtime/client_secrets", "POST", {"session": {"type": "realtime"}}),
         ("/v1/videos", "POST", {"prompt": "a cat"}),  # the API's default, sora-2 (a firewall probe)
         ("/v1/realtime/transcription_sessions", "POST", {"input_audio_format": "pcm16"}),
+        ("/v1/realtime/calls/rtc_123/accept", "POST", {"type": "realtime"}),  # a SIP call accepted with no model (a review: it passed)
     ],
 )
 def test_a_call_that_runs_a_model_it_does_not_name_fails_closed_under_an_allow_list(path: str, method: str, body: dict | None) -> None:

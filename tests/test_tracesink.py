@@ -33,6 +33,7 @@ def snapshot(number: int, padding: int = 0) -> dict:
         "route": ["openai", "openai", "chat.completions", None],
         "method": "POST",
         "generates": True,
+        "runs_model": True,
         "url": "https://api.openai.com/v1/chat/completions",
         "model": "gpt-4o",
         "response_model": None,

@@ -49,6 +49,7 @@ def call_of(exchange: Exchange, shown: Callable[[str], str] | None = None) -> Ca
         charged=not exchange.blocked and exchange.replay != "hit",
         status_code=exchange.status_code,
         generates=exchange.route.generates(exchange.method),
+        runs_model=exchange.route.runs_a_model(exchange.method),
         asked=exchange.model,
         shown=shown,
     )
