@@ -41,6 +41,12 @@ def features(headers: Iterable[tuple[str, str]]) -> str:
     return ";".join(f"{name}={','.join(sorted(values))}" for name, values in sorted(found.items()))
 
 
+# Headers hidden in traces that do not tell tenants apart: the proxy's own login, and
+# cookies (upstream's rotating `__cf_bm`, sent back by clients that keep cookies: a recorded
+# session no longer replayed; a cookie is the caller only where no key is sent).
+_NOT_TENANT = frozenset(("proxy-authorization", "cookie"))
+
+
 def tenant(caller: str | None, organization: str | None, project: str | None, headers: Mapping[str, str]) -> list[str | None]:
     """Who asks, from the headers as traced (`Redactor.headers_dict`): the caller, and each
     credential header sent beside the one it is named by, as its fingerprint. A gateway may
@@ -48,7 +54,7 @@ def tenant(caller: str | None, organization: str | None, project: str | None, he
     subscription key beside a shared `api-key`, a user's Bearer beside a shared
     `x-api-key`): two such callers shared answers (a tenancy probe)."""
     others = sorted(f"{name}: {value}" for name, value in headers.items()
-                    if name != "proxy-authorization" and holds_fingerprint(value) and not (caller and caller in value))
+                    if name not in _NOT_TENANT and holds_fingerprint(value) and not (caller and caller in value))
     return [caller, organization, project, *others]
 
 

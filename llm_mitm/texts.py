@@ -251,6 +251,8 @@ class _Collector:
                 rest = {key: value for key, value in part.items() if key != "text" and key not in _GEMINI_BINARY}
                 if rest:  # a function's call or response, executable code and its result: what the model reads
                     _leaf_texts(self.out, role, rest, SCHEMA_DEPTH)
+        if self.joined:  # the parts of one message are read in a row (a review: a phrase split between two passed)
+            self._join(role, [text for who, text in self.out[start:] if who == role])
         self._ran(role, start)
 
     def _extras(self, body: dict[str, Any]) -> None:
