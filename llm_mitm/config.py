@@ -195,15 +195,19 @@ class HeaderRule(_Section):
     override: bool = False
     by_key: dict[str, HeaderValue] = {}
 
-    @field_validator("by_key")
+    @field_validator("by_key", mode="before")
     @classmethod
-    def _keys_are_fingerprints(cls, by_key: dict[str, str]) -> dict[str, str]:
+    def _keys_are_fingerprints(cls, by_key: Any) -> Any:
         """An entry is matched against the caller's key fingerprint (organization.py): one
         in no fingerprint's form never matches. Only what holds a fingerprint's `…` or `#`
         is shown in the error; any other entry is named by its value, as it may be a key
-        (a secret in the file, not to be copied into logs)."""
+        (a secret in the file, not to be copied into logs). Before the values' types are
+        checked, whose error would name the entry (a review: a raw key with a number for
+        its value was printed whole)."""
+        if not isinstance(by_key, Mapping):
+            return by_key
         for entry, value in by_key.items():
-            if _is_key_fingerprint(entry):
+            if not isinstance(entry, str) or _is_key_fingerprint(entry):
                 continue
             if "…" in entry or "#" in entry:
                 raise ValueError(f"{entry!r} is no key fingerprint: expected {_FINGERPRINT_FORMS}")

@@ -216,6 +216,11 @@ def test_by_key_refuses_a_key_itself_without_echoing_it(tmp_path: Path, key: str
     message = str(caught.value)
     assert "organization.project.by_key: the entry for 'proj-a' is a key itself, not its fingerprint: never put a key in the config" in message
     assert key not in message and key[-8:] not in message
+    # with a value of the wrong type too, whose error named the entry (a review: the key was printed whole)
+    for value in ("12345", "[a, b]", "true"):
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, f"organization:\n  by_key: {{{key}: {value}}}\n"))
+        assert key[8:-8] not in str(caught.value) and "is a key itself" in str(caught.value)
 
 
 def test_config_path_defaults_to_working_directory_file(tmp_path: Path) -> None:
