@@ -70,7 +70,7 @@ class Recorder:
         content = _content(request, exchange.header("content-encoding"))
         content_type = exchange.header("content-type") or ""
         exchange.take_request(Body.parse(content, content_type) if content is not None else Body(size=len(request.raw_content or b"")))
-        exchange.url = _url(request, exchange.header("host"))
+        exchange.url = _url(request)
         exchange.api_key = self._api_key(exchange) or self._query_key(request) or self._gateway_key(exchange)
         exchange.organization = ", ".join(exchange.header_values("openai-organization")) or None  # as a server joining them reads them
         exchange.project = ", ".join(exchange.header_values("openai-project")) or None
@@ -227,7 +227,7 @@ def _client(flow: http.HTTPFlow) -> str:
     return str(peer[0]) if peer else ""
 
 
-def _url(request: http.Request, host_header: str | None) -> str:
+def _url(request: http.Request) -> str:
     """The URL the call went to: the host mitmproxy connects to (a CONNECT's, an
     absolute-form target's, a reverse proxy's), whatever the Host header says (a review: a
     `Host` naming another resource than the CONNECT put that resource in the trace, and
@@ -235,8 +235,8 @@ def _url(request: http.Request, host_header: str | None) -> str:
     names only an address (transparent and local modes), the Host header names the host,
     as in mitmproxy's `pretty_url`."""
     host = request.host
-    if host_header and _is_address(host):
-        return request.pretty_url
+    if _is_address(host) and (named := request.host_header):  # Host, or HTTP/2's :authority (a review: HTTP/2 was traced by its address)
+        return f"{request.scheme}://{named}{request.path}"  # as written, an IPv6 address in brackets (pretty_url drops them)
     if ":" in host:  # an IPv6 address, written with its brackets
         host = f"[{host}]"
     default = (request.scheme == "https" and request.port == 443) or (request.scheme == "http" and request.port == 80)
