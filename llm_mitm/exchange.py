@@ -19,7 +19,7 @@ import orjson
 
 from llm_mitm.forms import Form
 from llm_mitm.providers import Route
-from llm_mitm.sse import StreamTap
+from llm_mitm.sse import GeminiRebuilder, StreamTap
 from llm_mitm.usage import Usage, normalize_usage
 
 _SAMPLE_LIMIT = 4096  # characters of a non-JSON text body kept for the trace
@@ -208,6 +208,8 @@ def read_outcome(api: str, status_code: int | None, body: Body) -> Outcome:
     both use it)."""
     outcome = Outcome()
     payload = body.json if body.is_json else None
+    if isinstance(payload, list) and payload and isinstance(payload[0], dict) and not _GEMINI_RESPONSE.isdisjoint(payload[0]):
+        payload = _gemini_streamed(payload)  # Gemini's stream without alt=sse: a JSON array of its responses
     if isinstance(payload, dict):
         model = payload.get("model", payload.get("modelVersion"))  # Gemini's own API names them so
         if isinstance(model, str):
@@ -215,6 +217,18 @@ def read_outcome(api: str, status_code: int | None, body: Body) -> Outcome:
         outcome.usage = normalize_usage(api, payload.get("usage", payload.get("usageMetadata")))
     outcome.error = status_error(status_code, payload)
     return outcome
+
+
+_GEMINI_RESPONSE = frozenset(("candidates", "usageMetadata", "modelVersion"))
+
+
+def _gemini_streamed(responses: list[Any]) -> dict[str, Any] | None:
+    """The answer a JSON array of Gemini's responses makes, as its SSE stream would be rebuilt."""
+    rebuilder = GeminiRebuilder()
+    for response in responses:
+        if isinstance(response, dict):
+            rebuilder.take(response)
+    return rebuilder.result()
 
 
 def read_stream(api: str, status_code: int | None, tap: StreamTap) -> tuple[Body, Outcome]:
@@ -334,10 +348,13 @@ class Exchange:
             session = payload.get("session")
             if model is None and isinstance(session, dict):  # a realtime session's (`/realtime/client_secrets`)
                 model = session.get("model")
-            self.model = model if isinstance(model, str) else None
+            # Gemini names a model in a body as its resource, `models/gemini-2.5-flash` (a cache's, a count's)
+            self.model = (model.removeprefix("models/") if model.startswith("models/") else model) if isinstance(model, str) else None
             self.stream = payload.get("stream") is True
         if self.route.deployment:
             self.model = self.route.deployment
+        if self.route.streams:
+            self.stream = True
 
     @property
     def unreadable(self) -> bool:

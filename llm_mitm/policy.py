@@ -555,7 +555,7 @@ def _middle_cut(text: str, reach: int) -> str:
     return text if len(text) <= 2 * reach else f"{text[:reach]}\x00{text[-reach:]}"
 
 
-_MANY_OUTPUTS = frozenset(("chat.completions", "completions", "generate_content"))
+_MANY_OUTPUTS = frozenset(("chat.completions", "completions", "generate_content", "gemini"))
 
 
 def output_limit(route: Route, body: Any) -> float | None:
@@ -589,12 +589,14 @@ def _copies(route: Route, body: dict[str, Any]) -> float:
 
 
 def _output_counts(route: Route, body: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(name, value) of each count of outputs a call names: `n`, `best_of`, Gemini's `candidateCount`."""
-    if route.operation == "generate_content":
-        config = body.get("generationConfig", body.get("generation_config"))
-        config = config if isinstance(config, dict) else {}
-        return [(f"generationConfig.{name}", config[name]) for name in ("candidateCount", "candidate_count") if config.get(name) is not None]
-    return [(field, body[field]) for field in ("n", "best_of") if body.get(field) is not None]
+    """(name, value) of each count of outputs a call names: `n`, `best_of`, Gemini's
+    `candidateCount` (in either spelling of its holder, both read: servers differ on which wins)."""
+    counts = [(field, body[field]) for field in ("n", "best_of") if body.get(field) is not None]
+    for holder in ("generationConfig", "generation_config"):
+        config = body.get(holder)
+        if isinstance(config, dict):
+            counts += [(f"{holder}.{name}", config[name]) for name in ("candidateCount", "candidate_count") if config.get(name) is not None]
+    return counts
 
 
 def _prompts(route: Route, body: dict[str, Any]) -> int:

@@ -72,6 +72,8 @@ class Route:
     # where the call names none (images, audio, moderations, realtime) or an assistant's
     # stored one (a thread's run).
     runs_model: bool = False
+    # The path asks for a stream, not the body (Gemini's `:streamGenerateContent`).
+    streams: bool = False
 
     def azure_takes_2024_09_fields(self) -> bool:
         """Whether the call's API takes what Azure's api-version 2024-09-01-preview brought
@@ -162,8 +164,8 @@ def route_for(provider: Provider, path: str) -> Route:
                      _subresource(operation, rest), repeated, _runs_model(rest))
     segments = _openai_segments(_after_version(segments))
     if gemini := _gemini_call(segments):
-        operation, model = gemini
-        return Route(provider.name, provider.api, operation, model, repeated=repeated, runs_model=True)
+        operation, model, streams = gemini
+        return Route(provider.name, provider.api, operation, model, repeated=repeated, runs_model=True, streams=streams)
     deployment = None
     if len(segments) > 2 and segments[0] in ("deployments", "engines"):
         # The model named in the path, as LiteLLM's proxy serves Azure's and OpenAI's old paths:
@@ -185,18 +187,24 @@ def route_for(provider: Provider, path: str) -> Route:
 _GEMINI_ACTIONS = {
     "generatecontent": "generate_content", "streamgeneratecontent": "generate_content", "generateanswer": "generate_content",
     "counttokens": "count_tokens", "embedcontent": "embed_content", "batchembedcontents": "embed_content",
-    "predict": "predict", "predictlongrunning": "predict", "batchgeneratecontent": "batch_generate_content",
+    "predict": "predict", "predictlongrunning": "predict", "rawpredict": "predict", "streamrawpredict": "predict",
+    "batchgeneratecontent": "batch_generate_content", "asyncbatchembedcontent": "batch_generate_content",
 }
-_GEMINI_MODELS = frozenset(("models", "tunedmodels"))
+# Where the model is named: `models/{m}`, a tuned model's `tunedModels/{m}`, and Vertex's
+# `endpoints/{id}`, an endpoint that runs whatever model is deployed to it (no name here).
+_GEMINI_MODELS = frozenset(("models", "tunedmodels", "endpoints"))
 
 
-def _gemini_call(segments: list[str]) -> tuple[str, str] | None:
-    """(operation, model) of a call to Gemini's own API, or None for any other path."""
-    if len(segments) < 2 or ":" not in segments[-1] or segments[-2].lower() not in _GEMINI_MODELS:
+def _gemini_call(segments: list[str]) -> tuple[str, str | None, bool] | None:
+    """(operation, model, whether the path asks for a stream) of a call to Gemini's own API,
+    or None for any other path."""
+    if len(segments) < 2 or ":" not in segments[-1] or (kind := segments[-2].lower()) not in _GEMINI_MODELS:
         return None
     model, _, action = segments[-1].rpartition(":")
-    operation = _GEMINI_ACTIONS.get(action.lower(), "gemini")  # an action not known here still runs the model named
-    return operation, (model if segments[-2].lower() == "models" else f"{segments[-2]}/{model}")
+    action = action.lower()
+    operation = _GEMINI_ACTIONS.get(action, "gemini")  # an action not known here still runs the model named
+    named = None if kind == "endpoints" else model if kind == "models" else f"{segments[-2]}/{model}"
+    return operation, named, action.startswith("stream")
 
 
 # The endpoints past those billed by tokens that run a model, its default where a call names

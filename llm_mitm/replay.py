@@ -135,6 +135,8 @@ def as_stream(recorded: Recorded, include_usage: bool) -> bytes:
         return _anthropic_stream(recorded.body)
     if recorded.operation == "responses":
         return _responses_stream(recorded.body)
+    if recorded.operation == "generate_content":  # Gemini's alt=sse: each response an event, no [DONE]
+        return b"".join(_event(response) for response in (recorded.body if isinstance(recorded.body, list) else [recorded.body]))
     if recorded.body.get("object") == "text_completion":
         return _completion_stream(recorded.body, include_usage)
     return _chat_stream(recorded.body, include_usage)

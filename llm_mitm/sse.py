@@ -220,8 +220,12 @@ class StreamRebuilder:
             else:
                 self.malformed += 1
             return
+        self.take(payload, event.event)
+
+    def take(self, payload: dict[str, Any], event: str = "") -> None:
+        """One event's payload, parsed (garbage is counted)."""
         try:
-            self._apply(event.event, payload)
+            self._apply(event, payload)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError):
             self.malformed += 1
 

@@ -693,9 +693,45 @@ def test_gemini_calls_a_gateway_passes_through_are_policed_metered_and_streamed(
             sent = next(r.sent for r in server.requests if streamed.encode() in r.body)
             assert out.stdout == bytes(sent) + b"\n200"  # passed as it came
             t = trace_with(proxy, streamed)
-            assert t["error"] is None and t["usage"]["output_tokens"] == 9
+            assert t["error"] is None and t["usage"]["output_tokens"] == 9 and t["stream"] is True
             assert t["response"]["body"]["candidates"][0]["content"]["parts"] == [{"text": CANNED_REPLY}]
             assert t["response"]["body"]["candidates"][0]["finishReason"] == "STOP"
+
+            # without alt=sse the stream is a JSON array, passed on a response at a time all the same (a review: it was buffered, and metered as 1 token)
+            arrayed = marker()
+            started = time.monotonic()
+            with requests.post(f"{base}/gemini-2.5-flash:streamGenerateContent", json=asking(arrayed), stream=True, timeout=30,
+                               headers={"x-goog-api-key": "gk-test-" + "g" * 24, "x-fake-delay-ms": "150"},
+                               proxies={"http": proxy.proxy_url}) as answer:
+                arrivals = [(time.monotonic() - started, chunk) for chunk in answer.iter_content(chunk_size=None) if chunk]
+            assert len(arrivals) >= 4 and arrivals[-1][0] - arrivals[0][0] > 0.5, arrivals  # not all at once at the end
+            assert orjson.loads(b"".join(chunk for _, chunk in arrivals))[-1]["usageMetadata"]["totalTokenCount"] == 18
+            t = trace_with(proxy, arrayed)
+            assert t["error"] is None and t["stream"] is True and t["usage"]["output_tokens"] == 9 and t["usage"]["estimated"] is False
+            assert t["response_model"] == "gemini-2.5-flash" and len(t["response"]["body"]) == 6  # the array, as it came
+
+            # a cache made with the model named as Gemini names it in a body, `models/...` (a review: refused under the allow list)
+            cache = {"model": "models/gemini-2.5-flash", "contents": [{"role": "user", "parts": [{"text": marker()}]}]}
+            made = requests.post(f"http://localhost:{server.port}/gemini/v1beta/cachedContents", json=cache, proxies={"http": proxy.proxy_url}, timeout=30)
+            assert made.status_code == 404 and "no route" in made.text  # went upstream (the fake has no caches)
+            denied_cache = requests.post(f"http://localhost:{server.port}/gemini/v1beta/cachedContents", json={**cache, "model": "models/gemini-2.5-pro"},
+                                         proxies={"http": proxy.proxy_url}, timeout=30)
+            assert denied_cache.status_code == 403 and "model_not_allowed" in denied_cache.text
+
+        # replayed as a stream, as each client asked for it: SSE with alt=sse, a JSON array without (a review: one JSON object)
+        with Mitmdump(tmp_path / "replay", config={"providers": {"gateway": gateway}, "replay": {"mode": "on"}}) as replaying:
+            for path in ("gemini-2.5-flash:streamGenerateContent?alt=sse", "gemini-2.5-flash:streamGenerateContent"):
+                question = marker()
+                answers = [requests.post(f"{base}/{path}", json=asking(question), proxies={"http": replaying.proxy_url}, timeout=30,
+                                         headers={"x-goog-api-key": "gk-test-" + "g" * 24}) for _ in range(2)]
+                assert [a.headers["x-llm-mitm-replay"] for a in answers] == ["MISS", "HIT"]
+                if "alt=sse" in path:
+                    assert answers[1].headers["content-type"] == "text/event-stream" and answers[1].text.startswith("data: {")
+                    events = [orjson.loads(line[6:]) for line in answers[1].text.splitlines() if line.startswith("data: ")]
+                else:
+                    assert answers[1].headers["content-type"] == "application/json"
+                    events = answers[1].json()
+                assert "".join(p["text"] for e in events for c in e["candidates"] for p in c["content"]["parts"]) == CANNED_REPLY
             assert "gk-test-" not in proxy.output and all("gk-test-" not in orjson.dumps(t).decode() for t in proxy.traces())
     finally:
         server.stop()

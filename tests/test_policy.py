@@ -1129,6 +1129,12 @@ def test_geminis_own_api_is_read_for_its_model_texts_and_limits() -> None:
     assert check(config, route=route("generateContent"), body=asked(maxOutputTokens=500, candidateCount=2), model="gemini-2.5-flash") is None
     clamped = Policy(PolicyConfig(max_tokens=1000, max_tokens_action="clamp")).clamp(route("generateContent"), asked(maxOutputTokens=4000, candidateCount=2))
     assert clamped["generationConfig"] == {"maxOutputTokens": 500, "candidateCount": 2}
+    # an action not known here counts its candidates too; either spelling of the holder (a review: the other one's passed)
+    assert rule(config, route=route("someNewAction"), body=asked(maxOutputTokens=600, candidateCount=2), model="gemini-2.5-flash") == "max_tokens_exceeded"
+    both = {**asked(), "generationConfig": {"maxOutputTokens": 600}, "generation_config": {"candidate_count": 2}}
+    assert rule(config, route=route("generateContent"), body=both, model="gemini-2.5-flash") == "max_tokens_exceeded"
+    endpoint = route_for(Provider("gateway", "openai", upgrade_http=False), "/v1/projects/p/locations/us/endpoints/123:generateContent")
+    assert "names no model" in check(config, route=endpoint, body=asked()).detail
     assert rule(config, route=route("batchGenerateContent"), body={"batch": {}}, model="gemini-2.5-flash") == "operation_not_allowed"
     assert rule({}, route=route("batchGenerateContent"), body={"batch": {}}, model="gemini-2.5-flash") is None  # no rule a call could break
 

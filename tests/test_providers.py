@@ -222,6 +222,15 @@ def test_geminis_own_api_names_its_model_in_the_path(path: str, operation: str, 
     assert (route.operation, route.deployment) == (operation, model)
     assert route.runs_a_model("POST") is (model is not None)
     assert route.generates("POST") is (operation == "generate_content")
+    assert route.streams is ("streamGenerateContent" in path)
+
+
+def test_a_vertex_endpoint_runs_a_model_it_does_not_name() -> None:
+    """`endpoints/{id}` runs whatever model is deployed there (a review: read as `projects`, no rule applied)."""
+    route = route_for(Provider("gateway", "openai", upgrade_http=False), "/v1/projects/p/locations/us/endpoints/123:streamGenerateContent")
+    assert (route.operation, route.deployment, route.streams) == ("generate_content", None, True)
+    assert route.runs_a_model("POST")
+    assert route_for(Provider("gateway", "openai", upgrade_http=False), "/v1beta/models/m:asyncBatchEmbedContent").operation == "batch_generate_content"
 
 
 @pytest.mark.parametrize(

@@ -216,10 +216,15 @@ def _event_stream(exchange: Exchange, content_type: str) -> bool:
     """An answer to read as server-sent events as it passes: one that says so, or the
     answer to a call that asked for a stream from a server that names no type or plain
     text (OpenAI-compatible servers do, or a proxy before them): buffered, its events would
-    reach the client all at once at the end, and its usage chunk not be hidden."""
+    reach the client all at once at the end, and its usage chunk not be hidden. A Gemini
+    stream asked for by its path may be JSON, as it passes all the same."""
     if content_type.startswith("text/event-stream"):
         return True
-    return exchange.stream and exchange.status_code == 200 and content_type.partition(";")[0].strip() in ("", "text/plain")
+    if not exchange.stream or exchange.status_code != 200:
+        return False
+    # Gemini's stream without alt=sse is a JSON array, written out response by response
+    kinds = ("", "text/plain", "application/json") if exchange.route.streams else ("", "text/plain")
+    return content_type.partition(";")[0].strip() in kinds
 
 
 def _client(flow: http.HTTPFlow) -> str:

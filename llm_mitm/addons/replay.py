@@ -114,7 +114,9 @@ class Replay:
                 flow.response.headers[HEADER] = "MISS"
             return
         exchange.replay = "hit"
-        if exchange.stream:
+        if exchange.route.streams and "alt=sse" not in exchange.url:  # Gemini's stream as a JSON array of its responses
+            content, kind = orjson.dumps(recorded.body if isinstance(recorded.body, list) else [recorded.body]), "application/json"
+        elif exchange.stream:
             include_usage = bool(((exchange.request_json or {}).get("stream_options") or {}).get("include_usage"))
             content, kind = as_stream(recorded, include_usage), "text/event-stream"
         else:

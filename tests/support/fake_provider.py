@@ -242,7 +242,21 @@ class _Handler(BaseHTTPRequestHandler):
                                                                         **({"finishReason": "STOP"} if n == len(pieces) - 1 else {})}],
                                                         "usageMetadata": GEMINI_USAGE if n == len(pieces) - 1 else {"promptTokenCount": 9}, **head})
                                                 for n, piece in enumerate(pieces)]
-        return self._stream(events)
+        if "alt=sse" in self.path:
+            return self._stream(events)
+        # without alt=sse: a JSON array, written out a response at a time
+        delay = int(self.headers.get("x-fake-delay-ms") or 0) / 1000
+        self.send_response(200)
+        self.send_header("content-type", "application/json; charset=UTF-8")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for n, (_, payload) in enumerate(events):
+            if delay:
+                time.sleep(delay)
+            self._chunk((b"[" if n == 0 else b",\r\n") + orjson.dumps(payload))
+        self._chunk(b"]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
     def _chat(self, request: dict[str, Any]) -> None:
         text = self._reply_text(request)
