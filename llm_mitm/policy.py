@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import orjson
+
 from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls, json_lines
@@ -756,21 +758,55 @@ def _data_source_call(source: dict[str, Any], items: Any, name: str, route: Rout
 
 def _filled(messages: list[Any], template: Any, items: Any) -> list[Any]:
     """An eval's items as its template fills them in: an `item_reference` takes the item's
-    messages whole (roles as written); each `{{item.x}}` takes the item's text in the role
-    of the message it stands in (a user's where no message names one)."""
+    messages whole (roles as written); a template's messages are written out with each
+    item's values where they name them (`{{item.q}}`: a phrase completed only by the fill
+    passed, a review), and the items' texts are also read in the role of each message that
+    names an item however it does (a user's where none does)."""
+    entries = items if isinstance(items, list) else [items]
     found: list[Any] = []
     if isinstance(template, dict) and template.get("type") == "item_reference":
-        for item in (items if isinstance(items, list) else [items]):
-            found.extend(as_list(_referenced(item, template.get("item_reference"))))
-    roles = sorted({message["role"] for message in messages
-                    if isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and any("item." in text for text in strings_in(message.get("content")))}) or ["user"]
+        for entry in entries:
+            found.extend(as_list(_referenced(entry, template.get("item_reference"))))
+    naming = [message for message in messages if isinstance(message, dict)
+              and any(_NAMES_AN_ITEM.search(text) for text in strings_in(message.get("content")))]
+    for entry in entries:
+        values = entry.get("item", entry) if isinstance(entry, dict) else entry
+        found.extend(_written_out(message, values, SCHEMA_DEPTH) for message in naming)
+    roles = sorted({message["role"] for message in naming if isinstance(message.get("role"), str)}) or ["user"]
     found.extend({"role": role, "content": text} for text in strings_in(items) for role in roles)
     return found
 
 
+# `{{item.q}}`, `{{ item }}`, `{{item['q']}}`: a template's reference to its item
+_NAMES_AN_ITEM = re.compile(r"\{\{[^}]*\bitem\b")
+_ITEM_FIELD = re.compile(r"\{\{\s*item((?:\.[\w-]+)*)\s*\}\}")
+
+
+def _written_out(value: Any, item: Any, depth: int) -> Any:
+    """A template's message with each `{{item.x}}` in its strings replaced by the item's
+    value there (a text as it is, anything else as JSON), as the eval run writes it."""
+    if isinstance(value, str):
+        return _ITEM_FIELD.sub(lambda found: _as_text(_referenced(item, found.group(1)[1:]) if found.group(1) else item), value)
+    if depth <= 0:
+        return value
+    if isinstance(value, dict):
+        return {key: _written_out(inner, item, depth - 1) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [_written_out(inner, item, depth - 1) for inner in value]
+    return value
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return "" if value is None else orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return ""
+
+
 def _referenced(item: Any, reference: Any) -> Any:
-    """What `item.messages` names in an item line (`{"item": {...}}`), or None."""
+    """What a dotted reference (`item.messages`, `messages`) names in an item, or None."""
     if not isinstance(reference, str):
         return None
     value = item
