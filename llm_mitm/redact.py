@@ -797,6 +797,11 @@ class Redactor:
             out.append(_hexdump_left_out(hidden))
         return "\n".join(out)
 
+    def as_traced(self, text: str, headers: Iterable[Sequence[str]], url: str) -> str:
+        """A short text of a call's (a model's name) as its trace shows it, for a log line:
+        `field`, then the credentials the request sent (`sent_credentials`), whatever their shape."""
+        return replace_sent(self.field(text), self.sent_credentials(headers, url))
+
     def sent_credentials(self, headers: Iterable[Sequence[str]], url: str) -> dict[str, str]:
         """The credentials a request carried (its credential headers, key-like query
         parameters), each with the fingerprint it is written as: a key that upstream echoes

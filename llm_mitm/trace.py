@@ -155,7 +155,7 @@ def complete(snap: dict[str, Any], metering: Metering, redactor: Redactor) -> No
         generates=snap["generates"],
         runs_model=snap["runs_model"],
         asked=snap["model"],
-        shown=lambda text: replace_sent(redactor.field(text), redactor.sent_credentials(snap["request_headers"], snap["url"])),
+        shown=lambda text: redactor.as_traced(text, snap["request_headers"], snap["url"]),
     ))
     snap["usage"] = usage.as_dict() if usage else None
     snap["cost_usd"] = cost

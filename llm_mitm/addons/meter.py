@@ -10,7 +10,6 @@ from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config
 from llm_mitm.exchange import Exchange
 from llm_mitm.metering import Call, Metering
-from llm_mitm.redact import replace_sent
 
 
 class Meter:
@@ -34,8 +33,7 @@ class Meter:
         exchange.usage, exchange.cost_usd = self.metering.meter(call_of(exchange, self._shown(exchange)))
 
     def _shown(self, exchange: Exchange) -> Callable[[str], str]:
-        redactor = self.shared.redactor
-        return lambda text: replace_sent(redactor.field(text), redactor.sent_credentials(exchange.request_headers, exchange.url))
+        return lambda text: self.shared.redactor.as_traced(text, exchange.request_headers, exchange.url)
 
 
 def call_of(exchange: Exchange, shown: Callable[[str], str] | None = None) -> Call:
