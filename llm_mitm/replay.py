@@ -75,6 +75,20 @@ def request_key(provider: str, method: str, url: str, tenant: Sequence[str | Non
     return hashlib.blake2b(b"\n".join(fields), digest_size=20).digest()
 
 
+# The states of a stored object still changing: a background response, a run, a batch, a
+# job, read again until they settle (a review: replay answered every poll with the first
+# state it saw, and a client polling till done never saw it end).
+_UNDERWAY = frozenset(("queued", "in_progress", "requires_action", "cancelling", "canceling", "validating", "validating_files",
+                       "finalizing", "running", "pending", "uploaded"))
+
+
+def settled(body: Any) -> bool:
+    """An answer that will read the same later: one with no `status` still underway."""
+    if not isinstance(body, dict):
+        return True
+    return all(not (isinstance(state := body.get(field), str) and state in _UNDERWAY) for field in ("status", "processing_status"))
+
+
 @dataclass(frozen=True, slots=True)
 class Recorded:
     api: str
@@ -104,6 +118,8 @@ class ReplayIndex:
         response = (record.get("response") or {}).get("body")
         blocked = (record.get("policy") or {}).get("decision") == "block"
         if blocked or record.get("replay") == "hit" or record.get("error") or not isinstance(status, int) or not 200 <= status < 300:
+            return
+        if not settled((record.get("response") or {}).get("body")):
             return
         sent = (record.get("request") or {}).get("size")
         if isinstance(request, str) or (request is None and sent) or not isinstance(response, (dict, list)):

@@ -620,6 +620,18 @@ def test_replay_keeps_organizations_projects_hosts_and_gateway_keys_apart(record
         assert len(provider.requests) == before + len(callers)
 
 
+def test_replay_lets_a_poll_see_a_background_response_settle(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """Each poll while the response is underway goes upstream; once settled it is recorded."""
+    with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
+        def poll(state: str | None) -> tuple[str, str]:
+            answer = requests.get("https://api.openai.com/v1/responses/resp_polled", headers={"Authorization": f"Bearer {OPENAI_KEY}",
+                                  **({"x-fake-stored-status": state} if state else {})}, proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+            return answer.json()["status"], answer.headers["x-llm-mitm-replay"]
+
+        assert [poll("queued"), poll("in_progress"), poll(None), poll("queued")] == [
+            ("queued", "MISS"), ("in_progress", "MISS"), ("completed", "MISS"), ("completed", "HIT")]
+
+
 def test_replay_tells_methods_apart(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     """A DELETE of a stored response is not answered with the GET of it recorded before."""
     with replay_proxy(tmp_path, recorded, provider, pki, "on") as proxy:
@@ -693,6 +705,22 @@ def test_replay_names_a_tenant_alike_live_and_from_a_trace() -> None:
     with_cookies = [tenant(caller, None, None, redactor.headers_dict([("Authorization", f"Bearer {OPENAI_KEY}"), ("Cookie", f"__cf_bm={n}" * 3)]))
                     for n in ("first-cookie-value", "second-cookie-value")]
     assert with_cookies[0] == with_cookies[1] == [caller, None, None]
+
+
+def test_replay_records_no_state_still_underway() -> None:
+    """A background response, a run or a batch polled till it settles: the first state seen
+    answered every later poll (a review), so only a settled one is recorded."""
+    from llm_mitm.replay import ReplayIndex, request_key, settled
+
+    assert not settled({"id": "resp_1", "status": "queued"}) and not settled({"processing_status": "in_progress"})
+    assert settled({"id": "resp_1", "status": "completed"}) and settled({"choices": []}) and settled([{"status": "queued"}])
+    index = ReplayIndex()
+    url = "https://api.openai.com/v1/responses/resp_1"
+    for state in ("in_progress", "completed"):
+        index.add_record({"provider": "openai", "method": "GET", "url": url, "status_code": 200, "api_key": "…k#0011223344556677",
+                          "operation": "responses", "request": {"body": None, "headers": {}}, "response": {"body": {"id": "resp_1", "status": state}}})
+        key = request_key("openai", "GET", url, ["…k#0011223344556677", None, None], None)
+        assert (index.find(key) is not None) is (state == "completed")
 
 
 def test_replay_keys_of_keys_in_the_query_stay_apart() -> None:

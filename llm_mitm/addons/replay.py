@@ -21,7 +21,7 @@ from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config, ConfigError, trace_destination
 from llm_mitm.exchange import Exchange
-from llm_mitm.replay import Recorded, ReplayIndex, as_stream, features, request_key, tenant
+from llm_mitm.replay import Recorded, ReplayIndex, as_stream, features, request_key, settled, tenant
 
 logger = logging.getLogger("llm_mitm.replay")
 
@@ -135,7 +135,7 @@ class Replay:
         if exchange is None or key is None or flow.response is None:
             return
         status = exchange.status_code or 0
-        if 200 <= status < 300 and not exchange.error and exchange.response.is_json:
+        if 200 <= status < 300 and not exchange.error and exchange.response.is_json and settled(exchange.response.json):
             body = self.shared.redactor.json(exchange.response.json)
             self.index.answers[key] = Recorded(exchange.route.api, exchange.route.operation, status, body)
 

@@ -16,6 +16,7 @@ Test knobs are request headers (clients send them with `extra_headers`):
   x-fake-stream-type  the content type of a stream ("none": no such header), as a
                     misconfigured OpenAI-compatible server (or a proxy before it) sends it
   x-fake-sized      send a stream whole with a Content-Length, not in chunks
+  x-fake-stored-status  the status of a stored response read back (`queued`: still underway)
   x-fake-ignore-stream  answer a chat call that asks for a stream whole, as JSON
   x-fake-json-type  the content type of a JSON answer ("none": no such header)
 """
@@ -213,8 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._chat(request)
         if path.endswith("/responses"):
             return self._responses(request)
-        if "/responses/" in path:  # a stored response read back (or cancelled): as it was made
-            return self._json(200, {**_stored_response(), "id": path.split("/responses/")[1].split("/")[0]})
+        if "/responses/" in path:  # a stored response read back (or cancelled): as it was made, or as it stands (x-fake-stored-status)
+            state = {"status": self.headers["x-fake-stored-status"]} if self.headers.get("x-fake-stored-status") else {}
+            return self._json(200, {**_stored_response(), "id": path.split("/responses/")[1].split("/")[0], **state})
         if path.endswith("/messages"):
             return self._anthropic(request)
         if path.endswith("/v1/complete"):
