@@ -209,6 +209,16 @@ def is_fingerprint(value: str) -> bool:
     return _FINGERPRINT.fullmatch(value) is not None
 
 
+# A browser's realtime WebSocket sends its key as a subprotocol, `openai-insecure-api-key.<key>`
+# (no header can be set there): a no-shape key was traced and printed whole (a review).
+SUBPROTOCOL_KEY = "openai-insecure-api-key."
+
+
+def subprotocol_keys(value: str) -> list[str]:
+    """The keys a `Sec-WebSocket-Protocol` header's list carries."""
+    return [key for item in value.split(",") if (key := item.strip().removeprefix(SUBPROTOCOL_KEY)) != item.strip() and key]
+
+
 def holds_fingerprint(value: str) -> bool:
     """Whether a redacted value hides something (a credential header as traced)."""
     return "…" in value and _FINGERPRINT.search(value) is not None
@@ -634,6 +644,10 @@ class Redactor:
             return self.opaque(value.strip())
         if self._credential_headers(name):
             return self.named_credential(name, value)
+        if name == "sec-websocket-protocol" and SUBPROTOCOL_KEY in value:
+            for key in subprotocol_keys(value):
+                value = value.replace(SUBPROTOCOL_KEY + key, SUBPROTOCOL_KEY + self.credential(key))
+            return value
         if "=" in value and ("?" in value or self._may_name_credential(value)):  # a URL's parameters (`Location: ...&sig=...`), `session_token=...`
             return self.url(value)
         return self.text(value)
@@ -821,6 +835,8 @@ class Redactor:
                 scheme, token = split_scheme(value)
                 if len(token) >= SHORTEST_SENT:
                     sent[token] = self.opaque(token) if scheme is not None and scheme.lower() in ("basic", "digest") else self._hidden_as_named(name, token)
+            elif name == "sec-websocket-protocol":
+                sent.update((key, self.credential(key)) for key in subprotocol_keys(value) if len(key) >= SHORTEST_SENT)
         query = url.partition("?")[2]
         if query:
             decoded = _percent_decoded("&" + query.partition("#")[0])[0]

@@ -529,6 +529,14 @@ def test_recorded_url_names_where_the_call_went(host: str, host_header: bytes | 
     assert shared.exchange(flow).url == url
 
 
+def test_a_realtime_key_sent_as_a_subprotocol_names_the_caller() -> None:
+    flow = chat_flow(headers=[(b"sec-websocket-protocol", b"realtime, openai-insecure-api-key.XYZZY7noshape0123")])
+    flow.request.headers.pop("authorization")
+    shared = Shared()
+    Recorder(shared).request(flow)
+    assert shared.exchange(flow).api_key == shared.redactor.credential("XYZZY7noshape0123")
+
+
 def test_a_recorded_urls_ipv6_host_keeps_its_brackets() -> None:
     from llm_mitm.addons.recorder import _url
 

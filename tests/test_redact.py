@@ -558,6 +558,21 @@ def test_the_credentials_a_request_sent_are_known_whatever_their_shape() -> None
     assert replace_sent(clean, sent) is clean
 
 
+def test_a_realtime_key_sent_as_a_websocket_subprotocol_is_hidden() -> None:
+    """A browser's realtime WebSocket names its key as a subprotocol (a review: a key of no
+    known shape was traced whole, and the session had no caller)."""
+    from llm_mitm.redact import replace_sent
+
+    redactor = Redactor()
+    value = "realtime, openai-insecure-api-key.XYZZY6noshape0123, openai-beta.realtime-v1"
+    assert redactor.header("Sec-WebSocket-Protocol", value) == f"realtime, openai-insecure-api-key.{redactor.credential('XYZZY6noshape0123')}, openai-beta.realtime-v1"
+    sent = redactor.sent_credentials([("Sec-WebSocket-Protocol", value)], "https://api.openai.com/v1/realtime?model=gpt-realtime")
+    assert sent == {"XYZZY6noshape0123": redactor.credential("XYZZY6noshape0123")}
+    assert "XYZZY6" not in str(replace_sent({"error": "bad key XYZZY6noshape0123"}, sent))
+    assert "XYZZY6" not in redactor.log_line(f"    sec-websocket-protocol: {value}", sent)
+    assert redactor.header("sec-websocket-protocol", "realtime") == "realtime"
+
+
 def test_a_key_sent_in_a_parameter_named_like_a_credential_header_is_known_when_echoed() -> None:
     """`?x-api-key=` is no query parameter of the list, but `url` hides it as a named value:
     upstream quoting it back must find it hidden the same way."""

@@ -14,7 +14,7 @@ from llm_mitm.config import DEFAULT_PROVIDERS
 from llm_mitm.exchange import Body, Exchange, first_field
 from llm_mitm.forms import read_form
 from llm_mitm.providers import Route, split_host
-from llm_mitm.redact import split_scheme
+from llm_mitm.redact import split_scheme, subprotocol_keys
 from llm_mitm.sse import StreamTap, rebuilder_for
 
 # Where each API takes its key from, first the header it reads first: a client that also
@@ -71,7 +71,7 @@ class Recorder:
         content_type = exchange.header("content-type") or ""
         exchange.take_request(Body.parse(content, content_type) if content is not None else Body(size=len(request.raw_content or b"")))
         exchange.url = _url(request)
-        exchange.api_key = self._api_key(exchange) or self._query_key(request) or self._gateway_key(exchange)
+        exchange.api_key = self._api_key(exchange) or self._query_key(request) or self._gateway_key(exchange) or self._subprotocol_key(exchange)
         exchange.organization = ", ".join(exchange.header_values("openai-organization")) or None  # as a server joining them reads them
         exchange.project = ", ".join(exchange.header_values("openai-project")) or None
         if exchange.request.form:
@@ -184,6 +184,13 @@ class Recorder:
         characters), a Bearer's token whatever the case of its scheme."""
         scheme, token = split_scheme(value)
         return self.shared.redactor.named_credential(name, token if scheme is not None and scheme.lower() == "bearer" else value)
+
+    def _subprotocol_key(self, exchange: Exchange) -> str | None:
+        """A browser's realtime WebSocket sends its key as a subprotocol: the caller all the
+        same (a review: such sessions had no identity, and per-key limits held them as one)."""
+        protocols = exchange.header("sec-websocket-protocol")
+        keys = subprotocol_keys(protocols) if protocols else []
+        return self.shared.redactor.credential(keys[0]) if keys else None
 
     def _query_key(self, request: http.Request) -> str | None:
         """Azure also takes its key as `?api-key=` (API Management `?subscription-key=`):
