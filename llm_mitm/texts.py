@@ -370,6 +370,8 @@ class _Collector:
                         self.out.append(_UNREAD)
                 elif kind in ("file", "input_file"):  # a text file given inline is read as text
                     self._inline_file(role, part.get("file") if kind == "file" else part)
+                elif kind in ("input_audio", "audio") and isinstance(part.get("transcript"), str):  # a realtime item's audio, with its words
+                    self.out.append((role, part["transcript"]))
                 elif not isinstance(kind, str) or (kind not in _NOT_TEXT and kind != "tool_use"):  # untyped: a shell call's {stdout, stderr}
                     _leaf_texts(self.out, role, part, SCHEMA_DEPTH)
         if self.joined:

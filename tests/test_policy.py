@@ -1102,6 +1102,15 @@ def test_an_eval_run_from_an_items_file_is_checked_item_by_item() -> None:
     assert check(config, route=EVALS, body=inline_user) is None
 
 
+def test_an_audio_parts_transcript_is_read() -> None:
+    """A realtime item's audio part carries its words as `transcript`, as the GA's
+    `output_audio` does, which was read (a review: these passed)."""
+    config = {"forbidden_instructions": [BAD]}
+    for part in ({"type": "input_audio", "audio": "AAAA", "transcript": BAD}, {"type": "audio", "transcript": BAD}):
+        assert rule(config, route=RESPONSES, body={"model": "m", "input": [{"type": "message", "role": "user", "content": [part]}]}) == "forbidden_instruction"
+    assert rule(config, route=RESPONSES, body={"model": "m", "input": [{"role": "user", "content": [{"type": "input_audio", "audio": "AAAA"}]}]}) is None
+
+
 def test_geminis_own_api_is_read_for_its_model_texts_and_limits() -> None:
     """Gemini's own API, as gateways pass it through: the model from the path, the texts of
     `contents` (the `model` role the assistant's), `systemInstruction`, tool declarations,
