@@ -4,6 +4,8 @@ anything goes upstream."""
 from __future__ import annotations
 
 import logging
+import weakref
+from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.websocket import WebSocketMessage
@@ -21,6 +23,9 @@ logger = logging.getLogger("llm_mitm.firewall")
 class Firewall:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        # A realtime session's last conversation item let through: the next is read after it,
+        # so a phrase split between two turns is found (a review: each was read alone).
+        self._last_items: weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, Any]] = weakref.WeakKeyDictionary()
 
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
@@ -80,16 +85,23 @@ class Firewall:
             return
         if event is None:
             return
+        body = event.body
+        previous = self._last_items.get(flow) if event.kind == "conversation.item.create" else None
+        if previous is not None:  # read after the item before it, as the model reads the conversation
+            body = {"input": [previous, *event.body["input"]]}
         try:
-            violation = policy.check(RequestView(exchange.route, event.model or exchange.model, event.body, method=exchange.method))
+            violation = policy.check(RequestView(exchange.route, event.model or exchange.model, body, method=exchange.method))
             clamped = policy.clamp(exchange.route, event.body) if violation is None else None
         except Exception:  # an event the policy cannot read does not go out unchecked
             logger.exception("llm-mitm: the policy check of a realtime event failed; the event is refused")
             violation, clamped = Violation("policy_error", "the event could not be checked against the policy"), None
         if violation is not None:
             self._refuse_event(flow, message, event.kind, event.event_id, violation)
-        elif clamped is not None:
+            return
+        if clamped is not None:
             message.content = event.with_body(clamped)
+        if event.kind == "conversation.item.create":
+            self._last_items[flow] = event.body["input"][0]
 
     @staticmethod
     def _refuse_event(flow: http.HTTPFlow, message: WebSocketMessage, kind: str, event_id: str | None, violation: Violation) -> None:
