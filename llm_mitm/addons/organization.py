@@ -18,12 +18,14 @@ logger = logging.getLogger("llm_mitm.organization")
 class Organization:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        self._rules = False
         shared.on_config(self._say_who_gets_none)
 
     def _say_who_gets_none(self, config: Config) -> None:
         """Organization rules that a server of your own speaking OpenAI's API does not get
         (a gateway in front of OpenAI may want them): said once a config, not left to be found."""
-        if not self._has_rules:
+        self._rules = self._has_rules
+        if not self._rules:
             return
         left_out = sorted(name for name, provider in config.enabled_providers.items() if provider.api == "openai" and not provider.organization_headers)
         if left_out:
@@ -41,6 +43,8 @@ class Organization:
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)
         if exchange is None or flow.response is not None:
+            return
+        if not self._rules and exchange.organization is None and exchange.project is None:  # most calls: nothing to set or check
             return
         provider = self.shared.config.providers.get(exchange.route.provider)
         if provider is None or not provider.organization_headers:
