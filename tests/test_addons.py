@@ -95,6 +95,9 @@ def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
         with taddons.context(*addons) as tctx:
             tctx.configure(addons[0], llm_config="")
             assert tctx.options.connection_strategy == "lazy"
+            assert tctx.options.rawtcp is False and tctx.options.tcp_hosts == []  # no LLM host's connection passes unread
+            tctx.options.update(rawtcp=True, tcp_hosts=["api.openai.com"])
+            assert tctx.options.rawtcp is False and tctx.options.tcp_hosts == []
             assert r"^api\.openai\.com\.?:\d+$" in tctx.options.allow_hosts  # and its fully qualified form
             assert len(tctx.options.allow_hosts) == 7  # openai 3, azure 3, anthropic 1
 

@@ -610,6 +610,34 @@ def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProv
         assert t["policy"] == {"decision": "allow", "rule": None, "detail": None}
 
 
+def test_a_request_head_sent_in_pieces_is_still_policed(firewall: Mitmdump, provider: FakeProvider) -> None:
+    """A client offering no ALPN that writes `POST ` alone first: mitmproxy's guess read the
+    decrypted connection as no HTTP and, with `rawtcp` on, passed it as raw TCP, past every
+    hook (a review: a denied model was answered by upstream, untraced)."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    m = marker()
+    body = orjson.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": m}]})
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer {OPENAI_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    proxy = urlsplit(firewall.proxy_url)
+    with Blocked(provider, m), socket.create_connection((proxy.hostname, proxy.port), timeout=10) as raw:
+        raw.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        context = ssl.create_default_context(cafile=str(firewall.ca_cert))  # no ALPN offered
+        with context.wrap_socket(raw, server_hostname="api.openai.com") as tls:
+            tls.sendall(head[:5])
+            time.sleep(0.3)
+            tls.sendall(head[5:] + body)
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 403") and b"model_not_allowed" in answer, answer[:300]
+    assert_policy_trace(firewall, m, "model_not_allowed")
+
+
 @pytest.mark.parametrize("rules", [True, False], ids=["with rules", "without rules"])
 def test_an_organization_header_sent_twice(request: pytest.FixtureRequest, provider: FakeProvider, rules: bool) -> None:
     """The same value twice goes once; two values are refused (the server picks one,

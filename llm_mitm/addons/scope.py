@@ -17,7 +17,7 @@ _PROXY_HOP_HEADERS = ("proxy-connection", "proxy-authorization")
 
 class Scope:
     """Owns mitmproxy's `allow_hosts`, turns on lazy upstream connections, turns off
-    `stream_large_bodies`, upgrades http.
+    `stream_large_bodies` and raw TCP (`rawtcp`, `tcp_hosts`), upgrades http.
 
     `allow_hosts` gets one anchored regex per configured host, so any other CONNECT
     passes as raw TLS, never seeing our certificate. `connection_strategy=lazy` keeps
@@ -36,7 +36,7 @@ class Scope:
         self._loaded = True
 
     def configure(self, updated: set[str]) -> None:
-        if {"allow_hosts", "connection_strategy", "stream_large_bodies", "llm_config"} & updated:
+        if {"allow_hosts", "connection_strategy", "stream_large_bodies", "rawtcp", "tcp_hosts", "llm_config"} & updated:
             self._apply(self.shared.config)
 
     def _apply(self, config: Config) -> None:
@@ -48,6 +48,16 @@ class Scope:
             updates["allow_hosts"] = allow
         if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
             updates["connection_strategy"] = "lazy"
+        # mitmproxy guesses a decrypted connection's protocol from its first bytes, and with
+        # `rawtcp` on passes one that does not look like HTTP yet (a request head sent in two
+        # writes: `POST ` alone first) as raw TCP: past every hook, so past the policy, the
+        # budgets and the traces (a review). Every connection intercepted here is an LLM API's.
+        if "rawtcp" in ctx.options and ctx.options.rawtcp:
+            updates["rawtcp"] = False
+        if "tcp_hosts" in ctx.options and ctx.options.tcp_hosts:
+            logger.warning("llm-mitm: tcp_hosts=%s is turned off: an LLM host's connection passed as raw TCP would bypass the policy "
+                           "(hosts that are not LLM APIs are not intercepted anyway)", ",".join(ctx.options.tcp_hosts))
+            updates["tcp_hosts"] = []
         if "stream_large_bodies" in ctx.options and ctx.options.stream_large_bodies:
             logger.warning("llm-mitm: stream_large_bodies=%s is turned off: each call is read whole for the policy and its cost "
                            "(streamed answers still pass as they come)", ctx.options.stream_large_bodies)
