@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ BATCH_SECONDS = 0.05
 CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
+KILL_AFTER = 2.0  # seconds a writer told to stop has before it is killed
 READ_BUFFER = 1024 * 1024  # what the process takes in one read
 
 
@@ -215,8 +217,28 @@ class TraceSink:
             self._socket = None
         self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():
-            logger.error("llm-mitm: the trace writer did not finish in %.0f s; stopping it", timeout)
+            logger.error("llm-mitm: the trace writer did not finish in %.0f s; stopping it (what it had not written is lost)", timeout)
             self.process.terminate()
+            self.process.join(KILL_AFTER)
+            if self.process.is_alive():  # stopped (SIGSTOP) or stuck in the kernel: a stopped process keeps SIGTERM pending,
+                self.process.kill()      # and multiprocessing's exit would wait for it for ever (a review: mitmdump never exited)
+                self.process.join(KILL_AFTER)
+
+    def close_in_background(self) -> None:
+        """`close` off the event loop, for a config change: the proxy goes on serving while
+        the old writer finishes (a review: a lagging writer held every call for up to 15 s).
+        Its counts reach `on_count` on the loop. Without a running loop, now."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.close()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        counted = self.on_count
+        self.on_count = lambda row: loop.call_soon_threadsafe(counted, row)
+        threading.Thread(target=self.close, name="llm-mitm-trace-close").start()  # not a daemon: exiting waits for it, bounded
 
     def _schedule(self, delay: float = BATCH_SECONDS) -> None:
         """A send round on the running loop (one per batch); none running: now."""

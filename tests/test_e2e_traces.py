@@ -104,6 +104,33 @@ def test_live_config_edits(tmp_path: Path, provider: FakeProvider, pki: ServerCe
     assert last.encode() in b[0]
 
 
+def test_a_destination_change_with_a_stalled_writer_holds_no_call_and_the_proxy_still_exits(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """The old writer is let go off the event loop (a review: every call waited up to 15 s
+    for it), and one that never finishes is killed, so mitmdump exits (it waited for ever)."""
+    import os
+    import signal
+
+    with Mitmdump(tmp_path, config={"traces": {"destination": "a.jsonl"}}, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        assert post(proxy, marker()).status_code == 200
+        stalled = [pid for pid in proxy.wait_for_children() if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # the writer
+        assert len(stalled) == 1
+        for pid in stalled:
+            os.kill(pid, signal.SIGSTOP)
+        for _ in range(20):
+            assert post(proxy, marker()).status_code == 200
+        (tmp_path / "config.yaml").write_text("traces:\n  destination: b.jsonl\n")
+        deadline = time.monotonic() + 10
+        while "reloaded" not in proxy.output and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert post(proxy, marker()).status_code == 200
+        assert time.monotonic() - started < 3, "a call waited for the old writer"
+        proxy.process.send_signal(signal.SIGINT)
+        proxy.process.wait(40)  # the old writer's 15 s, then it is killed
+    states = {pid: Path(f"/proc/{pid}/status").read_text().splitlines()[2] if Path(f"/proc/{pid}").exists() else "gone" for pid in stalled}
+    assert all(state == "gone" or "zombie" in state for state in states.values()), (states, proxy.output[-2000:])
+
+
 def test_gateway_trace_destination_and_concurrency(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     target = tmp_path / "elsewhere" / "traces.json"
     env = {"GATEWAY_TRACE_DESTINATION": str(target)}

@@ -140,10 +140,13 @@ def test_close_gives_up_on_a_stalled_writer_in_time(tmp_path: Path, caplog: pyte
             traces.submit(snapshot(number, padding=100_000))
         started = time.monotonic()
         traces.close(timeout=1)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 8
+        # still stopped, it is killed: a stopped process keeps SIGTERM pending, and mitmdump's exit waited for it for ever (a review)
+        assert not traces.process.is_alive()
     finally:
-        os.kill(traces.process.pid, signal.SIGCONT)
-        traces.process.kill()
+        if traces.process.is_alive():
+            os.kill(traces.process.pid, signal.SIGCONT)
+            traces.process.kill()
     assert traces.dropped > 0
     assert "TRACE LOST" in caplog.text
 

@@ -59,7 +59,7 @@ class Tracer:
                 if old is not None and old.failed and self.sink is not None and settings.files() == old.settings.files():
                     self.sink.adopt(*old.take_unsent())  # what waited for a new process goes to this one
                 if old is not None:
-                    old.close()
+                    old.close_in_background()
             self._settings = settings
         self._leave_to_sink(config)
 
