@@ -29,6 +29,13 @@ def seconds_left(period: str, now: datetime) -> int:
     return max(1, int((end - now).total_seconds()))
 
 
+def check_writable(db: sqlite3.Connection) -> None:
+    """sqlite3.OperationalError where SQLite opened the file to read only (one it may not
+    write): a write of what the file already says."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.execute(f"PRAGMA user_version = {version}")
+
+
 class SpendStore:
     """Totals in memory for the checks; charges written to SQLite by a thread of its own.
 
@@ -45,21 +52,14 @@ class SpendStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._db = sqlite3.connect(self.path, timeout=self.LOCK_WAIT_SECONDS, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS spend (period TEXT NOT NULL, scope TEXT NOT NULL, usd REAL NOT NULL,"
-            " PRIMARY KEY (period, scope))"
-        )
+        self._db, self._identity = self._open()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
         self._close_by = 0.0
-        self._pending: list[tuple[str, str, float]] = []  # (period key, scope, usd) not yet in the file
+        # USD by (period key, scope) not yet in the file: summed, so a file that cannot be
+        # written for a day holds one entry a scope, not two a call (a review: it grew for ever)
+        self._pending: dict[tuple[str, str], float] = {}
         self._totals: dict[tuple[str, str], float] = {}
         self._stored = self._read()
         self._retotal()
@@ -67,13 +67,35 @@ class SpendStore:
         self._writer = threading.Thread(target=self._write_loop, name="llm-mitm-spend", daemon=True)
         self._writer.start()
 
+    def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """The file, made if missing, and its identity (device, inode). One SQLite opens only
+        to read (a file it may not write) is refused: every charge would be lost at the next
+        restart, and the budgets start again (a review: it was taken, with a warning)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        db = sqlite3.connect(self.path, timeout=self.LOCK_WAIT_SECONDS, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS spend (period TEXT NOT NULL, scope TEXT NOT NULL, usd REAL NOT NULL,"
+                " PRIMARY KEY (period, scope))"
+            )
+            check_writable(db)
+        except sqlite3.Error:
+            db.close()
+            raise
+        found = os.stat(self.path)
+        return db, (found.st_dev, found.st_ino)
+
     def add(self, scope: str, usd: float, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)
         with self._lock:
             for period in PERIODS:
                 key = (period_key(period, now), scope)
                 self._totals[key] = self._totals.get(key, 0.0) + usd
-                self._pending.append((key[0], scope, usd))
+                self._pending[key] = self._pending.get(key, 0.0) + usd
         self._wake.set()
 
     def total(self, scope: str, period: str, now: datetime | None = None) -> float:
@@ -86,7 +108,7 @@ class SpendStore:
         self._wake.set()
         self._writer.join(self.CLOSE_WAIT_SECONDS)
         with self._lock:
-            lost = sum(usd for _, _, usd in self._pending) / len(PERIODS)
+            lost = sum(self._pending.values()) / len(PERIODS)
         if lost:
             logger.error("llm-mitm: spend store %s stayed locked: %.6f USD of charges not saved", self.path, lost)
         if not self._writer.is_alive():
@@ -96,14 +118,23 @@ class SpendStore:
         while not (self._closing and (not self._pending or time.monotonic() > self._close_by)):
             self._wake.wait(self.REFRESH_SECONDS)
             self._wake.clear()
+            try:
+                if self._replaced():
+                    self._reopen()
+            except (OSError, sqlite3.Error) as exc:
+                if not self._failing:
+                    logger.warning("llm-mitm: spend store %s cannot be made again (%s): charges are kept and retried", self.path, exc)
+                self._failing = True
+                continue
             with self._lock:
-                batch, self._pending = self._pending, []
+                batch, self._pending = self._pending, {}
             try:
                 if batch:
-                    self._write(batch)
+                    self._write([(period, scope, usd) for (period, scope), usd in batch.items()])
             except sqlite3.Error as exc:
                 with self._lock:
-                    self._pending[:0] = batch  # kept, in order, for the next try
+                    for key, usd in batch.items():  # kept for the next try
+                        self._pending[key] = self._pending.get(key, 0.0) + usd
                 if not self._failing:
                     logger.warning("llm-mitm: spend store %s cannot be written (%s): charges are kept and retried", self.path, exc)
                 self._failing = True
@@ -116,6 +147,25 @@ class SpendStore:
             except sqlite3.Error:
                 continue  # read again at the next round
             self._retotal()
+
+    def _replaced(self) -> bool:
+        """The file was deleted or replaced under the store (a cleanup of the trace folder):
+        charges went on into a file no one will read, and a restart found the budgets fresh."""
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (found.st_dev, found.st_ino) != self._identity
+
+    def _reopen(self) -> None:
+        """A new file, holding the totals known here (the old file's and those pending)."""
+        db, identity = self._open()
+        self._db.close()
+        self._db, self._identity = db, identity
+        with self._lock:
+            self._pending = dict(self._totals)
+        self._stored = {}
+        logger.warning("llm-mitm: spend store %s was deleted or replaced: made again with this day's and month's totals", self.path)
 
     def _write(self, batch: list[tuple[str, str, float]]) -> None:
         self._db.execute("BEGIN IMMEDIATE")
@@ -142,6 +192,6 @@ class SpendStore:
         """The file's totals (every proxy's) and the charges still pending here."""
         with self._lock:
             totals = dict(self._stored)
-            for period, scope, usd in self._pending:
-                totals[(period, scope)] = totals.get((period, scope), 0.0) + usd
+            for key, usd in self._pending.items():
+                totals[key] = totals.get(key, 0.0) + usd
             self._totals = totals

@@ -21,7 +21,7 @@ from llm_mitm.organization import choose
 from llm_mitm.pricing import PriceTable, cost_usd
 from llm_mitm.quota import HOLD_SECONDS, Caller, Holds, Quota
 from llm_mitm.refusal import refusal
-from llm_mitm.spend import SpendStore, seconds_left
+from llm_mitm.spend import PERIODS, SpendStore, seconds_left
 from llm_mitm.sse import AnthropicRebuilder, ServerSentEvent
 from llm_mitm.stats import UsageStats
 from llm_mitm.usage import Usage, normalize_usage
@@ -505,6 +505,59 @@ def test_spend_is_kept_while_another_process_holds_the_files_lock(tmp_path: Path
     assert wait_for(lambda: holder.execute("SELECT usd FROM spend WHERE scope = 'global'").fetchall() == [(0.25,), (0.25,)])
     store.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # it names keys' fingerprints
+
+
+def test_charges_waiting_for_a_locked_file_are_one_entry_a_scope(tmp_path: Path) -> None:
+    """A file that cannot be written for long held two entries a call, each retry rewriting
+    them all (a review): they are summed by period and scope."""
+    path = tmp_path / "spend.sqlite"
+    store = SpendStore(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for _ in range(1000):
+            store.add("global", 0.001)
+        assert len(store._pending) <= 2 * len(PERIODS)  # the day's and month's: at most a round's worth in flight
+    finally:
+        holder.execute("ROLLBACK")
+    assert wait_for(lambda: holder.execute("SELECT round(usd, 6) FROM spend WHERE scope = 'global'").fetchall() == [(1.0,), (1.0,)])
+    store.close()
+
+
+def test_a_spend_file_deleted_under_the_store_is_made_again_with_its_totals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cleanup of the trace folder took the file: charges went on into a file no one read,
+    and a restart found the day's budget fresh (a review)."""
+    path = tmp_path / "spend.sqlite"
+
+    def in_file(query: str) -> list[tuple[float, ...]]:
+        try:  # the store may be making the file again right now
+            return sqlite3.connect(path).execute(query).fetchall() if path.exists() else []
+        except sqlite3.Error:
+            return []
+
+    store = SpendStore(path)
+    store.add("global", 0.75)
+    assert wait_for(lambda: in_file("SELECT count(*) FROM spend") == [(2,)])
+    for leftover in tmp_path.glob("spend.sqlite*"):
+        leftover.unlink()
+    store.add("global", 0.25)
+    assert wait_for(lambda: in_file("SELECT usd FROM spend WHERE scope = 'global' AND period LIKE 'day:%'") == [(1.0,)], seconds=10)
+    store.close()
+    assert "was deleted or replaced" in caplog.text
+    assert SpendStore(path).total("global", "day") == 1.0  # a restart sees the day's spend
+
+
+def test_a_spend_file_that_can_only_be_read_is_refused(tmp_path: Path) -> None:
+    """SQLite opens a file it may not write to read only, and every charge was lost at the
+    next restart (a review: taken, with a warning). Root may write any file, so the file is
+    opened read-only here as SQLite would have."""
+    from llm_mitm.spend import check_writable
+
+    path = tmp_path / "spend.sqlite"
+    SpendStore(path).close()
+    check_writable(sqlite3.connect(path, isolation_level=None))
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        check_writable(sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None))
 
 
 def test_proxies_sharing_a_spend_file_see_each_others_spend(tmp_path: Path) -> None:
