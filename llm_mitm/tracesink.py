@@ -215,6 +215,8 @@ class TraceSink:
             self._receive_until(deadline, lambda: False)
             self._socket.close()
             self._socket = None
+        if self.dropped:  # said once as it began: the total, at the end (a review: never said)
+            logger.error("llm-mitm: %d trace records were lost in all before the trace writer took them", self.dropped)
         self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():
             logger.error("llm-mitm: the trace writer did not finish in %.0f s; stopping it (what it had not written is lost)", timeout)

@@ -76,6 +76,8 @@ class TraceWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self.stats.failed:  # said once for each reason as it began: the total, at the end (a review: never said)
+            logger.error("llm-mitm: %d trace records could not be written in all", self.stats.failed)
 
     def _render(self, build: RecordBuilder, fallback: RecordBuilder | None) -> tuple[dict[str, object], bytes] | None:
         """The record and its JSONL line; else the fallback's (say a body nested deeper than

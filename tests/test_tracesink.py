@@ -148,7 +148,7 @@ def test_close_gives_up_on_a_stalled_writer_in_time(tmp_path: Path, caplog: pyte
             os.kill(traces.process.pid, signal.SIGCONT)
             traces.process.kill()
     assert traces.dropped > 0
-    assert "TRACE LOST" in caplog.text
+    assert "TRACE LOST" in caplog.text and f"{traces.dropped} trace records were lost in all" in caplog.text
 
 
 def test_a_dead_writer_is_reported_once_and_proxying_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -88,6 +88,7 @@ def test_each_reason_of_loss_is_logged_once_however_many_files_fail(tmp_path: Pa
     assert len(errors) == 2, errors
     assert any(f"{tmp_path / 't.jsonl'}" in e for e in errors) and any(f"{tmp_path / 'per'}" in e for e in errors)
     assert writer.stats.failed == 20  # each record twice: its line and its file
+    assert "20 trace records could not be written in all" in caplog.text  # the total, at the end
 
 
 def test_a_failing_record_does_not_stop_the_writer(tmp_path: Path) -> None:
