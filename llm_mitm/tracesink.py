@@ -28,12 +28,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from llm_mitm.config import ModelPrice
 from llm_mitm.stats import CountRow
+
+if TYPE_CHECKING:
+    from llm_mitm.redact import Redactor
 
 logger = logging.getLogger("llm_mitm.traces")
 
@@ -178,7 +181,7 @@ class TraceSink:
             raise ValueError("new trace files need a new writer process, not a retune")
         self.settings = settings
         if self._socket is not None:
-            self._queue_control(orjson.dumps({"making": settings.making()}))
+            self._queue_control(orjson.dumps({"making": {**settings.making(), "since": time.time()}}))
             self._schedule()
 
     def collect(self, timeout: float) -> None:
@@ -439,11 +442,11 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
         if "making" in message:
             making.retune(message["making"])
             return
+        redactor, bodies = making.for_call(message["started_at"])
         if message["deferred"]:
-            complete(message, making.metering, making.redactor)
+            complete(message, making.metering, redactor)
             counts.append(count_row(message))
         # A body too deep for orjson to write costs the record its bodies, not the record.
-        redactor, bodies = making.redactor, making.bodies
         batch.append((lambda: build_record(message, redactor, bodies), lambda: build_record(message, redactor, "metadata")))
 
     pending = bytearray()
@@ -485,19 +488,35 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
 
 
 class _Making:
-    """Child side: how records are made now (`SinkSettings.making`), changed in place."""
+    """Child side: how records are made now (`SinkSettings.making`), changed in place. A
+    call admitted before a change ends after it: its record is made as it was admitted
+    (redaction, bodies), as "a good edit applies to the next call" says (a review: a pattern
+    taken out while a call was under way left its secret in that call's trace)."""
 
     def __init__(self, making: dict[str, Any]) -> None:
         from llm_mitm.metering import Metering
         from llm_mitm.pricing import PriceTable
 
         self.metering = Metering(PriceTable(), making["estimate_missing"])
+        self.redactor: Redactor | None = None
+        self.bodies = making["bodies"]
+        self._before: tuple[Redactor, str] | None = None  # what the calls admitted before `since` are made with
+        self._since = 0.0
         self.retune(making)
+
+    def for_call(self, started_at: float) -> tuple[Redactor, str]:
+        """The redactor and bodies mode of a call that started at `started_at`."""
+        if self._before is not None and started_at < self._since:
+            return self._before
+        assert self.redactor is not None
+        return self.redactor, self.bodies
 
     def retune(self, making: dict[str, Any]) -> None:
         from llm_mitm.pricing import PriceTable
         from llm_mitm.redact import Redactor
 
+        if self.redactor is not None and "since" in making:
+            self._before, self._since = (self.redactor, self.bodies), making["since"]
         self.bodies = making["bodies"]
         self.redactor = Redactor(**making["redaction"])
         prices = {name: ModelPrice.model_validate(price) for name, price in making["prices"].items()}
