@@ -768,31 +768,43 @@ def _filled(messages: list[Any], template: Any, items: Any) -> list[Any]:
         for entry in entries:
             found.extend(as_list(_referenced(entry, template.get("item_reference"))))
     naming = [message for message in messages if isinstance(message, dict)
-              and any(_NAMES_AN_ITEM.search(text) for text in strings_in(message.get("content")))]
+              and any("item" in text and _NAMES_AN_ITEM.search(text) for text in strings_in(message.get("content")))]
+    room = [_FILL_ROOM]  # what writing the items out may add, all told: a reference repeated to a large item grew without end (a review)
     for entry in entries:
         values = entry.get("item", entry) if isinstance(entry, dict) else entry
-        found.extend(_written_out(message, values, SCHEMA_DEPTH) for message in naming)
+        found.extend(_written_out(message, values, SCHEMA_DEPTH, room) for message in naming)
     roles = sorted({message["role"] for message in naming if isinstance(message.get("role"), str)}) or ["user"]
     found.extend({"role": role, "content": text} for text in strings_in(items) for role in roles)
     return found
 
 
-# `{{item.q}}`, `{{ item }}`, `{{item['q']}}`: a template's reference to its item
-_NAMES_AN_ITEM = re.compile(r"\{\{[^}]*\bitem\b")
-_ITEM_FIELD = re.compile(r"\{\{\s*item((?:\.[\w-]+)*)\s*\}\}")
+# `{{item.q}}`, `{{ item }}`, `{{item['q']}}`: a template's reference to its item. Bounded:
+# an open `{{` with no end, repeated, made the unbounded form take quadratic time (a review:
+# 40 KB of them held the event loop 22 s).
+_NAMES_AN_ITEM = re.compile(r"\{\{[^{}]{0,200}?\bitem\b")
+_ITEM_FIELD = re.compile(r"\{\{[ \t]{0,20}item((?:\.[\w-]+){0,20})[ \t]{0,20}\}\}")
+_FILL_ROOM = 4 << 20  # characters writing out an eval's items may add to what the policy reads
 
 
-def _written_out(value: Any, item: Any, depth: int) -> Any:
+def _written_out(value: Any, item: Any, depth: int, room: list[int]) -> Any:
     """A template's message with each `{{item.x}}` in its strings replaced by the item's
-    value there (a text as it is, anything else as JSON), as the eval run writes it."""
+    value there (a text as it is, anything else as JSON), as the eval run writes it; once
+    `room` is spent, the rest is left as written (the items' texts are read all the same)."""
     if isinstance(value, str):
-        return _ITEM_FIELD.sub(lambda found: _as_text(_referenced(item, found.group(1)[1:]) if found.group(1) else item), value)
+        def fill(found: re.Match[str]) -> str:
+            text = _as_text(_referenced(item, found.group(1)[1:]) if found.group(1) else item)
+            if len(text) > room[0]:
+                return found.group(0)
+            room[0] -= len(text)
+            return text
+
+        return _ITEM_FIELD.sub(fill, value) if "{{" in value else value
     if depth <= 0:
         return value
     if isinstance(value, dict):
-        return {key: _written_out(inner, item, depth - 1) for key, inner in value.items()}
+        return {key: _written_out(inner, item, depth - 1, room) for key, inner in value.items()}
     if isinstance(value, list):
-        return [_written_out(inner, item, depth - 1) for inner in value]
+        return [_written_out(inner, item, depth - 1, room) for inner in value]
     return value
 
 

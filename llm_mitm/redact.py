@@ -638,6 +638,12 @@ class Redactor:
         with none of its characters kept, any other's as `credential` hides it."""
         return self._hidden_as_named(name, value, self.credential)
 
+    def _subprotocol(self, item: str) -> str:
+        """One item of a `Sec-WebSocket-Protocol` list, a key in it hidden (each item alone:
+        one key may begin another, and the longer one's rest was left in clear, a review)."""
+        keys = subprotocol_keys(item)
+        return item.replace(keys[0], self.credential(keys[0])) if keys else item
+
     def header(self, name: str, value: str) -> str:
         name = name.lower()
         if name in ("cookie", "set-cookie"):
@@ -645,9 +651,7 @@ class Redactor:
         if self._credential_headers(name):
             return self.named_credential(name, value)
         if name == "sec-websocket-protocol" and SUBPROTOCOL_KEY in value:
-            for key in subprotocol_keys(value):
-                value = value.replace(SUBPROTOCOL_KEY + key, SUBPROTOCOL_KEY + self.credential(key))
-            return value
+            return ",".join(self._subprotocol(part) for part in value.split(","))
         if "=" in value and ("?" in value or self._may_name_credential(value)):  # a URL's parameters (`Location: ...&sig=...`), `session_token=...`
             return self.url(value)
         return self.text(value)

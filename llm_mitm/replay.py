@@ -83,7 +83,7 @@ _UNDERWAY = frozenset(("queued", "in_progress", "requires_action", "cancelling",
 
 
 def settled(body: Any) -> bool:
-    """An answer that will read the same later: one with no `status` still underway."""
+    """A read (GET) that will read the same later: one with no `status` still underway."""
     if not isinstance(body, dict):
         return True
     return all(not (isinstance(state := body.get(field), str) and state in _UNDERWAY) for field in ("status", "processing_status"))
@@ -119,8 +119,8 @@ class ReplayIndex:
         blocked = (record.get("policy") or {}).get("decision") == "block"
         if blocked or record.get("replay") == "hit" or record.get("error") or not isinstance(status, int) or not 200 <= status < 300:
             return
-        if not settled((record.get("response") or {}).get("body")):
-            return
+        if record.get("method") == "GET" and not settled((record.get("response") or {}).get("body")):
+            return  # a poll of something still underway (a creation's answer is what it is)
         sent = (record.get("request") or {}).get("size")
         if isinstance(request, str) or (request is None and sent) or not isinstance(response, (dict, list)):
             return  # a body that is not JSON is kept as a sample at most: no key tells two apart

@@ -60,6 +60,7 @@ class SpendStore:
         # USD by (period key, scope) not yet in the file: summed, so a file that cannot be
         # written for a day holds one entry a scope, not two a call (a review: it grew for ever)
         self._pending: dict[tuple[str, str], float] = {}
+        self._restore: dict[tuple[str, str], float] = {}  # totals to put back in a file made again
         self._totals: dict[tuple[str, str], float] = {}
         self._stored = self._read()
         self._retotal()
@@ -126,6 +127,15 @@ class SpendStore:
                     logger.warning("llm-mitm: spend store %s cannot be made again (%s): charges are kept and retried", self.path, exc)
                 self._failing = True
                 continue
+            try:
+                if self._restore:  # at most these totals: proxies sharing the file each restore the same ones (a review: added, they doubled)
+                    self._write([(period, scope, usd) for (period, scope), usd in self._restore.items()], "max(usd, excluded.usd)")
+                    self._restore = {}
+            except sqlite3.Error as exc:
+                if not self._failing:
+                    logger.warning("llm-mitm: spend store %s cannot be written (%s): charges are kept and retried", self.path, exc)
+                self._failing = True
+                continue
             with self._lock:
                 batch, self._pending = self._pending, {}
             try:
@@ -163,16 +173,17 @@ class SpendStore:
         self._db.close()
         self._db, self._identity = db, identity
         with self._lock:
-            self._pending = dict(self._totals)
+            self._restore, self._pending = dict(self._totals), {}  # the totals include what was pending
         self._stored = {}
         logger.warning("llm-mitm: spend store %s was deleted or replaced: made again with this day's and month's totals", self.path)
 
-    def _write(self, batch: list[tuple[str, str, float]]) -> None:
+    def _write(self, batch: list[tuple[str, str, float]], merged: str = "usd + excluded.usd") -> None:
+        """Charges added to the file's totals (`merged`: how a total and the batch's meet)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(
                 "INSERT INTO spend (period, scope, usd) VALUES (?, ?, ?)"
-                " ON CONFLICT (period, scope) DO UPDATE SET usd = usd + excluded.usd",
+                f" ON CONFLICT (period, scope) DO UPDATE SET usd = {merged}",
                 batch,
             )
             self._db.execute("COMMIT")
@@ -192,6 +203,8 @@ class SpendStore:
         """The file's totals (every proxy's) and the charges still pending here."""
         with self._lock:
             totals = dict(self._stored)
+            for key, usd in self._restore.items():
+                totals[key] = max(totals.get(key, 0.0), usd)
             for key, usd in self._pending.items():
                 totals[key] = totals.get(key, 0.0) + usd
             self._totals = totals

@@ -45,6 +45,7 @@ CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
 KILL_AFTER = 2.0  # seconds a writer told to stop has before it is killed
+_EDITS_KEPT = 16  # config edits whose redaction the writer keeps for calls under way through them
 READ_BUFFER = 1024 * 1024  # what the process takes in one read
 
 
@@ -242,7 +243,14 @@ class TraceSink:
             self._timer.cancel()
             self._timer = None
         counted = self.on_count
-        self.on_count = lambda row: loop.call_soon_threadsafe(counted, row)
+
+        def on_the_loop(row: CountRow) -> None:
+            try:
+                loop.call_soon_threadsafe(counted, row)
+            except RuntimeError:  # the loop has ended (a change just before shutdown): no one else counts now
+                counted(row)
+
+        self.on_count = on_the_loop
         threading.Thread(target=self.close, name="llm-mitm-trace-close").start()  # not a daemon: exiting waits for it, bounded
 
     def _schedule(self, delay: float = BATCH_SECONDS) -> None:
@@ -500,23 +508,29 @@ class _Making:
         self.metering = Metering(PriceTable(), making["estimate_missing"])
         self.redactor: Redactor | None = None
         self.bodies = making["bodies"]
-        self._before: tuple[Redactor, str] | None = None  # what the calls admitted before `since` are made with
+        # (since, redactor, bodies) of the edits before this one, newest last: a call is made
+        # as the one in force when it started (a review: two edits in a row lost the first)
+        self._earlier: list[tuple[float, Redactor, str]] = []
         self._since = 0.0
         self.retune(making)
 
     def for_call(self, started_at: float) -> tuple[Redactor, str]:
         """The redactor and bodies mode of a call that started at `started_at`."""
-        if self._before is not None and started_at < self._since:
-            return self._before
         assert self.redactor is not None
-        return self.redactor, self.bodies
+        if started_at >= self._since or not self._earlier:
+            return self.redactor, self.bodies
+        for since, redactor, bodies in reversed(self._earlier):
+            if started_at >= since:
+                return redactor, bodies
+        return self._earlier[0][1:]  # before every edit kept: the oldest kept
 
     def retune(self, making: dict[str, Any]) -> None:
         from llm_mitm.pricing import PriceTable
         from llm_mitm.redact import Redactor
 
         if self.redactor is not None and "since" in making:
-            self._before, self._since = (self.redactor, self.bodies), making["since"]
+            self._earlier = [*self._earlier[-(_EDITS_KEPT - 1):], (self._since, self.redactor, self.bodies)]
+            self._since = making["since"]
         self.bodies = making["bodies"]
         self.redactor = Redactor(**making["redaction"])
         prices = {name: ModelPrice.model_validate(price) for name, price in making["prices"].items()}

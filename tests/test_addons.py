@@ -991,6 +991,7 @@ def test_config_changes_keep_the_writer_unless_its_files_change(tmp_path: Path) 
     (tmp_path / "a.yaml").write_text("traces:\n  destination: a.jsonl\n")
     (tmp_path / "b.yaml").write_text("traces:\n  destination: a.jsonl\n  bodies: metadata\n"
                                      "pricing:\n  models:\n    house-model: {input: 1, output: 1}\n")
+    (tmp_path / "a-rotated.yaml").write_text("traces:\n  destination: a.jsonl\n  max_bytes: 1000000\n")
     (tmp_path / "c.yaml").write_text("traces:\n  destination: c.jsonl\n")
 
     async def go() -> None:
@@ -1001,9 +1002,13 @@ def test_config_changes_keep_the_writer_unless_its_files_change(tmp_path: Path) 
             tctx.configure(llm, llm_config=str(tmp_path / "b.yaml"))
             assert tracer.sink is writer and writer.process.is_alive()
             assert writer.settings.bodies == "metadata"
+            tctx.configure(llm, llm_config=str(tmp_path / "a-rotated.yaml"))
+            # a new writer on the same file: the old one is done first (a review: both wrote and rotated it, and records were lost)
+            assert tracer.sink is not writer and not writer.process.is_alive()
+            writer = tracer.sink
             tctx.configure(llm, llm_config=str(tmp_path / "c.yaml"))
             assert tracer.sink is not writer
-            for _ in range(100):  # the old writer finishes off the event loop
+            for _ in range(100):  # another file: the old writer finishes off the event loop
                 if not writer.process.is_alive():
                     break
                 await asyncio.sleep(0.1)

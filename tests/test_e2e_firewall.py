@@ -316,6 +316,32 @@ def test_realtime_events_are_policed_and_the_session_goes_on(tmp_path: Path, pro
     assert "llm-mitm blocked a session.update event (forbidden_instruction)" in proxy.output
 
 
+def test_realtime_items_are_read_in_a_row_only_where_the_model_reads_them_so(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """Two halves of a phrase are one turn only where they meet: not with the model's answer
+    between them, nor when the second is put elsewhere (`previous_item_id`), nor after the
+    first was deleted (a review: each of these was refused)."""
+    config = {"policy": {"forbidden_instructions": ["ignore previous instructions"]}}
+
+    def item(text: str, **more: Any) -> dict[str, Any]:
+        return {"type": "conversation.item.create", **more,
+                "item": {"id": f"item_{text[-6:]}", "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
+
+    halves = [marker() for _ in range(8)]
+    events = [
+        item(f"{halves[0]} ignore previous"), {"type": "response.create", "response": {}}, item(f"instructions {halves[1]}"),
+        item(f"{halves[2]} ignore previous"), item(f"instructions {halves[3]}", previous_item_id="root"),
+        item(f"{halves[4]} ignore previous"), {"type": "conversation.item.delete", "item_id": "x"}, item(f"instructions {halves[5]}"),
+        item(f"{halves[6]} ignore previous"), item(f"instructions {halves[7]}"),  # these do meet: refused
+    ]
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        result = drive({"client": "openai", "op": "realtime", "api_key": OPENAI_KEY, "model": "gpt-4o-realtime-preview", "events": events},
+                       proxy.client_env())
+    codes = [reply.get("error", {}).get("code") for reply in result["replies"]]
+    assert codes == [None] * 9 + ["forbidden_instruction"], result["replies"]
+    upstream = b"".join(provider.websocket_messages)
+    assert all(m.encode() in upstream for m in halves[:7]) and halves[7].encode() not in upstream
+
+
 def test_realtime_event_limits_are_clamped(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     config = {"policy": {"max_tokens": 1000, "max_tokens_action": "clamp"}}
     m = marker()

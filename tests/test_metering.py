@@ -545,6 +545,21 @@ def test_a_spend_file_deleted_under_the_store_is_made_again_with_its_totals(tmp_
     store.close()
     assert "was deleted or replaced" in caplog.text
     assert SpendStore(path).total("global", "day") == 1.0  # a restart sees the day's spend
+    # two proxies sharing the file each put back the same totals: at most, not added (a review: they doubled)
+    first, second = SpendStore(path), SpendStore(path)
+    try:
+        first.add("shared", 1.0)
+        second.add("shared", 2.0)
+        assert wait_for(lambda: first.total("shared", "day") == second.total("shared", "day") == 3.0)
+        for leftover in tmp_path.glob("spend.sqlite*"):
+            leftover.unlink()
+        assert wait_for(lambda: in_file("SELECT usd FROM spend WHERE scope = 'shared' AND period LIKE 'day:%'") == [(3.0,)], seconds=10)
+        time.sleep(3 * SpendStore.REFRESH_SECONDS)
+        assert in_file("SELECT usd FROM spend WHERE scope = 'shared' AND period LIKE 'day:%'") == [(3.0,)]
+        assert first.total("shared", "day") == second.total("shared", "day") == 3.0
+    finally:
+        first.close()
+        second.close()
 
 
 def test_a_spend_file_that_can_only_be_read_is_refused(tmp_path: Path) -> None:

@@ -571,6 +571,9 @@ def test_a_realtime_key_sent_as_a_websocket_subprotocol_is_hidden() -> None:
     assert "XYZZY6" not in str(replace_sent({"error": "bad key XYZZY6noshape0123"}, sent))
     assert "XYZZY6" not in redactor.log_line(f"    sec-websocket-protocol: {value}", sent)
     assert redactor.header("sec-websocket-protocol", "realtime") == "realtime"
+    # one key the start of another: each hidden whole (a review: the longer one's rest was left)
+    both = "openai-insecure-api-key.XYZZY8prefix0123, openai-insecure-api-key.XYZZY8prefix0123SECRETREST"
+    assert "SECRETREST" not in redactor.header("Sec-WebSocket-Protocol", both)
 
 
 def test_a_key_sent_in_a_parameter_named_like_a_credential_header_is_known_when_echoed() -> None:

@@ -713,6 +713,11 @@ def test_replay_records_no_state_still_underway() -> None:
     from llm_mitm.replay import ReplayIndex, request_key, settled
 
     assert not settled({"id": "resp_1", "status": "queued"}) and not settled({"processing_status": "in_progress"})
+    # a creation's answer is recorded as it was, underway or not (a review: strict replay of a batch's creation became a 404)
+    created = ReplayIndex()
+    created.add_record({"provider": "openai", "method": "POST", "url": "https://api.openai.com/v1/batches", "status_code": 200, "api_key": "…k#0011223344556677",
+                        "operation": "batches", "request": {"body": {"input_file_id": "file-1"}, "headers": {}}, "response": {"body": {"status": "validating"}}})
+    assert len(created) == 1
     assert settled({"id": "resp_1", "status": "completed"}) and settled({"choices": []}) and settled([{"status": "queued"}])
     index = ReplayIndex()
     url = "https://api.openai.com/v1/responses/resp_1"

@@ -403,10 +403,13 @@ def test_new_prices_bodies_and_redaction_reach_the_running_process(tmp_path: Pat
     # a call admitted before the change and ending after it is made as it was admitted (a review: a pattern
     # taken out while a call was under way left its secret in that call's trace)
     traces.submit({**deferred(5, ANSWER), "started_at": admitted_before})
+    traces.submit({**deferred(6, ANSWER), "started_at": time.time()})  # admitted after both: made the new way
     traces.close()
     assert traces.process.pid == pid and traces.process.exitcode == 0
-    first, answered, repriced, unpriced_again, slim, under_way = records(destination)
+    first, answered, repriced, unpriced_again, slim, under_way, after = records(destination)
+    # two edits came while it was under way: it is made as the first config, not the second (a review)
     assert under_way["response"]["body"] is not None and under_way["request"]["headers"]["content-type"] == "application/json"
+    assert after["response"]["body"] is None
     assert first["cost_usd"] is None and repriced["cost_usd"] == pytest.approx(2.0)
     assert unpriced_again["cost_usd"] is None
     assert answered["response"]["body"]["choices"][0]["message"]["content"].startswith("remember")
@@ -414,6 +417,22 @@ def test_new_prices_bodies_and_redaction_reach_the_running_process(tmp_path: Pat
     assert answered["request"]["headers"]["content-type"] == "application/json"
     assert slim["request"]["headers"]["content-type"] not in ("application/json", None)
     assert capfd.readouterr().err.count("no price for model 'house-model'") == 1
+
+
+def test_a_call_under_way_through_edits_is_made_as_when_it_started(tmp_path: Path) -> None:
+    """Bodies kept out, then let in, then only prices changed: a call that started before
+    the first edit keeps its body out (a review: only the last earlier config was kept)."""
+    traces, destination = sink(tmp_path)
+    traces.retune(replace(traces.settings, bodies="metadata"))
+    started = time.time()
+    time.sleep(0.01)
+    traces.retune(replace(traces.settings, bodies="full"))
+    traces.retune(replace(traces.settings, prices={"house-model": ModelPrice(input=2.0, output=4.0)}))
+    traces.submit({**deferred(1, ANSWER), "started_at": started})
+    traces.submit(now(deferred(2, ANSWER)))
+    traces.close()
+    under_way, after = records(destination)
+    assert under_way["response"]["body"] is None and after["response"]["body"] is not None
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")

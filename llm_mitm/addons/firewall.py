@@ -20,6 +20,12 @@ from llm_mitm.realtime import UnreadableEvent, error_event, read_client_event
 logger = logging.getLogger("llm_mitm.firewall")
 
 
+# Events after which the next item is not read right after the last one created: the
+# model's answer (server), an item deleted or cut, audio committed as a user turn (client).
+_BREAKS_THE_RUN_SERVER = b'"response.created"'
+_BREAK_THE_RUN_CLIENT = (b'"conversation.item.delete"', b'"conversation.item.truncate"', b'"input_audio_buffer.commit"')
+
+
 class Firewall:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -75,7 +81,11 @@ class Firewall:
             return
         message = flow.websocket.messages[-1]
         if not message.from_client:
+            if flow in self._last_items and _BREAKS_THE_RUN_SERVER in message.content:  # the model's turn comes between
+                del self._last_items[flow]
             return
+        if flow in self._last_items and any(kind in message.content for kind in _BREAK_THE_RUN_CLIENT):
+            del self._last_items[flow]
         try:
             event = read_client_event(message.content)
         except UnreadableEvent:
@@ -87,6 +97,9 @@ class Firewall:
             return
         body = event.body
         previous = self._last_items.get(flow) if event.kind == "conversation.item.create" else None
+        placed = event.event.get("previous_item_id")
+        if previous is not None and placed is not None and placed != previous.get("id"):
+            previous = None  # put elsewhere in the conversation: not read after the last one
         if previous is not None:  # read after the item before it, as the model reads the conversation
             body = {"input": [previous, *event.body["input"]]}
         try:

@@ -135,7 +135,7 @@ class Replay:
         if exchange is None or key is None or flow.response is None:
             return
         status = exchange.status_code or 0
-        if 200 <= status < 300 and not exchange.error and exchange.response.is_json and settled(exchange.response.json):
+        if 200 <= status < 300 and not exchange.error and exchange.response.is_json and (exchange.method != "GET" or settled(exchange.response.json)):
             body = self.shared.redactor.json(exchange.response.json)
             self.index.answers[key] = Recorded(exchange.route.api, exchange.route.operation, status, body)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from mitmproxy import http
@@ -58,7 +59,9 @@ class Tracer:
                 self.sink = TraceSink(settings, self.shared.usage_stats.add, snapshot) if wanted else None
                 if old is not None and old.failed and self.sink is not None and settings.files() == old.settings.files():
                     self.sink.adopt(*old.take_unsent())  # what waited for a new process goes to this one
-                if old is not None:
+                if old is not None and self.sink is not None and _share_a_file(old.settings, settings):
+                    old.close()  # it must be done before the new writer appends to (and rotates) the same file (a review: records lost)
+                elif old is not None:
                     old.close_in_background()
             self._settings = settings
         self._leave_to_sink(config)
@@ -116,3 +119,12 @@ class Tracer:
         if self.sink.failed and self.shared.defer_responses:
             self.shared.defer_responses = False  # no one left to read them: read them here
             logger.error("llm-mitm: the trace writer process is gone; responses are metered in the proxy again")
+
+
+def _share_a_file(before: SinkSettings, after: SinkSettings) -> bool:
+    """Two writers' settings that name one trace file or one directory (a new `max_bytes`
+    or `keep` starts a new writer on the same file)."""
+    def same(a: str | None, b: str | None) -> bool:
+        return a is not None and b is not None and os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+    return same(before.destination, after.destination) or same(before.directory, after.directory)

@@ -389,7 +389,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if opcode == 0x1:
                 self.fake.websocket_messages.append(payload)
-                self._write_frame(0x1, payload)
+                event = orjson.loads(payload) if payload.startswith(b"{") and b'"response.create"' in payload else None
+                if isinstance(event, dict) and event.get("type") == "response.create":  # the model answers: its turn begins
+                    response = {"id": "resp_fake", **(event.get("response") or {})}
+                    self._write_frame(0x1, orjson.dumps({"type": "response.created", "event_id": "event_fake", "response": response}))
+                else:
+                    self._write_frame(0x1, payload)
 
     def _read_frame(self) -> tuple[int, bytes] | None:
         """One whole client frame (masked, unfragmented), or None at the end of the stream."""
