@@ -349,7 +349,7 @@ class Exchange:
             if model is None and isinstance(session, dict):  # a realtime session's (`/realtime/client_secrets`)
                 model = session.get("model")
             # Gemini names a model in a body as its resource, `models/gemini-2.5-flash` (a cache's, a count's)
-            self.model = (model.removeprefix("models/") if model.startswith("models/") else model) if isinstance(model, str) else None
+            self.model = model.removeprefix("models/") if isinstance(model, str) else None
             self.stream = payload.get("stream") is True
         if self.route.deployment:
             self.model = self.route.deployment

@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
-import orjson
-
 from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls, json_lines
@@ -28,6 +26,7 @@ from llm_mitm.texts import (
     read_request,
     squeeze,
     strings_in,
+    tool_input_text,
     transcriptions,
 )
 
@@ -809,11 +808,12 @@ def _written_out(value: Any, item: Any, depth: int, room: list[int]) -> Any:
 
 
 def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
+    """An item's value as a template writes it in: a text as it is, anything else as JSON."""
+    if value is None:
+        return ""
     try:
-        return "" if value is None else orjson.dumps(value).decode()
-    except (TypeError, orjson.JSONEncodeError):
+        return tool_input_text(value)
+    except TooDeep:
         return ""
 
 

@@ -270,8 +270,10 @@ def _apply_pieces(slot: dict[str, Any], delta: dict[str, Any], pieced: frozenset
 
 
 
-# The keys every choice of a chunk may have, read apart (`_apply_choice`).
+# The keys every choice of a chunk may have, read apart (`_apply_choice`); and with a
+# `logprobs` of null, those of a chunk with nothing else to keep.
 _CHAT_CHOICE_KEYS = frozenset(("index", "delta", "finish_reason", "text"))
+_PLAIN_CHOICE_KEYS = _CHAT_CHOICE_KEYS | {"logprobs"}
 
 
 class ChatCompletionsRebuilder(StreamRebuilder):
@@ -311,13 +313,16 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         index = int(choice.get("index", 0))
         state = self._choices.get(index)
         if state is None:
-            state = self._choices[index] = {"index": index, "parts": {}, "tool_calls": {}}
+            state = self._choices[index] = {"index": index, "parts": {}, "tool_calls": {}, "extras": {}}
         parts = state["parts"]
         if choice.get("finish_reason") is not None:
             state["finish_reason"] = choice["finish_reason"]
         if "text" in choice:
             _append(parts, "text", _text(choice["text"]))
-        if len(choice) > len(_CHAT_CHOICE_KEYS & choice.keys()):  # logprobs, Azure's content filter results: most chunks have none
+        logprobs = choice.get("logprobs")
+        # logprobs, Azure's content filter results: most chunks have none (a `"logprobs": null`
+        # taken once), and are not walked again on the per-chunk path
+        if logprobs is not None or not _PLAIN_CHOICE_KEYS.issuperset(choice) or ("logprobs" in choice and "logprobs" not in state["extras"]):
             self._apply_choice_extras(state, choice)
         for field, value in (choice.get("delta") or {}).items():  # most deltas hold one field
             if field in _CHAT_TEXT_FIELDS:
@@ -349,7 +354,7 @@ class ChatCompletionsRebuilder(StreamRebuilder):
                         joined.setdefault(name, []).extend(items)
                     else:
                         joined.setdefault(name, items)
-            elif value or key not in state.setdefault("extras", {}):  # an empty one (Azure's last chunk) does not undo what came
+            elif value or key not in state["extras"]:  # an empty one (Azure's last chunk) does not undo what came
                 state["extras"][key] = value
 
     @staticmethod
@@ -384,7 +389,7 @@ class ChatCompletionsRebuilder(StreamRebuilder):
         for index in sorted(self._choices):
             state = self._choices[index]
             parts = {name: "".join(chunks) for name, chunks in state["parts"].items()}
-            extras = {**state.get("extras", {}), **({"logprobs": state["logprobs"]} if "logprobs" in state else {})}
+            extras = {**state["extras"], **({"logprobs": state["logprobs"]} if "logprobs" in state else {})}
             if legacy:
                 choices.append({"index": index, "text": parts.get("text", ""), "finish_reason": state.get("finish_reason"), **extras})
                 continue

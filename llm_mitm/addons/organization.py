@@ -18,27 +18,22 @@ logger = logging.getLogger("llm_mitm.organization")
 class Organization:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        # Organization rules set: without any, the client's headers still go once each, and
+        # twice with different values are refused (which one a server reads is its own choice)
         self._rules = False
         shared.on_config(self._say_who_gets_none)
 
     def _say_who_gets_none(self, config: Config) -> None:
         """Organization rules that a server of your own speaking OpenAI's API does not get
         (a gateway in front of OpenAI may want them): said once a config, not left to be found."""
-        self._rules = self._has_rules
+        rules = config.organization
+        self._rules = any(rule.default or rule.by_key for rule in (rules, rules.project))
         if not self._rules:
             return
         left_out = sorted(name for name, provider in config.enabled_providers.items() if provider.api == "openai" and not provider.organization_headers)
         if left_out:
             logger.warning("llm-mitm: the organization rules are not applied to %s (providers.<name>.organization_headers: true applies them)",
                            ", ".join(left_out))
-
-    @property
-    def _has_rules(self) -> bool:
-        """Without rules the client's headers still go once each, and twice with different
-        values are refused: which one a server reads is its own choice (a review: with no
-        rules, both went upstream and the trace named the two)."""
-        config = self.shared.config.organization
-        return any(rule.default or rule.by_key for rule in (config, config.project))
 
     def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.shared.exchange(flow)

@@ -124,7 +124,7 @@ class Tracer:
 def _share_a_file(before: SinkSettings, after: SinkSettings) -> bool:
     """Two writers' settings that name one trace file or one directory (a new `max_bytes`
     or `keep` starts a new writer on the same file)."""
-    def same(a: str | None, b: str | None) -> bool:
-        return a is not None and b is not None and os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    def same(a: str | None, b: str | None) -> bool:  # the config has expanded `~` already
+        return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
     return same(before.destination, after.destination) or same(before.directory, after.directory)
