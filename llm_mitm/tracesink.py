@@ -23,6 +23,7 @@ import asyncio
 import logging
 import multiprocessing
 import select
+import signal
 import socket
 import threading
 import time
@@ -44,7 +45,7 @@ BATCH_SECONDS = 0.05
 CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
-KILL_AFTER = 2.0  # seconds a writer told to stop has before it is killed
+KILL_AFTER = 2.0  # seconds to wait for a killed writer to be gone
 _EDITS_KEPT = 16  # config edits whose redaction the writer keeps for calls under way through them
 READ_BUFFER = 1024 * 1024  # what the process takes in one read
 
@@ -222,13 +223,10 @@ class TraceSink:
         if self.dropped:  # said once as it began: the total, at the end (a review: never said)
             logger.error("llm-mitm: %d trace records were lost in all before the trace writer took them", self.dropped)
         self.process.join(max(0.0, deadline - time.monotonic()))
-        if self.process.is_alive():
+        if self.process.is_alive():  # stuck, or stopped (SIGSTOP): multiprocessing's exit would wait for it for ever (a review: mitmdump never exited)
             logger.error("llm-mitm: the trace writer did not finish in %.0f s; stopping it (what it had not written is lost)", timeout)
-            self.process.terminate()
+            self.process.kill()  # it ignores SIGTERM (`_serve`)
             self.process.join(KILL_AFTER)
-            if self.process.is_alive():  # stopped (SIGSTOP) or stuck in the kernel: a stopped process keeps SIGTERM pending,
-                self.process.kill()      # and multiprocessing's exit would wait for it for ever (a review: mitmdump never exited)
-                self.process.join(KILL_AFTER)
 
     def close_in_background(self) -> None:
         """`close` off the event loop, for a config change: the proxy goes on serving while
@@ -425,7 +423,12 @@ def _scrub(value: Any) -> Any:
 
 def _serve(sock: socket.socket, settings: SinkSettings) -> None:
     """Child side: complete, build and write records until the parent closes its side;
-    report the counts of deferred exchanges (and answer sync marks) after each read."""
+    report the counts of deferred exchanges (and answer sync marks) after each read.
+    It ends when the proxy closes its side (or is gone), not on a signal: Ctrl-C in a terminal
+    and a service manager's SIGTERM reach the whole process group, and a writer that ended
+    then lost the records still on their way to it, with a traceback on the console."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from llm_mitm.redact import RedactingFilter
     from llm_mitm.trace import build_record, complete, count_row

@@ -173,6 +173,26 @@ def test_a_call_ending_as_the_proxy_stops_is_traced_and_charged(tmp_path: Path, 
     assert "failed in" not in proxy.output and "closed database" not in proxy.output
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_loses_no_trace(tmp_path: Path, provider: FakeProvider, pki: ServerCert, stop_signal: int) -> None:
+    """Ctrl-C in a terminal (SIGINT) and a service manager's stop (SIGTERM) reach every
+    process of the group, the trace writer too (a review: it died of the KeyboardInterrupt,
+    with a traceback, and what was on its way to it was lost): the writer ends once the
+    proxy is done with it."""
+    proxy = Mitmdump(tmp_path, routes=provider_routes(provider), upstream_ca=pki.ca_path, own_session=True).start()
+    run = f"group{os.getpid()}-{stop_signal}-{time.monotonic_ns()}-"
+    with requests.Session() as session:
+        for i in range(30):
+            assert session.post("https://api.openai.com/v1/chat/completions", json=chat(f"{run}{i}"), timeout=10, proxies={"https": proxy.proxy_url},
+                                verify=str(proxy.ca_cert), headers={"Authorization": f"Bearer {OPENAI_KEY}"}).status_code == 200
+    assert proxy.wait_for_children()
+    os.killpg(proxy.pid, stop_signal)  # the calls' records are still in the proxy's round, or on their way
+    assert proxy.process.wait(30) is not None  # type: ignore[union-attr]
+    traced = {r["request"]["body"]["messages"][0]["content"] for r in lines(proxy.traces_path)}
+    assert {f"{run}{i}" for i in range(30)} <= traced
+    assert "Traceback" not in proxy.output and "KeyboardInterrupt" not in proxy.output, proxy.output[-3000:]
+
+
 def writers(pid: int) -> list[int]:
     """The trace writer processes of a mitmdump (not multiprocessing's resource tracker)."""
     found = []

@@ -48,6 +48,7 @@ class Mitmdump:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         addon: Path | None = ADDON,
+        own_session: bool = False,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,7 @@ class Mitmdump:
         self.args = args
         self._env = process_env
         self._modes = len(modes)
+        self._own_session = own_session  # a process group of its own, as a terminal or a service manager starts it
         self.process: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 30.0) -> Mitmdump:
@@ -89,6 +91,7 @@ class Mitmdump:
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
+            start_new_session=self._own_session,
         )
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + timeout
