@@ -43,16 +43,28 @@ class CACert:
     @classmethod
     def load(cls, path: Path) -> CACert:
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8", "replace")  # a DER file or a .p12 is no PEM, not a crash
         except FileNotFoundError:
             raise TrustError(f"no CA certificate at {path}: start mitmdump once, or name one with --ca") from None
         except OSError as exc:
             raise TrustError(f"cannot read the CA certificate {path}: {exc.strerror}") from None
         match = _PEM.search(text)
-        if not match:
+        if not match or not _loadable(match.group(0)):
             raise TrustError(f"{path} holds no PEM certificate")
         pem = match.group(0).strip() + "\n"
         return cls(path, pem, _fingerprint(pem))
+
+
+def _loadable(pem: str) -> bool:
+    """Whether OpenSSL reads it as a certificate: one it cannot read, put in a bundle, makes
+    every client of that bundle fail to load it ("PEM lib"), not only for the proxy's hosts."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError):
+        return False
+    return True
 
 
 def _fingerprint(pem: str) -> str:

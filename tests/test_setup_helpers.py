@@ -112,6 +112,35 @@ def test_trust_ca_errors_are_one_clear_line(tmp_path: Path) -> None:
         trust.add(Path("/proc/version"), ca)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",  # base64, but no certificate
+        b"-----BEGIN CERTIFICATE-----\nnotbase64!\n-----END CERTIFICATE-----\n",
+        b"0\x82\x03\xe6\x30\x82 a DER file, or a .p12",
+    ],
+)
+def test_a_ca_file_that_is_no_certificate_is_refused_and_breaks_no_bundle(content: bytes, tmp_path: Path) -> None:
+    """A --ca that held no certificate went into cacert.pem as one: every client of that
+    certifi then failed to load it ("PEM lib"), or trust-ca died in a traceback (a setup probe)."""
+    ssl = pytest.importorskip("ssl")
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(content)
+    bundle = tmp_path / "certifi" / "cacert.pem"
+    bundle.parent.mkdir()
+    shutil.copyfile(trust.certifi_bundle(), bundle)
+    original = bundle.read_bytes()
+    python = tmp_path / "app-python"
+    python.write_text(f"#!/bin/sh\necho {bundle}\n")
+    python.chmod(0o755)
+    for args in ([], ["--bundle", str(tmp_path / "bundle.pem")]):
+        result = trust_ca("--ca", str(ca), "--python", str(python), *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr == f"trust-ca: {ca} holds no PEM certificate\n"
+    assert bundle.read_bytes() == original and not (tmp_path / "bundle.pem").exists()
+    ssl.create_default_context(cafile=str(bundle))
+
+
 def test_trust_ca_leaves_a_system_bundle_alone(tmp_path: Path) -> None:
     """Debian's python3-certifi names /etc/ssl/certs/ca-certificates.crt: patched, the
     whole machine trusted the CA (a config probe)."""
