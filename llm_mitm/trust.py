@@ -118,7 +118,7 @@ def _own_certifi(bundle: Path, ca: CACert) -> None:
         where = f" (a link to {real})" if real != bundle.absolute() else ""
         raise TrustError(
             f"{bundle}{where} is not certifi's own cacert.pem but a bundle certifi only reads (a distribution's certifi): "
-            f"trust the CA system-wide (on Debian: sudo cp {ca.path} /usr/local/share/ca-certificates/mitmproxy.crt "
+            f"trust the CA system-wide (on Debian: sudo cp {shlex.quote(str(ca.path))} /usr/local/share/ca-certificates/mitmproxy.crt "
             "&& sudo update-ca-certificates), or use --bundle PATH"
         )
 

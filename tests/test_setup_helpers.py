@@ -156,6 +156,24 @@ def test_trust_ca_leaves_a_system_bundle_alone(tmp_path: Path) -> None:
     assert system.read_text() == "# the system's roots\n"
 
 
+def test_trust_ca_system_wide_advice_quotes_the_ca_path(tmp_path: Path) -> None:
+    """The `sudo cp CA ...` it advises was printed unquoted: pasted, a confdir with a space
+    made cp copy two wrong files (a setup probe)."""
+    import shlex
+
+    conf = tmp_path / "my conf"
+    trust.ensure_ca(conf)
+    system = tmp_path / "ca-certificates.crt"
+    system.write_text("# the system's roots\n")
+    python = tmp_path / "debian-python"
+    python.write_text(f"#!/bin/sh\necho {system}\n")
+    python.chmod(0o755)
+    refused = trust_ca("--confdir", str(conf), "--python", str(python))
+    assert refused.returncode == 2, refused.stderr
+    command = refused.stderr.split("(on Debian: ", 1)[1].split(" && ", 1)[0]
+    assert shlex.split(command) == ["sudo", "cp", str(conf / trust.CA_CERT_NAME), "/usr/local/share/ca-certificates/mitmproxy.crt"]
+
+
 def test_trust_ca_leaves_a_system_bundle_certifi_links_to_alone(tmp_path: Path) -> None:
     """certifi's cacert.pem may be a link to the system's bundle (a distribution's package):
     the CA went into the file the link named (a setup probe)."""
