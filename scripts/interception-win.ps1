@@ -113,7 +113,17 @@ function Set-ProxyValue([string]$Name, $Value) {
     }
 }
 
+function Test-Administrator {
+    $principal = [Security.Principal.WindowsPrincipal][Security.Principal.WindowsIdentity]::GetCurrent()
+    return $principal.IsInRole([Security.Principal.WindowsBuiltInRole]::Administrator)
+}
+
 function Start-Interception {
+    # netsh cannot write WinHTTP's (machine-wide) setting otherwise, and says so only in its
+    # output: refused before anything changes, not reported on while WinHTTP goes direct.
+    if ($WinHttp -and -not (Test-Administrator)) {
+        throw 'llm-mitm: -WinHttp sets the machine''s WinHTTP proxy: run this from an administrator''s PowerShell (nothing was changed)'
+    }
     $already = Test-Path $StateFile
     if (-not $already) {
         Save-ProxyValues
@@ -127,7 +137,10 @@ function Start-Interception {
     Set-ProxyValue 'AutoConfigURL' $null
     Update-WinInet
     if ($WinHttp) {
-        netsh winhttp import proxy source=ie | Out-Null
+        $said = netsh winhttp import proxy source=ie
+        if ($LASTEXITCODE -ne 0) {
+            throw "llm-mitm: netsh winhttp import proxy failed: $said (WinINet is set; stop puts it back)"
+        }
     }
     if ($already) {
         Write-Output "llm-mitm: system proxy already on; now ${ProxyHost}:${Port} (the settings saved at the first start are kept)"

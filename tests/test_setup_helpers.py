@@ -561,6 +561,21 @@ def test_powershell_script_parses() -> None:
     assert "InternetExplorer.Application" not in text
 
 
+def test_powershell_winhttp_start_fails_loudly_without_an_administrator() -> None:
+    """`start -WinHttp` not run as an administrator piped netsh's "Access is denied" into
+    Out-Null and reported the proxy on: WinHTTP clients still went direct (a setup probe,
+    read from the script: no PowerShell here)."""
+    text = PS1.read_text()
+    start = text[text.index("function Start-Interception"):text.index("function Stop-Interception")]
+    check = start.index("if ($WinHttp -and -not (Test-Administrator))")
+    assert check < start.index("Save-ProxyValues") and check < start.index("Set-ProxyValue")
+    assert "function Test-Administrator" in text and "WindowsBuiltInRole]::Administrator" in text
+    netsh = start[start.index("netsh winhttp import proxy source=ie"):]
+    assert not netsh.splitlines()[0].rstrip().endswith("Out-Null")
+    assert netsh.index("$LASTEXITCODE -ne 0") < netsh.index("throw") < netsh.index("Write-Output")
+    assert powershell_errors(text.encode()) == []
+
+
 # --------------------------------------------------------------------------- llm-mitm env
 
 
