@@ -218,8 +218,10 @@ def _without_blocks(text: str) -> str:
 
 
 def _read(path: Path) -> str:
+    """Bytes that are no UTF-8 (a Latin-1 comment: OpenSSL skips it) are kept as they are,
+    and `_write` gives them back, so a removal still restores the file byte for byte."""
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
             return handle.read()
     except FileNotFoundError:
         raise TrustError(f"{path} does not exist") from None
@@ -230,7 +232,7 @@ def _read(path: Path) -> str:
 def _write(path: Path, text: str, hint: str = " (use --bundle PATH to write a separate bundle instead)") -> None:
     """Whole or not at all: a full disk part way must not cost the trust store its roots."""
     try:
-        write_atomic(path, text.encode("utf-8"))
+        write_atomic(path, text.encode("utf-8", "surrogateescape"))
     except OSError as exc:
         raise TrustError(f"cannot write {path}: {exc.strerror or exc}{hint}") from None
 

@@ -286,6 +286,28 @@ def test_remove_restores_a_file_without_final_newline(tmp_path: Path) -> None:
     assert not trust.remove(bundle)
 
 
+def test_a_bundle_that_is_not_utf8_is_trusted_and_given_back_byte_for_byte(tmp_path: Path) -> None:
+    """A bundle with a Latin-1 comment (OpenSSL reads it; a corporate tool's export) ended
+    add, --check, --remove and --bundle alike in a UnicodeDecodeError (a setup probe)."""
+    ca = trust.CACert.load(trust.ensure_ca(tmp_path / "conf"))
+    bundle = tmp_path / "certifi" / "cacert.pem"
+    bundle.parent.mkdir()
+    original = b"# Issuer: CN=F\xf5tan\xfas\xedtv\xe1ny\n" + trust.ensure_ca(tmp_path / "other").read_bytes()
+    bundle.write_bytes(original)
+    python = tmp_path / "app-python"
+    python.write_text(f"#!/bin/sh\necho {bundle}\n")
+    python.chmod(0o755)
+    target = ["--confdir", str(tmp_path / "conf"), "--python", str(python)]
+    assert trust_ca(*target, "--check").returncode == 1
+    added = trust_ca(*target)
+    assert added.returncode == 0 and added.stdout.startswith("added"), added.stderr
+    assert trust.is_trusted(bundle, ca) and bundle.read_bytes().startswith(original)
+    separate = trust_ca(*target, "--bundle", str(tmp_path / "bundle.pem"))
+    assert separate.returncode == 0 and (tmp_path / "bundle.pem").read_bytes().startswith(original), separate.stderr
+    removed = trust_ca(*target, "--remove")
+    assert removed.returncode == 0 and bundle.read_bytes() == original, removed.stderr
+
+
 def test_remove_keeps_a_certificate_another_tool_appended_after_ours_loadable(tmp_path: Path) -> None:
     """The newline `add` put after a last line that had none stays when something follows
     our block (a probe: the next certificate's BEGIN was glued to our END line)."""
