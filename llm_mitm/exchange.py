@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from llm_mitm.forms import Form
-from llm_mitm.providers import Route
+from llm_mitm.providers import Route, shapes_of
 from llm_mitm.sse import GeminiRebuilder, StreamTap
 from llm_mitm.usage import Usage, normalize_usage
 
@@ -405,14 +405,14 @@ class Exchange:
                 self.response = Body(size=self.tap.size, unread=True)
                 self.deferred = True
                 return
-            self.response, outcome = read_stream(self.route.api, self.status_code, self.tap)
+            self.response, outcome = read_stream(shapes_of(self.route.api, self.route.operation), self.status_code, self.tap)
         elif defer and self.error is None:
             self.response = Body.unparsed(body, content_type)
             self.deferred = True
             return
         elif body is not None:
             self.response = Body.parse(body, content_type)
-            outcome = read_outcome(self.route.api, self.status_code, self.response)
+            outcome = read_outcome(shapes_of(self.route.api, self.route.operation), self.status_code, self.response)
         else:
             self.error = self.error or status_error(self.status_code, self.response.json)
             return

@@ -95,8 +95,13 @@ class Route:
 
 def shapes_of(api: str, operation: str) -> str:
     """Whose shapes a call's bodies and streams take: its API's, but for Anthropic's OpenAI
-    SDK compatibility endpoint (`/v1/chat/completions`), which speaks OpenAI's."""
-    return "openai" if api == "anthropic" and operation == "chat.completions" else api
+    SDK compatibility endpoint (`/v1/chat/completions`), which speaks OpenAI's, and for
+    Anthropic's Messages API served by a server of your own (vLLM, llama.cpp, Ollama and
+    LiteLLM serve `/v1/messages`), which speaks Anthropic's (a shapes probe: read as OpenAI's,
+    its cache tokens were dropped and its streams lost their input and their end)."""
+    if api == "anthropic" and operation == "chat.completions":
+        return "openai"
+    return "anthropic" if operation == "messages" else api
 
 
 def _specificity(pattern: str) -> tuple[bool, bool, int]:

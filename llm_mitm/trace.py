@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from llm_mitm.exchange import Body, Exchange, call_error, first, read_outcome, read_stream
 from llm_mitm.metering import Call, Metering
+from llm_mitm.providers import shapes_of
 from llm_mitm.redact import Redactor, replace_sent, without_spelled_secrets
 from llm_mitm.sse import StreamTap, rebuilder_for
 from llm_mitm.stats import CountRow
@@ -132,13 +133,13 @@ def complete(snap: dict[str, Any], metering: Metering, redactor: Redactor) -> No
         tap = StreamTap(rebuilder_for(api, operation), first(headers, "content-encoding"))
         for chunk in unread:  # one by one, as the proxy would have read them
             tap(chunk.encode("latin-1"))
-        body, outcome = read_stream(api, snap["status_code"], tap)
+        body, outcome = read_stream(shapes_of(api, operation), snap["status_code"], tap)
         snap["events"] = tap.rebuilder.events
     else:
         content = unread.encode("latin-1") if unread is not None else b""
         body = Body.parse(content, first(headers, "content-type")) if content else Body()
         body.size = size
-        outcome = read_outcome(api, snap["status_code"], body)
+        outcome = read_outcome(shapes_of(api, operation), snap["status_code"], body)
     snap["response"] = _wire(body, verbatim=False)
     snap["response_model"] = outcome.response_model
     snap["error"] = call_error(snap["error"], outcome)

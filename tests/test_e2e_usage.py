@@ -182,3 +182,29 @@ def test_an_azure_deployment_is_priced_by_its_name(tmp_path, provider: FakeProvi
     assert t["model"] == "prod-4o" and t["response_model"] != "prod-4o"
     usage = Usage(**{k: v for k, v in t["usage"].items() if k != "estimated"})
     assert t["cost_usd"] == pytest.approx(cost_usd(usage, ModelPrice(**own)))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropics_messages_api_on_a_server_of_your_own_is_metered_as_anthropics(tmp_path, stream: bool) -> None:
+    """vLLM, llama.cpp, Ollama and LiteLLM also serve Anthropic's Messages API (`/v1/messages`,
+    what Claude Code calls): configured as the OpenAI-compatible server it is otherwise, its
+    answers were read as OpenAI's, so a call lost its cache reads and writes (priced at a
+    seventh of its cost here) and a stream its input, its body and its end (a shapes probe)."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"vllm": {"api": "openai", "hosts": [f"localhost:{server.port}"]}},
+                  "pricing": {"models": {ANTHROPIC_MODEL: {"input": 3.0, "cached_input": 0.3, "output": 15.0}}}}
+        m = marker()
+        with Mitmdump(tmp_path, config=config) as proxy:
+            response = requests.post(f"http://localhost:{server.port}/v1/messages", headers={"x-api-key": "local-key-1234"}, timeout=10,
+                                     json={"model": ANTHROPIC_MODEL, "max_tokens": 9, "stream": stream, "messages": [{"role": "user", "content": m}]},
+                                     proxies={"http": proxy.proxy_url})
+            assert response.status_code == 200
+            t = trace_with(proxy, m)
+    finally:
+        server.stop()
+    assert t["operation"] == "messages" and t["error"] is None
+    assert t["response"]["body"]["content"][0]["text"] == CANNED_REPLY
+    usage = t["usage"]
+    assert usage["input_tokens"] == 12 and usage["cached_input_tokens"] == 3 and usage["output_tokens"] == 6 and usage["estimated"] is False
+    assert t["cost_usd"] == pytest.approx((9 * 3.0 + 3 * 0.3 + 6 * 15.0) / 1e6)
