@@ -636,8 +636,9 @@ def _token_limit(value: Any) -> float | None:
 
 
 def _is_batch(route: Route) -> bool:
-    """Anthropic's Message Batches: many `messages` calls in one body, each under `params`."""
-    return route.api == "anthropic" and route.operation == "messages.batches"
+    """Anthropic's Message Batches: many `messages` calls in one body, each under `params`
+    (whoever serves them: LiteLLM passes them through)."""
+    return route.operation == "messages.batches"
 
 
 def _is_batch_file(route: Route, body: dict[str, Any]) -> bool:

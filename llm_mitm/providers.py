@@ -101,7 +101,10 @@ def shapes_of(api: str, operation: str) -> str:
     its cache tokens were dropped and its streams lost their input and their end)."""
     if api == "anthropic" and operation == "chat.completions":
         return "openai"
-    return "anthropic" if operation == "messages" else api
+    return "anthropic" if operation in ANTHROPIC_OPERATIONS else api
+
+
+ANTHROPIC_OPERATIONS = frozenset(("messages", "messages.batches", "messages.count_tokens"))  # Anthropic's, whoever serves them
 
 
 def _specificity(pattern: str) -> tuple[bool, bool, int]:
@@ -331,6 +334,8 @@ def _subresource(operation: str, segments: list[str]) -> bool:
 def _openai_operation(segments: list[str]) -> str:
     if not segments:
         return "other"
+    if segments[0] == "messages":  # Anthropic's Messages API, which servers of your own serve too (LiteLLM, vLLM)
+        return _anthropic_operation(segments)
     if tuple(segments[:2]) in _OPENAI_OPERATIONS:
         return _OPENAI_OPERATIONS[tuple(segments[:2])]
     if (segments[0],) in _OPENAI_OPERATIONS:
