@@ -15,7 +15,7 @@ import orjson
 from llm_mitm.arguments import count_of, port_number
 from llm_mitm.atomic import atomic_output
 from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_environment, prepare_bundle, render
-from llm_mitm.tracefile import ReadReport, read_traces, with_rotated
+from llm_mitm.tracefile import ReadReport, printable, read_traces, with_rotated
 from llm_mitm.trust import DEFAULT_CONFDIR, TrustError
 from llm_mitm.writer import FILE_MODE
 
@@ -91,7 +91,7 @@ def _export(args: argparse.Namespace) -> int:
     with _output(args) as out:
         for example in export_examples(records, args.model, report):
             out.write(orjson.dumps(example, option=orjson.OPT_APPEND_NEWLINE))
-    print(f"llm-mitm export: {report.summary()} -> {args.output}", file=sys.stderr)
+    print(f"llm-mitm export: {printable(report.summary())} -> {args.output}", file=sys.stderr)
     _problems("export", read)
     return 0
 

@@ -154,6 +154,13 @@ def read_traces(path: str | os.PathLike[str], report: ReadReport | None = None, 
     yield from read_records(current, report, progress)
 
 
+def printable(text: str) -> str:
+    """`text` as a terminal shows it rather than obeys it: a trace holds what clients sent (a
+    model's name), whose control characters (an escape sequence, a line break) would drive
+    the terminal or forge a line of the output. Each is written as Python escapes it."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def with_rotated(path: Path) -> list[Path]:
     """`path.N` .. `path.1` (those there, numbered without a gap), then `path`."""
     rotated: list[Path] = []

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_mitm.stats import Tally
+from llm_mitm.tracefile import printable
 
 GROUPINGS = ("model", "key", "day", "provider", "operation")
 _GROWTH = 1.02
@@ -102,7 +103,7 @@ def render_table(groups: dict[str, Group], total: Group, by: str) -> str:
     rows = [[by, *columns]]
     for name, group in [*ordered, ("TOTAL", total)]:
         values = group.row()
-        rows.append([name, *(_cell(c, values[c]) for c in columns)])
+        rows.append([printable(name), *(_cell(c, values[c]) for c in columns)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -919,3 +919,24 @@ def test_a_number_out_of_its_range_is_a_usage_error(args: tuple[str, ...], said:
     """A negative count listed no calls, without a word (a config probe)."""
     result = cli(*args)
     assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+def test_stats_and_export_show_what_a_client_named_as_text_on_the_terminal(tmp_path: Path) -> None:
+    """A model's name is what a client sent: its escape sequences went to the terminal as they
+    were (a window title set, a line erased) and a line break forged a row of the table; a
+    Responses item's type, in export's summary, alike (a trace tools probe)."""
+    trace = tmp_path / "traces.jsonl"
+    evil = "evil\x1b]0;OWNED\x07\x1b[2K\rTOTAL 0\nfake-row   999"
+    named = {**chat_record("a", {"role": "assistant", "content": "b"}), "model": evil, "usage": {"input_tokens": 1, "output_tokens": 1}, "cost_usd": 0.5}
+    item = {"provider": "openai", "status_code": 200, "operation": "responses", "api": "openai", "model": "gpt-4o",
+            "request": {"body": {"model": "gpt-4o", "input": [{"type": "\x1b[31mred\x1b[0m"}]}}, "response": {"body": {"output": []}}}
+    trace.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in (named, item)))
+    table = cli("stats", str(trace))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "\x1b" not in table.stdout and "\r" not in table.stdout and len(lines) == 6  # head, rule, 2 groups, rule, total
+    assert len({len(line) for line in lines}) == 1  # still aligned
+    assert any(line.startswith("evil\\x1b]0;OWNED\\x07\\x1b[2K\\rTOTAL 0\\nfake-row   999 ") for line in lines), lines
+    assert orjson.loads(cli("stats", str(trace), "--json").stdout)["groups"][evil]["requests"] == 1  # JSON says it as it is
+    exported = cli("export", str(trace), "-o", str(tmp_path / "train.jsonl"))
+    assert exported.returncode == 0 and "\x1b" not in exported.stderr and "unsupported item \\x1b[31mred\\x1b[0m" in exported.stderr, exported.stderr
