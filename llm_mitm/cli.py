@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -24,10 +24,19 @@ class CommandError(Exception):
     """A command that cannot go on: one line on stderr, exit code 2."""
 
 
-def _records(args: argparse.Namespace, report: ReadReport):  # type: ignore[no-untyped-def]
+def _records(args: argparse.Namespace, report: ReadReport) -> Iterator[dict[str, Any]]:
     if not args.traces.exists():
         raise CommandError(f"no trace file or traces.directory at {args.traces}")
-    return read_traces(args.traces, report)
+    return _read(read_traces(args.traces, report), args.traces)
+
+
+def _read(records: Iterator[dict[str, Any]], traces: Path) -> Iterator[dict[str, Any]]:
+    """The records, a file that cannot be read said as such: an OSError in the output's
+    block is taken for the output's (`_output`), and stats had none (a traceback)."""
+    try:
+        yield from records
+    except OSError as exc:  # the reading's own: what is done with a record is not raised here
+        raise CommandError(f"cannot read {exc.filename or traces}: {exc.strerror or exc}") from None
 
 
 @contextmanager

@@ -940,3 +940,26 @@ def test_stats_and_export_show_what_a_client_named_as_text_on_the_terminal(tmp_p
     assert orjson.loads(cli("stats", str(trace), "--json").stdout)["groups"][evil]["requests"] == 1  # JSON says it as it is
     exported = cli("export", str(trace), "-o", str(tmp_path / "train.jsonl"))
     assert exported.returncode == 0 and "\x1b" not in exported.stderr and "unsupported item \\x1b[31mred\\x1b[0m" in exported.stderr, exported.stderr
+
+
+def test_a_trace_that_cannot_be_read_is_said_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trace file the user may not read: stats ended in a traceback, and export and report
+    said they could not write their output, which was fine (a trace tools probe)."""
+    import builtins
+
+    from llm_mitm import tracefile
+    from llm_mitm.cli import main
+
+    traces = tmp_path / "t.jsonl"
+    traces.write_bytes(orjson.dumps(chat_record("q", {"role": "assistant", "content": "a"})) + b"\n")
+
+    def refused(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == traces:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(tracefile, "open", refused, raising=False)  # as an unreadable file is for a user other than root
+    for command, output in (("stats", []), ("export", ["-o", str(tmp_path / "out")]), ("report", ["-o", str(tmp_path / "out")])):
+        assert main([command, str(traces), *output]) == 2
+        assert capsys.readouterr().err == f"llm-mitm {command}: cannot read {traces}: Permission denied\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
