@@ -25,6 +25,10 @@ TEXT_LIMIT = 4000  # characters of one message kept
 # call is kept whole in memory and in the page: an agent's call of 200 messages made 0.8 MB
 # of report, and 2000 of them a page no browser opens (a traces probe).
 CONVERSATION_LIMIT = 20_000
+# Different errors (and blocks) counted at once for the top tables: past twice this many the
+# rarest are let go. Every message an API gives may differ (a rate limit says its own counts),
+# and keeping each grew the report by ~300 bytes a call (a trace tools probe).
+TOP_KEPT = 1000
 # The texts a call's conversation is read as are not all as the trace holds them: a text file
 # sent as base64 is decoded, and a message's parts are read joined (a key cut across two).
 _REDACTOR = Redactor()
@@ -38,8 +42,10 @@ class ReportData:
     spend_by_model: Counter[str] = field(default_factory=Counter)
     spend_by_key: Counter[str] = field(default_factory=Counter)
     latency: Counter[int] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # the commonest (TOP_KEPT)
     blocks: Counter[str] = field(default_factory=Counter)
+    errors_total: int = 0
+    blocks_total: int = 0
     calls: deque[dict[str, Any]] = field(default_factory=deque)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -51,14 +57,25 @@ class ReportData:
         self.spend_by_key[group_key(record, "key")] += cost
         policy = record.get("policy") or {}
         if policy.get("decision") == "block":
-            self.blocks[f"{policy.get('rule')}: {policy.get('detail')}"] += 1
+            self.blocks_total += 1
+            _count(self.blocks, f"{policy.get('rule')}: {policy.get('detail')}")
         elif record.get("error"):
-            self.errors[str(record["error"])[:200]] += 1
+            self.errors_total += 1
+            _count(self.errors, str(record["error"])[:200])
         elif isinstance(record.get("duration_ms"), (int, float)):
             self.latency[_latency_bucket(record["duration_ms"])] += 1
         self.calls.append(_call(record, model))
         if len(self.calls) > self.max_calls:
             self.calls.popleft()
+
+
+def _count(counter: Counter[str], key: str) -> None:
+    """One more `key`, in a counter of at most 2 * TOP_KEPT keys: past that, all but the
+    TOP_KEPT commonest are let go (a frequent one stays; a rare one may come back, counted anew)."""
+    counter[key] += 1
+    if len(counter) > 2 * TOP_KEPT:
+        for rare, _ in counter.most_common()[TOP_KEPT:]:
+            del counter[rare]
 
 
 def _latency_bucket(ms: float) -> int:
@@ -193,7 +210,7 @@ def render(data: ReportData, title: str = "llm-mitm report") -> str:
 <body>
 <h1>{html.escape(title)}</h1>
 <p id="summary">{data.calls_total} calls · <b id="total-cost">${total_cost:,.4f}</b> ·
-{sum(data.errors.values())} errors · {sum(data.blocks.values())} blocked</p>
+{data.errors_total} errors · {data.blocks_total} blocked</p>
 <div class="grid">
 <section><h2>Spend over time</h2>{_bars(days, "usd", "chart-days", vertical=True)}</section>
 <section><h2>Latency distribution</h2>{_bars(latency, "count", "chart-latency", vertical=True)}</section>

@@ -963,3 +963,23 @@ def test_a_trace_that_cannot_be_read_is_said_so_in_one_line(tmp_path: Path, monk
         assert main([command, str(traces), *output]) == 2
         assert capsys.readouterr().err == f"llm-mitm {command}: cannot read {traces}: Permission denied\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_a_report_of_many_different_errors_stays_in_bounded_memory() -> None:
+    """Each error was kept by its text: a client rate-limited for hours (each message says its
+    own counts) grew the report by ~300 bytes a call, 148 MB for a 200 MB trace (a trace
+    tools probe). The rarest are let go; the totals and the commonest stay."""
+    from llm_mitm.report import TOP_KEPT, collect, render
+
+    def failed(error: str, blocked: bool = False) -> dict[str, Any]:
+        record = {**chat_record("q", {"role": "assistant", "content": "a"}), "status_code": 429, "error": error}
+        return {**record, "policy": {"decision": "block", "rule": "max_tokens", "detail": error}} if blocked else record
+
+    records = [failed("Rate limit reached: Used 29000, Requested %d" % i, blocked=i % 2 == 1) for i in range(20 * TOP_KEPT)]
+    records[::7] = [failed("upstream timeout")] * len(records[::7])
+    data = collect(records)
+    assert len(data.errors) <= 2 * TOP_KEPT and len(data.blocks) <= 2 * TOP_KEPT
+    timeouts = len(records[::7])
+    assert data.errors.most_common(1) == [("upstream timeout", timeouts)]
+    page = render(data)
+    assert f"{sum(r.get('policy') is None for r in records)} errors · {sum(r.get('policy') is not None for r in records)} blocked" in page
