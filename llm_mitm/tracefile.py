@@ -126,7 +126,7 @@ def read_directory(path: str | os.PathLike[str], report: ReadReport | None = Non
     a folder per day), in the order of their names: day, then time."""
     report = report if report is not None else ReadReport()
     root = Path(path)
-    for file in sorted(root.rglob("*.json")):
+    for file in _json_files(root):
         try:
             record = orjson.loads(file.read_bytes())
         except (OSError, orjson.JSONDecodeError):
@@ -136,6 +136,17 @@ def read_directory(path: str | os.PathLike[str], report: ReadReport | None = Non
             continue
         report.records += 1
         yield record
+
+
+def _json_files(folder: Path) -> Iterator[Path]:
+    """The `*.json` files under `folder`, in the order of their paths, one folder listed at a
+    time: a sorted rglob held every path of a traces.directory (~460 bytes a file: 117 MB
+    for 200,000 calls, a trace tools probe). Links to folders are not followed, as rglob's."""
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _json_files(Path(entry.path))
+        elif entry.name.endswith(".json"):
+            yield Path(entry.path)
 
 
 def read_traces(path: str | os.PathLike[str], report: ReadReport | None = None, progress: bool | None = None) -> Iterator[dict[str, Any]]:
