@@ -105,6 +105,27 @@ def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
     run(go())
 
 
+def test_a_reverse_proxy_to_a_server_no_provider_names_is_said_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--mode reverse:https://127.0.0.1:8443` (an address, or a host no provider lists):
+    mitmproxy sends each call there with the target's Host header, so no call is a
+    provider's, and every one passed unchecked and untraced without a word (a probe: a
+    model the policy refuses was answered 200). Said once a target, for each mode."""
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            caplog.set_level(logging.WARNING, "llm_mitm")
+            tctx.options.update(mode=["reverse:https://127.0.0.1:8443@18001", "reverse:https://api.openai.com@18002", "regular@18003"])
+            tctx.configure(addons[0], llm_config="")
+            warned = [r.getMessage() for r in caplog.records if "reverse" in r.getMessage()]
+            assert len(warned) == 1 and "https://127.0.0.1:8443" in warned[0] and "api.openai.com" not in warned[0], warned
+            tctx.options.update(allow_hosts=[])  # looked at again (Scope puts its own back): not said again
+            tctx.options.update(keep_host_header=True)  # the Host header names the provider: routed by it
+            assert len([r for r in caplog.records if "reverse" in r.getMessage()]) == 1
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_mitmproxy_sees_only_the_hooks_working_concerns_implement(tmp_path: Path) -> None:
     """A hook no working concern needs is None (mitmproxy skips it on every flow); the
     others go through the loop that isolates the concerns from each other's failures."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config
+from llm_mitm.providers import ProviderMatcher
 
 logger = logging.getLogger("llm_mitm.scope")
 
@@ -30,18 +32,20 @@ class Scope:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self._loaded = False
+        self._unwatched: list[str] = []  # reverse targets no provider names, as last said
         shared.on_config(self._apply)
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         self._loaded = True
 
     def configure(self, updated: set[str]) -> None:
-        if {"allow_hosts", "connection_strategy", "stream_large_bodies", "rawtcp", "tcp_hosts", "llm_config"} & updated:
+        if {"allow_hosts", "connection_strategy", "stream_large_bodies", "rawtcp", "tcp_hosts", "llm_config", "mode", "keep_host_header"} & updated:
             self._apply(self.shared.config)
 
     def _apply(self, config: Config) -> None:
         if not self._loaded:
             return
+        self._say_unwatched()
         allow = self.shared.matcher.allow_hosts
         updates: dict[str, object] = {}
         if list(ctx.options.allow_hosts) != allow:
@@ -67,6 +71,21 @@ class Scope:
         ctx.options.update(**updates)
         logger.info("llm-mitm: intercepting %s", ", ".join(sorted({h for p in config.enabled_providers.values() for h in p.hosts})))
 
+    def _say_unwatched(self) -> None:
+        """A reverse proxy to a server no provider's hosts name (an address, a port of its
+        own) passes every call past the policy, the budgets and the traces: mitmproxy sends
+        it there with the target's Host header, so none is a provider's (a probe:
+        `reverse:https://127.0.0.1:PORT` answered a refused model 200, without a word)."""
+        if "mode" not in ctx.options:
+            return
+        keep_host_header = "keep_host_header" in ctx.options and ctx.options.keep_host_header
+        unwatched = unwatched_reverse_targets(ctx.options.mode, self.shared.matcher, keep_host_header)
+        for target in unwatched:
+            if target not in self._unwatched:
+                logger.warning("llm-mitm: reverse proxy to %s, which no provider's hosts name: its calls pass unchecked and "
+                               "untraced; add its host (and port) to a provider's hosts", target)
+        self._unwatched = unwatched
+
     def request(self, flow: http.HTTPFlow) -> None:
         """llm_proxy's trick: a plain-http call to a provider goes upstream over https
         (mitmproxy connects upstream after this hook, as its own map_remote relies on)."""
@@ -83,6 +102,22 @@ class Scope:
             request.port = 443
         for name in _PROXY_HOP_HEADERS:  # meant for this proxy, never for the provider
             request.headers.pop(name, None)
+
+
+def unwatched_reverse_targets(modes: Sequence[str], matcher: ProviderMatcher, keep_host_header: bool) -> list[str]:
+    """The HTTP reverse modes' targets that no provider's hosts name. With `keep_host_header`
+    an https target's calls are routed by the Host header the client sent (a provider's)."""
+    targets = []
+    for spec in modes:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:  # mitmproxy refuses it itself
+            continue
+        if not isinstance(mode, ReverseMode) or mode.scheme not in ("http", "https") or (keep_host_header and mode.scheme == "https"):
+            continue
+        if matcher.match(*mode.address) is None:
+            targets.append(mode.data)
+    return targets
 
 
 def _frame_body(request: http.Request) -> None:
