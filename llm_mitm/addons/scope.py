@@ -33,6 +33,7 @@ class Scope:
         self.shared = shared
         self._loaded = False
         self._unwatched: list[str] = []  # reverse targets no provider names, as last said
+        self._hosts: set[str] | None = None  # the host patterns in scope, once put in force
         shared.on_config(self._apply)
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
@@ -46,6 +47,7 @@ class Scope:
         if not self._loaded:
             return
         self._say_unwatched()
+        self._say_taken_in(config)
         allow = self.shared.matcher.allow_hosts
         updates: dict[str, object] = {}
         if list(ctx.options.allow_hosts) != allow:
@@ -85,6 +87,17 @@ class Scope:
                 logger.warning("llm-mitm: reverse proxy to %s, which no provider's hosts name: its calls pass unchecked and "
                                "untraced; add its host (and port) to a provider's hosts", target)
         self._unwatched = unwatched
+
+    def _say_taken_in(self, config: Config) -> None:
+        """mitmproxy decides once a connection whether to intercept it: a client's kept-alive
+        connection to a host an edit takes into scope stays a raw tunnel, its calls unchecked
+        and untraced until it closes (a probe: the next call on it passed a model the new
+        policy refuses; a new connection was refused)."""
+        hosts = {host for provider in config.enabled_providers.values() for host in provider.hosts}
+        if self._hosts is not None and (added := hosts - self._hosts):
+            logger.warning("llm-mitm: %s now intercepted: connections already open to them pass untouched until they "
+                           "close (restart mitmdump to close them)", ", ".join(sorted(added)))
+        self._hosts = hosts
 
     def request(self, flow: http.HTTPFlow) -> None:
         """llm_proxy's trick: a plain-http call to a provider goes upstream over https
