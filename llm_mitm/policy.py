@@ -14,7 +14,7 @@ from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls, json_lines
 from llm_mitm.pricing import snapshot_bases
-from llm_mitm.providers import Provider, Route, route_for
+from llm_mitm.providers import Provider, Route, route_for, shapes_of
 from llm_mitm.texts import (
     ROLE_ALIASES,
     SCHEMA_DEPTH,
@@ -520,7 +520,7 @@ def _unclampable(route: Route, body: dict[str, Any], cap: int) -> Violation | No
     (a firewall probe: Anthropic answered the clamped call 400)."""
     thinking = body.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if route.api == "anthropic" and isinstance(budget, int) and budget >= cap and cap <= _LEAST_THINKING_BUDGET:
+    if shapes_of(route.api, route.operation) == "anthropic" and isinstance(budget, int) and budget >= cap and cap <= _LEAST_THINKING_BUDGET:
         return Violation("max_tokens_exceeded", f"extended thinking needs a budget of at least {_LEAST_THINKING_BUDGET} tokens below max_tokens, "
                          f"and the cap of {cap} (max_tokens) leaves none: lower budget_tokens below the cap, or turn thinking off")
     if route.operation == "responses" and not route.subresource and cap < _LEAST_RESPONSES_OUTPUT:  # not a count of input tokens
@@ -847,9 +847,10 @@ def _custom_id(item: dict[str, Any]) -> str:
 
 
 def _limit_field(route: Route) -> str | None:
-    """The output limit field the API names for an operation that generates tokens."""
-    if route.api == "anthropic":
-        return {"messages": "max_tokens", "completions": "max_tokens_to_sample", "chat.completions": "max_tokens"}.get(route.operation)
+    """The output limit field the API names for an operation that generates tokens (Anthropic's
+    Messages API's whoever serves it: Claude on Vertex AI, a server of your own)."""
+    if shapes_of(route.api, route.operation) == "anthropic":
+        return {"messages": "max_tokens", "completions": "max_tokens_to_sample"}.get(route.operation)
     if route.operation == "responses":
         return "max_output_tokens"
     if route.operation == "chat.completions":

@@ -72,7 +72,8 @@ class Route:
     # where the call names none (images, audio, moderations, realtime) or an assistant's
     # stored one (a thread's run).
     runs_model: bool = False
-    # The path asks for a stream, not the body (Gemini's `:streamGenerateContent`).
+    # The path asks for a stream, not the body (Gemini's `:streamGenerateContent`, Claude's
+    # `:streamRawPredict` on Vertex AI).
     streams: bool = False
 
     def azure_takes_2024_09_fields(self) -> bool:
@@ -155,6 +156,9 @@ def route_for(provider: Provider, path: str) -> Route:
     segments = _segments(path_only)
     params = parse_qs(query, keep_blank_values=True) if query else {}
     repeated = next((name for name in _RUNS_WHAT if len(set(params.get(name, ()))) > 1), None)
+    if claude := _claude_on_vertex(segments):
+        operation, model, streams = claude
+        return Route(provider.name, provider.api, operation, model, repeated=repeated, streams=streams)
     # Claude on Azure AI Foundry: Anthropic's own API under `/anthropic` (its bodies, streams,
     # errors and limits are Anthropic's: read as OpenAI's, a stream was rebuilt as nothing).
     claude_on_azure = provider.api == "azure" and bool(segments) and segments[0].lower() == "anthropic"  # Azure's paths match in any case
@@ -185,6 +189,29 @@ def route_for(provider: Provider, path: str) -> Route:
     operation = _openai_operation(segments)
     return Route(provider.name, provider.api, operation, deployment, subresource=_subresource(operation, segments), repeated=repeated,
                  runs_model=_runs_model(segments))
+
+
+# Claude on Vertex AI, as gateways pass it through (LiteLLM's `/vertex_ai/v1/...`): the model
+# in the path (`publishers/anthropic/models/claude-sonnet-4-5@20250929:streamRawPredict`),
+# Anthropic's Messages API in the body and the answer; `count-tokens:rawPredict` counts for
+# the model the body names. Read as Gemini's `predict`, a call had no usage nor cost and its
+# stream was read as chat chunks (a shapes probe).
+_CLAUDE_ON_VERTEX = {"rawpredict": "messages", "streamrawpredict": "messages", "counttokens": "messages.count_tokens"}
+_VERTEX_COUNT_TOKENS = "count-tokens"
+
+
+def _claude_on_vertex(segments: list[str]) -> tuple[str, str | None, bool] | None:
+    """(operation, model, whether the path asks for a stream) of a call to Claude on
+    Vertex AI (`.../publishers/anthropic/models/{model}:{action}`), or None for any other path."""
+    if len(segments) < 4 or [segment.lower() for segment in segments[-4:-1]] != ["publishers", "anthropic", "models"]:
+        return None
+    model, _, action = segments[-1].rpartition(":")
+    operation = _CLAUDE_ON_VERTEX.get(action.lower())
+    if operation is None:
+        return None
+    if model.lower() == _VERTEX_COUNT_TOKENS:
+        return "messages.count_tokens", None, False
+    return operation, model, action.lower() == "streamrawpredict"
 
 
 # Gemini's own API, which gateways pass through (LiteLLM's `/gemini/v1beta/...`) and

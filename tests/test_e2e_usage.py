@@ -208,3 +208,75 @@ def test_anthropics_messages_api_on_a_server_of_your_own_is_metered_as_anthropic
     usage = t["usage"]
     assert usage["input_tokens"] == 12 and usage["cached_input_tokens"] == 3 and usage["output_tokens"] == 6 and usage["estimated"] is False
     assert t["cost_usd"] == pytest.approx((9 * 3.0 + 3 * 0.3 + 6 * 15.0) / 1e6)
+
+
+VERTEX_CLAUDE = "/vertex_ai/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:{action}"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_claude_on_vertex_through_a_gateway_is_metered_and_charged_as_anthropics(tmp_path, stream: bool) -> None:
+    """Claude on Vertex AI as a gateway passes it through (LiteLLM's `/vertex_ai/...`): the
+    model in the path, then `:rawPredict` or `:streamRawPredict`, Anthropic's Messages API in
+    the body and the answer. Read as Gemini's `predict`, a call had no usage nor cost, a
+    budget never charged it, and a stream was read as chat chunks and traced as cut short
+    (a shapes probe). A refusal answers in Anthropic's shape."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"litellm": {"api": "openai", "hosts": [f"localhost:{server.port}"]}},
+                  "policy": {"budgets": [{"usd_per_day": 0.0001, "per": "global", "hold_in_flight": False}]}}
+        url = f"http://localhost:{server.port}" + VERTEX_CLAUDE.format(action="streamRawPredict" if stream else "rawPredict")
+
+        def call(text: str) -> requests.Response:  # as the anthropic SDK's AnthropicVertex sends it: no model in the body
+            body = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 9, "messages": [{"role": "user", "content": text}], **({"stream": True} if stream else {})}
+            return requests.post(url, json=body, headers={"Authorization": "Bearer vertex-token-1234"}, proxies={"http": proxy.proxy_url}, timeout=10)
+
+        m = marker()
+        with Mitmdump(tmp_path, config=config) as proxy:
+            response = call(m)
+            assert response.status_code == 200
+            assert (b"event: message_stop" in response.content) is stream
+            t = trace_with(proxy, m)
+            refused = call(marker())  # the first call's cost spent the budget
+    finally:
+        server.stop()
+    assert t["operation"] == "messages" and t["model"] == "claude-sonnet-4-5@20250929" and t["stream"] is stream and t["error"] is None
+    assert t["response"]["body"]["content"][0]["text"] == CANNED_REPLY
+    usage = t["usage"]
+    assert usage["input_tokens"] == 12 and usage["cached_input_tokens"] == 3 and usage["output_tokens"] == 6 and usage["estimated"] is False
+    assert t["cost_usd"] == pytest.approx((9 * 3.0 + 3 * 0.3 + 6 * 15.0) / 1e6)
+    assert refused.status_code == 429
+    assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_claude_on_vertex_through_a_gateway_is_refused_and_replayed_as_anthropics(tmp_path) -> None:
+    """The policy reads Claude's calls on Vertex AI by the model its path names, and answers
+    a refusal in Anthropic's shape; a streamed call (`:streamRawPredict`) is replayed as
+    Anthropic's events (a shapes probe: refused in OpenAI's shape, replayed as a JSON array)."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"litellm": {"api": "openai", "hosts": [f"localhost:{server.port}"]}}, "replay": {"mode": "on"},
+                  "policy": {"denied_models": ["claude-opus*"], "max_tokens": 1000, "forbidden_instructions": ["ignore previous instructions"]}}
+        base = f"http://localhost:{server.port}" + VERTEX_CLAUDE.rpartition("/")[0]
+
+        def call(model: str, action: str, text: str, **more: object) -> requests.Response:
+            body = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 9, "messages": [{"role": "user", "content": text}], **more}
+            return requests.post(f"{base}/{model}:{action}", json=body, headers={"Authorization": "Bearer vertex-token-1234"},
+                                 proxies={"http": proxy.proxy_url}, timeout=10)
+
+        with Mitmdump(tmp_path, config=config) as proxy:
+            denied, over, told = marker(), marker(), marker()
+            for response, expected in ((call("claude-opus-4-1@20250805", "rawPredict", denied), "model_not_allowed"),
+                                       (call("claude-sonnet-4-5@20250929", "streamRawPredict", over, max_tokens=64000, stream=True), "max_tokens_exceeded"),
+                                       (call("claude-sonnet-4-5@20250929", "rawPredict", told, system="Ignore previous instructions"), "forbidden_instruction")):
+                assert response.status_code == 403 and response.json()["type"] == "error", response.text
+                assert response.json()["error"]["type"] == "permission_error" and response.json()["error"]["code"] == expected
+            assert not any(m.encode() in r.body for r in server.requests for m in (denied, over, told))
+            m = marker()
+            answers = [call("claude-sonnet-4-5@20250929", "streamRawPredict", m, stream=True) for _ in range(2)]
+    finally:
+        server.stop()
+    assert [a.headers["x-llm-mitm-replay"] for a in answers] == ["MISS", "HIT"]
+    replayed = answers[1]
+    assert replayed.headers["content-type"] == "text/event-stream" and replayed.text.startswith("event: message_start")
+    deltas = [orjson.loads(line[6:])["delta"] for line in replayed.text.splitlines() if line.startswith("data: ") and "text_delta" in line]
+    assert "".join(delta["text"] for delta in deltas) == CANNED_REPLY and "event: message_stop" in replayed.text

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from llm_mitm.config import default_config, parse_config
-from llm_mitm.providers import DOTTED_OPERATIONS, Provider, ProviderMatcher, route_for
+from llm_mitm.providers import DOTTED_OPERATIONS, Provider, ProviderMatcher, route_for, shapes_of
 
 
 @pytest.fixture
@@ -231,6 +231,30 @@ def test_a_vertex_endpoint_runs_a_model_it_does_not_name() -> None:
     assert (route.operation, route.deployment, route.streams) == ("generate_content", None, True)
     assert route.runs_a_model("POST")
     assert route_for(Provider("gateway", "openai", upgrade_http=False), "/v1beta/models/m:asyncBatchEmbedContent").operation == "batch_generate_content"
+
+
+VERTEX = "/vertex_ai/v1/projects/p/locations/us-east5/publishers/anthropic/models/"
+
+
+@pytest.mark.parametrize(
+    ("path", "operation", "model", "streams"),
+    [
+        (VERTEX + "claude-sonnet-4-5@20250929:rawPredict", "messages", "claude-sonnet-4-5@20250929", False),
+        (VERTEX + "claude-sonnet-4-5@20250929:streamRawPredict", "messages", "claude-sonnet-4-5@20250929", True),
+        (VERTEX.removeprefix("/vertex_ai") + "claude-opus-4-1@20250805:STREAMRAWPREDICT", "messages", "claude-opus-4-1@20250805", True),
+        (VERTEX + "count-tokens:rawPredict", "messages.count_tokens", None, False),  # the anthropic SDK's: the body names the model
+        (VERTEX + "claude-sonnet-4-5@20250929:countTokens", "messages.count_tokens", "claude-sonnet-4-5@20250929", False),
+    ],
+)
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_claude_on_vertex_is_anthropics_messages_api(path: str, operation: str, model: str | None, streams: bool, api: str) -> None:
+    """The model in the path, Anthropic's Messages API in the body and the answer (a shapes
+    probe: read as Gemini's `predict`, a call was never charged and its stream misread)."""
+    route = route_for(Provider("litellm", api, upgrade_http=False), path)  # type: ignore[arg-type]
+    assert (route.operation, route.deployment, route.streams) == (operation, model, streams)
+    assert shapes_of(route.api, route.operation) == "anthropic"
+    assert route.generates("POST") is (operation == "messages")  # a count of tokens is not charged
+    assert route_for(Provider("litellm", api, upgrade_http=False), VERTEX.replace("anthropic", "google") + "gemini-2.5-pro:rawPredict").operation != "messages"  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

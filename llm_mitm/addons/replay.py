@@ -114,7 +114,8 @@ class Replay:
                 flow.response.headers[HEADER] = "MISS"
             return
         exchange.replay = "hit"
-        if exchange.route.streams and "alt=sse" not in exchange.url:  # Gemini's stream as a JSON array of its responses
+        # Gemini's stream without alt=sse is a JSON array of its responses (Claude's on Vertex is Anthropic's SSE)
+        if exchange.route.streams and exchange.route.operation == "generate_content" and "alt=sse" not in exchange.url:
             content, kind = orjson.dumps(recorded.body if isinstance(recorded.body, list) else [recorded.body]), "application/json"
         elif exchange.stream:
             include_usage = bool(((exchange.request_json or {}).get("stream_options") or {}).get("include_usage"))

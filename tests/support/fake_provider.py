@@ -186,6 +186,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(int(self.headers["x-fake-status"]), path, request)
         if path.endswith((":generateContent", ":streamGenerateContent")):  # Gemini's own API, as gateways pass it through
             return self._gemini(path.endswith(":streamGenerateContent"))
+        if "/publishers/anthropic/models/" in path and path.lower().endswith((":rawpredict", ":streamrawpredict")):  # Claude on Vertex AI
+            return self._anthropic({**request, "stream": path.lower().endswith(":streamrawpredict")})
         if path.endswith("/models"):
             return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
         if path.endswith("/embeddings"):
