@@ -3,9 +3,11 @@
 The shipped table (`data/pricing.json`, dated) is overridden model by model by the
 `pricing.models` section of the config. A snapshot resolves to its base by a real date
 (or `-latest`, `-0`, or a version) at the end of its name: `gpt-4o-2024-08-06` -> `gpt-4o`,
-`claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`. Nothing else is taken off: a
-`-preview` is a model of its own (`gpt-4-1106-preview` is GPT-4 Turbo, not `gpt-4`), and a
-snapshot priced apart from its base is in the table under its own name.
+`claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`, and so do Vertex AI's and Bedrock's
+names of a model (`claude-sonnet-4-5@20250929`, `us.anthropic.claude-sonnet-4-5-20250929-v1:0`).
+Nothing else is taken off: a `-preview` is a model of its own (`gpt-4-1106-preview` is
+GPT-4 Turbo, not `gpt-4`), and a snapshot priced apart from its base is in the table under
+its own name.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from llm_mitm.memo import Memo
 from llm_mitm.usage import Usage
 
 _YEAR, _MONTH, _DAY = r"20\d\d", r"(?:0[1-9]|1[0-2])", r"(?:0[1-9]|[12]\d|3[01])"
-_SUFFIXES = tuple(re.compile(pattern) for pattern in (
+# What a name of a model carries beyond the name the table prices it by, taken off one at a time.
+_TAKEN_OFF = tuple(re.compile(pattern) for pattern in (
+    # Bedrock's vendor before a model, and a cross-region inference profile's geography
+    # before that (`us.`, `eu.`, `apac.`, `global.`): us.anthropic.claude-sonnet-4-5-20250929-v1:0
+    r"^(?:[a-z]+(?:-[a-z]+)?\.)?(?:anthropic|openai|meta|mistral|amazon|cohere|ai21|deepseek|qwen)\.",
     rf"-{_YEAR}-{_MONTH}-{_DAY}$",  # OpenAI snapshots: gpt-4o-2024-08-06
-    rf"-{_YEAR}{_MONTH}{_DAY}$",  # Anthropic snapshots: claude-sonnet-4-5-20250929
+    rf"[-@]{_YEAR}{_MONTH}{_DAY}$",  # Anthropic snapshots: claude-sonnet-4-5-20250929, on Vertex AI claude-sonnet-4-5@20250929
     rf"-{_MONTH}{_DAY}$",  # older OpenAI snapshots: gpt-4-0613
     rf"-2\d{_MONTH}$",  # year and month: mistral-large-2411
     r"-latest$",  # an alias of the newest snapshot
@@ -44,12 +50,13 @@ def shipped_table() -> tuple[str, dict[str, ModelPrice]]:
 
 def snapshot_bases(name: str) -> Iterator[str]:
     """`name`, then the names of the model it is a snapshot of, a suffix taken off at a time
-    (`gpt-4o-2024-08-06` -> `gpt-4o`; `claude-sonnet-4-0` -> `claude-sonnet-4`)."""
+    (`gpt-4o-2024-08-06` -> `gpt-4o`; `claude-sonnet-4-0` -> `claude-sonnet-4`), Bedrock's
+    vendor first (`anthropic.claude-...`): the names a table prices and a denial reads."""
     seen = set()
     while name and name not in seen:
         yield name
         seen.add(name)
-        name = next((shorter for suffix in _SUFFIXES if (shorter := suffix.sub("", name)) != name), name)
+        name = next((shorter for part in _TAKEN_OFF if (shorter := part.sub("", name)) != name), name)
 
 
 _AZURE_GPT_35 = "gpt-35-"

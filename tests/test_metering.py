@@ -98,6 +98,18 @@ def test_price_resolution_and_overrides() -> None:
         ("gpt-35-turbo", "gpt-3.5-turbo"),  # Azure's names for GPT-3.5, as its answers give them (a usage probe: unpriced)
         ("gpt-35-turbo-16k", "gpt-3.5-turbo-16k"),
         ("gpt-35-turbo-instruct", "gpt-3.5-turbo-instruct"),
+        ("claude-sonnet-4-5@20250929", "claude-sonnet-4-5"),  # Vertex AI's names (a shapes probe: unpriced)
+        ("claude-3-5-sonnet-v2@20241022", "claude-3-5-sonnet"),
+        ("vertex_ai/claude-opus-4-1@20250805", "claude-opus-4-1"),
+        ("anthropic.claude-sonnet-4-5-20250929-v1:0", "claude-sonnet-4-5"),  # Bedrock's, and its cross-region inference profiles'
+        ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", "claude-sonnet-4-5"),
+        ("eu.anthropic.claude-sonnet-4-5-20250929-v1:0", "claude-sonnet-4-5"),
+        ("apac.anthropic.claude-sonnet-4-5-20250929-v1:0", "claude-sonnet-4-5"),
+        ("global.anthropic.claude-sonnet-4-5-20250929-v1:0", "claude-sonnet-4-5"),
+        ("us-gov.anthropic.claude-3-haiku-20240307-v1:0", "claude-3-haiku"),
+        ("anthropic.claude-3-5-sonnet-20241022-v2:0", "claude-3-5-sonnet"),
+        ("bedrock/us.anthropic.claude-haiku-4-5-20251001-v1:0", "claude-haiku-4-5"),
+        ("arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-opus-4-1-20250805-v1:0", "claude-opus-4-1"),
         ("gpt-4-32k-0613", None),  # not gpt-4: a distinct model the table does not price
         ("gpt-4.5-preview", None),
     ],
@@ -135,6 +147,19 @@ def test_only_a_real_date_or_alias_suffix_is_taken_off() -> None:
         assert table.resolve(dated) == "my-model", dated
     for distinct in ("my-model-preview", "my-model-0613-preview", "my-model-1399", "my-model-2025-13-01", "my-model-20251340"):
         assert table.resolve(distinct) is None, distinct
+
+
+def test_only_a_vendor_before_a_model_or_a_vertex_date_after_it_is_taken_off() -> None:
+    """Bedrock's vendor (and an inference profile's geography) and Vertex AI's `@` date go, as a
+    dated snapshot's date does; a dot or an `@` elsewhere in a name stays (`gpt-4.1` is not `1`)."""
+    table = PriceTable({"my-model": ModelPrice(input=1, output=2), "1": ModelPrice(input=5, output=5), "mini": ModelPrice(input=5, output=5)})
+    for named in ("my-model@20250929", "anthropic.my-model", "us.meta.my-model-v1:0", "global.openai.my-model-2025-04-16"):
+        assert table.resolve(named) == "my-model", named
+    for distinct in ("my-model@preview", "my-model@2025", "my-model@20251340", "acme.my-model", "us.my-model", "my-model-preview@20250929",
+                     "gpt-4o@mini", "o3@1", "4.1", "gpt-4.mini"):
+        assert table.resolve(distinct) is None, distinct
+    for name in ("gpt-4.1", "gpt-4.1-mini", "gpt-5.1", "gpt-3.5-turbo"):
+        assert table.resolve(name) == name and table.resolve(f"{name}@20250414") == name
 
 
 def test_every_shipped_name_resolves_to_itself_and_from_its_snapshots() -> None:

@@ -532,10 +532,13 @@ def test_a_denied_model_is_denied_by_any_name_that_runs_it(model: str) -> None:
 
 @pytest.mark.parametrize(("denied", "model"), [("gpt-4o", "gpt-4o-2024-08-06"), ("gpt-4o", "ft:gpt-4o-2024-08-06:acme::abc123"),
                                                ("claude-opus-4-1", "claude-opus-4-1-20250805"), ("gpt-4", "gpt-4-0613"),
-                                               ("claude-sonnet-4", "claude-sonnet-4-0"), ("gpt-4o", "openai/gpt-4o-latest")])
+                                               ("claude-sonnet-4", "claude-sonnet-4-0"), ("gpt-4o", "openai/gpt-4o-latest"),
+                                               ("claude-opus-4-1", "us.anthropic.claude-opus-4-1-20250805-v1:0"),
+                                               ("claude-opus-4-1", "bedrock/anthropic.claude-opus-4-1-20250805-v1:0")])
 def test_a_denied_model_is_denied_by_its_snapshots_names(denied: str, model: str) -> None:
     """A fine-tune's id always names a snapshot of its base, and Anthropic's own names are
-    dated: a model denied by its name ran by them (a firewall probe)."""
+    dated: a model denied by its name ran by them (a firewall probe), as by Bedrock's (a
+    pricing probe: `us.anthropic.claude-opus-4-1-...` passed `claude-opus*`)."""
     assert rule({"denied_models": [denied]}, body={"model": model}) == "model_not_allowed"
     assert rule({"denied_models": [denied]}, body={"model": model.replace(denied, denied + "-mini")}) is None
 
