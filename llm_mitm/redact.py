@@ -398,16 +398,57 @@ def replace_sent(value: Any, sent: Mapping[str, str]) -> Any:
         present = list(sent.items())
     else:
         present = [(secret, hidden) for secret, hidden in sent.items() if orjson.dumps(secret)[1:-1] in blob]
+        if b"***" in blob:  # maybe a masked echo (`_unmasked`): every credential is looked for
+            present = list(sent.items())
     if not present:
         return value
     return _map_strings(value, lambda text: _replace_each(text, present))
 
 
 def _replace_each(text: str, pairs: Iterable[tuple[str, str]]) -> str:
-    """Each secret in `text` replaced by what hides it, in the order given (longest first)."""
+    """Each secret in `text` replaced by what hides it, in the order given (longest first),
+    and then its masked echoes (`_unmasked`)."""
+    pairs = list(pairs)
     for secret, hidden in pairs:
         text = text.replace(secret, hidden)
-    return text
+    return _unmasked(text, pairs) if "***" in text else text
+
+
+_MASK = re.compile(r"\*{3,}")
+
+
+def _unmasked(text: str, pairs: Sequence[tuple[str, str]]) -> str:
+    """`text` with each masked echo of a secret of `pairs` (`sk-AbCdE*****WxYz`, as OpenAI's
+    401 quotes a wrong key: its first and last characters around stars) replaced by what
+    hides that secret: the characters shown around the stars are more of it than its
+    fingerprint keeps (a secrets probe). An echo shows at least four of its characters, one
+    of them its first; each part stands as a word of its own."""
+    out, done = [], 0
+    for mask in _MASK.finditer(text):
+        start, end = mask.span()
+        for secret, hidden in pairs:
+            head, tail = _shown_head(text, start, secret), _shown_tail(text, end, secret)
+            if head and head + tail >= 4 and head + tail < len(secret) and start - head >= done:
+                out += [text[done : start - head], hidden]
+                done = end + tail
+                break
+    return "".join(out) + text[done:] if out else text
+
+
+def _shown_head(text: str, at: int, secret: str) -> int:
+    """How many of `secret`'s first characters stand in `text` right before `at`, a word's start."""
+    for size in range(min(len(secret) - 1, at), 0, -1):
+        if text.startswith(secret[:size], at - size) and (size == at or not text[at - size - 1].isalnum()):
+            return size
+    return 0
+
+
+def _shown_tail(text: str, at: int, secret: str) -> int:
+    """How many of `secret`'s last characters stand in `text` from `at`, a word's end."""
+    for size in range(min(len(secret) - 1, len(text) - at), 0, -1):
+        if text.startswith(secret[-size:], at) and (at + size == len(text) or not text[at + size].isalnum()):
+            return size
+    return 0
 
 
 def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[[str], str] | None = None,

@@ -664,6 +664,30 @@ def test_a_sent_credential_holding_another_goes_whole() -> None:
         assert "XYZZY" not in text and "TAIL" not in text, text
 
 
+def test_a_sent_key_echoed_masked_keeps_no_more_of_it_than_its_fingerprint() -> None:
+    """OpenAI's 401 quotes a wrong key with its first and last characters around stars
+    (`sk-AbCdE*****WxYz`, a key of no shape `FaKe1234*****WxYz`): a secrets probe found those
+    first characters traced and printed (flow_detail 3), more of the key than its fingerprint
+    keeps. The masked echo of a key the request sent goes as that key's fingerprint."""
+    from llm_mitm.redact import replace_sent
+
+    redactor = Redactor()
+    legacy, no_shape = "sk-" + "TESTKEYa" + _fake(size=40), "gwTESTKEY" + _fake(size=24)
+    sent = redactor.sent_credentials([("Authorization", f"Bearer {legacy}"), ("x-api-key", no_shape)], "https://h/v1/chat")
+
+    def masked(key: str, head: int) -> str:
+        return key[:head] + "*" * 39 + key[-4:]
+
+    error = (f"Incorrect API key provided: {masked(legacy, 8)}. You can find your API key at https://platform.openai.com/account/api-keys."
+             f" Also {masked(no_shape, 8)}.")
+    for text in (replace_sent({"error": error}, sent)["error"], redactor.log_line(f'    "message": "{error}",', sent)):
+        assert "TESTK" not in text and "***" not in text, text
+        assert f"provided: {sent[legacy]}. You can" in text and f"Also {sent[no_shape]}." in text
+    # stars that are no key's echo stay as they are
+    plain = {"text": "**bold** s*** and sk-*** rated ***** gw****"}
+    assert replace_sent(plain, sent) == plain
+
+
 def _fake(prefix: str = "", size: int = 30) -> str:
     return prefix + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(size))
 
