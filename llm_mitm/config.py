@@ -46,10 +46,11 @@ def _header_value(value: str) -> str:
 
 
 def _utf8(value: str) -> str:
+    """Text UTF-8 can write; the error does not show it (the salt, a secret, is what has this check)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{value!r} is not text UTF-8 can write (a lone surrogate)") from None
+        raise ValueError("not text UTF-8 can write (a lone surrogate)") from None
     return value
 
 
@@ -533,12 +534,16 @@ def _describe(exc: ValidationError, source: str) -> str:
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required key is missing"
-    elif "input" in error and error["type"] not in ("value_error",) and not isinstance(error["input"], (dict, list)):
+    elif "input" in error and error["type"] not in ("value_error",) and not isinstance(error["input"], (dict, list)) and key not in _SECRET_KEYS:
         message = f"{message} (got {error['input']!r})"
     more = len(errors) - len(alternatives)
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {key}: {message}{suffix}"
 
+
+# Keys whose value is a secret: an error names them, never shows what was written (it goes
+# to the console and the logs; a salt of digits, a number to YAML, was shown whole).
+_SECRET_KEYS = frozenset({"redaction.fingerprint_salt"})
 
 _BRANCH = re.compile(r"(?:list|dict)\[.*\]")
 

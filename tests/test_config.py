@@ -113,6 +113,19 @@ def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str,
     assert "\n" not in message and "more error" not in message  # each of these is one error
 
 
+@pytest.mark.parametrize("salt", ["739184620375913", "3.14159265358979", "\"\\ud800PWTESTKEYsalt\""])
+def test_a_bad_fingerprint_salt_is_named_but_not_shown(tmp_path: Path, salt: str) -> None:
+    """The salt is a secret (SECURITY.md: it keeps guessable keys from being confirmed
+    against a trace): a salt of digits, which YAML reads as a number, was printed whole in
+    the error mitmdump shows and logs (a secrets probe)."""
+    path = write(tmp_path, f"redaction:\n  fingerprint_salt: {salt}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "redaction.fingerprint_salt: " in message
+    assert "7391846" not in message and "3.14159" not in message and "PWTESTKEY" not in message, message
+
+
 def _sections() -> list[type[BaseModel]]:
     """Every model of config.py, however deep: each holds its own fields."""
     found: list[type[BaseModel]] = []
