@@ -426,9 +426,13 @@ def _unmasked(text: str, pairs: Sequence[tuple[str, str]]) -> str:
     out, done = [], 0
     for mask in _MASK.finditer(text):
         start, end = mask.span()
+        if not start or text[start - 1].isspace():  # stars after a space or a line's start (Markdown's ***): no echo
+            continue
         for secret, hidden in pairs:
-            head, tail = _shown_head(text, start, secret), _shown_tail(text, end, secret)
-            if head and head + tail >= 4 and head + tail < len(secret) and start - head >= done:
+            if not (head := _shown_head(text, start, secret)):
+                continue
+            tail = _shown_tail(text, end, secret)
+            if head + tail >= 4 and head + tail < len(secret) and start - head >= done:
                 out += [text[done : start - head], hidden]
                 done = end + tail
                 break
@@ -436,18 +440,26 @@ def _unmasked(text: str, pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def _shown_head(text: str, at: int, secret: str) -> int:
-    """How many of `secret`'s first characters stand in `text` right before `at`, a word's start."""
-    for size in range(min(len(secret) - 1, at), 0, -1):
-        if text.startswith(secret[:size], at - size) and (size == at or not text[at - size - 1].isalnum()):
-            return size
+    """How many of `secret`'s first characters stand in `text` right before `at`, a word's
+    start: the longest (found from where its first character stands, not by trying each size)."""
+    lowest = max(0, at - len(secret) + 1)
+    start = text.find(secret[0], lowest, at)
+    while start != -1:
+        if (start == 0 or not text[start - 1].isalnum()) and text.startswith(secret[: at - start], start):
+            return at - start
+        start = text.find(secret[0], start + 1, at)
     return 0
 
 
 def _shown_tail(text: str, at: int, secret: str) -> int:
-    """How many of `secret`'s last characters stand in `text` from `at`, a word's end."""
-    for size in range(min(len(secret) - 1, len(text) - at), 0, -1):
-        if text.startswith(secret[-size:], at) and (at + size == len(text) or not text[at + size].isalnum()):
-            return size
+    """How many of `secret`'s last characters stand in `text` from `at`, a word's end: the
+    longest (found from where its last character stands)."""
+    last = text.rfind(secret[-1], at, min(len(text), at + len(secret) - 1))
+    while last != -1:
+        end = last + 1
+        if (end == len(text) or not text[end].isalnum()) and text.startswith(secret[at - end :], at):
+            return end - at
+        last = text.rfind(secret[-1], at, last)
     return 0
 
 

@@ -686,6 +686,10 @@ def test_a_sent_key_echoed_masked_keeps_no_more_of_it_than_its_fingerprint() -> 
     # stars that are no key's echo stay as they are
     plain = {"text": "**bold** s*** and sk-*** rated ***** gw****"}
     assert replace_sent(plain, sent) == plain
+    # Markdown's stars, many of them, are passed over, and an echo among them still found
+    markdown = "a rule\n\n***\n\nand ***some emphasis*** here, " * 500
+    assert replace_sent({"text": markdown}, sent)["text"] == markdown
+    assert replace_sent({"text": markdown + masked(legacy, 8)}, sent)["text"] == markdown + sent[legacy]
 
 
 def _fake(prefix: str = "", size: int = 30) -> str:
