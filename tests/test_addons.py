@@ -161,6 +161,30 @@ def test_http_upgrade_changes_scheme_only(tmp_path: Path) -> None:
     run(go())
 
 
+def test_proxy_hop_headers_never_reach_a_provider_over_http(tmp_path: Path) -> None:
+    """SECURITY.md: a plain-http call's `Proxy-Authorization` and `Proxy-Connection` are the
+    proxy's. They were taken off only where the call was upgraded to https: a server of your
+    own on http (`localhost:8000`, upgrade_http off) got the client's proxy credentials."""
+    config = tmp_path / "config.yaml"
+    config.write_text("providers:\n  vllm:\n    api: openai\n    hosts: ['localhost:8000']\n")
+    hop = [(b"proxy-authorization", b"Basic dXNlcjpwYXNz"), (b"proxy-connection", b"keep-alive")]
+
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            tctx.configure(addons[0], llm_config=str(config))
+            own = chat_flow(host="localhost", scheme="http", port=8000, headers=hop)
+            addons[2].request(own)
+            assert own.request.scheme == "http" and "proxy-authorization" not in own.request.headers
+            assert "proxy-connection" not in own.request.headers
+            other = chat_flow(host="example.com", scheme="http", port=80, headers=hop)
+            addons[2].request(other)
+            assert "proxy-authorization" in other.request.headers  # not an LLM host: untouched
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 @pytest.mark.parametrize("deferred", [False, True])
 def test_one_exchange_per_flow_with_usage(tmp_path: Path, deferred: bool) -> None:
     """Read here, or (traces on, no limits) left unread for the writer process, decoded."""

@@ -108,13 +108,14 @@ class Scope:
         if request.scheme != "http" or isinstance(flow.client_conn.proxy_mode, ReverseMode):
             return
         provider = self.shared.matcher.match(request.host, request.port)
-        if provider is None or not provider.upgrade_http:
+        if provider is None:
             return
-        request.scheme = "https"
-        if request.port == 80:
-            request.port = 443
-        for name in _PROXY_HOP_HEADERS:  # meant for this proxy, never for the provider
+        for name in _PROXY_HOP_HEADERS:  # meant for this proxy, never for the provider (one on http too)
             request.headers.pop(name, None)
+        if provider.upgrade_http:
+            request.scheme = "https"
+            if request.port == 80:
+                request.port = 443
 
 
 def unwatched_reverse_targets(modes: Sequence[str], matcher: ProviderMatcher, keep_host_header: bool) -> list[str]:
