@@ -3,8 +3,8 @@
 Requests are counted when admitted; tokens and dollars are charged when a call ends
 (streams included), so a call that crosses a limit completes and the *next* one is
 refused. Until it ends, an admitted call holds what it may cost at most (its prompt and
-the output it allows) against its budgets: else a burst of calls admitted together, each
-before any was charged, passed a budget by all they cost. Windows come from the `limits`
+the output it allows) against its budgets and token windows: else a burst of calls
+admitted together, each before any was charged, passed a limit by all they used. Windows come from the `limits`
 library: requests a moving one-minute window (one entry per request, exact); tokens a
 sliding window counter (this minute's count and the last one's, weighted by how much of it
 the window still covers): a moving window keeps one entry per unit, a token, which at 10M
@@ -63,11 +63,11 @@ def limits_set(policy: PolicyConfig) -> bool:
 
 
 class Holds:
-    """What the calls in flight may still cost, per budget scope: held at admission, given
-    back when the call is charged (or ends without a charge)."""
+    """What the calls in flight may still cost (USD, or tokens), per budget scope or token
+    window: held at admission, given back when the call is charged (or ends without a charge)."""
 
     def __init__(self) -> None:
-        self._calls: dict[str, tuple[tuple[str, ...], float, float]] = {}  # call -> (scopes, USD, since); oldest first
+        self._calls: dict[str, tuple[tuple[str, ...], float, float]] = {}  # call -> (scopes, amount, since); oldest first
         self._held: dict[str, float] = {}
 
     def held(self, scope: str) -> float:
@@ -102,28 +102,41 @@ class Holds:
 
 class Quota:
     def __init__(self, policy: PolicyConfig, storage: Storage | None = None, spend: SpendStore | None = None,
-                 holds: Holds | None = None) -> None:
+                 holds: Holds | None = None, token_holds: Holds | None = None) -> None:
         self.rate_limits: list[RateLimitConfig] = policy.rate_limits
         self.budgets: list[BudgetConfig] = policy.budgets
         self.spend = spend
         self.holds = holds or Holds()
+        self.token_holds = token_holds or Holds()
         self.active = limits_set(policy)
+        # Whether an admitted call holds anything: what it may use is read from its body only then.
+        self.holding = bool(self.budgets) or any(rule.tokens_per_minute is not None for rule in self.rate_limits)
         storage = storage or MemoryStorage()
         self._limiters: dict[str, RateLimiter] = {
             "requests_per_minute": MovingWindowRateLimiter(storage),
             "tokens_per_minute": SlidingWindowCounterRateLimiter(storage),
         }
 
-    def admit(self, caller: Caller, call: str | None = None, most_usd: float = 0.0) -> QuotaRefusal | None:
+    def admit(self, caller: Caller, call: str | None = None, most_usd: float = 0.0, most_tokens: int = 0) -> QuotaRefusal | None:
         """Refuse if a budget is spent, or held by the calls in flight, or a token window is
-        full; else count the request and hold `most_usd` for `call` against its budgets."""
+        full (or held); else count the request and hold `most_usd` and `most_tokens` for
+        `call` against its budgets and token windows."""
         refusal = self._budget_refusal(caller, most_usd)
         if refusal is not None:
             return refusal
         tokens, requests = self._limiters["tokens_per_minute"], self._limiters["requests_per_minute"]
-        for limit, item, ids in self._windows("tokens_per_minute", caller):
+        self.token_holds.expire(time.monotonic())
+        token_windows = list(self._windows("tokens_per_minute", caller))
+        for limit, item, ids in token_windows:
             if not tokens.test(item, *ids):
                 return self._refusal("tokens_per_minute", limit, item, ids)
+            holding = int(self.token_holds.held("/".join(ids)))
+            if most_tokens > 0 and holding and (holding >= limit or not tokens.test(item, *ids, cost=holding + 1)):
+                return QuotaRefusal(
+                    "tokens_per_minute",
+                    f"rate limit tokens_per_minute {limit} for {ids[-1]} is held by the calls in flight (up to {holding} tokens on their way)",
+                    HELD_RETRY_SECONDS,
+                )
         # Every request window is tested before any is counted: a call one rule refuses
         # must not use up the others' windows (one noisy key filling the global one).
         windows = list(self._windows("requests_per_minute", caller))
@@ -135,7 +148,14 @@ class Quota:
         scopes = tuple({caller.scope(budget.per) for budget in self.budgets if budget.hold_in_flight})
         if call is not None and most_usd > 0 and scopes and self.spend is not None:
             self.holds.hold(call, scopes, most_usd)
+        if call is not None and most_tokens > 0 and token_windows:
+            self.token_holds.hold(call, tuple("/".join(ids) for _, _, ids in token_windows), most_tokens)
         return None
+
+    def release(self, call: str) -> None:
+        """Gives back what a call held, however it ended."""
+        self.holds.release(call)
+        self.token_holds.release(call)
 
     def _budget_refusal(self, caller: Caller, most_usd: float) -> QuotaRefusal | None:
         """A spent budget refuses every call; one the calls in flight hold refuses a call

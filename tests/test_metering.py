@@ -394,6 +394,28 @@ def test_tokens_per_minute_charged_after_the_call() -> None:
     assert refused is not None and refused.rule == "tokens_per_minute"
 
 
+def test_calls_in_flight_hold_their_most_tokens_against_a_tokens_per_minute_limit() -> None:
+    """Tokens were charged only as calls ended: 20 calls sent together all went under a
+    limit of 60 tokens a minute and used 380 (a limits probe). Each holds its prompt and the
+    output it allows until it ends, as against a budget."""
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"tokens_per_minute": 100, "per": "api_key"}]}))
+    alice, bob = Caller("alice", "c"), Caller("bob", "c")
+    assert quota.admit(alice, "call-1", most_tokens=60) is None
+    assert quota.admit(alice, "call-2", most_tokens=60) is None  # 60 held: the call that crosses goes
+    refused = quota.admit(alice, "call-3", most_tokens=60)  # 120 held, of 100
+    assert refused is not None and refused.rule == "tokens_per_minute" and refused.retry_after == 1
+    assert "held by the calls in flight" in refused.detail
+    assert quota.admit(alice, "call-4") is None  # one that uses no tokens (a list of models) goes
+    assert quota.admit(bob, "call-5", most_tokens=60) is None  # another key's window
+    quota.release("call-1")
+    quota.charge(alice, 10, None)
+    assert quota.admit(alice, "call-6", most_tokens=30) is None  # 10 used + 60 held
+    assert quota.admit(alice, "call-7", most_tokens=20).rule == "tokens_per_minute"  # 10 used + 90 held
+    for call in ("call-2", "call-6", "call-6"):
+        quota.release(call)
+    assert quota.admit(alice, "call-8", most_tokens=20) is None
+
+
 def test_tokens_per_minute_keeps_counts_not_an_entry_per_token() -> None:
     """A moving window keeps one entry per unit: at 10M tokens a minute it held 150 MB, and
     the proxy's loop tens of milliseconds a call (found by a limits probe)."""

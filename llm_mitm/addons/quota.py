@@ -45,6 +45,7 @@ class QuotaAddon:
         self.shared = shared
         self._windows = MemoryStorage()  # kept across config reloads
         self._holds = Holds()  # ... as what the calls in flight hold against budgets
+        self._token_holds = Holds()  # ... and against token windows
         # The model that answered each name asked for (an Azure deployment, `prod-chat`: no
         # price of its own, but the answer's model has one), to price the next call's hold.
         self._answered: dict[str | None, str] = {}
@@ -67,7 +68,7 @@ class QuotaAddon:
         self._spend = spend
         if not config.policy.budgets:
             self._holds = Holds()  # no budget to hold against: none is given back once budgets return
-        self.quota = Quota(config.policy, self._windows, spend, self._holds)
+        self.quota = Quota(config.policy, self._windows, spend, self._holds, self._token_holds)
 
     @property
     def active(self) -> bool:
@@ -77,8 +78,10 @@ class QuotaAddon:
         exchange = self.shared.exchange(flow)
         if exchange is None or flow.response is not None or not self.quota.active:
             return
-        most_usd = self._most_cost(exchange) if self.quota.budgets else 0.0
-        refusal = self.quota.admit(_caller(exchange), exchange.id, most_usd)
+        most = self._most_usage(exchange) if self.quota.holding else None
+        most_usd = self._most_cost(exchange, most) if self.quota.budgets and most is not None else 0.0
+        most_tokens = (most.input_tokens or 0) + (most.output_tokens or 0) if most is not None else 0
+        refusal = self.quota.admit(_caller(exchange), exchange.id, most_usd, most_tokens)
         if refusal is not None:
             refuse(flow, exchange, 429, refusal.rule, refusal.detail, refusal.retry_after)
 
@@ -93,28 +96,30 @@ class QuotaAddon:
             self._spend.close()
             self._spend = None
 
-    def _most_cost(self, exchange: Exchange) -> float:
-        """What a call may cost at most, as far as it says: its prompt (estimated) and all
-        the output it allows (none when it names no limit); nothing for a call that does not
-        generate, or an unpriced model (a budget does not charge those either)."""
-        if exchange.route.operation not in GENERATING or not exchange.route.generates(exchange.method):
-            return 0.0
-        price = self.shared.prices.price_for(exchange.model, self._answered.get(exchange.model))
+    def _most_usage(self, exchange: Exchange) -> Usage | None:
+        """The tokens a call may use at most, as far as it says: its prompt (estimated) and
+        all the output it allows (none when it names no limit); None for a call that does
+        not generate."""
         body = exchange.request_json
-        if price is None or body is None:
-            return 0.0
+        if exchange.route.operation not in GENERATING or not exchange.route.generates(exchange.method) or body is None:
+            return None
         most = output_limit(exchange.route, body)
         output = None if most is None else int(min(most, HOLD_OUTPUT_CEILING))
         try:
-            usage = Usage(input_tokens=prompt_tokens(body), output_tokens=output)
+            return Usage(input_tokens=prompt_tokens(body), output_tokens=output)
         except RecursionError:  # a body nested past what can be walked: its output limit alone
-            usage = Usage(output_tokens=output)
-        return cost_usd(usage, price)
+            return Usage(output_tokens=output)
+
+    def _most_cost(self, exchange: Exchange, most: Usage) -> float:
+        """What those tokens cost: nothing for an unpriced model (a budget does not charge
+        those either)."""
+        price = self.shared.prices.price_for(exchange.model, self._answered.get(exchange.model))
+        return 0.0 if price is None else cost_usd(most, price)
 
     def _charge(self, exchange: Exchange | None) -> None:
         if exchange is None or not exchange.done:
             return
-        self._holds.release(exchange.id)  # however it ended
+        self.quota.release(exchange.id)  # however it ended
         if not self.quota.active or exchange.replay == "hit" or exchange.blocked or exchange.charged:
             return
         exchange.charged = True
