@@ -119,30 +119,21 @@ class Quota:
 
     def admit(self, caller: Caller, call: str | None = None, most_usd: float = 0.0, most_tokens: int = 0) -> QuotaRefusal | None:
         """Refuse if a budget is spent, or held by the calls in flight, or a token window is
-        full (or held); else count the request and hold `most_usd` and `most_tokens` for
-        `call` against its budgets and token windows."""
-        refusal = self._budget_refusal(caller, most_usd)
-        if refusal is not None:
-            return refusal
-        tokens, requests = self._limiters["tokens_per_minute"], self._limiters["requests_per_minute"]
-        self.token_holds.expire(time.monotonic())
+        full (or held), or a request window; else count the request and hold `most_usd` and
+        `most_tokens` for `call` against its budgets and token windows. Where several rules
+        refuse, the longest wait is given: a client told to retry sooner is refused again."""
+        requests = self._limiters["requests_per_minute"]
         token_windows = list(self._windows("tokens_per_minute", caller))
-        for limit, item, ids in token_windows:
-            if not tokens.test(item, *ids):
-                return self._refusal("tokens_per_minute", limit, item, ids)
-            holding = int(self.token_holds.held("/".join(ids)))
-            if most_tokens > 0 and holding and (holding >= limit or not tokens.test(item, *ids, cost=holding + 1)):
-                return QuotaRefusal(
-                    "tokens_per_minute",
-                    f"rate limit tokens_per_minute {limit} for {ids[-1]} is held by the calls in flight (up to {holding} tokens on their way)",
-                    HELD_RETRY_SECONDS,
-                )
         # Every request window is tested before any is counted: a call one rule refuses
         # must not use up the others' windows (one noisy key filling the global one).
         windows = list(self._windows("requests_per_minute", caller))
-        for limit, item, ids in windows:
-            if not requests.test(item, *ids):
-                return self._refusal("requests_per_minute", limit, item, ids)
+        refusals = [
+            *self._budget_refusals(caller, most_usd),
+            *self._token_refusals(token_windows, most_tokens),
+            *(self._refusal("requests_per_minute", limit, item, ids) for limit, item, ids in windows if not requests.test(item, *ids)),
+        ]
+        if refusals:
+            return max(refusals, key=lambda refusal: refusal.retry_after)
         for _, item, ids in windows:
             requests.hit(item, *ids)
         scopes = tuple({caller.scope(budget.per) for budget in self.budgets if budget.hold_in_flight})
@@ -157,15 +148,14 @@ class Quota:
         self.holds.release(call)
         self.token_holds.release(call)
 
-    def _budget_refusal(self, caller: Caller, most_usd: float) -> QuotaRefusal | None:
-        """A spent budget refuses every call; one the calls in flight hold refuses a call
-        that may cost something (a list of models costs nothing and is let through). Every
-        budget is asked whether it is spent first: that answer's wait is the one to give."""
+    def _budget_refusals(self, caller: Caller, most_usd: float) -> Iterator[QuotaRefusal]:
+        """A spent budget refuses every call (until its day or month ends); one the calls in
+        flight hold refuses a call that may cost something (a list of models costs nothing
+        and is let through)."""
         if self.spend is None or not self.budgets:
-            return None
+            return
         now = datetime.now(UTC)
         self.holds.expire(time.monotonic())
-        held: list[tuple[str, str, float, float]] = []
         for budget in self.budgets:
             scope = caller.scope(budget.per)
             former = caller.former_scope(budget.per)
@@ -173,24 +163,36 @@ class Quota:
                 if limit is None:
                     continue
                 spent = self.spend.total(scope, period, now) + (self.spend.total(former, period, now) if former else 0.0)
+                holding = self.holds.held(scope)
                 if spent >= limit:
-                    return QuotaRefusal(
+                    yield QuotaRefusal(
                         f"usd_per_{period}",
                         f"budget usd_per_{period} {limit:g} for {scope} is spent ({spent:.4f} USD)",
                         seconds_left(period, now),
                     )
-                if budget.hold_in_flight:
-                    held.append((period, scope, limit, spent))
-        for period, scope, limit, spent in held if most_usd > 0 else ():
-            holding = self.holds.held(scope)
-            if spent + holding >= limit:
-                return QuotaRefusal(
-                    f"usd_per_{period}",
-                    f"budget usd_per_{period} {limit:g} for {scope} is held by the calls in flight ({spent:.4f} USD spent, "
-                    f"up to {holding:.4f} more on its way)",
+                elif budget.hold_in_flight and most_usd > 0 and spent + holding >= limit:
+                    yield QuotaRefusal(
+                        f"usd_per_{period}",
+                        f"budget usd_per_{period} {limit:g} for {scope} is held by the calls in flight ({spent:.4f} USD spent, "
+                        f"up to {holding:.4f} more on its way)",
+                        HELD_RETRY_SECONDS,
+                    )
+
+    def _token_refusals(self, windows: list[tuple[int, RateLimitItemPerMinute, tuple[str, ...]]], most_tokens: int) -> Iterator[QuotaRefusal]:
+        """A full token window refuses every call; one the calls in flight hold refuses a
+        call that uses tokens."""
+        tokens = self._limiters["tokens_per_minute"]
+        self.token_holds.expire(time.monotonic())
+        for limit, item, ids in windows:
+            holding = int(self.token_holds.held("/".join(ids)))
+            if not tokens.test(item, *ids):
+                yield self._refusal("tokens_per_minute", limit, item, ids)
+            elif most_tokens > 0 and holding and (holding >= limit or not tokens.test(item, *ids, cost=holding + 1)):
+                yield QuotaRefusal(
+                    "tokens_per_minute",
+                    f"rate limit tokens_per_minute {limit} for {ids[-1]} is held by the calls in flight (up to {holding} tokens on their way)",
                     HELD_RETRY_SECONDS,
                 )
-        return None
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:
         if tokens:

@@ -490,6 +490,25 @@ def test_a_held_budget_refuses_only_calls_that_may_cost_and_never_hides_a_spent_
     assert quota.admit(alice, "call-5", 0.0).rule == "usd_per_month"  # spent refuses every call
 
 
+def test_retry_after_is_the_longest_wait_of_the_rules_that_refuse(tmp_path: Path) -> None:
+    """The first rule found refusing gave its wait: a day's budget spent with its month's
+    said to retry at midnight, a full token window with a full request window in seconds
+    where the request window frees in a minute, so a client retried into another 429."""
+    store = SpendStore(tmp_path / "spend.sqlite")
+    caller = Caller("k", "c")
+    now = datetime.now(UTC)
+    quota = Quota(PolicyConfig.model_validate({"budgets": [{"usd_per_day": 1, "usd_per_month": 1, "per": "global"}]}), spend=store)
+    quota.charge(caller, None, 2.0)
+    refused = quota.admit(caller, "call-1", 0.1)
+    assert refused.retry_after >= seconds_left("month", now) - 5  # (on a month's last day, both end together)
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"requests_per_minute": 1, "tokens_per_minute": 10, "per": "global"}]}))
+    assert quota.admit(caller) is None
+    quota.charge(caller, 100, None)
+    refused = quota.admit(caller)
+    assert refused.rule == "requests_per_minute" and refused.retry_after >= 59
+    store.close()
+
+
 def test_a_budget_that_holds_nothing_checks_spend_alone(tmp_path: Path) -> None:
     """`hold_in_flight: false`: near its limit more calls run at once (a worst-case hold of a
     long agent call held several times what it cost: a review), and a burst can pass it."""
