@@ -105,6 +105,27 @@ def test_scope_sets_allow_hosts_and_lazy_connections(tmp_path: Path) -> None:
     run(go())
 
 
+def test_ignore_hosts_is_turned_off_as_it_would_pass_llm_hosts_unread(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy checks `ignore_hosts` after `allow_hosts`, so with llm-mitm owning the
+    latter an ignore pattern can only take an LLM host out of interception: a probe with
+    `--set ignore_hosts=openai` had a model the policy refuses answered 200, untraced, while
+    the log said api.openai.com was intercepted. Turned off, and said, as `tcp_hosts` is."""
+    async def go() -> None:
+        shared, addons = make_addons()
+        with taddons.context(*addons) as tctx:
+            caplog.set_level(logging.WARNING, "llm_mitm")
+            tctx.options.update(ignore_hosts=["openai"])
+            tctx.configure(addons[0], llm_config="")
+            assert tctx.options.ignore_hosts == []
+            tctx.options.update(ignore_hosts=[r"^api\.anthropic\.com:443$"])  # set while running
+            assert tctx.options.ignore_hosts == []
+            warned = [r.getMessage() for r in caplog.records if "ignore_hosts" in r.getMessage()]
+            assert len(warned) == 2 and "openai" in warned[0] and "anthropic" in warned[1], warned
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_a_reverse_proxy_to_a_server_no_provider_names_is_said_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """`--mode reverse:https://127.0.0.1:8443` (an address, or a host no provider lists):
     mitmproxy sends each call there with the target's Host header, so no call is a

@@ -19,7 +19,7 @@ _PROXY_HOP_HEADERS = ("proxy-connection", "proxy-authorization")
 
 class Scope:
     """Owns mitmproxy's `allow_hosts`, turns on lazy upstream connections, turns off
-    `stream_large_bodies` and raw TCP (`rawtcp`, `tcp_hosts`), upgrades http.
+    `stream_large_bodies`, raw TCP (`rawtcp`, `tcp_hosts`) and `ignore_hosts`, upgrades http.
 
     `allow_hosts` gets one anchored regex per configured host, so any other CONNECT
     passes as raw TLS, never seeing our certificate. `connection_strategy=lazy` keeps
@@ -40,7 +40,8 @@ class Scope:
         self._loaded = True
 
     def configure(self, updated: set[str]) -> None:
-        if {"allow_hosts", "connection_strategy", "stream_large_bodies", "rawtcp", "tcp_hosts", "llm_config", "mode", "keep_host_header"} & updated:
+        if {"allow_hosts", "ignore_hosts", "connection_strategy", "stream_large_bodies", "rawtcp", "tcp_hosts", "llm_config", "mode",
+                "keep_host_header"} & updated:
             self._apply(self.shared.config)
 
     def _apply(self, config: Config) -> None:
@@ -64,6 +65,14 @@ class Scope:
             logger.warning("llm-mitm: tcp_hosts=%s is turned off: an LLM host's connection passed as raw TCP would bypass the policy "
                            "(hosts that are not LLM APIs are not intercepted anyway)", ",".join(ctx.options.tcp_hosts))
             updates["tcp_hosts"] = []
+        # mitmproxy reads `ignore_hosts` after `allow_hosts`: with only LLM hosts allowed, an
+        # ignore pattern can only pass an LLM host as a raw tunnel, unchecked and untraced (a
+        # probe: `--set ignore_hosts=openai` had a refused model answered 200, no trace).
+        if "ignore_hosts" in ctx.options and ctx.options.ignore_hosts:
+            logger.warning("llm-mitm: ignore_hosts=%s is turned off: an LLM host it matched would pass unchecked and untraced "
+                           "(hosts that are not LLM APIs are not intercepted anyway; disable a provider or drop its host instead)",
+                           ",".join(ctx.options.ignore_hosts))
+            updates["ignore_hosts"] = []
         if "stream_large_bodies" in ctx.options and ctx.options.stream_large_bodies:
             logger.warning("llm-mitm: stream_large_bodies=%s is turned off: each call is read whole for the policy and its cost "
                            "(streamed answers still pass as they come)", ctx.options.stream_large_bodies)
