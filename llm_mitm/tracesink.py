@@ -20,6 +20,7 @@ when mitmdump is killed.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import select
@@ -27,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,7 @@ CATCH_UP_SECONDS = 0.002  # between rounds while the socket is full
 MAX_BUFFERED = 256 * 1024 * 1024  # bytes held for a writer that does not keep up
 SEND_BUFFER = 4 * 1024 * 1024  # what one round can hand over without waiting
 KILL_AFTER = 2.0  # seconds to wait for a killed writer to be gone
+AT_EXIT_SECONDS = 5.0  # what a sink left open is given to hand over its records at exit
 _EDITS_KEPT = 16  # config edits whose redaction the writer keeps for calls under way through them
 READ_BUFFER = 1024 * 1024  # what the process takes in one read
 
@@ -96,6 +99,11 @@ class TraceSink:
         self.process = context.Process(target=_serve, args=(theirs, settings), name="llm-mitm-traces", daemon=True)
         self.process.start()
         theirs.close()
+        # multiprocessing joins its children at exit, and this one ends only when our side
+        # closes: a program that ends without `close` (a test that never called mitmproxy's
+        # `done`) would wait for ever. Registered after multiprocessing's, so run before it.
+        self._at_exit = _closing_at_exit(weakref.ref(self))
+        atexit.register(self._at_exit)
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:  # the system's own size, then
@@ -203,6 +211,7 @@ class TraceSink:
         """Hand over everything queued (for at most `timeout`), take the last counts,
         then let the process finish writing."""
         deadline = time.monotonic() + timeout
+        atexit.unregister(self._at_exit)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -419,6 +428,17 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     return value
+
+
+def _closing_at_exit(sink: weakref.ref[TraceSink]) -> Callable[[], None]:
+    """An exit handler closing the sink if it is still there and open (a weak reference:
+    the handler keeps no sink alive)."""
+
+    def close() -> None:
+        if (alive := sink()) is not None:
+            alive.close(AT_EXIT_SECONDS)
+
+    return close
 
 
 def _serve(sock: socket.socket, settings: SinkSettings) -> None:
