@@ -202,6 +202,19 @@ def bundle_environment(bundle: Path) -> dict[str, str]:
     return {"SSL_CERT_FILE": path, "REQUESTS_CA_BUNDLE": path, "CURL_CA_BUNDLE": path, "NODE_EXTRA_CA_CERTS": path}
 
 
+def requests_override(bundle: Path) -> str | None:
+    """A note when this environment has `requests` read another file than `bundle`: it
+    takes REQUESTS_CA_BUNDLE, then CURL_CA_BUNDLE, over certifi (a probe: "added", and
+    requests still failed to verify)."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        if value := os.environ.get(name):
+            if Path(value).expanduser().resolve() == bundle.resolve():
+                return None
+            return (f"note: {name}={value} is set here: requests reads that file instead of certifi's, so it will not trust "
+                    f"the CA this way (unset it, or use --bundle PATH and point {name} at that bundle)")
+    return None
+
+
 def _without_blocks(text: str) -> str:
     out = []
     position = 0
@@ -268,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             trusted = is_trusted(bundle, ca)
             print(f"{'trusted' if trusted else 'NOT trusted'}: {ca.path} in {bundle}")
+            if trusted and (note := requests_override(bundle)):
+                print(note)
             return 0 if trusted else 1
         _own_certifi(bundle, ca)
         changed = add(bundle, ca)
         print(f"{'added' if changed else 'already trusted:'} {ca.path} {'to' if changed else 'in'} {bundle}")
         print("note: upgrading certifi replaces this file; run this again afterwards (or use --bundle)")
+        if note := requests_override(bundle):
+            print(note)
         return 0
     except TrustError as exc:
         print(f"trust-ca: {exc}", file=sys.stderr)

@@ -207,6 +207,29 @@ def test_trust_ca_check_finds_the_ca_put_in_by_hand_and_makes_none(tmp_path: Pat
     assert typo.returncode == 2 and "no CA certificate at" in typo.stderr and not (tmp_path / "typo").exists()
 
 
+def test_trust_ca_says_when_requests_reads_another_bundle_here(tmp_path: Path) -> None:
+    """requests takes REQUESTS_CA_BUNDLE (then CURL_CA_BUNDLE) over certifi: with one set,
+    as many machines and corporate shells do, trust-ca said "added" and "trusted" while
+    requests went on failing with CERTIFICATE_VERIFY_FAILED (a probe on a fresh venv)."""
+    certifi_pem = tmp_path / "certifi" / "cacert.pem"
+    certifi_pem.parent.mkdir()
+    certifi_pem.write_text("# certifi's roots\n")
+    python = tmp_path / "app-python"
+    python.write_text(f"#!/bin/sh\necho {certifi_pem}\n")
+    python.chmod(0o755)
+    args = [sys.executable, str(TRUST_CA), "--confdir", str(tmp_path / "conf"), "--python", str(python)]
+    clean = {k: v for k, v in os.environ.items() if k not in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")}
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        env = {**clean, variable: "/etc/ssl/certs/ca-certificates.crt"}
+        for extra in ((), ("--check",)):
+            said = subprocess.run([*args, *extra], env=env, capture_output=True, text=True, timeout=60)
+            assert said.returncode == 0, said.stdout + said.stderr
+            assert f"{variable}=/etc/ssl/certs/ca-certificates.crt is set" in said.stdout, said.stdout
+    for env in (clean, {**clean, "REQUESTS_CA_BUNDLE": str(certifi_pem)}):  # none, or certifi's own file: nothing to say
+        quiet = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+        assert quiet.returncode == 0 and "CA_BUNDLE" not in quiet.stdout, quiet.stdout
+
+
 def test_trust_writes_are_whole_or_not_at_all(tmp_path: Path) -> None:
     """A full disk part way through must leave cacert.pem (and an old bundle) as they were."""
     conf = tmp_path / "conf"
