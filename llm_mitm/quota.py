@@ -76,16 +76,16 @@ class Holds:
     def calls(self) -> int:
         return len(self._calls)
 
-    def hold(self, call: str, scopes: tuple[str, ...], usd: float) -> None:
+    def hold(self, call: str, scopes: tuple[str, ...], amount: float) -> None:
         self.release(call)
-        self._calls[call] = (scopes, usd, time.monotonic())
+        self._calls[call] = (scopes, amount, time.monotonic())
         for scope in scopes:
-            self._held[scope] = self._held.get(scope, 0.0) + usd
+            self._held[scope] = self._held.get(scope, 0.0) + amount
 
     def release(self, call: str) -> None:
-        scopes, usd, _ = self._calls.pop(call, ((), 0.0, 0.0))
+        scopes, amount, _ = self._calls.pop(call, ((), 0.0, 0.0))
         for scope in scopes:
-            left = self._held.get(scope, 0.0) - usd
+            left = self._held.get(scope, 0.0) - amount
             if left > 1e-12:
                 self._held[scope] = left
             else:
