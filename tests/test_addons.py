@@ -16,6 +16,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.flow import Error as flow_error
 from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from llm_mitm import sse
@@ -201,6 +202,12 @@ def test_proxy_hop_headers_never_reach_a_provider_over_http(tmp_path: Path) -> N
             other = chat_flow(host="example.com", scheme="http", port=80, headers=hop)
             addons[2].request(other)
             assert "proxy-authorization" in other.request.headers  # not an LLM host: untouched
+            # behind a corporate proxy (upstream mode) the call goes on to that proxy with its
+            # credentials, set by mitmproxy's upstream_auth (a review: they were taken off, 407)
+            chained = chat_flow(host="localhost", scheme="http", port=8000, headers=hop)
+            chained.client_conn.proxy_mode = ProxyMode.parse("upstream:http://corp:3128")
+            addons[2].request(chained)
+            assert "proxy-authorization" in chained.request.headers and "proxy-connection" not in chained.request.headers
 
     os.chdir(tmp_path)
     run(go())

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from mitmproxy import ctx, http
-from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode, UpstreamMode
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config
@@ -119,7 +119,11 @@ class Scope:
         provider = self.shared.matcher.match(request.host, request.port)
         if provider is None:
             return
-        for name in _PROXY_HOP_HEADERS:  # meant for this proxy, never for the provider (one on http too)
+        # Meant for this proxy, never for the provider (one on http too); but a plain-http call
+        # that goes on as such to an upstream proxy carries that proxy's credentials, which
+        # mitmproxy's upstream_auth has set (a review: taken off, the corporate proxy said 407).
+        to_a_proxy = not provider.upgrade_http and isinstance(flow.client_conn.proxy_mode, UpstreamMode)
+        for name in ("proxy-connection",) if to_a_proxy else _PROXY_HOP_HEADERS:
             request.headers.pop(name, None)
         if provider.upgrade_http:
             request.scheme = "https"
