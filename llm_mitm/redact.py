@@ -415,14 +415,17 @@ def _replace_each(text: str, pairs: Iterable[tuple[str, str]]) -> str:
 
 
 _MASK = re.compile(r"\*{3,}")
+_ECHO_HEAD, _ECHO_TAIL = 3, 4  # what OpenAI's 401 shows of a key at least: `sk-` and more, stars, its last four
 
 
 def _unmasked(text: str, pairs: Sequence[tuple[str, str]]) -> str:
     """`text` with each masked echo of a secret of `pairs` (`sk-AbCdE*****WxYz`, as OpenAI's
     401 quotes a wrong key: its first and last characters around stars) replaced by what
     hides that secret: the characters shown around the stars are more of it than its
-    fingerprint keeps (a secrets probe). An echo shows at least four of its characters, one
-    of them its first; each part stands as a word of its own."""
+    fingerprint keeps (a secrets probe). An echo shows at least its first three characters
+    and its last four, each part a word of its own: a placeholder in a model's answer
+    (`OPENAI_API_KEY=sk-proj-***`) is no echo, and is left as written (a review: it was
+    rewritten, with the key's last four characters, into the traced answer)."""
     out, done = [], 0
     for mask in _MASK.finditer(text):
         start, end = mask.span()
@@ -432,7 +435,7 @@ def _unmasked(text: str, pairs: Sequence[tuple[str, str]]) -> str:
             if not (head := _shown_head(text, start, secret)):
                 continue
             tail = _shown_tail(text, end, secret)
-            if head + tail >= 4 and head + tail < len(secret) and start - head >= done:
+            if head >= _ECHO_HEAD and tail >= _ECHO_TAIL and head + tail < len(secret) and start - head >= done:
                 out += [text[done : start - head], hidden]
                 done = end + tail
                 break

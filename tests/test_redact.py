@@ -684,7 +684,7 @@ def test_a_sent_key_echoed_masked_keeps_no_more_of_it_than_its_fingerprint() -> 
         assert "TESTK" not in text and "***" not in text, text
         assert f"provided: {sent[legacy]}. You can" in text and f"Also {sent[no_shape]}." in text
     # stars that are no key's echo stay as they are
-    plain = {"text": "**bold** s*** and sk-*** rated ***** gw****"}
+    plain = {"text": "**bold** s*** and sk-*** rated ***** gw**** OPENAI_API_KEY=sk-TESTK*** or sk-***" + legacy[-1] + " " + no_shape[:8] + "***"}
     assert replace_sent(plain, sent) == plain
     # Markdown's stars, many of them, are passed over, and an echo among them still found
     markdown = "a rule\n\n***\n\nand ***some emphasis*** here, " * 500
