@@ -923,16 +923,17 @@ def test_calls_in_flight_hold_their_most_against_a_budget(tmp_path: Path, provid
 
 def test_calls_in_flight_hold_their_most_against_tokens_per_minute(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     """Tokens were charged only as calls ended: a burst sent together all went under the
-    limit (a limits probe: 20 calls of 19 tokens under a limit of 60 all went)."""
-    config = {"policy": {"rate_limits": [{"tokens_per_minute": 60, "per": "global"}]}}
+    limit (a limits probe: 20 calls of 19 tokens under a limit of 60 all went). Each holds
+    its body's size in tokens (about 40 here) and the output it allows."""
+    config = {"policy": {"rate_limits": [{"tokens_per_minute": 150, "per": "global"}]}}
     slow = {"headers": {"x-fake-delay-ms": "400"}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy, ThreadPoolExecutor(2) as pool:
-        first, second = marker(), marker()  # each may use its prompt and 30 output tokens: over 60 together
-        streams = [pool.submit(openai_call, proxy, chat(m, stream=True, max_tokens=30), **slow) for m in (first, second)]
+        first, second = marker(), marker()  # each may use its prompt and 60 output tokens: over 150 together
+        streams = [pool.submit(openai_call, proxy, chat(m, stream=True, max_tokens=60), **slow) for m in (first, second)]
         assert wait_for(lambda: all(any(m.encode() in r.body for r in provider.requests) for m in (first, second)), seconds=30)
         third = marker()
         with Blocked(provider, third):
-            refused = openai_call(proxy, chat(third, max_tokens=30))
+            refused = openai_call(proxy, chat(third, max_tokens=60))
         assert refused["error"] == "RateLimitError" and "held by the calls in flight" in refused["message"], refused
         assert assert_policy_trace(proxy, third, "tokens_per_minute", status=429)["response"]["headers"]["retry-after"] == "1"
         assert all(stream.result()["text"] == CANNED_REPLY for stream in streams)
