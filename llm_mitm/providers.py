@@ -205,13 +205,20 @@ def _claude_on_vertex(segments: list[str]) -> tuple[str, str | None, bool] | Non
     Vertex AI (`.../publishers/anthropic/models/{model}:{action}`), or None for any other path."""
     if len(segments) < 4 or [segment.lower() for segment in segments[-4:-1]] != ["publishers", "anthropic", "models"]:
         return None
-    model, _, action = segments[-1].rpartition(":")
-    operation = _CLAUDE_ON_VERTEX.get(action.lower())
+    model, action = _model_and_action(segments[-1])
+    operation = _CLAUDE_ON_VERTEX.get(action)
     if operation is None:
         return None
     if model.lower() == _VERTEX_COUNT_TOKENS:
         return "messages.count_tokens", None, False
-    return operation, model, action.lower() == "streamrawpredict"
+    return operation, model, action == "streamrawpredict"
+
+
+def _model_and_action(segment: str) -> tuple[str, str]:
+    """`gemini-2.5-pro:streamGenerateContent` -> the model, and the action lower-cased (as
+    Google's servers match it)."""
+    model, _, action = segment.rpartition(":")
+    return model, action.lower()
 
 
 # Gemini's own API, which gateways pass through (LiteLLM's `/gemini/v1beta/...`) and
@@ -235,8 +242,7 @@ def _gemini_call(segments: list[str]) -> tuple[str, str | None, bool] | None:
     or None for any other path."""
     if len(segments) < 2 or ":" not in segments[-1] or (kind := segments[-2].lower()) not in _GEMINI_MODELS:
         return None
-    model, _, action = segments[-1].rpartition(":")
-    action = action.lower()
+    model, action = _model_and_action(segments[-1])
     operation = _GEMINI_ACTIONS.get(action, "gemini")  # an action not known here still runs the model named
     named = None if kind == "endpoints" else model if kind == "models" else f"{segments[-2]}/{model}"
     return operation, named, action.startswith("stream")

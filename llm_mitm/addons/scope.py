@@ -47,8 +47,9 @@ class Scope:
     def _apply(self, config: Config) -> None:
         if not self._loaded:
             return
+        hosts = {host for provider in config.enabled_providers.values() for host in provider.hosts}
         self._say_unwatched()
-        self._say_taken_in(config)
+        self._say_taken_in(hosts)
         allow = self.shared.matcher.allow_hosts
         updates: dict[str, object] = {}
         if list(ctx.options.allow_hosts) != allow:
@@ -80,7 +81,7 @@ class Scope:
         if not updates:
             return
         ctx.options.update(**updates)
-        logger.info("llm-mitm: intercepting %s", ", ".join(sorted({h for p in config.enabled_providers.values() for h in p.hosts})))
+        logger.info("llm-mitm: intercepting %s", ", ".join(sorted(hosts)))
 
     def _say_unwatched(self) -> None:
         """A reverse proxy to a server no provider's hosts name (an address, a port of its
@@ -97,12 +98,11 @@ class Scope:
                                "untraced; add its host (and port) to a provider's hosts", target)
         self._unwatched = unwatched
 
-    def _say_taken_in(self, config: Config) -> None:
+    def _say_taken_in(self, hosts: set[str]) -> None:
         """mitmproxy decides once a connection whether to intercept it: a client's kept-alive
         connection to a host an edit takes into scope stays a raw tunnel, its calls unchecked
         and untraced until it closes (a probe: the next call on it passed a model the new
         policy refuses; a new connection was refused)."""
-        hosts = {host for provider in config.enabled_providers.values() for host in provider.hosts}
         if self._hosts is not None and (added := hosts - self._hosts):
             logger.warning("llm-mitm: %s now intercepted: connections already open to them pass untouched until they "
                            "close (restart mitmdump to close them)", ", ".join(sorted(added)))
