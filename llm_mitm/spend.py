@@ -123,31 +123,25 @@ class SpendStore:
                 if self._replaced():
                     self._reopen()
             except (OSError, sqlite3.Error) as exc:
-                if not self._failing:
-                    logger.warning("llm-mitm: spend store %s cannot be made again (%s): charges are kept and retried", self.path, exc)
-                self._failing = True
+                self._failed("made again", exc)
                 continue
             try:
                 if self._restore:  # at most these totals: proxies sharing the file each restore the same ones (a review: added, they doubled)
-                    self._write([(period, scope, usd) for (period, scope), usd in self._restore.items()], "max(usd, excluded.usd)")
+                    self._write(self._restore, "max(usd, excluded.usd)")
                     self._restore = {}
             except sqlite3.Error as exc:
-                if not self._failing:
-                    logger.warning("llm-mitm: spend store %s cannot be written (%s): charges are kept and retried", self.path, exc)
-                self._failing = True
+                self._failed("written", exc)
                 continue
             with self._lock:
                 batch, self._pending = self._pending, {}
             try:
                 if batch:
-                    self._write([(period, scope, usd) for (period, scope), usd in batch.items()])
+                    self._write(batch)
             except sqlite3.Error as exc:
                 with self._lock:
                     for key, usd in batch.items():  # kept for the next try
                         self._pending[key] = self._pending.get(key, 0.0) + usd
-                if not self._failing:
-                    logger.warning("llm-mitm: spend store %s cannot be written (%s): charges are kept and retried", self.path, exc)
-                self._failing = True
+                self._failed("written", exc)
                 continue
             if self._failing:
                 logger.warning("llm-mitm: spend store %s written again", self.path)
@@ -157,6 +151,12 @@ class SpendStore:
             except sqlite3.Error:
                 continue  # read again at the next round
             self._retotal()
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Said once, until the file is written again."""
+        if not self._failing:
+            logger.warning("llm-mitm: spend store %s cannot be %s (%s): charges are kept and retried", self.path, what, exc)
+        self._failing = True
 
     def _replaced(self) -> bool:
         """The file was deleted or replaced under the store (a cleanup of the trace folder):
@@ -177,14 +177,15 @@ class SpendStore:
         self._stored = {}
         logger.warning("llm-mitm: spend store %s was deleted or replaced: made again with this day's and month's totals", self.path)
 
-    def _write(self, batch: list[tuple[str, str, float]], merged: str = "usd + excluded.usd") -> None:
-        """Charges added to the file's totals (`merged`: how a total and the batch's meet)."""
+    def _write(self, batch: dict[tuple[str, str], float], merged: str = "usd + excluded.usd") -> None:
+        """USD by (period key, scope) added to the file's totals (`merged`: how a total and
+        the batch's meet)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(
                 "INSERT INTO spend (period, scope, usd) VALUES (?, ?, ?)"
                 f" ON CONFLICT (period, scope) DO UPDATE SET usd = {merged}",
-                batch,
+                [(period, scope, usd) for (period, scope), usd in batch.items()],
             )
             self._db.execute("COMMIT")
         except BaseException:
