@@ -81,9 +81,9 @@ class Violation:
     status: int = 403
 
 
-@dataclass(frozen=True, slots=True)
-class RequestView:
-    """What the policy looks at, taken from the exchange record."""
+class RequestView(NamedTuple):
+    """What the policy looks at, taken from the exchange record (a tuple: made for every
+    call, where a frozen dataclass sets each field through `object.__setattr__`)."""
 
     route: Route
     model: str | None
@@ -418,12 +418,7 @@ class Policy:
         if not _INNER_LIMIT_SET.isdisjoint(body):  # a realtime session's (`/realtime/client_secrets`), Ollama's options, TGI's parameters
             holders += [(inner, f"{name}.", 1.0 if name == "session" else copies) for name in _INNER_LIMITS if isinstance(inner := body.get(name), dict)]
         for holder, prefix, each in holders:
-            if _LIMIT_FIELDS.isdisjoint(holder):  # one look at a holder's keys, where most name no limit
-                continue
-            for field in MAX_TOKEN_FIELDS:
-                value = holder.get(field)
-                if value is None:  # most of them, in every call
-                    continue
+            for field, value in _limits_named(holder):
                 limit = _token_limit(value)
                 if limit is not None and limit * each > cap:
                     times = f" × {_outputs(each, route, body)}" if each > 1 else ""
@@ -491,13 +486,13 @@ class Policy:
         so); None when nothing changes."""
         changed = dict(body)
         share = max(1, int(cap // copies)) if copies > 1 and copies != math.inf else cap
-        present = {} if _LIMIT_FIELDS.isdisjoint(body) else {name: limit for name in MAX_TOKEN_FIELDS if (limit := _token_limit(body.get(name))) is not None}
+        present = {name: limit for name, value in _limits_named(body) if (limit := _token_limit(value)) is not None}
         for name, limit in present.items():
             if limit > share:
                 changed[name] = share
         for name in LIMIT_HOLDERS if not _LIMIT_HOLDER_SET.isdisjoint(body) else ():  # Ollama's options, TGI's parameters: the limits they name
             inner = body.get(name)
-            if isinstance(inner, dict) and (lowered := {key: share for key in MAX_TOKEN_FIELDS if (limit := _token_limit(inner.get(key))) is not None and limit > share}):
+            if isinstance(inner, dict) and (lowered := {key: share for key, value in _limits_named(inner) if (limit := _token_limit(value)) is not None and limit > share}):
                 changed[name] = {**inner, **lowered}
                 present[name] = share
         if not present and field is not None:
@@ -568,11 +563,18 @@ def output_limit(route: Route, body: Any) -> float | None:
     holders = [body]
     if not _LIMIT_HOLDER_SET.isdisjoint(body):
         holders += [inner for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict)]
-    limits = [limit for holder in holders if not _LIMIT_FIELDS.isdisjoint(holder)
-              for field in MAX_TOKEN_FIELDS if (limit := _token_limit(holder.get(field))) is not None]
+    limits = [limit for holder in holders for _, value in _limits_named(holder) if (limit := _token_limit(value)) is not None]
     if not limits:
         return None
     return float(math.ceil(most)) if math.isfinite(most := max(limits) * _copies(route, body)) else math.inf
+
+
+def _limits_named(holder: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(field, value) of each output limit a holder names (null is none), in the order of
+    MAX_TOKEN_FIELDS: one look at its keys, where most name one limit or none."""
+    named = _LIMIT_FIELDS.intersection(holder)
+    fields = sorted(named, key=MAX_TOKEN_FIELDS.index) if len(named) > 1 else named
+    return [(field, value) for field in fields if (value := holder[field]) is not None]
 
 
 def _copies(route: Route, body: dict[str, Any]) -> float:
@@ -592,12 +594,17 @@ def _copies(route: Route, body: dict[str, Any]) -> float:
 def _output_counts(route: Route, body: dict[str, Any]) -> list[tuple[str, Any]]:
     """(name, value) of each count of outputs a call names: `n`, `best_of`, Gemini's
     `candidateCount` (in either spelling of its holder, both read: servers differ on which wins)."""
+    if _OUTPUT_COUNT_KEYS.isdisjoint(body):  # most calls ask for one output: one look at their keys
+        return []
     counts = [(field, body[field]) for field in ("n", "best_of") if body.get(field) is not None]
     for holder in ("generationConfig", "generation_config"):
         config = body.get(holder)
         if isinstance(config, dict):
             counts += [(f"{holder}.{name}", config[name]) for name in ("candidateCount", "candidate_count") if config.get(name) is not None]
     return counts
+
+
+_OUTPUT_COUNT_KEYS = frozenset(("n", "best_of", "generationConfig", "generation_config"))
 
 
 def _prompts(route: Route, body: dict[str, Any]) -> int:
@@ -717,12 +724,14 @@ def _nested_calls(route: Route, body: dict[str, Any]) -> list[BatchedCall]:
     return calls
 
 
-_OTHER_MODEL_KEYS = frozenset(("tools", "session", "input_audio_transcription", "audio"))
+_TRANSCRIPTION_KEYS = frozenset(("session", "input_audio_transcription", "audio"))  # where a session's transcription settings are
+_OTHER_MODEL_KEYS = _TRANSCRIPTION_KEYS | {"tools"}
 _TOOLS_RUNNING_A_MODEL = frozenset(("image_generation",))
 
 
 def _names_transcription_model(body: Any) -> bool:
-    return isinstance(body, dict) and any(where.endswith("transcription") for where, model in _other_models(body) if isinstance(model, str))
+    return (isinstance(body, dict) and not _TRANSCRIPTION_KEYS.isdisjoint(body)
+            and any(where.endswith("transcription") for where, model in _other_models(body) if isinstance(model, str)))
 
 
 def _other_models(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:

@@ -572,6 +572,7 @@ class Redactor:
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
         self._credential_headers: Memo[str, bool] = Memo(self._names_credential)
+        self._callers: Memo[tuple[str, str], str] = Memo(lambda sent: self._caller(*sent))
         self._credential_keys: Memo[str, bool] = Memo(self._name_of_key)
         # What repeats from call to call in a trace record, redacted once.
         self._fields: Memo[str, str] = Memo(self.free_text)
@@ -693,6 +694,16 @@ class Redactor:
         """A credential sent under `name` (a header's, a custom header's): a password's
         with none of its characters kept, any other's as `credential` hides it."""
         return self._hidden_as_named(name, value, self.credential)
+
+    def caller(self, name: str, value: str) -> str:
+        """The identity of a caller who sent `value` under header `name`: as the header is
+        traced (a password's with none of its characters), a Bearer token's whatever the case
+        of its scheme (remembered: a client sends the same key with every call)."""
+        return self._callers((name, value))
+
+    def _caller(self, name: str, value: str) -> str:
+        scheme, token = split_scheme(value)
+        return self.named_credential(name, token if scheme is not None and scheme.lower() == "bearer" else value)
 
     def _subprotocol(self, item: str) -> str:
         """One item of a `Sec-WebSocket-Protocol` list, a key in it hidden (each item alone:

@@ -99,6 +99,11 @@ _EXTRA_KEYS = frozenset(("prompt", "tools", "functions", "response_format", "tex
 # embedding's content, Imagen's and Veo's `instances`, the request whose tokens are counted.
 _GEMINI_KEYS = frozenset(("contents", "systemInstruction", "system_instruction", "instances", "requests", "generateContentRequest",
                           "generate_content_request"))
+# The keys `_Collector.body` reads beside `messages`, by where they are read.
+_BEFORE_MESSAGES_KEYS = frozenset(("prompt", "suffix", "content", "system", "instructions", "additional_instructions",
+                                   "input_audio_transcription", "audio", "role")) | _NATIVE_PROMPT_KEYS | _GEMINI_KEYS
+_AFTER_MESSAGES_KEYS = frozenset(("additional_messages", "tool_outputs", "input", "items"))
+_NESTED_BODY_KEYS = frozenset(("thread", "session"))
 _GEMINI_ROLES = {"model": "assistant", "function": "tool"}
 _GEMINI_BINARY = frozenset(("inlineData", "inline_data", "fileData", "file_data"))  # a part's media: its data is base64, its uri a name
 
@@ -160,6 +165,25 @@ class _Collector:
         self._run: tuple[str, int, int] | None = None  # the speaker of the turns in a row, where their texts start, how many
 
     def body(self, body: dict[str, Any], nested: bool = False) -> None:
+        """In the order a model reads them. Most bodies are a chat's (`model`, `messages`,
+        sampling settings): one look at their keys passes over the readers of the rest."""
+        if not _BEFORE_MESSAGES_KEYS.isdisjoint(body):
+            self._before_messages(body, nested)
+        for message in as_list(body.get("messages")):
+            self.message(message)
+        if not _AFTER_MESSAGES_KEYS.isdisjoint(body):
+            self._after_messages(body)
+        self.end_run()
+        if self.extras and not _EXTRA_KEYS.isdisjoint(body):
+            self._extras(body)
+        if not nested and not _NESTED_BODY_KEYS.isdisjoint(body):  # a body within: a new thread's (`threads/runs`), a realtime session's; one level
+            for key in ("thread", "session"):
+                inner = body.get(key)
+                if isinstance(inner, dict):
+                    self.body(inner, nested=True)
+
+    def _before_messages(self, body: dict[str, Any], nested: bool) -> None:
+        """A legacy or native prompt, Gemini's conversation, the system and instructions."""
         if "prompt" in body or "suffix" in body:  # legacy completions
             for field in ("prompt", "suffix"):
                 value = body.get(field)
@@ -186,9 +210,11 @@ class _Collector:
                     self.turn("system", transcription["prompt"])
         if "role" in body and "content" in body:  # Assistants: one message added to a thread
             self.message(body)
-        for key in ("messages", "additional_messages"):
-            for message in as_list(body.get(key)):
-                self.message(message)
+
+    def _after_messages(self, body: dict[str, Any]) -> None:
+        """Messages added to a run, tool outputs, Responses' input and Conversations' items."""
+        for message in as_list(body.get("additional_messages")):
+            self.message(message)
         for output in as_list(body.get("tool_outputs")):  # Assistants: a run's tool outputs, submitted
             if isinstance(output, dict):
                 self.content("tool", output.get("output"))
@@ -199,14 +225,6 @@ class _Collector:
                     self.turn("user", item)
                 else:
                     self.message(item)
-        self.end_run()
-        if self.extras and not _EXTRA_KEYS.isdisjoint(body):  # most bodies have none: one look at their keys
-            self._extras(body)
-        if not nested:  # a body within: a new thread's (`threads/runs`), a realtime session's; one level
-            for key in ("thread", "session"):
-                inner = body.get(key)
-                if isinstance(inner, dict):
-                    self.body(inner, nested=True)
 
     def _native_prompt(self, body: dict[str, Any]) -> None:
         """The prompt of a server's own endpoint (see `_NATIVE_PROMPTS`)."""

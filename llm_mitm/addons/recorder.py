@@ -14,7 +14,7 @@ from llm_mitm.config import DEFAULT_PROVIDERS
 from llm_mitm.exchange import Body, Exchange, first_field
 from llm_mitm.forms import read_form
 from llm_mitm.providers import Route, split_host
-from llm_mitm.redact import split_scheme, subprotocol_keys
+from llm_mitm.redact import subprotocol_keys
 from llm_mitm.sse import StreamTap, rebuilder_for
 
 # Where each API takes its key from, first the header it reads first: a client that also
@@ -165,7 +165,7 @@ class Recorder:
         for name in names:
             value = exchange.header(name)
             if value:
-                return self._credential(name, value)
+                return self.shared.redactor.caller(name, value)
         return None
 
     def _gateway_key(self, exchange: Exchange) -> str | None:
@@ -176,14 +176,8 @@ class Recorder:
         for raw_name, raw_value in exchange.request_fields:
             name = raw_name.decode("latin-1").lower()
             if raw_value and name not in _NOT_CALLER_HEADERS and redactor.names_credential(name):
-                return self._credential(name, raw_value.decode("utf-8", "surrogateescape"))
+                return redactor.caller(name, raw_value.decode("utf-8", "surrogateescape"))
         return None
-
-    def _credential(self, name: str, value: str) -> str:
-        """The caller's identity as its header is traced (a password's with none of its
-        characters), a Bearer's token whatever the case of its scheme."""
-        scheme, token = split_scheme(value)
-        return self.shared.redactor.named_credential(name, token if scheme is not None and scheme.lower() == "bearer" else value)
 
     def _subprotocol_key(self, exchange: Exchange) -> str | None:
         """A browser's realtime WebSocket sends its key as a subprotocol: the caller all the
