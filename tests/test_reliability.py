@@ -417,6 +417,24 @@ def test_huge_and_deeply_nested_bodies_pass(proxy: Mitmdump) -> None:
     assert post(orjson.dumps(chat("still fine"))).status_code == 200
 
 
+def test_a_connection_to_the_fake_provider_slow_to_say_hello_holds_up_no_other(provider: FakeProvider, pki: ServerCert) -> None:
+    """The session's fake provider answers each client while another has not begun its TLS
+    handshake (an upstream connection mitmproxy opened and has not yet used, a client of
+    another test late or stopped): it shook hands in its one accept loop, so one such
+    connection held up every other. A realtime client waits 10 s for its WebSocket handshake
+    (websockets' open_timeout) and, when that passes, hangs for good (websockets 17.4 joins a
+    reader blocked in an SSL recv): the 60 s hang of a realtime test."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(pki.ca_path))
+    with socket.create_connection(("127.0.0.1", provider.port), timeout=5):  # connected, silent
+        with socket.create_connection(("127.0.0.1", provider.port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="api.openai.com") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n")
+            assert tls.recv(4096).startswith(b"HTTP/1.1 200")
+
+
 def test_upstream_refusing_connections_gives_a_clean_error(tmp_path: Path, pki: ServerCert, provider: FakeProvider) -> None:
     import socket
 

@@ -65,7 +65,31 @@ class Received:
         return orjson.loads(self.body)
 
 
-class _IPv6Server(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    """Each connection's TLS handshake is made in that connection's own thread. Made on the
+    listening socket (`wrap_socket` of it), `accept` shook hands in the one loop that accepts
+    every connection: a client connected but not yet saying hello (mitmproxy's upstream
+    connection before its ClientHello, a client of another test late or stopped) held up
+    every other, without end. A realtime client then never got its WebSocket answer, and
+    hung (tests/test_reliability.py: ...slow_to_say_hello...)."""
+
+    daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        try:
+            request = self.tls.wrap_socket(request, server_side=True)
+        except OSError:  # a client that gave up or spoke no TLS: no request, as before
+            return
+        try:
+            super().finish_request(request, client_address)
+        finally:  # as socketserver ends a connection (the plain socket it holds is detached)
+            self.shutdown_request(request)
+
+
+class _IPv6Server(_Server):
     address_family = socket.AF_INET6
 
 
@@ -88,12 +112,11 @@ class FakeProvider:
         class Handler(_Handler):
             fake = provider
 
-        self._server = (_IPv6Server if ":" in self.host else ThreadingHTTPServer)((self.host, 0), Handler)
-        self._server.daemon_threads = True
+        self._server = (_IPv6Server if ":" in self.host else _Server)((self.host, 0), Handler)
         if self.cert_path:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(self.cert_path, self.key_path)
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self._server.tls = context
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
