@@ -55,6 +55,10 @@ LAZY = ("connection_strategy=lazy",)  # as llm-mitm sets it
 # 300, 0.994-1.013 with 100 of 50.
 THROUGHPUT_ROUNDS = 60
 TURN_CALLS = {1: 50, 8: 100, 32: 100}  # per target and turn: 3,000 calls at c=1, 6,000 at 8 and 32
+# Streams: the median first chunk of 10 streams swung by a millisecond from run to run (the
+# same code 5.34 ms in one `bench.run`, 3.28 in 30 streams beside it), more than the budget's
+# margin; 30 each (2 minutes for the four targets).
+STREAM_ROUNDS = 30
 PACED_SHARE = 0.5  # the paced latency runs offer this share of bare mitmdump's throughput
 PACED_SECONDS = 2.0  # of calls per target and round at that rate
 CHAT_BODY = orjson.dumps(
@@ -361,7 +365,7 @@ class Bench:
         rows = {}
         first: dict[str, list[float]] = {name: [] for name in targets}
         gaps: dict[str, list[float]] = {name: [] for name in targets}
-        for _ in range(5 if self.quick else 10):  # targets take turns, as for throughput
+        for _ in range(5 if self.quick else STREAM_ROUNDS):  # targets take turns, as for throughput
             for name, target in targets.items():
                 asyncio.run(self._stream_once(Connection(target), self._auth(name), events, delay_ms, first[name], gaps[name]))
         for name in targets:
