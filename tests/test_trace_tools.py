@@ -672,6 +672,22 @@ def test_replay_strict_miss_is_a_clear_error(recorded: Path, tmp_path: Path, pro
         assert ok["text"] == CANNED_REPLY
 
 
+def test_strict_replay_sends_nothing_upstream_whatever_stream_options_holds(recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A hit whose `stream_options` was no object (`"yes"`, a list) made the replay concern
+    raise after it had marked the call a hit: the call went upstream in strict mode, traced
+    as a hit and charged to no budget (a replay review, with curl-like requests)."""
+    with replay_proxy(tmp_path, recorded, provider, pki, "strict") as proxy:
+        before = len(provider.requests)
+        for options in ("yes", ["include_usage"]):
+            answer = requests.post("https://api.openai.com/v1/chat/completions", json={**chat("mini question", model="gpt-4o-mini"), "stream": True,
+                                   "stream_options": options}, headers={"Authorization": f"Bearer {OPENAI_KEY}"},
+                                   proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+            assert answer.headers.get("x-llm-mitm-replay") == "HIT", (answer.status_code, answer.text[:200])
+            assert CANNED_REPLY in answer.text and answer.text.rstrip().endswith("data: [DONE]")
+        assert len(provider.requests) == before
+        assert "failed in Replay" not in proxy.output
+
+
 def test_replay_reads_feature_headers_alike_live_and_from_a_trace() -> None:
     """A trace joins a repeated header (`b, a`); a call may send it twice, in any order."""
     from llm_mitm.replay import features

@@ -47,6 +47,13 @@ def _set_up_warnings(config: Config) -> tuple[str, ...]:
     return tuple(warnings)
 
 
+def _asks_usage(exchange: Exchange) -> bool:
+    """`stream_options.include_usage`, read as the client wrote it: `stream_options` may be no
+    object (`"yes"`), and a read that raised let a strict replay's hit go upstream."""
+    options = (exchange.request_json or {}).get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
 class Replay:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -113,15 +120,14 @@ class Replay:
                 refuse(flow, exchange, 404, "replay_miss", "no recorded answer for this request (replay.mode: strict)")
                 flow.response.headers[HEADER] = "MISS"
             return
-        exchange.replay = "hit"
         # Gemini's stream without alt=sse is a JSON array of its responses (Claude's on Vertex is Anthropic's SSE)
         if exchange.route.streams and exchange.route.operation == "generate_content" and "alt=sse" not in exchange.url:
             content, kind = orjson.dumps(recorded.body if isinstance(recorded.body, list) else [recorded.body]), "application/json"
         elif exchange.stream:
-            include_usage = bool(((exchange.request_json or {}).get("stream_options") or {}).get("include_usage"))
-            content, kind = as_stream(recorded, include_usage), "text/event-stream"
+            content, kind = as_stream(recorded, _asks_usage(exchange)), "text/event-stream"
         else:
             content, kind = orjson.dumps(recorded.body), "application/json"
+        exchange.replay = "hit"  # once answered: a failure before went upstream marked a hit (uncharged)
         flow.response = http.Response.make(recorded.status, content, {"content-type": kind, HEADER: "HIT"})
         flow.comment = "llm-mitm: replayed from a recorded trace"
 
