@@ -387,6 +387,13 @@ class Exchange:
         body = self.request.json
         return body if self.request.is_json and isinstance(body, dict) else None
 
+    @property
+    def asks_stream_usage(self) -> bool:
+        """The client's own `stream_options.include_usage` (`stream_options` may be any JSON
+        value: no object asks for nothing)."""
+        options = (self.request_json or {}).get("stream_options")
+        return isinstance(options, dict) and bool(options.get("include_usage"))
+
     def replace_request_json(self, body: dict[str, Any], content: bytes) -> None:
         """The body was rewritten before going upstream; the record follows it."""
         self.request = Body(size=len(content), json=body, is_json=True, raw=content)

@@ -47,13 +47,6 @@ def _set_up_warnings(config: Config) -> tuple[str, ...]:
     return tuple(warnings)
 
 
-def _asks_usage(exchange: Exchange) -> bool:
-    """`stream_options.include_usage`, read as the client wrote it: `stream_options` may be no
-    object (`"yes"`), and a read that raised let a strict replay's hit go upstream."""
-    options = (exchange.request_json or {}).get("stream_options")
-    return isinstance(options, dict) and bool(options.get("include_usage"))
-
-
 class Replay:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -124,7 +117,7 @@ class Replay:
         if exchange.route.streams and exchange.route.operation == "generate_content" and "alt=sse" not in exchange.url:
             content, kind = orjson.dumps(recorded.body if isinstance(recorded.body, list) else [recorded.body]), "application/json"
         elif exchange.stream:
-            content, kind = as_stream(recorded, _asks_usage(exchange)), "text/event-stream"
+            content, kind = as_stream(recorded, exchange.asks_stream_usage), "text/event-stream"
         else:
             content, kind = orjson.dumps(recorded.body), "application/json"
         exchange.replay = "hit"  # once answered: a failure before went upstream marked a hit (uncharged)

@@ -37,9 +37,9 @@ class StreamUsage:
         body = exchange.request_json
         if body is None or exchange.route.operation not in _OPERATIONS or not self._takes_stream_options(exchange.route):
             return
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
+        if exchange.asks_stream_usage:
             return
+        options = body.get("stream_options")
         merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         rewrite_json(flow, exchange, {**body, "stream_options": merged})
         flow.request.headers["accept-encoding"] = "identity"
