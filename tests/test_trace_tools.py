@@ -688,6 +688,40 @@ def test_strict_replay_sends_nothing_upstream_whatever_stream_options_holds(reco
         assert "failed in Replay" not in proxy.output
 
 
+def test_a_recording_that_cannot_be_replayed_is_refused_in_strict_mode_and_fetched_anew_otherwise(
+        recorded: Path, tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A recorded answer the replay cannot make into the stream asked for (its `choices`
+    hold no objects: an edited or odd trace) made the replay concern raise, and a concern
+    that raises is skipped: in strict mode the call went upstream. Strict refuses it; `on`
+    fetches it anew and records that answer over the broken one."""
+    records = [orjson.loads(line) for line in recorded.read_bytes().splitlines()]
+    mini = next(r for r in records if r["model"] == "gpt-4o-mini")
+    mini["response"]["body"]["choices"] = ["no object"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(orjson.dumps(mini) + b"\n")
+
+    def ask(proxy: Mitmdump) -> requests.Response:
+        return requests.post("https://api.openai.com/v1/chat/completions", json={**chat("mini question", model="gpt-4o-mini"), "stream": True},
+                             headers={"Authorization": f"Bearer {OPENAI_KEY}"}, proxies={"https": proxy.proxy_url}, verify=str(proxy.ca_cert), timeout=30)
+
+    with replay_proxy(tmp_path / "strict", broken, provider, pki, "strict") as proxy:
+        before = len(provider.requests)
+        answer = ask(proxy)
+        assert (answer.status_code, answer.headers.get("x-llm-mitm-replay")) == (500, "MISS"), answer.text[:200]
+        assert answer.json()["error"]["code"] == "replay_error"
+        assert len(provider.requests) == before
+        assert "replay could not answer this call; it is refused" in proxy.output
+    traced = [orjson.loads(line) for line in (tmp_path / "strict" / "replayed.jsonl").read_bytes().splitlines()]
+    assert [(r["replay"], r["status_code"], r["policy"]["rule"]) for r in traced] == [("miss", 500, "replay_error")]
+    with replay_proxy(tmp_path / "on", broken, provider, pki, "on") as proxy:
+        before = len(provider.requests)
+        first, again = ask(proxy), ask(proxy)
+        assert (first.status_code, first.headers.get("x-llm-mitm-replay")) == (200, "MISS")
+        assert (again.status_code, again.headers.get("x-llm-mitm-replay")) == (200, "HIT")
+        assert all(a.text.rstrip().endswith("data: [DONE]") and '"content":"Hello' in a.text for a in (first, again))
+        assert len(provider.requests) == before + 1
+
+
 def test_replay_reads_feature_headers_alike_live_and_from_a_trace() -> None:
     """A trace joins a repeated header (`b, a`); a call may send it twice, in any order."""
     from llm_mitm.replay import features

@@ -103,25 +103,25 @@ class Replay:
         mode = self.shared.config.replay.mode
         if exchange is None or flow.response is not None or mode == "off":
             return
-        key = self._key(exchange)
-        recorded = self.index.find(key) if key is not None else None
-        if recorded is None:
-            exchange.replay = "miss"
-            if key is not None:
-                self._misses[flow] = key
+        key = answer = None
+        try:
+            key = self._key(exchange)
+            recorded = self.index.find(key) if key is not None else None
+            answer = _answer(exchange, recorded) if recorded is not None else None
+        except Exception:  # strict promises nothing goes upstream: a call it cannot answer is refused, not let through
+            logger.exception("llm-mitm: replay could not answer this call; %s", "it is refused (replay.mode: strict)" if mode == "strict" else "it goes upstream")
             if mode == "strict":
-                refuse(flow, exchange, 404, "replay_miss", "no recorded answer for this request (replay.mode: strict)")
-                flow.response.headers[HEADER] = "MISS"
+                return _refuse_miss(flow, exchange, 500, "replay_error", "the recorded answer for this request could not be replayed (replay.mode: strict)")
+        if answer is None:
+            if mode == "strict":
+                return _refuse_miss(flow, exchange, 404, "replay_miss", "no recorded answer for this request (replay.mode: strict)")
+            exchange.replay = "miss"
+            if key is not None:  # recorded when it comes back (over a recording that could not be replayed)
+                self._misses[flow] = key
             return
-        # Gemini's stream without alt=sse is a JSON array of its responses (Claude's on Vertex is Anthropic's SSE)
-        if exchange.route.streams and exchange.route.operation == "generate_content" and "alt=sse" not in exchange.url:
-            content, kind = orjson.dumps(recorded.body if isinstance(recorded.body, list) else [recorded.body]), "application/json"
-        elif exchange.stream:
-            content, kind = as_stream(recorded, exchange.asks_stream_usage), "text/event-stream"
-        else:
-            content, kind = orjson.dumps(recorded.body), "application/json"
+        status, content, kind = answer
         exchange.replay = "hit"  # once answered: a failure before went upstream marked a hit (uncharged)
-        flow.response = http.Response.make(recorded.status, content, {"content-type": kind, HEADER: "HIT"})
+        flow.response = http.Response.make(status, content, {"content-type": kind, HEADER: "HIT"})
         flow.comment = "llm-mitm: replayed from a recorded trace"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -150,3 +150,20 @@ class Replay:
         caller = exchange.api_key or headers.get("cookie")  # a session's cookie, where no key is sent
         return request_key(exchange.route.provider, exchange.method, redactor.url(exchange.url),
                            tenant(caller, exchange.organization, exchange.project, headers), body, features(exchange.request_headers))
+
+
+def _refuse_miss(flow: http.HTTPFlow, exchange: Exchange, status: int, rule: str, detail: str) -> None:
+    """Strict mode's answer to a call it has no answer for: nothing goes upstream."""
+    exchange.replay = "miss"
+    refuse(flow, exchange, status, rule, detail)
+    flow.response.headers[HEADER] = "MISS"
+
+
+def _answer(exchange: Exchange, recorded: Recorded) -> tuple[int, bytes, str]:
+    """The recorded answer as this call asks for it (a stream or whole): status, body, type."""
+    # Gemini's stream without alt=sse is a JSON array of its responses (Claude's on Vertex is Anthropic's SSE)
+    if exchange.route.streams and exchange.route.operation == "generate_content" and "alt=sse" not in exchange.url:
+        return recorded.status, orjson.dumps(recorded.body if isinstance(recorded.body, list) else [recorded.body]), "application/json"
+    if exchange.stream:
+        return recorded.status, as_stream(recorded, exchange.asks_stream_usage), "text/event-stream"
+    return recorded.status, orjson.dumps(recorded.body), "application/json"
