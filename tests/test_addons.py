@@ -670,6 +670,46 @@ def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
     run(go())
 
 
+def test_a_concern_guarding_calls_that_fails_refuses_the_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Fail closed in every concern that checks a call (its organization, its limits), not
+    only in those that catch their own failures: a concern that raised was skipped, so the
+    call went upstream with the client's organization, past its rate limit. A concern
+    that checks nothing (the stream-usage request) still fails alone."""
+    import llm_mitm.addons.organization
+    import llm_mitm.addons.stream_usage
+    from llm_mitm.quota import Quota
+
+    config = config_file(tmp_path, "organization:\n  default: org-ours\n  override: true\n"
+                                   "policy:\n  rate_limits: [{requests_per_minute: 100, per: api_key}]\n")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in a concern")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            def answer(flow) -> tuple[int, str] | None:  # type: ignore[no-untyped-def]
+                llm.request(flow)
+                return (flow.response.status_code, flow.response.headers["x-llm-mitm-rule"]) if flow.response is not None else None
+
+            assert answer(chat_flow()) is None
+            with monkeypatch.context() as patch:
+                patch.setattr(llm_mitm.addons.organization, "choose", broken)
+                assert answer(chat_flow()) == (500, "policy_error")
+            assert "request failed in Organization; the call is refused" in caplog.text
+            with monkeypatch.context() as patch:
+                patch.setattr(Quota, "admit", broken)
+                assert answer(chat_flow()) == (500, "policy_error")
+            assert "request failed in QuotaAddon; the call is refused" in caplog.text
+            with monkeypatch.context() as patch:
+                patch.setattr(llm_mitm.addons.stream_usage.StreamUsage, "request", broken)
+                llm._route_hooks()
+                assert answer(chat_flow(body={"model": "gpt-4o", "stream": True, "messages": []})) is None
+            assert "request failed in StreamUsage" in caplog.text and "failed in StreamUsage; the call" not in caplog.text
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def batch_flow(port: int, file_id: str = "file-1", host_header: str | None = None):  # type: ignore[no-untyped-def]
     """A batch's creation, sent to a plain-HTTP server of ours on loopback."""
     flow = chat_flow(host="127.0.0.1", port=port, scheme="http", body={"input_file_id": file_id, "endpoint": "/v1/chat/completions"})

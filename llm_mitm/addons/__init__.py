@@ -25,6 +25,7 @@ from llm_mitm.addons.organization import Organization
 from llm_mitm.addons.output import OutputRedaction
 from llm_mitm.addons.quota import QuotaAddon
 from llm_mitm.addons.recorder import Recorder
+from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.replay import Replay
 from llm_mitm.addons.safety import Safety
 from llm_mitm.addons.scope import Scope
@@ -105,20 +106,19 @@ class LLMMitm:
             try:
                 waits = hook(flow)
             except Exception:
-                _failed(name, hook)
+                self._failed(name, hook, flow)
                 continue
             if waits is not None and inspect.isawaitable(waits):  # a concern that must wait (a read upstream)
                 return self._after(name, hook, waits, hooks[index + 1 :], flow)
         return None
 
-    @staticmethod
-    async def _after(name: str, waiting: Callable[..., Any], waits: Awaitable[None], rest: list[Callable[..., Any]], flow: Any) -> None:
+    async def _after(self, name: str, waiting: Callable[..., Any], waits: Awaitable[None], rest: list[Callable[..., Any]], flow: Any) -> None:
         """The rest of a hook's concerns once the one that waits is done (mitmproxy holds
         the flow until this returns), unless the flow was killed meanwhile."""
         try:
             await waits
         except Exception:
-            _failed(name, waiting)
+            self._failed(name, waiting, flow)
         for hook in rest:
             if flow.error is not None:
                 return
@@ -126,7 +126,19 @@ class LLMMitm:
                 if (more := hook(flow)) is not None and inspect.isawaitable(more):
                     await more
             except Exception:
-                _failed(name, hook)
+                self._failed(name, hook, flow)
+
+    def _failed(self, name: str, hook: Callable[..., Any], flow: Any) -> None:
+        """Logged; and a call that a concern guarding calls (its policy, organization,
+        limits) failed to check is refused: it does not go upstream unchecked."""
+        concern = getattr(hook, "__self__", hook)
+        guards = name == "request" and getattr(concern, "guards_calls", False)
+        exchange = self.shared.exchange(flow) if guards and flow.response is None else None
+        if exchange is None:
+            _failed(name, hook)
+            return
+        logger.exception("llm-mitm: %s failed in %s; the call is refused", name, concern.__class__.__name__)
+        refuse(flow, exchange, 500, "policy_error", f"the proxy could not check this call ({concern.__class__.__name__} failed); it was not sent")
 
     def _lifecycle(self, name: str, *args: Any) -> None:
         """mitmproxy calls these where nothing can wait: a concern's are plain calls."""

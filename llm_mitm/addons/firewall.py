@@ -27,6 +27,8 @@ _BREAK_THE_RUN_CLIENT = (b'"conversation.item.delete"', b'"conversation.item.tru
 
 
 class Firewall:
+    guards_calls = True  # a call it fails to check is refused, not sent (LLMMitm._failed)
+
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         # A realtime session's last conversation item let through: the next is read after it,

@@ -38,6 +38,7 @@ class InputFiles:
     it off the event loop, and remembers each file's verdict for the policy in force and
     what else decides it (an eval run's template): a file does not change. Two threads of its own: asyncio's shared pool also resolves
     mitmproxy's host names, and a slow upstream must not hold those up."""
+    guards_calls = True  # a call it fails to check is refused, not sent (LLMMitm._failed)
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared

@@ -16,6 +16,8 @@ logger = logging.getLogger("llm_mitm.organization")
 
 
 class Organization:
+    guards_calls = True  # a call it fails to check is refused, not sent (LLMMitm._failed)
+
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         # Organization rules set: without any, the client's headers still go once each, and

@@ -40,6 +40,7 @@ def spend_path(config: Config) -> Path:
 
 class QuotaAddon:
     """Checks before the call goes out; charges tokens and dollars when it ends."""
+    guards_calls = True  # a call it fails to check is refused, not sent (LLMMitm._failed)
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared

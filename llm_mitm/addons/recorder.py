@@ -36,6 +36,7 @@ _NOT_CALLER_HEADERS = frozenset(("proxy-authorization", "cookie"))
 
 class Recorder:
     """request -> Exchange; SSE responses stream through a tap; response/error close it."""
+    guards_calls = True  # a call it fails to check is refused, not sent (LLMMitm._failed)
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
