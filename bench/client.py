@@ -7,6 +7,7 @@ SDKs do. For streams it timestamps every chunk as it arrives.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -35,6 +36,21 @@ class Result:
     @property
     def calls(self) -> int:
         return len(self.latencies_ns) + self.warm_ups
+
+
+@dataclass
+class Streamed:
+    """A streamed answer: its chunks' arrival times, and when the upstream (`bench.upstream`)
+    had the request and sent its first event, where it says so (perf_counter_ns: the
+    clock all local processes share)."""
+
+    status: int
+    arrivals: list[int] = field(default_factory=list)
+    received_ns: int | None = None
+    first_sent_ns: int | None = None
+
+
+_FIRST_SENT = re.compile(rb"^: sent-ns (\d+)$", re.M)
 
 
 class Connection:
@@ -68,19 +84,21 @@ class Connection:
         status, response_headers = await self._head()
         return status, await self._body(response_headers)
 
-    async def stream(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, list[int]]:
-        """Send, then return the arrival time (perf_counter_ns) of every body chunk."""
+    async def stream(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> Streamed:
+        """Send, then note the arrival time (perf_counter_ns) of every body chunk."""
         self.writer.write(self._request("POST", path, body, headers or {}))
         await self.writer.drain()
-        status, _ = await self._head()
-        arrivals = []
+        status, response_headers = await self._head()
+        streamed = Streamed(status, received_ns=int(response_headers.get("x-received-ns", 0)) or None)
         while True:
             size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
             if size == 0:
                 await self.reader.readuntil(b"\r\n")
-                return status, arrivals
-            await self.reader.readexactly(size + 2)
-            arrivals.append(time.perf_counter_ns())
+                return streamed
+            chunk = await self.reader.readexactly(size + 2)
+            streamed.arrivals.append(time.perf_counter_ns())
+            if len(streamed.arrivals) == 1 and (stamp := _FIRST_SENT.search(chunk)):
+                streamed.first_sent_ns = int(stamp[1])
 
     async def _head(self) -> tuple[int, dict[str, str]]:
         head = await self.reader.readuntil(b"\r\n\r\n")

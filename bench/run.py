@@ -34,7 +34,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.client import Connection, Target, load  # noqa: E402
+from bench.client import Connection, Streamed, Target, load  # noqa: E402
 from tests.support.mitm import ADDON, Mitmdump  # noqa: E402
 from tests.support.pki import make_pki  # noqa: E402
 
@@ -361,41 +361,51 @@ class Bench:
         return {"Authorization": f"Bearer {LITELLM_KEY}"} if name == "litellm" else AUTH
 
     def streaming(self, targets: dict[str, Target], label: str = "streaming", events: int = 20, delay_ms: int = 50) -> None:
-        """Time to first chunk and the spacing of the rest, `events` sent `delay_ms` apart."""
+        """Time to first chunk and the spacing of the rest, `events` sent `delay_ms` apart.
+        The first chunk's time is also taken without the upstream's own wait before it (its
+        timer overshoots by a varying amount, the same for every target: noise in a
+        comparison of them): the request's way there and the event's way back, from the
+        times the upstream notes (`bench.upstream`)."""
         rows = {}
-        first: dict[str, list[float]] = {name: [] for name in targets}
-        gaps: dict[str, list[float]] = {name: [] for name in targets}
+        streams: dict[str, list[tuple[int, Streamed]]] = {name: [] for name in targets}
         for _ in range(5 if self.quick else STREAM_ROUNDS):  # targets take turns, as for throughput
             for name, target in targets.items():
-                asyncio.run(self._stream_once(Connection(target), self._auth(name), events, delay_ms, first[name], gaps[name]))
+                streams[name].append(asyncio.run(self._stream_once(Connection(target), self._auth(name), events, delay_ms)))
         for name in targets:
-            deviation = [abs(g - delay_ms) for g in gaps[name]]
+            # The server waits delay_ms before each event, so the first one is due at delay_ms.
+            # A buffering proxy delivers everything in one go at the end: one "chunk".
+            first = [(streamed.arrivals[0] - started) / 1e6 - delay_ms for started, streamed in streams[name]]
+            ways = [((streamed.received_ns - started) / 1e6, (streamed.arrivals[0] - streamed.first_sent_ns) / 1e6)
+                    for started, streamed in streams[name] if streamed.received_ns and streamed.first_sent_ns]
+            gaps = [(b - a) / 1e6 for _, streamed in streams[name] if len(streamed.arrivals) >= events
+                    for a, b in zip(streamed.arrivals[: events - 1], streamed.arrivals[1:events])]
+            deviation = [abs(g - delay_ms) for g in gaps]
             rows[name] = {
-                "first_chunk_ms": round(statistics.median(first[name]), 3),
-                "chunks_seen": len(gaps[name]) // max(1, len(first[name])) + 1,
-                "gap_ms_median": round(statistics.median(gaps[name]), 3) if gaps[name] else None,
+                "first_chunk_ms": round(statistics.median(first), 3),
+                # the request's way to the upstream and the first event's way back, without the upstream's wait between
+                "first_chunk_path_ms": round(statistics.median(there + back for there, back in ways), 3) if len(ways) == len(first) else None,
+                "request_way_ms": round(statistics.median(there for there, _ in ways), 3) if ways else None,
+                "event_way_ms": round(statistics.median(back for _, back in ways), 3) if ways else None,
+                "chunks_seen": len(gaps) // max(1, len(first)) + 1,
+                "gap_ms_median": round(statistics.median(gaps), 3) if gaps else None,
                 "gap_deviation_ms_p50": round(statistics.median(deviation), 3) if deviation else None,
                 "gap_deviation_ms_max": round(max(deviation), 3) if deviation else None,
             }
             print(f"  stream {name:>6} {rows[name]}", flush=True)
         self.results[label] = rows
 
-    async def _stream_once(self, connection: Connection, auth: dict[str, str], events: int, delay_ms: int,
-                           first: list[float], gaps: list[float]) -> None:
+    async def _stream_once(self, connection: Connection, auth: dict[str, str], events: int, delay_ms: int) -> tuple[int, Streamed]:
+        """A stream on a new connection: when it was sent, and what came."""
         await connection.open()
         # A kept-alive connection, as SDK clients have: the first call pays for connecting
         # upstream (at request time: llm-mitm connects lazily), the streamed one does not.
         await connection.request("POST", CHAT_PATH, CHAT_BODY, auth)
         body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         started = time.perf_counter_ns()
-        status, arrivals = await connection.stream(CHAT_PATH, body, {**auth, "x-events": str(events), "x-delay-ms": str(delay_ms)})
+        streamed = await connection.stream(CHAT_PATH, body, {**auth, "x-events": str(events), "x-delay-ms": str(delay_ms)})
         connection.close()
-        assert status == 200, status
-        # The server waits delay_ms before each event, so the first one is due at delay_ms.
-        # A buffering proxy delivers everything in one go at the end: one "chunk".
-        first.append((arrivals[0] - started) / 1e6 - delay_ms)
-        event_arrivals = arrivals[:events] if len(arrivals) >= events else []
-        gaps.extend((b - a) / 1e6 for a, b in zip(event_arrivals, event_arrivals[1:]))
+        assert streamed.status == 200, streamed.status
+        return started, streamed
 
     def large(self, targets: dict[str, Target]) -> None:
         big_request = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "y" * 1_000_000}]})
@@ -420,10 +430,10 @@ class Bench:
         await connection.open()
         body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         started = time.perf_counter_ns()
-        status, arrivals = await connection.stream(CHAT_PATH, body, {**AUTH, "x-events": "10000"})
+        streamed = await connection.stream(CHAT_PATH, body, {**AUTH, "x-events": "10000"})
         connection.close()
-        assert status == 200
-        return (arrivals[-1] - started) / 1e6
+        assert streamed.status == 200, streamed.status
+        return (streamed.arrivals[-1] - started) / 1e6
 
     def soak(self) -> None:
         """Resident size of a fresh proxy with the addon over the soak; growth is the
@@ -679,10 +689,17 @@ class Bench:
                     out[f"{mode} c={c} event loop CPU added per request (us)"] = {
                         "value": cpu_added, "target": f"(bare: {bare['cpu_us_per_request']})", "pass": True}
         stream = self.results["streaming"]
-        # Bare mitmdump's own cost of a streamed request: its first chunk (streaming on) less direct's.
-        per_request = stream["bare-streaming"]["first_chunk_ms"] - stream["direct"]["first_chunk_ms"]
-        budget = stream["direct"]["first_chunk_ms"] + per_request + 0.5
-        out["first chunk ms"] = {"value": stream["addon"]["first_chunk_ms"], "target": f"<= {budget:.3f}", "pass": stream["addon"]["first_chunk_ms"] <= budget}
+        # Bare mitmdump's own cost of a streamed request: its first chunk (streaming on) less
+        # direct's. Judged on the request's way there and the event's way back, as the upstream
+        # noted them; the whole time, with the upstream's wait between (whose overshoot is its
+        # timer's noise, not a proxy's), is shown beside.
+        judged = "first_chunk_path_ms" if all(stream[target]["first_chunk_path_ms"] is not None for target in ("addon", "bare-streaming", "direct")) else "first_chunk_ms"
+        for key, name in (("first_chunk_path_ms", "first chunk ms, the ways there and back"), ("first_chunk_ms", "first chunk ms, with the upstream's wait")):
+            addon, bare, direct = (stream[target][key] for target in ("addon", "bare-streaming", "direct"))
+            if None not in (addon, bare, direct):
+                budget = direct + (bare - direct) + 0.5
+                out[name] = {"value": addon, "target": f"<= {budget:.3f}" if key == judged else f"(<= {budget:.3f} were it the time judged)",
+                             "pass": key != judged or addon <= budget}
         deviation = stream["addon"]["gap_deviation_ms_p50"] - stream["direct"]["gap_deviation_ms_p50"]
         out["chunk spacing ms (p50 deviation beyond direct)"] = {"value": round(deviation, 3), "target": "<= 1", "pass": deviation <= 1}
         if "litellm c=1" in self.results["reverse"]:

@@ -5,12 +5,17 @@ Fast so that it is never what the benchmark measures. Routes (POST or GET):
                               with "stream": true in the body, SSE events
   /big                        a 1 MB JSON response
 Stream knobs are headers: x-events (count, default 20), x-delay-ms (between events).
+A stream says when the request arrived (`x-received-ns`) and when its first event left (an
+SSE comment, `: sent-ns N`, which clients skip), on the clock every local process shares
+(`perf_counter_ns`: CLOCK_MONOTONIC): the benchmark times each way through a proxy apart
+from this server's own wait before the event, whose timer overshoots by a varying amount.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 
 import orjson
 
@@ -57,11 +62,12 @@ class Upstream:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
+                received = time.perf_counter_ns()
                 self.requests += 1
                 if path.startswith("/big"):
                     writer.write(_head(200, "application/json", len(BIG)) + BIG)
                 elif b'"stream":true' in body.replace(b" ", b""):
-                    await self._stream(writer, headers, b'"include_usage":true' in body.replace(b" ", b""))
+                    await self._stream(writer, headers, b'"include_usage":true' in body.replace(b" ", b""), received)
                 else:
                     writer.write(_head(200, "application/json", len(COMPLETION)) + COMPLETION)
                 await writer.drain()
@@ -70,18 +76,18 @@ class Upstream:
         finally:
             writer.close()
 
-    async def _stream(self, writer: asyncio.StreamWriter, headers: dict[str, str], usage: bool) -> None:
+    async def _stream(self, writer: asyncio.StreamWriter, headers: dict[str, str], usage: bool, received: int) -> None:
         events = int(headers.get("x-events", 20))
         delay = int(headers.get("x-delay-ms", 0)) / 1000
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
+            b"x-received-ns: %d\r\ntransfer-encoding: chunked\r\n\r\n" % received
         )
-        for _ in range(events):
+        for number in range(events):
             if delay:
                 await writer.drain()
                 await asyncio.sleep(delay)
-            writer.write(_chunked(_CHUNK))
+            writer.write(_chunked(b": sent-ns %d\n%s" % (time.perf_counter_ns(), _CHUNK) if number == 0 else _CHUNK))
         if usage:
             writer.write(_chunked(_USAGE))
         writer.write(_chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n")
