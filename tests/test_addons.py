@@ -710,6 +710,38 @@ def test_a_concern_guarding_calls_that_fails_refuses_the_call(tmp_path: Path, mo
     run(go())
 
 
+def test_replay_records_a_session_in_memory_up_to_its_most(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`mode: on` records each miss's answer in memory, so the same call is a hit next time;
+    a proxy left running grew with every new call. Past SESSION_BYTES of answers a miss still
+    goes upstream (and is traced), is not kept, and the log says so once."""
+    import llm_mitm.addons.replay as replay
+
+    answer = orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"message": {"role": "assistant", "content": "ok"}}]})
+    monkeypatch.setattr(replay, "SESSION_BYTES", 2 * len(answer))
+    config = config_file(tmp_path, "replay:\n  mode: on\n")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            index = next(c for c in llm.concerns if isinstance(c, replay.Replay)).index
+
+            def ask(question: str) -> str:
+                flow = chat_flow(body={"model": "gpt-4o", "messages": [{"role": "user", "content": question}]})
+                llm.request(flow)
+                if flow.response is None:  # a miss: upstream answers
+                    flow.response = tutils.tresp(headers=[(b"content-type", b"application/json")], content=answer)
+                    llm.responseheaders(flow)
+                    llm.response(flow)
+                return flow.response.headers[replay.HEADER]
+
+            assert [ask("one"), ask("two"), ask("one"), ask("two")] == ["MISS", "MISS", "HIT", "HIT"]
+            assert [ask("three"), ask("four"), ask("three")] == ["MISS", "MISS", "MISS"]
+            assert len(index) == 2
+        assert caplog.text.count("its most: later misses go upstream each time") == 1
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def batch_flow(port: int, file_id: str = "file-1", host_header: str | None = None):  # type: ignore[no-untyped-def]
     """A batch's creation, sent to a plain-HTTP server of ours on loopback."""
     flow = chat_flow(host="127.0.0.1", port=port, scheme="http", body={"input_file_id": file_id, "endpoint": "/v1/chat/completions"})

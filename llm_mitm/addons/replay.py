@@ -26,6 +26,10 @@ from llm_mitm.replay import Recorded, ReplayIndex, as_stream, features, request_
 logger = logging.getLogger("llm_mitm.replay")
 
 HEADER = "X-LLM-Mitm-Replay"
+# Answers a session records in memory (`mode: on`), by their bodies' size as they came: a
+# proxy left running would otherwise grow with every new call. Past it, calls still go
+# upstream and into the traces, which a restart reads back.
+SESSION_BYTES = 256 * 1024 * 1024
 
 
 def _set_up_warnings(config: Config) -> tuple[str, ...]:
@@ -54,6 +58,8 @@ class Replay:
         self._source: str | None = None
         self._misses: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = weakref.WeakKeyDictionary()  # key per flow, made once
         self._warned: tuple[str, ...] = ()  # the set-up warnings of the config in force, named once
+        self._session_bytes = 0  # of the answers recorded in memory since the proxy started
+        self._full = False  # ... and SESSION_BYTES reached (said once)
         shared.stage_config(self._stage)
 
     def _stage(self, config: Config) -> Callable[[], None]:
@@ -136,6 +142,13 @@ class Replay:
             return
         status = exchange.status_code or 0
         if 200 <= status < 300 and not exchange.error and exchange.response.is_json and (exchange.method != "GET" or settled(exchange.response.json)):
+            if self._session_bytes + exchange.response.size > SESSION_BYTES:
+                if not self._full:
+                    self._full = True
+                    logger.warning("llm-mitm: replay has recorded %d MiB of answers in memory this session, its most: later misses go "
+                                   "upstream each time (their traces are kept as ever)", SESSION_BYTES // (1024 * 1024))
+                return
+            self._session_bytes += exchange.response.size
             body = self.shared.redactor.json(exchange.response.json)
             self.index.answers[key] = Recorded(exchange.route.api, exchange.route.operation, status, body)
 
