@@ -422,25 +422,23 @@ def test_an_edit_caught_half_written_or_an_emptied_file_never_drops_the_policy(t
     run(go())
 
 
-def test_a_host_taken_into_scope_by_an_edit_says_its_open_connections_pass_untouched(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A probe: with anthropic off, a client's kept-alive tunnel to api.anthropic.com passed
-    as raw TLS; an edit turned anthropic on with allowed_models [gpt-4o*], and the next call
-    on that connection (claude-x) was still answered 200, untraced, while a new connection
-    was refused. mitmproxy decides interception once a connection: the edit says so."""
+def test_a_host_taken_into_scope_by_an_edit_is_named_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An edit that takes a host into scope says so (and closes the tunnels open to it:
+    `tests/test_e2e_scope.py`); one that takes none in says nothing."""
     path = tmp_path / "config.yaml"
     path.write_text("providers:\n  anthropic: {enabled: false}\n")
 
     async def go() -> None:
         with watched_config(path) as (shared, settings, tctx):
             caplog.set_level(logging.WARNING, "llm_mitm")
-            assert "already open" not in caplog.text  # at start: no connection is
+            assert "now intercepted" not in caplog.text  # at start: nothing is taken in
             path.write_text("providers:\n  anthropic: {enabled: false}\npolicy:\n  denied_models: [o1]\n")
             assert not settings.reload_if_changed() and settings.reload_if_changed()
-            assert "already open" not in caplog.text  # no host taken in
+            assert "now intercepted" not in caplog.text  # no host taken in
             path.write_text("policy:\n  allowed_models: ['gpt-4o*']\n")
             assert not settings.reload_if_changed() and settings.reload_if_changed()
-            said = [r.getMessage() for r in caplog.records if "already open" in r.getMessage()]
-            assert len(said) == 1 and "api.anthropic.com" in said[0] and "openai" not in said[0], said
+            said = [r.getMessage() for r in caplog.records if "now intercepted" in r.getMessage()]
+            assert said == ["llm-mitm: api.anthropic.com now intercepted"], said
 
     run(go())
 

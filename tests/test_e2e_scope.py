@@ -7,6 +7,7 @@ from pathlib import Path
 
 import orjson
 
+from tests.conftest import provider_routes
 from tests.support.answer_locally import __file__ as ANSWER_LOCALLY
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
 from tests.support.mitm import Mitmdump
@@ -120,3 +121,40 @@ def test_plain_http_goes_where_it_names_whatever_its_host_header_says(tmp_path: 
             assert not [t for t in proxy.traces() if m in str(t["request"]["body"])]
     finally:
         server.stop()
+
+
+def test_an_edit_taking_a_host_into_scope_closes_the_tunnels_open_to_it(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A probe: with anthropic off, a client's kept-alive tunnel to api.anthropic.com passed
+    as raw TLS; an edit turned anthropic on with allowed_models [gpt-4o*], and the next call
+    on that connection (claude-x) was still answered 200, untraced (mitmproxy decides once a
+    connection). The edit now closes such tunnels: the client connects again, intercepted."""
+    import http.client
+    import ssl
+    import time
+
+    body = orjson.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    headers = {"x-api-key": "sk-ant-api03-" + "t" * 40, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    config = {"providers": {"anthropic": {"enabled": False}}, "policy": {"allowed_models": ["gpt-4o*"]}}
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        def connection(ca: Path) -> http.client.HTTPSConnection:
+            tunnel = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=ssl.create_default_context(cafile=str(ca)), timeout=15)
+            tunnel.set_tunnel("api.anthropic.com", 443)
+            return tunnel
+
+        kept = connection(pki.ca_path)  # passed untouched: the provider's own certificate
+        kept.request("POST", "/v1/messages", body, headers)
+        assert kept.getresponse().read() and kept.sock is not None
+        (tmp_path / "config.yaml").write_text("policy:\n  allowed_models: ['gpt-4o*']\n")
+        deadline = time.monotonic() + 10
+        while "now intercepted" not in proxy.output and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "api.anthropic.com now intercepted; 1 connection(s) to them passed untouched before are closed" in proxy.output, proxy.output[-2000:]
+        kept.sock.settimeout(5)
+        try:
+            assert kept.sock.recv(1) == b""  # closed: no call goes out on it
+        except (ConnectionError, ssl.SSLError):
+            pass
+        again = connection(proxy.ca_cert)  # the client connects again: intercepted, checked
+        again.request("POST", "/v1/messages", body, headers)
+        refused = again.getresponse()
+        assert refused.status == 403 and b"model_not_allowed" in refused.read()

@@ -42,6 +42,7 @@ SHUTDOWN_GRACE = 3.0  # seconds the calls in flight at shutdown have to finish, 
 SHUTDOWN_STALL = 0.25  # ... while one ends at least this often
 _frozen = False  # gc.freeze() done in this process
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "websocket_message")
+CONNECTION_HOOKS = ("server_connected", "client_disconnected")  # once a connection, not a request
 
 
 def concerns(shared: Shared) -> list[Any]:
@@ -79,6 +80,8 @@ class LLMMitm:
     response: Callable[[Any], None] | None
     error: Callable[[Any], None] | None
     websocket_message: Callable[[Any], None] | None
+    server_connected: Callable[[Any], None] | None
+    client_disconnected: Callable[[Any], None] | None
 
     def __init__(self, shared: Shared | None = None) -> None:
         self.shared = shared or Shared()
@@ -94,7 +97,7 @@ class LLMMitm:
         on every flow."""
         self._hooks = {name: [getattr(c, name) for c in self.concerns if hasattr(c, name)] for name in LIFECYCLE_HOOKS}
         working = [c for c in self.concerns if getattr(c, "active", True)]
-        for name in FLOW_HOOKS:
+        for name in FLOW_HOOKS + CONNECTION_HOOKS:
             hooks = [getattr(c, name) for c in working if hasattr(c, name)]
             self._hooks[name] = hooks
             setattr(self, name, functools.partial(self._each, name) if hooks else None)
