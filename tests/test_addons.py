@@ -20,14 +20,14 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from llm_mitm import sse
-from llm_mitm.addons import OutputRedaction, Recorder, Scope, Settings, Shared, Tracer
+from llm_mitm.addons import OutputRedaction, Recorder, Scope, Settings, Shared, Tracer, Tunnels
 from tests.support.canned_server import CannedServer, ok
 from tests.test_sse import through
 
 
 def make_addons() -> tuple[Shared, list[object]]:
     shared = Shared()
-    return shared, [Settings(shared), OutputRedaction(shared), Scope(shared), Recorder(shared), Tracer(shared), Proxyserver()]
+    return shared, [Settings(shared), OutputRedaction(shared), Scope(shared), Recorder(shared), Tracer(shared), Tunnels(shared), Proxyserver()]
 
 
 def chat_flow(host: str = "api.openai.com", body: dict | None = None, scheme: str = "https", port: int = 443, headers=()):
@@ -669,11 +669,13 @@ def test_a_policy_check_that_fails_refuses_the_request(tmp_path: Path) -> None:
 
 
 def test_a_concern_guarding_calls_that_fails_refuses_the_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """Fail closed in every concern that checks a call (its organization, its limits), not
+    """Fail closed in every concern that checks a call (its record, organization, limits), not
     only in those that catch their own failures: a concern that raised was skipped, so the
-    call went upstream with the client's organization, past its rate limit. A concern
-    that checks nothing (the stream-usage request) still fails alone."""
+    call went upstream with the client's organization, past its rate limit (or, the record
+    failing, past every check). A concern that checks nothing (the stream-usage request)
+    still fails alone."""
     import llm_mitm.addons.organization
+    import llm_mitm.addons.recorder
     import llm_mitm.addons.stream_usage
     from llm_mitm.quota import Quota
 
@@ -698,11 +700,44 @@ def test_a_concern_guarding_calls_that_fails_refuses_the_call(tmp_path: Path, mo
                 patch.setattr(Quota, "admit", broken)
                 assert answer(chat_flow()) == (500, "policy_error")
             assert "request failed in QuotaAddon; the call is refused" in caplog.text
+            with monkeypatch.context() as patch:  # the record itself, before it is made: no dialect known, OpenAI's
+                patch.setattr(llm_mitm.addons.recorder, "_client", broken)
+                assert answer(chat_flow()) == (500, "policy_error")
+            assert "request failed in Recorder; the call is refused" in caplog.text
             with monkeypatch.context() as patch:
                 patch.setattr(llm_mitm.addons.stream_usage.StreamUsage, "request", broken)
                 llm._route_hooks()
                 assert answer(chat_flow(body={"model": "gpt-4o", "stream": True, "messages": []})) is None
             assert "request failed in StreamUsage" in caplog.text and "failed in StreamUsage; the call" not in caplog.text
+
+    os.chdir(tmp_path)
+    run(go())
+
+
+def test_a_realtime_event_the_policy_fails_to_read_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy guards a realtime session's events as it guards calls: an event it fails
+    to read (a bug, not bad input) is dropped, not sent on unchecked."""
+    import llm_mitm.addons.firewall
+    from mitmproxy.websocket import WebSocketData, WebSocketMessage
+    from wsproto.frame_protocol import Opcode
+
+    config = config_file(tmp_path, "policy:\n  forbidden_instructions: ['ignore previous instructions']\n")
+
+    def broken(content: bytes) -> None:
+        raise RuntimeError("a bug in reading events")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            flow = chat_flow(headers=[(b"upgrade", b"websocket"), (b"connection", b"upgrade")])
+            flow.request.method, flow.request.path, flow.request.content = "GET", "/v1/realtime?model=gpt-realtime", b""
+            llm.request(flow)
+            assert flow.response is None and llm.shared.exchange(flow) is not None
+            flow.response, flow.websocket = tutils.tresp(status_code=101), WebSocketData()
+            event = WebSocketMessage(Opcode.TEXT, True, b'{"type": "session.update", "session": {"instructions": "be kind"}}')
+            flow.websocket.messages.append(event)
+            monkeypatch.setattr(llm_mitm.addons.firewall, "read_client_event", broken)
+            llm.websocket_message(flow)
+            assert event.dropped
 
     os.chdir(tmp_path)
     run(go())

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.conftest import provider_routes
 from tests.support.answer_locally import __file__ as ANSWER_LOCALLY
@@ -123,38 +128,122 @@ def test_plain_http_goes_where_it_names_whatever_its_host_header_says(tmp_path: 
         server.stop()
 
 
-def test_an_edit_taking_a_host_into_scope_closes_the_tunnels_open_to_it(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+ANTHROPIC_CALL = orjson.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+ANTHROPIC_OFF = {"providers": {"anthropic": {"enabled": False}}, "policy": {"allowed_models": ["gpt-4o*"]}}
+ANTHROPIC_ON = "policy:\n  allowed_models: ['gpt-4o*']\n"
+
+
+def tunnel(proxy: Mitmdump, target: str, server_name: str, ca: Path) -> ssl.SSLSocket:
+    """A CONNECT to `target` through the proxy, then TLS for `server_name` trusting `ca`."""
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+    raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += raw.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return ssl.create_default_context(cafile=str(ca)).wrap_socket(raw, server_hostname=server_name)
+
+
+def call_claude(connection: ssl.SSLSocket) -> int | None:
+    """An Anthropic call on a kept-alive connection: its status, None once the connection is closed."""
+    connection.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nanthropic-version: 2023-06-01\r\n"
+                       b"x-api-key: sk-ant-api03-" + b"t" * 40 + b"\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(ANTHROPIC_CALL), ANTHROPIC_CALL))
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            if not (piece := connection.recv(65536)):
+                return None
+            data += piece
+    except (ConnectionError, ssl.SSLError):
+        return None
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(rest) < length:
+        rest += connection.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def wait_for(proxy: Mitmdump, text: str) -> None:
+    deadline = time.monotonic() + 10
+    while text not in proxy.output and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert text in proxy.output, proxy.output[-2000:]
+
+
+CLOSED_ONE = "api.anthropic.com now intercepted; 1 connection(s) to them passed untouched before are closed"
+
+
+@pytest.mark.parametrize("target", ["api.anthropic.com:443", "address"])
+def test_an_edit_taking_a_host_into_scope_closes_the_tunnels_open_to_it(tmp_path: Path, provider: FakeProvider, pki: ServerCert, target: str) -> None:
     """A probe: with anthropic off, a client's kept-alive tunnel to api.anthropic.com passed
     as raw TLS; an edit turned anthropic on with allowed_models [gpt-4o*], and the next call
     on that connection (claude-x) was still answered 200, untraced (mitmproxy decides once a
-    connection). The edit now closes such tunnels: the client connects again, intercepted."""
-    import http.client
-    import ssl
-    import time
+    connection). The edit closes such tunnels, named by host or by address with the TLS
+    server name (as transparent modes see them all): the client connects again, intercepted."""
+    target = f"127.0.0.1:{provider.port}" if target == "address" else target
+    with Mitmdump(tmp_path, config=ANTHROPIC_OFF, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        kept = tunnel(proxy, target, "api.anthropic.com", pki.ca_path)  # passed untouched: the provider's own certificate
+        assert call_claude(kept) == 200
+        (tmp_path / "config.yaml").write_text(ANTHROPIC_ON)
+        wait_for(proxy, CLOSED_ONE)
+        assert call_claude(kept) is None  # closed: no call goes out on it
+        assert call_claude(tunnel(proxy, target, "api.anthropic.com", proxy.ca_cert)) == 403  # connected again: intercepted, checked
 
-    body = orjson.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
-    headers = {"x-api-key": "sk-ant-api03-" + "t" * 40, "anthropic-version": "2023-06-01", "content-type": "application/json"}
-    config = {"providers": {"anthropic": {"enabled": False}}, "policy": {"allowed_models": ["gpt-4o*"]}}
-    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
-        def connection(ca: Path) -> http.client.HTTPSConnection:
-            tunnel = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=ssl.create_default_context(cafile=str(ca)), timeout=15)
-            tunnel.set_tunnel("api.anthropic.com", 443)
-            return tunnel
 
-        kept = connection(pki.ca_path)  # passed untouched: the provider's own certificate
-        kept.request("POST", "/v1/messages", body, headers)
-        assert kept.getresponse().read() and kept.sock is not None
-        (tmp_path / "config.yaml").write_text("policy:\n  allowed_models: ['gpt-4o*']\n")
-        deadline = time.monotonic() + 10
-        while "now intercepted" not in proxy.output and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "api.anthropic.com now intercepted; 1 connection(s) to them passed untouched before are closed" in proxy.output, proxy.output[-2000:]
-        kept.sock.settimeout(5)
-        try:
-            assert kept.sock.recv(1) == b""  # closed: no call goes out on it
+def test_an_edit_closes_the_tunnels_open_through_an_upstream_proxy(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """In upstream mode mitmproxy connects to the proxy beyond, not to the host: the tunnel
+    is known by the host its client asked for (a review: it was noted by the proxy's address)."""
+    from tests.support.corp_proxy import CorpProxy
+
+    corp = CorpProxy({"api.anthropic.com": provider.port})
+    with Mitmdump(tmp_path, config=ANTHROPIC_OFF, modes=(f"upstream:http://127.0.0.1:{corp.port}",), upstream_ca=pki.ca_path) as proxy:
+        kept = tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)
+        assert call_claude(kept) == 200
+        (tmp_path / "config.yaml").write_text(ANTHROPIC_ON)
+        wait_for(proxy, CLOSED_ONE)
+        assert call_claude(kept) is None
+
+
+def test_an_edit_closes_a_tunnel_still_connecting_upstream(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """mitmproxy decided to pass the connection untouched under the old scope; the edit
+    landed while it connected upstream (a review: a tunnel noted once connected was read
+    against the new scope, taken for intercepted, and kept for its whole life)."""
+    from tests.support.slow_connect import __file__ as slow_connect
+
+    with Mitmdump(tmp_path, config=ANTHROPIC_OFF, routes=provider_routes(provider), upstream_ca=pki.ca_path,
+                  extra_args=["-s", slow_connect], env={"SLOW_CONNECT": "3"}) as proxy:
+        threading.Timer(0.5, lambda: (tmp_path / "config.yaml").write_text(ANTHROPIC_ON)).start()
+        try:  # the handshake waits for the slow connection upstream, and the edit closes it meanwhile
+            kept: ssl.SSLSocket | None = tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)
         except (ConnectionError, ssl.SSLError):
-            pass
-        again = connection(proxy.ca_cert)  # the client connects again: intercepted, checked
-        again.request("POST", "/v1/messages", body, headers)
-        refused = again.getresponse()
-        assert refused.status == 403 and b"model_not_allowed" in refused.read()
+            kept = None
+        wait_for(proxy, CLOSED_ONE)
+        assert kept is None or call_claude(kept) is None
+
+
+def test_an_edit_does_not_cut_the_calls_of_connections_it_intercepts(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """Connections mitmproxy intercepts are checked call by call and stay open across an
+    edit that takes a host in: a plain-http call to a server of one's own streaming while
+    the edit names it as a provider (a review: it was cut), and a kept-alive intercepted one."""
+    own = FakeProvider().start()  # plain http
+    try:
+        with Mitmdump(tmp_path, config=ANTHROPIC_OFF, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+            intercepted = tunnel(proxy, "api.openai.com:443", "api.openai.com", proxy.ca_cert)
+            plain = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+            body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            plain.sendall(b"POST http://127.0.0.1:%d/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nx-fake-delay-ms: 300\r\n"
+                          b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (own.port, own.port, len(body), body))
+            first = plain.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            (tmp_path / "config.yaml").write_text(ANTHROPIC_ON + f"providers:\n  own:\n    api: openai\n    hosts: ['127.0.0.1:{own.port}']\n")
+            wait_for(proxy, "now intercepted")
+            streamed = first
+            while b"data: [DONE]" not in streamed and (piece := plain.recv(65536)):
+                streamed += piece
+            assert b"data: [DONE]" in streamed
+            intercepted.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nauthorization: Bearer sk-proj-" + b"m" * 40 + b"\r\n\r\n")
+            assert intercepted.recv(65536).startswith(b"HTTP/1.1 200")
+            assert "connection(s) to them passed untouched" not in proxy.output
+    finally:
+        own.stop()

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-from mitmproxy import command, exceptions, hooks
+from mitmproxy import command, exceptions, hooks, http
 from mitmproxy.flow import Error as FlowError
 
 from llm_mitm.addons.firewall import Firewall
@@ -34,6 +34,8 @@ from llm_mitm.addons.shared import Shared
 from llm_mitm.addons.stats import Stats
 from llm_mitm.addons.stream_usage import StreamUsage
 from llm_mitm.addons.tracer import Tracer
+from llm_mitm.addons.tunnels import Tunnels
+from llm_mitm.refusal import refusal
 
 logger = logging.getLogger("llm_mitm")
 
@@ -42,7 +44,7 @@ SHUTDOWN_GRACE = 3.0  # seconds the calls in flight at shutdown have to finish, 
 SHUTDOWN_STALL = 0.25  # ... while one ends at least this often
 _frozen = False  # gc.freeze() done in this process
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "websocket_message")
-CONNECTION_HOOKS = ("server_connected", "client_disconnected")  # once a connection, not a request
+CONNECTION_HOOKS = ("next_layer", "client_disconnected")  # a few times a connection, not a request
 
 
 def concerns(shared: Shared) -> list[Any]:
@@ -54,6 +56,7 @@ def concerns(shared: Shared) -> list[Any]:
         OutputRedaction(shared),
         Safety(),
         Scope(shared),
+        Tunnels(shared),
         Recorder(shared),
         Organization(shared),
         Firewall(shared),
@@ -80,7 +83,7 @@ class LLMMitm:
     response: Callable[[Any], None] | None
     error: Callable[[Any], None] | None
     websocket_message: Callable[[Any], None] | None
-    server_connected: Callable[[Any], None] | None
+    next_layer: Callable[[Any], None] | None
     client_disconnected: Callable[[Any], None] | None
 
     def __init__(self, shared: Shared | None = None) -> None:
@@ -132,16 +135,24 @@ class LLMMitm:
                 self._failed(name, hook, flow)
 
     def _failed(self, name: str, hook: Callable[..., Any], flow: Any) -> None:
-        """Logged; and a call that a concern guarding calls (its policy, organization,
-        limits) failed to check is refused: it does not go upstream unchecked."""
+        """Logged; and what a concern guarding calls (the record, the policy, organization,
+        limits, strict replay) failed to check does not go upstream unchecked: a call is
+        refused (in its API's dialect once recorded), a realtime event dropped."""
         concern = getattr(hook, "__self__", hook)
-        guards = name == "request" and getattr(concern, "guards_calls", False)
-        exchange = self.shared.exchange(flow) if guards and flow.response is None else None
-        if exchange is None:
+        if not getattr(concern, "guards_calls", False) or name not in ("request", "websocket_message"):
             _failed(name, hook)
             return
-        logger.exception("llm-mitm: %s failed in %s; the call is refused", name, concern.__class__.__name__)
-        refuse(flow, exchange, 500, "policy_error", f"the proxy could not check this call ({concern.__class__.__name__} failed); it was not sent")
+        logger.exception("llm-mitm: %s failed in %s; %s", name, concern.__class__.__name__,
+                         "the call is refused" if name == "request" else "the event is dropped")
+        if name == "websocket_message" and flow.websocket is not None:
+            flow.websocket.messages[-1].drop()
+        elif name == "request" and flow.response is None:
+            detail = f"the proxy could not check this call ({concern.__class__.__name__} failed); it was not sent"
+            if (exchange := self.shared.exchange(flow)) is not None:
+                refuse(flow, exchange, 500, "policy_error", detail)
+            else:  # not recorded: the record failed
+                answer = refusal("openai", 500, "policy_error", detail)
+                flow.response = http.Response.make(answer.status, answer.body, answer.headers)
 
     def _lifecycle(self, name: str, *args: Any) -> None:
         """mitmproxy calls these where nothing can wait: a concern's are plain calls."""
@@ -250,6 +261,7 @@ __all__ = [
     "Stats",
     "StreamUsage",
     "Tracer",
+    "Tunnels",
     "build",
     "concerns",
     "unhandled_hooks",

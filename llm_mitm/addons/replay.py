@@ -26,10 +26,10 @@ from llm_mitm.replay import Recorded, ReplayIndex, as_stream, features, request_
 logger = logging.getLogger("llm_mitm.replay")
 
 HEADER = "X-LLM-Mitm-Replay"
-# Answers a session records in memory (`mode: on`), by their bodies' size as they came: a
-# proxy left running would otherwise grow with every new call. Past it, calls still go
-# upstream and into the traces, which a restart reads back.
-SESSION_BYTES = 256 * 1024 * 1024
+# Answers a session records in memory (`mode: on`), by their bodies' size as they came (as
+# Python objects they take 2-9 times that): a proxy left running would otherwise grow with
+# every new call. Past it, calls still go upstream and into the traces.
+SESSION_BYTES = 64 * 1024 * 1024
 
 
 def _set_up_warnings(config: Config) -> tuple[str, ...]:
@@ -52,6 +52,8 @@ def _set_up_warnings(config: Config) -> tuple[str, ...]:
 
 
 class Replay:
+    guards_calls = True  # a call it fails to check is refused, not sent (LLMMitm._failed)
+
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.index = ReplayIndex()
@@ -116,6 +118,8 @@ class Replay:
             answer = _answer(exchange, recorded) if recorded is not None else None
         except Exception:  # strict promises nothing goes upstream: a call it cannot answer is refused, not let through
             logger.exception("llm-mitm: replay could not answer this call; %s", "it is refused (replay.mode: strict)" if mode == "strict" else "it goes upstream")
+            if key is not None:  # said once: the next such call is a miss
+                self.index.answers.pop(key, None)
             if mode == "strict":
                 return _refuse_miss(flow, exchange, 500, "replay_error", "the recorded answer for this request could not be replayed (replay.mode: strict)")
         if answer is None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from mitmproxy import connection, ctx, http
-from mitmproxy.proxy import server_hooks
+from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode, UpstreamMode
 
 from llm_mitm.addons.shared import Shared
@@ -34,8 +33,6 @@ class Scope:
         self.shared = shared
         self._loaded = False
         self._unwatched: list[str] = []  # reverse targets no provider names, as last said
-        self._hosts: set[str] | None = None  # the host patterns in scope, once put in force
-        self._tunnels: dict[str, tuple[str, int]] = {}  # client connection id -> where it goes, passed untouched
         shared.on_config(self._apply)
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
@@ -79,10 +76,10 @@ class Scope:
             logger.warning("llm-mitm: stream_large_bodies=%s is turned off: each call is read whole for the policy and its cost "
                            "(streamed answers still pass as they come)", ctx.options.stream_large_bodies)
             updates["stream_large_bodies"] = None
-        if updates:
-            ctx.options.update(**updates)
-            logger.info("llm-mitm: intercepting %s", ", ".join(sorted(hosts)))
-        self._take_in(hosts)
+        if not updates:
+            return
+        ctx.options.update(**updates)
+        logger.info("llm-mitm: intercepting %s", ", ".join(sorted(hosts)))
 
     def _say_unwatched(self) -> None:
         """A reverse proxy to a server no provider's hosts name (an address, a port of its
@@ -98,44 +95,6 @@ class Scope:
                 logger.warning("llm-mitm: reverse proxy to %s, which no provider's hosts name: its calls pass unchecked and "
                                "untraced; add its host (and port) to a provider's hosts", target)
         self._unwatched = unwatched
-
-    def _take_in(self, hosts: set[str]) -> None:
-        """mitmproxy decides once a connection whether to intercept it: a client's kept-alive
-        connection to a host an edit takes into scope stayed a raw tunnel, its calls unchecked
-        and untraced until it closed (a probe: the next call on it passed a model the new
-        policy refuses; a new connection was refused). Those tunnels are closed (once the
-        new hosts are allowed): the client connects again, and is intercepted."""
-        if self._hosts is not None and (added := hosts - self._hosts):
-            closed = self._close_tunnels_now_in_scope()
-            logger.warning("llm-mitm: %s now intercepted%s", ", ".join(sorted(added)),
-                           f"; {closed} connection(s) to them passed untouched before are closed" if closed else "")
-        self._hosts = hosts
-
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """Notes each connection to a host out of scope (mitmproxy passes it untouched) by
-        where it goes. mitmproxy asks this addon before its own decides that, so the
-        connection upstream tells it."""
-        address = data.server.address
-        if address and self.shared.matcher.match(*address) is None:
-            self._tunnels[data.client.id] = address
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self._tunnels.pop(client.id, None)
-
-    def _close_tunnels_now_in_scope(self) -> int:
-        """Closes the tunnels to a host the config in force intercepts: their number."""
-        proxyserver = ctx.master.addons.get("proxyserver")
-        closed = 0
-        for client_id, address in list(self._tunnels.items()):
-            if self.shared.matcher.match(*address) is None:
-                continue
-            handler = getattr(proxyserver, "connections", {}).get(client_id)
-            io = handler.transports.get(handler.client) if handler is not None else None
-            if io is not None and io.handler is not None:
-                io.handler.cancel("llm-mitm: its host is now intercepted")
-                closed += 1
-            del self._tunnels[client_id]
-        return closed
 
     def request(self, flow: http.HTTPFlow) -> None:
         """llm_proxy's trick: a plain-http call to a provider goes upstream over https
