@@ -369,6 +369,11 @@ class Config(_Section):
     def enabled_providers(self) -> dict[str, ProviderConfig]:
         return {name: p for name, p in self.providers.items() if p.enabled}
 
+    @property
+    def intercepted_hosts(self) -> set[str]:
+        """The host patterns of the enabled providers: what the proxy intercepts."""
+        return {host for provider in self.enabled_providers.values() for host in provider.hosts}
+
 
 def default_config() -> Config:
     return Config.model_validate({})

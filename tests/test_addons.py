@@ -715,8 +715,8 @@ def test_a_concern_guarding_calls_that_fails_refuses_the_call(tmp_path: Path, mo
 
 
 def test_a_realtime_event_the_policy_fails_to_read_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The policy guards a realtime session's events as it guards calls: an event it fails
-    to read (a bug, not bad input) is dropped, not sent on unchecked."""
+    """The policy guards a realtime session's events as it guards calls: a client's event it
+    fails to read (a bug, not bad input) is dropped, not sent on unchecked."""
     import llm_mitm.addons.firewall
     from mitmproxy.websocket import WebSocketData, WebSocketMessage
     from wsproto.frame_protocol import Opcode
@@ -738,6 +738,13 @@ def test_a_realtime_event_the_policy_fails_to_read_is_dropped(tmp_path: Path, mo
             monkeypatch.setattr(llm_mitm.addons.firewall, "read_client_event", broken)
             llm.websocket_message(flow)
             assert event.dropped
+            # the model's own events are not the policy's to hold back, the policy failing or not
+            firewall = next(c for c in llm.concerns if isinstance(c, llm_mitm.addons.firewall.Firewall))
+            monkeypatch.setattr(firewall, "_last_items", None)  # a bug in what it keeps of a session
+            answer = WebSocketMessage(Opcode.TEXT, False, b'{"type": "response.created"}')
+            flow.websocket.messages.append(answer)
+            llm.websocket_message(flow)
+            assert not answer.dropped
 
     os.chdir(tmp_path)
     run(go())

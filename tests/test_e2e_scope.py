@@ -247,3 +247,63 @@ def test_an_edit_does_not_cut_the_calls_of_connections_it_intercepts(tmp_path: P
             assert "connection(s) to them passed untouched" not in proxy.output
     finally:
         own.stop()
+
+
+def test_with_no_provider_enabled_nothing_is_intercepted(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """mitmproxy reads an empty allow list as every host allowed: with every provider turned
+    off, every TLS connection got mitmproxy's certificate (a review). Now each keeps its own."""
+    from llm_mitm.config import DEFAULT_PROVIDERS
+
+    config = {"providers": {name: {"enabled": False} for name in DEFAULT_PROVIDERS}}
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        assert call_claude(tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)) == 200  # the provider's own certificate
+        assert "intercepting nothing (no provider is enabled)" in proxy.output
+
+
+def test_a_provider_turned_off_and_on_again_does_not_cut_the_calls_it_intercepts(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A connection intercepted before an edit that turned its provider off stays
+    intercepted; the edit that turns it on again leaves it open, with its call in flight
+    (a review: each edit was read against the one before it, and the stream was cut)."""
+    on, off = "policy:\n  allowed_models: ['claude*']\n", "providers:\n  anthropic: {enabled: false}\npolicy:\n  allowed_models: ['claude*']\n"
+    with Mitmdump(tmp_path, config={"policy": {"allowed_models": ["claude*"]}}, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        kept = tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", proxy.ca_cert)  # mitmproxy's certificate: intercepted
+        assert call_claude(kept) == 200
+        (tmp_path / "config.yaml").write_text(off)
+        wait_for(proxy, "reloaded")
+        body = orjson.dumps({"model": "claude-x", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        kept.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nanthropic-version: 2023-06-01\r\nx-fake-delay-ms: 400\r\n"
+                     b"x-api-key: sk-ant-api03-" + b"t" * 40 + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        (tmp_path / "config.yaml").write_text(on)  # lands while the call is answered
+        streamed = b""
+        while b"message_stop" not in streamed and (piece := kept.recv(65536)):
+            streamed += piece
+        assert b"message_stop" in streamed
+        wait_for(proxy, "api.anthropic.com now intercepted")
+        assert "passed untouched before are closed" not in proxy.output
+
+
+def test_an_edit_closes_the_tunnels_of_a_reverse_proxy_to_a_server_it_names(tmp_path: Path) -> None:
+    """A reverse proxy to a server no provider names passes it untouched (the log says to add
+    it to a provider's hosts); the edit that does so closes the kept-alive connections
+    (a review: they went on unchecked)."""
+    own = FakeProvider().start()  # plain http
+    body = orjson.dumps({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]})
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nauthorization: Bearer sk-proj-%s\r\n"
+               b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (own.port, b"m" * 40, len(body), body))
+    try:
+        with Mitmdump(tmp_path, config={"policy": {"allowed_models": ["gpt-4o*"]}}, modes=(f"reverse:http://127.0.0.1:{own.port}",)) as proxy:
+            kept = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+            kept.sendall(request)
+            assert kept.recv(65536).startswith(b"HTTP/1.1 200")  # out of scope: passes
+            (tmp_path / "config.yaml").write_text(f"policy:\n  allowed_models: ['gpt-4o*']\nproviders:\n  own:\n    api: openai\n    hosts: ['127.0.0.1:{own.port}']\n")
+            wait_for(proxy, f"127.0.0.1:{own.port} now intercepted; 1 connection(s) to them passed untouched before are closed")
+            kept.sendall(request)
+            try:
+                assert kept.recv(65536) == b""
+            except ConnectionError:
+                pass
+            fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+            fresh.sendall(request)
+            assert fresh.recv(65536).startswith(b"HTTP/1.1 403")
+    finally:
+        own.stop()

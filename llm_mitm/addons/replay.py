@@ -62,6 +62,7 @@ class Replay:
         self._warned: tuple[str, ...] = ()  # the set-up warnings of the config in force, named once
         self._session_bytes = 0  # of the answers recorded in memory since the proxy started
         self._full = False  # ... and SESSION_BYTES reached (said once)
+        self._unreplayable: set[tuple[bytes | None, bool]] = set()  # recordings (and whether streamed) that failed, said once
         shared.stage_config(self._stage)
 
     def _stage(self, config: Config) -> Callable[[], None]:
@@ -117,9 +118,9 @@ class Replay:
             recorded = self.index.find(key) if key is not None else None
             answer = _answer(exchange, recorded) if recorded is not None else None
         except Exception:  # strict promises nothing goes upstream: a call it cannot answer is refused, not let through
-            logger.exception("llm-mitm: replay could not answer this call; %s", "it is refused (replay.mode: strict)" if mode == "strict" else "it goes upstream")
-            if key is not None:  # said once: the next such call is a miss
-                self.index.answers.pop(key, None)
+            if (key, exchange.stream) not in self._unreplayable:  # said once a recording and shape
+                self._unreplayable.add((key, exchange.stream))
+                logger.exception("llm-mitm: replay could not answer this call; %s", "it is refused (replay.mode: strict)" if mode == "strict" else "it goes upstream")
             if mode == "strict":
                 return _refuse_miss(flow, exchange, 500, "replay_error", "the recorded answer for this request could not be replayed (replay.mode: strict)")
         if answer is None:

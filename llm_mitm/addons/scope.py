@@ -15,6 +15,9 @@ from llm_mitm.providers import ProviderMatcher
 logger = logging.getLogger("llm_mitm.scope")
 
 _PROXY_HOP_HEADERS = ("proxy-connection", "proxy-authorization")
+# A pattern no host matches: mitmproxy reads an empty `allow_hosts` as every host allowed, so
+# with no provider enabled it intercepted every TLS connection (a review).
+_NO_HOST = "(?!)"
 
 
 class Scope:
@@ -46,9 +49,9 @@ class Scope:
     def _apply(self, config: Config) -> None:
         if not self._loaded:
             return
-        hosts = {host for provider in config.enabled_providers.values() for host in provider.hosts}
+        hosts = config.intercepted_hosts
         self._say_unwatched()
-        allow = self.shared.matcher.allow_hosts
+        allow = self.shared.matcher.allow_hosts or [_NO_HOST]
         updates: dict[str, object] = {}
         if list(ctx.options.allow_hosts) != allow:
             updates["allow_hosts"] = allow
@@ -79,7 +82,7 @@ class Scope:
         if not updates:
             return
         ctx.options.update(**updates)
-        logger.info("llm-mitm: intercepting %s", ", ".join(sorted(hosts)))
+        logger.info("llm-mitm: intercepting %s", ", ".join(sorted(hosts)) or "nothing (no provider is enabled)")
 
     def _say_unwatched(self) -> None:
         """A reverse proxy to a server no provider's hosts name (an address, a port of its

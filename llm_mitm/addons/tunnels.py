@@ -12,15 +12,15 @@ was in scope and one of which now is: the client connects again, and is intercep
 from __future__ import annotations
 
 import logging
+import re
 
 from mitmproxy import connection, ctx
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.tls import parse_client_hello
-from mitmproxy.proxy.mode_specs import ReverseMode
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config
-from llm_mitm.providers import ProviderMatcher
+from llm_mitm.providers import ProviderMatcher, split_host
 
 logger = logging.getLogger("llm_mitm.scope")
 
@@ -30,7 +30,8 @@ Name = tuple[str, int]  # a host, and the port the connection goes to
 class Tunnels:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self._names: dict[str, set[Name]] = {}  # client connection id -> the names mitmproxy decided it by
+        # client connection id -> the names mitmproxy decided it by, and the hosts in scope as it did
+        self._names: dict[str, tuple[ProviderMatcher, set[Name]]] = {}
         self._matcher = shared.matcher  # of the config in force
         self._hosts: set[str] | None = None  # in scope, from the first config put in force once loaded
         self._loaded = False
@@ -40,43 +41,46 @@ class Tunnels:
         self._loaded = True
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """Notes the names mitmproxy's own addon decides by, which it does after this one:
-        where the connection goes, and the TLS server name its client asks for. A reverse
-        proxy's connections are always intercepted; UDP (QUIC) is not followed."""
+        """Notes the names mitmproxy's own addon decides by, which it does after this one
+        (in any mode, a reverse proxy's too): where the connection goes, the TLS server name
+        its client asks for, a plain-http request's Host header; with the hosts in scope as it
+        decides. UDP (QUIC) is not followed."""
         context = nextlayer.context
         client = context.client
-        if client.transport_protocol != "tcp" or context.server.address is None or isinstance(client.proxy_mode, ReverseMode):
+        if client.transport_protocol != "tcp" or context.server.address is None:
             return
         host, port, *_ = context.server.address
-        names = self._names.setdefault(client.id, set())
+        names = self._names[client.id][1] if client.id in self._names else set()
+        self._names[client.id] = (self._matcher, names)
         names.add((host, port))
-        for server_name in (client.sni, _server_name(nextlayer.data_client())):
-            if server_name:
-                names.add((server_name, port))
+        data = nextlayer.data_client()
+        for name in (client.sni, _server_name(data), _host_header(data)):
+            if name:
+                names.add(split_host(name, port))
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._names.pop(client.id, None)
 
     def _take_in(self, config: Config) -> None:
-        before, self._matcher = self._matcher, self.shared.matcher
+        self._matcher = self.shared.matcher
         if not self._loaded:
             return
-        hosts, known = _hosts(config), self._hosts
+        hosts, known = config.intercepted_hosts, self._hosts
         self._hosts = hosts
         if known is None or not (added := hosts - known):
             return
-        closed = self._close(before)
+        closed = self._close()
         logger.warning("llm-mitm: %s now intercepted%s", ", ".join(sorted(added)),
                        f"; {closed} connection(s) to them passed untouched before are closed" if closed else "")
 
-    def _close(self, before: ProviderMatcher) -> int:
-        """Closes the connections none of whose names `before` matched and one of which the
-        matcher in force does: their number."""
+    def _close(self) -> int:
+        """Closes the connections none of whose names was in scope as mitmproxy decided and
+        one of which is now: their number."""
         proxyserver = ctx.master.addons.get("proxyserver")
         handlers = getattr(proxyserver, "connections", {})
         closed = 0
-        for client_id, names in list(self._names.items()):
-            if any(before.match(*name) for name in names) or not any(self._matcher.match(*name) for name in names):
+        for client_id, (decided_by, names) in list(self._names.items()):
+            if any(decided_by.match(*name) for name in names) or not any(self._matcher.match(*name) for name in names):
                 continue
             handler = handlers.get(client_id)
             io = handler.transports.get(handler.client) if handler is not None else None
@@ -85,10 +89,6 @@ class Tunnels:
                 closed += 1
             del self._names[client_id]
         return closed
-
-
-def _hosts(config: Config) -> set[str]:
-    return {host for provider in config.enabled_providers.values() for host in provider.hosts}
 
 
 def _server_name(data: bytes) -> str | None:
@@ -100,3 +100,14 @@ def _server_name(data: bytes) -> str | None:
     except ValueError:
         return None
     return hello.sni if hello is not None else None
+
+
+_HTTP_REQUEST = re.compile(rb"[A-Z]{3,}.+HTTP/", re.IGNORECASE)
+_HOST_HEADER = re.compile(rb"\r\n(?:Host:\s+(.+?)\s*)?\r\n", re.IGNORECASE)  # the first header named Host, or the head's end
+
+
+def _host_header(data: bytes) -> str | None:
+    """The Host header of a plain-http request at the start of `data`, as mitmproxy reads it."""
+    if not _HTTP_REQUEST.match(data) or not (found := _HOST_HEADER.search(data)) or not found[1]:
+        return None
+    return found[1].decode("utf-8", "surrogateescape")
