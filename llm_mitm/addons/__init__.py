@@ -142,11 +142,11 @@ class LLMMitm:
         if not getattr(concern, "guards_calls", False) or name not in ("request", "websocket_message"):
             _failed(name, hook)
             return
-        logger.exception("llm-mitm: %s failed in %s; %s", name, concern.__class__.__name__,
-                         "the call is refused" if name == "request" else "the event is dropped")
-        if name == "websocket_message" and flow.websocket is not None:
-            if flow.websocket.messages[-1].from_client:  # the model's own events are not the policy's to hold back
-                flow.websocket.messages[-1].drop()
+        from_client = name == "websocket_message" and flow.websocket is not None and flow.websocket.messages[-1].from_client
+        logger.exception("llm-mitm: %s failed in %s; %s", name, concern.__class__.__name__, "the call is refused" if name == "request" else
+                         "the event is dropped" if from_client else "the model's event is passed on")
+        if from_client:  # the model's own events are not the policy's to hold back
+            flow.websocket.messages[-1].drop()
         elif name == "request" and flow.response is None:
             detail = f"the proxy could not check this call ({concern.__class__.__name__} failed); it was not sent"
             if (exchange := self.shared.exchange(flow)) is not None:

@@ -30,8 +30,9 @@ Name = tuple[str, int]  # a host, and the port the connection goes to
 class Tunnels:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        # client connection id -> the names mitmproxy decided it by, and the hosts in scope as it did
-        self._names: dict[str, tuple[ProviderMatcher, set[Name]]] = {}
+        # client connection id -> the names mitmproxy decided it by, the hosts in scope as it
+        # did, and its last decision (undecided while its `layer` is None: more data awaited)
+        self._names: dict[str, tuple[ProviderMatcher, set[Name], layer.NextLayer]] = {}
         self._matcher = shared.matcher  # of the config in force
         self._hosts: set[str] | None = None  # in scope, from the first config put in force once loaded
         self._loaded = False
@@ -51,7 +52,7 @@ class Tunnels:
             return
         host, port, *_ = context.server.address
         names = self._names[client.id][1] if client.id in self._names else set()
-        self._names[client.id] = (self._matcher, names)
+        self._names[client.id] = (self._matcher, names, nextlayer)
         names.add((host, port))
         data = nextlayer.data_client()
         for name in (client.sni, _server_name(data), _host_header(data)):
@@ -75,12 +76,13 @@ class Tunnels:
 
     def _close(self) -> int:
         """Closes the connections none of whose names was in scope as mitmproxy decided and
-        one of which is now: their number."""
+        one of which is now: their number. One mitmproxy has yet to decide (it waits for the
+        rest of a request's head or a ClientHello) is decided under the new scope."""
         proxyserver = ctx.master.addons.get("proxyserver")
         handlers = getattr(proxyserver, "connections", {})
         closed = 0
-        for client_id, (decided_by, names) in list(self._names.items()):
-            if any(decided_by.match(*name) for name in names) or not any(self._matcher.match(*name) for name in names):
+        for client_id, (decided_by, names, decision) in list(self._names.items()):
+            if decision.layer is None or any(decided_by.match(*name) for name in names) or not any(self._matcher.match(*name) for name in names):
                 continue
             handler = handlers.get(client_id)
             io = handler.transports.get(handler.client) if handler is not None else None
