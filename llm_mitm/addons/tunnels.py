@@ -5,8 +5,9 @@ passes untouched, as raw TLS. A client's kept-alive connection to a host an edit
 into scope stayed a raw tunnel, its calls unchecked and untraced until it closed (a probe:
 the next call on it passed a model the new policy refuses; a new connection was refused).
 So each connection's names are noted as mitmproxy decides by them (where it goes, the TLS
-server name its client asks for), and an edit closes each connection none of whose names
-was in scope and one of which now is: the client connects again, and is intercepted.
+server name its client asks for, a plain-http request's Host header), and an edit closes
+each connection none of whose names was in scope as mitmproxy decided and one of which now
+is: the client connects again, and is intercepted.
 """
 
 from __future__ import annotations
