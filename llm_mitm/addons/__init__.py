@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
-from mitmproxy import command, exceptions, hooks, http
+from mitmproxy import command, exceptions, hooks
 from mitmproxy.flow import Error as FlowError
 
 from llm_mitm.addons.firewall import Firewall
@@ -35,7 +35,6 @@ from llm_mitm.addons.stats import Stats
 from llm_mitm.addons.stream_usage import StreamUsage
 from llm_mitm.addons.tracer import Tracer
 from llm_mitm.addons.tunnels import Tunnels
-from llm_mitm.refusal import refusal
 
 logger = logging.getLogger("llm_mitm")
 
@@ -148,12 +147,8 @@ class LLMMitm:
         if from_client:  # the model's own events are not the policy's to hold back
             flow.websocket.messages[-1].drop()
         elif name == "request" and flow.response is None:
-            detail = f"the proxy could not check this call ({concern.__class__.__name__} failed); it was not sent"
-            if (exchange := self.shared.exchange(flow)) is not None:
-                refuse(flow, exchange, 500, "policy_error", detail)
-            else:  # not recorded: the record failed
-                answer = refusal("openai", 500, "policy_error", detail)
-                flow.response = http.Response.make(answer.status, answer.body, answer.headers)
+            refuse(flow, self.shared.exchange(flow), 500, "policy_error",
+                   f"the proxy could not check this call ({concern.__class__.__name__} failed); it was not sent")
 
     def _lifecycle(self, name: str, *args: Any) -> None:
         """mitmproxy calls these where nothing can wait: a concern's are plain calls."""

@@ -11,13 +11,16 @@ from llm_mitm.providers import shapes_of
 from llm_mitm.refusal import refusal
 
 
-def refuse(flow: http.HTTPFlow, exchange: Exchange, status: int, rule: str, detail: str, retry_after: int | None = None) -> None:
-    """Answer in the client's API dialect; nothing goes upstream (connections are lazy)."""
-    answer = refusal(shapes_of(exchange.route.api, exchange.route.operation), status, rule, detail, retry_after)
+def refuse(flow: http.HTTPFlow, exchange: Exchange | None, status: int, rule: str, detail: str, retry_after: int | None = None) -> None:
+    """Answer in the client's API dialect (OpenAI's for a call not recorded: its record
+    failed); nothing goes upstream (connections are lazy)."""
+    shapes = shapes_of(exchange.route.api, exchange.route.operation) if exchange is not None else "openai"
+    answer = refusal(shapes, status, rule, detail, retry_after)
     flow.response = http.Response.make(answer.status, answer.body, answer.headers)
     flow.marked = ":no_entry:"
     flow.comment = f"llm-mitm blocked ({rule}): {detail}"
-    exchange.policy = PolicyDecision("block", rule, detail)
+    if exchange is not None:
+        exchange.policy = PolicyDecision("block", rule, detail)
 
 
 def rewrite_json(flow: http.HTTPFlow, exchange: Exchange, body: dict) -> None:  # type: ignore[type-arg]

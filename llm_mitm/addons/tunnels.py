@@ -13,11 +13,11 @@ is: the client connects again, and is intercepted.
 from __future__ import annotations
 
 import logging
-import re
 
 from mitmproxy import connection, ctx
+from mitmproxy.addons.next_layer import NeedsMoreData
+from mitmproxy.addons.next_layer import NextLayer as NextLayerAddon
 from mitmproxy.proxy import layer
-from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config
@@ -55,10 +55,7 @@ class Tunnels:
         names = self._names[client.id][1] if client.id in self._names else set()
         self._names[client.id] = (self._matcher, names, nextlayer)
         names.add((host, port))
-        data = nextlayer.data_client()
-        for name in (client.sni, _server_name(data), _host_header(data)):
-            if name:
-                names.add(split_host(name, port))
+        names.update(split_host(name, port) for name in _names_asked(nextlayer))
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._names.pop(client.id, None)
@@ -94,23 +91,15 @@ class Tunnels:
         return closed
 
 
-def _server_name(data: bytes) -> str | None:
-    """The server name a TLS ClientHello at the start of `data` asks for."""
-    if not data.startswith(b"\x16\x03"):
-        return None
+def _names_asked(nextlayer: layer.NextLayer) -> list[str]:
+    """The TLS server name and the plain-http Host header a connection's client asks for,
+    read by mitmproxy's own next-layer addon's readers: the names it decides by, read alike
+    (those not come yet are read at the next call, when more data has come)."""
+    context, data = nextlayer.context, nextlayer.data_client()
+    asked = [context.client.sni]
     try:
-        hello = parse_client_hello(data)
-    except ValueError:
-        return None
-    return hello.sni if hello is not None else None
-
-
-_HTTP_REQUEST = re.compile(rb"[A-Z]{3,}.+HTTP/", re.IGNORECASE)
-_HOST_HEADER = re.compile(rb"\r\n(?:Host:\s+(.+?)\s*)?\r\n", re.IGNORECASE)  # the first header named Host, or the head's end
-
-
-def _host_header(data: bytes) -> str | None:
-    """The Host header of a plain-http request at the start of `data`, as mitmproxy reads it."""
-    if not _HTTP_REQUEST.match(data) or not (found := _HOST_HEADER.search(data)) or not found[1]:
-        return None
-    return found[1].decode("utf-8", "surrogateescape")
+        hello = NextLayerAddon._get_client_hello(context, data)
+        asked += [hello.sni if hello is not None else None, NextLayerAddon._get_host_header(context, data, nextlayer.data_server())]
+    except NeedsMoreData:
+        pass
+    return [name for name in asked if name]
