@@ -4,7 +4,8 @@ The shipped table (`data/pricing.json`, dated) is overridden model by model by t
 `pricing.models` section of the config. A snapshot resolves to its base by a real date
 (or `-latest`, `-0`, or a version) at the end of its name: `gpt-4o-2024-08-06` -> `gpt-4o`,
 `claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`, and so do Vertex AI's and Bedrock's
-names of a model (`claude-sonnet-4-5@20250929`, `us.anthropic.claude-sonnet-4-5-20250929-v1:0`).
+names of a model (`claude-sonnet-4-5@20250929`, `mistral-large@2407`,
+`us.anthropic.claude-sonnet-4-5-20250929-v1:0`).
 Nothing else is taken off: a `-preview` is a model of its own (`gpt-4-1106-preview` is
 GPT-4 Turbo, not `gpt-4`), and a snapshot priced apart from its base is in the table under
 its own name.
@@ -30,6 +31,7 @@ _TAKEN_OFF = tuple(re.compile(pattern) for pattern in (
     r"^(?:[a-z]+(?:-[a-z]+)?\.)?(?:anthropic|openai|meta|mistral|amazon|cohere|ai21|deepseek|qwen)\.",
     rf"-{_YEAR}-{_MONTH}-{_DAY}$",  # OpenAI snapshots: gpt-4o-2024-08-06
     rf"[-@]{_YEAR}{_MONTH}{_DAY}$",  # Anthropic snapshots: claude-sonnet-4-5-20250929, on Vertex AI claude-sonnet-4-5@20250929
+    rf"@(?:00[1-9]|2\d{_MONTH})$",  # Vertex AI's versions of partners' models: jamba-1.5-large@001, mistral-large@2407
     rf"-{_MONTH}{_DAY}$",  # older OpenAI snapshots: gpt-4-0613
     rf"-2\d{_MONTH}$",  # year and month: mistral-large-2411
     r"-latest$",  # an alias of the newest snapshot

@@ -156,8 +156,8 @@ def route_for(provider: Provider, path: str) -> Route:
     segments = _segments(path_only)
     params = parse_qs(query, keep_blank_values=True) if query else {}
     repeated = next((name for name in _RUNS_WHAT if len(set(params.get(name, ()))) > 1), None)
-    if claude := _claude_on_vertex(segments):
-        operation, model, streams = claude
+    if on_vertex := _publisher_model_on_vertex(segments):
+        operation, model, streams = on_vertex
         return Route(provider.name, provider.api, operation, model, repeated=repeated, streams=streams)
     # Claude on Azure AI Foundry: Anthropic's own API under `/anthropic` (its bodies, streams,
     # errors and limits are Anthropic's: read as OpenAI's, a stream was rebuilt as nothing).
@@ -198,18 +198,27 @@ def route_for(provider: Provider, path: str) -> Route:
 # stream was read as chat chunks (a shapes probe).
 _CLAUDE_ON_VERTEX = {"rawpredict": "messages", "streamrawpredict": "messages", "counttokens": "messages.count_tokens"}
 _VERTEX_COUNT_TOKENS = "count-tokens"
+# The other partners' models on Vertex AI (Mistral's `mistral-large-2411`, AI21's
+# `jamba-1.5-large@001`): OpenAI's chat completions in the body and the answer, the model in
+# the path. Read as Gemini's `predict`, their calls had no usage nor cost (budgets neither
+# held nor charged them) and their streams were not read.
+_PARTNER_ON_VERTEX = {"rawpredict": "chat.completions", "streamrawpredict": "chat.completions"}
 
 
-def _claude_on_vertex(segments: list[str]) -> tuple[str, str | None, bool] | None:
-    """(operation, model, whether the path asks for a stream) of a call to Claude on
-    Vertex AI (`.../publishers/anthropic/models/{model}:{action}`), or None for any other path."""
-    if len(segments) < 4 or [segment.lower() for segment in segments[-4:-1]] != ["publishers", "anthropic", "models"]:
+def _publisher_model_on_vertex(segments: list[str]) -> tuple[str, str | None, bool] | None:
+    """(operation, model, whether the path asks for a stream) of a call to a partner's model
+    on Vertex AI (`.../publishers/{partner}/models/{model}:{action}`): Claude's, or another
+    partner's raw predictions. None for any other path (Google's own models are Gemini's)."""
+    if len(segments) < 4 or [segment.lower() for segment in segments[-4:-1:2]] != ["publishers", "models"]:
+        return None
+    publisher = segments[-3].lower()
+    if publisher == "google":
         return None
     model, action = _model_and_action(segments[-1])
-    operation = _CLAUDE_ON_VERTEX.get(action)
+    operation = (_CLAUDE_ON_VERTEX if publisher == "anthropic" else _PARTNER_ON_VERTEX).get(action)
     if operation is None:
         return None
-    if model.lower() == _VERTEX_COUNT_TOKENS:
+    if publisher == "anthropic" and model.lower() == _VERTEX_COUNT_TOKENS:
         return "messages.count_tokens", None, False
     return operation, model, action == "streamrawpredict"
 
@@ -348,8 +357,15 @@ _OPENAI_OPERATIONS = {
 
 
 def _openai_segments(segments: list[str]) -> list[str]:
-    """Those of the operation: an API mounted after the version (Gemini's `/v1beta/openai/...`) without its mount."""
-    return segments[1:] if segments[:1] == ["openai"] else segments
+    """Those of the operation: an API mounted after the version without its mount: Gemini's
+    `/v1beta/openai/...`, Vertex AI's `projects/{p}/locations/{l}/endpoints/{id}/...` (`openapi`,
+    or an endpoint a model is deployed to: read as no operation, a chat call there had no usage
+    nor cost)."""
+    if segments[:1] == ["openai"]:
+        return segments[1:]
+    if len(segments) > 6 and [segment.lower() for segment in segments[0:6:2]] == ["projects", "locations", "endpoints"]:
+        return [segment.lower() for segment in segments[6:]]
+    return segments
 
 
 # The operations whose calls run a model and are billed by its tokens, with the segments of

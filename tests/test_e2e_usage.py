@@ -280,3 +280,65 @@ def test_claude_on_vertex_through_a_gateway_is_refused_and_replayed_as_anthropic
     assert replayed.headers["content-type"] == "text/event-stream" and replayed.text.startswith("event: message_start")
     deltas = [orjson.loads(line[6:])["delta"] for line in replayed.text.splitlines() if line.startswith("data: ") and "text_delta" in line]
     assert "".join(delta["text"] for delta in deltas) == CANNED_REPLY and "event: message_stop" in replayed.text
+
+
+VERTEX_MISTRAL = "/v1/projects/p/locations/us-central1/publishers/mistralai/models/mistral-large@2407:{action}"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_partners_model_on_vertex_is_metered_and_charged_as_a_chat(tmp_path, stream: bool) -> None:
+    """Mistral's (and AI21's) models on Vertex AI: OpenAI's chat completions at
+    `publishers/{partner}/models/{model}@{version}:rawPredict` or `:streamRawPredict`. Read as
+    Gemini's `predict`, a call had no usage nor cost, so a budget never charged it; and its
+    `@2407` version left it unpriced."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"vertex": {"api": "openai", "hosts": [f"localhost:{server.port}"]}},
+                  "pricing": {"models": {"mistral-large": {"input": 2.0, "output": 6.0}}},
+                  "policy": {"budgets": [{"usd_per_day": 0.00001, "per": "global", "hold_in_flight": False}]}}
+        url = f"http://localhost:{server.port}" + VERTEX_MISTRAL.format(action="streamRawPredict" if stream else "rawPredict")
+
+        def call(text: str) -> requests.Response:  # as Google's samples send it: the model in the body too
+            body = {"model": "mistral-large", "max_tokens": 9, "messages": [{"role": "user", "content": text}], **({"stream": True} if stream else {})}
+            return requests.post(url, json=body, headers={"Authorization": "Bearer vertex-token-1234"}, proxies={"http": proxy.proxy_url}, timeout=10)
+
+        m = marker()
+        with Mitmdump(tmp_path, config=config) as proxy:
+            response = call(m)
+            assert response.status_code == 200
+            assert (b"data: [DONE]" in response.content) is stream
+            t = trace_with(proxy, m)
+            refused = call(marker())  # the first call's cost spent the budget
+    finally:
+        server.stop()
+    assert (t["operation"], t["model"], t["stream"], t["error"]) == ("chat.completions", "mistral-large@2407", stream, None)
+    answer = t["response"]["body"]["choices"][0]["message"]["content"]
+    assert answer == CANNED_REPLY
+    usage = t["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["estimated"]) == (12, 7, False)
+    assert t["cost_usd"] == pytest.approx((12 * 2.0 + 7 * 6.0) / 1e6)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "usd_per_day"
+
+
+def test_vertex_openai_endpoint_streams_are_metered(tmp_path) -> None:
+    """The openai SDK pointed at Vertex AI's OpenAI-compatible endpoint (the base URL
+    `.../projects/{p}/locations/{l}/endpoints/openapi` Google gives): its streamed chat is
+    read as one, its usage asked for (`stream_usage`), metered and charged (read as
+    `projects`, it had none of them)."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"vertex": {"api": "openai", "hosts": [f"localhost:{server.port}"], "stream_usage": True}},
+                  "pricing": {"models": {"gemini-2.0-flash-001": {"input": 0.1, "output": 0.4}}}}
+        m = marker()
+        with Mitmdump(tmp_path, config=config) as proxy:
+            base = f"http://localhost:{server.port}/v1/projects/p/locations/us-central1/endpoints/openapi"
+            result = drive({"client": "openai", "op": "chat", "api_key": "ya29.vertex-access-token-0123456789", "base_url": base,
+                            "params": {"model": "google/gemini-2.0-flash-001", "stream": True, "messages": [{"role": "user", "content": m}]}},
+                           proxy.client_env())
+            t = trace_with(proxy, m)
+    finally:
+        server.stop()
+    assert result["text"] == CANNED_REPLY and result["usage"] is None  # the usage chunk asked for by the proxy is the proxy's
+    assert (t["operation"], t["model"], t["stream"], t["error"]) == ("chat.completions", "google/gemini-2.0-flash-001", True, None)
+    assert (t["usage"]["input_tokens"], t["usage"]["output_tokens"], t["usage"]["estimated"]) == (12, 7, False)
+    assert t["cost_usd"] == pytest.approx((12 * 0.1 + 7 * 0.4) / 1e6)

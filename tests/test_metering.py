@@ -150,13 +150,15 @@ def test_only_a_real_date_or_alias_suffix_is_taken_off() -> None:
 
 
 def test_only_a_vendor_before_a_model_or_a_vertex_date_after_it_is_taken_off() -> None:
-    """Bedrock's vendor (and an inference profile's geography) and Vertex AI's `@` date go, as a
-    dated snapshot's date does; a dot or an `@` elsewhere in a name stays (`gpt-4.1` is not `1`)."""
+    """Bedrock's vendor (and an inference profile's geography) and Vertex AI's `@` date or
+    version (AI21's `@001`, Mistral's year and month `@2407`: unpriced before) go, as a dated
+    snapshot's date does; a dot or an `@` elsewhere in a name stays (`gpt-4.1` is not `1`)."""
     table = PriceTable({"my-model": ModelPrice(input=1, output=2), "1": ModelPrice(input=5, output=5), "mini": ModelPrice(input=5, output=5)})
-    for named in ("my-model@20250929", "anthropic.my-model", "us.meta.my-model-v1:0", "global.openai.my-model-2025-04-16"):
+    for named in ("my-model@20250929", "my-model@001", "my-model@2407", "anthropic.my-model", "us.meta.my-model-v1:0",
+                  "global.openai.my-model-2025-04-16"):
         assert table.resolve(named) == "my-model", named
-    for distinct in ("my-model@preview", "my-model@2025", "my-model@20251340", "acme.my-model", "us.my-model", "my-model-preview@20250929",
-                     "gpt-4o@mini", "o3@1", "4.1", "gpt-4.mini"):
+    for distinct in ("my-model@preview", "my-model@2025", "my-model@20251340", "my-model@000", "my-model@0010", "acme.my-model", "us.my-model",
+                     "my-model-preview@20250929", "gpt-4o@mini", "o3@1", "4.1", "gpt-4.mini"):
         assert table.resolve(distinct) is None, distinct
     for name in ("gpt-4.1", "gpt-4.1-mini", "gpt-5.1", "gpt-3.5-turbo"):
         assert table.resolve(name) == name and table.resolve(f"{name}@20250414") == name

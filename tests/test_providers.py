@@ -257,6 +257,47 @@ def test_claude_on_vertex_is_anthropics_messages_api(path: str, operation: str, 
     assert route_for(Provider("litellm", api, upgrade_http=False), VERTEX.replace("anthropic", "google") + "gemini-2.5-pro:rawPredict").operation != "messages"  # type: ignore[arg-type]
 
 
+VERTEX_PARTNERS = "/v1/projects/p/locations/us-central1/publishers/"
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "streams"),
+    [
+        (VERTEX_PARTNERS + "mistralai/models/mistral-large-2411:rawPredict", "mistral-large-2411", False),
+        (VERTEX_PARTNERS + "mistralai/models/mistral-large@2407:streamRawPredict", "mistral-large@2407", True),
+        ("/vertex_ai" + VERTEX_PARTNERS + "ai21/models/jamba-1.5-large@001:RAWPREDICT", "jamba-1.5-large@001", False),
+    ],
+)
+def test_partners_models_on_vertex_are_chat_completions(path: str, model: str, streams: bool) -> None:
+    """Mistral's and AI21's models on Vertex AI take and answer OpenAI's chat completions,
+    the model named in the path (read as Gemini's `predict`, no usage nor cost was read and a
+    budget never charged them); Google's own `rawPredict` stays Gemini's."""
+    route = route_for(Provider("gateway", "openai", upgrade_http=False), path)
+    assert (route.operation, route.deployment, route.streams) == ("chat.completions", model, streams)
+    assert shapes_of(route.api, route.operation) == "openai" and route.generates("POST")
+    google = route_for(Provider("gateway", "openai", upgrade_http=False), VERTEX_PARTNERS + "google/models/gemini-2.0-flash-001:rawPredict")
+    assert google.operation == "predict"
+    assert route_for(Provider("gateway", "openai", upgrade_http=False), VERTEX_PARTNERS + "mistralai/models/m:predict").operation == "predict"
+
+
+@pytest.mark.parametrize(
+    ("path", "operation", "streams"),
+    [
+        ("/v1/projects/p/locations/us-central1/endpoints/openapi/chat/completions", "chat.completions", False),
+        ("/v1beta1/projects/p/locations/global/endpoints/openapi/Chat/Completions?x=1", "chat.completions", False),
+        ("/v1/projects/p/locations/us-central1/endpoints/1234/embeddings", "embeddings", False),  # a model deployed there
+        ("/v1/projects/p/locations/us-central1/endpoints/1234:streamGenerateContent", "generate_content", True),
+    ],
+)
+def test_vertex_openai_endpoint_is_read_past_its_mount(path: str, operation: str, streams: bool) -> None:
+    """Vertex AI's OpenAI-compatible endpoint (`projects/{p}/locations/{l}/endpoints/openapi`,
+    the base URL Google gives the openai SDK) is read by the operation after it: read as
+    `projects`, a chat call had no usage nor cost, and its stream's usage was not asked for."""
+    route = route_for(Provider("vertex", "openai", upgrade_http=False), path)
+    assert (route.operation, route.streams, route.subresource) == (operation, streams, False)
+    assert route.generates("POST")
+
+
 @pytest.mark.parametrize(
     ("batch_path", "expected"),
     [

@@ -211,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._gemini(path.endswith(":streamGenerateContent"))
         if "/publishers/anthropic/models/" in path and path.lower().endswith((":rawpredict", ":streamrawpredict")):  # Claude on Vertex AI
             return self._anthropic({**request, "stream": path.lower().endswith(":streamrawpredict")})
+        if "/publishers/" in path and path.lower().endswith((":rawpredict", ":streamrawpredict")):  # Mistral's, AI21's on Vertex AI: a chat
+            streams = path.lower().endswith(":streamrawpredict")  # whose stream ends with its usage, asked or not
+            return self._chat({**request, "stream": streams, **({"stream_options": {"include_usage": True}} if streams else {})})
         if path.endswith("/models"):
             return self._json(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
         if path.endswith("/embeddings"):
