@@ -304,7 +304,10 @@ class PolicyConfig(_Section):
 
 class ModelPrice(_Section):
     """USD per 1M tokens. Cached input and cache writes default to input, 1-hour cache
-    writes to twice input (Anthropic's rule), audio to text; reasoning is billed as output."""
+    writes to twice input (Anthropic's rule), audio to text; reasoning is billed as output.
+    `max_output_tokens`, the most the model writes in one answer, is what a call naming no
+    output limit holds against budgets and token limits (a name the shipped table knows
+    keeps its maximum where the config prices it anew without one)."""
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
@@ -313,6 +316,7 @@ class ModelPrice(_Section):
     cache_write_1h: float | None = Field(default=None, ge=0)
     audio_input: float | None = Field(default=None, ge=0)
     audio_output: float | None = Field(default=None, ge=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
 
 
 class PricingConfig(_Section):

@@ -554,16 +554,18 @@ def _middle_cut(text: str, reach: int) -> str:
 _MANY_OUTPUTS = frozenset(("chat.completions", "completions", "generate_content", "gemini"))
 
 
-def output_limit(route: Route, body: Any) -> float | None:
+def output_limit(route: Route, body: Any, unnamed: int | None = None) -> float | None:
     """The most output tokens a call allows itself: its largest limit times its outputs
-    (`math.inf` where one of them is no number a server reads as such); None where it names
-    no limit."""
+    (`math.inf` where one of them is no number a server reads as such); where it names no
+    limit, `unnamed` (the model's own maximum, if known) times its outputs, else None."""
     if not isinstance(body, dict):
         return None
     holders = [body]
     if not _LIMIT_HOLDER_SET.isdisjoint(body):
         holders += [inner for name in LIMIT_HOLDERS if isinstance(inner := body.get(name), dict)]
     limits = [limit for holder in holders for _, value in _limits_named(holder) if (limit := _token_limit(value)) is not None]
+    if not limits and unnamed is not None:
+        limits = [float(unnamed)]
     if not limits:
         return None
     return float(math.ceil(most)) if math.isfinite(most := max(limits) * _copies(route, body)) else math.inf

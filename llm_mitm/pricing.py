@@ -67,7 +67,8 @@ _AZURE_GPT_35 = "gpt-35-"
 class PriceTable:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self.as_of, shipped = shipped_table()
-        self._configured = {k.lower(): v for k, v in (overrides or {}).items()}
+        self._configured = {name: _with_known_maximum(price, shipped.get(name)) for name, price in
+                            ((k.lower(), v) for k, v in (overrides or {}).items())}
         self.prices = {**shipped, **self._configured}
         self._resolved: Memo[str, str | None] = Memo(self._resolve)
 
@@ -92,6 +93,14 @@ class PriceTable:
         if self._configured and asked is not None and (configured := self._configured.get(asked.lower())) is not None:
             return configured
         return self.price(answered or asked)
+
+
+def _with_known_maximum(price: ModelPrice, shipped: ModelPrice | None) -> ModelPrice:
+    """A configured price keeps the shipped entry's output maximum where it names none: a
+    price is what a config changes, the model's maximum is the model's."""
+    if price.max_output_tokens is not None or shipped is None or shipped.max_output_tokens is None:
+        return price
+    return price.model_copy(update={"max_output_tokens": shipped.max_output_tokens})
 
 
 def cost_usd(usage: Usage, price: ModelPrice) -> float:

@@ -947,6 +947,28 @@ def test_calls_in_flight_hold_their_most_against_tokens_per_minute(tmp_path: Pat
         assert all(stream.result()["text"] == CANNED_REPLY for stream in streams)
 
 
+@pytest.mark.parametrize("limit", ["budget", "tokens_per_minute"])
+def test_a_call_naming_no_output_limit_holds_its_models_maximum(tmp_path: Path, provider: FakeProvider, pki: ServerCert, limit: str) -> None:
+    """A call that names no `max_tokens` (the SDKs' default) held its prompt alone, so a
+    burst of them passed a budget or a token limit together by all they wrote. It holds the
+    most its model writes in one answer (gpt-4o: 16,384 tokens, 0.16 USD), from the shipped
+    table, where the config prices the model anew without one too."""
+    policy = ({"budgets": [{"usd_per_day": 0.1, "per": "global"}]} if limit == "budget" else
+              {"rate_limits": [{"tokens_per_minute": 10000, "per": "global"}]})
+    config = {"policy": policy, "pricing": {"models": {"gpt-4o": {"input": 2.5, "output": 10.0}}}}
+    slow = {"headers": {"x-fake-delay-ms": "400"}}
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy, ThreadPoolExecutor(1) as pool:
+        first = marker()
+        stream = pool.submit(openai_call, proxy, chat(first, stream=True), **slow)
+        assert wait_for(lambda: any(first.encode() in r.body for r in provider.requests), seconds=30)
+        second = marker()
+        with Blocked(proxy, provider, second):
+            refused = openai_call(proxy, chat(second))
+        assert refused["error"] == "RateLimitError" and "held by the calls in flight" in refused["message"], refused
+        assert stream.result()["text"] == CANNED_REPLY
+        assert openai_call(proxy, chat(marker()))["text"] == CANNED_REPLY  # its hold given back as it ended
+
+
 def test_an_azure_deployment_holds_at_the_price_of_the_model_that_answers_it(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     """A deployment's name (`prod-chat`) has no price, the model that answers it has: the
     calls were charged at that price but held nothing, and a burst passed the budget (a

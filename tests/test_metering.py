@@ -18,7 +18,9 @@ from llm_mitm.config import HeaderRule, ModelPrice, PolicyConfig
 from llm_mitm.estimate import estimate_usage
 from llm_mitm.metering import Call, Metering
 from llm_mitm.organization import choose
-from llm_mitm.pricing import PriceTable, cost_usd
+from llm_mitm.policy import output_limit
+from llm_mitm.pricing import PriceTable, cost_usd, shipped_table
+from llm_mitm.providers import Provider, route_for
 from llm_mitm.quota import HOLD_SECONDS, Caller, Holds, Quota
 from llm_mitm.refusal import refusal
 from llm_mitm.spend import PERIODS, SpendStore, seconds_left
@@ -679,3 +681,24 @@ def test_refusal_shapes() -> None:
     body = orjson.loads(anthropic.body)
     assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
     assert anthropic.headers["retry-after"] == "12"
+
+
+def test_a_models_maximum_output_is_shipped_and_kept_under_a_configured_price() -> None:
+    """What a call naming no output limit holds: its model's maximum, from the shipped table;
+    a config that prices a shipped model anew keeps it unless it names its own."""
+    assert PriceTable().price("gpt-4o-2024-08-06").max_output_tokens == 16384
+    assert PriceTable().price("claude-sonnet-4-5@20250929").max_output_tokens == 64000
+    repriced = PriceTable({"GPT-4o": ModelPrice(input=1, output=2)}).price_for("gpt-4o", None)
+    assert (repriced.input, repriced.max_output_tokens) == (1, 16384)
+    assert PriceTable({"gpt-4o": ModelPrice(input=1, output=2, max_output_tokens=100)}).price("gpt-4o").max_output_tokens == 100
+    assert PriceTable({"my-model": ModelPrice(input=1, output=2)}).price("my-model").max_output_tokens is None
+    generating = [name for name in shipped_table()[1] if not name.startswith(("text-embedding", "omni-moderation"))]
+    assert all(shipped_table()[1][name].max_output_tokens for name in generating)
+
+
+def test_a_call_naming_no_output_limit_is_held_at_its_models_maximum() -> None:
+    route = route_for(Provider("openai", "openai", upgrade_http=True), "/v1/chat/completions")
+    assert output_limit(route, {"messages": []}) is None
+    assert output_limit(route, {"messages": []}, 16384) == 16384
+    assert output_limit(route, {"messages": [], "n": 3}, 16384) == 3 * 16384
+    assert output_limit(route, {"messages": [], "max_tokens": 10}, 16384) == 10  # a limit named wins

@@ -12,7 +12,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
-from llm_mitm.config import Config, ConfigError, trace_destination
+from llm_mitm.config import Config, ConfigError, ModelPrice, trace_destination
 from llm_mitm.estimate import BYTES_PER_TOKEN, prompt_tokens
 from llm_mitm.exchange import Exchange
 from llm_mitm.metering import GENERATING
@@ -98,15 +98,18 @@ class QuotaAddon:
             self._spend = None
 
     def _most_usage(self, exchange: Exchange, priced: bool) -> Usage | None:
-        """The tokens a call may use at most, as far as it says: its prompt (estimated) and
-        all the output it allows (none when it names no limit); None for a call that does
-        not generate. Against a token limit alone the prompt is its body's size in tokens
-        (more than its texts; a review: reading every text of an agent's 500 KB call took
-        0.76 ms on the event loop). A budget's hold still reads them, to price them."""
+        """The tokens a call may use at most: its prompt (estimated) and all the output it
+        allows, the model's maximum where it names no limit (none for a model of unknown
+        maximum: a burst of such calls passed a budget together by their outputs); None for
+        a call that does not generate. Against a token limit alone the prompt is its body's
+        size in tokens (more than its texts; a review: reading every text of an agent's
+        500 KB call took 0.76 ms on the event loop). A budget's hold still reads them, to
+        price them."""
         body = exchange.request_json
         if exchange.route.operation not in GENERATING or not exchange.route.generates(exchange.method) or body is None:
             return None
-        most = output_limit(exchange.route, body)
+        model = self._price(exchange)
+        most = output_limit(exchange.route, body, model.max_output_tokens if model is not None else None)
         output = None if most is None else int(min(most, HOLD_OUTPUT_CEILING))
         if not priced:
             return Usage(input_tokens=-(-exchange.request.size // BYTES_PER_TOKEN), output_tokens=output)
@@ -118,8 +121,13 @@ class QuotaAddon:
     def _most_cost(self, exchange: Exchange, most: Usage) -> float:
         """What those tokens cost: nothing for an unpriced model (a budget does not charge
         those either)."""
-        price = self.shared.prices.price_for(exchange.model, self._answered.get(exchange.model))
+        price = self._price(exchange)
         return 0.0 if price is None else cost_usd(most, price)
+
+    def _price(self, exchange: Exchange) -> ModelPrice | None:
+        """The call's model's entry, as it is priced: by the name asked for, or by the model
+        that last answered that name (an Azure deployment's)."""
+        return self.shared.prices.price_for(exchange.model, self._answered.get(exchange.model))
 
     def _charge(self, exchange: Exchange | None) -> None:
         if exchange is None or not exchange.done:
