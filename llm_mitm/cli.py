@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
@@ -18,6 +18,9 @@ from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_e
 from llm_mitm.tracefile import ReadReport, printable, read_traces, with_rotated
 from llm_mitm.trust import DEFAULT_CONFDIR, TrustError
 from llm_mitm.writer import FILE_MODE
+
+if TYPE_CHECKING:  # imported where used: the env command stays light
+    from llm_mitm.redact import Redactor
 
 
 class CommandError(Exception):
@@ -84,8 +87,9 @@ def _report(args: argparse.Namespace) -> int:
 
     report = ReadReport()
     records = _records(args, report)
+    redactor = _redactor(args)
     with _output(args) as out:
-        data = collect(records, args.max_calls)
+        data = collect(records, args.max_calls, redactor)
         out.write(render(data, f"llm-mitm report: {args.traces.name}").encode())
     print(f"wrote {args.output} ({data.calls_total} calls)", file=sys.stderr)
     _problems("report", report)
@@ -97,12 +101,29 @@ def _export(args: argparse.Namespace) -> int:
 
     report, read = ExportReport(), ReadReport()
     records = _records(args, read)
+    redactor = _redactor(args)
     with _output(args) as out:
-        for example in export_examples(records, args.model, report):
+        for example in export_examples(records, args.model, report, redactor):
             out.write(orjson.dumps(example, option=orjson.OPT_APPEND_NEWLINE))
     print(f"llm-mitm export: {printable(report.summary())} -> {args.output}", file=sys.stderr)
     _problems("export", read)
     return 0
+
+
+def _redactor(args: argparse.Namespace) -> Redactor:
+    """Redaction as the proxy's config sets it (`--config`, else ./config.yaml where there is
+    one): what a tool puts together from a trace (a message's parts joined) is looked at
+    again with the patterns the config adds, else a secret of the config's own shape cut
+    across two parts was whole in a report or an export."""
+    from llm_mitm.config import ConfigError, default_config, load_config, resolve_config_path
+    from llm_mitm.redact import Redactor
+
+    path = resolve_config_path(args.config or "")
+    try:
+        config = load_config(path) if path is not None else default_config()
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    return Redactor(**config.redaction.redactor_options())
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -140,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("traces", type=Path, help="a trace file (traces.destination) or a traces.directory")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
     report.add_argument("--max-calls", type=count_of, default=2000, help="calls listed in the table (the latest)")
+    report.add_argument("--config", help="the proxy's config, for its redaction patterns (default: ./config.yaml where there is one)")
     report.set_defaults(run=_report)
 
     export = commands.add_parser("export", help="fine-tuning data from a trace file")
@@ -147,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("openai-chat",), default="openai-chat")
     export.add_argument("-o", "--output", type=Path, required=True)
     export.add_argument("--model", help="only calls to models matching this glob")
+    export.add_argument("--config", help="the proxy's config, for its redaction patterns (default: ./config.yaml where there is one)")
     export.set_defaults(run=_export)
     return root
 

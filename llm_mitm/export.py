@@ -24,7 +24,6 @@ from llm_mitm.redact import Redactor
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "weight"}
 EXAMPLE_KEYS = {"messages", "tools", "parallel_tool_calls"}
-_REDACTOR = Redactor()
 
 
 class Skip(Exception):
@@ -41,12 +40,17 @@ class ExportReport:
         return f"{self.written} examples written" + (f"; skipped: {reasons}" if reasons else "")
 
 
-def export_examples(records: Iterable[dict[str, Any]], model: str | None = None, report: ExportReport | None = None) -> Iterator[dict[str, Any]]:
+def export_examples(records: Iterable[dict[str, Any]], model: str | None = None, report: ExportReport | None = None,
+                    redactor: Redactor | None = None) -> Iterator[dict[str, Any]]:
+    """Each record's example. Each is redacted again (`redactor`: with the patterns the
+    proxy's config adds): a message's text parts, traced one by one, are joined here, so
+    a key cut across two is whole again."""
     report = report if report is not None else ExportReport()
+    redactor = redactor or Redactor()
     seen: set[bytes] = set()
     for record in records:
         try:
-            example = _checked_example(record, model)
+            example = redactor.json(_checked_example(record, model))
             digest = hashlib.blake2b(orjson.dumps(example, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
         except Skip as skip:
             report.skipped[str(skip)] += 1
@@ -118,9 +122,8 @@ def _text(content: Any) -> str | None:
 
 
 def _joined(texts: list[str]) -> str:
-    """Texts traced one by one, joined: a key cut across two is whole again, and is looked
-    for once more."""
-    return _REDACTOR.free_text("".join(texts)) if len(texts) > 1 else "".join(texts)
+    """Texts traced one by one, joined (the example is redacted again: `export_examples`)."""
+    return "".join(texts)
 
 
 def _chat_message(message: Any) -> dict[str, Any]:

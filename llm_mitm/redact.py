@@ -467,12 +467,13 @@ def _shown_tail(text: str, at: int, secret: str) -> int:
 
 
 def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[[str], str] | None = None,
-                named: Callable[[str, Any], Any] | None = None, reshape: Callable[[dict[Any, Any]], dict[Any, Any]] | None = None) -> Any:
+                named: Callable[[str, Any], Any] | None = None, reshape: Callable[[dict[Any, Any]], dict[Any, Any]] | None = None,
+                relist: Callable[[list[Any]], list[Any]] | None = None) -> Any:
     """A copy of plain data with `change` applied to every string and `change_key` (else
     `change`) to every key; `named(key, value)` may decide a non-empty string by the key it
     is the value of, or give a container to walk instead (None: `change` does); `reshape`
-    gives each object to walk in its place. Iterative: nesting deeper than Python's recursion
-    limit is no problem."""
+    gives each object to walk in its place, `relist` each list. Iterative: nesting deeper
+    than Python's recursion limit is no problem."""
     change_key = change_key or change
     root: list[Any] = [None]
     stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
@@ -497,12 +498,49 @@ def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[
                 copy[key] = None
                 stack.append((child, copy, key))
         elif isinstance(item, (list, tuple)):
+            if relist is not None and isinstance(item, list):
+                item = relist(item)
             items: list[Any] = [None] * len(item)
             parent[slot] = items
             stack.extend((child, items, index) for index, child in enumerate(item))
         else:
             parent[slot] = item
     return root[0]
+
+
+_TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))
+
+
+def _text_part_runs(items: list[Any]) -> list[tuple[int, int]]:
+    """[start, end) of each run of two or more text parts in a row."""
+    runs, start = [], None
+    for index, item in enumerate([*items, None]):
+        is_text = isinstance(item, dict) and isinstance(item.get("text"), str) and item.get("type", "text") in _TEXT_PART_TYPES
+        if is_text and start is None:
+            start = index
+        elif not is_text and start is not None:
+            if index - start > 1:
+                runs.append((start, index))
+            start = None
+    return runs
+
+
+def _hidden_across(texts: list[str], spans: list[tuple[int, int, str]]) -> list[str]:
+    """Each text with what of `spans` (in the texts joined) falls in it gone; a span's
+    stand-in written where it begins."""
+    out, offset = [], 0
+    for text in texts:
+        low, high, pieces, done = offset, offset + len(text), [], offset
+        for start, end, stand_in in spans:
+            if end <= low or start >= high:
+                continue
+            pieces.append(text[done - low : max(start, low) - low])
+            if start >= low:
+                pieces.append(stand_in)
+            done = min(end, high)
+        out.append("".join(pieces) + text[done - low :])
+        offset = high
+    return out
 
 
 class RedactingFilter(logging.Filter):
@@ -933,7 +971,7 @@ class Redactor:
                 pass
             else:
                 shapes, names = self._first_look(blob)
-                if not (shapes or names):
+                if not (shapes or names) and blob.count(b'"text":') < 2:  # text parts are read joined, which no look at the blob does
                     return value
                 return self._walk(value, names)
         return self._walk(value)
@@ -947,7 +985,48 @@ class Redactor:
             change_key=self.text,  # a key can be a secret too (`{"sk-...": ...}`)
             named=self._named_value,
             reshape=self._named_pair,
+            relist=self._parts_read_joined,
         )
+
+    def _parts_read_joined(self, items: list[Any]) -> list[Any]:
+        """A list whose runs of text parts (chat's, Responses' and Anthropic's `{"type":
+        "text", "text": ...}`, Gemini's `{"text": ...}`) have a secret cut across two parts
+        hidden: each string is redacted by itself, and the model reads the parts as one (a
+        key sent in two halves was traced whole in two halves)."""
+        out = items
+        for start, end in _text_part_runs(items):
+            texts = [items[index]["text"] for index in range(start, end)]
+            cut = self._cut_spans(texts)
+            if not cut:
+                continue
+            if out is items:
+                out = list(items)
+            for offset, text in enumerate(_hidden_across(texts, cut)):
+                out[start + offset] = {**items[start + offset], "text": text}
+        return out
+
+    def _cut_spans(self, texts: list[str]) -> list[tuple[int, int, str]]:
+        """(start, end, what stands for it) in the texts joined, of each secret that is not
+        whole in one of them: a key's shape or a configured pattern (its fingerprint), a
+        value given to a credential's name (its opaque digest). A key at a part's end that
+        runs on into the next part (`...Qx7` then `b...`) is read as the model reads it: one."""
+        joined = "".join(texts)
+        ends, total = [], 0
+        for text in texts:
+            total += len(text)
+            ends.append(total)
+
+        def across(start: int, end: int) -> bool:
+            return bisect.bisect_right(ends, start) != bisect.bisect_left(ends, end)
+
+        spans = [(start, end, self.fingerprint(joined[start:end])) for start, end in self.secret_spans(joined) if across(start, end)]
+        spans += [(start, end, self.opaque(joined[start:end])) for start, end in self._named_spans(joined) if across(start, end)]
+        spans.sort()
+        kept: list[tuple[int, int, str]] = []
+        for span in spans:  # overlapping finds: the first found from the left stands
+            if not kept or span[0] >= kept[-1][1]:
+                kept.append(span)
+        return kept
 
     def _name_of_key(self, key: str) -> bool:
         """Whether a JSON key names a credential as free text's names do (`DB_PASSWORD`,

@@ -29,9 +29,6 @@ CONVERSATION_LIMIT = 20_000
 # rarest are let go. Every message an API gives may differ (a rate limit says its own counts),
 # and keeping each grew the report by ~300 bytes a call (a trace tools probe).
 TOP_KEPT = 1000
-# The texts a call's conversation is read as are not all as the trace holds them: a text file
-# sent as base64 is decoded, and a message's parts are read joined (a key cut across two).
-_REDACTOR = Redactor()
 
 
 @dataclass
@@ -47,6 +44,10 @@ class ReportData:
     errors_total: int = 0
     blocks_total: int = 0
     calls: deque[dict[str, Any]] = field(default_factory=deque)
+    # The bodies are redacted again, with the patterns the proxy's config adds (a trace
+    # written before, or under another config); and the texts a call's conversation is read
+    # as are not all as the trace holds them (a text file sent as base64 is decoded).
+    redactor: Redactor = field(default_factory=Redactor)
 
     def add(self, record: dict[str, Any]) -> None:
         self.calls_total += 1
@@ -64,7 +65,7 @@ class ReportData:
             _count(self.errors, str(record["error"])[:200])
         elif isinstance(record.get("duration_ms"), (int, float)):
             self.latency[_latency_bucket(record["duration_ms"])] += 1
-        self.calls.append(_call(record, model))
+        self.calls.append(_call(record, model, self.redactor))
         if len(self.calls) > self.max_calls:
             self.calls.popleft()
 
@@ -94,11 +95,11 @@ def _latency_label(index: int) -> str:
     return f"{low}–{high}ms"
 
 
-def _call(record: dict[str, Any], model: str) -> dict[str, Any]:
-    request = (record.get("request") or {}).get("body")
-    response = (record.get("response") or {}).get("body")
-    conversation = [[role, _REDACTOR.free_text(text)[:TEXT_LIMIT]] for role, text in request_texts(request) if text]
-    conversation += [["assistant", _REDACTOR.free_text(text)[:TEXT_LIMIT]] for text in response_texts(response) if text]
+def _call(record: dict[str, Any], model: str, redactor: Redactor) -> dict[str, Any]:
+    request = redactor.json((record.get("request") or {}).get("body"))
+    response = redactor.json((record.get("response") or {}).get("body"))
+    conversation = [[role, redactor.free_text(text)[:TEXT_LIMIT]] for role, text in request_texts(request) if text]
+    conversation += [["assistant", redactor.free_text(text)[:TEXT_LIMIT]] for text in response_texts(response) if text]
     usage = record.get("usage") or {}
     policy = record.get("policy") or {}
     return {
@@ -136,8 +137,8 @@ def _latest(conversation: list[list[str]]) -> list[list[str]]:
     return [first, *note, *kept[::-1]]
 
 
-def collect(records: Iterable[dict[str, Any]], max_calls: int = 2000) -> ReportData:
-    data = ReportData(max_calls=max_calls)
+def collect(records: Iterable[dict[str, Any]], max_calls: int = 2000, redactor: Redactor | None = None) -> ReportData:
+    data = ReportData(max_calls=max_calls, redactor=redactor or Redactor())
     for record in records:
         data.add(record)
     return data

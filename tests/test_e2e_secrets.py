@@ -108,6 +108,36 @@ def test_no_key_leaks_anywhere(tmp_path: Path, provider: FakeProvider, pki: Serv
     assert "api-version=1&api-key=" in proxy.output
 
 
+def test_a_key_cut_across_text_parts_is_traced_hidden(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A key (or a secret of a configured pattern) sent in pieces across a message's text
+    parts, which the model reads as one text: each part was redacted by itself, and the
+    trace held the whole key in pieces. Sent by the openai SDK (chat's parts, Responses'
+    input_text) and the anthropic SDK (text blocks)."""
+    key, code = "sk-proj-" + rand(60), "ACME-" + rand(24, "0123456789ABCDEF")
+    config = {"redaction": {"patterns": ["ACME-[0-9A-F]{24}"]}}
+
+    def pieces(kind: str) -> list[dict[str, str]]:
+        text = f"remember {key} and {code} please"
+        cut = [0, 12, 30, text.index(code) + 9, len(text)]  # inside the key's prefix, its middle, the code's
+        return [{"type": kind, "text": text[a:b]} for a, b in zip(cut, cut[1:])]
+
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        env = proxy.client_env()
+        drive({"client": "openai", "op": "chat", "api_key": "sk-proj-" + rand(40),
+               "params": {"model": "gpt-4o", "messages": [{"role": "user", "content": pieces("text")}]}}, env)
+        drive({"client": "openai", "op": "responses", "api_key": "sk-proj-" + rand(40),
+               "params": {"model": "gpt-4o", "input": [{"role": "user", "content": pieces("input_text")}]}}, env)
+        drive({"client": "anthropic", "api_key": "sk-ant-api03-" + rand(90),
+               "params": {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": pieces("text")}]}}, env)
+        assert len(proxy.wait_for_traces(3)) == 3
+    assert any(key[4:20].encode() in r.body for r in provider.requests)  # upstream got it as sent
+    written = proxy.traces_path.read_text()
+    assert written.count("remember") == 3 and written.count("please") == 3
+    for secret in (secret_part(key), code[5:]):
+        for i in range(len(secret) - 8):
+            assert secret[i : i + 8] not in written, f"leaked: {secret[i:i+8]}"
+
+
 def test_upstream_still_gets_the_real_key(proxy: Mitmdump, provider: FakeProvider) -> None:
     key = "sk-proj-" + rand(60)
     drive({"client": "openai", "op": "chat", "api_key": key,

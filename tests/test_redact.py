@@ -255,6 +255,56 @@ def test_bodies_passed_over_as_clean_are_those_the_walk_leaves_alone(body: objec
     assert redactor.json(body) == redactor._walk(body)
 
 
+SPLIT_KEY = "sk-proj-" + "Qx7" * 20
+
+
+@pytest.mark.parametrize("cuts", [(12,), (1,), (3, 30), (20, 21, 50), (len(SPLIT_KEY) - 1,)])
+@pytest.mark.parametrize("shape", ["chat", "responses", "anthropic", "gemini"])
+def test_a_key_cut_across_text_parts_is_hidden_in_every_part(cuts: tuple[int, ...], shape: str) -> None:
+    """Each string was redacted by itself, so a key sent in pieces across a message's text
+    parts (which the model reads as one) was traced whole, in pieces; cut inside its prefix,
+    no look at the body found it at all. The part where it begins holds its fingerprint, the
+    rest of it is gone; what is around it stays."""
+    text = f"my key is {SPLIT_KEY} thanks"
+    edges = [0, *(len("my key is ") + cut for cut in cuts), len(text)]
+    pieces = [text[a:b] for a, b in zip(edges, edges[1:])]
+    kind = {"chat": "text", "responses": "input_text", "anthropic": "text", "gemini": None}[shape]
+    parts = [{"text": piece} if kind is None else {"type": kind, "text": piece} for piece in pieces]
+    body = {"contents": [{"role": "user", "parts": parts}]} if shape == "gemini" else {"messages": [{"role": "user", "content": parts}]}
+    redacted = Redactor().json(body)
+    holder = redacted["contents"][0]["parts"] if shape == "gemini" else redacted["messages"][0]["content"]
+    joined = "".join(part["text"] for part in holder)
+    assert joined == f"my key is {Redactor().fingerprint(SPLIT_KEY)} thanks"
+    assert all("Qx7Qx7" not in part["text"] for part in holder) and len(holder) == len(parts)
+
+
+def test_what_is_cut_across_parts_by_a_configured_pattern_or_a_name_is_hidden() -> None:
+    redactor = Redactor(extra_patterns=["ACME-[0-9A-F]{24}"])
+    parts = [{"type": "text", "text": "code ACME-7F3A9C"}, {"type": "text", "text": "7F3A9C7F3A9C7F3A9C and password=hun"},
+             {"type": "text", "text": "ter2 done"}]
+    redacted = redactor.json({"messages": [{"role": "user", "content": parts}]})["messages"][0]["content"]
+    written = orjson.dumps(redacted).decode()
+    assert "7F3A9C" not in written and "hun" not in written and "ter2" not in written, written
+    assert written.count("#") == 2 and redacted[2]["text"] == " done"
+
+
+def test_parts_apart_or_keys_whole_in_one_part_are_as_before() -> None:
+    """A part that is no text (an image) ends a run; a key whole in one part is that part's
+    own; a list of prompts (strings) is no run of parts."""
+    redactor = Redactor()
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    apart = [{"type": "text", "text": SPLIT_KEY[:12]}, image, {"type": "text", "text": SPLIT_KEY[12:]}]
+    assert redactor._parts_read_joined(apart) is apart
+    whole = [{"type": "text", "text": f"a {SPLIT_KEY}"}, {"type": "text", "text": " b"}]
+    assert redactor._parts_read_joined(whole) is whole
+    assert redactor.json({"messages": [{"role": "user", "content": whole}]})["messages"][0]["content"][0]["text"] == f"a {redactor.fingerprint(SPLIT_KEY)}"
+    running_on = [{"type": "text", "text": f"a {SPLIT_KEY}"}, {"type": "text", "text": "b c"}]  # the model reads `...Qx7b`: one key
+    joined = "".join(part["text"] for part in redactor.json({"messages": [{"role": "user", "content": running_on}]})["messages"][0]["content"])
+    assert joined == f"a {redactor.fingerprint(SPLIT_KEY + 'b')} c"
+    prompts = [SPLIT_KEY[:12], SPLIT_KEY[12:]]
+    assert redactor._parts_read_joined(prompts) is prompts
+
+
 def test_a_clean_body_is_returned_as_it_is_and_a_dirty_one_copied() -> None:
     redactor = Redactor()
     clean = {"model": "gpt-4o", "max_tokens": 9, "messages": [{"role": "user", "content": "Summarise the build log: tokens=5"}]}

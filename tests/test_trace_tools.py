@@ -200,6 +200,37 @@ def test_export_hides_a_key_cut_across_text_parts() -> None:
     assert "R8R8R8R8" not in written and written.count("sk-proj-…R8R8#") == 2, written
 
 
+def test_export_and_report_hide_a_secret_of_the_configs_pattern_cut_across_text_parts(tmp_path: Path) -> None:
+    """A secret of a shape `redaction.patterns` adds, cut across two text parts, in a trace
+    written before the writer read parts joined (or under a config without the pattern): the
+    export joins a message's parts, so it came out whole, and the report showed both halves.
+    Both read the proxy's config (`--config`, else ./config.yaml) and redact the bodies again
+    with its patterns, parts read joined; a config that does not load is said, not ignored."""
+    secret = "ACME-" + "7F3A9C" * 4
+    split = [{"type": "text", "text": f"the vault code is {secret[:11]}"}, {"type": "text", "text": f"{secret[11:]} remember it"}]
+    record = chat_record("unused", {"role": "assistant", "content": "noted"})
+    record["request"]["body"]["messages"] = [{"role": "user", "content": split}]
+    traces = tmp_path / "t.jsonl"
+    traces.write_bytes(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+    config = tmp_path / "proxy.yaml"
+    config.write_text("redaction:\n  patterns: ['ACME-[0-9A-F]{24}']\n")
+    for tool, out in (("export", tmp_path / "train.jsonl"), ("report", tmp_path / "report.html")):
+        result = cli(tool, str(traces), "-o", str(out), "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        written = out.read_text()
+        assert "7F3A9C7F3A9C7F3A9C" not in written and "the vault code is" in written, tool
+        bare = cli(tool, str(traces), "-o", str(out))  # no config here: the built-in shapes only
+        assert bare.returncode == 0 and "7F3A9C7F3A9C7F3A9C" in out.read_text(), tool
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("redaction:\n  patterns: ['(']\n")
+        refused = cli(tool, str(traces), "-o", str(out), "--config", str(broken))
+        assert refused.returncode == 2 and "redaction.patterns" in refused.stderr and "broken.yaml" in refused.stderr, refused.stderr
+    (tmp_path / "config.yaml").write_text(config.read_text())
+    found = subprocess.run([LLM_MITM, "export", str(traces), "-o", str(tmp_path / "cwd.jsonl")], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path)
+    assert found.returncode == 0 and secret not in (tmp_path / "cwd.jsonl").read_text(), found.stderr
+
+
 def test_export_skips_what_it_cannot_convert(tmp_path: Path) -> None:
     """A record the format has no place for (a custom tool call) or that is malformed is
     skipped with its reason; the examples after it are still written."""
