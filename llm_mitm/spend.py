@@ -29,11 +29,21 @@ def seconds_left(period: str, now: datetime) -> int:
     return max(1, int((end - now).total_seconds()))
 
 
-def check_writable(db: sqlite3.Connection) -> None:
+_SQLITE_BUSY = 5  # another connection holds the write lock: the file is writable, not now
+
+
+def check_writable(db: sqlite3.Connection) -> bool:
     """sqlite3.OperationalError where SQLite opened the file to read only (one it may not
-    write): a write of what the file already says."""
+    write): a write of what the file already says. False where another process holds it
+    locked (a second proxy writing, a shell in a transaction): writable, later."""
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    db.execute(f"PRAGMA user_version = {version}")
+    try:
+        db.execute(f"PRAGMA user_version = {version}")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != _SQLITE_BUSY:
+            raise
+        return False
+    return True
 
 
 class SpendStore:
@@ -83,7 +93,8 @@ class SpendStore:
                 "CREATE TABLE IF NOT EXISTS spend (period TEXT NOT NULL, scope TEXT NOT NULL, usd REAL NOT NULL,"
                 " PRIMARY KEY (period, scope))"
             )
-            check_writable(db)
+            if not check_writable(db):  # it stopped mitmdump at start (a review)
+                logger.warning("llm-mitm: spend store %s is locked by another process: charges wait in memory until it is free", self.path)
         except sqlite3.Error:
             db.close()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import orjson
 import pytest
 import requests
 
+from llm_mitm.spend import SpendStore
 from tests.conftest import provider_routes
 from tests.support.clients import drive
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
@@ -906,6 +908,27 @@ def test_budget_persists_across_restart(tmp_path: Path, provider: FakeProvider, 
         started = time.monotonic()
         result = drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": params, "max_retries": 2}, proxy.client_env(), timeout=30)
         assert result["error"] == "RateLimitError" and time.monotonic() - started < 10
+
+
+def test_a_budget_starts_while_another_process_holds_the_spend_files_lock(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """A second proxy writing, or a shell in a transaction, as mitmdump starts: it stopped
+    with "database is locked". It starts, counts what the file holds, and its charges wait
+    for the lock."""
+    config = {"policy": {"budgets": [{"usd_per_day": 0.0001, "per": "global"}]}}
+    spend = tmp_path / "llm-mitm-spend.sqlite"
+    store = SpendStore(spend)
+    store.add("global", 0.00005)
+    store.close()
+    holder = sqlite3.connect(spend, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        assert "is locked by another process" in proxy.output
+        m = marker()
+        assert openai_call(proxy, chat(m))["text"] == CANNED_REPLY  # 0.00005 of 0.0001 spent before it
+        cost = trace_with(proxy, m)["cost_usd"]
+        holder.execute("ROLLBACK")
+        assert wait_for(lambda: holder.execute("SELECT usd FROM spend WHERE period LIKE 'day:%'").fetchall() == [(pytest.approx(0.00005 + cost),)])
+        assert openai_call(proxy, chat(marker()))["error"] == "RateLimitError"  # what the file held counted
 
 
 def test_calls_in_flight_hold_their_most_against_a_budget(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:

@@ -577,6 +577,26 @@ def test_spend_is_kept_while_another_process_holds_the_files_lock(tmp_path: Path
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # it names keys' fingerprints
 
 
+def test_a_spend_file_locked_at_start_is_opened_and_written_once_free(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holding the file's write lock as the proxy starts (a second proxy
+    writing, a shell in a transaction) stopped mitmdump: the check that the file is writable
+    took the lock for a read-only file. It opens with the totals the file holds, and its
+    charges wait for the lock."""
+    path = tmp_path / "spend.sqlite"
+    first = SpendStore(path)
+    first.add("global", 1.5)
+    first.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    store = SpendStore(path)
+    assert store.total("global", "day") == 1.5
+    assert "is locked by another process" in caplog.text
+    store.add("global", 0.25)
+    holder.execute("ROLLBACK")
+    assert wait_for(lambda: holder.execute("SELECT usd FROM spend WHERE scope = 'global'").fetchall() == [(1.75,), (1.75,)])
+    store.close()
+
+
 def test_charges_waiting_for_a_locked_file_are_one_entry_a_scope(tmp_path: Path) -> None:
     """A file that cannot be written for long held two entries a call, each retry rewriting
     them all (a review): they are summed by period and scope."""
