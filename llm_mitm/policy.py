@@ -194,6 +194,9 @@ class Policy:
         if self.checks_calls and route.operation == "batches" and _unread_batch_input(request.body):
             return Violation("operation_not_allowed", "a batch's calls must come in a file (input_file_id) for the policy to check them; "
                              "a batch read from elsewhere (Azure's input_blob) cannot be checked")
+        if self._instructions and route.operation == "evals" and (stored := _stored_items(request.body)) is not None:
+            return Violation("forbidden_instruction", f"an eval run's items from {stored!r} (kept upstream) cannot be read here to check them "
+                             "against forbidden_instructions: give them as a file (file_id) or inline (file_content)")
         if self.checks_calls and route.operation == "batch_generate_content":
             return Violation("operation_not_allowed", "a Gemini batch (batchGenerateContent) is not read call by call by the policy: "
                              "send its calls one by one, or allow them where no rule checks calls")
@@ -747,6 +750,15 @@ def _other_models(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             for where, transcription in transcriptions(holder):
                 if "model" in transcription:
                     yield f"{prefix}{where}", transcription["model"]
+
+
+def _stored_items(body: Any) -> str | None:
+    """The kind of an eval run's items kept upstream (`stored_completions`, `responses`):
+    what the model reads of them is not in the call, nor in a file the proxy reads back."""
+    source = body.get("data_source") if isinstance(body, dict) else None
+    inner = source.get("source") if isinstance(source, dict) else None
+    kind = inner.get("type") if isinstance(inner, dict) else None
+    return kind if isinstance(kind, str) and kind not in ("file_id", "file_content") else None
 
 
 def _items_file(body: dict[str, Any]) -> Any:

@@ -625,6 +625,13 @@ def test_an_eval_run_is_checked_against_its_items_file(tmp_path: Path, provider:
         reads = [r for r in provider.requests if r.method == "GET" and f"/files/file-{tag}-" in r.path]
         assert sorted(r.path for r in reads) == sorted(f"/v1/files/{name}/content" for name in (bad, dan, dan, fine))  # a new template, a new verdict
         assert all(r.header("authorization") == f"Bearer {OPENAI_KEY}" for r in reads)
+        # Items kept upstream (stored completions, responses) are filled in where the proxy
+        # cannot read them: refused, nothing sent (they went unchecked).
+        stored = {"type": "completions", "model": "gpt-4o-mini", "source": {"type": "stored_completions", "metadata": {"tag": tag}},
+                  "input_messages": {"type": "item_reference", "item_reference": "item.input"}}
+        refused = openai_call(proxy, {"eval_id": f"eval_{tag}", "name": "r", "data_source": stored}, op="method", method="evals.runs.create")
+        assert refused["error"] == "PermissionDeniedError" and "'stored_completions'" in refused["message"], refused
+        assert runs() == [dan, fine]
 
 
 def test_organization_and_project_headers(firewall: Mitmdump, provider: FakeProvider) -> None:

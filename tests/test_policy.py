@@ -1101,6 +1101,20 @@ def test_the_model_calls_an_eval_or_a_grader_makes_are_checked(route: Route, bod
         {"type": "string_check", "input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}]}) is None
 
 
+@pytest.mark.parametrize("kind", ["stored_completions", "responses", "a_kind_to_come"])
+def test_an_eval_run_from_items_kept_upstream_is_refused_where_texts_are_checked(kind: str) -> None:
+    """Stored completions' or responses' items go into the run's template upstream, where
+    the policy cannot read them (they went unchecked); refused where forbidden_instructions
+    apply, as a batch read from Azure Blob Storage is. Elsewhere they run."""
+    run = {"name": "r", "data_source": {"type": "completions", "model": "gpt-4o", "source": {"type": kind, "limit": 10},
+                                        "input_messages": {"type": "item_reference", "item_reference": "item.input"}}}
+    violation = check({"forbidden_instructions": ["ignore previous instructions"]}, route=EVALS, body=run)
+    assert violation is not None and violation.rule == "forbidden_instruction" and kind in violation.detail
+    assert check({"allowed_models": ["gpt-4o"], "max_tokens": 100}, route=EVALS, body=run) is None
+    inline = {**run, "data_source": {**run["data_source"], "source": {"type": "file_content", "content": [{"item": {"input": "hi"}}]}}}
+    assert check({"forbidden_instructions": ["ignore previous instructions"]}, route=EVALS, body=inline) is None
+
+
 def test_an_eval_run_from_an_items_file_is_checked_item_by_item() -> None:
     """An eval run whose items are a file upstream names it to be read back, as a batch
     names its input file; each line's item is checked where the template puts it."""
