@@ -78,35 +78,40 @@ class OutputRedaction:
         echo_message = getattr(dumper, "_echo_message", None)  # mitmproxy's own, not its API: looked for, not counted on
         if not callable(echo_message):
             logger.warning("llm-mitm: this mitmproxy prints bodies in a way llm-mitm does not know: an answer's logprobs that spell "
-                           "a secret are printed as they came at flow_detail 3 and 4")
+                           "a secret, or a secret cut across a message's text parts, are printed as they came at flow_detail 3 and 4")
             return
 
-        def echo_message_unspelled(message: Any, flow: Any) -> None:
-            """A body (flow_detail 3 and up) as mitmdump prints it, but an answer's logprobs
-            printed without the tokens that spell a secret: they come a line each, a few
-            characters a line, where no line holds enough of a key to be found."""
-            echo_message(self._unspelled(message, sent) or message, flow)
+        def echo_message_shown(message: Any, flow: Any) -> None:
+            """A body (flow_detail 3 and up) as mitmdump prints it, from a copy safe to print
+            where the line-by-line redaction of the printout cannot see a secret: see `_shown`."""
+            echo_message(self._shown(message, sent) or message, flow)
 
-        dumper._echo_message = echo_message_unspelled
+        dumper._echo_message = echo_message_shown
 
-    def _unspelled(self, message: Any, sent: dict[str, str]) -> http.Response | None:
-        """A copy of a JSON answer whose logprobs spell a secret, without those tokens' texts
-        (as its trace keeps it); None for any other message."""
-        if not isinstance(message, http.Response):
-            return None
+    def _shown(self, message: Any, sent: dict[str, str]) -> http.Message | None:
+        """A copy of a JSON body with what no printed line holds enough of to be found hidden
+        (as its trace keeps it): an answer's logprobs that spell a secret a few characters a
+        line, a secret cut across a message's text parts (a part a line). None for a body
+        printed as it is."""
         content = message.get_content(strict=False)
-        if not content or b"logprobs" not in content:  # whatever its type says: some servers send JSON as text/plain
+        if not content:
+            return None
+        spelling = isinstance(message, http.Response) and b"logprobs" in content  # whatever its type says: some servers send JSON as text/plain
+        parted = content.count(b'"text"') >= 2
+        if not (spelling or parted):
             return None
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
             return None
-        unspelled = without_spelled_secrets(body, self.shared.redactor, sent)
-        if unspelled is body:
+        redactor = self.shared.redactor
+        shown = without_spelled_secrets(body, redactor, sent) if spelling else body
+        shown = redactor.json(shown) if parted else shown
+        if shown == body:
             return None
-        shown = message.copy()
-        shown.content = orjson.dumps(unspelled)
-        return shown
+        copy = message.copy()
+        copy.content = orjson.dumps(shown)
+        return copy
 
     def done(self) -> None:
         for handler in self._handlers:
