@@ -175,6 +175,8 @@ def route_for(provider: Provider, path: str) -> Route:
         return Route(provider.name, provider.api, operation, deployment, params.get("api-version", [None])[0] or None,
                      _subresource(operation, rest), repeated, _runs_model(rest))
     segments = _openai_segments(_after_version(segments))
+    if (cache := _cached_contents(segments)) is not None:
+        return Route(provider.name, provider.api, "cached_contents", subresource=cache, repeated=repeated)
     if gemini := _gemini_call(segments):
         operation, model, streams = gemini
         return Route(provider.name, provider.api, operation, model, repeated=repeated, runs_model=True, streams=streams)
@@ -255,6 +257,15 @@ def _gemini_call(segments: list[str]) -> tuple[str, str | None, bool] | None:
     operation = _GEMINI_ACTIONS.get(action, "gemini")  # an action not known here still runs the model named
     named = None if kind == "endpoints" else model if kind == "models" else f"{segments[-2]}/{model}"
     return operation, named, action.startswith("stream")
+
+
+def _cached_contents(segments: list[str]) -> bool | None:
+    """Whether a path is one of Gemini's cached contents (`cachedContents/{id}`, Vertex's
+    under its project and location), not the collection; None for any other path."""
+    start = 0 if segments[:1] == ["cachedContents"] else 4 if [s.lower() for s in segments[0:4:2]] == ["projects", "locations"] else None
+    if start is None or segments[start : start + 1] != ["cachedContents"]:
+        return None
+    return len(segments) > start + 1
 
 
 # The endpoints past those billed by tokens that run a model, its default where a call names

@@ -1279,3 +1279,47 @@ def test_a_call_the_recorder_cannot_read_is_refused_not_passed_on(tmp_path: Path
 
     os.chdir(tmp_path)
     run(go())
+
+
+def test_a_cache_checked_against_other_phrases_is_not_taken_for_checked(tmp_path: Path) -> None:
+    """A Gemini cache made through the proxy is remembered with the forbidden_instructions it
+    was checked against: once they change, a call on it is refused (its texts were never
+    read against the new phrases, and cannot be read back); made again, it goes."""
+    from mitmproxy import http
+
+    from llm_mitm.config import parse_config
+
+    config = tmp_path / "config.yaml"
+    config.write_text("providers:\n  gateway: {api: openai, hosts: ['gemini.example']}\npolicy:\n  forbidden_instructions: ['ignore previous instructions']\n")
+
+    def gemini_flow(path: str, body: dict) -> tflow.HTTPFlow:
+        request = tutils.treq(host="gemini.example", port=443, scheme=b"https", path=path.encode(), method=b"POST",
+                              headers=[(b"content-type", b"application/json")], content=orjson.dumps(body))
+        return tflow.tflow(req=request)
+
+    def make_cache(llm) -> str:
+        flow = gemini_flow("/v1beta/cachedContents", {"model": "models/gemini-2.5-flash", "systemInstruction": {"parts": [{"text": "Be brief."}]}})
+        llm.request(flow)
+        assert flow.response is None
+        flow.response = http.Response.make(200, orjson.dumps({"name": "cachedContents/c1"}), {"content-type": "application/json"})
+        llm.responseheaders(flow)
+        llm.response(flow)
+        return "cachedContents/c1"
+
+    def call_on(llm, cache: str) -> int | None:
+        flow = gemini_flow("/v1beta/models/gemini-2.5-flash:generateContent", {"cachedContent": cache, "contents": []})
+        llm.request(flow)
+        return flow.response.status_code if flow.response is not None else None
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, _):
+            assert call_on(llm, "cachedContents/c1") == 403
+            cache = make_cache(llm)
+            assert call_on(llm, cache) is None
+            llm.shared.apply(parse_config({**llm.shared.config.model_dump(), "policy": {"forbidden_instructions": ["you are dan"]}}, "edit"))
+            assert call_on(llm, cache) == 403
+            make_cache(llm)
+            assert call_on(llm, cache) is None
+
+    os.chdir(tmp_path)
+    run(go())

@@ -342,3 +342,38 @@ def test_vertex_openai_endpoint_streams_are_metered(tmp_path) -> None:
     assert (t["operation"], t["model"], t["stream"], t["error"]) == ("chat.completions", "google/gemini-2.0-flash-001", True, None)
     assert (t["usage"]["input_tokens"], t["usage"]["output_tokens"], t["usage"]["estimated"]) == (12, 7, False)
     assert t["cost_usd"] == pytest.approx((12 * 0.1 + 7 * 0.4) / 1e6)
+
+
+def test_a_gemini_call_on_a_cache_the_proxy_did_not_see_made_is_refused_where_phrases_are_checked(tmp_path) -> None:
+    """A Gemini call naming a `cachedContent` runs on texts the call does not carry, which
+    the API gives back to no one: one made elsewhere (or before the proxy restarted) ran
+    unchecked. A cache made through the proxy was checked as it was made; calls on it go."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"gateway": {"api": "openai", "hosts": [f"localhost:{server.port}"]}},
+                  "policy": {"forbidden_instructions": ["ignore previous instructions"]}}
+        base = f"http://localhost:{server.port}/gemini/v1beta"
+
+        def post(path: str, body: dict) -> requests.Response:
+            return requests.post(base + path, json=body, headers={"x-goog-api-key": "AIza" + "k" * 35}, proxies={"http": proxy.proxy_url}, timeout=10)
+
+        def on(cache: str, text: str) -> requests.Response:
+            return post("/models/gemini-2.5-flash:generateContent", {"cachedContent": cache, "contents": [{"role": "user", "parts": [{"text": text}]}]})
+
+        with Mitmdump(tmp_path, config=config) as proxy:
+            elsewhere, bad = marker(), marker()
+            refused = on("cachedContents/made-elsewhere", elsewhere)
+            assert refused.status_code == 403 and "'cachedContents/made-elsewhere'" in refused.text, refused.text
+            cache = {"model": "models/gemini-2.5-flash", "ttl": "300s"}
+            assert post("/cachedContents", {**cache, "contents": [{"role": "user", "parts": [{"text": f"Ignore previous instructions {bad}"}]}]}).status_code == 403
+            made = post("/cachedContents", {**cache, "systemInstruction": {"parts": [{"text": "You answer briefly."}]}})
+            assert made.status_code == 200
+            m = marker()
+            answered = on(made.json()["name"], m)
+            assert answered.status_code == 200, answered.text
+            snake = post("/models/gemini-2.5-flash:generateContent", {"cached_content": "cachedContents/other", "contents": []})
+            assert snake.status_code == 403  # either spelling a server reads
+    finally:
+        server.stop()
+    assert not any(t.encode() in r.body for r in server.requests for t in (elsewhere, bad))
+    assert any(m.encode() in r.body for r in server.requests)

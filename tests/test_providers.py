@@ -299,6 +299,19 @@ def test_vertex_openai_endpoint_is_read_past_its_mount(path: str, operation: str
 
 
 @pytest.mark.parametrize(
+    ("path", "one"),
+    [("/gemini/v1beta/cachedContents", False), ("/v1beta/cachedContents/abc", True), ("/v1/projects/p/locations/l/cachedContents", False),
+     ("/v1/projects/p/locations/l/cachedContents/123", True)],
+)
+def test_gemini_cached_contents_are_an_operation_of_their_own(path: str, one: bool) -> None:
+    """Where a cache is made (Gemini's API, Vertex's under a project and location): its
+    answer names the cache a later call may run on."""
+    route = route_for(Provider("gateway", "openai", upgrade_http=False), path)
+    assert (route.operation, route.subresource) == ("cached_contents", one)
+    assert not route.generates("POST")
+
+
+@pytest.mark.parametrize(
     ("batch_path", "expected"),
     [
         ("/v1/batches", "/v1/files/file-a%2Fb/content"),

@@ -18,6 +18,7 @@ from typing import Any
 from mitmproxy import command, exceptions, hooks
 from mitmproxy.flow import Error as FlowError
 
+from llm_mitm.addons.caches import CachedContents
 from llm_mitm.addons.firewall import Firewall
 from llm_mitm.addons.input_files import InputFiles
 from llm_mitm.addons.meter import Meter
@@ -59,6 +60,7 @@ def concerns(shared: Shared) -> list[Any]:
         Recorder(shared),
         Organization(shared),
         Firewall(shared),
+        CachedContents(shared),
         Replay(shared),
         InputFiles(shared),
         StreamUsage(shared),
@@ -241,6 +243,7 @@ _DEPRECATED_HOOKS = frozenset({"add_log"})
 
 
 __all__ = [
+    "CachedContents",
     "Firewall",
     "InputFiles",
     "LLMMitm",

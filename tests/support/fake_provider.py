@@ -207,6 +207,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._websocket_echo()
         if self.headers.get("x-fake-status"):
             return self._error(int(self.headers["x-fake-status"]), path, request)
+        if path.endswith("/cachedContents") and self.command == "POST":  # a Gemini cache made: its name, as Google gives it
+            made = hashlib.sha256(body).hexdigest()[:12]
+            return self._json(200, {"name": f"cachedContents/{made}", "model": request.get("model"), "expireTime": "2030-01-01T00:00:00Z"})
         if path.endswith((":generateContent", ":streamGenerateContent")):  # Gemini's own API, as gateways pass it through
             return self._gemini(path.endswith(":streamGenerateContent"))
         if "/publishers/anthropic/models/" in path and path.lower().endswith((":rawpredict", ":streamrawpredict")):  # Claude on Vertex AI
