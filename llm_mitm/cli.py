@@ -122,7 +122,7 @@ def _redactor(args: argparse.Namespace) -> Redactor:
     try:
         config = load_config(path) if path is not None else default_config()
     except ConfigError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(f"{exc} (read for its redaction settings; name the proxy's config with --config)") from None
     return Redactor(**config.redaction.redactor_options())
 
 

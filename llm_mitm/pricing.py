@@ -67,7 +67,7 @@ _AZURE_GPT_35 = "gpt-35-"
 class PriceTable:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self.as_of, shipped = shipped_table()
-        self._configured = {name: _with_known_maximum(price, shipped.get(name)) for name, price in
+        self._configured = {name: _with_known_maximum(price, name, shipped) for name, price in
                             ((k.lower(), v) for k, v in (overrides or {}).items())}
         self.prices = {**shipped, **self._configured}
         self._resolved: Memo[str, str | None] = Memo(self._resolve)
@@ -94,13 +94,24 @@ class PriceTable:
             return configured
         return self.price(answered or asked)
 
+    def max_output_tokens(self, asked: str | None, answered: str | None) -> int | None:
+        """The most the model of a call writes in one answer: as its price names it (the
+        name asked for, as priced), else as the model that answered that name (an Azure
+        deployment's) or the one asked for does."""
+        for price in (self.price_for(asked, answered), self.price(answered), self.price(asked)):
+            if price is not None and price.max_output_tokens is not None:
+                return price.max_output_tokens
+        return None
 
-def _with_known_maximum(price: ModelPrice, shipped: ModelPrice | None) -> ModelPrice:
-    """A configured price keeps the shipped entry's output maximum where it names none: a
-    price is what a config changes, the model's maximum is the model's."""
-    if price.max_output_tokens is not None or shipped is None or shipped.max_output_tokens is None:
+
+def _with_known_maximum(price: ModelPrice, name: str, shipped: Mapping[str, ModelPrice]) -> ModelPrice:
+    """A configured price keeps the output maximum of the shipped model its name resolves
+    to (`gpt-4o-2024-08-06` to `gpt-4o`) where it names none: a price is what a config
+    changes, the model's maximum is the model's."""
+    if price.max_output_tokens is not None:
         return price
-    return price.model_copy(update={"max_output_tokens": shipped.max_output_tokens})
+    known = next((shipped[base].max_output_tokens for base in snapshot_bases(name.rpartition("/")[2]) if base in shipped), None)
+    return price if known is None else price.model_copy(update={"max_output_tokens": known})
 
 
 def cost_usd(usage: Usage, price: ModelPrice) -> float:

@@ -375,7 +375,7 @@ def _openai_segments(segments: list[str]) -> list[str]:
     if segments[:1] == ["openai"]:
         return segments[1:]
     if len(segments) > 6 and [segment.lower() for segment in segments[0:6:2]] == ["projects", "locations", "endpoints"]:
-        return [segment.lower() for segment in segments[6:]]
+        return segments[6:]
     return segments
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from llm_mitm.memo import Memo
+from llm_mitm.texts import ROLE_ALIASES, TEXT_PART_TYPES
 
 SENSITIVE_HEADERS = frozenset(
     {
@@ -508,21 +509,33 @@ def _map_strings(value: Any, change: Callable[[str], str], change_key: Callable[
     return root[0]
 
 
-_TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))
-
-
-def _text_part_runs(items: list[Any]) -> list[tuple[int, int]]:
-    """[start, end) of each run of two or more text parts in a row."""
-    runs, start = [], None
+def _text_runs(items: list[Any]) -> list[tuple[int, int, str]]:
+    """[start, end) and the field of each run of two or more texts in a row that the model
+    reads as one: text parts (chat's, Responses' and Anthropic's `{"type": "text", "text":
+    ...}`, Gemini's `{"text": ...}`), and messages of one speaker whose content is a text
+    (Anthropic reads them as one turn, as the policy does)."""
+    runs: list[tuple[int, int, str]] = []
+    start, kind = 0, None
     for index, item in enumerate([*items, None]):
-        is_text = isinstance(item, dict) and isinstance(item.get("text"), str) and item.get("type", "text") in _TEXT_PART_TYPES
-        if is_text and start is None:
-            start = index
-        elif not is_text and start is not None:
-            if index - start > 1:
-                runs.append((start, index))
-            start = None
+        this = _run_kind(item)
+        if this != kind:
+            if kind is not None and index - start > 1:
+                runs.append((start, index, kind[0]))
+            start, kind = index, this
     return runs
+
+
+def _run_kind(item: Any) -> tuple[str, str | None] | None:
+    """("text", None) for a text part, ("content", its speaker) for a message whose content
+    is a text, else None."""
+    if not isinstance(item, dict):
+        return None
+    if isinstance(item.get("text"), str) and item.get("type", "text") in TEXT_PART_TYPES:
+        return ("text", None)
+    role = item.get("role")
+    if isinstance(item.get("content"), str) and isinstance(role, str):
+        return ("content", ROLE_ALIASES.get(role.strip().lower(), role.strip().lower()))
+    return None
 
 
 def _hidden_across(texts: list[str], spans: list[tuple[int, int, str]]) -> list[str]:
@@ -971,8 +984,10 @@ class Redactor:
                 pass
             else:
                 shapes, names = self._first_look(blob)
-                if not (shapes or names) and blob.count(b'"text":') < 2:  # text parts are read joined, which no look at the blob does
-                    return value
+                if not (shapes or names):
+                    if not self._may_hide_across(value):  # texts read joined, which no look at the blob does
+                        return value
+                    names = True
                 return self._walk(value, names)
         return self._walk(value)
 
@@ -989,44 +1004,60 @@ class Redactor:
         )
 
     def _parts_read_joined(self, items: list[Any]) -> list[Any]:
-        """A list whose runs of text parts (chat's, Responses' and Anthropic's `{"type":
-        "text", "text": ...}`, Gemini's `{"text": ...}`) have a secret cut across two parts
-        hidden: each string is redacted by itself, and the model reads the parts as one (a
-        key sent in two halves was traced whole in two halves)."""
+        """A list whose runs of texts the model reads as one (`_text_runs`) have a secret
+        found only when they are joined hidden: each string is redacted by itself (a key
+        sent in two halves was traced whole in two halves, a password after its name in
+        the part before was traced in clear)."""
         out = items
-        for start, end in _text_part_runs(items):
-            texts = [items[index]["text"] for index in range(start, end)]
+        for start, end, field in _text_runs(items):
+            texts = [items[index][field] for index in range(start, end)]
             cut = self._cut_spans(texts)
             if not cut:
                 continue
             if out is items:
                 out = list(items)
             for offset, text in enumerate(_hidden_across(texts, cut)):
-                out[start + offset] = {**items[start + offset], "text": text}
+                out[start + offset] = {**items[start + offset], field: text}
         return out
 
+    def _may_hide_across(self, value: Any) -> bool:
+        """Whether a first look at any run of texts read joined in `value` finds something:
+        the containers walked, not the strings (a walk of every string costs ten times as
+        much on an agent's body; `json` runs in the proxy for a replay too)."""
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(child for child in item.values() if isinstance(child, (dict, list)))
+            elif isinstance(item, list):
+                for start, end, field in _text_runs(item):
+                    shapes, names = self._first_look(orjson.dumps("".join(item[index][field] for index in range(start, end))))
+                    if shapes or names:
+                        return True
+                stack.extend(child for child in item if isinstance(child, (dict, list)))
+        return False
+
     def _cut_spans(self, texts: list[str]) -> list[tuple[int, int, str]]:
-        """(start, end, what stands for it) in the texts joined, of each secret that is not
-        whole in one of them: a key's shape or a configured pattern (its fingerprint), a
-        value given to a credential's name (its opaque digest). A key at a part's end that
-        runs on into the next part (`...Qx7` then `b...`) is read as the model reads it: one."""
+        """(start, end, what stands for it) in the texts joined, of each secret found there
+        and not in the text it lies in, read alone: a key's shape or a configured pattern
+        (its fingerprint), a value given to a credential's name (its opaque digest); where
+        they overlap, one span, opaque. A key at a part's end that runs on into the next
+        (`...Qx7` then `b...`) is read as the model reads it: one key."""
         joined = "".join(texts)
-        ends, total = [], 0
+        own: set[tuple[int, int]] = set()
+        offset = 0
         for text in texts:
-            total += len(text)
-            ends.append(total)
-
-        def across(start: int, end: int) -> bool:
-            return bisect.bisect_right(ends, start) != bisect.bisect_left(ends, end)
-
-        spans = [(start, end, self.fingerprint(joined[start:end])) for start, end in self.secret_spans(joined) if across(start, end)]
-        spans += [(start, end, self.opaque(joined[start:end])) for start, end in self._named_spans(joined) if across(start, end)]
-        spans.sort()
-        kept: list[tuple[int, int, str]] = []
-        for span in spans:  # overlapping finds: the first found from the left stands
-            if not kept or span[0] >= kept[-1][1]:
-                kept.append(span)
-        return kept
+            own.update((offset + start, offset + end) for start, end in (*self.secret_spans(text), *self._named_spans(text)))
+            offset += len(text)
+        found = sorted([(start, end, False) for start, end in self.secret_spans(joined) if (start, end) not in own]
+                       + [(start, end, True) for start, end in self._named_spans(joined) if (start, end) not in own])
+        merged: list[list[Any]] = []
+        for start, end, named in found:
+            if merged and start < merged[-1][1]:  # overlapping: one span, covering both
+                merged[-1][1], merged[-1][2] = max(merged[-1][1], end), True
+            else:
+                merged.append([start, end, named])
+        return [(start, end, self.opaque(joined[start:end]) if opaque else self.fingerprint(joined[start:end])) for start, end, opaque in merged]
 
     def _name_of_key(self, key: str) -> bool:
         """Whether a JSON key names a credential as free text's names do (`DB_PASSWORD`,

@@ -40,7 +40,7 @@ def check_writable(db: sqlite3.Connection) -> bool:
     try:
         db.execute(f"PRAGMA user_version = {version}")
     except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode != _SQLITE_BUSY:
+        if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:  # its extended codes too (BUSY_RECOVERY, BUSY_SNAPSHOT)
             raise
         return False
     return True
@@ -58,6 +58,7 @@ class SpendStore:
 
     REFRESH_SECONDS = 1.0
     LOCK_WAIT_SECONDS = 0.5  # one try's wait for another writer, in the thread
+    START_WAIT_SECONDS = 5.0  # at start, for a file not yet set up that another process holds locked
     CLOSE_WAIT_SECONDS = 5.0
 
     def __init__(self, path: str | Path) -> None:
@@ -87,12 +88,7 @@ class SpendStore:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         db = sqlite3.connect(self.path, timeout=self.LOCK_WAIT_SECONDS, check_same_thread=False, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS spend (period TEXT NOT NULL, scope TEXT NOT NULL, usd REAL NOT NULL,"
-                " PRIMARY KEY (period, scope))"
-            )
+            self._set_up(db)
             if not check_writable(db):  # it stopped mitmdump at start (a review)
                 logger.warning("llm-mitm: spend store %s is locked by another process: charges wait in memory until it is free", self.path)
         except sqlite3.Error:
@@ -100,6 +96,22 @@ class SpendStore:
             raise
         found = os.stat(self.path)
         return db, (found.st_dev, found.st_ino)
+
+    def _set_up(self, db: sqlite3.Connection) -> None:
+        """WAL mode and the table. A file made elsewhere, not yet set up, needs the write
+        lock once: another process holding it is waited for, up to START_WAIT_SECONDS (a
+        file of ours needs no lock here)."""
+        deadline = time.monotonic() + self.START_WAIT_SECONDS
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("CREATE TABLE IF NOT EXISTS spend (period TEXT NOT NULL, scope TEXT NOT NULL, usd REAL NOT NULL, PRIMARY KEY (period, scope))")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def add(self, scope: str, usd: float, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)

@@ -33,7 +33,7 @@ from llm_mitm.memo import Memo
 RoleText = tuple[str, str]
 ROLE_ALIASES = {"developer": "system", "function": "tool"}  # roles the APIs read as another
 
-_TEXT_PART_TYPES = {"text", "input_text", "output_text"}
+TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))  # a message part that is text, by its type
 # Responses items that are not messages: their text, whose it is, and whether it is part
 # of the conversation (a tool's output) or beside it (a call's arguments).
 _ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
@@ -371,7 +371,7 @@ class _Collector:
                 self.out.append((role, part))
             elif isinstance(part, dict):
                 kind = part.get("type")
-                if isinstance(kind, str) and kind in _TEXT_PART_TYPES:
+                if isinstance(kind, str) and kind in TEXT_PART_TYPES:
                     text = part.get("text")
                     if isinstance(text, str):
                         self.out.append((role, text))

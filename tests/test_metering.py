@@ -597,6 +597,22 @@ def test_a_spend_file_locked_at_start_is_opened_and_written_once_free(tmp_path: 
     store.close()
 
 
+def test_a_spend_file_made_elsewhere_and_locked_at_start_is_waited_for(tmp_path: Path) -> None:
+    """A file in SQLite's default journal mode, without the table, held locked as the proxy
+    starts: setting it up needs the lock once, and is waited for (a review: it failed at once)."""
+    import threading
+
+    path = tmp_path / "spend.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(1.0, lambda: holder.execute("ROLLBACK")).start()
+    store = SpendStore(path)
+    store.add("global", 0.5)
+    assert wait_for(lambda: holder.execute("SELECT usd FROM spend WHERE scope = 'global'").fetchall() == [(0.5,), (0.5,)])
+    store.close()
+
+
 def test_charges_waiting_for_a_locked_file_are_one_entry_a_scope(tmp_path: Path) -> None:
     """A file that cannot be written for long held two entries a call, each retry rewriting
     them all (a review): they are summed by period and scope."""
@@ -712,6 +728,12 @@ def test_a_models_maximum_output_is_shipped_and_kept_under_a_configured_price() 
     assert (repriced.input, repriced.max_output_tokens) == (1, 16384)
     assert PriceTable({"gpt-4o": ModelPrice(input=1, output=2, max_output_tokens=100)}).price("gpt-4o").max_output_tokens == 100
     assert PriceTable({"my-model": ModelPrice(input=1, output=2)}).price("my-model").max_output_tokens is None
+    # a configured snapshot's or Vertex name's, and an Azure deployment priced by its name (a review: each held no output)
+    dated = PriceTable({"gpt-4o-2024-08-06": ModelPrice(input=1, output=2), "claude-sonnet-4-5@20250929": ModelPrice(input=1, output=2)})
+    assert dated.max_output_tokens("gpt-4o-2024-08-06", None) == 16384 and dated.max_output_tokens("claude-sonnet-4-5@20250929", None) == 64000
+    deployment = PriceTable({"my-gpt4o": ModelPrice(input=1, output=2)})
+    assert deployment.max_output_tokens("my-gpt4o", None) is None  # not known until it answers
+    assert deployment.max_output_tokens("my-gpt4o", "gpt-4o-2024-08-06") == 16384
     generating = [name for name in shipped_table()[1] if not name.startswith(("text-embedding", "omni-moderation"))]
     assert all(shipped_table()[1][name].max_output_tokens for name in generating)
 

@@ -284,7 +284,7 @@ def test_partners_models_on_vertex_are_chat_completions(path: str, model: str, s
     ("path", "operation", "streams"),
     [
         ("/v1/projects/p/locations/us-central1/endpoints/openapi/chat/completions", "chat.completions", False),
-        ("/v1beta1/projects/p/locations/global/endpoints/openapi/Chat/Completions?x=1", "chat.completions", False),
+        ("/v1beta1/Projects/p/Locations/global/Endpoints/openapi/chat/completions?x=1", "chat.completions", False),
         ("/v1/projects/p/locations/us-central1/endpoints/1234/embeddings", "embeddings", False),  # a model deployed there
         ("/v1/projects/p/locations/us-central1/endpoints/1234:streamGenerateContent", "generate_content", True),
     ],

@@ -288,6 +288,39 @@ def test_what_is_cut_across_parts_by_a_configured_pattern_or_a_name_is_hidden() 
     assert written.count("#") == 2 and redacted[2]["text"] == " done"
 
 
+@pytest.mark.parametrize(("before", "secret", "after"), [
+    ("my password=", "hunter2xyz", " done"),
+    ("curl -H 'Authorization: Bearer ", "abcdEFGH1234ijklMNOP5678qrst", "' https://x"),
+    ("postgres://admin:", "Sup3rS3cretPw", "@db.example/app"),
+])
+def test_a_secret_whole_in_a_part_but_named_in_the_part_before_is_hidden(before: str, secret: str, after: str) -> None:
+    """The secret itself in one part, what makes it one (its name, `Bearer `, a URL's user)
+    in the part before: alone, that part matched nothing, and it was traced in clear (a review)."""
+    parts = [{"type": "text", "text": before}, {"type": "text", "text": secret + after}]
+    written = orjson.dumps(Redactor().json({"messages": [{"role": "user", "content": parts}]})).decode()
+    assert secret not in written and secret[:6] not in written, written
+
+
+def test_overlapping_finds_across_parts_are_hidden_as_one() -> None:
+    """A name's value that runs on past the key it begins with: the longer find was dropped
+    and the rest of it traced (a review)."""
+    parts = [{"type": "text", "text": "password=" + SPLIT_KEY[:20]}, {"type": "text", "text": SPLIT_KEY[20:] + "!Tail9secret rest"}]
+    redacted = Redactor().json({"messages": [{"role": "user", "content": parts}]})["messages"][0]["content"]
+    written = orjson.dumps(redacted).decode()
+    assert "Qx7Qx7" not in written and "Tail9secret" not in written and written.endswith(' rest"}]'), written
+
+
+def test_a_key_cut_across_messages_of_one_speaker_in_a_row_is_hidden() -> None:
+    """Consecutive messages of one speaker are one turn to the model (Anthropic's rule, and
+    the policy's): a key cut between two was traced whole in two halves (a review). A
+    message of another speaker between them ends the run."""
+    messages = [{"role": "user", "content": "key " + SPLIT_KEY[:20]}, {"role": "User", "content": SPLIT_KEY[20:] + " ok"}]
+    written = orjson.dumps(Redactor().json({"messages": messages})).decode()
+    assert "Qx7Qx7" not in written and written.count("#") == 1, written
+    apart = [messages[0], {"role": "assistant", "content": "yes"}, messages[1]]
+    assert Redactor()._parts_read_joined(apart) is apart
+
+
 def test_parts_apart_or_keys_whole_in_one_part_are_as_before() -> None:
     """A part that is no text (an image) ends a run; a key whole in one part is that part's
     own; a list of prompts (strings) is no run of parts."""

@@ -12,7 +12,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.refuse import refuse
 from llm_mitm.addons.shared import Shared
-from llm_mitm.config import Config, ConfigError, ModelPrice, trace_destination
+from llm_mitm.config import Config, ConfigError, trace_destination
 from llm_mitm.estimate import BYTES_PER_TOKEN, prompt_tokens
 from llm_mitm.exchange import Exchange
 from llm_mitm.metering import GENERATING
@@ -108,8 +108,7 @@ class QuotaAddon:
         body = exchange.request_json
         if exchange.route.operation not in GENERATING or not exchange.route.generates(exchange.method) or body is None:
             return None
-        model = self._price(exchange)
-        most = output_limit(exchange.route, body, model.max_output_tokens if model is not None else None)
+        most = output_limit(exchange.route, body, self.shared.prices.max_output_tokens(exchange.model, self._answered.get(exchange.model)))
         output = None if most is None else int(min(most, HOLD_OUTPUT_CEILING))
         if not priced:
             return Usage(input_tokens=-(-exchange.request.size // BYTES_PER_TOKEN), output_tokens=output)
@@ -121,13 +120,8 @@ class QuotaAddon:
     def _most_cost(self, exchange: Exchange, most: Usage) -> float:
         """What those tokens cost: nothing for an unpriced model (a budget does not charge
         those either)."""
-        price = self._price(exchange)
+        price = self.shared.prices.price_for(exchange.model, self._answered.get(exchange.model))
         return 0.0 if price is None else cost_usd(most, price)
-
-    def _price(self, exchange: Exchange) -> ModelPrice | None:
-        """The call's model's entry, as it is priced: by the name asked for, or by the model
-        that last answered that name (an Azure deployment's)."""
-        return self.shared.prices.price_for(exchange.model, self._answered.get(exchange.model))
 
     def _charge(self, exchange: Exchange | None) -> None:
         if exchange is None or not exchange.done:

@@ -26,14 +26,20 @@ from llm_mitm.providers import ProviderMatcher, split_host
 logger = logging.getLogger("llm_mitm.scope")
 
 Name = tuple[str, int]  # a host, and the port the connection goes to
+Decided = tuple[ProviderMatcher, set[Name], layer.NextLayer]
+
+# Client connection id -> the names mitmproxy decided it by, the hosts in scope as it did,
+# and its last decision (undecided while its `layer` is None: more data awaited). The
+# process's, not an addon's: a script reload makes the addons anew (this module stays
+# loaded), and the connections decided before it go on (a review: an edit after a reload
+# left them open).
+_DECIDED: dict[str, Decided] = {}
 
 
 class Tunnels:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        # client connection id -> the names mitmproxy decided it by, the hosts in scope as it
-        # did, and its last decision (undecided while its `layer` is None: more data awaited)
-        self._names: dict[str, tuple[ProviderMatcher, set[Name], layer.NextLayer]] = {}
+        self._names = _DECIDED
         self._matcher = shared.matcher  # of the config in force
         self._hosts: set[str] | None = None  # in scope, from the first config put in force once loaded
         self._loaded = False
@@ -46,7 +52,8 @@ class Tunnels:
         """Notes the names mitmproxy's own addon decides by, which it does after this one
         (in any mode, a reverse proxy's too): where the connection goes, the TLS server name
         its client asks for, a plain-http request's Host header; with the hosts in scope as it
-        decides. UDP (QUIC) is not followed."""
+        decides. UDP (QUIC) is not followed, nor a connection mitmproxy decided before
+        llm-mitm was first loaded in this process."""
         context = nextlayer.context
         client = context.client
         if client.transport_protocol != "tcp" or context.server.address is None:
