@@ -208,13 +208,13 @@ def test_an_edit_after_a_script_reload_closes_the_tunnels_opened_before_it(tmp_p
     with Mitmdump(tmp_path, config=ANTHROPIC_OFF, routes=provider_routes(provider), upstream_ca=pki.ca_path, addon=script) as proxy:
         kept = tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)
         assert call_claude(kept) == 200
+        loaded = proxy.output.count("llm-mitm: config ")
         script.write_text(script.read_text() + "\n# changed\n")  # mitmproxy reloads a script that changes
-        wait_for(proxy, "Loading script")
-        deadline = time.monotonic() + 10
-        while proxy.output.count("Loading script") < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20
+        while proxy.output.count("llm-mitm: config ") <= loaded and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert proxy.output.count("Loading script") >= 2, proxy.output[-2000:]
-        time.sleep(0.5)
+        assert proxy.output.count("llm-mitm: config ") > loaded, proxy.output[-2000:]  # the new addons have read the config
+        time.sleep(1.1)  # an edit the new addons' watch sees as one
         (tmp_path / "config.yaml").write_text(ANTHROPIC_ON)
         wait_for(proxy, CLOSED_ONE)
         assert call_claude(kept) is None
