@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,14 +14,13 @@ import orjson
 import pytest
 import requests
 
-from llm_mitm.spend import SpendStore
 from tests.conftest import provider_routes
 from tests.support.clients import drive
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
 from tests.support.mitm import Mitmdump
 from tests.support.pki import ServerCert
 from tests.test_e2e_clients import ANTHROPIC_KEY, AZURE_KEY, OPENAI_KEY, chat, marker, trace_with
-from tests.test_metering import wait_for
+from tests.test_metering import locked_spend_file, wait_for
 
 TEAM_KEY = "sk-proj-" + "T3am" * 12
 
@@ -922,12 +920,7 @@ def test_a_budget_starts_while_another_process_holds_the_spend_files_lock(tmp_pa
     with "database is locked". It starts, counts what the file holds, and its charges wait
     for the lock."""
     config = {"policy": {"budgets": [{"usd_per_day": 0.0001, "per": "global"}]}}
-    spend = tmp_path / "llm-mitm-spend.sqlite"
-    store = SpendStore(spend)
-    store.add("global", 0.00005)
-    store.close()
-    holder = sqlite3.connect(spend, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
+    holder = locked_spend_file(tmp_path / "llm-mitm-spend.sqlite", 0.00005)
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
         assert "is locked by another process" in proxy.output
         m = marker()

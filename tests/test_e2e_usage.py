@@ -213,6 +213,32 @@ def test_anthropics_messages_api_on_a_server_of_your_own_is_metered_as_anthropic
 VERTEX_CLAUDE = "/vertex_ai/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:{action}"
 
 
+def _vertex_call_then_over_budget(tmp_path, path: str, stream: bool, body: dict, stream_end: bytes, budget: float,
+                                  prices: dict | None = None) -> tuple[dict, requests.Response]:
+    """A call to a model on Vertex AI through a gateway (`path`: `:rawPredict` or
+    `:streamRawPredict`), whose cost spends a budget: its trace, and the next call's answer."""
+    server = FakeProvider().start()
+    try:
+        config = {"providers": {"gateway": {"api": "openai", "hosts": [f"localhost:{server.port}"]}}, "pricing": {"models": prices or {}},
+                  "policy": {"budgets": [{"usd_per_day": budget, "per": "global", "hold_in_flight": False}]}}
+        url = f"http://localhost:{server.port}" + path.format(action="streamRawPredict" if stream else "rawPredict")
+
+        def call(text: str) -> requests.Response:
+            sent = {**body, "messages": [{"role": "user", "content": text}], **({"stream": True} if stream else {})}
+            return requests.post(url, json=sent, headers={"Authorization": "Bearer vertex-token-1234"}, proxies={"http": proxy.proxy_url}, timeout=10)
+
+        m = marker()
+        with Mitmdump(tmp_path, config=config) as proxy:
+            response = call(m)
+            assert response.status_code == 200
+            assert (stream_end in response.content) is stream
+            t = trace_with(proxy, m)
+            refused = call(marker())  # the first call's cost spent the budget
+    finally:
+        server.stop()
+    return t, refused
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_claude_on_vertex_through_a_gateway_is_metered_and_charged_as_anthropics(tmp_path, stream: bool) -> None:
     """Claude on Vertex AI as a gateway passes it through (LiteLLM's `/vertex_ai/...`): the
@@ -220,25 +246,8 @@ def test_claude_on_vertex_through_a_gateway_is_metered_and_charged_as_anthropics
     the body and the answer. Read as Gemini's `predict`, a call had no usage nor cost, a
     budget never charged it, and a stream was read as chat chunks and traced as cut short
     (a shapes probe). A refusal answers in Anthropic's shape."""
-    server = FakeProvider().start()
-    try:
-        config = {"providers": {"litellm": {"api": "openai", "hosts": [f"localhost:{server.port}"]}},
-                  "policy": {"budgets": [{"usd_per_day": 0.0001, "per": "global", "hold_in_flight": False}]}}
-        url = f"http://localhost:{server.port}" + VERTEX_CLAUDE.format(action="streamRawPredict" if stream else "rawPredict")
-
-        def call(text: str) -> requests.Response:  # as the anthropic SDK's AnthropicVertex sends it: no model in the body
-            body = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 9, "messages": [{"role": "user", "content": text}], **({"stream": True} if stream else {})}
-            return requests.post(url, json=body, headers={"Authorization": "Bearer vertex-token-1234"}, proxies={"http": proxy.proxy_url}, timeout=10)
-
-        m = marker()
-        with Mitmdump(tmp_path, config=config) as proxy:
-            response = call(m)
-            assert response.status_code == 200
-            assert (b"event: message_stop" in response.content) is stream
-            t = trace_with(proxy, m)
-            refused = call(marker())  # the first call's cost spent the budget
-    finally:
-        server.stop()
+    body = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 9}  # as the anthropic SDK's AnthropicVertex sends it: no model in the body
+    t, refused = _vertex_call_then_over_budget(tmp_path, VERTEX_CLAUDE, stream, body, b"event: message_stop", 0.0001)
     assert t["operation"] == "messages" and t["model"] == "claude-sonnet-4-5@20250929" and t["stream"] is stream and t["error"] is None
     assert t["response"]["body"]["content"][0]["text"] == CANNED_REPLY
     usage = t["usage"]
@@ -291,26 +300,9 @@ def test_a_partners_model_on_vertex_is_metered_and_charged_as_a_chat(tmp_path, s
     `publishers/{partner}/models/{model}@{version}:rawPredict` or `:streamRawPredict`. Read as
     Gemini's `predict`, a call had no usage nor cost, so a budget never charged it; and its
     `@2407` version left it unpriced."""
-    server = FakeProvider().start()
-    try:
-        config = {"providers": {"vertex": {"api": "openai", "hosts": [f"localhost:{server.port}"]}},
-                  "pricing": {"models": {"mistral-large": {"input": 2.0, "output": 6.0}}},
-                  "policy": {"budgets": [{"usd_per_day": 0.00001, "per": "global", "hold_in_flight": False}]}}
-        url = f"http://localhost:{server.port}" + VERTEX_MISTRAL.format(action="streamRawPredict" if stream else "rawPredict")
-
-        def call(text: str) -> requests.Response:  # as Google's samples send it: the model in the body too
-            body = {"model": "mistral-large", "max_tokens": 9, "messages": [{"role": "user", "content": text}], **({"stream": True} if stream else {})}
-            return requests.post(url, json=body, headers={"Authorization": "Bearer vertex-token-1234"}, proxies={"http": proxy.proxy_url}, timeout=10)
-
-        m = marker()
-        with Mitmdump(tmp_path, config=config) as proxy:
-            response = call(m)
-            assert response.status_code == 200
-            assert (b"data: [DONE]" in response.content) is stream
-            t = trace_with(proxy, m)
-            refused = call(marker())  # the first call's cost spent the budget
-    finally:
-        server.stop()
+    body = {"model": "mistral-large", "max_tokens": 9}  # as Google's samples send it: the model in the body too
+    t, refused = _vertex_call_then_over_budget(tmp_path, VERTEX_MISTRAL, stream, body, b"data: [DONE]", 0.00001,
+                                               {"mistral-large": {"input": 2.0, "output": 6.0}})
     assert (t["operation"], t["model"], t["stream"], t["error"]) == ("chat.completions", "mistral-large@2407", stream, None)
     answer = t["response"]["body"]["choices"][0]["message"]["content"]
     assert answer == CANNED_REPLY

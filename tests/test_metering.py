@@ -577,17 +577,24 @@ def test_spend_is_kept_while_another_process_holds_the_files_lock(tmp_path: Path
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # it names keys' fingerprints
 
 
+def locked_spend_file(path: Path, usd: float) -> sqlite3.Connection:
+    """A spend file holding `usd` of global spend, and another connection holding its write
+    lock (a second proxy writing, a shell in a transaction): ROLLBACK on it lets go."""
+    store = SpendStore(path)
+    store.add("global", usd)
+    store.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
 def test_a_spend_file_locked_at_start_is_opened_and_written_once_free(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Another process holding the file's write lock as the proxy starts (a second proxy
     writing, a shell in a transaction) stopped mitmdump: the check that the file is writable
     took the lock for a read-only file. It opens with the totals the file holds, and its
     charges wait for the lock."""
     path = tmp_path / "spend.sqlite"
-    first = SpendStore(path)
-    first.add("global", 1.5)
-    first.close()
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
+    holder = locked_spend_file(path, 1.5)
     store = SpendStore(path)
     assert store.total("global", "day") == 1.5
     assert "is locked by another process" in caplog.text

@@ -93,6 +93,8 @@ class OutputRedaction:
         (as its trace keeps it): an answer's logprobs that spell a secret a few characters a
         line, a secret cut across a message's text parts (a part a line). None for a body
         printed as it is."""
+        if not isinstance(message, http.Message):  # a WebSocket message: printed as it is, line-redacted
+            return None
         content = message.get_content(strict=False)
         if not content:
             return None
