@@ -24,6 +24,7 @@ from llm_mitm.texts import (
     normalize,
     prompt_text,
     read_request,
+    speaker,
     squeeze,
     strings_in,
     tool_input_text,
@@ -145,7 +146,7 @@ class _Instruction:
 def _instruction(pattern: str) -> _Instruction:
     role, sep, rest = pattern.partition(":")
     if sep and role.strip().lower() in INSTRUCTION_ROLES:
-        role_name: str | None = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
+        role_name: str | None = speaker(role)
         glob = rest
     else:
         role_name, glob = None, pattern

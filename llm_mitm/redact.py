@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from llm_mitm.memo import Memo
-from llm_mitm.texts import ROLE_ALIASES, TEXT_PART_TYPES
+from llm_mitm.texts import TEXT_PART_TYPES, speaker
 
 SENSITIVE_HEADERS = frozenset(
     {
@@ -534,7 +534,7 @@ def _run_kind(item: Any) -> tuple[str, str | None] | None:
         return ("text", None)
     role = item.get("role")
     if isinstance(item.get("content"), str) and isinstance(role, str):
-        return ("content", ROLE_ALIASES.get(role.strip().lower(), role.strip().lower()))
+        return ("content", speaker(role))
     return None
 
 

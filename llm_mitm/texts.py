@@ -33,6 +33,14 @@ from llm_mitm.memo import Memo
 RoleText = tuple[str, str]
 ROLE_ALIASES = {"developer": "system", "function": "tool"}  # roles the APIs read as another
 
+
+def speaker(role: str) -> str:
+    """Who a role is, as a lenient server reads it (`User` is the user) and as the APIs
+    read its aliases (a developer is the system)."""
+    role = role.strip().lower()
+    return ROLE_ALIASES.get(role, role)
+
+
 TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))  # a message part that is text, by its type
 # Responses items that are not messages: their text, whose it is, and whether it is part
 # of the conversation (a tool's output) or beside it (a call's arguments).

@@ -128,3 +128,13 @@ def test_logprobs_spelling_a_key_are_hidden_whatever_type_the_answer_says(conten
     called.response.headers["content-type"] = content_type.decode()
     text = printed(called)
     assert '"Zq7x"' not in text and "-0.5" in text and content_type.decode() in text
+
+
+def test_a_key_cut_across_messages_of_one_speaker_is_hidden_in_the_printed_body() -> None:
+    """The printout is redacted line by line, a message a line: a key cut between two
+    messages of one speaker in a row (one turn to the model) was printed in halves, though
+    the trace hid it (the printout's copy looked at text parts only)."""
+    key = "sk-proj-" + "Qx7" * 20
+    body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "key " + key[:20]}, {"role": "user", "content": key[20:]}]})
+    text = printed(flow(b"/v1/chat/completions", body, headers=((b"content-type", b"application/json"),)))
+    assert "Qx7Qx7" not in text and '"model"' in text
