@@ -190,7 +190,9 @@ _SHAPES: tuple[tuple[Callable[[str], bool], _Shape], ...] = (
 # Whatever follows "Bearer" is a credential, whatever its shape (not a fingerprint already).
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
 _BEARER = re.compile(r"(?i:(bearer)[ \t\u00a0]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")  # a no-break space too (a secrets probe)
-_SHORTEST_SECRET = 15  # "Bearer " and 8 characters
+# The shortest text a shape or "Bearer" finds: a JWT's `eyJ`, 3 characters, a dot, `eyJ`, 3, a
+# dot (a URL's password, shorter, has a test of its own).
+_SHORTEST_SECRET = 14
 # In a name, what says its value is a password (`password`, `passwd`, `DB_PASS`, `pwd`).
 _PASSWORD_WORDS = ("pass", "pwd")
 # How a classic GitHub token starts (`ghs_`: the GITHUB_TOKEN of Actions, pasted from CI logs).
@@ -655,8 +657,8 @@ class Redactor:
                     value = shape.sub(self._replace, value)
             if "bearer" in value.lower():
                 value = _BEARER.sub(lambda m: m.group(0)[: m.start(2) - m.start(0)] + self.fingerprint(m.group(2)), value)
-            if "://" in value and "@" in value:
-                value = _USERINFO_PASSWORD.sub(lambda m: m.group(1) + (m.group(2) if is_fingerprint(m.group(2)) else self.opaque(m.group(2))), value)
+        if "://" in value and "@" in value:
+            value = _USERINFO_PASSWORD.sub(lambda m: m.group(1) + (m.group(2) if is_fingerprint(m.group(2)) else self.opaque(m.group(2))), value)
         for pattern in self._custom:
             value = pattern.sub(self._replace, value)
         return value
