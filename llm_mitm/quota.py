@@ -4,24 +4,24 @@ Requests are counted when admitted; tokens and dollars are charged when a call e
 (streams included), so a call that crosses a limit completes and the *next* one is
 refused. Until it ends, an admitted call holds what it may cost at most (its prompt and
 the output it allows) against its budgets and token windows: else a burst of calls
-admitted together, each before any was charged, passed a limit by all they used. Windows come from the `limits`
-library: requests a moving one-minute window (one entry per request, exact); tokens a
-sliding window counter (this minute's count and the last one's, weighted by how much of it
-the window still covers): a moving window keeps one entry per unit, a token, which at 10M
-tokens a minute held 150 MB and the proxy's loop for tens of milliseconds a call. Spend
-lives in a SpendStore (SQLite) so budgets survive a restart.
+admitted together, each before any was charged, passed a limit by all they used. Requests
+are counted in the `limits` library's moving one-minute window (one entry per request,
+exact); tokens in `TokenWindows`, one entry per charged call. Spend lives in a SpendStore
+(SQLite) so budgets survive a restart.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage, Storage
-from limits.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
+from limits.strategies import MovingWindowRateLimiter
 
 from llm_mitm.config import BudgetConfig, PolicyConfig, RateLimitConfig
 from llm_mitm.spend import SpendStore, seconds_left
@@ -36,6 +36,7 @@ class QuotaRefusal:
 
 HELD_RETRY_SECONDS = 1  # a budget held by calls in flight: they end, or give back what they held, soon
 HOLD_SECONDS = 900.0  # a hold no end of its call gave back (none should stay) is let go after this
+WINDOW_SECONDS = 60.0  # of a tokens_per_minute window
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +101,54 @@ class Holds:
             self.release(call)
 
 
+class TokenWindows:
+    """Tokens charged in the last minute, per window: one entry per charged call (when, and
+    how many), kept while it is in the window. `limits`' moving window keeps an entry per
+    token (at 10M tokens a minute 150 MB, and tens of milliseconds of the proxy's loop a
+    call), and its sliding window counter weighs the last clock minute's count by the share
+    of it still covered: a window filled before a minute's end admitted calls again as the
+    next began, and a call past the limit was charged only what was left, so a client could
+    go on past a limit of 30 a minute with a 500-token call every few seconds."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._charges: dict[str, deque[tuple[float, int]]] = {}
+        self._used: dict[str, int] = {}
+
+    def used(self, window: str) -> int:
+        self._expire(window)
+        return self._used.get(window, 0)
+
+    def charge(self, window: str, tokens: int) -> None:
+        """All of a call's tokens, past the limit or not: the next call waits until they leave."""
+        self._expire(window)
+        self._charges.setdefault(window, deque()).append((self._clock(), tokens))
+        self._used[window] = self._used.get(window, 0) + tokens
+
+    def seconds_until_below(self, window: str, limit: int) -> float:
+        """How long until less than `limit` is used in `window` (0: it is now)."""
+        used, wait = self.used(window), 0.0
+        for at, tokens in self._charges.get(window, ()):
+            if used < limit:
+                break
+            used -= tokens
+            wait = at + WINDOW_SECONDS - self._clock()
+        return max(0.0, wait)
+
+    def _expire(self, window: str) -> None:
+        charges = self._charges.get(window)
+        if not charges:
+            return
+        since = self._clock() - WINDOW_SECONDS
+        while charges and charges[0][0] <= since:
+            self._used[window] -= charges.popleft()[1]
+        if not charges:  # a window no call used this minute costs nothing
+            del self._charges[window], self._used[window]
+
+
 class Quota:
     def __init__(self, policy: PolicyConfig, storage: Storage | None = None, spend: SpendStore | None = None,
-                 holds: Holds | None = None, token_holds: Holds | None = None) -> None:
+                 holds: Holds | None = None, token_holds: Holds | None = None, token_windows: TokenWindows | None = None) -> None:
         self.rate_limits: list[RateLimitConfig] = policy.rate_limits
         self.budgets: list[BudgetConfig] = policy.budgets
         self.spend = spend
@@ -111,18 +157,14 @@ class Quota:
         self.active = limits_set(policy)
         # Whether an admitted call holds anything: what it may use is read from its body only then.
         self.holding = bool(self.budgets) or any(rule.tokens_per_minute is not None for rule in self.rate_limits)
-        storage = storage or MemoryStorage()
-        self._limiters: dict[str, RateLimiter] = {
-            "requests_per_minute": MovingWindowRateLimiter(storage),
-            "tokens_per_minute": SlidingWindowCounterRateLimiter(storage),
-        }
+        self._requests = MovingWindowRateLimiter(storage or MemoryStorage())
+        self.token_windows = token_windows or TokenWindows()
 
     def admit(self, caller: Caller, call: str | None = None, most_usd: float = 0.0, most_tokens: int = 0) -> QuotaRefusal | None:
         """Refuse if a budget is spent, or held by the calls in flight, or a token window is
         full (or held), or a request window; else count the request and hold `most_usd` and
         `most_tokens` for `call` against its budgets and token windows. Where several rules
         refuse, the longest wait is given: a client told to retry sooner is refused again."""
-        requests = self._limiters["requests_per_minute"]
         token_windows = list(self._windows("tokens_per_minute", caller))
         # Every request window is tested before any is counted: a call one rule refuses
         # must not use up the others' windows (one noisy key filling the global one).
@@ -130,12 +172,12 @@ class Quota:
         refusals = [
             *self._budget_refusals(caller, most_usd),
             *self._token_refusals(token_windows, most_tokens),
-            *(self._refusal("requests_per_minute", limit, item, ids) for limit, item, ids in windows if not requests.test(item, *ids)),
+            *(self._requests_refusal(limit, item, ids) for limit, item, ids in windows if not self._requests.test(item, *ids)),
         ]
         if refusals:
             return max(refusals, key=lambda refusal: refusal.retry_after)
         for _, item, ids in windows:
-            requests.hit(item, *ids)
+            self._requests.hit(item, *ids)
         scopes = tuple({caller.scope(budget.per) for budget in self.budgets if budget.hold_in_flight})
         if call is not None and most_usd > 0 and scopes and self.spend is not None:
             self.holds.hold(call, scopes, most_usd)
@@ -181,13 +223,14 @@ class Quota:
     def _token_refusals(self, windows: list[tuple[int, RateLimitItemPerMinute, tuple[str, ...]]], most_tokens: int) -> Iterator[QuotaRefusal]:
         """A full token window refuses every call; one the calls in flight hold refuses a
         call that uses tokens."""
-        tokens = self._limiters["tokens_per_minute"]
         self.token_holds.expire(time.monotonic())
-        for limit, item, ids in windows:
-            holding = int(self.token_holds.held("/".join(ids)))
-            if not tokens.test(item, *ids):
-                yield self._refusal("tokens_per_minute", limit, item, ids)
-            elif most_tokens > 0 and holding and (holding >= limit or not tokens.test(item, *ids, cost=holding + 1)):
+        for limit, _, ids in windows:
+            window = "/".join(ids)
+            holding, used = int(self.token_holds.held(window)), self.token_windows.used(window)
+            if used >= limit:
+                wait = self.token_windows.seconds_until_below(window, limit)
+                yield QuotaRefusal("tokens_per_minute", f"rate limit tokens_per_minute {limit} for {ids[-1]} reached", math.ceil(wait) or 1)
+            elif most_tokens > 0 and holding and used + holding >= limit:
                 yield QuotaRefusal(
                     "tokens_per_minute",
                     f"rate limit tokens_per_minute {limit} for {ids[-1]} is held by the calls in flight (up to {holding} tokens on their way)",
@@ -196,12 +239,8 @@ class Quota:
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:
         if tokens:
-            limiter = self._limiters["tokens_per_minute"]
-            for _, item, ids in self._windows("tokens_per_minute", caller):
-                remaining = limiter.get_window_stats(item, *ids).remaining
-                # Over the limit: fill the window, so that the next call waits for it to move.
-                if remaining > 0:
-                    limiter.hit(item, *ids, cost=min(tokens, remaining))
+            for _, _, ids in self._windows("tokens_per_minute", caller):
+                self.token_windows.charge("/".join(ids), tokens)
         if usd and self.spend is not None:
             for scope in {caller.scope(budget.per) for budget in self.budgets}:
                 self.spend.add(scope, usd)
@@ -213,7 +252,6 @@ class Quota:
             if limit is not None:
                 yield limit, RateLimitItemPerMinute(limit), (kind, str(index), caller.scope(rule.per))
 
-    def _refusal(self, rule: str, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
-        reset = self._limiters[rule].get_window_stats(item, *ids).reset_time
-        scope = ids[-1]
-        return QuotaRefusal(rule, f"rate limit {rule} {limit} for {scope} reached", int(reset - time.time()) + 1)
+    def _requests_refusal(self, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
+        reset = self._requests.get_window_stats(item, *ids).reset_time
+        return QuotaRefusal("requests_per_minute", f"rate limit requests_per_minute {limit} for {ids[-1]} reached", int(reset - time.time()) + 1)

@@ -844,7 +844,6 @@ def test_clamp_rewrites_the_body(tmp_path: Path, provider: FakeProvider, pki: Se
 def test_rate_limits_answer_429_with_retry_after(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
     config = {"policy": {"rate_limits": [{"requests_per_minute": 2, "per": "api_key"}, {"tokens_per_minute": 30, "per": "client"}]}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
-        in_one_clock_minute(20)
         key_a = "sk-proj-" + "a" * 40
         assert openai_call(proxy, chat(marker()), api_key=key_a)["text"] == CANNED_REPLY  # 19 tokens
         assert openai_call(proxy, chat(marker()), api_key=key_a)["text"] == CANNED_REPLY  # 38: window now full
@@ -859,17 +858,6 @@ def test_rate_limits_answer_429_with_retry_after(tmp_path: Path, provider: FakeP
             params = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": m}]}
             result = drive({"client": "anthropic", "api_key": ANTHROPIC_KEY, "params": params}, proxy.client_env())
         assert result["error"] == "RateLimitError"
-
-
-def in_one_clock_minute(seconds: float) -> None:
-    """Wait, if need be, for a clock minute with `seconds` left of it. A tokens_per_minute
-    window is counted by clock minutes (a sliding window counter: the last minute's count,
-    weighed by how much of it the window still covers): one the test fills admits calls
-    again from the next minute's start, and a test crossing it saw a call it expected
-    refused go through (CI, once)."""
-    left = 60 - time.time() % 60
-    if left < seconds:
-        time.sleep(left + 0.05)
 
 
 def test_requests_per_minute(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:

@@ -21,7 +21,7 @@ from llm_mitm.organization import choose
 from llm_mitm.policy import output_limit
 from llm_mitm.pricing import PriceTable, cost_usd, shipped_table
 from llm_mitm.providers import Provider, route_for
-from llm_mitm.quota import HOLD_SECONDS, Caller, Holds, Quota
+from llm_mitm.quota import HOLD_SECONDS, Caller, Holds, Quota, TokenWindows
 from llm_mitm.refusal import refusal
 from llm_mitm.spend import PERIODS, SpendStore, seconds_left
 from llm_mitm.sse import AnthropicRebuilder, ServerSentEvent
@@ -505,12 +505,40 @@ def test_retry_after_is_the_longest_wait_of_the_rules_that_refuse(tmp_path: Path
     quota.charge(caller, None, 2.0)
     refused = quota.admit(caller, "call-1", 0.1)
     assert refused.retry_after >= seconds_left("month", now) - 5  # (on a month's last day, both end together)
-    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"requests_per_minute": 1, "tokens_per_minute": 10, "per": "global"}]}))
+    clock = [1000.0]
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"requests_per_minute": 1, "tokens_per_minute": 10, "per": "global"}]}),
+                  token_windows=TokenWindows(lambda: clock[0]))
     assert quota.admit(caller) is None
     quota.charge(caller, 100, None)
+    clock[0] += 30  # the tokens leave their window in 30 s, the request its own in a minute
     refused = quota.admit(caller)
     assert refused.rule == "requests_per_minute" and refused.retry_after >= 59
     store.close()
+
+
+def test_a_full_token_window_stays_full_for_a_minute_whatever_the_clock_minute() -> None:
+    """The window was `limits`' sliding window counter, by clock minutes: filled before a
+    minute's end, it admitted calls again as the next began, and charged a call past the
+    limit only what was left, so a client went on past a limit of 30 tokens a minute with a
+    500-token call every few seconds. Every token charged counts for a minute."""
+    clock = [1000.0]
+    quota = Quota(PolicyConfig.model_validate({"rate_limits": [{"tokens_per_minute": 30, "per": "client"}]}),
+                  token_windows=TokenWindows(lambda: clock[0]))
+    caller = Caller(None, "127.0.0.1")
+    assert quota.admit(caller) is None
+    quota.charge(caller, 38, None)
+    for elapsed, wait in ((1, 59), (2.5, 58), (59.5, 1)):  # whole seconds, up
+        clock[0] = 1000.0 + elapsed
+        refused = quota.admit(caller)
+        assert refused is not None and refused.rule == "tokens_per_minute" and refused.retry_after == wait
+    clock[0] = 1060.0
+    assert quota.admit(caller) is None  # the 38 tokens have left the window
+    quota.charge(caller, 500, None)  # a call past the limit is charged whole...
+    clock[0] = 1119.0
+    assert quota.admit(caller).retry_after == 1  # ...and the next waits the minute out
+    clock[0] = 1120.5
+    assert quota.admit(caller) is None
+    assert not quota.token_windows._charges  # a window with nothing in it is let go
 
 
 def test_a_budget_that_holds_nothing_checks_spend_alone(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from llm_mitm.exchange import Exchange
 from llm_mitm.metering import GENERATING
 from llm_mitm.policy import output_limit
 from llm_mitm.pricing import cost_usd
-from llm_mitm.quota import Caller, Holds, Quota
+from llm_mitm.quota import Caller, Holds, Quota, TokenWindows
 from llm_mitm.spend import SpendStore
 from llm_mitm.usage import Usage
 
@@ -44,9 +44,10 @@ class QuotaAddon:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self._windows = MemoryStorage()  # kept across config reloads
+        self._windows = MemoryStorage()  # request windows, kept across config reloads
         self._holds = Holds()  # ... as what the calls in flight hold against budgets
         self._token_holds = Holds()  # ... and against token windows
+        self._token_windows = TokenWindows()  # ... as the tokens charged in the last minute
         # The model that answered each name asked for (an Azure deployment, `prod-chat`: no
         # price of its own, but the answer's model has one), to price the next call's hold.
         self._answered: dict[str | None, str] = {}
@@ -69,7 +70,7 @@ class QuotaAddon:
         self._spend = spend
         if not config.policy.budgets:
             self._holds = Holds()  # no budget to hold against: none is given back once budgets return
-        self.quota = Quota(config.policy, self._windows, spend, self._holds, self._token_holds)
+        self.quota = Quota(config.policy, self._windows, spend, self._holds, self._token_holds, self._token_windows)
 
     @property
     def active(self) -> bool:
