@@ -127,13 +127,12 @@ class TokenWindows:
 
     def seconds_until_below(self, window: str, limit: int) -> float:
         """How long until less than `limit` is used in `window` (0: it is now)."""
-        used, wait = self.used(window), 0.0
+        used, leaves = self.used(window), self._clock()
         for at, tokens in self._charges.get(window, ()):
             if used < limit:
                 break
-            used -= tokens
-            wait = at + WINDOW_SECONDS - self._clock()
-        return max(0.0, wait)
+            used, leaves = used - tokens, at + WINDOW_SECONDS
+        return max(0.0, leaves - self._clock())
 
     def _expire(self, window: str) -> None:
         charges = self._charges.get(window)
@@ -165,10 +164,10 @@ class Quota:
         full (or held), or a request window; else count the request and hold `most_usd` and
         `most_tokens` for `call` against its budgets and token windows. Where several rules
         refuse, the longest wait is given: a client told to retry sooner is refused again."""
-        token_windows = list(self._windows("tokens_per_minute", caller))
+        token_windows = self._token_windows(caller)
         # Every request window is tested before any is counted: a call one rule refuses
         # must not use up the others' windows (one noisy key filling the global one).
-        windows = list(self._windows("requests_per_minute", caller))
+        windows = [(limit, RateLimitItemPerMinute(limit), ids) for limit, ids in self._windows("requests_per_minute", caller)]
         refusals = [
             *self._budget_refusals(caller, most_usd),
             *self._token_refusals(token_windows, most_tokens),
@@ -182,7 +181,7 @@ class Quota:
         if call is not None and most_usd > 0 and scopes and self.spend is not None:
             self.holds.hold(call, scopes, most_usd)
         if call is not None and most_tokens > 0 and token_windows:
-            self.token_holds.hold(call, tuple("/".join(ids) for _, _, ids in token_windows), most_tokens)
+            self.token_holds.hold(call, tuple(window for _, window, _ in token_windows), most_tokens)
         return None
 
     def release(self, call: str) -> None:
@@ -220,37 +219,41 @@ class Quota:
                         HELD_RETRY_SECONDS,
                     )
 
-    def _token_refusals(self, windows: list[tuple[int, RateLimitItemPerMinute, tuple[str, ...]]], most_tokens: int) -> Iterator[QuotaRefusal]:
+    def _token_refusals(self, windows: list[tuple[int, str, str]], most_tokens: int) -> Iterator[QuotaRefusal]:
         """A full token window refuses every call; one the calls in flight hold refuses a
         call that uses tokens."""
         self.token_holds.expire(time.monotonic())
-        for limit, _, ids in windows:
-            window = "/".join(ids)
+        for limit, window, scope in windows:
             holding, used = int(self.token_holds.held(window)), self.token_windows.used(window)
             if used >= limit:
                 wait = self.token_windows.seconds_until_below(window, limit)
-                yield QuotaRefusal("tokens_per_minute", f"rate limit tokens_per_minute {limit} for {ids[-1]} reached", math.ceil(wait) or 1)
+                yield QuotaRefusal("tokens_per_minute", f"rate limit tokens_per_minute {limit} for {scope} reached", math.ceil(wait) or 1)
             elif most_tokens > 0 and holding and used + holding >= limit:
                 yield QuotaRefusal(
                     "tokens_per_minute",
-                    f"rate limit tokens_per_minute {limit} for {ids[-1]} is held by the calls in flight (up to {holding} tokens on their way)",
+                    f"rate limit tokens_per_minute {limit} for {scope} is held by the calls in flight (up to {holding} tokens on their way)",
                     HELD_RETRY_SECONDS,
                 )
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:
         if tokens:
-            for _, _, ids in self._windows("tokens_per_minute", caller):
-                self.token_windows.charge("/".join(ids), tokens)
+            for _, window, _ in self._token_windows(caller):
+                self.token_windows.charge(window, tokens)
         if usd and self.spend is not None:
             for scope in {caller.scope(budget.per) for budget in self.budgets}:
                 self.spend.add(scope, usd)
 
-    def _windows(self, kind: str, caller: Caller) -> Iterator[tuple[int, RateLimitItemPerMinute, tuple[str, ...]]]:
-        """(limit, window item, identifiers) of every rule that sets `kind`."""
+    def _windows(self, kind: str, caller: Caller) -> Iterator[tuple[int, tuple[str, ...]]]:
+        """(limit, identifiers) of every rule that sets `kind`."""
         for index, rule in enumerate(self.rate_limits):
             limit = getattr(rule, kind)
             if limit is not None:
-                yield limit, RateLimitItemPerMinute(limit), (kind, str(index), caller.scope(rule.per))
+                yield limit, (kind, str(index), caller.scope(rule.per))
+
+    def _token_windows(self, caller: Caller) -> list[tuple[int, str, str]]:
+        """(limit, window, scope) of every tokens_per_minute rule: the window is what its
+        charges and holds are kept by."""
+        return [(limit, "/".join(ids), ids[-1]) for limit, ids in self._windows("tokens_per_minute", caller)]
 
     def _requests_refusal(self, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
         reset = self._requests.get_window_stats(item, *ids).reset_time
