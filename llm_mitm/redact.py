@@ -608,6 +608,9 @@ class Redactor:
         # Any field name as a key appears in JSON, quoted: one regex whose every branch
         # starts with a quote is one fast pass; a substring search per name took 1-2 µs
         # each on a chat body (7 µs for ten names, against 1 µs).
+        # The longest text a first test matches (a 32-digit hex run, a quoted field name): what
+        # a look at the seam between two texts must reach either side of it.
+        self._seam_reach = max(64, *(len(name) + 2 for name in self.fields))
         self._quoted_field = re.compile(b'"(?:' + b"|".join(re.escape(name.encode()) for name in sorted(self.fields)) + b')"')
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
@@ -630,6 +633,7 @@ class Redactor:
         # What repeats from call to call in a trace record, redacted once.
         self._fields: Memo[str, str] = Memo(self.free_text)
         self._addresses: Memo[str, str] = Memo(self.url)
+        self._header_values: Memo[tuple[str, str], str] = Memo(lambda pair: self._header(*pair))
 
     def fingerprint(self, secret: str) -> str:
         """`<kind>…<last 4>#<16 hex of sha256>`; the same secret always gives the same text."""
@@ -765,7 +769,12 @@ class Redactor:
         return item.replace(keys[0], self.credential(keys[0])) if keys else item
 
     def header(self, name: str, value: str) -> str:
-        name = name.lower()
+        """A header's value as traced (remembered: most of a client's headers, and of a
+        provider's, are the same on every call, and redacting each was a third of the
+        trace writer's time per record)."""
+        return self._header_values((name.lower(), value))
+
+    def _header(self, name: str, value: str) -> str:
         if name in ("cookie", "set-cookie"):
             return self.opaque(value.strip())
         if self._credential_headers(name):
@@ -1023,21 +1032,46 @@ class Redactor:
         return out
 
     def _may_hide_across(self, value: Any) -> bool:
-        """Whether a first look at any run of texts read joined in `value` finds something:
-        the containers walked, not the strings (a walk of every string costs ten times as
-        much on an agent's body; `json` runs in the proxy for a replay too)."""
+        """Whether a first look at any run of texts read joined in `value` finds something
+        that the look at the whole body (`json`'s, before) did not: the containers walked,
+        not the strings (a walk of every string costs ten times as much on an agent's body;
+        `json` runs in the proxy for a replay too)."""
         stack = [value]
         while stack:
             item = stack.pop()
             if isinstance(item, dict):
-                stack.extend(child for child in item.values() if isinstance(child, (dict, list)))
+                for child in item.values():
+                    if isinstance(child, (dict, list)):
+                        stack.append(child)
             elif isinstance(item, list):
-                for start, end, field in _text_runs(item):
-                    shapes, names = self._first_look(orjson.dumps("".join(item[index][field] for index in range(start, end))))
-                    if shapes or names:
-                        return True
-                stack.extend(child for child in item if isinstance(child, (dict, list)))
+                if len(item) > 1:
+                    for start, end, field in _text_runs(item):
+                        if self._looks_at_seams([item[index][field] for index in range(start, end)]):
+                            return True
+                for child in item:
+                    if isinstance(child, (dict, list)):
+                        stack.append(child)
         return False
+
+    def _looks_at_seams(self, texts: list[str]) -> bool:
+        """Whether the first look finds something where one text of a run ends and the next
+        begins, read joined. Each text by itself is in the body the first look has seen, so
+        only what spans a seam is new: each seam is looked at with `_seam_reach` characters
+        either side (of the texts joined, so that a short text between two is spanned), not
+        the run's every text again (which doubled the look at an agent's text parts)."""
+        joined, reach = "".join(texts), self._seam_reach
+        windows: list[list[int]] = []
+        seam = 0
+        for text in texts[:-1]:
+            seam += len(text)
+            if windows and seam - reach <= windows[-1][1]:
+                windows[-1][1] = seam + reach
+            else:
+                windows.append([max(0, seam - reach), seam + reach])
+        # The windows apart, each whole: a first test that matches across the break between
+        # two (or pairs signs in both, `@` and `://`) costs a look too many, never one too few.
+        shapes, names = self._first_look(orjson.dumps("\n".join(joined[start:end] for start, end in windows)))
+        return shapes or names
 
     def _cut_spans(self, texts: list[str]) -> list[tuple[int, int, str]]:
         """(start, end, what stands for it) in the texts joined, of each secret found there

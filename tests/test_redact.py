@@ -265,6 +265,28 @@ def test_bodies_passed_over_as_clean_are_those_the_walk_leaves_alone(body: objec
     assert redactor.json(body) == redactor._walk(body)
 
 
+_SEAM_SECRETS = st.sampled_from([KEYS["azure"], KEYS["azure-annotated"], KEYS["jwt"], KEYS["google"], KEYS["pem"], KEYS["slack"], KEYS["aws"],
+                                  "password=hunter2xyz", "GITHUB_TOKEN=" + "Zq7" * 8, "https://user:pw7Zq@host.example/x", "bearer " + "Zq7" * 8])
+_FILLERS = st.sampled_from(["", "x", "the words around it " * 8])
+
+
+@settings(max_examples=400, deadline=None)
+@given(_SEAM_SECRETS, _FILLERS, _FILLERS, st.lists(st.integers(0, 300), max_size=5), st.sampled_from(["parts", "messages"]))
+def test_runs_passed_over_as_clean_are_those_the_walk_leaves_alone(secret: str, before: str, after: str, cuts: list[int], shape: str) -> None:
+    """A run of texts read joined is looked at only where one text meets the next (each
+    text alone is in the body already looked at): that never lets through what the walk,
+    which reads each run joined, would change, wherever the secret is cut, into short
+    texts or long ones."""
+    text = before + secret + after
+    edges = [0, *sorted(cut % (len(text) + 1) for cut in cuts), len(text)]
+    texts = [text[a:b] for a, b in zip(edges, edges[1:])]
+    parts = [{"type": "text", "text": piece} for piece in texts]
+    body = {"messages": [{"role": "user", "content": parts}]} if shape == "parts" else {
+        "messages": [{"role": "user", "content": piece} for piece in texts]}
+    redactor = Redactor()
+    assert redactor.json(body) == redactor._walk(body)
+
+
 SPLIT_KEY = "sk-proj-" + "Qx7" * 20
 
 
