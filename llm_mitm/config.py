@@ -154,11 +154,15 @@ class TracesConfig(_Section):
     keep: int = Field(default=5, ge=1, le=1000)  # rotated files kept: traces.jsonl.1 .. .keep (each rotation looks at each)
 
 
+# A header's or a parameter's name: an empty one names nothing (and would be found in every text).
+Name = Annotated[str, Field(min_length=1)]
+
+
 class RedactionConfig(_Section):
     """Additions to the built-in secret detection."""
 
-    headers: list[str] = []
-    query_params: list[str] = []
+    headers: list[Name] = []
+    query_params: list[Name] = []
     patterns: list[str] = []
     fingerprint_salt: Annotated[str, AfterValidator(_utf8)] = ""
 

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import orjson
+from ahocorasick_rs import MATCHKIND_LEFTMOST_FIRST, BytesAhoCorasick
 
 from llm_mitm.memo import Memo
 from llm_mitm.texts import TEXT_PART_TYPES, speaker
@@ -75,7 +76,6 @@ _CAMEL_CASE_NAMES = r"(?-i:(?<=[a-z0-9])(?:(?<!Page)(?<!Next)(?<!Continuation)To
 # Every name above and in SENSITIVE_FIELDS holds one of these (`token` is tested apart:
 # see `Redactor._names_something`); a configured name that holds none is added.
 _NAME_STEMS = ("pass", "pwd", "secret", "key", "auth")
-_A_TOKEN = re.compile(rb"token(?!s)")  # one pass: a literal prefix is searched for in C
 _NOT_A_SECRET = re.compile(r"(?i:true|false|null|none)")  # `hasPassword: false`, `first_pass: true` (a number may be a PIN)
 
 _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
@@ -84,11 +84,29 @@ _KEY_PREFIXES = ("sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-")
 # found in minutes on one core, and it was given the first key's recorded answers (a secrets probe).
 FINGERPRINT_HEX = 16
 # Where one of the other services' keys (their shapes below) may start, in a text: substring
-# searches in C. Over a whole body (the first look) one pass of a regex of them all, a JWT's
-# `.ey`/`.ew` with them, costs half what a search each did on a chat body (5 µs against 14,
-# measured on the benchmark's: the searches had added 15 µs to every body redacted).
+# searches in C.
 _OTHER_KEY_MARKS = ("k_live_", "k_test_", "hf_", "gsk_", "xai-", "pplx-", "xox", "AKIA", "ASIA")
-_RARER_MARKS = re.compile(b"|".join(re.escape(mark.encode()) for mark in (*_OTHER_KEY_MARKS, "PRIVATE KEY-----", ".ey", ".ew")))
+
+
+def _marks(patterns: Iterable[bytes]) -> BytesAhoCorasick:
+    """Many literal strings searched for at once (Aho-Corasick, with a SIMD prefilter when
+    leftmost-first): one pass over a body, where a substring search each made a pass of
+    its own and a regex of them all tried every position (15 KB of prose: 2.4 µs against
+    ~300 for the first look's twenty passes). Whether any is there is all it is asked."""
+    return BytesAhoCorasick(sorted(set(patterns)), matchkind=MATCHKIND_LEFTMOST_FIRST)
+
+
+# The first look's signs of a secret case matters for: other services' keys, a JWT's `.ey`/`.ew`
+# inside spaced JSON, an ephemeral key, a GitHub token (`ghs_`: the GITHUB_TOKEN of Actions,
+# pasted from CI logs), a private key block.
+_CASED_SIGNS = _marks([mark.encode() for mark in _OTHER_KEY_MARKS] + [b"PRIVATE KEY-----", b".ey", b".ew", b"ek_", b"github_pat_"]
+                      + [b"gh%c_" % letter for letter in b"pousr"])
+_TOKEN = _marks([b"token"])
+
+
+def _names_a_token(folded: bytes) -> bool:
+    """`token`, not as `tokens` (`max_tokens` is in nearly every body)."""
+    return any(folded[end : end + 1] != b"s" for _, _, end in _TOKEN.find_matches_as_indexes(folded))
 
 
 def _may_hold_other_key(text: str) -> bool:
@@ -195,8 +213,6 @@ _BEARER = re.compile(r"(?i:(bearer)[ \t\u00a0]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)
 _SHORTEST_SECRET = 14
 # In a name, what says its value is a password (`password`, `passwd`, `DB_PASS`, `pwd`).
 _PASSWORD_WORDS = ("pass", "pwd")
-# How a classic GitHub token starts (`ghs_`: the GITHUB_TOKEN of Actions, pasted from CI logs).
-_GITHUB_TOKEN_START = re.compile(rb"gh[pousr]_")
 # A password in a URL (`postgres://admin:pw@db`, `https://user:ghp_...@github.com`).
 # The user may be empty (`redis://:pw@cache`), and the password may hold `@`: it ends at the last
 # `@` before the host (a secrets probe: both were kept whole).
@@ -605,13 +621,14 @@ class Redactor:
         self.params = SENSITIVE_PARAMS | {p.lower() for p in extra_params}
         self.params_or_headers = self.params | self.headers  # named on a line of mitmdump's printout
         self.fields = SENSITIVE_FIELDS | {p.lower() for p in extra_params}
-        # Any field name as a key appears in JSON, quoted: one regex whose every branch
-        # starts with a quote is one fast pass; a substring search per name took 1-2 µs
-        # each on a chat body (7 µs for ten names, against 1 µs).
+        # The first look's signs of a secret in a body lower-cased: key prefixes, a Bearer, a
+        # signed link (`sig=`, X-Amz-Signature), a key percent-encoded (`sk%2d`), and any field
+        # name as a key appears in JSON, quoted.
+        self._signs = _marks([b"sk-", b"eyj", b"bearer", b"aiza", b"jqqj9", b"sig=", b"%2d", b"signature="]
+                             + [b'"' + name.encode() + b'"' for name in self.fields])
         # The longest text a first test matches (a 32-digit hex run, a quoted field name): what
         # a look at the seam between two texts must reach either side of it.
         self._seam_reach = max(64, *(len(name) + 2 for name in self.fields))
-        self._quoted_field = re.compile(b'"(?:' + b"|".join(re.escape(name.encode()) for name in sorted(self.fields)) + b')"')
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
@@ -619,12 +636,10 @@ class Redactor:
         # as JSON inside a string: \"password\"), then `:` or `=`: its value follows.
         names = "|".join([re.escape(name) for name in sorted(self.fields, key=len, reverse=True)] + list(_FREE_TEXT_NAMES))
         self._assignment = re.compile(rf"""(?i)(?:(?<![A-Za-z0-9])(?:{names})|{_CAMEL_CASE_NAMES})(?:\\?["'])?[ \t]*[:=][ \t]*""")
-        # What every such name holds, for a first test in C before that (slow) pattern runs.
-        unstemmed = sorted({_folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and _A_TOKEN.search(_folded(name)) is None},
-                           key=len)
-        # each searched once: not one that holds another (`credentials` holds `credential`)
-        self._name_stems = tuple(stem.encode() for stem in _NAME_STEMS) + tuple(
-            name for index, name in enumerate(unstemmed) if not any(shorter in name for shorter in unstemmed[:index]))
+        # What every such name holds (a stem; or `token`, looked for apart; or a configured name
+        # that holds neither), for a first test before that (slow) pattern runs.
+        self._name_signs = _marks([stem.encode() for stem in _NAME_STEMS] + [
+            _folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and not _names_a_token(_folded(name))])
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
         self._credential_headers: Memo[str, bool] = Memo(self._names_credential)
@@ -684,28 +699,18 @@ class Redactor:
     def _first_look(self, blob: bytes) -> tuple[bool, bool]:
         """Whether any text or key in the JSON `blob` passes a first test of `text` or is a
         sensitive field name, and whether any names a credential (`GITHUB_TOKEN=`): a
-        few passes of C over the serialised whole, instead of a walk that tests every
-        string (a tenth of the time on a chat body). orjson writes text as it is but for
-        quotes, backslashes and control characters, none of which is part of a secret
+        few passes of C and Rust over the serialised whole, instead of a walk that tests
+        every string (a tenth of the time on a chat body). orjson writes text as it is but
+        for quotes, backslashes and control characters, none of which is part of a secret
         shape or a name; Unicode lower-casing keeps the two characters that lower-case to
         ASCII letters (the Kelvin sign, a dotted capital I) found."""
         text = None if blob.isascii() else blob.decode("utf-8")
         lowered = blob.lower() if text is None else text.lower().encode("utf-8")
         names = self._names_something(lowered if text is None else _folded(text))
-        if _HEX_RUN in blob.translate(_HEX_MARKS):
-            return True, names
-        if b"sk-" in lowered or b"eyj" in lowered or b"bearer" in lowered or b"aiza" in lowered or b"jqqj9" in lowered:
-            return True, names
-        # Each rarer sign first: a one-byte search (memchr) is ~10 times as fast as a longer one.
-        if b"@" in blob and b"://" in blob:  # maybe a password in a URL
-            return True, names
-        if (b"=" in blob and b"sig=" in lowered) or (b"%" in blob and b"%2d" in lowered):  # a signed link; a key percent-encoded
-            return True, names
-        if b"ek_" in blob or b"github_pat_" in blob or (b"gh" in blob and _GITHUB_TOKEN_START.search(blob) is not None):  # an ephemeral key; a GitHub token pasted into a prompt
-            return True, names
-        if _RARER_MARKS.search(blob) is not None or b"signature=" in lowered:  # another service's key, a JWT of spaced JSON; a signed link (X-Amz-Signature)
-            return True, names
-        return self._quoted_field.search(lowered) is not None, names
+        shapes = ((b"@" in blob and b"://" in blob)  # maybe a password in a URL
+                  or bool(self._signs.find_matches_as_indexes(lowered)) or bool(_CASED_SIGNS.find_matches_as_indexes(blob))
+                  or _HEX_RUN in blob.translate(_HEX_MARKS))
+        return shapes, names
 
     def credential(self, value: str) -> str:
         """A whole header value that is a credential: keep the scheme, fingerprint the rest
@@ -889,10 +894,11 @@ class Redactor:
         return self._names_something(_folded(text))
 
     def _names_something(self, folded: bytes) -> bool:
-        """A few substring searches in C, where the name pattern takes ~160 ns a character.
-        `folded` as the pattern's IGNORECASE folds (the long s is an s, the Kelvin sign a
-        k); a `token` is only one when it is not `tokens` (`max_tokens`, in nearly every body)."""
-        return _A_TOKEN.search(folded) is not None or any(stem in folded for stem in self._name_stems)
+        """One pass for the signs of a name (`_marks`) and one for `token`, where the name
+        pattern takes ~160 ns a character. `folded` as the pattern's IGNORECASE folds (the
+        long s is an s, the Kelvin sign a k); a `token` is only one when it is not `tokens`
+        (`max_tokens`, in nearly every body)."""
+        return bool(self._name_signs.find_matches_as_indexes(folded)) or _names_a_token(folded)
 
     def log_line(self, line: str, sent: Mapping[str, str] = _NOTHING_SENT) -> str:
         """A line of proxy output: a `name: value` line (a header, a query parameter or form

@@ -101,6 +101,7 @@ def test_user_provider_is_added_and_defaults_merge_key_by_key(tmp_path: Path) ->
         ("policy:\n  budgets: [{usd_per_day: true}]\n", "policy.budgets.0.usd_per_day: Input should be a number, not true or false"),
         ("policy:\n  rate_limits: [{requests_per_minute: true}]\n", "policy.rate_limits.0.requests_per_minute: Input should be a number"),
         ("pricing:\n  models:\n    m: {input: 1, output: false}\n", "pricing.models.m.output: Input should be a number, not true or false (got False)"),
+        ("redaction:\n  query_params: [token, '']\n", "redaction.query_params.1: String should have at least 1 character"),
     ],
 )
 def test_errors_name_file_key_and_problem_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
