@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
+from llm_mitm.literals import Literals
 from llm_mitm.memo import Memo
 from llm_mitm.forms import BATCH, batch_file_calls, json_lines
 from llm_mitm.pricing import snapshot_bases
@@ -135,12 +136,46 @@ class _Instruction:
     role: str | None
     regex: re.Pattern[str]
     search: bool = False
+    phrase: str = ""  # what is searched for (a plain phrase's normal form)
     span: int = 0  # a searched phrase's length
     packed: str = ""  # a searched phrase without its spaces
     squeezed: str = ""  # ... and without anything between its words (`ignore_previous-instructions`)
 
     def matches(self, text: str) -> bool:
         return bool(self.regex.search(text) if self.search else self.regex.match(text))
+
+
+class _PhraseSigns:
+    """The forbidden-instruction rules that apply to one speaker, their plain phrases in
+    one automaton (and their squeezed forms in another): a text is read once for all of
+    them before any rule is tried, where a search per phrase read it once each (fifty
+    phrases: 220 µs a call of new texts on the proxy's loop). Only a text that holds one
+    is tried rule by rule, in order, so the rule reported is the first that matches."""
+
+    def __init__(self, rules: list[_Instruction]) -> None:
+        self.rules = rules
+        phrases = [rule for rule in rules if rule.phrase]
+        self.others = [rule for rule in rules if not rule.phrase]  # globs (and an empty phrase): tried on every text
+        self._phrases = Literals(_utf8(rule.phrase) for rule in phrases)
+        self._squeezed = Literals(_utf8(rule.squeezed) for rule in phrases)
+
+    def tried(self, normal: str) -> tuple[list[_Instruction], str | None]:
+        """The rules to try on `normal`: all when a phrase may be in it, else the globs;
+        and its squeezed form, if made."""
+        if not self._phrases:
+            return self.others, None
+        if self._phrases.found_in(_utf8(normal)):
+            return self.rules, None
+        squeezed = squeeze(normal)
+        if self._squeezed.found_in(_utf8(squeezed)):
+            return self.rules, squeezed
+        return self.others, squeezed
+
+
+def _utf8(text: str) -> bytes:
+    """Text as UTF-8, where a phrase's bytes are found exactly where the phrase is (an
+    automaton of bytes takes a quarter of the time of its counterpart for text)."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _instruction(pattern: str) -> _Instruction:
@@ -156,8 +191,8 @@ def _instruction(pattern: str) -> _Instruction:
     if plain or (inner != glob and not any(ch in inner for ch in "*?[")):
         # A plain phrase (or *phrase*) matches anywhere: a substring search, which stays
         # linear where `.*phrase.*` would backtrack through a large body.
-        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True, span=len(inner), packed=inner.replace(" ", ""),
-                            squeezed=squeeze(inner))
+        return _Instruction(pattern, role_name, re.compile(re.escape(inner)), search=True, phrase=inner, span=len(inner),
+                            packed=inner.replace(" ", ""), squeezed=squeeze(inner))
     return _Instruction(pattern, role_name, _glob(glob))
 
 
@@ -172,6 +207,10 @@ class Policy:
         self._instructions = [_instruction(p) for p in config.forbidden_instructions]
         self._model_verdicts: Memo[tuple[str, str], Violation | None] = Memo(lambda key: self._judge_model(*key))
         self._verdicts: TextMemo[_Instruction | None] = TextMemo(self._first_forbidden)
+        # Each speaker a rule names has its own rules; every other speaker those for all.
+        self._signs_for_all = _PhraseSigns([rule for rule in self._instructions if rule.role is None])
+        self._signs_by_role = {role: _PhraseSigns([rule for rule in self._instructions if rule.role in (None, role)])
+                               for role in {rule.role for rule in self._instructions if rule.role is not None}}
         # Where a phrase may span texts read in a row, only their edges matter to a search:
         # each text's normal form, its middle left out when long (see `_edges`).
         self._reach = max((rule.span for rule in self._instructions if rule.search), default=0)
@@ -369,10 +408,8 @@ class Policy:
         return [self._unescape("", text) for text in texts] if any("\\" in text for text in texts) else []
 
     def _first_match(self, role: str, normal: str) -> _Instruction | None:
-        squeezed: str | None = None
-        for rule in self._instructions:
-            if rule.role is not None and rule.role != role:
-                continue
+        rules, squeezed = self._signs_by_role.get(role, self._signs_for_all).tried(normal)
+        for rule in rules:
             if rule.matches(normal):
                 return rule
             if rule.squeezed:  # the words run together, or joined by what a reader skips

@@ -18,8 +18,8 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import orjson
-from ahocorasick_rs import MATCHKIND_LEFTMOST_FIRST, BytesAhoCorasick
 
+from llm_mitm.literals import Literals
 from llm_mitm.memo import Memo
 from llm_mitm.texts import TEXT_PART_TYPES, speaker
 
@@ -88,25 +88,17 @@ FINGERPRINT_HEX = 16
 _OTHER_KEY_MARKS = ("k_live_", "k_test_", "hf_", "gsk_", "xai-", "pplx-", "xox", "AKIA", "ASIA")
 
 
-def _marks(patterns: Iterable[bytes]) -> BytesAhoCorasick:
-    """Many literal strings searched for at once (Aho-Corasick, with a SIMD prefilter when
-    leftmost-first): one pass over a body, where a substring search each made a pass of
-    its own and a regex of them all tried every position (15 KB of prose: 2.4 µs against
-    ~300 for the first look's twenty passes). Whether any is there is all it is asked."""
-    return BytesAhoCorasick(sorted(set(patterns)), matchkind=MATCHKIND_LEFTMOST_FIRST)
-
-
 # The first look's signs of a secret case matters for: other services' keys, a JWT's `.ey`/`.ew`
 # inside spaced JSON, an ephemeral key, a GitHub token (`ghs_`: the GITHUB_TOKEN of Actions,
 # pasted from CI logs), a private key block.
-_CASED_SIGNS = _marks([mark.encode() for mark in _OTHER_KEY_MARKS] + [b"PRIVATE KEY-----", b".ey", b".ew", b"ek_", b"github_pat_"]
-                      + [b"gh%c_" % letter for letter in b"pousr"])
-_TOKEN = _marks([b"token"])
+_CASED_SIGNS = Literals([mark.encode() for mark in _OTHER_KEY_MARKS] + [b"PRIVATE KEY-----", b".ey", b".ew", b"ek_", b"github_pat_"]
+                        + [b"gh%c_" % letter for letter in b"pousr"])
+_TOKEN = Literals([b"token"])
 
 
 def _names_a_token(folded: bytes) -> bool:
     """`token`, not as `tokens` (`max_tokens` is in nearly every body)."""
-    return any(folded[end : end + 1] != b"s" for _, _, end in _TOKEN.find_matches_as_indexes(folded))
+    return any(folded[end : end + 1] != b"s" for end in _TOKEN.ends_in(folded))
 
 
 def _may_hold_other_key(text: str) -> bool:
@@ -624,8 +616,8 @@ class Redactor:
         # The first look's signs of a secret in a body lower-cased: key prefixes, a Bearer, a
         # signed link (`sig=`, X-Amz-Signature), a key percent-encoded (`sk%2d`), and any field
         # name as a key appears in JSON, quoted.
-        self._signs = _marks([b"sk-", b"eyj", b"bearer", b"aiza", b"jqqj9", b"sig=", b"%2d", b"signature="]
-                             + [b'"' + name.encode() + b'"' for name in self.fields])
+        self._signs = Literals([b"sk-", b"eyj", b"bearer", b"aiza", b"jqqj9", b"sig=", b"%2d", b"signature="]
+                               + [b'"' + name.encode() + b'"' for name in self.fields])
         # The longest text a first test matches (a 32-digit hex run, a quoted field name): what
         # a look at the seam between two texts must reach either side of it.
         self._seam_reach = max(64, *(len(name) + 2 for name in self.fields))
@@ -638,7 +630,7 @@ class Redactor:
         self._assignment = re.compile(rf"""(?i)(?:(?<![A-Za-z0-9])(?:{names})|{_CAMEL_CASE_NAMES})(?:\\?["'])?[ \t]*[:=][ \t]*""")
         # What every such name holds (a stem; or `token`, looked for apart; or a configured name
         # that holds neither), for a first test before that (slow) pattern runs.
-        self._name_signs = _marks([stem.encode() for stem in _NAME_STEMS] + [
+        self._name_signs = Literals([stem.encode() for stem in _NAME_STEMS] + [
             _folded(name) for name in self.fields if not any(stem in name for stem in _NAME_STEMS) and not _names_a_token(_folded(name))])
         self._fingerprints: Memo[str, str] = Memo(self._fingerprint)
         self._credentials: Memo[str, str] = Memo(self._credential)
@@ -708,7 +700,7 @@ class Redactor:
         lowered = blob.lower() if text is None else text.lower().encode("utf-8")
         names = self._names_something(lowered if text is None else _folded(text))
         shapes = ((b"@" in blob and b"://" in blob)  # maybe a password in a URL
-                  or bool(self._signs.find_matches_as_indexes(lowered)) or bool(_CASED_SIGNS.find_matches_as_indexes(blob))
+                  or self._signs.found_in(lowered) or _CASED_SIGNS.found_in(blob)
                   or _HEX_RUN in blob.translate(_HEX_MARKS))
         return shapes, names
 
@@ -894,11 +886,11 @@ class Redactor:
         return self._names_something(_folded(text))
 
     def _names_something(self, folded: bytes) -> bool:
-        """One pass for the signs of a name (`_marks`) and one for `token`, where the name
+        """One pass for the signs of a name (`Literals`) and one for `token`, where the name
         pattern takes ~160 ns a character. `folded` as the pattern's IGNORECASE folds (the
         long s is an s, the Kelvin sign a k); a `token` is only one when it is not `tokens`
         (`max_tokens`, in nearly every body)."""
-        return bool(self._name_signs.find_matches_as_indexes(folded)) or _names_a_token(folded)
+        return self._name_signs.found_in(folded) or _names_a_token(folded)
 
     def log_line(self, line: str, sent: Mapping[str, str] = _NOTHING_SENT) -> str:
         """A line of proxy output: a `name: value` line (a header, a query parameter or form

@@ -16,7 +16,7 @@ from llm_mitm.config import PolicyConfig
 from llm_mitm.exchange import Body
 from llm_mitm.policy import Policy, RequestView, Violation, _digest, output_limit
 from llm_mitm.providers import Provider, Route, route_for
-from llm_mitm.texts import _normalize_unicode, json_unescaped, normalize
+from llm_mitm.texts import _normalize_unicode, json_unescaped, normalize, squeeze
 
 OPENAI = Route("openai", "openai", "chat.completions")
 RESPONSES = Route("openai", "openai", "responses")
@@ -1262,3 +1262,25 @@ def test_punctuation_padding_does_not_push_a_split_phrase_out_of_reach() -> None
 )
 def test_json_escapes_are_read_as_a_model_reads_them(written: str, read: str) -> None:
     assert json_unescaped(written) == read
+
+
+_PHRASE_RULES = ["ignore previous instructions", "user:reveal the system prompt", "system:*you are dan*", "*act as root*",
+                 "system:jailbreak", "do anything now", "--", "ignore all"]
+_PHRASE_PIECES = st.sampled_from(["ignore ", "previous ", "instructions", "ignore_previous-instructions", "reveal the system prompt",
+                                  "you are DAN", "act as root", "jail", "break", "do anything now", "--", "all", "ignore all previous",
+                                  "plain words ", "Ignore", "\u200b", " "])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PHRASE_PIECES, max_size=6).map("".join), st.sampled_from(["user", "system", "assistant", "tool"]),
+       st.permutations(_PHRASE_RULES))
+def test_a_text_s_verdict_is_the_first_rule_in_order_that_matches_it(text: str, role: str, rules: list[str]) -> None:
+    """Phrases are looked for all at once before any rule is tried: the rule reported is
+    still the first, in the config's order, whose speaker and phrase or glob match, as
+    trying each rule in turn finds it (a phrase inside another's match counts too)."""
+    policy = Policy(PolicyConfig.model_validate({"forbidden_instructions": rules}))
+    normal = normalize(text)
+    squeezed = squeeze(normal)
+    expected = next((rule for rule in policy._instructions if rule.role in (None, role)
+                     and (rule.matches(normal) or (rule.squeezed and rule.squeezed in squeezed))), None)
+    assert policy._first_match(role, normal) is expected
