@@ -535,6 +535,13 @@ def _text_runs(items: list[Any]) -> list[tuple[int, int, str]]:
     return runs
 
 
+def _may_run(blob: bytes) -> bool:
+    """Whether a serialised body holds two texts that may be read in a row (`_run_kind`:
+    text parts, messages whose content is a text), by their keys as orjson writes them:
+    most answers, and calls of one message, hold one at most."""
+    return blob.count(b'"text":"') + blob.count(b'"content":"') > 1
+
+
 def _run_kind(item: Any) -> tuple[str, str | None] | None:
     """("text", None) for a text part, ("content", its speaker) for a message whose content
     is a text, else None."""
@@ -787,7 +794,7 @@ class Redactor:
         out: dict[str, str] = {}
         for name, value in pairs:
             name = name.lower()
-            redacted = self.header(name, value)
+            redacted = self._header_values((name, value))
             out[name] = f"{out[name]}, {redacted}" if name in out else redacted
         return out
 
@@ -994,7 +1001,7 @@ class Redactor:
             else:
                 shapes, names = self._first_look(blob)
                 if not (shapes or names):
-                    if not self._may_hide_across(value):  # texts read joined, which no look at the blob does
+                    if not (_may_run(blob) and self._may_hide_across(value)):  # texts read joined, which no look at the blob does
                         return value
                     names = True
                 return self._walk(value, names)
