@@ -596,20 +596,23 @@ class Bench:
     def _policy_check_us(self, count: int = 2000) -> dict[str, float]:
         """The policy's check of the benchmark's body, parsed afresh each time as the proxy
         parses it: with texts never seen (a new conversation) and with texts seen before
-        (the throughput runs send this one body again and again)."""
+        (the throughput runs send this one body again and again); and with texts never seen
+        under a policy of fifty forbidden phrases (a company's list)."""
         from llm_mitm.config import PolicyConfig
         from llm_mitm.policy import Policy, RequestView
         from llm_mitm.providers import Route
 
         route = Route("openai", "openai", "chat.completions")
         policy = Policy(PolicyConfig.model_validate(ADDON_CONFIG["policy"]))
+        phrases = [*ADDON_CONFIG["policy"]["forbidden_instructions"], *(f"forbidden phrase number {n} of the list" for n in range(48))]
+        fifty = Policy(PolicyConfig.model_validate({**ADDON_CONFIG["policy"], "forbidden_instructions": phrases}))
         new = [CHAT_BODY.replace(b"careful", b"careful %d" % n).replace(b"Summarise", b"Summarise %d" % n) for n in range(count)]
         timings = {}
-        for name, bodies in (("new_texts", new), ("seen_texts", [CHAT_BODY] * count)):
+        for name, bodies, checker in (("new_texts", new, policy), ("seen_texts", [CHAT_BODY] * count, policy), ("new_texts_fifty_phrases", new, fifty)):
             parsed = [orjson.loads(body) for body in bodies]
             started = time.perf_counter()
             for body in parsed:
-                assert policy.check(RequestView(route, body["model"], body)) is None
+                assert checker.check(RequestView(route, body["model"], body)) is None
             timings[name] = round((time.perf_counter() - started) * 1e6 / count, 2)
         return timings
 

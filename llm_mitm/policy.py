@@ -155,15 +155,18 @@ class _PhraseSigns:
     def __init__(self, rules: list[_Instruction]) -> None:
         self.rules = rules
         phrases = [rule for rule in rules if rule.phrase]
+        # A pass costs what a search or two does (callgrind: one phrase, 13k instructions more
+        # a call of new texts than its search): it pays from three phrases on.
+        self._filtered = len(phrases) >= 3
         self.others = [rule for rule in rules if not rule.phrase]  # globs (and an empty phrase): tried on every text
         self._phrases = Literals(_utf8(rule.phrase) for rule in phrases)
         self._squeezed = Literals(_utf8(rule.squeezed) for rule in phrases)
 
     def tried(self, normal: str) -> tuple[list[_Instruction], str | None]:
-        """The rules to try on `normal`: all when a phrase may be in it, else the globs;
-        and its squeezed form, if made."""
-        if not self._phrases:
-            return self.others, None
+        """The rules to try on `normal`: all when a phrase may be in it (or too few to look
+        for them first), else the globs; and its squeezed form, if made."""
+        if not self._filtered:
+            return self.rules, None
         if self._phrases.found_in(_utf8(normal)):
             return self.rules, None
         squeezed = squeeze(normal)

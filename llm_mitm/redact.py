@@ -625,9 +625,9 @@ class Redactor:
         # name as a key appears in JSON, quoted.
         self._signs = Literals([b"sk-", b"eyj", b"bearer", b"aiza", b"jqqj9", b"sig=", b"%2d", b"signature="]
                                + [b'"' + name.encode() + b'"' for name in self.fields])
-        # The longest text a first test matches (a 32-digit hex run, a quoted field name): what
-        # a look at the seam between two texts must reach either side of it.
-        self._seam_reach = max(64, *(len(name) + 2 for name in self.fields))
+        # The longest text a first test matches (a 32-digit hex run, a quoted field name, a
+        # name as folded): what a look at the seam between two texts must reach either side of it.
+        self._seam_reach = max(64, *(len(_folded(name)) + 2 for name in self.fields))
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
         self._query = re.compile(r"([?&;])([^=&#;]+)=([^&#;]*)")
