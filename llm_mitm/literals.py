@@ -31,5 +31,6 @@ class Literals:
         return self._automaton is not None and bool(self._automaton.find_matches_as_indexes(data))
 
     def ends_in(self, data: bytes) -> list[int]:
-        """Where each match ends (a byte after it may tell whether it counts)."""
+        """Where each match ends (a byte after it may tell whether it counts): every
+        occurrence only of a pattern that cannot overlap another or itself (`token`)."""
         return [end for _, _, end in self._automaton.find_matches_as_indexes(data)] if self._automaton is not None else []

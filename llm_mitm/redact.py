@@ -625,8 +625,9 @@ class Redactor:
         # name as a key appears in JSON, quoted.
         self._signs = Literals([b"sk-", b"eyj", b"bearer", b"aiza", b"jqqj9", b"sig=", b"%2d", b"signature="]
                                + [b'"' + name.encode() + b'"' for name in self.fields])
-        # The longest text a first test matches (a 32-digit hex run, a quoted field name, a
-        # name as folded): what a look at the seam between two texts must reach either side of it.
+        # The longest text a first test matches in one piece (a 32-digit hex run, a quoted field
+        # name, a name as folded): what a look at the seam between two texts must reach either
+        # side of it (`_looks_at_seams`; a URL's `@` and `://` are looked for apart).
         self._seam_reach = max(64, *(len(_folded(name)) + 2 for name in self.fields))
         self._salt = salt.encode()
         self._custom = [re.compile(p) for p in extra_patterns]
@@ -1063,7 +1064,9 @@ class Redactor:
         begins, read joined. Each text by itself is in the body the first look has seen, so
         only what spans a seam is new: each seam is looked at with `_seam_reach` characters
         either side (of the texts joined, so that a short text between two is spanned), not
-        the run's every text again (which doubled the look at an agent's text parts)."""
+        the run's every text again (which doubled the look at an agent's text parts). The one
+        test of two signs apart, a URL's password, is made on the run: a `://` formed at a
+        seam and an `@` anywhere in it, however far (a review: a long password was missed)."""
         joined, reach = "".join(texts), self._seam_reach
         windows: list[list[int]] = []
         seam = 0
@@ -1073,9 +1076,10 @@ class Redactor:
                 windows[-1][1] = seam + reach
             else:
                 windows.append([max(0, seam - reach), seam + reach])
-        # The windows apart, each whole: a first test that matches across the break between
-        # two (or pairs signs in both, `@` and `://`) costs a look too many, never one too few.
-        shapes, names = self._first_look(orjson.dumps("\n".join(joined[start:end] for start, end in windows)))
+        seams = "\n".join(joined[start:end] for start, end in windows)  # a test matching across a break: a look too many, never one too few
+        if "://" in seams and "@" in joined:
+            return True
+        shapes, names = self._first_look(orjson.dumps(seams))
         return shapes or names
 
     def _cut_spans(self, texts: list[str]) -> list[tuple[int, int, str]]:

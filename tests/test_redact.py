@@ -266,7 +266,8 @@ def test_bodies_passed_over_as_clean_are_those_the_walk_leaves_alone(body: objec
 
 
 _SEAM_SECRETS = st.sampled_from([KEYS["azure"], KEYS["azure-annotated"], KEYS["jwt"], KEYS["google"], KEYS["pem"], KEYS["slack"], KEYS["aws"],
-                                  "password=hunter2xyz", "GITHUB_TOKEN=" + "Zq7" * 8, "https://user:pw7Zq@host.example/x", "bearer " + "Zq7" * 8])
+                                  "password=hunter2xyz", "GITHUB_TOKEN=" + "Zq7" * 8, "https://user:pw7Zq@host.example/x", "bearer " + "Zq7" * 8,
+                                  "postgres://admin:" + "Zq7RmWvLpY" * 7 + "@db.internal/app"])
 _FILLERS = st.sampled_from(["", "x", "the words around it " * 8])
 
 
@@ -285,6 +286,19 @@ def test_runs_passed_over_as_clean_are_those_the_walk_leaves_alone(secret: str, 
         "messages": [{"role": "user", "content": piece} for piece in texts]}
     redactor = Redactor()
     assert redactor.json(body) == redactor._walk(body)
+
+
+@pytest.mark.parametrize("shape", ["parts", "messages"])
+def test_a_url_password_whose_scheme_is_cut_between_texts_is_hidden(shape: str) -> None:
+    """`://` formed only where one text meets the next, and the `@` after a long password far
+    past that seam: a look at the seams alone saw one sign and not the other, and the
+    password was traced in clear (a review)."""
+    password = "Zq7RmWvLpYtNcGhJsXkBdFuQeAiOzRyTmVnWpLqKsJhGcXdZbNmQrTyUwEvPaSoIxLk"
+    texts = ["connect with postgres:/", "/admin:" + password + "@db.internal/app"]
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": text} for text in texts]}]} if shape == "parts" else {
+        "messages": [{"role": "user", "content": text} for text in texts]}
+    written = orjson.dumps(Redactor().json(body)).decode()
+    assert password not in written and password[:8] not in written, written
 
 
 SPLIT_KEY = "sk-proj-" + "Qx7" * 20
