@@ -24,9 +24,6 @@ class Literals:
         found = sorted({pattern for pattern in patterns if pattern})
         self._automaton = BytesAhoCorasick(found, matchkind=MATCHKIND_LEFTMOST_FIRST) if found else None
 
-    def __bool__(self) -> bool:
-        return self._automaton is not None
-
     def found_in(self, data: bytes) -> bool:
         return self._automaton is not None and bool(self._automaton.find_matches_as_indexes(data))
 
