@@ -227,7 +227,7 @@ class Quota:
             holding, used = int(self.token_holds.held(window)), self.token_windows.used(window)
             if used >= limit:
                 wait = self.token_windows.seconds_until_below(window, limit)
-                yield QuotaRefusal("tokens_per_minute", f"rate limit tokens_per_minute {limit} for {scope} reached", math.ceil(wait) or 1)
+                yield _reached("tokens_per_minute", limit, scope, math.ceil(wait) or 1)
             elif most_tokens > 0 and holding and used + holding >= limit:
                 yield QuotaRefusal(
                     "tokens_per_minute",
@@ -257,4 +257,9 @@ class Quota:
 
     def _requests_refusal(self, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
         reset = self._requests.get_window_stats(item, *ids).reset_time
-        return QuotaRefusal("requests_per_minute", f"rate limit requests_per_minute {limit} for {ids[-1]} reached", int(reset - time.time()) + 1)
+        return _reached("requests_per_minute", limit, ids[-1], int(reset - time.time()) + 1)
+
+
+def _reached(rule: str, limit: int, scope: str, retry_after: int) -> QuotaRefusal:
+    """A full window's refusal, worded alike for requests and tokens."""
+    return QuotaRefusal(rule, f"rate limit {rule} {limit} for {scope} reached", retry_after)
