@@ -722,7 +722,7 @@ def test_organization_headers_go_to_a_server_of_your_own_only_when_turned_on(tmp
                 expected = ("org-default", "proj-default") if turned_on else (None, None)
                 assert (received.header("openai-organization"), received.header("openai-project")) == expected
                 assert (trace_with(proxy, m)["organization"], trace_with(proxy, m)["project"]) == expected
-                assert ("the organization rules are not applied to vllm" in proxy.output) is not turned_on  # said, not left to be found
+            assert ("the organization rules are not applied to vllm" in proxy.output) is not turned_on  # said, not left to be found
     finally:
         server.stop()
 
@@ -922,7 +922,7 @@ def test_a_budget_starts_while_another_process_holds_the_spend_files_lock(tmp_pa
     config = {"policy": {"budgets": [{"usd_per_day": 0.0001, "per": "global"}]}}
     holder = locked_spend_file(tmp_path / "llm-mitm-spend.sqlite", 0.00005)
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
-        assert "is locked by another process" in proxy.output
+        assert "is locked by another process" in proxy.wait_for_output("is locked by another process")
         m = marker()
         assert openai_call(proxy, chat(m))["text"] == CANNED_REPLY  # 0.00005 of 0.0001 spent before it
         cost = trace_with(proxy, m)["cost_usd"]
@@ -1102,10 +1102,8 @@ def test_periodic_stats_line(tmp_path: Path, provider: FakeProvider, pki: Server
     config = {"usage": {"stats_interval": 1}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
         openai_call(proxy, chat(marker()))
-        deadline = time.monotonic() + 5
-        while "1 calls (0 errors, 0 blocked)" not in proxy.output and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "llm-mitm: 1 calls (0 errors, 0 blocked), 12 in / 7 out tokens, $0.0001 since start" in proxy.output
+        printed = proxy.wait_for_output("1 calls (0 errors, 0 blocked)")
+        assert "llm-mitm: 1 calls (0 errors, 0 blocked), 12 in / 7 out tokens, $0.0001 since start" in printed
 
 
 def test_usage_is_estimated_where_the_api_gives_none(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:

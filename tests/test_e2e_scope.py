@@ -170,10 +170,7 @@ def content_length(answer: bytes) -> int:
 
 
 def wait_for(proxy: Mitmdump, text: str) -> None:
-    deadline = time.monotonic() + 10
-    while text not in proxy.output and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert text in proxy.output, proxy.output[-2000:]
+    assert text in proxy.wait_for_output(text), proxy.output[-2000:]
 
 
 CLOSED_ONE = "api.anthropic.com now intercepted; 1 connection(s) to them passed untouched before are closed"
@@ -286,7 +283,7 @@ def test_with_no_provider_enabled_nothing_is_intercepted(tmp_path: Path, provide
     config = {"providers": {name: {"enabled": False} for name in DEFAULT_PROVIDERS}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
         assert call_claude(tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)) == 200  # the provider's own certificate
-        assert "intercepting nothing (no provider is enabled)" in proxy.output
+        wait_for(proxy, "intercepting nothing (no provider is enabled)")
 
 
 def test_a_provider_turned_off_and_on_again_does_not_cut_the_calls_it_intercepts(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:

@@ -81,6 +81,7 @@ class Mitmdump:
         self._modes = len(modes)
         self._own_session = own_session  # a process group of its own, as a terminal or a service manager starts it
         self.process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> Mitmdump:
         self.process = subprocess.Popen(
@@ -93,7 +94,8 @@ class Mitmdump:
             bufsize=1,
             start_new_session=self._own_session,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while len(self.ports) < self._modes:
             if self.process.poll() is not None:
@@ -144,7 +146,16 @@ class Mitmdump:
 
     @property
     def output(self) -> str:
+        """What mitmdump printed so far: a line logged while a call is answered may reach
+        this pipe after the client has its answer; wait_for_output waits for it."""
         return "".join(self.lines)
+
+    def wait_for_output(self, text: str, timeout: float = 10.0) -> str:
+        """The output once `text` is in it (or the timeout passed: the caller's assert says)."""
+        deadline = time.monotonic() + timeout
+        while text not in (output := self.output) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return output
 
     def client_env(self) -> dict[str, str]:
         """What a client process needs to go through this proxy (no CA bypass)."""
@@ -158,14 +169,19 @@ class Mitmdump:
         return env
 
     def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGINT)
-        try:
-            return self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(5)
+        """Stops mitmdump; its whole output is read once this returns."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        return self.process.returncode
 
     def traces(self) -> list[dict[str, Any]]:
         """The whole lines written so far (a large one may be half-way through its write)."""
