@@ -1088,8 +1088,11 @@ def test_costs_unknown_model_and_estimates(proxy: Mitmdump) -> None:
     assert result["text"] == CANNED_REPLY
     t = trace_with(proxy, m)
     assert t["cost_usd"] is None and t["usage"]["total_tokens"] == 19
-    openai_call(proxy, chat(marker(), model="mystery-model"))
-    time.sleep(0.3)
+    proxy.wait_for_output("no price for model 'mystery-model'")
+    again = marker()
+    openai_call(proxy, chat(again, model="mystery-model"))
+    trace_with(proxy, again)
+    time.sleep(0.3)  # a second warning would be printed by now
     assert proxy.output.count("no price for model 'mystery-model'") == 1
     m = marker()
     params = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": m}]}
