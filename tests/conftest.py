@@ -11,10 +11,27 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.fake_provider import FakeProvider  # noqa: E402
-from tests.support.mitm import Mitmdump  # noqa: E402
+from tests.support.mitm import Mitmdump, printed_lines, printed_since  # noqa: E402
 from tests.support.pki import ServerCert, make_pki  # noqa: E402
 
 PROVIDER_HOSTS = ("api.openai.com", "*.openai.azure.com", "*.services.ai.azure.com", "api.anthropic.com")
+_PRINTED = pytest.StashKey[dict[int, int]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_PRINTED] = printed_lines()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report shows what each mitmdump printed while it ran (a client that
+    timed out tells nothing of the proxy between it and the server)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("setup", "call"):
+        for title, text in printed_since(item.stash.get(_PRINTED, {})):
+            report.sections.append((title, text))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ LOOPBACK_DNS = Path(__file__).with_name("loopback_dns.py")
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 
 _LISTENING = re.compile(r"listening at .*?:(\d+)\.?\s*$")
+_STARTED: weakref.WeakSet[Mitmdump] = weakref.WeakSet()  # for a failed test's report (`printed_since`)
 
 
 def schema_checked(line: bytes) -> dict[str, Any]:
@@ -96,6 +98,7 @@ class Mitmdump:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        _STARTED.add(self)
         deadline = time.monotonic() + timeout
         while len(self.ports) < self._modes:
             if self.process.poll() is not None:
@@ -206,3 +209,20 @@ class Mitmdump:
 
 
 _CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
+
+
+def printed_lines() -> dict[int, int]:
+    """How many lines each mitmdump still known has printed so far (by `id`)."""
+    return {id(proxy): len(proxy.lines) for proxy in list(_STARTED)}
+
+
+def printed_since(marks: dict[int, int], last: int = 80) -> list[tuple[str, str]]:
+    """(title, text) of what each mitmdump printed since `marks` (the last `last` lines):
+    a test that hangs on a client says nothing of the proxy it went through otherwise."""
+    sections = []
+    for proxy in list(_STARTED):
+        lines = proxy.lines[marks.get(id(proxy), 0):]
+        if lines:
+            shown = "".join(lines[-last:])
+            sections.append((f"mitmdump {proxy.workdir.name} ({len(lines)} lines, the last {min(last, len(lines))})", shown))
+    return sections
