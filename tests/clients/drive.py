@@ -4,7 +4,9 @@ Prints a JSON result: what the SDK returned, the error class it raised, and for
 streams the arrival time of every chunk (to check that chunks are not held back).
 """
 
+import faulthandler
 import json
+import os
 import sys
 import time
 
@@ -124,6 +126,9 @@ def requests_call(a):
 
 
 def main():
+    # A client that hangs says where before the test gives up on it (its stacks on stderr, exit 1).
+    if (dump_after := os.environ.get("LLM_MITM_TEST_DUMP_AFTER")) is not None:
+        faulthandler.dump_traceback_later(float(dump_after), exit=True)
     action = json.load(sys.stdin)
     kind = action["client"]
     try:

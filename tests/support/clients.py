@@ -44,7 +44,7 @@ def drive(action: Mapping[str, Any], env: Mapping[str, str], timeout: float = 60
     result = subprocess.run(
         [str(client_python()), str(DRIVER)],
         input=orjson.dumps(dict(action)),
-        env=dict(env),
+        env={**env, "LLM_MITM_TEST_DUMP_AFTER": str(max(timeout - 5, 1))},  # where it hung, before the timeout kills it
         capture_output=True,
         timeout=timeout,
     )
