@@ -169,10 +169,6 @@ def content_length(answer: bytes) -> int:
     return next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
 
 
-def wait_for(proxy: Mitmdump, text: str) -> None:
-    assert text in proxy.wait_for_output(text), proxy.output[-2000:]
-
-
 CLOSED_ONE = "api.anthropic.com now intercepted; 1 connection(s) to them passed untouched before are closed"
 
 
@@ -188,7 +184,7 @@ def test_an_edit_taking_a_host_into_scope_closes_the_tunnels_open_to_it(tmp_path
         kept = tunnel(proxy, target, "api.anthropic.com", pki.ca_path)  # passed untouched: the provider's own certificate
         assert call_claude(kept) == 200
         (tmp_path / "config.yaml").write_text(ANTHROPIC_ON)
-        wait_for(proxy, CLOSED_ONE)
+        proxy.wait_for_output(CLOSED_ONE)
         assert call_claude(kept) is None  # closed: no call goes out on it
         assert call_claude(tunnel(proxy, target, "api.anthropic.com", proxy.ca_cert)) == 403  # connected again: intercepted, checked
 
@@ -213,7 +209,7 @@ def test_an_edit_after_a_script_reload_closes_the_tunnels_opened_before_it(tmp_p
         assert proxy.output.count("llm-mitm: config ") > loaded, proxy.output[-2000:]  # the new addons have read the config
         time.sleep(1.1)  # an edit the new addons' watch sees as one
         (tmp_path / "config.yaml").write_text(ANTHROPIC_ON)
-        wait_for(proxy, CLOSED_ONE)
+        proxy.wait_for_output(CLOSED_ONE)
         assert call_claude(kept) is None
 
 
@@ -227,7 +223,7 @@ def test_an_edit_closes_the_tunnels_open_through_an_upstream_proxy(tmp_path: Pat
         kept = tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)
         assert call_claude(kept) == 200
         (tmp_path / "config.yaml").write_text(ANTHROPIC_ON)
-        wait_for(proxy, CLOSED_ONE)
+        proxy.wait_for_output(CLOSED_ONE)
         assert call_claude(kept) is None
 
 
@@ -244,7 +240,7 @@ def test_an_edit_closes_a_tunnel_still_connecting_upstream(tmp_path: Path, provi
             kept: ssl.SSLSocket | None = tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)
         except (ConnectionError, ssl.SSLError):
             kept = None
-        wait_for(proxy, CLOSED_ONE)
+        proxy.wait_for_output(CLOSED_ONE)
         assert kept is None or call_claude(kept) is None
 
 
@@ -263,7 +259,7 @@ def test_an_edit_does_not_cut_the_calls_of_connections_it_intercepts(tmp_path: P
             first = plain.recv(65536)
             assert first.startswith(b"HTTP/1.1 200"), first
             (tmp_path / "config.yaml").write_text(ANTHROPIC_ON + f"providers:\n  own:\n    api: openai\n    hosts: ['127.0.0.1:{own.port}']\n")
-            wait_for(proxy, "now intercepted")
+            proxy.wait_for_output("now intercepted")
             streamed = first
             while b"data: [DONE]" not in streamed and (piece := plain.recv(65536)):
                 streamed += piece
@@ -283,7 +279,7 @@ def test_with_no_provider_enabled_nothing_is_intercepted(tmp_path: Path, provide
     config = {"providers": {name: {"enabled": False} for name in DEFAULT_PROVIDERS}}
     with Mitmdump(tmp_path, config=config, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
         assert call_claude(tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", pki.ca_path)) == 200  # the provider's own certificate
-        wait_for(proxy, "intercepting nothing (no provider is enabled)")
+        proxy.wait_for_output("intercepting nothing (no provider is enabled)")
 
 
 def test_a_provider_turned_off_and_on_again_does_not_cut_the_calls_it_intercepts(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
@@ -295,7 +291,7 @@ def test_a_provider_turned_off_and_on_again_does_not_cut_the_calls_it_intercepts
         kept = tunnel(proxy, "api.anthropic.com:443", "api.anthropic.com", proxy.ca_cert)  # mitmproxy's certificate: intercepted
         assert call_claude(kept) == 200
         (tmp_path / "config.yaml").write_text(off)
-        wait_for(proxy, "reloaded")
+        proxy.wait_for_output("reloaded")
         body = orjson.dumps({"model": "claude-x", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
         kept.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nanthropic-version: 2023-06-01\r\nx-fake-delay-ms: 400\r\n"
                      b"x-api-key: sk-ant-api03-" + b"t" * 40 + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
@@ -304,7 +300,7 @@ def test_a_provider_turned_off_and_on_again_does_not_cut_the_calls_it_intercepts
         while b"message_stop" not in streamed and (piece := kept.recv(65536)):
             streamed += piece
         assert b"message_stop" in streamed
-        wait_for(proxy, "api.anthropic.com now intercepted")
+        proxy.wait_for_output("api.anthropic.com now intercepted")
         assert "passed untouched before are closed" not in proxy.output
 
 
@@ -325,7 +321,7 @@ def test_an_edit_closes_the_tunnels_of_a_reverse_proxy_to_a_server_it_names(tmp_
                 answer += kept.recv(65536)
             assert answer.startswith(b"HTTP/1.1 200")  # out of scope: passes (read whole: a raw tunnel's pieces come as they come)
             (tmp_path / "config.yaml").write_text(f"policy:\n  allowed_models: ['gpt-4o*']\nproviders:\n  own:\n    api: openai\n    hosts: ['127.0.0.1:{own.port}']\n")
-            wait_for(proxy, f"127.0.0.1:{own.port} now intercepted; 1 connection(s) to them passed untouched before are closed")
+            proxy.wait_for_output(f"127.0.0.1:{own.port} now intercepted; 1 connection(s) to them passed untouched before are closed")
             kept.sendall(request)
             try:
                 assert kept.recv(65536) == b""
@@ -350,7 +346,7 @@ def test_an_edit_leaves_a_connection_mitmproxy_has_yet_to_decide(tmp_path: Path)
             waiting.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
             time.sleep(0.3)
             (tmp_path / "config.yaml").write_text(f"policy:\n  allowed_models: ['gpt-4o*']\nproviders:\n  own:\n    api: openai\n    hosts: ['127.0.0.1:{own.port}']\n")
-            wait_for(proxy, f"127.0.0.1:{own.port} now intercepted")
+            proxy.wait_for_output(f"127.0.0.1:{own.port} now intercepted")
             waiting.sendall(b"Host: 127.0.0.1:%d\r\nauthorization: Bearer sk-proj-%s\r\ncontent-type: application/json\r\n"
                             b"content-length: %d\r\n\r\n%s" % (own.port, b"m" * 40, len(body), body))
             assert waiting.recv(65536).startswith(b"HTTP/1.1 403")  # decided under the new scope: checked

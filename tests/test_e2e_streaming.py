@@ -174,7 +174,7 @@ def test_a_stream_compressed_though_asked_not_to_keeps_its_usage_chunk_and_says_
         events = [line for line in response.iter_lines() if line.startswith(b"data: {")]
     assert any(orjson.loads(line[6:]).get("usage") for line in events)
     assert trace_with(proxy, m)["usage"]["output_tokens"]
-    assert "the provider compressed the stream though asked not to" in proxy.wait_for_output("the provider compressed the stream")
+    proxy.wait_for_output("the provider compressed the stream though asked not to")
 
 
 @pytest.mark.parametrize("stream_type", ["none", "text/plain; charset=utf-8"])

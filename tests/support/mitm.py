@@ -154,9 +154,11 @@ class Mitmdump:
         return "".join(self.lines)
 
     def wait_for_output(self, text: str, timeout: float = 10.0) -> str:
-        """The output once `text` is in it (or the timeout passed: the caller's assert says)."""
+        """The output once `text` is in it; an AssertionError with its last lines if it is
+        not within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while text not in (output := self.output) and time.monotonic() < deadline:
+        while text not in (output := self.output):
+            assert time.monotonic() < deadline, f"{text!r} not printed within {timeout} s; the output ends:\n{output[-2000:]}"
             time.sleep(0.05)
         return output
 
