@@ -66,6 +66,18 @@ def read_client_event(data: bytes) -> ClientEvent | None:
     return ClientEvent(kind, event_id if isinstance(event_id, str) else None, body, model if isinstance(model, str) else None, event)
 
 
+def event_names(data: bytes) -> tuple[str, str | None]:
+    """An event's type and id as far as they can be read (any event, any bytes): what an
+    `error` event answering it names."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return "client", None
+    kind = event.get("type") if isinstance(event, dict) else None
+    event_id = event.get("event_id") if isinstance(event, dict) else None
+    return kind if isinstance(kind, str) else "client", event_id if isinstance(event_id, str) else None
+
+
 def error_event(code: str, message: str, event_id: str | None) -> bytes:
     """The Realtime API's answer to an event it refuses (SDKs raise or report it as theirs)."""
     return orjson.dumps({

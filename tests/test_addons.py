@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import mitmproxy.flow
 from mitmproxy import exceptions
 from mitmproxy.flow import Error as flow_error
 from mitmproxy.addons.proxyserver import Proxyserver
@@ -716,7 +717,9 @@ def test_a_concern_guarding_calls_that_fails_refuses_the_call(tmp_path: Path, mo
 
 def test_a_realtime_event_the_policy_fails_to_read_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The policy guards a realtime session's events as it guards calls: a client's event it
-    fails to read (a bug, not bad input) is dropped, not sent on unchecked."""
+    fails to read (a bug, not bad input) is dropped, not sent on unchecked, and the client
+    gets the API's `error` event for it (dropped silently, a client waiting for its answer
+    waited forever)."""
     import llm_mitm.addons.firewall
     from mitmproxy.websocket import WebSocketData, WebSocketMessage
     from wsproto.frame_protocol import Opcode
@@ -727,17 +730,35 @@ def test_a_realtime_event_the_policy_fails_to_read_is_dropped(tmp_path: Path, mo
         raise RuntimeError("a bug in reading events")
 
     async def go() -> None:
-        with whole_addon(config) as (llm, _):
+        with whole_addon(config) as (llm, tctx):
+            injected: list[tuple[bool, bytes]] = []
+
+            def inject(flow: mitmproxy.flow.Flow, to_client: bool, message: bytes, is_text: bool = True) -> None:  # Proxyserver's, as it is called
+                injected.append((to_client, message))
+
+            tctx.master.commands.add("inject.websocket", inject)
             flow = chat_flow(headers=[(b"upgrade", b"websocket"), (b"connection", b"upgrade")])
             flow.request.method, flow.request.path, flow.request.content = "GET", "/v1/realtime?model=gpt-realtime", b""
             llm.request(flow)
             assert flow.response is None and llm.shared.exchange(flow) is not None
             flow.response, flow.websocket = tutils.tresp(status_code=101), WebSocketData()
-            event = WebSocketMessage(Opcode.TEXT, True, b'{"type": "session.update", "session": {"instructions": "be kind"}}')
+            event = WebSocketMessage(Opcode.TEXT, True, b'{"type": "session.update", "event_id": "ev_1", "session": {"instructions": "be kind"}}')
             flow.websocket.messages.append(event)
             monkeypatch.setattr(llm_mitm.addons.firewall, "read_client_event", broken)
             llm.websocket_message(flow)
             assert event.dropped
+            [(to_client, error)] = injected
+            assert to_client
+            assert orjson.loads(error)["type"] == "error"
+            assert orjson.loads(error)["error"] | {"message": ""} == {
+                "type": "invalid_request_error", "code": "policy_error", "message": "", "param": None, "event_id": "ev_1"}
+            assert "session.update event" in orjson.loads(error)["error"]["message"] and "Firewall failed" in orjson.loads(error)["error"]["message"]
+            # not JSON at all: still answered, named as the client's event
+            garbled = WebSocketMessage(Opcode.TEXT, True, b'{"type": "session.upd')
+            flow.websocket.messages.append(garbled)
+            llm.websocket_message(flow)
+            assert garbled.dropped and orjson.loads(injected[-1][1])["error"]["event_id"] is None
+            assert "client event" in orjson.loads(injected[-1][1])["error"]["message"]
             # the model's own events are not the policy's to hold back, the policy failing or not
             firewall = next(c for c in llm.concerns if isinstance(c, llm_mitm.addons.firewall.Firewall))
             monkeypatch.setattr(firewall, "_last_items", None)  # a bug in what it keeps of a session

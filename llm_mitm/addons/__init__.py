@@ -26,7 +26,7 @@ from llm_mitm.addons.organization import Organization
 from llm_mitm.addons.output import OutputRedaction
 from llm_mitm.addons.quota import QuotaAddon
 from llm_mitm.addons.recorder import Recorder
-from llm_mitm.addons.refuse import refuse
+from llm_mitm.addons.refuse import refuse, refuse_event
 from llm_mitm.addons.replay import Replay
 from llm_mitm.addons.safety import Safety
 from llm_mitm.addons.scope import Scope
@@ -36,6 +36,7 @@ from llm_mitm.addons.stats import Stats
 from llm_mitm.addons.stream_usage import StreamUsage
 from llm_mitm.addons.tracer import Tracer
 from llm_mitm.addons.tunnels import Tunnels
+from llm_mitm.realtime import event_names
 
 logger = logging.getLogger("llm_mitm")
 
@@ -145,12 +146,24 @@ class LLMMitm:
             return
         from_client = name == "websocket_message" and flow.websocket is not None and flow.websocket.messages[-1].from_client
         logger.exception("llm-mitm: %s failed in %s; %s", name, concern.__class__.__name__, "the call is refused" if name == "request" else
-                         "the event is dropped" if from_client else "the model's event is passed on")
+                         "the event is refused" if from_client else "the model's event is passed on")
         if from_client:  # the model's own events are not the policy's to hold back
-            flow.websocket.messages[-1].drop()
+            self._refuse_unchecked_event(flow, concern.__class__.__name__)
         elif name == "request" and flow.response is None:
             refuse(flow, self.shared.exchange(flow), 500, "policy_error",
                    f"the proxy could not check this call ({concern.__class__.__name__} failed); it was not sent")
+
+    @staticmethod
+    def _refuse_unchecked_event(flow: Any, concern: str) -> None:
+        """Dropped, and the client told so by the API's `error` event: dropped silently, a
+        client waiting for the answer to its event waited forever."""
+        message = flow.websocket.messages[-1]
+        kind, event_id = event_names(message.content)
+        try:
+            refuse_event(flow, message, kind, event_id, "policy_error", f"the proxy could not check this event ({concern} failed); it was not sent")
+        except Exception:  # noqa: BLE001 - the client is not told, but the event still does not go
+            logger.exception("llm-mitm: the client could not be told its event was dropped")
+            message.drop()
 
     def _lifecycle(self, name: str, *args: Any) -> None:
         """mitmproxy calls these where nothing can wait: a concern's are plain calls."""

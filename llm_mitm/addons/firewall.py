@@ -7,15 +7,15 @@ import logging
 import weakref
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 from mitmproxy.websocket import WebSocketMessage
 
-from llm_mitm.addons.refuse import refuse, rewrite_batch_file, rewrite_json
+from llm_mitm.addons.refuse import refuse, refuse_event, rewrite_batch_file, rewrite_json
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import ALLOWED, PolicyDecision
 from llm_mitm.forms import BATCH
 from llm_mitm.policy import RequestView, Violation
-from llm_mitm.realtime import UnreadableEvent, error_event, read_client_event
+from llm_mitm.realtime import UnreadableEvent, read_client_event
 
 logger = logging.getLogger("llm_mitm.firewall")
 
@@ -120,9 +120,5 @@ class Firewall:
 
     @staticmethod
     def _refuse_event(flow: http.HTTPFlow, message: WebSocketMessage, kind: str, event_id: str | None, violation: Violation) -> None:
-        message.drop()
-        detail = f"llm-mitm refused this {kind} event ({violation.rule}): {violation.detail}"
-        ctx.master.commands.call("inject.websocket", flow, True, error_event(violation.rule, detail, event_id), True)
-        flow.marked = ":no_entry:"
-        flow.comment = f"llm-mitm blocked a {kind} event ({violation.rule}): {violation.detail}"
+        refuse_event(flow, message, kind, event_id, violation.rule, violation.detail)
         logger.warning("llm-mitm: %s", flow.comment)

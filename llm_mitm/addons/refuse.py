@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import orjson
-from mitmproxy import http
+from mitmproxy import ctx, http
+from mitmproxy.websocket import WebSocketMessage
 
 from llm_mitm.exchange import Body, Exchange, PolicyDecision
 from llm_mitm.forms import Form
 from llm_mitm.providers import shapes_of
+from llm_mitm.realtime import error_event
 from llm_mitm.refusal import refusal
 
 
@@ -21,6 +23,15 @@ def refuse(flow: http.HTTPFlow, exchange: Exchange | None, status: int, rule: st
     flow.comment = f"llm-mitm blocked ({rule}): {detail}"
     if exchange is not None:
         exchange.policy = PolicyDecision("block", rule, detail)
+
+
+def refuse_event(flow: http.HTTPFlow, message: WebSocketMessage, kind: str, event_id: str | None, rule: str, detail: str) -> None:
+    """A realtime client's event is dropped and answered with the API's `error` event, as
+    the API answers one it refuses: the client hears why, and the session goes on."""
+    message.drop()
+    ctx.master.commands.call("inject.websocket", flow, True, error_event(rule, f"llm-mitm refused this {kind} event ({rule}): {detail}", event_id), True)
+    flow.marked = ":no_entry:"
+    flow.comment = f"llm-mitm blocked a {kind} event ({rule}): {detail}"
 
 
 def rewrite_json(flow: http.HTTPFlow, exchange: Exchange, body: dict) -> None:  # type: ignore[type-arg]
