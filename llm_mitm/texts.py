@@ -60,6 +60,12 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str, str, bool], ...]] = {
 # each API adds such kinds faster than a list could follow.
 _NOT_TEXT = frozenset(("image", "image_url", "input_image", "input_audio", "audio", "file", "input_file", "container_upload",
                        "item_reference", "redacted_thinking", "encrypted_content"))
+# A chat message's own thinking, which servers of open models print into the prompt when it is
+# given back (vLLM's `reasoning`, copied to `reasoning_content`, as Qwen3's template prints it;
+# DeepSeek's `reasoning_content`; Ollama's `thinking`; OpenRouter's `reasoning_details`): a
+# firewall probe put a forbidden phrase there, unread.
+_REASONING_KEYS = ("reasoning", "reasoning_content", "thinking", "reasoning_details")
+_REASONING_KEY_SET = frozenset(_REASONING_KEYS)
 _NO_TEXT_KEYS = frozenset(("id", "type", "call_id", "tool_use_id", "status", "encrypted_content", "signature"))
 SCHEMA_DEPTH = 64  # how deep a schema (or any value read whole) is read for its texts
 
@@ -340,6 +346,8 @@ class _Collector:
             _leaf_texts(self.out, "tool", {key: value for key, value in message.items() if key not in ("content", "role")}, SCHEMA_DEPTH)
         # a role as a lenient server takes it (vLLM passes any to a chat template, which prints it): `User` is the user
         role = role.strip().lower() if isinstance(role, str) else "user"
+        if not _REASONING_KEY_SET.isdisjoint(message):  # an earlier turn's thinking, given back: a chat template prints it before the content
+            _leaf_texts(self.out, role, [message.get(key) for key in _REASONING_KEYS], SCHEMA_DEPTH)
         self.content(role, message.get("content"))
         if self.extras and isinstance(message.get("name"), str):  # chat: a participant's name, given to the model
             self.out.append((role, name_words(message["name"])))
