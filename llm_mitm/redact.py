@@ -199,7 +199,11 @@ _SHAPES: tuple[tuple[Callable[[str], bool], _Shape], ...] = (
 )
 # Whatever follows "Bearer" is a credential, whatever its shape (not a fingerprint already).
 # Only ASCII letters match "bearer" here, so its test is a substring of the lower-cased text.
-_BEARER = re.compile(r"(?i:(bearer)[ \t\u00a0]+)([A-Za-z0-9._~+/=-]{8,}+)(?!…)")  # a no-break space too (a secrets probe)
+# Between a scheme and its credential: spaces (a no-break space too), or one line break, as
+# written or as a JSON string's escape, with spaces either side (a secrets probe: `Bearer`
+# then the token on the next line kept the token whole, and fingerprinted `Bearer`).
+_AUTH_GAP = r"(?:[ \t\u00a0]+(?:\r?\n|\\r\\n|\\n)?[ \t\u00a0]*|(?:\r?\n|\\r\\n|\\n)[ \t\u00a0]*)"
+_BEARER = re.compile(rf"(?i:(bearer){_AUTH_GAP})([A-Za-z0-9._~+/=-]{{8,}}+)(?!…)")
 # The shortest text a shape or "Bearer" finds: a JWT's `eyJ`, 3 characters, a dot, `eyJ`, 3, a
 # dot (a URL's password, shorter, has a test of its own).
 _SHORTEST_SECRET = 14
@@ -235,7 +239,7 @@ def holds_fingerprint(value: str) -> bool:
     return "…" in value and _FINGERPRINT.search(value) is not None
 
 
-_SCHEME = re.compile(r"(?i)(?:bearer|basic|token|digest)[ \t]+")
+_SCHEME = re.compile(rf"(?i)(?:bearer|basic|token|digest){_AUTH_GAP}")
 _UNQUOTED_END = re.compile(r"""[\s"'&\\]|\Z""")  # not `,` or `;`: a password may hold them
 
 

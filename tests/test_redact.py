@@ -499,6 +499,12 @@ def test_passwords_and_cookies_show_no_characters_of_theirs() -> None:
     assert redactor.text("mail me at a@b.c or see https://user@host/x") == "mail me at a@b.c or see https://user@host/x"
     assert redactor.text(f"KEY_{KEYS['project']}") == f"KEY_{redactor.fingerprint(KEYS['project'])}"
     assert redactor.text(f"Bearer\u00a0{password}") == f"Bearer\u00a0{redactor.fingerprint(password)}"
+    # the token on the line after `Bearer`, as written or escaped in a printed JSON string; a paragraph after is no token
+    token = "nsOfake0123456789abcdef"
+    for gap in ("\n", "\r\n", " \n  ", "\\n", "\\r\\n"):
+        assert redactor.free_text(f"Authorization: Bearer{gap}{token} thanks") == f"Authorization: Bearer{gap}{redactor.fingerprint(token)} thanks"
+        assert redactor.text(f"use Bearer{gap}{token}") == f"use Bearer{gap}{redactor.fingerprint(token)}"
+    assert redactor.text("send a Bearer\n\nParagraphs follow here") == "send a Bearer\n\nParagraphs follow here"
     assert "s3cretvalue" not in redactor.url("https://x/y?api_key[]=s3cretvalue1&creds[api_key]=s3cretvalue2&page[size]=3")
     signed = orjson.dumps(redactor.json({"url": "https://b.s3.amazonaws.com/k?X-Amz-Signature=" + "f" * 64 + "&X-Amz-Date=1",
                                          "gcs": "https://storage.googleapis.com/b/o?X-Goog-Signature=" + "a" * 64})).decode()
