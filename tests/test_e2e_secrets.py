@@ -280,6 +280,20 @@ def test_keys_of_no_shape_echoed_named_in_urls_hexdumped_or_sent_as_the_model(tm
     assert any(r["model"] and r["model"].startswith("sk-proj-…") for r in records)
 
 
+def test_a_refused_realtime_events_log_line_hides_a_key_named_as_its_model(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """The line logged for a refused realtime event names the model, as the trace does:
+    a key of no known shape in the model's name was printed whole (a secrets probe)."""
+    key = "tenantFAKE" + rand(24)
+    events = [{"type": "session.update", "event_id": "e1", "session": {"type": "realtime", "model": f"acme:{key}"}}]
+    with Mitmdump(tmp_path, config={"policy": {"allowed_models": ["gpt-4o*"]}}, routes=provider_routes(provider), upstream_ca=pki.ca_path) as proxy:
+        result = drive({"client": "openai", "op": "realtime", "api_key": key, "model": "gpt-4o-realtime-preview", "events": events}, proxy.client_env())
+        printed = proxy.wait_for_output("blocked a session.update event (model_not_allowed)")
+    assert [reply["error"]["code"] for reply in result["replies"]] == ["model_not_allowed"], result
+    assert "model 'acme:…" in printed
+    part = secret_part(key)
+    assert not any(part[i : i + 8] in proxy.output for i in range(len(part) - 8))
+
+
 def test_a_key_cut_short_in_mitmdumps_url_line_leaves_nothing(proxy: Mitmdump) -> None:
     """At the default flow_detail mitmdump cuts a long URL to the terminal's width (55
     characters off a terminal), maybe inside a key, before the redactor sees the line: a

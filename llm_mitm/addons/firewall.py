@@ -12,7 +12,7 @@ from mitmproxy.websocket import WebSocketMessage
 
 from llm_mitm.addons.refuse import refuse, refuse_event, rewrite_batch_file, rewrite_json
 from llm_mitm.addons.shared import Shared
-from llm_mitm.exchange import ALLOWED, PolicyDecision
+from llm_mitm.exchange import ALLOWED, Exchange, PolicyDecision
 from llm_mitm.forms import BATCH
 from llm_mitm.policy import RequestView, Violation
 from llm_mitm.realtime import UnreadableEvent, read_client_event
@@ -92,7 +92,7 @@ class Firewall:
             event = read_client_event(message.content)
         except UnreadableEvent:
             if policy.config.on_unparseable == "reject":
-                self._refuse_event(flow, message, "client", None, Violation(
+                self._refuse_event(flow, exchange, message, "client", None, Violation(
                     "unparseable_body", "the event is not JSON the policy can read (on_unparseable: reject)", 400))
             return
         if event is None:
@@ -111,14 +111,15 @@ class Firewall:
             logger.exception("llm-mitm: the policy check of a realtime event failed; the event is refused")
             violation, clamped = Violation("policy_error", "the event could not be checked against the policy"), None
         if violation is not None:
-            self._refuse_event(flow, message, event.kind, event.event_id, violation)
+            self._refuse_event(flow, exchange, message, event.kind, event.event_id, violation)
             return
         if clamped is not None:
             message.content = event.with_body(clamped)
         if event.kind == "conversation.item.create":
             self._last_items[flow] = event.body["input"][0]
 
-    @staticmethod
-    def _refuse_event(flow: http.HTTPFlow, message: WebSocketMessage, kind: str, event_id: str | None, violation: Violation) -> None:
+    def _refuse_event(self, flow: http.HTTPFlow, exchange: Exchange, message: WebSocketMessage, kind: str, event_id: str | None,
+                      violation: Violation) -> None:
         refuse_event(flow, message, kind, event_id, violation.rule, violation.detail)
-        logger.warning("llm-mitm: %s", flow.comment)
+        # as traced: a model named after the key (a secrets probe: a key of no shape was printed whole)
+        logger.warning("llm-mitm: %s", self.shared.redactor.as_traced(flow.comment, exchange.request_headers, exchange.url))
