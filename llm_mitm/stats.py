@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # One call: api key, model, input and output tokens, cost, error, blocked.
 CountRow = tuple[str | None, str | None, int | None, int | None, float | None, bool, bool]
+
+
+class ShownModels:
+    """A model's name as a count row gives it: as its trace shows it (`shown`, which hides a
+    key the caller sent in it, whatever its shape), worked out once per caller, model and
+    way of showing (a secrets probe: `llm.stats` printed such a key whole)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._shown: dict[tuple[object, str | None, str], str] = {}
+        self._limit = limit
+
+    def __call__(self, model: str | None, api_key: str | None, shows: object, shown: Callable[[str], str]) -> str | None:
+        """`shows`: what `shown` depends on besides its text (the redactor in use)."""
+        if model is None:
+            return None
+        key = (shows, api_key, model)
+        name = self._shown.get(key)
+        if name is None:
+            if len(self._shown) >= self._limit:
+                self._shown.clear()
+            name = self._shown[key] = shown(model)
+        return name
 
 
 @dataclass

@@ -14,7 +14,7 @@ from llm_mitm.metering import Call, Metering
 from llm_mitm.providers import shapes_of
 from llm_mitm.redact import Redactor, replace_sent, without_spelled_secrets
 from llm_mitm.sse import StreamTap, rebuilder_for
-from llm_mitm.stats import CountRow
+from llm_mitm.stats import CountRow, ShownModels
 from llm_mitm.usage import Usage
 
 SCHEMA_VERSION = 1
@@ -163,12 +163,14 @@ def complete(snap: dict[str, Any], metering: Metering, redactor: Redactor) -> No
     snap["deferred"] = False
 
 
-def count_row(snap: dict[str, Any]) -> CountRow:
-    """The stats row of a completed snapshot (`Stats` makes the same from an exchange)."""
+def count_row(snap: dict[str, Any], redactor: Redactor, models: ShownModels) -> CountRow:
+    """The stats row of a completed snapshot (`Stats` makes the same from an exchange), its
+    model named as the trace names it."""
     usage, blocked = snap["usage"], _blocked(snap)
     return (
         snap["api_key"],
-        snap["response_model"] or snap["model"],
+        models(snap["response_model"] or snap["model"], snap["api_key"], redactor,
+               lambda model: redactor.as_traced(model, snap["request_headers"], snap["url"])),
         usage["input_tokens"] if usage else None,
         usage["output_tokens"] if usage else None,
         snap["cost_usd"],

@@ -451,6 +451,7 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from llm_mitm.redact import RedactingFilter
+    from llm_mitm.stats import ShownModels
     from llm_mitm.trace import build_record, complete, count_row
     from llm_mitm.writer import Pending, TraceWriter
 
@@ -461,6 +462,7 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
     writer = TraceWriter(settings.destination, settings.directory, settings.max_bytes, settings.keep)
+    models = ShownModels()
 
     def take(line: bytes, counts: list[CountRow], reports: list[bytes], batch: list[Pending]) -> None:
         message = orjson.loads(line)
@@ -476,7 +478,7 @@ def _serve(sock: socket.socket, settings: SinkSettings) -> None:
         redactor, bodies = making.for_call(message["started_at"])
         if message["deferred"]:
             complete(message, making.metering, redactor)
-            counts.append(count_row(message))
+            counts.append(count_row(message, redactor, models))
         # A body too deep for orjson to write costs the record its bodies, not the record.
         batch.append((lambda: build_record(message, redactor, bodies), lambda: build_record(message, redactor, "metadata")))
 

@@ -1200,6 +1200,30 @@ def test_llm_stats_shows_a_key_sent_as_the_model_only_as_its_fingerprint(tmp_pat
     run(go())
 
 
+@pytest.mark.parametrize("traces", ["null", "traces.jsonl"])  # counted here, or by the trace writer process (the answer deferred there)
+def test_llm_stats_names_a_model_as_its_trace_does(tmp_path: Path, traces: str) -> None:
+    """A key of no known shape, sent as the Bearer and in the model's name: hidden in the
+    trace, and now in `llm.stats` too (a secrets probe: its model column printed it whole)."""
+    key = "tenant-FAKE" + "q9ZxW3vT7pL2" * 2
+    config = config_file(tmp_path, f"traces:\n  destination: {traces}\n")
+
+    async def go() -> None:
+        with whole_addon(config) as (llm, tctx):
+            for _ in range(2):  # the second is named from memory
+                flow = chat_flow(body={"model": f"ft:gpt-4o:{key}", "messages": [{"role": "user", "content": "hi"}]})
+                flow.request.headers["authorization"] = f"Bearer {key}"
+                llm.request(flow)
+                flow.response = tutils.tresp(headers=[(b"content-type", b"application/json")],
+                                             content=orjson.dumps({"model": f"ft:gpt-4o:{key}", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
+                llm.responseheaders(flow)
+                llm.response(flow)
+            table = stats_table(tctx, llm)
+            assert key[7:27] not in table and "ft:gpt-4o:…" in table and " 2 " in table, table
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_a_body_that_cannot_be_clamped_is_refused(tmp_path: Path) -> None:
     """Clamping rewrites the body; one nested deeper than orjson writes cannot go out unclamped."""
     config = config_file(tmp_path, "policy:\n  max_tokens: 100\n  max_tokens_action: clamp\n")

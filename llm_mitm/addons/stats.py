@@ -9,6 +9,7 @@ from mitmproxy import http
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.exchange import Exchange
+from llm_mitm.stats import ShownModels
 
 logger = logging.getLogger("llm_mitm.stats")
 
@@ -23,6 +24,7 @@ class Stats:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.stats = shared.usage_stats
+        self._models = ShownModels()
         self._task: asyncio.Task[None] | None = None
 
     def running(self) -> None:
@@ -35,7 +37,7 @@ class Stats:
     def llm_stats(self) -> str:
         """Spend and counts per API key and model since the proxy started."""
         self.shared.collect_counts(COMMAND_WAIT)
-        table = self.shared.redactor.printout(self.stats.table())  # a key sent as a model's name is a key (the log's copy is redacted too)
+        table = self.shared.redactor.printout(self.stats.table())  # models are named as traced; a known shape in a key's place is hidden too
         logger.info("%s", table)
         return table
 
@@ -51,9 +53,11 @@ class Stats:
         exchange.counted = True
         usage = exchange.usage
         blocked = exchange.blocked
+        redactor = self.shared.redactor
         self.stats.add((
             exchange.api_key,
-            exchange.response_model or exchange.model,
+            self._models(exchange.response_model or exchange.model, exchange.api_key, redactor,
+                         lambda model: redactor.as_traced(model, exchange.request_headers, exchange.url)),
             usage.input_tokens if usage else None,
             usage.output_tokens if usage else None,
             exchange.cost_usd,
