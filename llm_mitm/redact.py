@@ -259,6 +259,12 @@ def _value_span(text: str, at: int) -> tuple[int, int]:
     return start, end.start() if end else len(text)
 
 
+# A form-data part: its headers, a blank line, its value up to the next boundary's line;
+# as written, or within a JSON string as printed (quotes and line breaks escaped).
+_FORM_LINE_END = r'(?:\r?\n|\\r\\n|\\n)'
+_FORM_FIELD = re.compile(
+    rf'Content-Disposition:(?:(?!{_FORM_LINE_END}).)*?\bname=\\?"(?P<name>[^"\\\r\n]*)\\?"(?:(?!{_FORM_LINE_END}).)*{_FORM_LINE_END}'
+    rf'(?:(?:(?!{_FORM_LINE_END}).)+{_FORM_LINE_END})*?{_FORM_LINE_END}(?P<value>(?:(?!{_FORM_LINE_END}--).)*)', re.IGNORECASE | re.DOTALL)
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
@@ -891,7 +897,21 @@ class Redactor:
             secret = value[start:end]
             if secret and not is_fingerprint(secret) and _NOT_A_SECRET.fullmatch(secret.rstrip(",;}")) is None:
                 spans.append((start, end))
+        if "isposition" in value or "ISPOSITION" in value:  # a form's field: its name and value are lines apart
+            spans = self._form_field_spans(value, spans)
         return spans
+
+    def _form_field_spans(self, value: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """`spans` and the values of multipart/form-data fields named like a credential
+        (`name="api_key"`, then the part's value after a blank line), as written or within
+        a JSON string (a secrets probe: an upload's `api_key` field was kept whole)."""
+        for match in _FORM_FIELD.finditer(value):
+            start, end = match.span("value")
+            secret = match.group("value")
+            if (secret and not is_fingerprint(secret) and self._credential_keys(match.group("name"))
+                    and not any(start < taken_end and taken_start < end for taken_start, taken_end in spans)):
+                spans.append((start, end))
+        return sorted(spans)
 
     def _may_name_credential(self, text: str) -> bool:
         """Whether `text` holds a credential's name at all (see `_names_something`)."""

@@ -908,3 +908,23 @@ def test_a_secret_spelled_by_an_answers_logprobs_is_gone_from_them() -> None:
     assert unknown[:9] not in orjson.dumps(without_spelled_secrets(spelled, redactor, {unknown: "…#x"})).decode()
     clean = {"choices": [{"logprobs": {"content": [{"token": "Hello", "logprob": -0.1}]}}]}
     assert without_spelled_secrets(clean, redactor, {}) is clean
+
+
+def test_a_form_field_named_like_a_credential_is_hidden_as_written_echoed_or_printed() -> None:
+    """An upload's `api_key` or `password` field: its name and value are lines apart, where
+    no `name: value` reading found them (a secrets probe: kept whole in an answer echoing the
+    form, in the trace and in mitmdump's printout). Other fields, and a file, stay."""
+    redactor = Redactor()
+    key, password = "nsNfake" + "Q7wE9rT2yU4iO6pA8sD0", "hunter2-but-longer"
+    form = ("--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--b\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\n{key}\r\n"
+            f"--b\r\ncontent-disposition: form-data; name=\"Password\"\r\nContent-Type: text/plain\r\n\r\n{password}\r\n"
+            "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nsome text\r\n--b--\r\n")
+    echoed = redactor.json({"error": {"message": f"could not read: {form}"}})["error"]["message"]
+    printed = redactor.log_line("    " + orjson.dumps({"body": form}).decode())
+    cut = redactor.free_text(form[: form.index(key) + len(key)])  # a sample cut right after the value
+    for text in (redactor.free_text(form), echoed, printed, cut):
+        assert key[4:] not in text and "…#" in text, text
+    for text in (redactor.free_text(form), echoed, printed):
+        assert password[4:] not in text and "batch" in text and "some text" in text, text
+    assert redactor.free_text(form.replace("api_key", "model")).count(key) == 1  # a field of no credential's name is data
