@@ -21,7 +21,7 @@ import orjson
 
 from llm_mitm.literals import Literals
 from llm_mitm.memo import Memo
-from llm_mitm.texts import TEXT_PART_TYPES, speaker
+from llm_mitm.texts import TEXT_PART_TYPES, json_unescaped, speaker
 
 SENSITIVE_HEADERS = frozenset(
     {
@@ -217,6 +217,9 @@ _USERINFO_PASSWORD = re.compile(r"(?<=://)([^/\s:@\"'<>]*:)([^/\s\"'<>]+)(?=@[^/
 
 # (8 hex digits: a trace written before fingerprints had 16)
 _FINGERPRINT = re.compile(r"(?:(?:bearer|basic|token|digest) )?(?:sk-[a-z]*-?|jwt:)?…[A-Za-z0-9._~+/=-]{0,4}#[0-9a-f]{8}(?:[0-9a-f]{8})?", re.IGNORECASE)
+
+
+_DIGEST = re.compile(r"…[^#\s]{0,12}#([0-9a-f]{16})")  # what a fingerprint hides, by its digest
 
 
 def is_fingerprint(value: str) -> bool:
@@ -868,14 +871,32 @@ class Redactor:
         `DB_PASSWORD=...`, `Authorization: Bearer ...`), quoted values whole; and where it
         may hold a URL's parameters or escapes, as `url` reads them (a signed link's `sig=`,
         `sk%2Dproj%2D...`)."""
-        if _may_hold_link(value):
-            return self.url(value)
-        return self._named_values(self.text(value))
+        return self._through_escapes(value, self._written_text)
+
+    def _written_text(self, value: str) -> str:
+        return self.url(value) if _may_hold_link(value) else self._named_values(self.text(value))
 
     def _shapes(self, value: str) -> str:
         """`text`, and a URL's parameters and escapes where the text may hold them (`free_text`
         where no credential's name is anywhere)."""
-        return self.url(value) if _may_hold_link(value) else self.text(value)
+        return self._through_escapes(value, lambda text: self.url(text) if _may_hold_link(text) else self.text(text))
+
+    @staticmethod
+    def _through_escapes(value: str, redact: Callable[[str], str]) -> str:
+        """`redact(value)`; but where the text writes characters as JSON escapes (a tool
+        call's arguments, JSON written in a string: `\\u0073k-proj-...`, `"\\u0061pi_key"`,
+        an escaped line break between `Bearer` and its token, escapes an echo deeper), a
+        secret they spell is looked for in the text as a reader reads it, and where one is
+        found that text, redacted, is what is kept (a secrets probe: keys so written were
+        kept whole, or all but their start)."""
+        hidden = redact(value)
+        if "\\" not in value:
+            return hidden
+        read = json_unescaped(value)
+        read_hidden = redact(read)
+        if read_hidden == read or set(_DIGEST.findall(read_hidden)) <= set(_DIGEST.findall(hidden)):
+            return hidden  # the escapes hid nothing: the text as written
+        return read_hidden
 
     def _named_values(self, value: str) -> str:
         """The values given to a credential's name, each hidden whole (see `free_text`)."""
@@ -934,7 +955,7 @@ class Redactor:
 
     def _plain_line(self, line: str, sent: Mapping[str, str]) -> str:
         match = _NAMED_LINE.match(line)
-        line = self._listed(match) if match is not None and match.group(2).lower() in self.params_or_headers else self.url(line)
+        line = self._listed(match) if match is not None and match.group(2).lower() in self.params_or_headers else self._through_escapes(line, self.url)
         return _replace_each(line, sent.items())  # after: a header's own value is a fingerprint already
 
     def _listed(self, match: re.Match[str]) -> str:

@@ -928,3 +928,24 @@ def test_a_form_field_named_like_a_credential_is_hidden_as_written_echoed_or_pri
     for text in (redactor.free_text(form), echoed, printed):
         assert password[4:] not in text and "batch" in text and "some text" in text, text
     assert redactor.free_text(form.replace("api_key", "model")).count(key) == 1  # a field of no credential's name is data
+
+
+def test_a_secret_spelled_with_json_escapes_is_hidden_as_a_reader_reads_it() -> None:
+    """In a tool call's arguments (JSON in a string) a key or a credential's name may be
+    written with escapes a reader undoes: `\\u0073k-proj-...`, `"\\u0061pi_key"`, an escape
+    in a key's middle, an escaped line break after `Bearer`, an echo deeper (a secrets probe:
+    each was kept whole, or all but its start)."""
+    redactor = Redactor()
+    key, opaque = KEYS["project"], "nsMfake" + "Q7wE9rT2yU4iO6pA8sD0"
+    arguments = [
+        '{"key": "\\u0073' + key[1:] + '"}',
+        '{"\\u0061pi_key": "' + opaque + '"}',
+        "my key is " + key[:20] + "\\u0044" + key[21:],
+        orjson.dumps(orjson.dumps({"command": f"curl -H 'Authorization: Bearer\n{opaque}'"}).decode()).decode(),
+    ]
+    for text in arguments:
+        hidden = redactor.json({"tool_calls": [{"function": {"name": "f", "arguments": text}}]})
+        printed = redactor.log_line("    " + orjson.dumps({"arguments": text}).decode())
+        for shown in (orjson.dumps(hidden).decode(), printed):
+            assert key[12:30] not in shown and opaque[4:] not in shown and "…" in shown, shown
+    assert redactor.free_text('{"path": "C:\\\\Users\\\\me", "note": "a \\u00e9t\\u00e9"}') == '{"path": "C:\\\\Users\\\\me", "note": "a \\u00e9t\\u00e9"}'  # as written where nothing is hidden
