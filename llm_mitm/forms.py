@@ -11,7 +11,9 @@ than UTF-8), the form is unreadable to the policy rather than read one way of se
 
 A file uploaded with `purpose=batch` is the calls of an OpenAI Batch, one JSON object a line
 (`{"custom_id", "method", "url", "body"}`): the policy checks each as if sent alone, and a
-clamp writes the file anew, so the form is kept whole for such an upload.
+clamp writes the file anew, so the form is kept whole for such an upload. Any other text
+file uploaded (but training data) is read as the user's text: a model reads it later by its
+id.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser
 TEXT_FIELDS = ("model", "prompt", "instructions")
 SESSION_FIELD = "session"
 BATCH = "batch"  # in `Form.fields`: a batch file's calls, each its line's object
+UPLOADED_TEXT = "file"  # in `Form.fields`: the text of a file uploaded for a model to read
+# Uploads whose file is no prompt: training data. A batch file's lines are calls (`BATCH`).
+_NOT_READ_PURPOSES = (b"fine-tune", b"batch")
 _READ = frozenset((*TEXT_FIELDS, SESSION_FIELD, "purpose"))  # each at most once
 # The one shape of a part's Content-Disposition that every client writes (httpx and so the
 # SDKs, requests, curl, browsers, .NET; aiohttp and .NET add `filename*=`).
@@ -114,9 +119,12 @@ def read_form(content: bytes, content_type: str, files: bool = False) -> Form | 
                 fields[name] = value.decode("utf-8")
     except (UnicodeDecodeError, orjson.JSONDecodeError):
         return None
-    if not files or values.get("purpose", b"").strip().lower() != b"batch":  # a server may be lenient: the policy is not
-        return Form(fields)
     uploaded = [part.content for part in parts if part.name == "file"]
+    purpose = values.get("purpose", b"").strip().lower()
+    if files and purpose not in _NOT_READ_PURPOSES and (text := uploaded_text(uploaded)) is not None:
+        fields[UPLOADED_TEXT] = text
+    if not files or purpose != b"batch":  # a server may be lenient: the policy is not
+        return Form(fields)
     calls = batch_file_calls(uploaded[0]) if len(uploaded) == 1 and uploaded[0] is not None else None
     if calls is None or any(part.content is None for part in parts):  # every part is needed to write it anew
         return None
@@ -148,6 +156,19 @@ def _parts(content: bytes, boundary: str, files: bool) -> list[Part] | None:
     return parts
 
 
+def uploaded_text(files: list[bytearray | None]) -> str | None:
+    """The text of a file uploaded for a model to read later by its id (an Anthropic
+    `document` or an OpenAI `input_file` naming its `file_id`): a forbidden phrase in it
+    reached the model so, unread (a firewall probe). A file is text when it is UTF-8 with no
+    NUL; a PDF, an image or audio is not read here, as inline they are not either."""
+    if len(files) != 1 or files[0] is None or b"\x00" in files[0]:
+        return None
+    try:
+        return files[0].decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return None
+
+
 def _plain(segment: MultipartSegment) -> bool:
     """One Content-Disposition, in the shape all clients write, and a policy field in UTF-8."""
     dispositions = [value for name, value in segment.headerlist if name == "Content-Disposition"]
@@ -158,8 +179,8 @@ def _plain(segment: MultipartSegment) -> bool:
 
 def _keeps(segment: MultipartSegment, before: list[Part], files: bool) -> bool:
     """A field the policy reads; and on an upload to `files` what writing a batch upload anew
-    needs: its other fields, and its file unless `purpose` came first and is not "batch"
-    (the SDKs send it first: a fine-tuning file is not copied)."""
+    needs (its other fields), and its file, to read, unless `purpose` came first and is
+    "fine-tune" (the SDKs send it first: training data is not copied)."""
     if segment.name in _READ:
         return True
     if not files:
@@ -167,7 +188,7 @@ def _keeps(segment: MultipartSegment, before: list[Part], files: bool) -> bool:
     if segment.filename is None:
         return True
     purpose = next((part.content for part in before if part.name == "purpose"), None)
-    return segment.name == "file" and (purpose is None or purpose.strip().lower() == b"batch")
+    return segment.name == "file" and (purpose is None or purpose.strip().lower() != b"fine-tune")
 
 
 def json_lines(data: bytes | bytearray) -> list[Any] | None:

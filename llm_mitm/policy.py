@@ -13,7 +13,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from llm_mitm.config import INSTRUCTION_ROLES, ModelPatterns, PolicyConfig
 from llm_mitm.literals import Literals
 from llm_mitm.memo import Memo
-from llm_mitm.forms import BATCH, batch_file_calls, json_lines
+from llm_mitm.forms import BATCH, UPLOADED_TEXT, batch_file_calls, json_lines
 from llm_mitm.pricing import snapshot_bases
 from llm_mitm.providers import Provider, Route, route_for, shapes_of
 from llm_mitm.texts import (
@@ -385,6 +385,8 @@ class Policy:
                              "send it as text")
         try:
             pieces, runs = read_request(body, extras=True, joined=True, whole=True)
+            if isinstance(uploaded := body.get(UPLOADED_TEXT), str):  # an upload's text file, which a model reads later by its id
+                pieces.append(("user", uploaded))
         except TooDeep:
             return Violation("forbidden_instruction", f"a text nested deeper than {SCHEMA_DEPTH} levels cannot be checked against "
                              "forbidden_instructions (a server would still write it into the prompt)")

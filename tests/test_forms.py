@@ -9,7 +9,7 @@ from python_multipart import parse_form
 
 import orjson
 
-from llm_mitm.forms import BATCH, read_form
+from llm_mitm.forms import BATCH, UPLOADED_TEXT, read_form
 
 TYPE = "multipart/form-data; boundary=XX"
 
@@ -158,6 +158,23 @@ def test_a_fine_tuning_file_is_not_copied_but_a_batch_upload_is_kept_whole() -> 
     upload = read_form(form(field("expires_after[anchor]", b"created_at"), file, field("purpose", b"batch")), TYPE, files=True)
     assert [part.name for part in upload.parts] == ["expires_after[anchor]", "file", "purpose"]
     assert all(part.content is not None for part in upload.parts)
+
+
+@pytest.mark.parametrize(("purpose", "content", "read"), [
+    (b"user_data", "notes: be brief", "notes: be brief"),
+    (None, "\ufeffan Anthropic upload names no purpose", "an Anthropic upload names no purpose"),
+    (b"assistants", "caf\u00e9 menu", "caf\u00e9 menu"),
+    (b"fine-tune", "training data", None),  # no prompt
+    (b"user_data", "%PDF-1.7\x00 binary", None),  # not text: not read, as a PDF inline is not
+    (b"user_data", "\xff\xfei\x00", None),
+])
+def test_a_text_file_uploaded_for_a_model_is_read_as_text(purpose: bytes | None, content: str, read: str | None) -> None:
+    data = content.encode("latin-1") if "\x00" in content or "\xff" in content else content.encode()
+    file = b'Content-Disposition: form-data; name="file"; filename="notes.txt"\r\nContent-Type: text/plain\r\n\r\n' + data
+    parts = (field("purpose", purpose), file) if purpose is not None else (file,)
+    fields = read_form(form(*parts), TYPE, files=True).fields
+    assert fields.get(UPLOADED_TEXT) == read
+    assert UPLOADED_TEXT not in read_form(form(*parts), TYPE).fields  # an upload elsewhere (audio, images) is media, not read
 
 
 def test_dotnet_writes_names_unquoted_and_is_read() -> None:

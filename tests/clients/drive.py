@@ -70,7 +70,8 @@ def openai_call(a):
         result = client.audio.transcriptions.create(file=("a.wav", a["audio"].encode()), **a["params"], **extra)
         return {"text": result.text}
     if op == "file_upload":  # a file for the Batch API (purpose "batch") or another purpose
-        result = client.files.create(file=("calls.jsonl", a["content"].encode()), purpose=a["purpose"], **extra)
+        content = a["content"].encode("latin-1") if a.get("binary") else a["content"].encode()
+        result = client.files.create(file=(a.get("filename", "calls.jsonl"), content), purpose=a["purpose"], **extra)
         return {"id": result.id}
     if op == "batch_create":  # a batch from a file uploaded beforehand
         result = client.batches.create(input_file_id=a["file_id"], endpoint="/v1/chat/completions", completion_window="24h", **extra)
@@ -102,8 +103,11 @@ def anthropic_call(a):
     import anthropic
 
     client = anthropic.Anthropic(api_key=a["api_key"], base_url=a.get("base_url"), max_retries=a.get("max_retries", 0))
-    params = dict(a["params"])
     extra = {"extra_headers": a.get("headers") or {}}
+    if a.get("op") == "file_upload":  # the Files API (beta): a file a message names later by its id
+        result = client.beta.files.upload(file=(a["filename"], a["content"].encode(), "text/plain"), **extra)
+        return {"id": result.id}
+    params = dict(a["params"])
     if params.pop("stream", False):
         start, arrivals, text = time.monotonic(), [], []
         with client.messages.stream(**params, **extra) as stream:
