@@ -48,6 +48,9 @@ _INNER_LIMIT_SET = frozenset(_INNER_LIMITS)
 # Prompts as token ids, which no text check can read: SGLang's `input_ids`, Ollama's `context`
 # (the conversation so far, as the server returned it: a client can send any).
 _TOKEN_ID_PROMPTS = frozenset(("input_ids", "context"))
+# A prompt given as its embeddings (vLLM's `prompt_embeds`, a tensor in base64; SGLang's
+# `input_embeds`), which no text search can read (a firewall probe: they went unchecked).
+_EMBEDDED_PROMPTS = frozenset(("prompt_embeds", "input_embeds"))
 _LIMIT_HOLDER_SET = frozenset(LIMIT_HOLDERS)
 V = TypeVar("V")
 RoleText = tuple[str, str]
@@ -382,6 +385,9 @@ class Policy:
                              "send it as text")
         if not _TOKEN_ID_PROMPTS.isdisjoint(body) and (key := next((key for key in sorted(_TOKEN_ID_PROMPTS) if _token_ids(body.get(key))), None)):
             return Violation("forbidden_instruction", f"a prompt given as token ids ({key!r}) cannot be checked against forbidden_instructions: "
+                             "send it as text")
+        if not _EMBEDDED_PROMPTS.isdisjoint(body) and (key := next((key for key in sorted(_EMBEDDED_PROMPTS) if body.get(key)), None)):
+            return Violation("forbidden_instruction", f"a prompt given as embeddings ({key!r}) cannot be checked against forbidden_instructions: "
                              "send it as text")
         try:
             pieces, runs = read_request(body, extras=True, joined=True, whole=True)

@@ -552,6 +552,13 @@ def test_a_native_endpoints_token_ids_and_limit_are_read() -> None:
         assert violation is not None and violation.rule == "forbidden_instruction" and "token ids" in violation.detail
         assert check({}, route=native, body=body, model="m") is None  # nothing to check them against
     assert rule({"forbidden_instructions": ["x"]}, route=native, body={"model": "m", "prompt": "hi", "context": []}) is None
+    # a prompt given as embeddings: vLLM's completions (a tensor in base64), SGLang's /generate (a firewall probe)
+    for route, body in ((Route("local", "openai", "completions"), {"model": "m", "prompt_embeds": "UEsDBAAACAgAAAAAAAAAAAAAAAAA"}),
+                        (native, {"input_embeds": [[0.1, 0.2], [0.3, 0.4]]})):
+        violation = check({"forbidden_instructions": ["x"]}, route=route, body=body, model="m")
+        assert violation is not None and violation.rule == "forbidden_instruction" and "as embeddings" in violation.detail
+        assert check({}, route=route, body=body, model="m") is None
+    assert rule({"forbidden_instructions": ["x"]}, route=native, body={"text": "hi", "input_embeds": None}, model="m") is None
     assert rule({"max_tokens": 100}, route=native, body={"text": "hi", "sampling_params": {"max_new_tokens": 5000}}, model="m") == "max_tokens_exceeded"
     clamped = Policy(PolicyConfig(max_tokens=100, max_tokens_action="clamp")).clamp(native, {"text": "hi", "sampling_params": {"max_new_tokens": 5000}})
     assert clamped == {"text": "hi", "sampling_params": {"max_new_tokens": 100}}
