@@ -181,7 +181,7 @@ class Quota:
         if call is not None and most_usd > 0 and scopes and self.spend is not None:
             self.holds.hold(call, scopes, most_usd)
         if call is not None and most_tokens > 0 and token_windows:
-            self.token_holds.hold(call, tuple(window for _, window, _ in token_windows), most_tokens)
+            self.token_holds.hold(call, _each_window(token_windows), most_tokens)
         return None
 
     def release(self, call: str) -> None:
@@ -237,18 +237,18 @@ class Quota:
 
     def charge(self, caller: Caller, tokens: int | None, usd: float | None) -> None:
         if tokens:
-            for _, window, _ in self._token_windows(caller):
+            for window in _each_window(self._token_windows(caller)):
                 self.token_windows.charge(window, tokens)
         if usd and self.spend is not None:
             for scope in {caller.scope(budget.per) for budget in self.budgets}:
                 self.spend.add(scope, usd)
 
-    def _windows(self, kind: str, caller: Caller) -> Iterator[tuple[int, tuple[str, ...]]]:
-        """(limit, identifiers) of every rule that sets `kind`."""
-        for index, rule in enumerate(self.rate_limits):
-            limit = getattr(rule, kind)
-            if limit is not None:
-                yield limit, (kind, str(index), caller.scope(rule.per))
+    def _windows(self, kind: str, caller: Caller) -> list[tuple[int, tuple[str, ...]]]:
+        """(limit, identifiers) of each rule that sets `kind`, a rule written twice once. A
+        window is named by its kind and the caller's scope, not by the rule's place in the
+        list: adding, removing or moving another rule keeps its count (a review: an unchanged
+        rule moved down the list began a new window, and the limit was passed)."""
+        return list(dict.fromkeys((limit, (kind, caller.scope(rule.per))) for rule in self.rate_limits if (limit := getattr(rule, kind)) is not None))
 
     def _token_windows(self, caller: Caller) -> list[tuple[int, str, str]]:
         """(limit, window, scope) of every tokens_per_minute rule: the window is what its
@@ -258,6 +258,11 @@ class Quota:
     def _requests_refusal(self, limit: int, item: RateLimitItemPerMinute, ids: tuple[str, ...]) -> QuotaRefusal:
         reset = self._requests.get_window_stats(item, *ids).reset_time
         return _reached("requests_per_minute", limit, ids[-1], int(reset - time.time()) + 1)
+
+
+def _each_window(windows: list[tuple[int, str, str]]) -> tuple[str, ...]:
+    """Each token window once: two limits on one scope count the same tokens."""
+    return tuple(dict.fromkeys(window for _, window, _ in windows))
 
 
 def _reached(rule: str, limit: int, scope: str, retry_after: int) -> QuotaRefusal:

@@ -1293,6 +1293,33 @@ def test_an_unpriced_model_is_named_once_across_reloads(tmp_path: Path, caplog: 
     run(go())
 
 
+def test_a_token_limit_turned_off_and_on_holds_nothing_for_a_call_that_ended_meanwhile(tmp_path: Path) -> None:
+    """A call admitted under a token limit ends while limits are off (the concern idle, its
+    hooks not called): what it held was never given back, and once the limit returned every
+    call was refused for 15 minutes, "held by the calls in flight" (a review)."""
+    limited, unlimited = tmp_path / "limited.yaml", tmp_path / "unlimited.yaml"
+    limited.write_text("traces:\n  destination: null\npolicy:\n  rate_limits:\n    - tokens_per_minute: 150\n      per: global\n")
+    unlimited.write_text("traces:\n  destination: null\n")
+
+    async def go() -> None:
+        with whole_addon(limited) as (llm, tctx):
+            slow = chat_flow(body={"model": "gpt-4o", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]})
+            llm.request(slow)
+            assert slow.response is None  # admitted, holding its prompt and 200 tokens of output: the whole limit
+            tctx.configure(llm, llm_config=str(unlimited))
+            slow.response = tutils.tresp(headers=[(b"content-type", b"application/json")],
+                                         content=orjson.dumps({"model": "gpt-4o", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
+            llm.responseheaders(slow)
+            llm.response(slow)
+            tctx.configure(llm, llm_config=str(limited))
+            later = chat_flow(body={"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]})
+            llm.request(later)
+            assert later.response is None, later.response.content
+
+    os.chdir(tmp_path)
+    run(go())
+
+
 def test_a_replay_source_that_does_not_exist_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A typo in replay.source answered nothing (in strict mode every call a 404), said only
     as "0 recorded answers" at info level (a replay probe)."""

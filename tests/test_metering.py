@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from limits.storage import MemoryStorage
 
 from llm_mitm.config import HeaderRule, ModelPrice, PolicyConfig
 from llm_mitm.estimate import estimate_usage
@@ -385,6 +386,31 @@ def test_a_refused_call_uses_up_no_other_rules_window() -> None:
     for _ in range(10):
         assert quota.admit(noisy).rule == "requests_per_minute"
     assert quota.admit(Caller("quiet", "c")) is None
+
+
+def test_a_rules_window_is_kept_when_other_rules_are_added_removed_or_moved() -> None:
+    """A window is its kind and scope, not the rule's place in the list: a rule put in front
+    of an unchanged one began that one's window anew, and 4 calls went where 2 a minute were
+    allowed (a review). Two limits on one scope count the same tokens once."""
+    storage, token_windows = MemoryStorage(), TokenWindows()
+    caller = Caller("k", "c")
+
+    def quota(*rules: dict) -> Quota:  # as each config reload makes it, over the windows kept
+        return Quota(PolicyConfig.model_validate({"rate_limits": list(rules)}), storage, token_windows=token_windows)
+
+    first = quota({"requests_per_minute": 2, "per": "global"}, {"tokens_per_minute": 100, "per": "api_key"})
+    assert first.admit(caller) is None and first.admit(caller) is None
+    first.charge(caller, 60, None)
+    moved = quota({"tokens_per_minute": 100000, "per": "client"}, {"tokens_per_minute": 100, "per": "api_key"},
+                  {"requests_per_minute": 2, "per": "global"})
+    refused = moved.admit(caller)
+    assert refused is not None and refused.rule == "requests_per_minute"
+    tokens = quota({"tokens_per_minute": 100, "per": "api_key"}, {"tokens_per_minute": 100, "per": "api_key"}, {"tokens_per_minute": 90, "per": "api_key"})
+    assert tokens.admit(caller) is None  # 60 used: under both
+    tokens.charge(caller, 35, None)  # 95: counted once, so under 100, over 90
+    refused = tokens.admit(caller)
+    assert refused is not None and refused.rule == "tokens_per_minute" and "tokens_per_minute 90" in refused.detail
+    assert quota({"tokens_per_minute": 100, "per": "api_key"}).admit(caller) is None
 
 
 def test_tokens_per_minute_charged_after_the_call() -> None:

@@ -68,8 +68,13 @@ class QuotaAddon:
         if self._spend is not None and self._spend is not spend:
             self._spend.close()
         self._spend = spend
+        # No budget (or token limit) to hold against: the calls in flight are not charged (the
+        # concern goes idle), so nothing they hold would be given back once limits return (a
+        # review: a token limit turned off and on refused every call for 15 minutes).
         if not config.policy.budgets:
-            self._holds = Holds()  # no budget to hold against: none is given back once budgets return
+            self._holds = Holds()
+        if not any(rule.tokens_per_minute is not None for rule in config.policy.rate_limits):
+            self._token_holds = Holds()
         self.quota = Quota(config.policy, self._windows, spend, self._holds, self._token_holds, self._token_windows)
 
     @property
