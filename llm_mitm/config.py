@@ -478,11 +478,14 @@ def load_config(path: str | os.PathLike[str], allow_empty: bool = True) -> Confi
 
 
 def resolve_config_path(option_value: str, cwd: Path | None = None) -> Path | None:
-    """The file to load: the option when given, else ./config.yaml when present, else none."""
+    """The file to load: the option when given, else ./config.yaml when there at all (a
+    link to a file that is not there, a directory: loading it says why it cannot be read,
+    where passing it over ran the proxy on the defaults, with no policy, and said nothing:
+    a setup probe), else none."""
     if option_value:
         return Path(option_value).expanduser()
     candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
-    return candidate if candidate.is_file() else None
+    return candidate if candidate.exists() or candidate.is_symlink() else None
 
 
 def trace_destination(config: Config, environ: Mapping[str, str] = os.environ) -> str | None:

@@ -242,6 +242,13 @@ def test_config_path_defaults_to_working_directory_file(tmp_path: Path) -> None:
     write(tmp_path, "")
     assert resolve_config_path("", tmp_path) == tmp_path / "config.yaml"
     assert resolve_config_path("other.yaml", tmp_path) == Path("other.yaml")
+    # there, but no file to read: named (loading it says why), not passed over for the defaults
+    for folder, make in (("link", lambda path: path.symlink_to(tmp_path / "typo.yaml")), ("folder", Path.mkdir)):
+        (tmp_path / folder).mkdir()
+        make(tmp_path / folder / "config.yaml")
+        assert resolve_config_path("", tmp_path / folder) == tmp_path / folder / "config.yaml"
+        with pytest.raises(ConfigError, match=rf"{tmp_path / folder / 'config.yaml'}"):
+            load_config(tmp_path / folder / "config.yaml")
 
 
 def test_gateway_trace_destination_overrides_the_file() -> None:
