@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from llm_mitm.arguments import count_of, port_number
+from llm_mitm.arguments import count_of, port_number, proxy_host
 from llm_mitm.atomic import atomic_output
 from llm_mitm.environment import DEFAULT_NO_PROXY, SHELLS, UnsafeValue, client_environment, prepare_bundle, render
 from llm_mitm.tracefile import ReadReport, printable, read_traces, with_rotated
@@ -129,8 +129,7 @@ def _redactor(args: argparse.Namespace) -> Redactor:
 def _env(args: argparse.Namespace) -> int:
     try:
         bundle = prepare_bundle(args.confdir, args.bundle)
-        host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # an IPv6 address, as URLs write it
-        lines = render(client_environment(f"http://{host}:{args.port}", bundle, args.no_proxy), args.shell)
+        lines = render(client_environment(f"http://{args.host}:{args.port}", bundle, args.no_proxy), args.shell)
     except (TrustError, UnsafeValue) as exc:
         raise CommandError(str(exc)) from None
     print(lines)
@@ -142,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="print the environment a client needs for this proxy")
     env.add_argument("--shell", choices=SHELLS, default="bash")
-    env.add_argument("--host", default="127.0.0.1")
+    env.add_argument("--host", type=proxy_host, default="127.0.0.1", help="the proxy's host name or address (default 127.0.0.1)")
     env.add_argument("--port", type=port_number, default=8080)
     env.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR, help="mitmproxy's confdir (default ~/.mitmproxy)")
     env.add_argument("--bundle", type=Path, help="where to write certifi + the CA (default CONFDIR/llm-mitm-bundle.pem)")

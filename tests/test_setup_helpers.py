@@ -659,11 +659,21 @@ def test_env_shells(shell: str, line: str, tmp_path: Path) -> None:
     assert str(tmp_path / environment.BUNDLE_NAME) in result.stdout
 
 
-@pytest.mark.parametrize(("host", "url"), [("::1", "http://[::1]:8080"), ("[::1]", "http://[::1]:8080"), ("localhost", "http://localhost:8080")])
+@pytest.mark.parametrize(("host", "url"), [("::1", "http://[::1]:8080"), ("[::1]", "http://[::1]:8080"), ("localhost", "http://localhost:8080"),
+                                         ("fe80::1%eth0", "http://[fe80::1%25eth0]:8080"), ("10.0.0.7", "http://10.0.0.7:8080"),
+                                         ("proxy.corp.example.", "http://proxy.corp.example.:8080")])
 def test_env_writes_an_ipv6_proxy_address_in_brackets(host: str, url: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "llm_mitm", "env", "--host", host, "--confdir", str(tmp_path)],
                             capture_output=True, text=True, timeout=60, check=True)
     assert f"export HTTPS_PROXY='{url}'" in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("host", ["http://x", "proxy host", "-lead.example", "a..b", "[not-an-address]", ""])
+def test_env_refuses_a_host_no_url_can_hold(host: str, tmp_path: Path) -> None:
+    """It went into every client's proxy URL as given (`http://[http://x]:8080`), exit 0 (a setup probe)."""
+    result = subprocess.run([sys.executable, "-m", "llm_mitm", "env", f"--host={host}", "--confdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is no host name or IP address" in result.stderr and "PROXY" not in result.stdout, result
 
 
 NASTY_VALUES = ["plain", "it's", "C:\\dir\\", "a\\'b", "\\\\'", "$HOME `id` $(id) \\n", "a b&c|d<e>f^g", "‘smart’ ‚quotes‛", "line\nbreak", ""]
