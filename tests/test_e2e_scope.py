@@ -334,6 +334,33 @@ def test_an_edit_closes_the_tunnels_of_a_reverse_proxy_to_a_server_it_names(tmp_
         own.stop()
 
 
+def test_a_reverse_proxy_to_an_https_server_no_provider_names_passes_its_calls(tmp_path: Path, provider: FakeProvider, pki: ServerCert) -> None:
+    """Unchecked and untraced, as the warning says: passed as a raw tunnel, the client's plain
+    HTTP reached the TLS server and every call got an empty reply (a setup probe). Once a
+    provider names it, the connections kept alive are closed, and the next call is checked."""
+    body = orjson.dumps({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]})
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nauthorization: Bearer sk-proj-%s\r\n"
+               b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (b"m" * 40, len(body), body))
+    config = {"policy": {"allowed_models": ["gpt-4o*"]}}
+    with Mitmdump(tmp_path, config=config, modes=(f"reverse:https://127.0.0.1:{provider.port}",), upstream_ca=pki.ca_path) as proxy:
+        proxy.wait_for_output(f"reverse proxy to https://127.0.0.1:{provider.port}, which no provider's hosts name")
+        kept = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+        kept.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < content_length(answer):
+            piece = kept.recv(65536)
+            assert piece, f"the connection closed after {answer!r}"
+            answer += piece
+        assert answer.startswith(b"HTTP/1.1 200") and CANNED_REPLY.encode() in answer
+        (tmp_path / "config.yaml").write_text(f"policy:\n  allowed_models: ['gpt-4o*']\nproviders:\n  own:\n    api: openai\n    hosts: ['127.0.0.1:{provider.port}']\n")
+        proxy.wait_for_output(f"127.0.0.1:{provider.port} now intercepted; 1 connection(s)")
+        fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+        fresh.sendall(request)
+        assert fresh.recv(65536).startswith(b"HTTP/1.1 403")
+        records = proxy.wait_for_traces(1)
+    assert [(r["status_code"], r["policy"]["rule"]) for r in records] == [(403, "model_not_allowed")]  # the first went untraced
+
+
 def test_an_edit_leaves_a_connection_mitmproxy_has_yet_to_decide(tmp_path: Path) -> None:
     """A connection whose request head has come in part is not decided yet: mitmproxy waits
     for the rest, and decides it under the scope in force then (a review: the edit closed

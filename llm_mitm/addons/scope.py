@@ -10,7 +10,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode, UpstreamMode
 
 from llm_mitm.addons.shared import Shared
 from llm_mitm.config import Config
-from llm_mitm.providers import ProviderMatcher
+from llm_mitm.providers import ProviderMatcher, host_regex
 
 logger = logging.getLogger("llm_mitm.scope")
 
@@ -50,8 +50,14 @@ class Scope:
         if not self._loaded:
             return
         hosts = config.intercepted_hosts
-        self._say_unwatched()
-        allow = self.shared.matcher.allow_hosts or [_NO_HOST]
+        unwatched = self._unwatched_targets()
+        self._say_unwatched(unwatched)
+        # A reverse proxy's https target no provider names is read as HTTP too: passed as a
+        # raw tunnel, its client's plain HTTP reached a TLS server and every call got an
+        # empty reply (a setup probe). mitmproxy speaks TLS to it; its calls pass unchecked
+        # and untraced, as said (no provider's route).
+        reverse_tls = [host_regex(f"{mode.address[0]}:{mode.address[1]}") for mode in unwatched if mode.scheme == "https"]
+        allow = self.shared.matcher.allow_hosts + reverse_tls or [_NO_HOST]
         updates: dict[str, object] = {}
         if list(ctx.options.allow_hosts) != allow:
             updates["allow_hosts"] = allow
@@ -84,15 +90,18 @@ class Scope:
         ctx.options.update(**updates)
         logger.info("llm-mitm: intercepting %s", ", ".join(sorted(hosts)) or "nothing (no provider is enabled)")
 
-    def _say_unwatched(self) -> None:
+    def _unwatched_targets(self) -> list[ReverseMode]:
+        if "mode" not in ctx.options:
+            return []
+        keep_host_header = "keep_host_header" in ctx.options and ctx.options.keep_host_header
+        return unwatched_reverse_targets(ctx.options.mode, self.shared.matcher, keep_host_header)
+
+    def _say_unwatched(self, targets: list[ReverseMode]) -> None:
         """A reverse proxy to a server no provider's hosts name (an address, a port of its
         own) passes every call past the policy, the budgets and the traces: mitmproxy sends
         it there with the target's Host header, so none is a provider's (a probe:
         `reverse:https://127.0.0.1:PORT` answered a refused model 200, without a word)."""
-        if "mode" not in ctx.options:
-            return
-        keep_host_header = "keep_host_header" in ctx.options and ctx.options.keep_host_header
-        unwatched = unwatched_reverse_targets(ctx.options.mode, self.shared.matcher, keep_host_header)
+        unwatched = [mode.data for mode in targets]
         for target in unwatched:
             if target not in self._unwatched:
                 logger.warning("llm-mitm: reverse proxy to %s, which no provider's hosts name: its calls pass unchecked and "
@@ -122,8 +131,8 @@ class Scope:
                 request.port = 443
 
 
-def unwatched_reverse_targets(modes: Sequence[str], matcher: ProviderMatcher, keep_host_header: bool) -> list[str]:
-    """The HTTP reverse modes' targets that no provider's hosts name. With `keep_host_header`
+def unwatched_reverse_targets(modes: Sequence[str], matcher: ProviderMatcher, keep_host_header: bool) -> list[ReverseMode]:
+    """The HTTP reverse modes whose target no provider's hosts name. With `keep_host_header`
     an https target's calls are routed by the Host header the client sent (a provider's)."""
     targets = []
     for spec in modes:
@@ -134,7 +143,7 @@ def unwatched_reverse_targets(modes: Sequence[str], matcher: ProviderMatcher, ke
         if not isinstance(mode, ReverseMode) or mode.scheme not in ("http", "https") or (keep_host_header and mode.scheme == "https"):
             continue
         if matcher.match(*mode.address) is None:
-            targets.append(mode.data)
+            targets.append(mode)
     return targets
 
 
