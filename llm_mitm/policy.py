@@ -579,7 +579,8 @@ def _unclampable(route: Route, body: dict[str, Any], cap: int) -> Violation | No
 def model_readings(model: str) -> list[str]:
     """A model name and the names of the model it runs, for `denied_models`: a router's
     provider prefix (`openai/gpt-4o`), a fine-tune's base (`ft:gpt-4o-mini:org::id`), a tag
-    or version (`llama3:70b`, `claude-sonnet-4@20250514`), a snapshot's date
+    or version (`llama3:70b`, `claude-sonnet-4@20250514`; `llama3`, which Ollama runs as
+    `llama3:latest`), a snapshot's date
     (`gpt-4o-2024-08-06`, `ft:gpt-4o-2024-08-06:org::id`, `claude-opus-4-1-20250805`) or
     spaces around it do not make a denied model another (a firewall probe: they passed
     `gpt-4o*`). The allow list takes the name as written."""
@@ -588,7 +589,8 @@ def model_readings(model: str) -> list[str]:
     for name in (model, model.rsplit("/", 1)[-1]):
         if name[:3].lower() == "ft:":
             name = name[3:]
-        for base in (name, name.split(":", 1)[0], name.split("@", 1)[0]):
+        tagged = () if ":" in name else (f"{name}:latest",)  # Ollama runs a name without a tag as its `latest` (a providers probe)
+        for base in (name, name.split(":", 1)[0], name.split("@", 1)[0], *tagged):
             for reading in snapshot_bases(base):
                 if reading not in readings:
                     readings.append(reading)

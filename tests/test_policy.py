@@ -530,6 +530,15 @@ def test_a_denied_model_is_denied_by_any_name_that_runs_it(model: str) -> None:
     assert rule({"denied_models": ["gpt-4o*"]}, body={"model": model.replace("4o", "5")}) is None
 
 
+def test_a_model_denied_with_its_latest_tag_is_denied_by_its_name_alone() -> None:
+    """Ollama runs a name without a tag as its `latest` (a providers probe: `llama3` passed
+    `llama3:latest`)."""
+    for model in ("llama3", "registry.ollama.ai/library/llama3", "llama3:latest"):
+        assert rule({"denied_models": ["llama3:latest"]}, body={"model": model}) == "model_not_allowed"
+    for model in ("llama3:70b", "llama3.1", "llama3.1:latest"):
+        assert rule({"denied_models": ["llama3:latest"]}, body={"model": model}) is None
+
+
 @pytest.mark.parametrize(("denied", "model"), [("gpt-4o", "gpt-4o-2024-08-06"), ("gpt-4o", "ft:gpt-4o-2024-08-06:acme::abc123"),
                                                ("claude-opus-4-1", "claude-opus-4-1-20250805"), ("gpt-4", "gpt-4-0613"),
                                                ("claude-sonnet-4", "claude-sonnet-4-0"), ("gpt-4o", "openai/gpt-4o-latest"),
