@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import orjson
 import pytest
+import requests
 
 from tests.support.clients import drive
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
+from tests.support.listener import Listener
 from tests.support.mitm import Mitmdump
 from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker, trace_with
 
@@ -232,3 +237,46 @@ def test_a_whole_answer_to_a_stream_request_keeps_its_body_and_usage(proxy: Mitm
     t = trace_with(proxy, m)
     assert t["response"]["body"]["choices"][0]["message"]["content"] == CANNED_REPLY
     assert t["usage"]["output_tokens"] == 7 and t["usage"]["estimated"] is False
+
+
+class OllamaStream(Listener):
+    """Ollama's native stream: a JSON object a line (`application/x-ndjson`), DELAY_MS apart."""
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data and (piece := conn.recv(65536)):
+                data += piece
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length and (piece := conn.recv(65536)):
+                body += piece
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for n in range(4):
+                line = orjson.dumps({"model": "llama3", "message": {"role": "assistant", "content": f"w{n} "}, "done": n == 3}) + b"\n"
+                conn.sendall(b"%x\r\n%s\r\n" % (len(line), line))
+                time.sleep(DELAY_MS / 1000)
+            conn.sendall(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("policy", [{}, {"rate_limits": [{"tokens_per_minute": 100000}]}])  # the stream held for the writer, or read here
+def test_ollamas_native_stream_arrives_as_the_server_sends_it(tmp_path: Path, policy: dict) -> None:
+    """A JSON object a line, as `/api/chat` streams by default: it was held back and came
+    all at once at the end (a providers probe)."""
+    server = OllamaStream()
+    config = {"providers": {"ollama": {"api": "openai", "hosts": [f"127.0.0.1:{server.port}"]}}, "policy": policy}
+    session = requests.Session()
+    session.trust_env = False
+    try:
+        with Mitmdump(tmp_path, config=config) as proxy:
+            started, arrivals = time.monotonic(), []
+            with session.post(f"http://127.0.0.1:{server.port}/api/chat", json={"model": "llama3", "messages": [{"role": "user", "content": "hi"}]},
+                              proxies={"http": proxy.proxy_url}, stream=True, timeout=30) as answer:
+                for chunk in answer.iter_content(chunk_size=None):
+                    arrivals.append((time.monotonic() - started, chunk))
+            [record] = proxy.wait_for_traces(1)
+    finally:
+        server.stop()
+    assert answer.status_code == 200 and b"".join(chunk for _, chunk in arrivals).count(b"\n") == 4
+    assert len(arrivals) >= 3 and arrivals[-1][0] - arrivals[0][0] > 2 * DELAY_MS / 1000, [(round(t, 2), len(c)) for t, c in arrivals]
+    assert record["status_code"] == 200 and record["error"] is None and record["url"].endswith("/api/chat")

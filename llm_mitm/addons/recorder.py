@@ -214,13 +214,16 @@ def _content(message: http.Message, coding: str | None) -> bytes | None:
     return message.get_content(strict=False)
 
 
+_STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+
+
 def _event_stream(exchange: Exchange, content_type: str) -> bool:
     """An answer to read as server-sent events as it passes: one that says so, or the
     answer to a call that asked for a stream from a server that names no type or plain
     text (OpenAI-compatible servers do, or a proxy before them): buffered, its events would
     reach the client all at once at the end, and its usage chunk not be hidden. A Gemini
     stream asked for by its path may be JSON, as it passes all the same."""
-    if content_type.startswith("text/event-stream"):
+    if content_type.startswith(_STREAM_TYPES):  # Ollama's native stream is a JSON object a line, as it comes (a providers probe: buffered)
         return True
     if not exchange.stream or exchange.status_code != 200:
         return False
