@@ -115,7 +115,9 @@ def _folded(text: str) -> bytes:
     `ı` and `İ` an i (casefold makes the dotted capital an i and a combining dot)."""
     if text.isascii():
         return text.encode("ascii").lower()
-    return text.replace("\u0130", "i").casefold().replace("\u0131", "i").encode("utf-8")
+    # surrogatepass: mitmproxy writes a byte that is not UTF-8 (a request target's) as a lone
+    # surrogate, which strict UTF-8 refuses (a robustness probe: the flow's printout raised)
+    return text.replace("\u0130", "i").casefold().replace("\u0131", "i").encode("utf-8", "surrogatepass")
 
 
 def _has_hex_run(text: str) -> bool:
@@ -718,7 +720,7 @@ class Redactor:
         shape or a name; Unicode lower-casing keeps the two characters that lower-case to
         ASCII letters (the Kelvin sign, a dotted capital I) found."""
         text = None if blob.isascii() else blob.decode("utf-8")
-        lowered = blob.lower() if text is None else text.lower().encode("utf-8")
+        lowered = blob.lower() if text is None else text.lower().encode("utf-8", "surrogatepass")
         names = self._names_something(lowered if text is None else _folded(text))
         shapes = ((b"@" in blob and b"://" in blob)  # maybe a password in a URL
                   or self._signs.found_in(lowered) or _CASED_SIGNS.found_in(blob)

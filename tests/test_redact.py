@@ -949,3 +949,13 @@ def test_a_secret_spelled_with_json_escapes_is_hidden_as_a_reader_reads_it() -> 
         for shown in (orjson.dumps(hidden).decode(), printed):
             assert key[12:30] not in shown and opaque[4:] not in shown and "…" in shown, shown
     assert redactor.free_text('{"path": "C:\\\\Users\\\\me", "note": "a \\u00e9t\\u00e9"}') == '{"path": "C:\\\\Users\\\\me", "note": "a \\u00e9t\\u00e9"}'  # as written where nothing is hidden
+
+
+def test_a_line_holding_a_byte_that_is_not_utf8_is_redacted_not_raised_on() -> None:
+    """mitmproxy writes such a byte of a request target as a lone surrogate: the flow's
+    printout raised on it, and its lines were never printed (a robustness probe)."""
+    redactor = Redactor()
+    line = "127.0.0.1:5: POST https://api.openai.com/v1/chat/completions?q=\udcff\udcfe&password=hunter2-longer"
+    printed = redactor.printout(line)
+    assert "\udcff\udcfe" in printed and "hunter2-longer" not in printed and "…#" in printed
+    assert "hunter2" not in redactor.free_text("caf\udce9 password: hunter2-longer")
