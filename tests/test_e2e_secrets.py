@@ -15,7 +15,7 @@ from tests.conftest import provider_routes
 from tests.support.canned_server import ok
 from tests.support.clients import drive
 from tests.support.fake_provider import FakeProvider
-from tests.support.listener import Listener
+from tests.support.listener import Listener, read_request
 from tests.support.mitm import Mitmdump
 from tests.support.pki import ServerCert
 
@@ -158,13 +158,7 @@ class Answering(Listener):
 
     def handle(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data and (piece := conn.recv(65536)):
-                data += piece
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            while length and len(body) < int(length.group(1)) and (piece := conn.recv(65536)):
-                body += piece
+            head, _ = read_request(conn)
             conn.sendall(self.answers.get(head.split(b" ", 2)[1].decode(), ok(b"{}", status="404 Not Found")))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import subprocess
 import time
@@ -14,7 +13,7 @@ import requests
 
 from tests.support.clients import drive
 from tests.support.fake_provider import CANNED_REPLY, FakeProvider
-from tests.support.listener import Listener
+from tests.support.listener import Listener, read_request
 from tests.support.mitm import Mitmdump
 from tests.test_e2e_clients import ANTHROPIC_KEY, OPENAI_KEY, chat, marker, trace_with
 
@@ -244,13 +243,7 @@ class OllamaStream(Listener):
 
     def handle(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data and (piece := conn.recv(65536)):
-                data += piece
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            while len(body) < length and (piece := conn.recv(65536)):
-                body += piece
+            read_request(conn)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
             for n in range(4):
                 line = orjson.dumps({"model": "llama3", "message": {"role": "assistant", "content": f"w{n} "}, "done": n == 3}) + b"\n"

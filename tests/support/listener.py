@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 
@@ -29,3 +30,15 @@ class Listener:
 
     def handle(self, conn: socket.socket) -> None:
         raise NotImplementedError
+
+
+def read_request(conn: socket.socket) -> tuple[bytes, bytes]:
+    """A request's head and its body, read whole (by its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (piece := conn.recv(65536)):
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)) and (piece := conn.recv(65536)):
+        body += piece
+    return head, body
