@@ -40,7 +40,7 @@ def proxy_host(text: str) -> str:
             return text
         raise argparse.ArgumentTypeError(f"{text!r} is no host name or IP address") from None
     if address.version == 4:
-        return str(inner)
+        return inner
     return "[" + inner.replace("%", "%25") + "]"
 
 

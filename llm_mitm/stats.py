@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llm_mitm.memo import Memo
+
 # One call: api key, model, input and output tokens, cost, error, blocked.
 CountRow = tuple[str | None, str | None, int | None, int | None, float | None, bool, bool]
 
@@ -15,21 +17,12 @@ class ShownModels:
     key the caller sent in it, whatever its shape), worked out once per caller, model and
     way of showing (a secrets probe: `llm.stats` printed such a key whole)."""
 
-    def __init__(self, limit: int = 4096) -> None:
-        self._shown: dict[tuple[object, str | None, str], str] = {}
-        self._limit = limit
+    def __init__(self) -> None:
+        self._names: Memo[tuple[object, str | None, str, Callable[[str], str]], str] = Memo(lambda arg: arg[3](arg[2]), key=lambda arg: arg[:3])
 
     def __call__(self, model: str | None, api_key: str | None, shows: object, shown: Callable[[str], str]) -> str | None:
         """`shows`: what `shown` depends on besides its text (the redactor in use)."""
-        if model is None:
-            return None
-        key = (shows, api_key, model)
-        name = self._shown.get(key)
-        if name is None:
-            if len(self._shown) >= self._limit:
-                self._shown.clear()
-            name = self._shown[key] = shown(model)
-        return name
+        return None if model is None else self._names((shows, api_key, model, shown))
 
 
 @dataclass
